@@ -1,0 +1,65 @@
+//! A node's configuration file (TOML), as `tandem init` writes a sample of it.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The node's name; its certificate in `certs` must carry it.
+    pub name: String,
+    /// The site (data centre) the node belongs to.
+    pub site: String,
+    /// Where the node keeps its RocksDB database.
+    pub data_dir: PathBuf,
+    /// QUIC address for the CLI and other nodes.
+    pub listen: SocketAddr,
+    /// NBD address for hosts.
+    pub nbd: SocketAddr,
+    /// Prometheus `/metrics` address; no metrics endpoint when absent.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    /// Directory with `ca.pem`, `NAME.pem` and `NAME.key` from `tandem init`.
+    pub certs: PathBuf,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig> {
+        let text = std::fs::read_to_string(path).map_err(|error| Error::Config {
+            detail: format!("cannot read {}: {error}", path.display()),
+        })?;
+        toml::from_str(&text).map_err(|error| Error::Config {
+            detail: format!("{}: {error}", path.display()),
+        })
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|error| Error::Config {
+            detail: error.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_round_trips_and_unknown_keys_are_refused() {
+        let config = NodeConfig {
+            name: "alpha".into(),
+            site: "east".into(),
+            data_dir: "/var/lib/tandem/alpha".into(),
+            listen: "127.0.0.1:7100".parse().unwrap(),
+            nbd: "127.0.0.1:10809".parse().unwrap(),
+            metrics: Some("127.0.0.1:9100".parse().unwrap()),
+            certs: "/etc/tandem/certs".into(),
+        };
+        let text = config.to_toml().unwrap();
+        assert_eq!(toml::from_str::<NodeConfig>(&text).unwrap(), config);
+        let with_typo = format!("{text}\nlisten_adress = \"1.2.3.4:5\"\n");
+        assert!(toml::from_str::<NodeConfig>(&with_typo).is_err());
+    }
+}

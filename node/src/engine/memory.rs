@@ -1,0 +1,98 @@
+//! An in-memory engine with the same semantics as the RocksDB one, for fast tests.
+
+use super::{Batch, Durability, Engine, Operation, Space};
+use crate::bitmap;
+use crate::Result;
+use parking_lot::RwLock;
+use std::collections::BTreeMap;
+
+#[derive(Default)]
+pub struct MemoryEngine {
+    spaces: RwLock<BTreeMap<Space, BTreeMap<Vec<u8>, Vec<u8>>>>,
+}
+
+impl MemoryEngine {
+    pub fn new() -> MemoryEngine {
+        MemoryEngine::default()
+    }
+}
+
+impl Engine for MemoryEngine {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.spaces.read().get(&space).and_then(|map| map.get(key).cloned()))
+    }
+
+    fn multi_get(&self, space: Space, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let spaces = self.spaces.read();
+        let map = spaces.get(&space);
+        Ok(keys
+            .iter()
+            .map(|key| map.and_then(|map| map.get(key).cloned()))
+            .collect())
+    }
+
+    fn scan(
+        &self,
+        space: Space,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let spaces = self.spaces.read();
+        if let Some(map) = spaces.get(&space) {
+            for (key, value) in map.range(from.to_vec()..to.to_vec()) {
+                if !visit(key, value) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, batch: Batch, _durability: Durability) -> Result<()> {
+        let mut spaces = self.spaces.write();
+        // Merges are checked before anything changes, so a bad batch changes nothing,
+        // as RocksDB's atomic batches guarantee.
+        let mut staged = spaces.clone();
+        for operation in batch.operations {
+            match operation {
+                Operation::Put { space, key, value } => {
+                    staged.entry(space).or_default().insert(key, value);
+                }
+                Operation::Delete { space, key } => {
+                    staged.entry(space).or_default().remove(&key);
+                }
+                Operation::DeleteRange { space, from, to } => {
+                    let map = staged.entry(space).or_default();
+                    let doomed: Vec<Vec<u8>> = map.range(from..to).map(|(key, _)| key.clone()).collect();
+                    for key in doomed {
+                        map.remove(&key);
+                    }
+                }
+                Operation::MergeBitmap { key, operand } => {
+                    let map = staged.entry(Space::Bitmaps).or_default();
+                    let merged = bitmap::full_merge(&key, map.get(&key).map(Vec::as_slice), [operand.as_slice()])
+                        .ok_or_else(|| crate::Error::Engine {
+                            detail: format!("bitmap merge failed for key {key:02x?}"),
+                        })?;
+                    map.insert(key, merged);
+                }
+            }
+        }
+        *spaces = staged;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn approximate_bytes(&self, space: Space) -> Result<u64> {
+        Ok(self
+            .spaces
+            .read()
+            .get(&space)
+            .map(|map| map.iter().map(|(key, value)| (key.len() + value.len()) as u64).sum())
+            .unwrap_or(0))
+    }
+}

@@ -1,0 +1,141 @@
+//! The RocksDB engine: one database per node, one column family per [`Space`].
+
+use super::{Batch, Durability, Engine, Operation, Space};
+use crate::bitmap;
+use crate::{Error, Result};
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use std::path::Path;
+
+/// Block cache shared by all column families; reads of hot tracks come from here.
+const BLOCK_CACHE_BYTES: usize = 256 << 20;
+/// Memtable size per column family before it is flushed to an SST file.
+const WRITE_BUFFER_BYTES: usize = 64 << 20;
+
+pub struct RocksEngine {
+    database: DB,
+}
+
+fn engine_error(error: rocksdb::Error) -> Error {
+    Error::Engine {
+        detail: error.into_string(),
+    }
+}
+
+impl RocksEngine {
+    /// Opens (or creates) the node's database in `path`.
+    pub fn open(path: &Path) -> Result<RocksEngine> {
+        let mut database_options = Options::default();
+        database_options.create_if_missing(true);
+        database_options.create_missing_column_families(true);
+        // Parallel flush and compaction on the two cores we are given.
+        database_options.increase_parallelism(2);
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let descriptors = Space::ALL.map(|space| {
+            let mut options = Options::default();
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            // Bloom filters make lookups of blocks a layer does not hold cheap, which is
+            // what reads through a stack of snapshot layers do most.
+            table.set_bloom_filter(10.0, false);
+            options.set_block_based_table_factory(&table);
+            options.set_write_buffer_size(WRITE_BUFFER_BYTES);
+            if space == Space::Bitmaps {
+                options.set_merge_operator(
+                    "tandem-bitmap-v1",
+                    |key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands| {
+                        bitmap::full_merge(key, existing, operands.iter())
+                    },
+                    |_key: &[u8], _existing: Option<&[u8]>, operands: &rocksdb::MergeOperands| {
+                        bitmap::partial_merge(operands.iter())
+                    },
+                );
+            }
+            ColumnFamilyDescriptor::new(space.name(), options)
+        });
+        let database =
+            DB::open_cf_descriptors(&database_options, path, descriptors).map_err(engine_error)?;
+        Ok(RocksEngine { database })
+    }
+
+    fn family(&self, space: Space) -> Result<&rocksdb::ColumnFamily> {
+        self.database.cf_handle(space.name()).ok_or_else(|| Error::Engine {
+            detail: format!("column family {} is missing", space.name()),
+        })
+    }
+}
+
+impl Engine for RocksEngine {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.database.get_cf(self.family(space)?, key).map_err(engine_error)
+    }
+
+    fn multi_get(&self, space: Space, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let family = self.family(space)?;
+        self.database
+            .batched_multi_get_cf(family, keys, false)
+            .into_iter()
+            .map(|answer| answer.map(|value| value.map(|pinned| pinned.to_vec())).map_err(engine_error))
+            .collect()
+    }
+
+    fn scan(
+        &self,
+        space: Space,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let mut read_options = rocksdb::ReadOptions::default();
+        read_options.set_iterate_upper_bound(to.to_vec());
+        let iterator = self.database.iterator_cf_opt(
+            self.family(space)?,
+            read_options,
+            rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward),
+        );
+        for item in iterator {
+            let (key, value) = item.map_err(engine_error)?;
+            if !visit(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, batch: Batch, durability: Durability) -> Result<()> {
+        let mut write_batch = WriteBatch::default();
+        for operation in batch.operations {
+            match operation {
+                Operation::Put { space, key, value } => write_batch.put_cf(self.family(space)?, key, value),
+                Operation::Delete { space, key } => write_batch.delete_cf(self.family(space)?, key),
+                Operation::DeleteRange { space, from, to } => {
+                    write_batch.delete_range_cf(self.family(space)?, from, to)
+                }
+                Operation::MergeBitmap { key, operand } => {
+                    write_batch.merge_cf(self.family(Space::Bitmaps)?, key, operand)
+                }
+            }
+        }
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(durability == Durability::Synced);
+        self.database.write_opt(write_batch, &write_options).map_err(engine_error)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.database.flush_wal(true).map_err(engine_error)
+    }
+
+    fn approximate_bytes(&self, space: Space) -> Result<u64> {
+        let family = self.family(space)?;
+        let live = self
+            .database
+            .property_int_value_cf(family, "rocksdb.estimate-live-data-size")
+            .map_err(engine_error)?
+            .unwrap_or(0);
+        let memtable = self
+            .database
+            .property_int_value_cf(family, "rocksdb.cur-size-all-mem-tables")
+            .map_err(engine_error)?
+            .unwrap_or(0);
+        Ok(live + memtable)
+    }
+}

@@ -1,0 +1,83 @@
+//! The one error type of the node crate. Variants carry the ids involved so that a log
+//! line or a CLI message says exactly what failed.
+
+use protocol::messages::{ErrorCode, Extent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("volume '{name}' does not exist (see `tandem volume list`)")]
+    VolumeNotFound { name: String },
+    #[error("volume '{name}' already exists; pick another name or delete it first")]
+    VolumeExists { name: String },
+    #[error("volume name '{name}' is not allowed: {reason}")]
+    VolumeNameInvalid { name: String, reason: String },
+    #[error("volume '{name}': {reason}")]
+    VolumeSizeInvalid { name: String, reason: String },
+    #[error("volume {volume} was deleted while in use")]
+    VolumeDeleted { volume: u64 },
+    #[error("volume {volume}: offset {offset} and length {length} must be multiples of 512 bytes")]
+    Unaligned { volume: u64, offset: u64, length: u64 },
+    #[error("volume {volume}: bytes {offset}..{offset}+{length} are beyond its end at {size_bytes}")]
+    OutOfRange {
+        volume: u64,
+        offset: u64,
+        length: u64,
+        size_bytes: u64,
+    },
+    #[error("volume {volume} track {track}: stored block fails verification ({detail}); refusing to serve it")]
+    Corrupt { volume: u64, track: u64, detail: String },
+    #[error("extent {extent} is outside volume '{name}', which has tracks 0-{last_track}")]
+    ExtentOutOfRange { name: String, extent: Extent, last_track: u64 },
+    #[error("volume '{name}' has no free session slot: all {slots_max} are in use; end a session first")]
+    SessionSlotsExhausted { name: String, slots_max: usize },
+    #[error("volume '{name}' session slot {slot} is not allocated")]
+    SessionSlotNotAllocated { name: String, slot: u8 },
+    #[error("cannot snap '{source_name}' to '{target}': {reason}")]
+    SnapRefused {
+        source_name: String,
+        target: String,
+        reason: String,
+    },
+    #[error("volume '{name}' would reference {references} layers, more than the {references_max} allowed; copy it to a fresh volume instead")]
+    TooManyLayers {
+        name: String,
+        references: usize,
+        references_max: usize,
+    },
+    #[error("storage engine: {detail}")]
+    Engine { detail: String },
+    #[error("stored metadata for {what} is unreadable: {detail}")]
+    Metadata { what: String, detail: String },
+    #[error("configuration: {detail}")]
+    Config { detail: String },
+    #[error(transparent)]
+    Protocol(#[from] protocol::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The code a remote caller gets, so scripts can branch without parsing text.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::VolumeNotFound { .. } | Error::VolumeDeleted { .. } => ErrorCode::NotFound,
+            Error::VolumeExists { .. } => ErrorCode::AlreadyExists,
+            Error::VolumeNameInvalid { .. }
+            | Error::VolumeSizeInvalid { .. }
+            | Error::Unaligned { .. }
+            | Error::OutOfRange { .. }
+            | Error::ExtentOutOfRange { .. }
+            | Error::SessionSlotNotAllocated { .. }
+            | Error::SnapRefused { .. }
+            | Error::Config { .. } => ErrorCode::InvalidArgument,
+            Error::SessionSlotsExhausted { .. } | Error::TooManyLayers { .. } => ErrorCode::LimitExceeded,
+            Error::Corrupt { .. }
+            | Error::Engine { .. }
+            | Error::Metadata { .. }
+            | Error::Protocol(_)
+            | Error::Io(_) => ErrorCode::Internal,
+        }
+    }
+}

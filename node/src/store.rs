@@ -1,0 +1,985 @@
+//! Volumes on top of an [`Engine`]: catalog, block IO through layer views, pointer
+//! snapshots and change bitmaps.
+//!
+//! Locking, in the only order it is ever taken: the catalog mutex (administrative
+//! operations), then a volume's block stripes (a write's blocks, so read-modify-write of
+//! a partial block cannot lose a neighbour's write), then the volume's view lock (shared
+//! by reads and writes, exclusive for a snapshot, which so waits for in-flight writes and
+//! holds new ones for its instant).
+
+use crate::bitmap::{self, BitmapKind, SESSION_SLOTS_MAX, TRACKS_PER_CHUNK};
+use crate::engine::{Batch, Durability, Engine, Space};
+use crate::layout::{self, LayerReference, ReferenceKind, VIEW_REFERENCES_MAX};
+use crate::track::{self, BlockAddress, BlockContent, BLOCK_BYTES};
+use crate::{Error, Result};
+use parking_lot::{Mutex, RwLock};
+use protocol::messages::{Extent, Readiness, VolumeInfo, VOLUME_NAME_BYTES_MAX};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Host IO is aligned to sectors, as block devices are.
+pub const SECTOR_BYTES: u64 = 512;
+pub const TRACK_BYTES_MIN: u32 = 4 << 10;
+pub const TRACK_BYTES_MAX: u32 = 1 << 20;
+pub const TRACK_BYTES_DEFAULT: u32 = 64 << 10;
+/// Largest volume a node accepts: 256 TiB.
+pub const VOLUME_BYTES_MAX: u64 = 256 << 40;
+/// Block-level locks per volume; a write holds the stripes of its blocks.
+const WRITE_STRIPES: usize = 64;
+/// Blocks per engine batch when zeroing a large range, to keep batches bounded.
+const ZERO_BATCH_BLOCKS_MAX: u64 = 16 << 10;
+/// Generations are reserved in durable steps of this size, so they grow across restarts
+/// without a synced write per block.
+const GENERATION_RESERVATION: u64 = 1 << 20;
+
+const KEY_NEXT_VOLUME: &[u8] = b"c/next-volume";
+const KEY_NEXT_LAYER: &[u8] = b"c/next-layer";
+const KEY_GENERATION: &[u8] = b"c/generation";
+
+fn volume_key(id: u64) -> Vec<u8> {
+    let mut key = b"v/".to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn name_key(name: &str) -> Vec<u8> {
+    let mut key = b"n/".to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// The engine key of a stored block: layer, then block number, big-endian so a layer's
+/// blocks sort together and a layer can be deleted as one range.
+pub fn block_key(layer: u64, block: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    key.extend_from_slice(&layer.to_be_bytes());
+    key.extend_from_slice(&block.to_be_bytes());
+    key
+}
+
+/// The durable descriptor of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct VolumeRecord {
+    id: u64,
+    name: String,
+    size_bytes: u64,
+    track_size_bytes: u32,
+    readiness: Readiness,
+    view: Vec<LayerReference>,
+    /// Bit `n` set: session slot `n` is allocated.
+    session_slots: u16,
+    /// Whether host writes mark the target-changed bitmap (a split BCV, seed 002's M4b).
+    target_tracking: bool,
+    created_unix_seconds: u64,
+}
+
+/// Selects one of a volume's change bitmaps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bits {
+    /// A session slot's changed bits.
+    Session(u8),
+    /// The target-changed bits.
+    TargetChanged,
+}
+
+impl Bits {
+    fn kind_and_mask(self) -> (BitmapKind, u16) {
+        match self {
+            Bits::Session(slot) => (BitmapKind::Sessions, 1 << slot),
+            Bits::TargetChanged => (BitmapKind::TargetChanged, 1),
+        }
+    }
+}
+
+/// The mutable part of a volume, behind its view lock.
+struct VolumeState {
+    view: Vec<LayerReference>,
+    session_slots: u16,
+    target_tracking: bool,
+}
+
+/// A live volume. Handles stay valid while NBD connections use them; a deleted volume's
+/// handle answers every IO with an error.
+pub struct Volume {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub track_size_bytes: u32,
+    created_unix_seconds: u64,
+    readiness: AtomicU8,
+    deleted: AtomicBool,
+    state: RwLock<VolumeState>,
+    stripes: [Mutex<()>; WRITE_STRIPES],
+}
+
+impl Volume {
+    pub fn readiness(&self) -> Readiness {
+        match self.readiness.load(Ordering::Acquire) {
+            0 => Readiness::Ready,
+            1 => Readiness::ReadOnly,
+            _ => Readiness::NotReady,
+        }
+    }
+
+    /// The layer this volume writes into now.
+    pub fn top_layer(&self) -> u64 {
+        layout::top_layer(&self.state.read().view)
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    pub fn track_count(&self) -> u64 {
+        self.size_bytes / u64::from(self.track_size_bytes)
+    }
+
+    fn blocks_per_track(&self) -> u64 {
+        u64::from(self.track_size_bytes) / BLOCK_BYTES as u64
+    }
+
+    pub fn info(&self) -> VolumeInfo {
+        let state = self.state.read();
+        VolumeInfo {
+            name: self.name.clone(),
+            id: self.id,
+            size_bytes: self.size_bytes,
+            track_size_bytes: self.track_size_bytes,
+            track_count: self.track_count(),
+            readiness: self.readiness(),
+            session_slots_used: state.session_slots.count_ones() as u8,
+            layer_depth: state.view.len() as u32,
+            created_unix_seconds: self.created_unix_seconds,
+        }
+    }
+
+    fn record(&self, state: &VolumeState) -> VolumeRecord {
+        VolumeRecord {
+            id: self.id,
+            name: self.name.clone(),
+            size_bytes: self.size_bytes,
+            track_size_bytes: self.track_size_bytes,
+            readiness: self.readiness(),
+            view: state.view.clone(),
+            session_slots: state.session_slots,
+            target_tracking: state.target_tracking,
+            created_unix_seconds: self.created_unix_seconds,
+        }
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+        if self.is_deleted() {
+            return Err(Error::VolumeDeleted { volume: self.id });
+        }
+        if offset % SECTOR_BYTES != 0 || length % SECTOR_BYTES != 0 {
+            return Err(Error::Unaligned {
+                volume: self.id,
+                offset,
+                length,
+            });
+        }
+        if offset.checked_add(length).is_none_or(|end| end > self.size_bytes) {
+            return Err(Error::OutOfRange {
+                volume: self.id,
+                offset,
+                length,
+                size_bytes: self.size_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_extent(&self, extent: Extent) -> Result<()> {
+        if extent.last >= self.track_count() {
+            return Err(Error::ExtentOutOfRange {
+                name: self.name.clone(),
+                extent,
+                last_track: self.track_count() - 1,
+            });
+        }
+        Ok(())
+    }
+
+    fn whole(&self) -> Extent {
+        Extent {
+            first: 0,
+            last: self.track_count() - 1,
+        }
+    }
+}
+
+fn readiness_code(readiness: Readiness) -> u8 {
+    match readiness {
+        Readiness::Ready => 0,
+        Readiness::ReadOnly => 1,
+        Readiness::NotReady => 2,
+    }
+}
+
+/// Hands out monotonically growing generations, durable across restarts.
+struct GenerationClock {
+    next: AtomicU64,
+    reserved_until: Mutex<u64>,
+}
+
+struct Catalog {
+    by_name: HashMap<String, Arc<Volume>>,
+    next_volume: u64,
+    next_layer: u64,
+}
+
+/// The volumes of one node.
+pub struct VolumeStore<E: Engine> {
+    engine: E,
+    catalog: Mutex<Catalog>,
+    generations: GenerationClock,
+}
+
+fn now_unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
+}
+
+fn decode_u64(bytes: Option<Vec<u8>>, what: &str) -> Result<Option<u64>> {
+    match bytes {
+        None => Ok(None),
+        Some(bytes) => {
+            let array: [u8; 8] = bytes.as_slice().try_into().map_err(|_| Error::Metadata {
+                what: what.to_string(),
+                detail: format!("{} bytes instead of 8", bytes.len()),
+            })?;
+            Ok(Some(u64::from_be_bytes(array)))
+        }
+    }
+}
+
+/// Checks a volume name: it becomes an NBD export name and appears in scripts.
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    let invalid = |reason: &str| {
+        Err(Error::VolumeNameInvalid {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() {
+        return invalid("it is empty");
+    }
+    if name.len() > VOLUME_NAME_BYTES_MAX {
+        return invalid(&format!("it is longer than {VOLUME_NAME_BYTES_MAX} bytes"));
+    }
+    let mut characters = name.chars();
+    if !characters.next().is_some_and(|first| first.is_ascii_alphanumeric()) {
+        return invalid("it must start with a letter or digit");
+    }
+    if !characters.all(|character| character.is_ascii_alphanumeric() || "._-".contains(character)) {
+        return invalid("use only letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+fn validate_geometry(name: &str, size_bytes: u64, track_size_bytes: u32) -> Result<()> {
+    let invalid = |reason: String| {
+        Err(Error::VolumeSizeInvalid {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if !track_size_bytes.is_power_of_two() || !(TRACK_BYTES_MIN..=TRACK_BYTES_MAX).contains(&track_size_bytes) {
+        return invalid(format!(
+            "track size {track_size_bytes} bytes must be a power of two from 4 KiB to 1 MiB"
+        ));
+    }
+    if size_bytes == 0 {
+        return invalid("size must be greater than zero".to_string());
+    }
+    if size_bytes > VOLUME_BYTES_MAX {
+        return invalid(format!("size {size_bytes} bytes exceeds the limit of {VOLUME_BYTES_MAX} bytes"));
+    }
+    if size_bytes % u64::from(track_size_bytes) != 0 {
+        return invalid(format!(
+            "size {size_bytes} bytes is not a multiple of the track size {track_size_bytes} bytes"
+        ));
+    }
+    Ok(())
+}
+
+impl<E: Engine> VolumeStore<E> {
+    /// Opens the store, loading every volume descriptor.
+    pub fn open(engine: E) -> Result<VolumeStore<E>> {
+        let mut records = Vec::new();
+        let mut failure = None;
+        engine.scan(Space::Meta, b"v/", b"v0", &mut |key, value| {
+            match protocol::codec::decode::<VolumeRecord>(value) {
+                Ok(record) => records.push(record),
+                Err(error) => {
+                    failure = Some(Error::Metadata {
+                        what: format!("volume key {key:02x?}"),
+                        detail: error.to_string(),
+                    });
+                    return false;
+                }
+            }
+            true
+        })?;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        let next_volume = decode_u64(engine.get(Space::Meta, KEY_NEXT_VOLUME)?, "next volume id")?.unwrap_or(1);
+        let next_layer = decode_u64(engine.get(Space::Meta, KEY_NEXT_LAYER)?, "next layer id")?.unwrap_or(1);
+        let generation = decode_u64(engine.get(Space::Meta, KEY_GENERATION)?, "generation")?.unwrap_or(1);
+        // Everything below the stored reservation may have been handed out before a
+        // crash, so this run starts above it.
+        let reserved_until = generation + GENERATION_RESERVATION;
+        let mut batch = Batch::default();
+        batch.put(Space::Meta, KEY_GENERATION, reserved_until.to_be_bytes().to_vec());
+        engine.write(batch, Durability::Synced)?;
+
+        let by_name = records
+            .into_iter()
+            .map(|record| {
+                let volume = Arc::new(Volume {
+                    id: record.id,
+                    name: record.name.clone(),
+                    size_bytes: record.size_bytes,
+                    track_size_bytes: record.track_size_bytes,
+                    created_unix_seconds: record.created_unix_seconds,
+                    readiness: AtomicU8::new(readiness_code(record.readiness)),
+                    deleted: AtomicBool::new(false),
+                    state: RwLock::new(VolumeState {
+                        view: record.view,
+                        session_slots: record.session_slots,
+                        target_tracking: record.target_tracking,
+                    }),
+                    stripes: std::array::from_fn(|_| Mutex::new(())),
+                });
+                (record.name, volume)
+            })
+            .collect();
+        Ok(VolumeStore {
+            engine,
+            catalog: Mutex::new(Catalog {
+                by_name,
+                next_volume,
+                next_layer,
+            }),
+            generations: GenerationClock {
+                next: AtomicU64::new(generation),
+                reserved_until: Mutex::new(reserved_until),
+            },
+        })
+    }
+
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+
+    fn next_generation(&self) -> Result<u64> {
+        let generation = self.generations.next.fetch_add(1, Ordering::Relaxed);
+        let mut reserved_until = self.generations.reserved_until.lock();
+        if generation >= *reserved_until {
+            let new_reservation = generation + GENERATION_RESERVATION;
+            let mut batch = Batch::default();
+            batch.put(Space::Meta, KEY_GENERATION, new_reservation.to_be_bytes().to_vec());
+            self.engine.write(batch, Durability::Synced)?;
+            *reserved_until = new_reservation;
+        }
+        Ok(generation)
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Arc<Volume>> {
+        self.catalog
+            .lock()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::VolumeNotFound { name: name.to_string() })
+    }
+
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        let mut volumes: Vec<VolumeInfo> = self.catalog.lock().by_name.values().map(|volume| volume.info()).collect();
+        volumes.sort_by(|left, right| left.name.cmp(&right.name));
+        volumes
+    }
+
+    pub fn create(&self, name: &str, size_bytes: u64, track_size_bytes: u32) -> Result<Arc<Volume>> {
+        validate_volume_name(name)?;
+        validate_geometry(name, size_bytes, track_size_bytes)?;
+        let mut catalog = self.catalog.lock();
+        if catalog.by_name.contains_key(name) {
+            return Err(Error::VolumeExists { name: name.to_string() });
+        }
+        let id = catalog.next_volume;
+        let top = catalog.next_layer;
+        let volume = Arc::new(Volume {
+            id,
+            name: name.to_string(),
+            size_bytes,
+            track_size_bytes,
+            created_unix_seconds: now_unix_seconds(),
+            readiness: AtomicU8::new(readiness_code(Readiness::Ready)),
+            deleted: AtomicBool::new(false),
+            state: RwLock::new(VolumeState {
+                view: layout::new_view(top, size_bytes / u64::from(track_size_bytes)),
+                session_slots: 0,
+                target_tracking: false,
+            }),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
+        });
+        let mut batch = Batch::default();
+        self.put_record(&mut batch, &volume, &volume.state.read())?;
+        batch.put(Space::Meta, name_key(name), id.to_be_bytes().to_vec());
+        batch.put(Space::Meta, KEY_NEXT_VOLUME, (id + 1).to_be_bytes().to_vec());
+        batch.put(Space::Meta, KEY_NEXT_LAYER, (top + 1).to_be_bytes().to_vec());
+        self.engine.write(batch, Durability::Synced)?;
+        catalog.next_volume = id + 1;
+        catalog.next_layer = top + 1;
+        catalog.by_name.insert(name.to_string(), volume.clone());
+        tracing::info!(volume = id, name, size_bytes, track_size_bytes, "volume created");
+        Ok(volume)
+    }
+
+    fn put_record(&self, batch: &mut Batch, volume: &Volume, state: &VolumeState) -> Result<()> {
+        batch.put(Space::Meta, volume_key(volume.id), protocol::codec::encode(&volume.record(state))?);
+        Ok(())
+    }
+
+    /// Layer reference counts over every volume but those named in `except`.
+    fn counts_except(catalog: &Catalog, except: &[u64]) -> BTreeMap<u64, u64> {
+        let states: Vec<_> = catalog
+            .by_name
+            .values()
+            .filter(|volume| !except.contains(&volume.id))
+            .map(|volume| volume.state.read().view.clone())
+            .collect();
+        layout::reference_counts(states.iter().map(Vec::as_slice))
+    }
+
+    /// Adds deletions for layers that the old views referenced and nothing references now.
+    fn release_layers(batch: &mut Batch, others: &BTreeMap<u64, u64>, old: &[&[LayerReference]], new: &[&[LayerReference]]) -> usize {
+        let before = layout::reference_counts(old.iter().copied());
+        let after = layout::reference_counts(new.iter().copied());
+        let mut released = 0;
+        for layer in before.keys() {
+            if !after.contains_key(layer) && !others.contains_key(layer) {
+                batch.delete_range(Space::Blocks, block_key(*layer, 0), block_key(*layer + 1, 0));
+                released += 1;
+            }
+        }
+        released
+    }
+
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let mut catalog = self.catalog.lock();
+        let volume = catalog
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::VolumeNotFound { name: name.to_string() })?;
+        let state = volume.state.write();
+        let others = Self::counts_except(&catalog, &[volume.id]);
+        let mut batch = Batch::default();
+        let released = Self::release_layers(&mut batch, &others, &[&state.view], &[]);
+        batch.delete(Space::Meta, volume_key(volume.id));
+        batch.delete(Space::Meta, name_key(name));
+        let (from, to) = bitmap::volume_key_range(volume.id);
+        batch.delete_range(Space::Bitmaps, from.to_vec(), to.to_vec());
+        self.engine.write(batch, Durability::Synced)?;
+        volume.deleted.store(true, Ordering::Release);
+        catalog.by_name.remove(name);
+        tracing::info!(volume = volume.id, name, released_layers = released, "volume deleted");
+        Ok(())
+    }
+
+    pub fn set_readiness(&self, name: &str, readiness: Readiness) -> Result<Arc<Volume>> {
+        let _catalog = self.catalog.lock();
+        let volume = self.volume_unlocked(&_catalog, name)?;
+        let state = volume.state.write();
+        let previous = volume.readiness.swap(readiness_code(readiness), Ordering::AcqRel);
+        let mut batch = Batch::default();
+        self.put_record(&mut batch, &volume, &state)?;
+        if let Err(error) = self.engine.write(batch, Durability::Synced) {
+            volume.readiness.store(previous, Ordering::Release);
+            return Err(error);
+        }
+        tracing::info!(volume = volume.id, name, %readiness, "readiness changed");
+        drop(state);
+        Ok(volume)
+    }
+
+    fn volume_unlocked(&self, catalog: &Catalog, name: &str) -> Result<Arc<Volume>> {
+        catalog
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::VolumeNotFound { name: name.to_string() })
+    }
+
+    /// Takes a pointer snapshot of `source` into `target`, creating `target` with the
+    /// source's geometry when it does not exist. Without extents the whole volume is
+    /// snapped. Returns the target and whether it was created.
+    pub fn snap(&self, source: &str, target: &str, extents: &[Extent]) -> Result<(Arc<Volume>, bool)> {
+        let refuse = |reason: String| Error::SnapRefused {
+            source_name: source.to_string(),
+            target: target.to_string(),
+            reason,
+        };
+        if source == target {
+            return Err(refuse("a volume cannot be snapped onto itself".to_string()));
+        }
+        validate_volume_name(target)?;
+        let mut catalog = self.catalog.lock();
+        let source_volume = self.volume_unlocked(&catalog, source)?;
+        let existing_target = catalog.by_name.get(target).cloned();
+        if let Some(target_volume) = &existing_target {
+            if target_volume.track_size_bytes != source_volume.track_size_bytes {
+                return Err(refuse(format!(
+                    "track sizes differ ({} and {} bytes)",
+                    source_volume.track_size_bytes, target_volume.track_size_bytes
+                )));
+            }
+            if extents.is_empty() && target_volume.size_bytes != source_volume.size_bytes {
+                return Err(refuse(format!(
+                    "sizes differ ({} and {} bytes); name extents to snap part of it",
+                    source_volume.size_bytes, target_volume.size_bytes
+                )));
+            }
+        }
+        for extent in extents {
+            source_volume.check_extent(*extent)?;
+            if let Some(target_volume) = &existing_target {
+                target_volume.check_extent(*extent)?;
+            }
+        }
+        let extents = if extents.is_empty() {
+            vec![source_volume.whole()]
+        } else {
+            layout::normalize_extents(extents)
+        };
+
+        let started = Instant::now();
+        let new_source_top = catalog.next_layer;
+        let new_target_top = catalog.next_layer + 1;
+        let next_layer = catalog.next_layer + 2;
+        let (target_volume, created) = match existing_target {
+            Some(volume) => (volume, false),
+            None => {
+                // A new target has no layers of its own: the snap below gives it its view.
+                let volume = Arc::new(Volume {
+                    id: catalog.next_volume,
+                    name: target.to_string(),
+                    size_bytes: source_volume.size_bytes,
+                    track_size_bytes: source_volume.track_size_bytes,
+                    created_unix_seconds: now_unix_seconds(),
+                    readiness: AtomicU8::new(readiness_code(Readiness::Ready)),
+                    deleted: AtomicBool::new(false),
+                    state: RwLock::new(VolumeState {
+                        view: Vec::new(),
+                        session_slots: 0,
+                        target_tracking: false,
+                    }),
+                    stripes: std::array::from_fn(|_| Mutex::new(())),
+                });
+                (volume, true)
+            }
+        };
+        let others = Self::counts_except(&catalog, &[source_volume.id, target_volume.id]);
+        // Both views change together; lock them in id order so two snaps cannot deadlock.
+        let (mut source_state, mut target_state) = if source_volume.id < target_volume.id {
+            let first = source_volume.state.write();
+            (first, target_volume.state.write())
+        } else {
+            let first = target_volume.state.write();
+            (source_volume.state.write(), first)
+        };
+        let (new_source_view, new_target_view) = layout::snap_views(
+            &source_state.view,
+            &target_state.view,
+            &extents,
+            new_source_top,
+            new_target_top,
+            source_volume.track_count(),
+        );
+        for (volume, view) in [(&source_volume, &new_source_view), (&target_volume, &new_target_view)] {
+            if view.len() > VIEW_REFERENCES_MAX {
+                return Err(Error::TooManyLayers {
+                    name: volume.name.clone(),
+                    references: view.len(),
+                    references_max: VIEW_REFERENCES_MAX,
+                });
+            }
+        }
+        let mut batch = Batch::default();
+        Self::release_layers(
+            &mut batch,
+            &others,
+            &[&source_state.view, &target_state.view],
+            &[&new_source_view, &new_target_view],
+        );
+        let old_source_view = std::mem::replace(&mut source_state.view, new_source_view);
+        let old_target_view = std::mem::replace(&mut target_state.view, new_target_view);
+        let restore = |source_state: &mut VolumeState, target_state: &mut VolumeState| {
+            source_state.view = old_source_view.clone();
+            target_state.view = old_target_view.clone();
+        };
+        let encoded = self
+            .put_record(&mut batch, &source_volume, &source_state)
+            .and_then(|()| self.put_record(&mut batch, &target_volume, &target_state));
+        if let Err(error) = encoded {
+            restore(&mut source_state, &mut target_state);
+            return Err(error);
+        }
+        if created {
+            batch.put(Space::Meta, name_key(target), target_volume.id.to_be_bytes().to_vec());
+            batch.put(Space::Meta, KEY_NEXT_VOLUME, (target_volume.id + 1).to_be_bytes().to_vec());
+        }
+        batch.put(Space::Meta, KEY_NEXT_LAYER, next_layer.to_be_bytes().to_vec());
+        if let Err(error) = self.engine.write(batch, Durability::Synced) {
+            restore(&mut source_state, &mut target_state);
+            return Err(error);
+        }
+        catalog.next_layer = next_layer;
+        if created {
+            catalog.next_volume = target_volume.id + 1;
+            catalog.by_name.insert(target.to_string(), target_volume.clone());
+        }
+        drop(source_state);
+        drop(target_state);
+        metrics::histogram!("tandem_snap_seconds").record(started.elapsed().as_secs_f64());
+        tracing::info!(source, target, created, extents = extents.len(), "snapshot taken");
+        Ok((target_volume, created))
+    }
+
+    /// Reads `length` bytes at `offset`; every stored block is verified first.
+    pub fn read(&self, volume: &Volume, offset: u64, length: u64) -> Result<Vec<u8>> {
+        volume.check_range(offset, length)?;
+        if length == 0 {
+            return Ok(Vec::new());
+        }
+        let first_block = offset / BLOCK_BYTES as u64;
+        let last_block = (offset + length - 1) / BLOCK_BYTES as u64;
+        let state = volume.state.read();
+        let blocks = self.read_blocks(volume, &state.view, first_block, last_block)?;
+        drop(state);
+        let start = (offset - first_block * BLOCK_BYTES as u64) as usize;
+        Ok(blocks[start..start + length as usize].to_vec())
+    }
+
+    /// Reads whole blocks `first..=last` through a view into one buffer.
+    fn read_blocks(&self, volume: &Volume, view: &[LayerReference], first: u64, last: u64) -> Result<Vec<u8>> {
+        let count = (last - first + 1) as usize;
+        let mut buffer = vec![0u8; count * BLOCK_BYTES];
+        let mut pending: Vec<u64> = (first..=last).collect();
+        let blocks_per_track = volume.blocks_per_track();
+        for reference in view {
+            if pending.is_empty() {
+                break;
+            }
+            let (covered, rest): (Vec<u64>, Vec<u64>) = pending
+                .iter()
+                .partition(|block| reference.covers(*block / blocks_per_track));
+            if covered.is_empty() {
+                continue;
+            }
+            let layer = match reference.kind {
+                // Zeros are already in the buffer; these blocks are settled.
+                ReferenceKind::Zero => {
+                    pending = rest;
+                    continue;
+                }
+                ReferenceKind::Data { layer } => layer,
+            };
+            let keys: Vec<Vec<u8>> = covered.iter().map(|block| block_key(layer, *block)).collect();
+            let values = self.engine.multi_get(Space::Blocks, &keys)?;
+            let mut still_pending = rest;
+            for (block, value) in covered.into_iter().zip(values) {
+                let Some(stored) = value else {
+                    still_pending.push(block);
+                    continue;
+                };
+                let address = BlockAddress {
+                    layer,
+                    track: block / blocks_per_track,
+                    block_in_track: (block % blocks_per_track) as u32,
+                };
+                match track::verify(&stored, address) {
+                    Ok((_, BlockContent::Zero)) => {}
+                    Ok((_, BlockContent::Data(data))) => {
+                        let at = (block - first) as usize * BLOCK_BYTES;
+                        buffer[at..at + BLOCK_BYTES].copy_from_slice(data);
+                    }
+                    Err(defect) => {
+                        metrics::counter!("tandem_checksum_errors_total").increment(1);
+                        tracing::error!(
+                            volume = volume.id,
+                            name = %volume.name,
+                            layer,
+                            track = address.track,
+                            block = address.block_in_track,
+                            %defect,
+                            "stored block failed verification"
+                        );
+                        return Err(Error::Corrupt {
+                            volume: volume.id,
+                            track: address.track,
+                            detail: format!("layer {layer} block {}: {defect}", address.block_in_track),
+                        });
+                    }
+                }
+            }
+            still_pending.sort_unstable();
+            pending = still_pending;
+        }
+        Ok(buffer)
+    }
+
+    /// Writes `data` at `offset`, marking the written tracks in every allocated session
+    /// slot (and the target-changed bits when tracked) in the same atomic batch.
+    pub fn write(&self, volume: &Volume, offset: u64, data: &[u8], durability: Durability) -> Result<()> {
+        self.write_or_zero(volume, offset, data.len() as u64, Some(data), durability)
+    }
+
+    /// Makes a range read as zeros (NBD WRITE_ZEROES and TRIM). Zeroed blocks take no
+    /// space in a volume without snapshot layers below, and a small marker otherwise.
+    pub fn write_zeroes(&self, volume: &Volume, offset: u64, length: u64, durability: Durability) -> Result<()> {
+        volume.check_range(offset, length)?;
+        // Large ranges go in bounded batches, each atomic on its own, as a host cannot
+        // expect more of a zeroing that spans gigabytes.
+        let step = ZERO_BATCH_BLOCKS_MAX * BLOCK_BYTES as u64;
+        let mut at = offset;
+        let end = offset + length;
+        while at < end {
+            let next = ((at / step) + 1) * step;
+            let chunk_end = next.min(end);
+            let last = chunk_end >= end;
+            let chunk_durability = if last { durability } else { Durability::Logged };
+            self.write_or_zero(volume, at, chunk_end - at, None, chunk_durability)?;
+            at = chunk_end;
+        }
+        Ok(())
+    }
+
+    fn write_or_zero(&self, volume: &Volume, offset: u64, length: u64, data: Option<&[u8]>, durability: Durability) -> Result<()> {
+        volume.check_range(offset, length)?;
+        if length == 0 {
+            return Ok(());
+        }
+        let block_bytes = BLOCK_BYTES as u64;
+        let first_block = offset / block_bytes;
+        let last_block = (offset + length - 1) / block_bytes;
+
+        let mut stripe_indexes: Vec<usize> = (first_block..=last_block)
+            .map(|block| (block % WRITE_STRIPES as u64) as usize)
+            .collect();
+        stripe_indexes.sort_unstable();
+        stripe_indexes.dedup();
+        let _stripes: Vec<_> = stripe_indexes.iter().map(|index| volume.stripes[*index].lock()).collect();
+        let state = volume.state.read();
+        if volume.is_deleted() {
+            return Err(Error::VolumeDeleted { volume: volume.id });
+        }
+        let top = layout::top_layer(&state.view);
+        let only_layer = state.view.len() == 1;
+        let blocks_per_track = volume.blocks_per_track();
+
+        // Partial blocks at either end keep the bytes around the written range.
+        let head_partial = offset % block_bytes != 0 || (first_block == last_block && length % block_bytes != 0);
+        let tail_partial = (offset + length) % block_bytes != 0;
+        let mut head = None;
+        let mut tail = None;
+        if head_partial {
+            head = Some(self.read_blocks(volume, &state.view, first_block, first_block)?);
+        }
+        if tail_partial && (last_block != first_block || !head_partial) {
+            tail = Some(self.read_blocks(volume, &state.view, last_block, last_block)?);
+        }
+
+        let mut batch = Batch::default();
+        let mut zero_block = None;
+        for block in first_block..=last_block {
+            let block_start = block * block_bytes;
+            let mut content: Option<Vec<u8>> = if block == first_block && head.is_some() {
+                head.take()
+            } else if block == last_block && tail.is_some() {
+                tail.take()
+            } else {
+                None
+            };
+            let copy_from = block_start.max(offset);
+            let copy_to = (block_start + block_bytes).min(offset + length);
+            let full_block_value: Option<&[u8]> = match (&mut content, data) {
+                (Some(existing), Some(data)) => {
+                    existing[(copy_from - block_start) as usize..(copy_to - block_start) as usize]
+                        .copy_from_slice(&data[(copy_from - offset) as usize..(copy_to - offset) as usize]);
+                    None
+                }
+                (Some(existing), None) => {
+                    existing[(copy_from - block_start) as usize..(copy_to - block_start) as usize].fill(0);
+                    None
+                }
+                (None, Some(data)) => Some(&data[(copy_from - offset) as usize..(copy_to - offset) as usize]),
+                (None, None) => Some(zero_block.get_or_insert_with(|| vec![0u8; BLOCK_BYTES]).as_slice()),
+            };
+            let block_data: &[u8] = match (&content, full_block_value) {
+                (Some(existing), _) => existing,
+                (None, Some(value)) => value,
+                (None, None) => unreachable!("a block is either patched or written whole"),
+            };
+            let address = BlockAddress {
+                layer: top,
+                track: block / blocks_per_track,
+                block_in_track: (block % blocks_per_track) as u32,
+            };
+            let key = block_key(top, block);
+            if block_data.iter().all(|byte| *byte == 0) {
+                // A zero block takes no space when nothing below could show through.
+                if only_layer {
+                    batch.delete(Space::Blocks, key);
+                } else {
+                    batch.put(Space::Blocks, key, track::encode_zero(address, volume.id, self.next_generation()?));
+                }
+            } else {
+                batch.put(
+                    Space::Blocks,
+                    key,
+                    track::encode_data(address, volume.id, self.next_generation()?, block_data),
+                );
+            }
+        }
+
+        let first_track = first_block / blocks_per_track;
+        let last_track = last_block / blocks_per_track;
+        if state.session_slots != 0 {
+            Self::add_bit_changes(&mut batch, volume.id, BitmapKind::Sessions, state.session_slots, first_track, last_track, true);
+        }
+        if state.target_tracking {
+            Self::add_bit_changes(&mut batch, volume.id, BitmapKind::TargetChanged, 1, first_track, last_track, true);
+        }
+        self.engine.write(batch, durability)?;
+        Ok(())
+    }
+
+    fn add_bit_changes(batch: &mut Batch, volume: u64, kind: BitmapKind, mask: u16, first_track: u64, last_track: u64, set: bool) {
+        for (chunk, change) in bitmap::changes_by_chunk(first_track, last_track, set, mask) {
+            batch.merge_bitmap(bitmap::chunk_key(volume, kind, chunk).to_vec(), bitmap::encode_changes(&[change]));
+        }
+    }
+
+    /// Makes every acknowledged write durable (NBD FLUSH).
+    pub fn flush(&self) -> Result<()> {
+        self.engine.sync()
+    }
+
+    /// Takes a free session slot of `volume` (the 17th is refused). Its bits start clear.
+    pub fn allocate_session_slot(&self, volume: &Volume) -> Result<u8> {
+        let mut state = volume.state.write();
+        let slot = (0..SESSION_SLOTS_MAX as u8)
+            .find(|slot| state.session_slots & (1 << slot) == 0)
+            .ok_or_else(|| Error::SessionSlotsExhausted {
+                name: volume.name.clone(),
+                slots_max: SESSION_SLOTS_MAX,
+            })?;
+        let mut batch = Batch::default();
+        Self::add_bit_changes(&mut batch, volume.id, BitmapKind::Sessions, 1 << slot, 0, volume.track_count() - 1, false);
+        state.session_slots |= 1 << slot;
+        if let Err(error) = self.put_record(&mut batch, volume, &state).and_then(|()| self.engine.write(batch, Durability::Synced)) {
+            state.session_slots &= !(1 << slot);
+            return Err(error);
+        }
+        Ok(slot)
+    }
+
+    /// Returns a session slot, clearing its bits.
+    pub fn free_session_slot(&self, volume: &Volume, slot: u8) -> Result<()> {
+        let mut state = volume.state.write();
+        Self::check_slot(volume, &state, slot)?;
+        let mut batch = Batch::default();
+        Self::add_bit_changes(&mut batch, volume.id, BitmapKind::Sessions, 1 << slot, 0, volume.track_count() - 1, false);
+        state.session_slots &= !(1 << slot);
+        if let Err(error) = self.put_record(&mut batch, volume, &state).and_then(|()| self.engine.write(batch, Durability::Synced)) {
+            state.session_slots |= 1 << slot;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    fn check_slot(volume: &Volume, state: &VolumeState, slot: u8) -> Result<()> {
+        if slot as usize >= SESSION_SLOTS_MAX || state.session_slots & (1 << slot) == 0 {
+            return Err(Error::SessionSlotNotAllocated {
+                name: volume.name.clone(),
+                slot,
+            });
+        }
+        Ok(())
+    }
+
+    /// Turns marking of target-changed bits by host writes on or off.
+    pub fn set_target_tracking(&self, volume: &Volume, tracking: bool) -> Result<()> {
+        let mut state = volume.state.write();
+        let previous = std::mem::replace(&mut state.target_tracking, tracking);
+        let mut batch = Batch::default();
+        if let Err(error) = self.put_record(&mut batch, volume, &state).and_then(|()| self.engine.write(batch, Durability::Synced)) {
+            state.target_tracking = previous;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Sets (`set` true) or clears the chosen bits over an extent.
+    pub fn change_bits(&self, volume: &Volume, bits: Bits, extent: Extent, set: bool) -> Result<()> {
+        volume.check_extent(extent)?;
+        let state = volume.state.read();
+        if let Bits::Session(slot) = bits {
+            Self::check_slot(volume, &state, slot)?;
+        }
+        let (kind, mask) = bits.kind_and_mask();
+        let mut batch = Batch::default();
+        Self::add_bit_changes(&mut batch, volume.id, kind, mask, extent.first, extent.last, set);
+        self.engine.write(batch, Durability::Synced)
+    }
+
+    /// Marks every track of the volume in the chosen bits.
+    pub fn mark_all(&self, volume: &Volume, bits: Bits) -> Result<()> {
+        self.change_bits(volume, bits, volume.whole(), true)
+    }
+
+    pub fn test_bit(&self, volume: &Volume, bits: Bits, track: u64) -> Result<bool> {
+        let mut result = false;
+        self.for_each_set(volume, bits, Extent { first: track, last: track }, &mut |_| {
+            result = true;
+            false
+        })?;
+        Ok(result)
+    }
+
+    /// Visits the tracks of `extent` whose chosen bit is set, in order, until `visit`
+    /// returns false.
+    pub fn for_each_set(&self, volume: &Volume, bits: Bits, extent: Extent, visit: &mut dyn FnMut(u64) -> bool) -> Result<()> {
+        volume.check_extent(extent)?;
+        let (kind, _) = bits.kind_and_mask();
+        let slot = match bits {
+            Bits::Session(slot) => {
+                Self::check_slot(volume, &volume.state.read(), slot)?;
+                slot
+            }
+            Bits::TargetChanged => 0,
+        };
+        for chunk in extent.first / TRACKS_PER_CHUNK..=extent.last / TRACKS_PER_CHUNK {
+            let Some(stored) = self.engine.get(Space::Bitmaps, &bitmap::chunk_key(volume.id, kind, chunk))? else {
+                continue;
+            };
+            let first = (chunk * TRACKS_PER_CHUNK).max(extent.first);
+            let last = ((chunk + 1) * TRACKS_PER_CHUNK - 1).min(extent.last);
+            for track in first..=last {
+                if bitmap::test_bit(kind, &stored, (track % TRACKS_PER_CHUNK) as usize, slot) && !visit(track) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the node crate, one binary (see DEVELOPERS.md).
+
+mod bitmaps;
+mod common;
+mod nbd;
+mod snapshots;
+mod store;

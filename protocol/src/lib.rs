@@ -1,0 +1,18 @@
+//! Wire formats of tandem, with no storage and no policy in them.
+//!
+//! - [`codec`]: the one place that turns values into bytes (bincode, size-limited).
+//! - [`frame`]: the versioned frame that carries every QUIC message.
+//! - [`messages`]: the requests and responses nodes and the CLI exchange.
+//! - [`nbd`]: the NBD newstyle-fixed wire protocol as pure parsing and encoding.
+//! - [`pki`] and [`transport`]: the cluster CA, certificates, and quinn endpoints with
+//!   mutual TLS.
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+pub mod messages;
+pub mod nbd;
+pub mod pki;
+pub mod transport;
+
+pub use error::Error;

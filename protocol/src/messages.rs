@@ -1,0 +1,226 @@
+//! Requests and responses exchanged over QUIC between the CLI and nodes.
+//!
+//! Every request travels in its own bidirectional stream: one request frame in, one
+//! response frame out. The types carry no behaviour; nodes decide what they mean.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Volume names are short, printable, and safe to use as NBD export names and file names.
+pub const VOLUME_NAME_BYTES_MAX: usize = 128;
+
+/// How a volume may be used by its hosts, as the seeds switch it with session states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Readiness {
+    /// Hosts may read and write.
+    Ready,
+    /// Hosts may read; writes are refused with EPERM.
+    ReadOnly,
+    /// Hosts may not use the volume at all; it is not offered as an export.
+    NotReady,
+}
+
+impl fmt::Display for Readiness {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            Readiness::Ready => "ready",
+            Readiness::ReadOnly => "read-only",
+            Readiness::NotReady => "not-ready",
+        })
+    }
+}
+
+impl FromStr for Readiness {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "ready" => Ok(Readiness::Ready),
+            "read-only" => Ok(Readiness::ReadOnly),
+            "not-ready" => Ok(Readiness::NotReady),
+            other => Err(format!(
+                "unknown readiness '{other}': use ready, read-only or not-ready"
+            )),
+        }
+    }
+}
+
+/// An inclusive range of tracks, written `FIRST-LAST` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Extent {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl Extent {
+    pub fn new(first: u64, last: u64) -> Result<Extent, String> {
+        if first > last {
+            return Err(format!(
+                "extent {first}-{last} is backwards: the first track must not exceed the last"
+            ));
+        }
+        Ok(Extent { first, last })
+    }
+
+    pub fn track_count(&self) -> u64 {
+        self.last - self.first + 1
+    }
+
+    pub fn contains(&self, track: u64) -> bool {
+        self.first <= track && track <= self.last
+    }
+}
+
+impl fmt::Display for Extent {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}-{}", self.first, self.last)
+    }
+}
+
+impl FromStr for Extent {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (first, last) = match text.split_once('-') {
+            Some((first, last)) => (first, last),
+            None => (text, text),
+        };
+        let parse = |part: &str| {
+            part.trim().parse::<u64>().map_err(|_| {
+                format!("extent '{text}' is not FIRST-LAST with track numbers, e.g. 0-99")
+            })
+        };
+        Extent::new(parse(first)?, parse(last)?)
+    }
+}
+
+/// What the cluster knows about one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub id: u64,
+    pub size_bytes: u64,
+    pub track_size_bytes: u32,
+    pub track_count: u64,
+    pub readiness: Readiness,
+    /// Session slots in use (of the 16 a volume has).
+    pub session_slots_used: u8,
+    /// How many storage layers a read may walk: grows with snapshots.
+    pub layer_depth: u32,
+    /// Node-local creation time, seconds since the Unix epoch.
+    pub created_unix_seconds: u64,
+}
+
+/// A request from the CLI (or another node) to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    VolumeCreate {
+        name: String,
+        size_bytes: u64,
+        track_size_bytes: u32,
+    },
+    VolumeList,
+    VolumeShow {
+        name: String,
+    },
+    VolumeDelete {
+        name: String,
+    },
+    VolumeSetReadiness {
+        name: String,
+        readiness: Readiness,
+    },
+    /// A pointer snapshot of `source` into `target` (created when it does not exist),
+    /// limited to `extents` when any are given.
+    Snap {
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+    },
+    NodeStatus,
+}
+
+/// Status of the node that answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub site: String,
+    pub nbd_address: String,
+    pub volume_count: u64,
+    pub version: String,
+}
+
+/// Why a request failed, in a form scripts can branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    IllegalState,
+    LimitExceeded,
+    Internal,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            ErrorCode::NotFound => "not-found",
+            ErrorCode::AlreadyExists => "already-exists",
+            ErrorCode::InvalidArgument => "invalid-argument",
+            ErrorCode::IllegalState => "illegal-state",
+            ErrorCode::LimitExceeded => "limit-exceeded",
+            ErrorCode::Internal => "internal",
+        })
+    }
+}
+
+/// A node's answer to one [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Volume(VolumeInfo),
+    Volumes(Vec<VolumeInfo>),
+    Deleted {
+        name: String,
+    },
+    Snapped {
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+        elapsed_micros: u64,
+        target_info: VolumeInfo,
+    },
+    NodeStatus(NodeStatus),
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_parse_from_the_command_line_form() {
+        assert_eq!(
+            "3-9".parse::<Extent>().unwrap(),
+            Extent { first: 3, last: 9 }
+        );
+        assert_eq!("7".parse::<Extent>().unwrap(), Extent { first: 7, last: 7 });
+        assert!("9-3".parse::<Extent>().is_err());
+        assert!("a-3".parse::<Extent>().is_err());
+        assert!("".parse::<Extent>().is_err());
+    }
+
+    #[test]
+    fn readiness_round_trips_through_its_text() {
+        for readiness in [Readiness::Ready, Readiness::ReadOnly, Readiness::NotReady] {
+            assert_eq!(
+                readiness.to_string().parse::<Readiness>().unwrap(),
+                readiness
+            );
+        }
+        assert!("online".parse::<Readiness>().is_err());
+    }
+}

@@ -1,0 +1,291 @@
+//! QUIC endpoints with mutual TLS between the members of one cluster.
+//!
+//! Both sides present a certificate signed by the cluster CA and accept only peers whose
+//! certificate is signed by it too. Nodes are verified under the shared name
+//! [`NODE_SERVER_NAME`], so a client needs the cluster CA but not the node's own name.
+//!
+//! Every request uses its own bidirectional stream: the client writes one request frame and
+//! finishes the stream, the server answers with one response frame.
+
+use crate::error::{Error, Result};
+use crate::frame::{read_frame, write_frame, FrameKind};
+use crate::pki::{Identity, NODE_SERVER_NAME};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The ALPN protocol both sides must agree on; the number follows the frame protocol
+/// version so that incompatible peers fail in the handshake with a clear reason.
+pub const ALPN_PROTOCOL: &[u8] = b"tandem/1";
+
+/// A connection with no traffic at all for this long is considered dead.
+pub const IDLE_TIMEOUT_SECONDS: u64 = 30;
+
+/// Keep-alives are sent this often so an idle but healthy connection never reaches the idle
+/// timeout, even through NAT or firewall state that expires quickly.
+pub const KEEP_ALIVE_INTERVAL_SECONDS: u64 = 5;
+
+/// How long a connection attempt, handshake included, may take before it is given up.
+pub const CONNECT_TIMEOUT_SECONDS: u64 = 10;
+
+/// How long a server waits for a client to send a complete request frame on a stream, so a
+/// stream that was opened and then left silent does not hold a task forever.
+pub const REQUEST_READ_TIMEOUT_SECONDS: u64 = 30;
+
+/// Application error code sent when a stream is reset because its request was unusable.
+const STREAM_ERROR_MALFORMED_REQUEST: u32 = 1;
+
+/// The *ring* provider, chosen explicitly so the configuration never depends on which
+/// provider some other part of the process installed as its default.
+fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_error(context: &str, error: impl std::fmt::Display) -> Error {
+    Error::Tls {
+        detail: format!("{context}: {error}"),
+    }
+}
+
+/// A root store holding only the cluster CA.
+fn cluster_roots(identity: &Identity) -> Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(identity.ca_cert_der.clone())
+        .map_err(|error| tls_error("the cluster CA certificate is unusable", error))?;
+    Ok(Arc::new(roots))
+}
+
+/// Idle timeout and keep-alive, shared by both directions of every connection.
+fn transport_config() -> Result<Arc<quinn::TransportConfig>> {
+    let idle_timeout = quinn::IdleTimeout::try_from(Duration::from_secs(IDLE_TIMEOUT_SECONDS))
+        .map_err(|error| tls_error("the idle timeout is out of range", error))?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(idle_timeout))
+        .keep_alive_interval(Some(Duration::from_secs(KEEP_ALIVE_INTERVAL_SECONDS)));
+    Ok(Arc::new(transport))
+}
+
+/// The server side: TLS 1.3 only, a client certificate from the cluster CA required, and
+/// 0-RTT refused because early data can be replayed and requests here change state.
+fn server_config(identity: &Identity) -> Result<quinn::ServerConfig> {
+    let provider = crypto_provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(cluster_roots(identity)?, provider.clone())
+            .build()
+            .map_err(|error| tls_error("cannot build the client certificate verifier", error))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| tls_error("TLS 1.3 is unavailable", error))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            identity.cert_chain.clone(),
+            identity.private_key.clone_key(),
+        )
+        .map_err(|error| tls_error("the server certificate or key is unusable", error))?;
+    tls.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(tls)
+        .map_err(|error| tls_error("the TLS configuration does not suit QUIC", error))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport_config()?);
+    Ok(config)
+}
+
+/// The client side: TLS 1.3 only, the server verified against the cluster CA alone, our
+/// certificate presented, and no 0-RTT.
+fn client_config(identity: &Identity) -> Result<quinn::ClientConfig> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| tls_error("TLS 1.3 is unavailable", error))?
+        .with_root_certificates(cluster_roots(identity)?)
+        .with_client_auth_cert(
+            identity.cert_chain.clone(),
+            identity.private_key.clone_key(),
+        )
+        .map_err(|error| tls_error("the client certificate or key is unusable", error))?;
+    tls.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+    tls.enable_early_data = false;
+    let quic = QuicClientConfig::try_from(tls)
+        .map_err(|error| tls_error("the TLS configuration does not suit QUIC", error))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport_config()?);
+    Ok(config)
+}
+
+/// An endpoint that accepts connections on `bind` and can also connect out with the same
+/// identity, as nodes both serve and call each other. Must be called inside a Tokio runtime.
+pub fn server_endpoint(bind: SocketAddr, identity: &Identity) -> Result<quinn::Endpoint> {
+    let mut endpoint = quinn::Endpoint::server(server_config(identity)?, bind)?;
+    endpoint.set_default_client_config(client_config(identity)?);
+    Ok(endpoint)
+}
+
+/// A client-only endpoint on an ephemeral IPv4 port, for reaching IPv4 peers. Must be called
+/// inside a Tokio runtime.
+pub fn client_endpoint(identity: &Identity) -> Result<quinn::Endpoint> {
+    client_endpoint_bound(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), identity)
+}
+
+/// A client-only endpoint bound to `bind`, for example `[::]:0` to reach IPv6 peers: the
+/// bound address family must match the peers' because dual-stack sockets are not portable.
+pub fn client_endpoint_bound(bind: SocketAddr, identity: &Identity) -> Result<quinn::Endpoint> {
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(client_config(identity)?);
+    Ok(endpoint)
+}
+
+/// Connects to the node at `address`, verifying it against the cluster CA.
+pub async fn connect(endpoint: &quinn::Endpoint, address: SocketAddr) -> Result<quinn::Connection> {
+    let connection_error = |detail: String| Error::Connection {
+        peer: address.to_string(),
+        detail,
+    };
+    let connecting = endpoint
+        .connect(address, NODE_SERVER_NAME)
+        .map_err(|error| connection_error(format!("cannot start connecting: {error}")))?;
+    match tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_SECONDS), connecting).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(connection_error(format!("handshake failed: {error}"))),
+        Err(_) => Err(connection_error(format!(
+            "no answer within {CONNECT_TIMEOUT_SECONDS} seconds"
+        ))),
+    }
+}
+
+/// Sends `request` on a new stream of `connection` and waits for the one response.
+pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    connection: &quinn::Connection,
+    request: &Req,
+) -> Result<Resp> {
+    let peer = connection.remote_address().to_string();
+    // A stream failure caused by the whole connection going away is reported as a
+    // connection error, with the connection's reason, which says far more than the stream's.
+    let explain = |error: Error| match connection.close_reason() {
+        Some(reason) => Error::Connection {
+            peer: peer.clone(),
+            detail: reason.to_string(),
+        },
+        None => error,
+    };
+    let (mut send, mut receive) =
+        connection
+            .open_bi()
+            .await
+            .map_err(|error| Error::Connection {
+                peer: peer.clone(),
+                detail: format!("cannot open a stream: {error}"),
+            })?;
+    write_frame(&mut send, FrameKind::Request, request)
+        .await
+        .map_err(explain)?;
+    send.finish().map_err(|error| {
+        explain(Error::Stream {
+            stream: send.id().to_string(),
+            detail: error.to_string(),
+        })
+    })?;
+    let (header, response) = read_frame::<Resp>(&mut receive).await.map_err(explain)?;
+    if header.kind != FrameKind::Response {
+        return Err(Error::FrameKindUnexpected {
+            expected: FrameKind::Response,
+            found: header.kind,
+        });
+    }
+    Ok(response)
+}
+
+/// Serves requests on `connection` until it closes: each bidirectional stream carries one
+/// request, answered by `handler` in a task of its own so a slow request does not hold up
+/// the others.
+///
+/// A stream whose request is malformed is reset and logged; the connection goes on serving
+/// its other streams.
+pub async fn serve_connection<Req, Resp, H, Fut>(connection: quinn::Connection, handler: H)
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Fn(Req) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let peer = connection.remote_address();
+    loop {
+        let (send, receive) = match connection.accept_bi().await {
+            Ok(streams) => streams,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "connection closed; no more requests");
+                return;
+            }
+        };
+        let handler = handler.clone();
+        tokio::spawn(serve_stream(peer, send, receive, handler));
+    }
+}
+
+/// Answers the one request on a stream.
+async fn serve_stream<Req, Resp, H, Fut>(
+    peer: SocketAddr,
+    mut send: quinn::SendStream,
+    mut receive: quinn::RecvStream,
+    handler: H,
+) where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    H: Fn(Req) -> Fut,
+    Fut: Future<Output = Resp>,
+{
+    let stream = send.id();
+    let read = tokio::time::timeout(
+        Duration::from_secs(REQUEST_READ_TIMEOUT_SECONDS),
+        read_frame::<Req>(&mut receive),
+    )
+    .await;
+    let request = match read {
+        Ok(Ok((header, request))) if header.kind == FrameKind::Request => request,
+        Ok(Ok((header, _))) => {
+            tracing::warn!(%peer, %stream, kind = ?header.kind, "expected a request frame; resetting the stream");
+            refuse_stream(&mut send, &mut receive);
+            return;
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%peer, %stream, %error, "unusable request; resetting the stream");
+            refuse_stream(&mut send, &mut receive);
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                %peer,
+                %stream,
+                "no complete request within {REQUEST_READ_TIMEOUT_SECONDS} seconds; resetting the stream"
+            );
+            refuse_stream(&mut send, &mut receive);
+            return;
+        }
+    };
+    let response = handler(request).await;
+    if let Err(error) = write_frame(&mut send, FrameKind::Response, &response).await {
+        tracing::warn!(%peer, %stream, %error, "could not send the response");
+        refuse_stream(&mut send, &mut receive);
+        return;
+    }
+    // A stream that is already gone has nothing left to finish; the peer sees the failure.
+    if let Err(error) = send.finish() {
+        tracing::debug!(%peer, %stream, %error, "stream closed before it could be finished");
+    }
+}
+
+/// Abandons both directions of a stream, telling the peer it was refused.
+fn refuse_stream(send: &mut quinn::SendStream, receive: &mut quinn::RecvStream) {
+    let code = quinn::VarInt::from_u32(STREAM_ERROR_MALFORMED_REQUEST);
+    // Either direction may already be closed by the peer; that leaves nothing to refuse.
+    let _ = send.reset(code);
+    let _ = receive.stop(code);
+}

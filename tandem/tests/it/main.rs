@@ -1,0 +1,5 @@
+//! Integration tests of the `tandem` binary, one test binary (see DEVELOPERS.md).
+
+mod cli;
+mod common;
+mod crash;
