@@ -80,7 +80,7 @@ pub fn encode_changes(changes: &[ChunkChange]) -> Vec<u8> {
 }
 
 fn decode_changes(operand: &[u8]) -> Option<impl Iterator<Item = ChunkChange> + '_> {
-    if operand.len() % CHANGE_BYTES != 0 {
+    if !operand.len().is_multiple_of(CHANGE_BYTES) {
         return None;
     }
     Some(operand.chunks_exact(CHANGE_BYTES).map(|record| ChunkChange {

@@ -26,7 +26,7 @@ pub enum Error {
     },
     #[error("volume {volume} track {track}: stored block fails verification ({detail}); refusing to serve it")]
     Corrupt { volume: u64, track: u64, detail: String },
-    #[error("extent {extent} is outside volume '{name}', which has tracks 0-{last_track}")]
+    #[error("extent {extent} does not fit volume '{name}', which has tracks 0-{last_track}")]
     ExtentOutOfRange { name: String, extent: Extent, last_track: u64 },
     #[error("volume '{name}' has no free session slot: all {slots_max} are in use; end a session first")]
     SessionSlotsExhausted { name: String, slots_max: usize },

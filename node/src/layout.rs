@@ -102,13 +102,16 @@ pub fn snap_views(
     extents: &[Extent],
     new_source_top: u64,
     new_target_top: u64,
-    track_count: u64,
+    source_track_count: u64,
+    target_track_count: u64,
 ) -> (Vec<LayerReference>, Vec<LayerReference>) {
     let mut new_source = Vec::with_capacity(source.len() + 1);
-    new_source.push(LayerReference::data(new_source_top, 0, track_count - 1));
+    new_source.push(LayerReference::data(new_source_top, 0, source_track_count - 1));
     new_source.extend_from_slice(source);
 
-    let mut new_target = vec![LayerReference::data(new_target_top, 0, track_count - 1)];
+    // The target's top covers the target's own tracks, which may be more than the
+    // source has when only extents are snapped.
+    let mut new_target = vec![LayerReference::data(new_target_top, 0, target_track_count - 1)];
     for reference in source {
         for extent in extents {
             let first = reference.first_track.max(extent.first);
@@ -223,7 +226,7 @@ mod tests {
     fn a_whole_snap_shares_the_source_and_hides_the_old_target() {
         let source = new_view(1, 100);
         let target = new_view(2, 100);
-        let (new_source, new_target) = snap_views(&source, &target, &[Extent { first: 0, last: 99 }], 3, 4, 100);
+        let (new_source, new_target) = snap_views(&source, &target, &[Extent { first: 0, last: 99 }], 3, 4, 100, 100);
         assert_eq!(top_layer(&new_source), 3);
         assert_eq!(top_layer(&new_target), 4);
         // Everything held by layer 1 before the snap resolves to layer 1 on both sides.
@@ -239,7 +242,7 @@ mod tests {
         let source = new_view(1, 100);
         let target = new_view(2, 100);
         let extent = Extent { first: 10, last: 19 };
-        let (_, new_target) = snap_views(&source, &target, &[extent], 3, 4, 100);
+        let (_, new_target) = snap_views(&source, &target, &[extent], 3, 4, 100, 100);
         let only_target_holds = |layer: u64, _track: u64| layer == 2;
         // Outside the extent the old target data still shows; inside it is hidden and,
         // since the source holds nothing there, reads zeros.
@@ -257,7 +260,7 @@ mod tests {
         let mut next_layer = 3;
         for _ in 0..50 {
             let (new_source, new_target) =
-                snap_views(&source, &target, &[Extent { first: 0, last: 63 }], next_layer, next_layer + 1, 64);
+                snap_views(&source, &target, &[Extent { first: 0, last: 63 }], next_layer, next_layer + 1, 64, 64);
             source = new_source;
             target = new_target;
             next_layer += 2;
@@ -283,7 +286,7 @@ mod tests {
     fn reference_counts_count_every_view() {
         let source = new_view(1, 10);
         let target = new_view(2, 10);
-        let (new_source, new_target) = snap_views(&source, &target, &[Extent { first: 0, last: 9 }], 3, 4, 10);
+        let (new_source, new_target) = snap_views(&source, &target, &[Extent { first: 0, last: 9 }], 3, 4, 10, 10);
         let counts = reference_counts([new_source.as_slice(), new_target.as_slice()]);
         assert_eq!(counts.get(&1), Some(&2));
         assert_eq!(counts.get(&2), None);

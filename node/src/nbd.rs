@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Payload bytes a connection may hold in flight before it stops reading new requests:
 /// bounds a node's memory whatever its clients send.
@@ -124,8 +124,14 @@ async fn negotiate<E: Engine>(stream: &mut TcpStream, store: &VolumeStore<E>) ->
     }
 }
 
-/// A finished request's reply: the 16-byte header and, for a READ, its data.
-type Reply = ([u8; protocol::nbd::SIMPLE_REPLY_BYTES], Option<Vec<u8>>);
+/// A finished request's reply: the 16-byte header, for a READ its data, and the
+/// in-flight permits it holds until the reply is on the socket — so a client that stops
+/// reading replies also stops being served new requests, and memory stays bounded.
+struct Reply {
+    header: [u8; protocol::nbd::SIMPLE_REPLY_BYTES],
+    data: Option<Vec<u8>>,
+    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
 
 fn error_value_of(error: &Error) -> u32 {
     match error {
@@ -151,11 +157,12 @@ async fn transmit<E: Engine>(stream: TcpStream, store: Arc<VolumeStore<E>>, volu
     let (reply_sender, mut reply_receiver) = mpsc::channel::<Reply>(IN_FLIGHT_REQUESTS_MAX);
     let writer_task = tokio::spawn(async move {
         let mut writer = BufWriter::with_capacity(256 << 10, writer);
-        while let Some((header, data)) = reply_receiver.recv().await {
-            writer.write_all(&header).await?;
-            if let Some(data) = data {
-                writer.write_all(&data).await?;
+        while let Some(reply) = reply_receiver.recv().await {
+            writer.write_all(&reply.header).await?;
+            if let Some(data) = &reply.data {
+                writer.write_all(data).await?;
             }
+            drop(reply.permits);
             // Batch replies that are already waiting into one send; flush when idle.
             if reply_receiver.is_empty() {
                 writer.flush().await?;
@@ -167,7 +174,7 @@ async fn transmit<E: Engine>(stream: TcpStream, store: Arc<VolumeStore<E>>, volu
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_BYTES_MAX / IN_FLIGHT_UNIT_BYTES));
     let slots = Arc::new(Semaphore::new(IN_FLIGHT_REQUESTS_MAX));
 
-    let result = loop {
+    let result = 'requests: loop {
         let mut header_bytes = [0u8; REQUEST_HEADER_BYTES];
         match reader.read_exact(&mut header_bytes).await {
             Ok(_) => {}
@@ -206,11 +213,16 @@ async fn transmit<E: Engine>(stream: TcpStream, store: Arc<VolumeStore<E>>, volu
                 while remaining > 0 {
                     let step = remaining.min(sink.len() as u64) as usize;
                     if let Err(error) = reader.read_exact(&mut sink[..step]).await {
-                        return Err(error.into());
+                        break 'requests Err(error.into());
                     }
                     remaining -= step as u64;
                 }
-                if reply_sender.send((transmission::encode_simple_reply(error, header.cookie), None)).await.is_err() {
+                let reply = Reply {
+                    header: transmission::encode_simple_reply(error, header.cookie),
+                    data: None,
+                    permits: None,
+                };
+                if reply_sender.send(reply).await.is_err() {
                     break Ok(());
                 }
                 continue;
@@ -220,7 +232,13 @@ async fn transmit<E: Engine>(stream: TcpStream, store: Arc<VolumeStore<E>>, volu
         if header.command == Command::Disconnect {
             break Ok(());
         }
-        let units = (header.length as usize).div_ceil(IN_FLIGHT_UNIT_BYTES).max(1) as u32;
+        // Only requests that carry data (a WRITE's payload, a READ's reply) hold memory;
+        // a TRIM or WRITE_ZEROES may span gigabytes and costs one unit.
+        let data_bytes = match header.command {
+            Command::Read | Command::Write => header.length as usize,
+            _ => 0,
+        };
+        let units = data_bytes.div_ceil(IN_FLIGHT_UNIT_BYTES).max(1) as u32;
         let (Ok(budget_permit), Ok(slot_permit)) = (
             budget.clone().acquire_many_owned(units).await,
             slots.clone().acquire_owned().await,
@@ -238,9 +256,13 @@ async fn transmit<E: Engine>(stream: TcpStream, store: Arc<VolumeStore<E>>, volu
         let volume = volume.clone();
         let reply_sender = reply_sender.clone();
         tokio::spawn(async move {
-            let reply = execute(store, volume, header, payload).await;
-            drop(budget_permit);
-            drop(slot_permit);
+            let (header, data) = execute(store, volume, header, payload).await;
+            let reply = Reply {
+                header,
+                data,
+                permits: Some((budget_permit, slot_permit)),
+            };
+            // A closed writer drops the reply and its permits with it.
             let _ = reply_sender.send(reply).await;
         });
     };
@@ -255,7 +277,12 @@ async fn transmit<E: Engine>(stream: TcpStream, store: Arc<VolumeStore<E>>, volu
     result
 }
 
-async fn execute<E: Engine>(store: Arc<VolumeStore<E>>, volume: Arc<Volume>, header: RequestHeader, payload: Vec<u8>) -> Reply {
+async fn execute<E: Engine>(
+    store: Arc<VolumeStore<E>>,
+    volume: Arc<Volume>,
+    header: RequestHeader,
+    payload: Vec<u8>,
+) -> ([u8; protocol::nbd::SIMPLE_REPLY_BYTES], Option<Vec<u8>>) {
     let started = Instant::now();
     let operation = operation_name(header.command);
     let durability = if header.flags & command_flag::FUA != 0 {

@@ -174,7 +174,7 @@ impl Volume {
         if self.is_deleted() {
             return Err(Error::VolumeDeleted { volume: self.id });
         }
-        if offset % SECTOR_BYTES != 0 || length % SECTOR_BYTES != 0 {
+        if !offset.is_multiple_of(SECTOR_BYTES) || !length.is_multiple_of(SECTOR_BYTES) {
             return Err(Error::Unaligned {
                 volume: self.id,
                 offset,
@@ -193,7 +193,8 @@ impl Volume {
     }
 
     fn check_extent(&self, extent: Extent) -> Result<()> {
-        if extent.last >= self.track_count() {
+        // Extents arrive from the network too, past `Extent::new`'s check.
+        if extent.first > extent.last || extent.last >= self.track_count() {
             return Err(Error::ExtentOutOfRange {
                 name: self.name.clone(),
                 extent,
@@ -300,7 +301,7 @@ fn validate_geometry(name: &str, size_bytes: u64, track_size_bytes: u32) -> Resu
     if size_bytes > VOLUME_BYTES_MAX {
         return invalid(format!("size {size_bytes} bytes exceeds the limit of {VOLUME_BYTES_MAX} bytes"));
     }
-    if size_bytes % u64::from(track_size_bytes) != 0 {
+    if !size_bytes.is_multiple_of(u64::from(track_size_bytes)) {
         return invalid(format!(
             "size {size_bytes} bytes is not a multiple of the track size {track_size_bytes} bytes"
         ));
@@ -483,7 +484,7 @@ impl<E: Engine> VolumeStore<E> {
         let state = volume.state.write();
         let others = Self::counts_except(&catalog, &[volume.id]);
         let mut batch = Batch::default();
-        let released = Self::release_layers(&mut batch, &others, &[&state.view], &[]);
+        let released = Self::release_layers(&mut batch, &others, &[state.view.as_slice()], &[]);
         batch.delete(Space::Meta, volume_key(volume.id));
         batch.delete(Space::Meta, name_key(name));
         let (from, to) = bitmap::volume_key_range(volume.id);
@@ -603,6 +604,7 @@ impl<E: Engine> VolumeStore<E> {
             new_source_top,
             new_target_top,
             source_volume.track_count(),
+            target_volume.track_count(),
         );
         for (volume, view) in [(&source_volume, &new_source_view), (&target_volume, &new_target_view)] {
             if view.len() > VIEW_REFERENCES_MAX {
@@ -617,8 +619,8 @@ impl<E: Engine> VolumeStore<E> {
         Self::release_layers(
             &mut batch,
             &others,
-            &[&source_state.view, &target_state.view],
-            &[&new_source_view, &new_target_view],
+            &[source_state.view.as_slice(), target_state.view.as_slice()],
+            &[new_source_view.as_slice(), new_target_view.as_slice()],
         );
         let old_source_view = std::mem::replace(&mut source_state.view, new_source_view);
         let old_target_view = std::mem::replace(&mut target_state.view, new_target_view);
@@ -787,8 +789,8 @@ impl<E: Engine> VolumeStore<E> {
         let blocks_per_track = volume.blocks_per_track();
 
         // Partial blocks at either end keep the bytes around the written range.
-        let head_partial = offset % block_bytes != 0 || (first_block == last_block && length % block_bytes != 0);
-        let tail_partial = (offset + length) % block_bytes != 0;
+        let head_partial = !offset.is_multiple_of(block_bytes) || (first_block == last_block && !length.is_multiple_of(block_bytes));
+        let tail_partial = !(offset + length).is_multiple_of(block_bytes);
         let mut head = None;
         let mut tail = None;
         if head_partial {
@@ -800,7 +802,25 @@ impl<E: Engine> VolumeStore<E> {
 
         let mut batch = Batch::default();
         let mut zero_block = None;
+        // Zeroing whole blocks of a volume with nothing below its top layer is one range
+        // deletion, however large the range: discards from mkfs or qemu-img cost O(1).
+        let mut whole_blocks_deleted = None;
+        if data.is_none() && only_layer {
+            let first_whole = if head.is_some() { first_block + 1 } else { first_block };
+            let last_whole = if tail.is_some() || (head_partial && first_block == last_block) {
+                last_block.saturating_sub(1)
+            } else {
+                last_block
+            };
+            if first_whole <= last_whole && last_whole <= last_block {
+                batch.delete_range(Space::Blocks, block_key(top, first_whole), block_key(top, last_whole + 1));
+                whole_blocks_deleted = Some((first_whole, last_whole));
+            }
+        }
         for block in first_block..=last_block {
+            if whole_blocks_deleted.is_some_and(|(first, last)| first <= block && block <= last) {
+                continue;
+            }
             let block_start = block * block_bytes;
             let mut content: Option<Vec<u8>> = if block == first_block && head.is_some() {
                 head.take()
@@ -877,6 +897,7 @@ impl<E: Engine> VolumeStore<E> {
     /// Takes a free session slot of `volume` (the 17th is refused). Its bits start clear.
     pub fn allocate_session_slot(&self, volume: &Volume) -> Result<u8> {
         let mut state = volume.state.write();
+        Self::check_live(volume)?;
         let slot = (0..SESSION_SLOTS_MAX as u8)
             .find(|slot| state.session_slots & (1 << slot) == 0)
             .ok_or_else(|| Error::SessionSlotsExhausted {
@@ -896,6 +917,7 @@ impl<E: Engine> VolumeStore<E> {
     /// Returns a session slot, clearing its bits.
     pub fn free_session_slot(&self, volume: &Volume, slot: u8) -> Result<()> {
         let mut state = volume.state.write();
+        Self::check_live(volume)?;
         Self::check_slot(volume, &state, slot)?;
         let mut batch = Batch::default();
         Self::add_bit_changes(&mut batch, volume.id, BitmapKind::Sessions, 1 << slot, 0, volume.track_count() - 1, false);
@@ -903,6 +925,15 @@ impl<E: Engine> VolumeStore<E> {
         if let Err(error) = self.put_record(&mut batch, volume, &state).and_then(|()| self.engine.write(batch, Durability::Synced)) {
             state.session_slots |= 1 << slot;
             return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Refuses changes to a deleted volume: its record must not be written back. `delete`
+    /// sets the flag under the view lock, so checking under the lock cannot race it.
+    fn check_live(volume: &Volume) -> Result<()> {
+        if volume.is_deleted() {
+            return Err(Error::VolumeDeleted { volume: volume.id });
         }
         Ok(())
     }
@@ -920,6 +951,7 @@ impl<E: Engine> VolumeStore<E> {
     /// Turns marking of target-changed bits by host writes on or off.
     pub fn set_target_tracking(&self, volume: &Volume, tracking: bool) -> Result<()> {
         let mut state = volume.state.write();
+        Self::check_live(volume)?;
         let previous = std::mem::replace(&mut state.target_tracking, tracking);
         let mut batch = Batch::default();
         if let Err(error) = self.put_record(&mut batch, volume, &state).and_then(|()| self.engine.write(batch, Durability::Synced)) {
@@ -933,6 +965,7 @@ impl<E: Engine> VolumeStore<E> {
     pub fn change_bits(&self, volume: &Volume, bits: Bits, extent: Extent, set: bool) -> Result<()> {
         volume.check_extent(extent)?;
         let state = volume.state.read();
+        Self::check_live(volume)?;
         if let Bits::Session(slot) = bits {
             Self::check_slot(volume, &state, slot)?;
         }
@@ -960,7 +993,6 @@ impl<E: Engine> VolumeStore<E> {
     /// returns false.
     pub fn for_each_set(&self, volume: &Volume, bits: Bits, extent: Extent, visit: &mut dyn FnMut(u64) -> bool) -> Result<()> {
         volume.check_extent(extent)?;
-        let (kind, _) = bits.kind_and_mask();
         let slot = match bits {
             Bits::Session(slot) => {
                 Self::check_slot(volume, &volume.state.read(), slot)?;
@@ -968,6 +1000,7 @@ impl<E: Engine> VolumeStore<E> {
             }
             Bits::TargetChanged => 0,
         };
+        let (kind, _) = bits.kind_and_mask();
         for chunk in extent.first / TRACKS_PER_CHUNK..=extent.last / TRACKS_PER_CHUNK {
             let Some(stored) = self.engine.get(Space::Bitmaps, &bitmap::chunk_key(volume.id, kind, chunk))? else {
                 continue;

@@ -6,9 +6,12 @@ use crate::Result;
 use parking_lot::RwLock;
 use std::collections::BTreeMap;
 
+/// The keys and values of one space, in key order.
+type SpaceMap = BTreeMap<Vec<u8>, Vec<u8>>;
+
 #[derive(Default)]
 pub struct MemoryEngine {
-    spaces: RwLock<BTreeMap<Space, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    spaces: RwLock<BTreeMap<Space, SpaceMap>>,
 }
 
 impl MemoryEngine {

@@ -219,3 +219,19 @@ async fn bad_input_gets_the_right_error_and_the_server_serves_others() {
     // An unknown export is refused at the handshake.
     assert!(NbdClient::connect(fixture.node.nbd_address, "no-such-volume").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zeroing_larger_than_the_in_flight_budget_completes_and_reads_zeros() {
+    let fixture = NodeFixture::start().await;
+    fixture.node.store.create("wide", 1 << 30, 64 << 10).unwrap();
+    let mut client = NbdClient::connect(fixture.node.nbd_address, "wide").await.unwrap();
+    client.write(512 << 20, &pattern(8, 8192), false).await.unwrap().unwrap();
+    client.write((1 << 30) - 4096, &pattern(9, 4096), false).await.unwrap().unwrap();
+    // 1 GiB less one sector, so the last block is zeroed by read-modify-write.
+    client.write_zeroes(0, (1 << 30) - 512).await.unwrap().unwrap();
+    assert_eq!(client.read(512 << 20, 8192).await.unwrap().unwrap(), vec![0u8; 8192]);
+    let mut last_block = vec![0u8; 4096];
+    last_block[4096 - 512..].copy_from_slice(&pattern(9, 4096)[4096 - 512..]);
+    assert_eq!(client.read((1 << 30) - 4096, 4096).await.unwrap().unwrap(), last_block);
+    client.disconnect().await.unwrap();
+}

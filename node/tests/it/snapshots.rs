@@ -160,3 +160,33 @@ fn snapping_touches_no_tracks_so_a_big_volume_snaps_like_a_small_one() {
     assert_eq!(meta_before, meta_after);
     assert_eq!(small.volume("s").unwrap().info().layer_depth, big.volume("s").unwrap().info().layer_depth);
 }
+
+#[test]
+fn an_extent_snap_into_a_larger_target_keeps_the_targets_later_tracks_writable() {
+    let store = memory_store();
+    store.create("source", 16 * TRACK, TRACK as u32).unwrap();
+    store.create("target", 64 * TRACK, TRACK as u32).unwrap();
+    fill(&store, "source", 1, 16);
+    fill(&store, "target", 100, 64);
+    store.snap("source", "target", &[Extent { first: 2, last: 4 }]).unwrap();
+    let target = store.volume("target").unwrap();
+    // Tracks beyond the source's size were invisible to writes when the target's new top
+    // was sized by the source.
+    store.write(&target, 40 * TRACK, &pattern(7, TRACK as usize), Durability::Logged).unwrap();
+    store.write(&target, 50 * TRACK + 512, &[0xab; 512], Durability::Logged).unwrap();
+    assert_eq!(track_of(&store, "target", 40), pattern(7, TRACK as usize));
+    let mut expected = pattern(100 + 50, TRACK as usize);
+    expected[512..1024].fill(0xab);
+    assert_eq!(track_of(&store, "target", 50), expected);
+    assert_eq!(track_of(&store, "target", 3), pattern(4, TRACK as usize));
+}
+
+#[test]
+fn backwards_extents_from_the_network_are_refused() {
+    let store = memory_store();
+    store.create("source", 8 * TRACK, TRACK as u32).unwrap();
+    // Extent's fields are public and arrive decoded from frames, past Extent::new.
+    let backwards = Extent { first: 5, last: 2 };
+    assert!(matches!(store.snap("source", "copy", &[backwards]), Err(Error::ExtentOutOfRange { .. })));
+    assert!(store.volume("copy").is_err());
+}

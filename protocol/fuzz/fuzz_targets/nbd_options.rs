@@ -51,7 +51,12 @@ fuzz_target!(|input: &[u8]| {
 
     // The option parsers see every input, whatever its magic: the code comes from the
     // header bytes and the data is everything after them (within the limit).
-    let code = u32::from_be_bytes([header_bytes[8], header_bytes[9], header_bytes[10], header_bytes[11]]);
+    let code = u32::from_be_bytes([
+        header_bytes[8],
+        header_bytes[9],
+        header_bytes[10],
+        header_bytes[11],
+    ]);
     let data = &data[..data.len().min(nbd::OPTION_DATA_BYTES_MAX as usize)];
     let header = OptionHeader {
         code,
@@ -100,8 +105,12 @@ fuzz_target!(|input: &[u8]| {
         remaining = after_data;
     }
     let last_reply_type = last_reply_type.expect("every option gets at least one reply");
-    let ends_well = last_reply_type == nbd::reply::ACK || last_reply_type & nbd::reply::ERROR_BIT != 0;
-    assert!(ends_well, "reply stream ends with type {last_reply_type:#x}");
+    let ends_well =
+        last_reply_type == nbd::reply::ACK || last_reply_type & nbd::reply::ERROR_BIT != 0;
+    assert!(
+        ends_well,
+        "reply stream ends with type {last_reply_type:#x}"
+    );
     if matches!(outcome.next, NextStep::Transmission { .. }) {
         assert_eq!(code, nbd::option::GO);
         assert_eq!(last_reply_type, nbd::reply::ACK);

@@ -797,20 +797,28 @@ proptest! {
     }
 }
 
-/// Writes the seed corpus of the cargo-fuzz targets in `protocol/fuzz/corpus/`. Ignored so
-/// that ordinary test runs never touch the source tree; regenerate with
-/// `cargo test -p protocol --lib nbd::tests::write_fuzz_seed_corpus -- --ignored`.
+/// Checks the seed corpus of the cargo-fuzz targets in `protocol/fuzz/corpus/` against the
+/// generator below; ordinary runs never touch the source tree. Regenerate with
+/// `TANDEM_WRITE_FUZZ_CORPUS=1 cargo test -p protocol --lib nbd::tests::fuzz_seed_corpus_is_committed_and_current`.
 #[test]
-#[ignore = "writes files into protocol/fuzz/corpus"]
-fn write_fuzz_seed_corpus() {
+fn fuzz_seed_corpus_is_committed_and_current() {
     use crate::frame::{encode_frame, FrameKind};
     use crate::messages::{Extent, Readiness, Request};
 
     let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    // With TANDEM_WRITE_FUZZ_CORPUS=1 the seeds are (re)written; otherwise the committed
+    // seeds must be exactly what this generator makes, so they stay valid inputs.
+    let rewrite = std::env::var_os("TANDEM_WRITE_FUZZ_CORPUS").is_some();
     let write = |target: &str, name: &str, bytes: &[u8]| {
         let directory = corpus.join(target);
-        std::fs::create_dir_all(&directory).expect("create corpus directory");
-        std::fs::write(directory.join(name), bytes).expect("write seed");
+        if rewrite {
+            std::fs::create_dir_all(&directory).expect("create corpus directory");
+            std::fs::write(directory.join(name), bytes).expect("write seed");
+        } else {
+            let committed = std::fs::read(directory.join(name))
+                .unwrap_or_else(|error| panic!("seed {target}/{name} is missing ({error}); run with TANDEM_WRITE_FUZZ_CORPUS=1"));
+            assert_eq!(committed, bytes, "seed {target}/{name} is stale; run with TANDEM_WRITE_FUZZ_CORPUS=1");
+        }
     };
 
     // nbd_options: one byte of client flags, then one encoded option.

@@ -51,7 +51,7 @@ fn volume_commands_snap_and_metrics_through_a_node_process() {
         (vec!["volume", "create", "vol3", "--size", "1GiB", "--track-size", "3KiB"], "power of two"),
         (vec!["volume", "show", "nothing"], "does not exist"),
         (vec!["snap", "vol1", "vol2"], "sizes differ"),
-        (vec!["snap", "vol1", "snap1", "--extent", "5-2000"], "outside volume"),
+        (vec!["snap", "vol1", "snap1", "--extent", "5-2000"], "does not fit volume"),
         (vec!["snap", "vol1", "snap1", "--extent", "9-3"], "backwards"),
     ] {
         let output = node.cli(&certs, &arguments);
