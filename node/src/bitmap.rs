@@ -83,12 +83,16 @@ fn decode_changes(operand: &[u8]) -> Option<impl Iterator<Item = ChunkChange> + 
     if !operand.len().is_multiple_of(CHANGE_BYTES) {
         return None;
     }
-    Some(operand.chunks_exact(CHANGE_BYTES).map(|record| ChunkChange {
-        set: record[0] != 0,
-        first: u16::from_be_bytes([record[1], record[2]]),
-        last: u16::from_be_bytes([record[3], record[4]]),
-        mask: u16::from_be_bytes([record[5], record[6]]),
-    }))
+    Some(
+        operand
+            .chunks_exact(CHANGE_BYTES)
+            .map(|record| ChunkChange {
+                set: record[0] != 0,
+                first: u16::from_be_bytes([record[1], record[2]]),
+                last: u16::from_be_bytes([record[3], record[4]]),
+                mask: u16::from_be_bytes([record[5], record[6]]),
+            }),
+    )
 }
 
 fn kind_of_key(key: &[u8]) -> Option<BitmapKind> {
@@ -162,7 +166,8 @@ pub fn partial_merge<'a>(operands: impl IntoIterator<Item = &'a [u8]>) -> Option
 pub fn test_bit(kind: BitmapKind, chunk: &[u8], track_in_chunk: usize, slot: u8) -> bool {
     match kind {
         BitmapKind::Sessions => {
-            let word = u16::from_le_bytes([chunk[track_in_chunk * 2], chunk[track_in_chunk * 2 + 1]]);
+            let word =
+                u16::from_le_bytes([chunk[track_in_chunk * 2], chunk[track_in_chunk * 2 + 1]]);
             word & (1 << slot) != 0
         }
         BitmapKind::TargetChanged => chunk[track_in_chunk / 8] & (1 << (track_in_chunk % 8)) != 0,
@@ -216,8 +221,18 @@ mod tests {
     #[test]
     fn partial_merge_then_full_merge_equals_full_merge_of_all() {
         let key = chunk_key(9, BitmapKind::TargetChanged, 2);
-        let first = encode_changes(&[ChunkChange { set: true, first: 0, last: 100, mask: 1 }]);
-        let second = encode_changes(&[ChunkChange { set: false, first: 50, last: 60, mask: 1 }]);
+        let first = encode_changes(&[ChunkChange {
+            set: true,
+            first: 0,
+            last: 100,
+            mask: 1,
+        }]);
+        let second = encode_changes(&[ChunkChange {
+            set: false,
+            first: 50,
+            last: 60,
+            mask: 1,
+        }]);
         let joined = partial_merge([first.as_slice(), second.as_slice()]).unwrap();
         let direct = full_merge(&key, None, [first.as_slice(), second.as_slice()]).unwrap();
         let staged = full_merge(&key, None, [joined.as_slice()]).unwrap();

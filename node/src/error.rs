@@ -16,8 +16,14 @@ pub enum Error {
     #[error("volume {volume} was deleted while in use")]
     VolumeDeleted { volume: u64 },
     #[error("volume {volume}: offset {offset} and length {length} must be multiples of 512 bytes")]
-    Unaligned { volume: u64, offset: u64, length: u64 },
-    #[error("volume {volume}: bytes {offset}..{offset}+{length} are beyond its end at {size_bytes}")]
+    Unaligned {
+        volume: u64,
+        offset: u64,
+        length: u64,
+    },
+    #[error(
+        "volume {volume}: bytes {offset}..{offset}+{length} are beyond its end at {size_bytes}"
+    )]
     OutOfRange {
         volume: u64,
         offset: u64,
@@ -25,10 +31,20 @@ pub enum Error {
         size_bytes: u64,
     },
     #[error("volume {volume} track {track}: stored block fails verification ({detail}); refusing to serve it")]
-    Corrupt { volume: u64, track: u64, detail: String },
+    Corrupt {
+        volume: u64,
+        track: u64,
+        detail: String,
+    },
     #[error("extent {extent} does not fit volume '{name}', which has tracks 0-{last_track}")]
-    ExtentOutOfRange { name: String, extent: Extent, last_track: u64 },
-    #[error("volume '{name}' has no free session slot: all {slots_max} are in use; end a session first")]
+    ExtentOutOfRange {
+        name: String,
+        extent: Extent,
+        last_track: u64,
+    },
+    #[error(
+        "volume '{name}' has no free session slot: all {slots_max} are in use; end a session first"
+    )]
     SessionSlotsExhausted { name: String, slots_max: usize },
     #[error("volume '{name}' session slot {slot} is not allocated")]
     SessionSlotNotAllocated { name: String, slot: u8 },
@@ -72,7 +88,9 @@ impl Error {
             | Error::SessionSlotNotAllocated { .. }
             | Error::SnapRefused { .. }
             | Error::Config { .. } => ErrorCode::InvalidArgument,
-            Error::SessionSlotsExhausted { .. } | Error::TooManyLayers { .. } => ErrorCode::LimitExceeded,
+            Error::SessionSlotsExhausted { .. } | Error::TooManyLayers { .. } => {
+                ErrorCode::LimitExceeded
+            }
             Error::Corrupt { .. }
             | Error::Engine { .. }
             | Error::Metadata { .. }

@@ -106,12 +106,20 @@ pub fn snap_views(
     target_track_count: u64,
 ) -> (Vec<LayerReference>, Vec<LayerReference>) {
     let mut new_source = Vec::with_capacity(source.len() + 1);
-    new_source.push(LayerReference::data(new_source_top, 0, source_track_count - 1));
+    new_source.push(LayerReference::data(
+        new_source_top,
+        0,
+        source_track_count - 1,
+    ));
     new_source.extend_from_slice(source);
 
     // The target's top covers the target's own tracks, which may be more than the
     // source has when only extents are snapped.
-    let mut new_target = vec![LayerReference::data(new_target_top, 0, target_track_count - 1)];
+    let mut new_target = vec![LayerReference::data(
+        new_target_top,
+        0,
+        target_track_count - 1,
+    )];
     for reference in source {
         for extent in extents {
             let first = reference.first_track.max(extent.first);
@@ -193,7 +201,9 @@ fn union(hidden: &[(u64, u64)], first: u64, last: u64) -> Vec<(u64, u64)> {
 }
 
 /// How many references each layer has in a set of views.
-pub fn reference_counts<'a>(views: impl IntoIterator<Item = &'a [LayerReference]>) -> BTreeMap<u64, u64> {
+pub fn reference_counts<'a>(
+    views: impl IntoIterator<Item = &'a [LayerReference]>,
+) -> BTreeMap<u64, u64> {
     let mut counts = BTreeMap::new();
     for view in views {
         for reference in view {
@@ -211,7 +221,11 @@ mod tests {
 
     /// Resolves a track the way the store reads: the first covering reference whose layer
     /// holds the track wins; `holds` says which layers hold which tracks.
-    fn resolve(view: &[LayerReference], track: u64, holds: &dyn Fn(u64, u64) -> bool) -> Option<u64> {
+    fn resolve(
+        view: &[LayerReference],
+        track: u64,
+        holds: &dyn Fn(u64, u64) -> bool,
+    ) -> Option<u64> {
         for reference in view.iter().filter(|reference| reference.covers(track)) {
             match reference.kind {
                 ReferenceKind::Zero => return None,
@@ -226,7 +240,15 @@ mod tests {
     fn a_whole_snap_shares_the_source_and_hides_the_old_target() {
         let source = new_view(1, 100);
         let target = new_view(2, 100);
-        let (new_source, new_target) = snap_views(&source, &target, &[Extent { first: 0, last: 99 }], 3, 4, 100, 100);
+        let (new_source, new_target) = snap_views(
+            &source,
+            &target,
+            &[Extent { first: 0, last: 99 }],
+            3,
+            4,
+            100,
+            100,
+        );
         assert_eq!(top_layer(&new_source), 3);
         assert_eq!(top_layer(&new_target), 4);
         // Everything held by layer 1 before the snap resolves to layer 1 on both sides.
@@ -234,14 +256,19 @@ mod tests {
         assert_eq!(resolve(&new_source, 50, &holds), Some(1));
         assert_eq!(resolve(&new_target, 50, &holds), Some(1));
         // The old target layer 2 is gone from the target's view entirely.
-        assert!(new_target.iter().all(|reference| reference.layer() != Some(2)));
+        assert!(new_target
+            .iter()
+            .all(|reference| reference.layer() != Some(2)));
     }
 
     #[test]
     fn an_extent_snap_changes_only_its_extent() {
         let source = new_view(1, 100);
         let target = new_view(2, 100);
-        let extent = Extent { first: 10, last: 19 };
+        let extent = Extent {
+            first: 10,
+            last: 19,
+        };
         let (_, new_target) = snap_views(&source, &target, &[extent], 3, 4, 100, 100);
         let only_target_holds = |layer: u64, _track: u64| layer == 2;
         // Outside the extent the old target data still shows; inside it is hidden and,
@@ -259,8 +286,15 @@ mod tests {
         let mut target = new_view(2, 64);
         let mut next_layer = 3;
         for _ in 0..50 {
-            let (new_source, new_target) =
-                snap_views(&source, &target, &[Extent { first: 0, last: 63 }], next_layer, next_layer + 1, 64, 64);
+            let (new_source, new_target) = snap_views(
+                &source,
+                &target,
+                &[Extent { first: 0, last: 63 }],
+                next_layer,
+                next_layer + 1,
+                64,
+                64,
+            );
             source = new_source;
             target = new_target;
             next_layer += 2;
@@ -274,19 +308,42 @@ mod tests {
     #[test]
     fn extents_are_sorted_and_merged() {
         let merged = normalize_extents(&[
-            Extent { first: 20, last: 30 },
+            Extent {
+                first: 20,
+                last: 30,
+            },
             Extent { first: 0, last: 5 },
             Extent { first: 6, last: 8 },
-            Extent { first: 25, last: 40 },
+            Extent {
+                first: 25,
+                last: 40,
+            },
         ]);
-        assert_eq!(merged, vec![Extent { first: 0, last: 8 }, Extent { first: 20, last: 40 }]);
+        assert_eq!(
+            merged,
+            vec![
+                Extent { first: 0, last: 8 },
+                Extent {
+                    first: 20,
+                    last: 40
+                }
+            ]
+        );
     }
 
     #[test]
     fn reference_counts_count_every_view() {
         let source = new_view(1, 10);
         let target = new_view(2, 10);
-        let (new_source, new_target) = snap_views(&source, &target, &[Extent { first: 0, last: 9 }], 3, 4, 10, 10);
+        let (new_source, new_target) = snap_views(
+            &source,
+            &target,
+            &[Extent { first: 0, last: 9 }],
+            3,
+            4,
+            10,
+            10,
+        );
         let counts = reference_counts([new_source.as_slice(), new_target.as_slice()]);
         assert_eq!(counts.get(&1), Some(&2));
         assert_eq!(counts.get(&2), None);

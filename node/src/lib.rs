@@ -15,6 +15,6 @@ pub mod track;
 pub use error::{Error, Result};
 pub mod config;
 pub mod nbd;
+pub mod nbd_client;
 pub mod runtime;
 pub mod service;
-pub mod nbd_client;

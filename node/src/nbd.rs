@@ -13,7 +13,9 @@ use crate::Error;
 use protocol::messages::Readiness;
 use protocol::nbd::handshake::{self, ExportCatalog, ExportInfo, NextStep};
 use protocol::nbd::transmission::{self, Command, RequestCheck, RequestHeader};
-use protocol::nbd::{command_flag, error_value, CLIENT_FLAGS_BYTES, OPTION_HEADER_BYTES, REQUEST_HEADER_BYTES};
+use protocol::nbd::{
+    command_flag, error_value, CLIENT_FLAGS_BYTES, OPTION_HEADER_BYTES, REQUEST_HEADER_BYTES,
+};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -50,7 +52,10 @@ fn export_of(volume: &Volume) -> Option<ExportInfo> {
 
 impl<E: Engine> ExportCatalog for StoreCatalog<'_, E> {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.store.volume(name).ok().and_then(|volume| export_of(&volume))
+        self.store
+            .volume(name)
+            .ok()
+            .and_then(|volume| export_of(&volume))
     }
 
     fn names(&self) -> Vec<String> {
@@ -85,14 +90,22 @@ pub async fn serve<E: Engine>(listener: TcpListener, store: Arc<VolumeStore<E>>)
     }
 }
 
-async fn serve_connection<E: Engine>(mut stream: TcpStream, store: Arc<VolumeStore<E>>) -> Result<(), Error> {
+async fn serve_connection<E: Engine>(
+    mut stream: TcpStream,
+    store: Arc<VolumeStore<E>>,
+) -> Result<(), Error> {
     stream.set_nodelay(true)?;
     let negotiated = tokio::time::timeout(
         std::time::Duration::from_secs(HANDSHAKE_SECONDS_MAX),
         negotiate(&mut stream, &store),
     )
     .await
-    .map_err(|_| Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "NBD handshake took too long")))??;
+    .map_err(|_| {
+        Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "NBD handshake took too long",
+        ))
+    })??;
     let Some(export_name) = negotiated else {
         return Ok(());
     };
@@ -102,7 +115,10 @@ async fn serve_connection<E: Engine>(mut stream: TcpStream, store: Arc<VolumeSto
 }
 
 /// Runs the option haggling; returns the export to serve, or `None` when the client left.
-async fn negotiate<E: Engine>(stream: &mut TcpStream, store: &VolumeStore<E>) -> Result<Option<String>, Error> {
+async fn negotiate<E: Engine>(
+    stream: &mut TcpStream,
+    store: &VolumeStore<E>,
+) -> Result<Option<String>, Error> {
     stream.write_all(&handshake::server_greeting()).await?;
     let mut flag_bytes = [0u8; CLIENT_FLAGS_BYTES];
     stream.read_exact(&mut flag_bytes).await?;
@@ -114,7 +130,8 @@ async fn negotiate<E: Engine>(stream: &mut TcpStream, store: &VolumeStore<E>) ->
         let header = handshake::parse_option_header(&header_bytes)?;
         let mut data = vec![0u8; header.data_bytes as usize];
         stream.read_exact(&mut data).await?;
-        let outcome = handshake::answer_option(client_flags, &header, &data, &StoreCatalog { store });
+        let outcome =
+            handshake::answer_option(client_flags, &header, &data, &StoreCatalog { store });
         stream.write_all(&outcome.reply).await?;
         match outcome.next {
             NextStep::Continue => {}
@@ -152,7 +169,11 @@ fn operation_name(command: Command) -> &'static str {
     }
 }
 
-async fn transmit<E: Engine>(stream: TcpStream, store: Arc<VolumeStore<E>>, volume: Arc<Volume>) -> Result<(), Error> {
+async fn transmit<E: Engine>(
+    stream: TcpStream,
+    store: Arc<VolumeStore<E>>,
+    volume: Arc<Volume>,
+) -> Result<(), Error> {
     let (mut reader, writer) = stream.into_split();
     let (reply_sender, mut reply_receiver) = mpsc::channel::<Reply>(IN_FLIGHT_REQUESTS_MAX);
     let writer_task = tokio::spawn(async move {
@@ -190,9 +211,16 @@ async fn transmit<E: Engine>(stream: TcpStream, store: Arc<VolumeStore<E>>, volu
         } else {
             volume.readiness()
         };
-        let mut check = transmission::classify_request(&header, volume.size_bytes, readiness == Readiness::ReadOnly);
+        let mut check = transmission::classify_request(
+            &header,
+            volume.size_bytes,
+            readiness == Readiness::ReadOnly,
+        );
         // A volume that stopped being ready refuses everything but a clean goodbye.
-        if readiness == Readiness::NotReady && check == RequestCheck::Proceed && header.command != Command::Disconnect {
+        if readiness == Readiness::NotReady
+            && check == RequestCheck::Proceed
+            && header.command != Command::Disconnect
+        {
             check = RequestCheck::ErrorReply {
                 error: error_value::EIO,
                 discard_payload_bytes: header.payload_bytes(),
@@ -200,7 +228,11 @@ async fn transmit<E: Engine>(stream: TcpStream, store: Arc<VolumeStore<E>>, volu
         }
         match check {
             RequestCheck::Disconnect => {
-                tracing::info!(volume = volume.id, length = header.length, "NBD request too long; disconnecting");
+                tracing::info!(
+                    volume = volume.id,
+                    length = header.length,
+                    "NBD request too long; disconnecting"
+                );
                 break Ok(());
             }
             RequestCheck::ErrorReply {
@@ -293,8 +325,12 @@ async fn execute<E: Engine>(
     let length = u64::from(header.length);
     let outcome = tokio::task::spawn_blocking(move || match header.command {
         Command::Read => store.read(&volume, header.offset, length).map(Some),
-        Command::Write => store.write(&volume, header.offset, &payload, durability).map(|()| None),
-        Command::WriteZeroes | Command::Trim => store.write_zeroes(&volume, header.offset, length, durability).map(|()| None),
+        Command::Write => store
+            .write(&volume, header.offset, &payload, durability)
+            .map(|()| None),
+        Command::WriteZeroes | Command::Trim => store
+            .write_zeroes(&volume, header.offset, length, durability)
+            .map(|()| None),
         Command::Flush => store.flush().map(|()| None),
         Command::Disconnect | Command::Unknown(_) => Ok(None),
     })
@@ -304,19 +340,24 @@ async fn execute<E: Engine>(
             detail: format!("storage task failed: {join_error}"),
         })
     });
-    metrics::histogram!("tandem_nbd_seconds", "operation" => operation).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("tandem_nbd_seconds", "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
     match outcome {
         Ok(data) => {
             metrics::counter!("tandem_nbd_operations_total", "operation" => operation).increment(1);
             if matches!(header.command, Command::Read | Command::Write) {
-                metrics::counter!("tandem_nbd_bytes_total", "operation" => operation).increment(length);
+                metrics::counter!("tandem_nbd_bytes_total", "operation" => operation)
+                    .increment(length);
             }
             (transmission::encode_simple_reply(0, header.cookie), data)
         }
         Err(error) => {
             metrics::counter!("tandem_nbd_errors_total", "operation" => operation).increment(1);
             tracing::warn!(%error, operation, offset = header.offset, length, "NBD request failed");
-            (transmission::encode_simple_reply(error_value_of(&error), header.cookie), None)
+            (
+                transmission::encode_simple_reply(error_value_of(&error), header.cookie),
+                None,
+            )
         }
     }
 }

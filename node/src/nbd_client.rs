@@ -4,7 +4,10 @@
 use crate::{Error, Result};
 use protocol::nbd::client::{self as wire, OptionReplyHeader};
 use protocol::nbd::transmission::{Command, RequestHeader};
-use protocol::nbd::{command_flag, info, reply, ClientFlags, OPTION_REPLY_HEADER_BYTES, SERVER_GREETING_BYTES, SIMPLE_REPLY_BYTES};
+use protocol::nbd::{
+    command_flag, info, reply, ClientFlags, OPTION_REPLY_HEADER_BYTES, SERVER_GREETING_BYTES,
+    SIMPLE_REPLY_BYTES,
+};
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -60,8 +63,8 @@ impl NbdClient {
                 _ => {}
             }
         }
-        let (size_bytes, transmission_flags) =
-            size_and_flags.ok_or_else(|| protocol_error("server sent no export information".to_string()))?;
+        let (size_bytes, transmission_flags) = size_and_flags
+            .ok_or_else(|| protocol_error("server sent no export information".to_string()))?;
         Ok(NbdClient {
             stream,
             size_bytes,
@@ -70,7 +73,14 @@ impl NbdClient {
         })
     }
 
-    async fn request(&mut self, command: Command, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Result<std::result::Result<Vec<u8>, NbdErrorValue>> {
+    async fn request(
+        &mut self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<std::result::Result<Vec<u8>, NbdErrorValue>> {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let header = RequestHeader {
@@ -86,7 +96,10 @@ impl NbdClient {
         self.stream.read_exact(&mut reply_bytes).await?;
         let reply = wire::parse_simple_reply(&reply_bytes)?;
         if reply.cookie != cookie {
-            return Err(protocol_error(format!("reply cookie {} for request {cookie}", reply.cookie)));
+            return Err(protocol_error(format!(
+                "reply cookie {} for request {cookie}",
+                reply.cookie
+            )));
         }
         if reply.error != 0 {
             return Ok(Err(NbdErrorValue(reply.error)));
@@ -99,21 +112,43 @@ impl NbdClient {
         Ok(Ok(data))
     }
 
-    pub async fn read(&mut self, offset: u64, length: u32) -> Result<std::result::Result<Vec<u8>, NbdErrorValue>> {
+    pub async fn read(
+        &mut self,
+        offset: u64,
+        length: u32,
+    ) -> Result<std::result::Result<Vec<u8>, NbdErrorValue>> {
         self.request(Command::Read, 0, offset, length, &[]).await
     }
 
-    pub async fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<std::result::Result<(), NbdErrorValue>> {
+    pub async fn write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<std::result::Result<(), NbdErrorValue>> {
         let flags = if fua { command_flag::FUA } else { 0 };
-        Ok(self.request(Command::Write, flags, offset, data.len() as u32, data).await?.map(|_| ()))
+        Ok(self
+            .request(Command::Write, flags, offset, data.len() as u32, data)
+            .await?
+            .map(|_| ()))
     }
 
     pub async fn flush(&mut self) -> Result<std::result::Result<(), NbdErrorValue>> {
-        Ok(self.request(Command::Flush, 0, 0, 0, &[]).await?.map(|_| ()))
+        Ok(self
+            .request(Command::Flush, 0, 0, 0, &[])
+            .await?
+            .map(|_| ()))
     }
 
-    pub async fn write_zeroes(&mut self, offset: u64, length: u32) -> Result<std::result::Result<(), NbdErrorValue>> {
-        Ok(self.request(Command::WriteZeroes, 0, offset, length, &[]).await?.map(|_| ()))
+    pub async fn write_zeroes(
+        &mut self,
+        offset: u64,
+        length: u32,
+    ) -> Result<std::result::Result<(), NbdErrorValue>> {
+        Ok(self
+            .request(Command::WriteZeroes, 0, offset, length, &[])
+            .await?
+            .map(|_| ()))
     }
 
     /// Gives up the typed interface, for tests that send hand-made bytes after the

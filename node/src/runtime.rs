@@ -48,7 +48,10 @@ pub fn install_metrics(address: SocketAddr) -> Result<()> {
 pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     let identity = protocol::pki::Identity::load(&config.certs, &config.name)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|error| Error::Config {
-        detail: format!("cannot create data_dir {}: {error}", config.data_dir.display()),
+        detail: format!(
+            "cannot create data_dir {}: {error}",
+            config.data_dir.display()
+        ),
     })?;
     let data_dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || {
@@ -61,9 +64,11 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     })??;
     let store = Arc::new(store);
 
-    let nbd_listener = tokio::net::TcpListener::bind(config.nbd).await.map_err(|error| Error::Config {
-        detail: format!("cannot listen for NBD on {}: {error}", config.nbd),
-    })?;
+    let nbd_listener = tokio::net::TcpListener::bind(config.nbd)
+        .await
+        .map_err(|error| Error::Config {
+            detail: format!("cannot listen for NBD on {}: {error}", config.nbd),
+        })?;
     let nbd_address = nbd_listener.local_addr()?;
     let endpoint = protocol::transport::server_endpoint(config.listen, &identity)?;
     let quic_address = endpoint.local_addr()?;

@@ -16,7 +16,11 @@ pub struct Identity {
     pub nbd_address: String,
 }
 
-pub async fn handle<E: Engine>(store: Arc<VolumeStore<E>>, identity: Arc<Identity>, request: Request) -> Response {
+pub async fn handle<E: Engine>(
+    store: Arc<VolumeStore<E>>,
+    identity: Arc<Identity>,
+    request: Request,
+) -> Response {
     let started = Instant::now();
     let kind = request_kind(&request);
     let answer = tokio::task::spawn_blocking(move || answer(&store, &identity, request))
@@ -26,7 +30,8 @@ pub async fn handle<E: Engine>(store: Arc<VolumeStore<E>>, identity: Arc<Identit
                 detail: format!("request task failed: {join_error}"),
             })
         });
-    metrics::histogram!("tandem_requests_seconds", "request" => kind).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("tandem_requests_seconds", "request" => kind)
+        .record(started.elapsed().as_secs_f64());
     match answer {
         Ok(response) => response,
         Err(error) => {
@@ -52,7 +57,11 @@ fn request_kind(request: &Request) -> &'static str {
     }
 }
 
-fn answer<E: Engine>(store: &VolumeStore<E>, identity: &Identity, request: Request) -> Result<Response> {
+fn answer<E: Engine>(
+    store: &VolumeStore<E>,
+    identity: &Identity,
+    request: Request,
+) -> Result<Response> {
     Ok(match request {
         Request::VolumeCreate {
             name,
@@ -65,7 +74,9 @@ fn answer<E: Engine>(store: &VolumeStore<E>, identity: &Identity, request: Reque
             store.delete(&name)?;
             Response::Deleted { name }
         }
-        Request::VolumeSetReadiness { name, readiness } => Response::Volume(store.set_readiness(&name, readiness)?.info()),
+        Request::VolumeSetReadiness { name, readiness } => {
+            Response::Volume(store.set_readiness(&name, readiness)?.info())
+        }
         Request::Snap {
             source,
             target,

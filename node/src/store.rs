@@ -181,7 +181,10 @@ impl Volume {
                 length,
             });
         }
-        if offset.checked_add(length).is_none_or(|end| end > self.size_bytes) {
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > self.size_bytes)
+        {
             return Err(Error::OutOfRange {
                 volume: self.id,
                 offset,
@@ -274,7 +277,10 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
         return invalid(&format!("it is longer than {VOLUME_NAME_BYTES_MAX} bytes"));
     }
     let mut characters = name.chars();
-    if !characters.next().is_some_and(|first| first.is_ascii_alphanumeric()) {
+    if !characters
+        .next()
+        .is_some_and(|first| first.is_ascii_alphanumeric())
+    {
         return invalid("it must start with a letter or digit");
     }
     if !characters.all(|character| character.is_ascii_alphanumeric() || "._-".contains(character)) {
@@ -290,7 +296,9 @@ fn validate_geometry(name: &str, size_bytes: u64, track_size_bytes: u32) -> Resu
             reason,
         })
     };
-    if !track_size_bytes.is_power_of_two() || !(TRACK_BYTES_MIN..=TRACK_BYTES_MAX).contains(&track_size_bytes) {
+    if !track_size_bytes.is_power_of_two()
+        || !(TRACK_BYTES_MIN..=TRACK_BYTES_MAX).contains(&track_size_bytes)
+    {
         return invalid(format!(
             "track size {track_size_bytes} bytes must be a power of two from 4 KiB to 1 MiB"
         ));
@@ -299,7 +307,9 @@ fn validate_geometry(name: &str, size_bytes: u64, track_size_bytes: u32) -> Resu
         return invalid("size must be greater than zero".to_string());
     }
     if size_bytes > VOLUME_BYTES_MAX {
-        return invalid(format!("size {size_bytes} bytes exceeds the limit of {VOLUME_BYTES_MAX} bytes"));
+        return invalid(format!(
+            "size {size_bytes} bytes exceeds the limit of {VOLUME_BYTES_MAX} bytes"
+        ));
     }
     if !size_bytes.is_multiple_of(u64::from(track_size_bytes)) {
         return invalid(format!(
@@ -330,14 +340,21 @@ impl<E: Engine> VolumeStore<E> {
         if let Some(error) = failure {
             return Err(error);
         }
-        let next_volume = decode_u64(engine.get(Space::Meta, KEY_NEXT_VOLUME)?, "next volume id")?.unwrap_or(1);
-        let next_layer = decode_u64(engine.get(Space::Meta, KEY_NEXT_LAYER)?, "next layer id")?.unwrap_or(1);
-        let generation = decode_u64(engine.get(Space::Meta, KEY_GENERATION)?, "generation")?.unwrap_or(1);
+        let next_volume =
+            decode_u64(engine.get(Space::Meta, KEY_NEXT_VOLUME)?, "next volume id")?.unwrap_or(1);
+        let next_layer =
+            decode_u64(engine.get(Space::Meta, KEY_NEXT_LAYER)?, "next layer id")?.unwrap_or(1);
+        let generation =
+            decode_u64(engine.get(Space::Meta, KEY_GENERATION)?, "generation")?.unwrap_or(1);
         // Everything below the stored reservation may have been handed out before a
         // crash, so this run starts above it.
         let reserved_until = generation + GENERATION_RESERVATION;
         let mut batch = Batch::default();
-        batch.put(Space::Meta, KEY_GENERATION, reserved_until.to_be_bytes().to_vec());
+        batch.put(
+            Space::Meta,
+            KEY_GENERATION,
+            reserved_until.to_be_bytes().to_vec(),
+        );
         engine.write(batch, Durability::Synced)?;
 
         let by_name = records
@@ -385,7 +402,11 @@ impl<E: Engine> VolumeStore<E> {
         if generation >= *reserved_until {
             let new_reservation = generation + GENERATION_RESERVATION;
             let mut batch = Batch::default();
-            batch.put(Space::Meta, KEY_GENERATION, new_reservation.to_be_bytes().to_vec());
+            batch.put(
+                Space::Meta,
+                KEY_GENERATION,
+                new_reservation.to_be_bytes().to_vec(),
+            );
             self.engine.write(batch, Durability::Synced)?;
             *reserved_until = new_reservation;
         }
@@ -398,21 +419,36 @@ impl<E: Engine> VolumeStore<E> {
             .by_name
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::VolumeNotFound { name: name.to_string() })
+            .ok_or_else(|| Error::VolumeNotFound {
+                name: name.to_string(),
+            })
     }
 
     pub fn list(&self) -> Vec<VolumeInfo> {
-        let mut volumes: Vec<VolumeInfo> = self.catalog.lock().by_name.values().map(|volume| volume.info()).collect();
+        let mut volumes: Vec<VolumeInfo> = self
+            .catalog
+            .lock()
+            .by_name
+            .values()
+            .map(|volume| volume.info())
+            .collect();
         volumes.sort_by(|left, right| left.name.cmp(&right.name));
         volumes
     }
 
-    pub fn create(&self, name: &str, size_bytes: u64, track_size_bytes: u32) -> Result<Arc<Volume>> {
+    pub fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        track_size_bytes: u32,
+    ) -> Result<Arc<Volume>> {
         validate_volume_name(name)?;
         validate_geometry(name, size_bytes, track_size_bytes)?;
         let mut catalog = self.catalog.lock();
         if catalog.by_name.contains_key(name) {
-            return Err(Error::VolumeExists { name: name.to_string() });
+            return Err(Error::VolumeExists {
+                name: name.to_string(),
+            });
         }
         let id = catalog.next_volume;
         let top = catalog.next_layer;
@@ -434,18 +470,36 @@ impl<E: Engine> VolumeStore<E> {
         let mut batch = Batch::default();
         self.put_record(&mut batch, &volume, &volume.state.read())?;
         batch.put(Space::Meta, name_key(name), id.to_be_bytes().to_vec());
-        batch.put(Space::Meta, KEY_NEXT_VOLUME, (id + 1).to_be_bytes().to_vec());
-        batch.put(Space::Meta, KEY_NEXT_LAYER, (top + 1).to_be_bytes().to_vec());
+        batch.put(
+            Space::Meta,
+            KEY_NEXT_VOLUME,
+            (id + 1).to_be_bytes().to_vec(),
+        );
+        batch.put(
+            Space::Meta,
+            KEY_NEXT_LAYER,
+            (top + 1).to_be_bytes().to_vec(),
+        );
         self.engine.write(batch, Durability::Synced)?;
         catalog.next_volume = id + 1;
         catalog.next_layer = top + 1;
         catalog.by_name.insert(name.to_string(), volume.clone());
-        tracing::info!(volume = id, name, size_bytes, track_size_bytes, "volume created");
+        tracing::info!(
+            volume = id,
+            name,
+            size_bytes,
+            track_size_bytes,
+            "volume created"
+        );
         Ok(volume)
     }
 
     fn put_record(&self, batch: &mut Batch, volume: &Volume, state: &VolumeState) -> Result<()> {
-        batch.put(Space::Meta, volume_key(volume.id), protocol::codec::encode(&volume.record(state))?);
+        batch.put(
+            Space::Meta,
+            volume_key(volume.id),
+            protocol::codec::encode(&volume.record(state))?,
+        );
         Ok(())
     }
 
@@ -461,13 +515,22 @@ impl<E: Engine> VolumeStore<E> {
     }
 
     /// Adds deletions for layers that the old views referenced and nothing references now.
-    fn release_layers(batch: &mut Batch, others: &BTreeMap<u64, u64>, old: &[&[LayerReference]], new: &[&[LayerReference]]) -> usize {
+    fn release_layers(
+        batch: &mut Batch,
+        others: &BTreeMap<u64, u64>,
+        old: &[&[LayerReference]],
+        new: &[&[LayerReference]],
+    ) -> usize {
         let before = layout::reference_counts(old.iter().copied());
         let after = layout::reference_counts(new.iter().copied());
         let mut released = 0;
         for layer in before.keys() {
             if !after.contains_key(layer) && !others.contains_key(layer) {
-                batch.delete_range(Space::Blocks, block_key(*layer, 0), block_key(*layer + 1, 0));
+                batch.delete_range(
+                    Space::Blocks,
+                    block_key(*layer, 0),
+                    block_key(*layer + 1, 0),
+                );
                 released += 1;
             }
         }
@@ -480,7 +543,9 @@ impl<E: Engine> VolumeStore<E> {
             .by_name
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::VolumeNotFound { name: name.to_string() })?;
+            .ok_or_else(|| Error::VolumeNotFound {
+                name: name.to_string(),
+            })?;
         let state = volume.state.write();
         let others = Self::counts_except(&catalog, &[volume.id]);
         let mut batch = Batch::default();
@@ -492,7 +557,12 @@ impl<E: Engine> VolumeStore<E> {
         self.engine.write(batch, Durability::Synced)?;
         volume.deleted.store(true, Ordering::Release);
         catalog.by_name.remove(name);
-        tracing::info!(volume = volume.id, name, released_layers = released, "volume deleted");
+        tracing::info!(
+            volume = volume.id,
+            name,
+            released_layers = released,
+            "volume deleted"
+        );
         Ok(())
     }
 
@@ -500,7 +570,9 @@ impl<E: Engine> VolumeStore<E> {
         let _catalog = self.catalog.lock();
         let volume = self.volume_unlocked(&_catalog, name)?;
         let state = volume.state.write();
-        let previous = volume.readiness.swap(readiness_code(readiness), Ordering::AcqRel);
+        let previous = volume
+            .readiness
+            .swap(readiness_code(readiness), Ordering::AcqRel);
         let mut batch = Batch::default();
         self.put_record(&mut batch, &volume, &state)?;
         if let Err(error) = self.engine.write(batch, Durability::Synced) {
@@ -517,13 +589,20 @@ impl<E: Engine> VolumeStore<E> {
             .by_name
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::VolumeNotFound { name: name.to_string() })
+            .ok_or_else(|| Error::VolumeNotFound {
+                name: name.to_string(),
+            })
     }
 
     /// Takes a pointer snapshot of `source` into `target`, creating `target` with the
     /// source's geometry when it does not exist. Without extents the whole volume is
     /// snapped. Returns the target and whether it was created.
-    pub fn snap(&self, source: &str, target: &str, extents: &[Extent]) -> Result<(Arc<Volume>, bool)> {
+    pub fn snap(
+        &self,
+        source: &str,
+        target: &str,
+        extents: &[Extent],
+    ) -> Result<(Arc<Volume>, bool)> {
         let refuse = |reason: String| Error::SnapRefused {
             source_name: source.to_string(),
             target: target.to_string(),
@@ -606,7 +685,10 @@ impl<E: Engine> VolumeStore<E> {
             source_volume.track_count(),
             target_volume.track_count(),
         );
-        for (volume, view) in [(&source_volume, &new_source_view), (&target_volume, &new_target_view)] {
+        for (volume, view) in [
+            (&source_volume, &new_source_view),
+            (&target_volume, &new_target_view),
+        ] {
             if view.len() > VIEW_REFERENCES_MAX {
                 return Err(Error::TooManyLayers {
                     name: volume.name.clone(),
@@ -636,10 +718,22 @@ impl<E: Engine> VolumeStore<E> {
             return Err(error);
         }
         if created {
-            batch.put(Space::Meta, name_key(target), target_volume.id.to_be_bytes().to_vec());
-            batch.put(Space::Meta, KEY_NEXT_VOLUME, (target_volume.id + 1).to_be_bytes().to_vec());
+            batch.put(
+                Space::Meta,
+                name_key(target),
+                target_volume.id.to_be_bytes().to_vec(),
+            );
+            batch.put(
+                Space::Meta,
+                KEY_NEXT_VOLUME,
+                (target_volume.id + 1).to_be_bytes().to_vec(),
+            );
         }
-        batch.put(Space::Meta, KEY_NEXT_LAYER, next_layer.to_be_bytes().to_vec());
+        batch.put(
+            Space::Meta,
+            KEY_NEXT_LAYER,
+            next_layer.to_be_bytes().to_vec(),
+        );
         if let Err(error) = self.engine.write(batch, Durability::Synced) {
             restore(&mut source_state, &mut target_state);
             return Err(error);
@@ -647,12 +741,20 @@ impl<E: Engine> VolumeStore<E> {
         catalog.next_layer = next_layer;
         if created {
             catalog.next_volume = target_volume.id + 1;
-            catalog.by_name.insert(target.to_string(), target_volume.clone());
+            catalog
+                .by_name
+                .insert(target.to_string(), target_volume.clone());
         }
         drop(source_state);
         drop(target_state);
         metrics::histogram!("tandem_snap_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(source, target, created, extents = extents.len(), "snapshot taken");
+        tracing::info!(
+            source,
+            target,
+            created,
+            extents = extents.len(),
+            "snapshot taken"
+        );
         Ok((target_volume, created))
     }
 
@@ -672,7 +774,13 @@ impl<E: Engine> VolumeStore<E> {
     }
 
     /// Reads whole blocks `first..=last` through a view into one buffer.
-    fn read_blocks(&self, volume: &Volume, view: &[LayerReference], first: u64, last: u64) -> Result<Vec<u8>> {
+    fn read_blocks(
+        &self,
+        volume: &Volume,
+        view: &[LayerReference],
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<u8>> {
         let count = (last - first + 1) as usize;
         let mut buffer = vec![0u8; count * BLOCK_BYTES];
         let mut pending: Vec<u64> = (first..=last).collect();
@@ -695,7 +803,10 @@ impl<E: Engine> VolumeStore<E> {
                 }
                 ReferenceKind::Data { layer } => layer,
             };
-            let keys: Vec<Vec<u8>> = covered.iter().map(|block| block_key(layer, *block)).collect();
+            let keys: Vec<Vec<u8>> = covered
+                .iter()
+                .map(|block| block_key(layer, *block))
+                .collect();
             let values = self.engine.multi_get(Space::Blocks, &keys)?;
             let mut still_pending = rest;
             for (block, value) in covered.into_iter().zip(values) {
@@ -728,7 +839,10 @@ impl<E: Engine> VolumeStore<E> {
                         return Err(Error::Corrupt {
                             volume: volume.id,
                             track: address.track,
-                            detail: format!("layer {layer} block {}: {defect}", address.block_in_track),
+                            detail: format!(
+                                "layer {layer} block {}: {defect}",
+                                address.block_in_track
+                            ),
                         });
                     }
                 }
@@ -741,13 +855,25 @@ impl<E: Engine> VolumeStore<E> {
 
     /// Writes `data` at `offset`, marking the written tracks in every allocated session
     /// slot (and the target-changed bits when tracked) in the same atomic batch.
-    pub fn write(&self, volume: &Volume, offset: u64, data: &[u8], durability: Durability) -> Result<()> {
+    pub fn write(
+        &self,
+        volume: &Volume,
+        offset: u64,
+        data: &[u8],
+        durability: Durability,
+    ) -> Result<()> {
         self.write_or_zero(volume, offset, data.len() as u64, Some(data), durability)
     }
 
     /// Makes a range read as zeros (NBD WRITE_ZEROES and TRIM). Zeroed blocks take no
     /// space in a volume without snapshot layers below, and a small marker otherwise.
-    pub fn write_zeroes(&self, volume: &Volume, offset: u64, length: u64, durability: Durability) -> Result<()> {
+    pub fn write_zeroes(
+        &self,
+        volume: &Volume,
+        offset: u64,
+        length: u64,
+        durability: Durability,
+    ) -> Result<()> {
         volume.check_range(offset, length)?;
         // Large ranges go in bounded batches, each atomic on its own, as a host cannot
         // expect more of a zeroing that spans gigabytes.
@@ -765,7 +891,14 @@ impl<E: Engine> VolumeStore<E> {
         Ok(())
     }
 
-    fn write_or_zero(&self, volume: &Volume, offset: u64, length: u64, data: Option<&[u8]>, durability: Durability) -> Result<()> {
+    fn write_or_zero(
+        &self,
+        volume: &Volume,
+        offset: u64,
+        length: u64,
+        data: Option<&[u8]>,
+        durability: Durability,
+    ) -> Result<()> {
         volume.check_range(offset, length)?;
         if length == 0 {
             return Ok(());
@@ -779,7 +912,10 @@ impl<E: Engine> VolumeStore<E> {
             .collect();
         stripe_indexes.sort_unstable();
         stripe_indexes.dedup();
-        let _stripes: Vec<_> = stripe_indexes.iter().map(|index| volume.stripes[*index].lock()).collect();
+        let _stripes: Vec<_> = stripe_indexes
+            .iter()
+            .map(|index| volume.stripes[*index].lock())
+            .collect();
         let state = volume.state.read();
         if volume.is_deleted() {
             return Err(Error::VolumeDeleted { volume: volume.id });
@@ -789,7 +925,8 @@ impl<E: Engine> VolumeStore<E> {
         let blocks_per_track = volume.blocks_per_track();
 
         // Partial blocks at either end keep the bytes around the written range.
-        let head_partial = !offset.is_multiple_of(block_bytes) || (first_block == last_block && !length.is_multiple_of(block_bytes));
+        let head_partial = !offset.is_multiple_of(block_bytes)
+            || (first_block == last_block && !length.is_multiple_of(block_bytes));
         let tail_partial = !(offset + length).is_multiple_of(block_bytes);
         let mut head = None;
         let mut tail = None;
@@ -806,14 +943,22 @@ impl<E: Engine> VolumeStore<E> {
         // deletion, however large the range: discards from mkfs or qemu-img cost O(1).
         let mut whole_blocks_deleted = None;
         if data.is_none() && only_layer {
-            let first_whole = if head.is_some() { first_block + 1 } else { first_block };
+            let first_whole = if head.is_some() {
+                first_block + 1
+            } else {
+                first_block
+            };
             let last_whole = if tail.is_some() || (head_partial && first_block == last_block) {
                 last_block.saturating_sub(1)
             } else {
                 last_block
             };
             if first_whole <= last_whole && last_whole <= last_block {
-                batch.delete_range(Space::Blocks, block_key(top, first_whole), block_key(top, last_whole + 1));
+                batch.delete_range(
+                    Space::Blocks,
+                    block_key(top, first_whole),
+                    block_key(top, last_whole + 1),
+                );
                 whole_blocks_deleted = Some((first_whole, last_whole));
             }
         }
@@ -834,15 +979,24 @@ impl<E: Engine> VolumeStore<E> {
             let full_block_value: Option<&[u8]> = match (&mut content, data) {
                 (Some(existing), Some(data)) => {
                     existing[(copy_from - block_start) as usize..(copy_to - block_start) as usize]
-                        .copy_from_slice(&data[(copy_from - offset) as usize..(copy_to - offset) as usize]);
+                        .copy_from_slice(
+                            &data[(copy_from - offset) as usize..(copy_to - offset) as usize],
+                        );
                     None
                 }
                 (Some(existing), None) => {
-                    existing[(copy_from - block_start) as usize..(copy_to - block_start) as usize].fill(0);
+                    existing[(copy_from - block_start) as usize..(copy_to - block_start) as usize]
+                        .fill(0);
                     None
                 }
-                (None, Some(data)) => Some(&data[(copy_from - offset) as usize..(copy_to - offset) as usize]),
-                (None, None) => Some(zero_block.get_or_insert_with(|| vec![0u8; BLOCK_BYTES]).as_slice()),
+                (None, Some(data)) => {
+                    Some(&data[(copy_from - offset) as usize..(copy_to - offset) as usize])
+                }
+                (None, None) => Some(
+                    zero_block
+                        .get_or_insert_with(|| vec![0u8; BLOCK_BYTES])
+                        .as_slice(),
+                ),
             };
             let block_data: &[u8] = match (&content, full_block_value) {
                 (Some(existing), _) => existing,
@@ -860,7 +1014,11 @@ impl<E: Engine> VolumeStore<E> {
                 if only_layer {
                     batch.delete(Space::Blocks, key);
                 } else {
-                    batch.put(Space::Blocks, key, track::encode_zero(address, volume.id, self.next_generation()?));
+                    batch.put(
+                        Space::Blocks,
+                        key,
+                        track::encode_zero(address, volume.id, self.next_generation()?),
+                    );
                 }
             } else {
                 batch.put(
@@ -874,18 +1032,45 @@ impl<E: Engine> VolumeStore<E> {
         let first_track = first_block / blocks_per_track;
         let last_track = last_block / blocks_per_track;
         if state.session_slots != 0 {
-            Self::add_bit_changes(&mut batch, volume.id, BitmapKind::Sessions, state.session_slots, first_track, last_track, true);
+            Self::add_bit_changes(
+                &mut batch,
+                volume.id,
+                BitmapKind::Sessions,
+                state.session_slots,
+                first_track,
+                last_track,
+                true,
+            );
         }
         if state.target_tracking {
-            Self::add_bit_changes(&mut batch, volume.id, BitmapKind::TargetChanged, 1, first_track, last_track, true);
+            Self::add_bit_changes(
+                &mut batch,
+                volume.id,
+                BitmapKind::TargetChanged,
+                1,
+                first_track,
+                last_track,
+                true,
+            );
         }
         self.engine.write(batch, durability)?;
         Ok(())
     }
 
-    fn add_bit_changes(batch: &mut Batch, volume: u64, kind: BitmapKind, mask: u16, first_track: u64, last_track: u64, set: bool) {
+    fn add_bit_changes(
+        batch: &mut Batch,
+        volume: u64,
+        kind: BitmapKind,
+        mask: u16,
+        first_track: u64,
+        last_track: u64,
+        set: bool,
+    ) {
         for (chunk, change) in bitmap::changes_by_chunk(first_track, last_track, set, mask) {
-            batch.merge_bitmap(bitmap::chunk_key(volume, kind, chunk).to_vec(), bitmap::encode_changes(&[change]));
+            batch.merge_bitmap(
+                bitmap::chunk_key(volume, kind, chunk).to_vec(),
+                bitmap::encode_changes(&[change]),
+            );
         }
     }
 
@@ -905,9 +1090,20 @@ impl<E: Engine> VolumeStore<E> {
                 slots_max: SESSION_SLOTS_MAX,
             })?;
         let mut batch = Batch::default();
-        Self::add_bit_changes(&mut batch, volume.id, BitmapKind::Sessions, 1 << slot, 0, volume.track_count() - 1, false);
+        Self::add_bit_changes(
+            &mut batch,
+            volume.id,
+            BitmapKind::Sessions,
+            1 << slot,
+            0,
+            volume.track_count() - 1,
+            false,
+        );
         state.session_slots |= 1 << slot;
-        if let Err(error) = self.put_record(&mut batch, volume, &state).and_then(|()| self.engine.write(batch, Durability::Synced)) {
+        if let Err(error) = self
+            .put_record(&mut batch, volume, &state)
+            .and_then(|()| self.engine.write(batch, Durability::Synced))
+        {
             state.session_slots &= !(1 << slot);
             return Err(error);
         }
@@ -920,9 +1116,20 @@ impl<E: Engine> VolumeStore<E> {
         Self::check_live(volume)?;
         Self::check_slot(volume, &state, slot)?;
         let mut batch = Batch::default();
-        Self::add_bit_changes(&mut batch, volume.id, BitmapKind::Sessions, 1 << slot, 0, volume.track_count() - 1, false);
+        Self::add_bit_changes(
+            &mut batch,
+            volume.id,
+            BitmapKind::Sessions,
+            1 << slot,
+            0,
+            volume.track_count() - 1,
+            false,
+        );
         state.session_slots &= !(1 << slot);
-        if let Err(error) = self.put_record(&mut batch, volume, &state).and_then(|()| self.engine.write(batch, Durability::Synced)) {
+        if let Err(error) = self
+            .put_record(&mut batch, volume, &state)
+            .and_then(|()| self.engine.write(batch, Durability::Synced))
+        {
             state.session_slots |= 1 << slot;
             return Err(error);
         }
@@ -954,7 +1161,10 @@ impl<E: Engine> VolumeStore<E> {
         Self::check_live(volume)?;
         let previous = std::mem::replace(&mut state.target_tracking, tracking);
         let mut batch = Batch::default();
-        if let Err(error) = self.put_record(&mut batch, volume, &state).and_then(|()| self.engine.write(batch, Durability::Synced)) {
+        if let Err(error) = self
+            .put_record(&mut batch, volume, &state)
+            .and_then(|()| self.engine.write(batch, Durability::Synced))
+        {
             state.target_tracking = previous;
             return Err(error);
         }
@@ -962,7 +1172,13 @@ impl<E: Engine> VolumeStore<E> {
     }
 
     /// Sets (`set` true) or clears the chosen bits over an extent.
-    pub fn change_bits(&self, volume: &Volume, bits: Bits, extent: Extent, set: bool) -> Result<()> {
+    pub fn change_bits(
+        &self,
+        volume: &Volume,
+        bits: Bits,
+        extent: Extent,
+        set: bool,
+    ) -> Result<()> {
         volume.check_extent(extent)?;
         let state = volume.state.read();
         Self::check_live(volume)?;
@@ -971,7 +1187,15 @@ impl<E: Engine> VolumeStore<E> {
         }
         let (kind, mask) = bits.kind_and_mask();
         let mut batch = Batch::default();
-        Self::add_bit_changes(&mut batch, volume.id, kind, mask, extent.first, extent.last, set);
+        Self::add_bit_changes(
+            &mut batch,
+            volume.id,
+            kind,
+            mask,
+            extent.first,
+            extent.last,
+            set,
+        );
         self.engine.write(batch, Durability::Synced)
     }
 
@@ -982,16 +1206,30 @@ impl<E: Engine> VolumeStore<E> {
 
     pub fn test_bit(&self, volume: &Volume, bits: Bits, track: u64) -> Result<bool> {
         let mut result = false;
-        self.for_each_set(volume, bits, Extent { first: track, last: track }, &mut |_| {
-            result = true;
-            false
-        })?;
+        self.for_each_set(
+            volume,
+            bits,
+            Extent {
+                first: track,
+                last: track,
+            },
+            &mut |_| {
+                result = true;
+                false
+            },
+        )?;
         Ok(result)
     }
 
     /// Visits the tracks of `extent` whose chosen bit is set, in order, until `visit`
     /// returns false.
-    pub fn for_each_set(&self, volume: &Volume, bits: Bits, extent: Extent, visit: &mut dyn FnMut(u64) -> bool) -> Result<()> {
+    pub fn for_each_set(
+        &self,
+        volume: &Volume,
+        bits: Bits,
+        extent: Extent,
+        visit: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<()> {
         volume.check_extent(extent)?;
         let slot = match bits {
             Bits::Session(slot) => {
@@ -1002,13 +1240,18 @@ impl<E: Engine> VolumeStore<E> {
         };
         let (kind, _) = bits.kind_and_mask();
         for chunk in extent.first / TRACKS_PER_CHUNK..=extent.last / TRACKS_PER_CHUNK {
-            let Some(stored) = self.engine.get(Space::Bitmaps, &bitmap::chunk_key(volume.id, kind, chunk))? else {
+            let Some(stored) = self
+                .engine
+                .get(Space::Bitmaps, &bitmap::chunk_key(volume.id, kind, chunk))?
+            else {
                 continue;
             };
             let first = (chunk * TRACKS_PER_CHUNK).max(extent.first);
             let last = ((chunk + 1) * TRACKS_PER_CHUNK - 1).min(extent.last);
             for track in first..=last {
-                if bitmap::test_bit(kind, &stored, (track % TRACKS_PER_CHUNK) as usize, slot) && !visit(track) {
+                if bitmap::test_bit(kind, &stored, (track % TRACKS_PER_CHUNK) as usize, slot)
+                    && !visit(track)
+                {
                     return Ok(());
                 }
             }

@@ -48,13 +48,30 @@ pub enum BlockContent<'a> {
 /// Why a stored block failed verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockDefect {
-    TooShort { stored_bytes: usize },
-    BadMagic { found: u16 },
-    UnknownFormat { version: u8 },
-    HeaderChecksum { stored: u32, computed: u32 },
-    Misdirected { expected: BlockAddress, found: BlockAddress },
-    WrongLength { stored_bytes: usize },
-    DataChecksum { stored: u32, computed: u32 },
+    TooShort {
+        stored_bytes: usize,
+    },
+    BadMagic {
+        found: u16,
+    },
+    UnknownFormat {
+        version: u8,
+    },
+    HeaderChecksum {
+        stored: u32,
+        computed: u32,
+    },
+    Misdirected {
+        expected: BlockAddress,
+        found: BlockAddress,
+    },
+    WrongLength {
+        stored_bytes: usize,
+    },
+    DataChecksum {
+        stored: u32,
+        computed: u32,
+    },
 }
 
 impl std::fmt::Display for BlockDefect {
@@ -94,7 +111,12 @@ impl std::fmt::Display for BlockDefect {
 }
 
 /// Encodes a data block: header followed by the 4 KiB of data.
-pub fn encode_data(address: BlockAddress, writer_volume: u64, generation: u64, data: &[u8]) -> Vec<u8> {
+pub fn encode_data(
+    address: BlockAddress,
+    writer_volume: u64,
+    generation: u64,
+    data: &[u8],
+) -> Vec<u8> {
     debug_assert_eq!(data.len(), BLOCK_BYTES);
     let mut stored = Vec::with_capacity(HEADER_BYTES + BLOCK_BYTES);
     write_header(
@@ -189,7 +211,10 @@ pub fn decode_header(stored: &[u8]) -> Result<BlockHeader, BlockDefect> {
 }
 
 /// Verifies a stored block against the address it was read from and returns its content.
-pub fn verify(stored: &[u8], expected: BlockAddress) -> Result<(BlockHeader, BlockContent<'_>), BlockDefect> {
+pub fn verify(
+    stored: &[u8],
+    expected: BlockAddress,
+) -> Result<(BlockHeader, BlockContent<'_>), BlockDefect> {
     let header = decode_header(stored)?;
     if header.address != expected {
         return Err(BlockDefect::Misdirected {
@@ -261,11 +286,15 @@ mod tests {
     fn every_flipped_bit_is_detected() {
         let stored = encode_data(address(), 1, 5, &[0x3cu8; BLOCK_BYTES]);
         // Every header bit and a spread of data bits: a single flip must never verify.
-        let positions = (0..HEADER_BYTES * 8).chain((HEADER_BYTES * 8..stored.len() * 8).step_by(257));
+        let positions =
+            (0..HEADER_BYTES * 8).chain((HEADER_BYTES * 8..stored.len() * 8).step_by(257));
         for bit in positions {
             let mut corrupt = stored.clone();
             corrupt[bit / 8] ^= 1 << (bit % 8);
-            assert!(verify(&corrupt, address()).is_err(), "bit {bit} flip went unnoticed");
+            assert!(
+                verify(&corrupt, address()).is_err(),
+                "bit {bit} flip went unnoticed"
+            );
         }
     }
 

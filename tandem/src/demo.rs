@@ -16,10 +16,17 @@ const TRACK_BYTES: u32 = 64 << 10;
 
 /// Writes the demo makes: offsets chosen to be unaligned to tracks and blocks, one
 /// crossing a track boundary, and a large sequential one.
-const WRITES: [(u64, usize); 4] = [(0, 4096), (65536 - 1024, 8192), ((1 << 20) + 1536, 512), (8 << 20, 1 << 20)];
+const WRITES: [(u64, usize); 4] = [
+    (0, 4096),
+    (65536 - 1024, 8192),
+    ((1 << 20) + 1536, 512),
+    (8 << 20, 1 << 20),
+];
 
 fn pattern(seed: u8, length: usize) -> Vec<u8> {
-    (0..length).map(|index| seed.wrapping_add((index % 251) as u8)).collect()
+    (0..length)
+        .map(|index| seed.wrapping_add((index % 251) as u8))
+        .collect()
 }
 
 async fn request(connection: &quinn::Connection, request: Request) -> Result<Response> {
@@ -35,7 +42,10 @@ pub async fn run() -> Result<()> {
     let directory = tempfile::tempdir().context("cannot make a temporary directory")?;
     let certs = directory.path().join("certs");
     protocol::pki::init_cluster(&certs, &["demo-node".to_string()])?;
-    println!("tandem demo — everything below runs on loopback in {}", directory.path().display());
+    println!(
+        "tandem demo — everything below runs on loopback in {}",
+        directory.path().display()
+    );
     println!("1. made a cluster CA, a node certificate and an admin certificate");
 
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -69,7 +79,11 @@ pub async fn run() -> Result<()> {
     println!("3. created volume '{VOLUME}': 64 MiB in 1024 tracks of 64 KiB");
 
     let mut host = NbdClient::connect(node.nbd_address, VOLUME).await?;
-    ensure!(host.size_bytes == VOLUME_BYTES, "NBD export reports {} bytes", host.size_bytes);
+    ensure!(
+        host.size_bytes == VOLUME_BYTES,
+        "NBD export reports {} bytes",
+        host.size_bytes
+    );
     let mut written_bytes = 0;
     for (index, (offset, length)) in WRITES.iter().enumerate() {
         let data = pattern(index as u8 + 1, *length);
@@ -82,11 +96,23 @@ pub async fn run() -> Result<()> {
         bail!("NBD flush failed with error {}", error.0);
     }
     for (index, (offset, length)) in WRITES.iter().enumerate() {
-        let read = host.read(*offset, *length as u32).await?.map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
-        ensure!(read == pattern(index as u8 + 1, *length), "read back at {offset} differs from what was written");
+        let read = host
+            .read(*offset, *length as u32)
+            .await?
+            .map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
+        ensure!(
+            read == pattern(index as u8 + 1, *length),
+            "read back at {offset} differs from what was written"
+        );
     }
-    let untouched = host.read(32 << 20, 65536).await?.map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
-    ensure!(untouched.iter().all(|byte| *byte == 0), "a never-written track does not read as zeros");
+    let untouched = host
+        .read(32 << 20, 65536)
+        .await?
+        .map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
+    ensure!(
+        untouched.iter().all(|byte| *byte == 0),
+        "a never-written track does not read as zeros"
+    );
     println!(
         "4. wrote {} writes ({} bytes, some across track boundaries), flushed, read every byte back through NBD: identical; unwritten tracks read as zeros",
         WRITES.len(),
@@ -105,7 +131,9 @@ pub async fn run() -> Result<()> {
     else {
         bail!("unexpected answer to the snapshot request");
     };
-    println!("5. took a pointer snapshot {VOLUME} -> {SNAPSHOT} in {elapsed_micros} µs (no data copied)");
+    println!(
+        "5. took a pointer snapshot {VOLUME} -> {SNAPSHOT} in {elapsed_micros} µs (no data copied)"
+    );
 
     for (index, (offset, length)) in WRITES.iter().enumerate() {
         let data = pattern(index as u8 + 100, *length);
@@ -117,10 +145,22 @@ pub async fn run() -> Result<()> {
     let mut source_checksum = 0u32;
     let mut snapshot_checksum = 0u32;
     for (index, (offset, length)) in WRITES.iter().enumerate() {
-        let from_snapshot = snapshot.read(*offset, *length as u32).await?.map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
-        let from_source = host.read(*offset, *length as u32).await?.map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
-        ensure!(from_snapshot == pattern(index as u8 + 1, *length), "the snapshot changed when its source was rewritten");
-        ensure!(from_source == pattern(index as u8 + 100, *length), "the source lost a write made after the snapshot");
+        let from_snapshot = snapshot
+            .read(*offset, *length as u32)
+            .await?
+            .map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
+        let from_source = host
+            .read(*offset, *length as u32)
+            .await?
+            .map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
+        ensure!(
+            from_snapshot == pattern(index as u8 + 1, *length),
+            "the snapshot changed when its source was rewritten"
+        );
+        ensure!(
+            from_source == pattern(index as u8 + 100, *length),
+            "the source lost a write made after the snapshot"
+        );
         snapshot_checksum = crc32c::crc32c_append(snapshot_checksum, &from_snapshot);
         source_checksum = crc32c::crc32c_append(source_checksum, &from_source);
     }
@@ -144,6 +184,9 @@ pub async fn run() -> Result<()> {
     connection.close(0u32.into(), b"demo done");
     endpoint.wait_idle().await;
     drop(node);
-    println!("demo finished in {:.2} s: every check passed", started.elapsed().as_secs_f64());
+    println!(
+        "demo finished in {:.2} s: every check passed",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

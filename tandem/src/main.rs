@@ -12,7 +12,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "Point-in-time copies, mirrors and snapshots of block volumes across sites")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Point-in-time copies, mirrors and snapshots of block volumes across sites"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -182,7 +186,15 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             connection,
         } => {
-            let response = call(&connection, Request::Snap { source, target, extents }).await?;
+            let response = call(
+                &connection,
+                Request::Snap {
+                    source,
+                    target,
+                    extents,
+                },
+            )
+            .await?;
             let Response::Snapped {
                 source,
                 target,
@@ -208,7 +220,14 @@ async fn run(cli: Cli) -> Result<()> {
                 let scope = if extents.is_empty() {
                     "whole volume".to_string()
                 } else {
-                    format!("extents {}", extents.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+                    format!(
+                        "extents {}",
+                        extents
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
                 };
                 println!("snapped {source} -> {target} ({scope}) in {elapsed_micros} µs");
             }
@@ -230,7 +249,11 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 println!(
                     "node {} (site {}), NBD at {}, {} volumes, tandem {}",
-                    status.name, status.site, status.nbd_address, status.volume_count, status.version
+                    status.name,
+                    status.site,
+                    status.nbd_address,
+                    status.volume_count,
+                    status.version
                 );
             }
             Ok(())
@@ -240,7 +263,8 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn init(dir: PathBuf, nodes: Vec<String>, site: String) -> Result<()> {
     let files = protocol::pki::init_cluster(&dir, &nodes)?;
-    let certs = std::fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let certs =
+        std::fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
     for (index, name) in nodes.iter().enumerate() {
         let offset = index as u16;
         let config = NodeConfig {
@@ -253,14 +277,18 @@ fn init(dir: PathBuf, nodes: Vec<String>, site: String) -> Result<()> {
             certs: certs.clone(),
         };
         let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, config.to_toml()?).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, config.to_toml()?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     println!("cluster CA and certificates written to {}", dir.display());
     println!("  CA:    {}", files.ca_certificate.display());
     for name in &nodes {
         println!("  node {name}: {name}.pem, {name}.key, sample config {name}.toml");
     }
-    println!("  admin: admin.pem, admin.key (for the CLI: --certs {})", dir.display());
+    println!(
+        "  admin: admin.pem, admin.key (for the CLI: --certs {})",
+        dir.display()
+    );
     println!("keep ca.key offline once every node has its certificate.");
     Ok(())
 }
@@ -337,7 +365,9 @@ async fn resolve(endpoint: &str) -> Result<SocketAddr> {
 /// Sends one request to the node at the endpoint and turns an error answer into an error.
 async fn call(connection: &Connection, request: Request) -> Result<Response> {
     let identity = protocol::pki::Identity::load(&connection.certs, protocol::pki::ADMIN_NAME)
-        .with_context(|| "the CLI needs the admin certificate from `tandem init` (set --certs or TANDEM_CERTS)")?;
+        .with_context(|| {
+            "the CLI needs the admin certificate from `tandem init` (set --certs or TANDEM_CERTS)"
+        })?;
     let address = resolve(&connection.endpoint).await?;
     let endpoint = protocol::transport::client_endpoint(&identity)?;
     let quic = protocol::transport::connect(&endpoint, address).await?;
@@ -370,8 +400,15 @@ fn print_volume(info: &VolumeInfo, json: bool) {
     } else {
         println!("name:        {}", info.name);
         println!("id:          {}", info.id);
-        println!("size:        {} ({} bytes)", size::format_size(info.size_bytes), info.size_bytes);
-        println!("track size:  {}", size::format_size(u64::from(info.track_size_bytes)));
+        println!(
+            "size:        {} ({} bytes)",
+            size::format_size(info.size_bytes),
+            info.size_bytes
+        );
+        println!(
+            "track size:  {}",
+            size::format_size(u64::from(info.track_size_bytes))
+        );
         println!("tracks:      {}", info.track_count);
         println!("readiness:   {}", info.readiness);
         println!("sessions:    {} of 16 slots", info.session_slots_used);
@@ -388,7 +425,8 @@ async fn volume(command: VolumeCommand) -> Result<()> {
             json,
             connection,
         } => {
-            let track_size_bytes = u32::try_from(track_size).context("track size is too large: at most 1MiB")?;
+            let track_size_bytes =
+                u32::try_from(track_size).context("track size is too large: at most 1MiB")?;
             let response = call(
                 &connection,
                 Request::VolumeCreate {
@@ -409,11 +447,17 @@ async fn volume(command: VolumeCommand) -> Result<()> {
                 bail!("unexpected answer from the node: {response:?}");
             };
             if json {
-                println!("{}", serde_json::Value::Array(volumes.iter().map(volume_json).collect()));
+                println!(
+                    "{}",
+                    serde_json::Value::Array(volumes.iter().map(volume_json).collect())
+                );
             } else if volumes.is_empty() {
                 println!("no volumes (create one with `tandem volume create NAME --size 1GiB`)");
             } else {
-                println!("{:<24} {:>12} {:>8} {:<10} {:>6}", "NAME", "SIZE", "TRACK", "READINESS", "LAYERS");
+                println!(
+                    "{:<24} {:>12} {:>8} {:<10} {:>6}",
+                    "NAME", "SIZE", "TRACK", "READINESS", "LAYERS"
+                );
                 for info in &volumes {
                     println!(
                         "{:<24} {:>12} {:>8} {:<10} {:>6}",
@@ -426,7 +470,11 @@ async fn volume(command: VolumeCommand) -> Result<()> {
                 }
             }
         }
-        VolumeCommand::Show { name, json, connection } => {
+        VolumeCommand::Show {
+            name,
+            json,
+            connection,
+        } => {
             let response = call(&connection, Request::VolumeShow { name }).await?;
             let Response::Volume(info) = response else {
                 bail!("unexpected answer from the node: {response:?}");
@@ -443,7 +491,8 @@ async fn volume(command: VolumeCommand) -> Result<()> {
             json,
             connection,
         } => {
-            let response = call(&connection, Request::VolumeSetReadiness { name, readiness }).await?;
+            let response =
+                call(&connection, Request::VolumeSetReadiness { name, readiness }).await?;
             let Response::Volume(info) = response else {
                 bail!("unexpected answer from the node: {response:?}");
             };

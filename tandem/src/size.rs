@@ -7,7 +7,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|character: char| !character.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
-    let help = || format!("size '{text}' is not understood: write a whole number with KiB, MiB, GiB or TiB, e.g. 4GiB");
+    let help = || {
+        format!("size '{text}' is not understood: write a whole number with KiB, MiB, GiB or TiB, e.g. 4GiB")
+    };
     let number: u64 = digits.parse().map_err(|_| help())?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
@@ -24,10 +26,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Formats bytes with the largest binary unit that keeps it readable.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (unit, size) in UNITS {
         if bytes >= size {
-            if bytes % size == 0 {
+            if bytes.is_multiple_of(size) {
                 return format!("{} {unit}", bytes / size);
             }
             return format!("{:.1} {unit}", bytes as f64 / size as f64);

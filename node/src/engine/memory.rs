@@ -22,7 +22,11 @@ impl MemoryEngine {
 
 impl Engine for MemoryEngine {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.spaces.read().get(&space).and_then(|map| map.get(key).cloned()))
+        Ok(self
+            .spaces
+            .read()
+            .get(&space)
+            .and_then(|map| map.get(key).cloned()))
     }
 
     fn multi_get(&self, space: Space, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
@@ -67,17 +71,22 @@ impl Engine for MemoryEngine {
                 }
                 Operation::DeleteRange { space, from, to } => {
                     let map = staged.entry(space).or_default();
-                    let doomed: Vec<Vec<u8>> = map.range(from..to).map(|(key, _)| key.clone()).collect();
+                    let doomed: Vec<Vec<u8>> =
+                        map.range(from..to).map(|(key, _)| key.clone()).collect();
                     for key in doomed {
                         map.remove(&key);
                     }
                 }
                 Operation::MergeBitmap { key, operand } => {
                     let map = staged.entry(Space::Bitmaps).or_default();
-                    let merged = bitmap::full_merge(&key, map.get(&key).map(Vec::as_slice), [operand.as_slice()])
-                        .ok_or_else(|| crate::Error::Engine {
-                            detail: format!("bitmap merge failed for key {key:02x?}"),
-                        })?;
+                    let merged = bitmap::full_merge(
+                        &key,
+                        map.get(&key).map(Vec::as_slice),
+                        [operand.as_slice()],
+                    )
+                    .ok_or_else(|| crate::Error::Engine {
+                        detail: format!("bitmap merge failed for key {key:02x?}"),
+                    })?;
                     map.insert(key, merged);
                 }
             }
@@ -95,7 +104,11 @@ impl Engine for MemoryEngine {
             .spaces
             .read()
             .get(&space)
-            .map(|map| map.iter().map(|(key, value)| (key.len() + value.len()) as u64).sum())
+            .map(|map| {
+                map.iter()
+                    .map(|(key, value)| (key.len() + value.len()) as u64)
+                    .sum()
+            })
             .unwrap_or(0))
     }
 }

@@ -35,12 +35,26 @@ impl Space {
 /// One change inside an atomic batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
-    Put { space: Space, key: Vec<u8>, value: Vec<u8> },
-    Delete { space: Space, key: Vec<u8> },
+    Put {
+        space: Space,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        space: Space,
+        key: Vec<u8>,
+    },
     /// Deletes every key in `from..to`.
-    DeleteRange { space: Space, from: Vec<u8>, to: Vec<u8> },
+    DeleteRange {
+        space: Space,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
     /// Applies a bitmap merge operand (see [`crate::bitmap`]).
-    MergeBitmap { key: Vec<u8>, operand: Vec<u8> },
+    MergeBitmap {
+        key: Vec<u8>,
+        operand: Vec<u8>,
+    },
 }
 
 /// Changes applied all together or not at all.
@@ -51,11 +65,18 @@ pub struct Batch {
 
 impl Batch {
     pub fn put(&mut self, space: Space, key: impl Into<Vec<u8>>, value: Vec<u8>) {
-        self.operations.push(Operation::Put { space, key: key.into(), value });
+        self.operations.push(Operation::Put {
+            space,
+            key: key.into(),
+            value,
+        });
     }
 
     pub fn delete(&mut self, space: Space, key: impl Into<Vec<u8>>) {
-        self.operations.push(Operation::Delete { space, key: key.into() });
+        self.operations.push(Operation::Delete {
+            space,
+            key: key.into(),
+        });
     }
 
     pub fn delete_range(&mut self, space: Space, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
@@ -67,7 +88,10 @@ impl Batch {
     }
 
     pub fn merge_bitmap(&mut self, key: impl Into<Vec<u8>>, operand: Vec<u8>) {
-        self.operations.push(Operation::MergeBitmap { key: key.into(), operand });
+        self.operations.push(Operation::MergeBitmap {
+            key: key.into(),
+            operand,
+        });
     }
 
     pub fn is_empty(&self) -> bool {

@@ -58,15 +58,19 @@ impl RocksEngine {
     }
 
     fn family(&self, space: Space) -> Result<&rocksdb::ColumnFamily> {
-        self.database.cf_handle(space.name()).ok_or_else(|| Error::Engine {
-            detail: format!("column family {} is missing", space.name()),
-        })
+        self.database
+            .cf_handle(space.name())
+            .ok_or_else(|| Error::Engine {
+                detail: format!("column family {} is missing", space.name()),
+            })
     }
 }
 
 impl Engine for RocksEngine {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.database.get_cf(self.family(space)?, key).map_err(engine_error)
+        self.database
+            .get_cf(self.family(space)?, key)
+            .map_err(engine_error)
     }
 
     fn multi_get(&self, space: Space, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
@@ -74,7 +78,11 @@ impl Engine for RocksEngine {
         self.database
             .batched_multi_get_cf(family, keys, false)
             .into_iter()
-            .map(|answer| answer.map(|value| value.map(|pinned| pinned.to_vec())).map_err(engine_error))
+            .map(|answer| {
+                answer
+                    .map(|value| value.map(|pinned| pinned.to_vec()))
+                    .map_err(engine_error)
+            })
             .collect()
     }
 
@@ -105,7 +113,9 @@ impl Engine for RocksEngine {
         let mut write_batch = WriteBatch::default();
         for operation in batch.operations {
             match operation {
-                Operation::Put { space, key, value } => write_batch.put_cf(self.family(space)?, key, value),
+                Operation::Put { space, key, value } => {
+                    write_batch.put_cf(self.family(space)?, key, value)
+                }
                 Operation::Delete { space, key } => write_batch.delete_cf(self.family(space)?, key),
                 Operation::DeleteRange { space, from, to } => {
                     write_batch.delete_range_cf(self.family(space)?, from, to)
@@ -117,7 +127,9 @@ impl Engine for RocksEngine {
         }
         let mut write_options = WriteOptions::default();
         write_options.set_sync(durability == Durability::Synced);
-        self.database.write_opt(write_batch, &write_options).map_err(engine_error)
+        self.database
+            .write_opt(write_batch, &write_options)
+            .map_err(engine_error)
     }
 
     fn sync(&self) -> Result<()> {

@@ -16,10 +16,18 @@ fn set_tracks<E: Engine>(store: &VolumeStore<E>, name: &str, bits: Bits) -> Vec<
     let volume = store.volume(name).unwrap();
     let mut tracks = Vec::new();
     store
-        .for_each_set(&volume, bits, Extent { first: 0, last: volume.track_count() - 1 }, &mut |track| {
-            tracks.push(track);
-            true
-        })
+        .for_each_set(
+            &volume,
+            bits,
+            Extent {
+                first: 0,
+                last: volume.track_count() - 1,
+            },
+            &mut |track| {
+                tracks.push(track);
+                true
+            },
+        )
         .unwrap();
     tracks
 }
@@ -28,18 +36,44 @@ fn set_tracks<E: Engine>(store: &VolumeStore<E>, name: &str, bits: Bits) -> Vec<
 fn every_host_write_marks_every_allocated_slot() {
     let store = memory_store();
     let volume = store.create("standard", 64 * TRACK, TRACK as u32).unwrap();
-    let slots: Vec<u8> = (0..3).map(|_| store.allocate_session_slot(&volume).unwrap()).collect();
+    let slots: Vec<u8> = (0..3)
+        .map(|_| store.allocate_session_slot(&volume).unwrap())
+        .collect();
     assert_eq!(slots, vec![0, 1, 2]);
-    store.write(&volume, 5 * TRACK + 512, &[1u8; 512], Durability::Logged).unwrap();
-    store.write(&volume, 9 * TRACK, &pattern(1, 3 * TRACK as usize), Durability::Logged).unwrap();
-    store.write_zeroes(&volume, 40 * TRACK, TRACK, Durability::Logged).unwrap();
+    store
+        .write(&volume, 5 * TRACK + 512, &[1u8; 512], Durability::Logged)
+        .unwrap();
+    store
+        .write(
+            &volume,
+            9 * TRACK,
+            &pattern(1, 3 * TRACK as usize),
+            Durability::Logged,
+        )
+        .unwrap();
+    store
+        .write_zeroes(&volume, 40 * TRACK, TRACK, Durability::Logged)
+        .unwrap();
     for slot in &slots {
-        assert_eq!(set_tracks(&store, "standard", Bits::Session(*slot)), vec![5, 9, 10, 11, 40]);
+        assert_eq!(
+            set_tracks(&store, "standard", Bits::Session(*slot)),
+            vec![5, 9, 10, 11, 40]
+        );
     }
     // Clearing one slot (a session caught up) leaves the others as they were.
-    store.change_bits(&volume, Bits::Session(1), Extent { first: 0, last: 63 }, false).unwrap();
+    store
+        .change_bits(
+            &volume,
+            Bits::Session(1),
+            Extent { first: 0, last: 63 },
+            false,
+        )
+        .unwrap();
     assert!(set_tracks(&store, "standard", Bits::Session(1)).is_empty());
-    assert_eq!(set_tracks(&store, "standard", Bits::Session(2)), vec![5, 9, 10, 11, 40]);
+    assert_eq!(
+        set_tracks(&store, "standard", Bits::Session(2)),
+        vec![5, 9, 10, 11, 40]
+    );
 }
 
 #[test]
@@ -49,13 +83,26 @@ fn the_seventeenth_session_is_refused_and_a_freed_slot_comes_back_clear() {
     for _ in 0..SESSION_SLOTS_MAX {
         store.allocate_session_slot(&volume).unwrap();
     }
-    assert!(matches!(store.allocate_session_slot(&volume), Err(Error::SessionSlotsExhausted { .. })));
-    assert_eq!(volume.info().session_slots_used, 16);
-    store.write(&volume, 0, &[1u8; 4096], Durability::Logged).unwrap();
-    store.free_session_slot(&volume, 7).unwrap();
-    assert!(matches!(store.free_session_slot(&volume, 7), Err(Error::SessionSlotNotAllocated { .. })));
     assert!(matches!(
-        store.for_each_set(&volume, Bits::Session(7), Extent { first: 0, last: 0 }, &mut |_| true),
+        store.allocate_session_slot(&volume),
+        Err(Error::SessionSlotsExhausted { .. })
+    ));
+    assert_eq!(volume.info().session_slots_used, 16);
+    store
+        .write(&volume, 0, &[1u8; 4096], Durability::Logged)
+        .unwrap();
+    store.free_session_slot(&volume, 7).unwrap();
+    assert!(matches!(
+        store.free_session_slot(&volume, 7),
+        Err(Error::SessionSlotNotAllocated { .. })
+    ));
+    assert!(matches!(
+        store.for_each_set(
+            &volume,
+            Bits::Session(7),
+            Extent { first: 0, last: 0 },
+            &mut |_| true
+        ),
         Err(Error::SessionSlotNotAllocated { .. })
     ));
     assert_eq!(store.allocate_session_slot(&volume).unwrap(), 7);
@@ -67,11 +114,17 @@ fn the_seventeenth_session_is_refused_and_a_freed_slot_comes_back_clear() {
 fn target_changed_bits_are_marked_only_while_tracking() {
     let store = memory_store();
     let volume = store.create("bcv", 16 * TRACK, TRACK as u32).unwrap();
-    store.write(&volume, 0, &[1u8; 4096], Durability::Logged).unwrap();
+    store
+        .write(&volume, 0, &[1u8; 4096], Durability::Logged)
+        .unwrap();
     store.set_target_tracking(&volume, true).unwrap();
-    store.write(&volume, 3 * TRACK, &[1u8; 4096], Durability::Logged).unwrap();
+    store
+        .write(&volume, 3 * TRACK, &[1u8; 4096], Durability::Logged)
+        .unwrap();
     store.set_target_tracking(&volume, false).unwrap();
-    store.write(&volume, 6 * TRACK, &[1u8; 4096], Durability::Logged).unwrap();
+    store
+        .write(&volume, 6 * TRACK, &[1u8; 4096], Durability::Logged)
+        .unwrap();
     assert_eq!(set_tracks(&store, "bcv", Bits::TargetChanged), vec![3]);
     store.mark_all(&volume, Bits::TargetChanged).unwrap();
     assert_eq!(set_tracks(&store, "bcv", Bits::TargetChanged).len(), 16);
@@ -80,18 +133,38 @@ fn target_changed_bits_are_marked_only_while_tracking() {
 #[test]
 fn bits_of_acknowledged_writes_survive_a_restart() {
     let mut fixture = RocksFixture::new();
-    let volume = fixture.store().create("standard", 10_000 * TRACK, TRACK as u32).unwrap();
+    let volume = fixture
+        .store()
+        .create("standard", 10_000 * TRACK, TRACK as u32)
+        .unwrap();
     let slot = fixture.store().allocate_session_slot(&volume).unwrap();
     fixture.store().set_target_tracking(&volume, true).unwrap();
     // Tracks on both sides of a bitmap chunk boundary (4096 tracks a chunk).
     for track in [1u64, 4095, 4096, 9999] {
-        fixture.store().write(&volume, track * TRACK, &[3u8; 4096], Durability::Logged).unwrap();
+        fixture
+            .store()
+            .write(&volume, track * TRACK, &[3u8; 4096], Durability::Logged)
+            .unwrap();
     }
     fixture.store().flush().unwrap();
     fixture.reopen();
-    assert_eq!(set_tracks(fixture.store(), "standard", Bits::Session(slot)), vec![1, 4095, 4096, 9999]);
-    assert_eq!(set_tracks(fixture.store(), "standard", Bits::TargetChanged), vec![1, 4095, 4096, 9999]);
-    assert_eq!(fixture.store().volume("standard").unwrap().info().session_slots_used, 1);
+    assert_eq!(
+        set_tracks(fixture.store(), "standard", Bits::Session(slot)),
+        vec![1, 4095, 4096, 9999]
+    );
+    assert_eq!(
+        set_tracks(fixture.store(), "standard", Bits::TargetChanged),
+        vec![1, 4095, 4096, 9999]
+    );
+    assert_eq!(
+        fixture
+            .store()
+            .volume("standard")
+            .unwrap()
+            .info()
+            .session_slots_used,
+        1
+    );
 }
 
 #[derive(Debug, Clone)]

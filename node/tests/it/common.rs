@@ -20,7 +20,8 @@ pub struct RocksFixture {
 impl RocksFixture {
     pub fn new() -> RocksFixture {
         let directory = tempfile::tempdir().unwrap();
-        let store = VolumeStore::open(RocksEngine::open(&directory.path().join("db")).unwrap()).unwrap();
+        let store =
+            VolumeStore::open(RocksEngine::open(&directory.path().join("db")).unwrap()).unwrap();
         RocksFixture {
             directory,
             store: Some(store),
@@ -34,7 +35,10 @@ impl RocksFixture {
     /// Closes the database and opens it again, as a restart would.
     pub fn reopen(&mut self) {
         self.store = None;
-        self.store = Some(VolumeStore::open(RocksEngine::open(&self.directory.path().join("db")).unwrap()).unwrap());
+        self.store = Some(
+            VolumeStore::open(RocksEngine::open(&self.directory.path().join("db")).unwrap())
+                .unwrap(),
+        );
     }
 }
 
@@ -70,5 +74,7 @@ impl NodeFixture {
 
 /// Deterministic bytes that differ by seed and position.
 pub fn pattern(seed: u8, length: usize) -> Vec<u8> {
-    (0..length).map(|index| seed.wrapping_mul(31).wrapping_add((index % 253) as u8)).collect()
+    (0..length)
+        .map(|index| seed.wrapping_mul(31).wrapping_add((index % 253) as u8))
+        .collect()
 }

@@ -817,7 +817,10 @@ fn fuzz_seed_corpus_is_committed_and_current() {
         } else {
             let committed = std::fs::read(directory.join(name))
                 .unwrap_or_else(|error| panic!("seed {target}/{name} is missing ({error}); run with TANDEM_WRITE_FUZZ_CORPUS=1"));
-            assert_eq!(committed, bytes, "seed {target}/{name} is stale; run with TANDEM_WRITE_FUZZ_CORPUS=1");
+            assert_eq!(
+                committed, bytes,
+                "seed {target}/{name} is stale; run with TANDEM_WRITE_FUZZ_CORPUS=1"
+            );
         }
     };
 

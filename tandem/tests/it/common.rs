@@ -15,13 +15,21 @@ pub fn init(directory: &Path, nodes: &str) -> PathBuf {
         .args(["init", "--dir", certs.to_str().unwrap(), "--nodes", nodes])
         .output()
         .unwrap();
-    assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     certs
 }
 
 /// A free loopback port (bound, read, released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `tandem node` process; killed with SIGKILL when dropped.
@@ -49,13 +57,20 @@ impl NodeProcess {
         ]);
         let metrics = metrics.unwrap_or_else(free_port);
         command.args(["--metrics", &format!("127.0.0.1:{metrics}")]);
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
         // "node NAME serving: quic ADDRESS nbd ADDRESS"
         let words: Vec<&str> = line.split_whitespace().collect();
-        assert!(words.len() == 7 && words[2] == "serving:", "unexpected node output: {line:?}");
+        assert!(
+            words.len() == 7 && words[2] == "serving:",
+            "unexpected node output: {line:?}"
+        );
         NodeProcess {
             quic: words[4].parse().unwrap(),
             nbd: words[6].parse().unwrap(),

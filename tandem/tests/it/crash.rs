@@ -36,7 +36,10 @@ fn content(round: usize, sequence: u64, length: usize) -> Vec<u8> {
 
 #[test]
 fn every_acknowledged_write_survives_kill_9_at_random_points() {
-    let seed: u64 = std::env::var("TANDEM_CRASH_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(|| rand::rng().random());
+    let seed: u64 = std::env::var("TANDEM_CRASH_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
     println!("crash test seed {seed} (set TANDEM_CRASH_SEED to replay)");
     let mut random = rand::rngs::StdRng::seed_from_u64(seed);
     let directory = tempfile::tempdir().unwrap();
@@ -49,7 +52,18 @@ fn every_acknowledged_write_survives_kill_9_at_random_points() {
     for round in 0..ROUNDS {
         let mut node = NodeProcess::start(&certs, "crashnode", &data_dir, None);
         if round == 0 {
-            node.cli_ok(&certs, &["volume", "create", "crash", "--size", "16MiB", "--track-size", "64KiB"]);
+            node.cli_ok(
+                &certs,
+                &[
+                    "volume",
+                    "create",
+                    "crash",
+                    "--size",
+                    "16MiB",
+                    "--track-size",
+                    "64KiB",
+                ],
+            );
         }
         // Verify everything the previous rounds were promised.
         runtime.block_on(async {
@@ -62,7 +76,11 @@ fn every_acknowledged_write_survives_kill_9_at_random_points() {
                 assert!(
                     matches_acknowledged || matches_in_flight,
                     "round {round} seed {seed}: block {block} lost an acknowledged{} write",
-                    if expectation.durable { " and flushed" } else { "" }
+                    if expectation.durable {
+                        " and flushed"
+                    } else {
+                        ""
+                    }
                 );
                 // The next round starts from what is stored now.
                 expectation.acknowledged = Some(stored.to_vec());
@@ -94,7 +112,7 @@ fn every_acknowledged_write_survives_kill_9_at_random_points() {
                             entry.3 = true;
                         }
                     }
-                    _ => return (log, Vec::new()),
+                    _ => return log,
                 }
                 if fua {
                     log.push((u64::MAX, 0, Vec::new(), true));
@@ -102,7 +120,7 @@ fn every_acknowledged_write_survives_kill_9_at_random_points() {
                 if random.random_ratio(1, 8) {
                     match client.flush().await {
                         Ok(Ok(())) => log.push((u64::MAX, 0, Vec::new(), true)),
-                        _ => return (log, Vec::new()),
+                        _ => return log,
                     }
                 }
             }
@@ -110,7 +128,7 @@ fn every_acknowledged_write_survives_kill_9_at_random_points() {
         let started = Instant::now();
         std::thread::sleep(kill_after);
         node.kill();
-        let (log, _) = runtime.block_on(writer).unwrap();
+        let log = runtime.block_on(writer).unwrap();
         assert!(started.elapsed() < Duration::from_secs(30));
 
         // Replay the log into the expectations. A flush marker (u64::MAX) makes every
@@ -126,11 +144,15 @@ fn every_acknowledged_write_survives_kill_9_at_random_points() {
                 continue;
             }
             for index in 0..blocks {
-                let block_data = data[(index * BLOCK) as usize..((index + 1) * BLOCK) as usize].to_vec();
-                let expectation = expectations.entry(first + index).or_insert_with(|| Expectation {
-                    acknowledged: Some(vec![0u8; BLOCK as usize]),
-                    ..Expectation::default()
-                });
+                let block_data =
+                    data[(index * BLOCK) as usize..((index + 1) * BLOCK) as usize].to_vec();
+                let expectation =
+                    expectations
+                        .entry(first + index)
+                        .or_insert_with(|| Expectation {
+                            acknowledged: Some(vec![0u8; BLOCK as usize]),
+                            ..Expectation::default()
+                        });
                 if acknowledged {
                     expectation.acknowledged = Some(block_data);
                     expectation.durable = false;
@@ -144,9 +166,15 @@ fn every_acknowledged_write_survives_kill_9_at_random_points() {
             }
         }
     }
-    let durable = expectations.values().filter(|expectation| expectation.durable).count();
+    let durable = expectations
+        .values()
+        .filter(|expectation| expectation.durable)
+        .count();
     println!("{ROUNDS} rounds, {total_acknowledged} acknowledged writes, {} blocks checked, {durable} flushed", expectations.len());
-    assert!(total_acknowledged > ROUNDS as u64, "the load was too light to test anything");
+    assert!(
+        total_acknowledged > ROUNDS as u64,
+        "the load was too light to test anything"
+    );
     // A last restart checks the writes of the final round.
     let node = NodeProcess::start(&certs, "crashnode", &data_dir, None);
     runtime.block_on(async {
@@ -155,7 +183,8 @@ fn every_acknowledged_write_survives_kill_9_at_random_points() {
         for (block, expectation) in &expectations {
             let stored = &image[(*block * BLOCK) as usize..((*block + 1) * BLOCK) as usize];
             assert!(
-                expectation.acknowledged.as_deref() == Some(stored) || expectation.in_flight.as_deref() == Some(stored),
+                expectation.acknowledged.as_deref() == Some(stored)
+                    || expectation.in_flight.as_deref() == Some(stored),
                 "final check, seed {seed}: block {block} lost an acknowledged write"
             );
         }
