@@ -58,7 +58,7 @@ measure() {
   local uri=$1; shift
   # shellcheck disable=SC2086
   fio --name=job --ioengine=nbd --uri="$uri" --size=1G --time_based --runtime="$runtime_seconds" \
-      --ramp_time=2 --end_fsync=1 --randrepeat=0 $* --output-format=json > "$work/fio.json"
+      --ramp_time=2 --end_fsync=1 --randrepeat=0 $* --output-format=json --output="$work/fio.json" >/dev/null
   python3 - "$work/fio.json" <<'PY'
 import json, sys
 job = json.load(open(sys.argv[1]))["jobs"][0]

@@ -27,8 +27,11 @@ pub const TRACK_BYTES_MAX: u32 = 1 << 20;
 pub const TRACK_BYTES_DEFAULT: u32 = 64 << 10;
 /// Largest volume a node accepts: 256 TiB.
 pub const VOLUME_BYTES_MAX: u64 = 256 << 40;
-/// Block-level locks per volume; a write holds the stripes of its blocks.
-const WRITE_STRIPES: usize = 64;
+/// Write locks per volume; a write holds the stripes of the regions it touches.
+const WRITE_STRIPES: usize = 256;
+/// Blocks per striped region (64 KiB): a 1 MiB write takes 16 stripes, not all of them,
+/// so large writes to different places of one volume run side by side.
+const STRIPE_REGION_BLOCKS: u64 = 16;
 /// Blocks per engine batch when zeroing a large range, to keep batches bounded.
 const ZERO_BATCH_BLOCKS_MAX: u64 = 16 << 10;
 /// Generations are reserved in durable steps of this size, so they grow across restarts
@@ -770,6 +773,9 @@ impl<E: Engine> VolumeStore<E> {
         let blocks = self.read_blocks(volume, &state.view, first_block, last_block)?;
         drop(state);
         let start = (offset - first_block * BLOCK_BYTES as u64) as usize;
+        if start == 0 && blocks.len() == length as usize {
+            return Ok(blocks);
+        }
         Ok(blocks[start..start + length as usize].to_vec())
     }
 
@@ -803,27 +809,25 @@ impl<E: Engine> VolumeStore<E> {
                 }
                 ReferenceKind::Data { layer } => layer,
             };
-            let keys: Vec<Vec<u8>> = covered
-                .iter()
-                .map(|block| block_key(layer, *block))
-                .collect();
-            let values = self.engine.multi_get(Space::Blocks, &keys)?;
+            let keys: Vec<Vec<u8>> = covered.iter().map(|block| block_key(layer, *block)).collect();
             let mut still_pending = rest;
-            for (block, value) in covered.into_iter().zip(values) {
+            self.engine.multi_get(Space::Blocks, &keys, &mut |index, value| {
+                let block = covered[index];
                 let Some(stored) = value else {
                     still_pending.push(block);
-                    continue;
+                    return Ok(());
                 };
                 let address = BlockAddress {
                     layer,
                     track: block / blocks_per_track,
                     block_in_track: (block % blocks_per_track) as u32,
                 };
-                match track::verify(&stored, address) {
-                    Ok((_, BlockContent::Zero)) => {}
+                match track::verify(stored, address) {
+                    Ok((_, BlockContent::Zero)) => Ok(()),
                     Ok((_, BlockContent::Data(data))) => {
                         let at = (block - first) as usize * BLOCK_BYTES;
                         buffer[at..at + BLOCK_BYTES].copy_from_slice(data);
+                        Ok(())
                     }
                     Err(defect) => {
                         metrics::counter!("tandem_checksum_errors_total").increment(1);
@@ -836,17 +840,14 @@ impl<E: Engine> VolumeStore<E> {
                             %defect,
                             "stored block failed verification"
                         );
-                        return Err(Error::Corrupt {
+                        Err(Error::Corrupt {
                             volume: volume.id,
                             track: address.track,
-                            detail: format!(
-                                "layer {layer} block {}: {defect}",
-                                address.block_in_track
-                            ),
-                        });
+                            detail: format!("layer {layer} block {}: {defect}", address.block_in_track),
+                        })
                     }
                 }
-            }
+            })?;
             still_pending.sort_unstable();
             pending = still_pending;
         }
@@ -907,8 +908,8 @@ impl<E: Engine> VolumeStore<E> {
         let first_block = offset / block_bytes;
         let last_block = (offset + length - 1) / block_bytes;
 
-        let mut stripe_indexes: Vec<usize> = (first_block..=last_block)
-            .map(|block| (block % WRITE_STRIPES as u64) as usize)
+        let mut stripe_indexes: Vec<usize> = (first_block / STRIPE_REGION_BLOCKS..=last_block / STRIPE_REGION_BLOCKS)
+            .map(|region| (region % WRITE_STRIPES as u64) as usize)
             .collect();
         stripe_indexes.sort_unstable();
         stripe_indexes.dedup();

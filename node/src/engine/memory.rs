@@ -29,13 +29,18 @@ impl Engine for MemoryEngine {
             .and_then(|map| map.get(key).cloned()))
     }
 
-    fn multi_get(&self, space: Space, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+    fn multi_get(
+        &self,
+        space: Space,
+        keys: &[Vec<u8>],
+        visit: &mut dyn FnMut(usize, Option<&[u8]>) -> Result<()>,
+    ) -> Result<()> {
         let spaces = self.spaces.read();
         let map = spaces.get(&space);
-        Ok(keys
-            .iter()
-            .map(|key| map.and_then(|map| map.get(key).cloned()))
-            .collect())
+        for (index, key) in keys.iter().enumerate() {
+            visit(index, map.and_then(|map| map.get(key)).map(Vec::as_slice))?;
+        }
+        Ok(())
     }
 
     fn scan(

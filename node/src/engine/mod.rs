@@ -113,8 +113,14 @@ pub enum Durability {
 pub trait Engine: Send + Sync + 'static {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
-    /// Looks up many keys of one space at once, answers in the order asked.
-    fn multi_get(&self, space: Space, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>>;
+    /// Looks up many keys of one space at once and shows each answer to `visit` with the
+    /// key's index, in the order asked, without copying it out of the engine.
+    fn multi_get(
+        &self,
+        space: Space,
+        keys: &[Vec<u8>],
+        visit: &mut dyn FnMut(usize, Option<&[u8]>) -> Result<()>,
+    ) -> Result<()>;
 
     /// Visits keys in `from..to` in order until `visit` returns false.
     fn scan(
