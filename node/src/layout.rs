@@ -168,7 +168,11 @@ pub fn prune(view: Vec<LayerReference>) -> Vec<LayerReference> {
     }
     // Zero references with nothing below them change no read: unheld tracks read as
     // zeros anyway.
-    while kept.len() > 1 && kept.last().is_some_and(|reference| reference.kind == ReferenceKind::Zero) {
+    while kept.len() > 1
+        && kept
+            .last()
+            .is_some_and(|reference| reference.kind == ReferenceKind::Zero)
+    {
         kept.pop();
     }
     kept
@@ -308,7 +312,9 @@ mod tests {
         // its top and the source's layers (the zero barrier at the bottom hides nothing).
         assert_eq!(source.len(), 51);
         assert_eq!(target.len(), source.len());
-        assert!(target.iter().all(|reference| reference.kind != ReferenceKind::Zero));
+        assert!(target
+            .iter()
+            .all(|reference| reference.kind != ReferenceKind::Zero));
     }
 
     #[test]

@@ -809,45 +809,52 @@ impl<E: Engine> VolumeStore<E> {
                 }
                 ReferenceKind::Data { layer } => layer,
             };
-            let keys: Vec<Vec<u8>> = covered.iter().map(|block| block_key(layer, *block)).collect();
+            let keys: Vec<Vec<u8>> = covered
+                .iter()
+                .map(|block| block_key(layer, *block))
+                .collect();
             let mut still_pending = rest;
-            self.engine.multi_get(Space::Blocks, &keys, &mut |index, value| {
-                let block = covered[index];
-                let Some(stored) = value else {
-                    still_pending.push(block);
-                    return Ok(());
-                };
-                let address = BlockAddress {
-                    layer,
-                    track: block / blocks_per_track,
-                    block_in_track: (block % blocks_per_track) as u32,
-                };
-                match track::verify(stored, address) {
-                    Ok((_, BlockContent::Zero)) => Ok(()),
-                    Ok((_, BlockContent::Data(data))) => {
-                        let at = (block - first) as usize * BLOCK_BYTES;
-                        buffer[at..at + BLOCK_BYTES].copy_from_slice(data);
-                        Ok(())
+            self.engine
+                .multi_get(Space::Blocks, &keys, &mut |index, value| {
+                    let block = covered[index];
+                    let Some(stored) = value else {
+                        still_pending.push(block);
+                        return Ok(());
+                    };
+                    let address = BlockAddress {
+                        layer,
+                        track: block / blocks_per_track,
+                        block_in_track: (block % blocks_per_track) as u32,
+                    };
+                    match track::verify(stored, address) {
+                        Ok((_, BlockContent::Zero)) => Ok(()),
+                        Ok((_, BlockContent::Data(data))) => {
+                            let at = (block - first) as usize * BLOCK_BYTES;
+                            buffer[at..at + BLOCK_BYTES].copy_from_slice(data);
+                            Ok(())
+                        }
+                        Err(defect) => {
+                            metrics::counter!("tandem_checksum_errors_total").increment(1);
+                            tracing::error!(
+                                volume = volume.id,
+                                name = %volume.name,
+                                layer,
+                                track = address.track,
+                                block = address.block_in_track,
+                                %defect,
+                                "stored block failed verification"
+                            );
+                            Err(Error::Corrupt {
+                                volume: volume.id,
+                                track: address.track,
+                                detail: format!(
+                                    "layer {layer} block {}: {defect}",
+                                    address.block_in_track
+                                ),
+                            })
+                        }
                     }
-                    Err(defect) => {
-                        metrics::counter!("tandem_checksum_errors_total").increment(1);
-                        tracing::error!(
-                            volume = volume.id,
-                            name = %volume.name,
-                            layer,
-                            track = address.track,
-                            block = address.block_in_track,
-                            %defect,
-                            "stored block failed verification"
-                        );
-                        Err(Error::Corrupt {
-                            volume: volume.id,
-                            track: address.track,
-                            detail: format!("layer {layer} block {}: {defect}", address.block_in_track),
-                        })
-                    }
-                }
-            })?;
+                })?;
             still_pending.sort_unstable();
             pending = still_pending;
         }
@@ -908,7 +915,8 @@ impl<E: Engine> VolumeStore<E> {
         let first_block = offset / block_bytes;
         let last_block = (offset + length - 1) / block_bytes;
 
-        let mut stripe_indexes: Vec<usize> = (first_block / STRIPE_REGION_BLOCKS..=last_block / STRIPE_REGION_BLOCKS)
+        let mut stripe_indexes: Vec<usize> = (first_block / STRIPE_REGION_BLOCKS
+            ..=last_block / STRIPE_REGION_BLOCKS)
             .map(|region| (region % WRITE_STRIPES as u64) as usize)
             .collect();
         stripe_indexes.sort_unstable();
@@ -1090,24 +1098,7 @@ impl<E: Engine> VolumeStore<E> {
                 name: volume.name.clone(),
                 slots_max: SESSION_SLOTS_MAX,
             })?;
-        let mut batch = Batch::default();
-        Self::add_bit_changes(
-            &mut batch,
-            volume.id,
-            BitmapKind::Sessions,
-            1 << slot,
-            0,
-            volume.track_count() - 1,
-            false,
-        );
-        state.session_slots |= 1 << slot;
-        if let Err(error) = self
-            .put_record(&mut batch, volume, &state)
-            .and_then(|()| self.engine.write(batch, Durability::Synced))
-        {
-            state.session_slots &= !(1 << slot);
-            return Err(error);
-        }
+        self.change_slot(volume, &mut state, slot, true)?;
         Ok(slot)
     }
 
@@ -1116,6 +1107,18 @@ impl<E: Engine> VolumeStore<E> {
         let mut state = volume.state.write();
         Self::check_live(volume)?;
         Self::check_slot(volume, &state, slot)?;
+        self.change_slot(volume, &mut state, slot, false)
+    }
+
+    /// Gives `slot` to a session or takes it back. Its bits are cleared either way, in the
+    /// same synced batch as the volume record, and memory changes only if the batch lands.
+    fn change_slot(
+        &self,
+        volume: &Volume,
+        state: &mut VolumeState,
+        slot: u8,
+        allocated: bool,
+    ) -> Result<()> {
         let mut batch = Batch::default();
         Self::add_bit_changes(
             &mut batch,
@@ -1126,15 +1129,19 @@ impl<E: Engine> VolumeStore<E> {
             volume.track_count() - 1,
             false,
         );
-        state.session_slots &= !(1 << slot);
-        if let Err(error) = self
-            .put_record(&mut batch, volume, &state)
-            .and_then(|()| self.engine.write(batch, Durability::Synced))
-        {
+        let previous = state.session_slots;
+        if allocated {
             state.session_slots |= 1 << slot;
-            return Err(error);
+        } else {
+            state.session_slots &= !(1 << slot);
         }
-        Ok(())
+        let written = self
+            .put_record(&mut batch, volume, state)
+            .and_then(|()| self.engine.write(batch, Durability::Synced));
+        if written.is_err() {
+            state.session_slots = previous;
+        }
+        written
     }
 
     /// Refuses changes to a deleted volume: its record must not be written back. `delete`

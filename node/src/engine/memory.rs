@@ -1,6 +1,6 @@
 //! An in-memory engine with the same semantics as the RocksDB one, for fast tests.
 
-use super::{Batch, Durability, Engine, Operation, Space};
+use super::{Batch, Durability, Engine, Operation, Space, ValueVisitor};
 use crate::bitmap;
 use crate::Result;
 use parking_lot::RwLock;
@@ -33,7 +33,7 @@ impl Engine for MemoryEngine {
         &self,
         space: Space,
         keys: &[Vec<u8>],
-        visit: &mut dyn FnMut(usize, Option<&[u8]>) -> Result<()>,
+        visit: &mut ValueVisitor<'_>,
     ) -> Result<()> {
         let spaces = self.spaces.read();
         let map = spaces.get(&space);

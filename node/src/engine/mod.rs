@@ -109,18 +109,17 @@ pub enum Durability {
     Synced,
 }
 
+/// Sees one answer of [`Engine::multi_get`]: the key's index and its value, if stored.
+pub type ValueVisitor<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<()> + 'a;
+
 /// The storage engine under the volume store.
 pub trait Engine: Send + Sync + 'static {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
     /// Looks up many keys of one space at once and shows each answer to `visit` with the
     /// key's index, in the order asked, without copying it out of the engine.
-    fn multi_get(
-        &self,
-        space: Space,
-        keys: &[Vec<u8>],
-        visit: &mut dyn FnMut(usize, Option<&[u8]>) -> Result<()>,
-    ) -> Result<()>;
+    fn multi_get(&self, space: Space, keys: &[Vec<u8>], visit: &mut ValueVisitor<'_>)
+        -> Result<()>;
 
     /// Visits keys in `from..to` in order until `visit` returns false.
     fn scan(

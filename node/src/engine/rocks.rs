@@ -1,6 +1,6 @@
 //! The RocksDB engine: one database per node, one column family per [`Space`].
 
-use super::{Batch, Durability, Engine, Operation, Space};
+use super::{Batch, Durability, Engine, Operation, Space, ValueVisitor};
 use crate::bitmap;
 use crate::{Error, Result};
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
@@ -97,7 +97,7 @@ impl Engine for RocksEngine {
         &self,
         space: Space,
         keys: &[Vec<u8>],
-        visit: &mut dyn FnMut(usize, Option<&[u8]>) -> Result<()>,
+        visit: &mut ValueVisitor<'_>,
     ) -> Result<()> {
         let family = self.family(space)?;
         // Keys are asked in sorted order (blocks of a layer ascend), which lets RocksDB
