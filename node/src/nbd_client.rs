@@ -20,7 +20,8 @@ pub struct NbdClient {
 }
 
 /// An NBD error value the server answered with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the NBD server answered with error value {0}")]
 pub struct NbdErrorValue(pub u32);
 
 fn protocol_error(detail: String) -> Error {

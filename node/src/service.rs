@@ -96,7 +96,7 @@ fn answer<E: Engine>(
             name: identity.name.clone(),
             site: identity.site.clone(),
             nbd_address: identity.nbd_address.clone(),
-            volume_count: store.list().len() as u64,
+            volume_count: store.volume_count() as u64,
             version: env!("CARGO_PKG_VERSION").to_string(),
         }),
     })

@@ -238,6 +238,17 @@ struct Catalog {
     next_layer: u64,
 }
 
+impl Catalog {
+    fn find(&self, name: &str) -> Result<Arc<Volume>> {
+        self.by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::VolumeNotFound {
+                name: name.to_string(),
+            })
+    }
+}
+
 /// The volumes of one node.
 pub struct VolumeStore<E: Engine> {
     engine: E,
@@ -417,14 +428,12 @@ impl<E: Engine> VolumeStore<E> {
     }
 
     pub fn volume(&self, name: &str) -> Result<Arc<Volume>> {
-        self.catalog
-            .lock()
-            .by_name
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::VolumeNotFound {
-                name: name.to_string(),
-            })
+        self.catalog.lock().find(name)
+    }
+
+    /// How many volumes the node holds.
+    pub fn volume_count(&self) -> usize {
+        self.catalog.lock().by_name.len()
     }
 
     pub fn list(&self) -> Vec<VolumeInfo> {
@@ -542,13 +551,7 @@ impl<E: Engine> VolumeStore<E> {
 
     pub fn delete(&self, name: &str) -> Result<()> {
         let mut catalog = self.catalog.lock();
-        let volume = catalog
-            .by_name
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::VolumeNotFound {
-                name: name.to_string(),
-            })?;
+        let volume = catalog.find(name)?;
         let state = volume.state.write();
         let others = Self::counts_except(&catalog, &[volume.id]);
         let mut batch = Batch::default();
@@ -570,8 +573,8 @@ impl<E: Engine> VolumeStore<E> {
     }
 
     pub fn set_readiness(&self, name: &str, readiness: Readiness) -> Result<Arc<Volume>> {
-        let _catalog = self.catalog.lock();
-        let volume = self.volume_unlocked(&_catalog, name)?;
+        let catalog = self.catalog.lock();
+        let volume = catalog.find(name)?;
         let state = volume.state.write();
         let previous = volume
             .readiness
@@ -585,16 +588,6 @@ impl<E: Engine> VolumeStore<E> {
         tracing::info!(volume = volume.id, name, %readiness, "readiness changed");
         drop(state);
         Ok(volume)
-    }
-
-    fn volume_unlocked(&self, catalog: &Catalog, name: &str) -> Result<Arc<Volume>> {
-        catalog
-            .by_name
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::VolumeNotFound {
-                name: name.to_string(),
-            })
     }
 
     /// Takes a pointer snapshot of `source` into `target`, creating `target` with the
@@ -616,7 +609,7 @@ impl<E: Engine> VolumeStore<E> {
         }
         validate_volume_name(target)?;
         let mut catalog = self.catalog.lock();
-        let source_volume = self.volume_unlocked(&catalog, source)?;
+        let source_volume = catalog.find(source)?;
         let existing_target = catalog.by_name.get(target).cloned();
         if let Some(target_volume) = &existing_target {
             if target_volume.track_size_bytes != source_volume.track_size_bytes {

@@ -87,28 +87,23 @@ pub async fn run() -> Result<()> {
     let mut written_bytes = 0;
     for (index, (offset, length)) in WRITES.iter().enumerate() {
         let data = pattern(index as u8 + 1, *length);
-        if let Err(error) = host.write(*offset, &data, false).await? {
-            bail!("NBD write at {offset} failed with error {}", error.0);
-        }
+        host.write(*offset, &data, false)
+            .await?
+            .with_context(|| format!("NBD write at {offset}"))?;
         written_bytes += length;
     }
-    if let Err(error) = host.flush().await? {
-        bail!("NBD flush failed with error {}", error.0);
-    }
+    host.flush().await?.context("NBD flush")?;
     for (index, (offset, length)) in WRITES.iter().enumerate() {
         let read = host
             .read(*offset, *length as u32)
             .await?
-            .map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
+            .context("NBD read")?;
         ensure!(
             read == pattern(index as u8 + 1, *length),
             "read back at {offset} differs from what was written"
         );
     }
-    let untouched = host
-        .read(32 << 20, 65536)
-        .await?
-        .map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
+    let untouched = host.read(32 << 20, 65536).await?.context("NBD read")?;
     ensure!(
         untouched.iter().all(|byte| *byte == 0),
         "a never-written track does not read as zeros"
@@ -137,9 +132,9 @@ pub async fn run() -> Result<()> {
 
     for (index, (offset, length)) in WRITES.iter().enumerate() {
         let data = pattern(index as u8 + 100, *length);
-        if let Err(error) = host.write(*offset, &data, true).await? {
-            bail!("NBD write at {offset} failed with error {}", error.0);
-        }
+        host.write(*offset, &data, true)
+            .await?
+            .with_context(|| format!("NBD write at {offset}"))?;
     }
     let mut snapshot = NbdClient::connect(node.nbd_address, SNAPSHOT).await?;
     let mut source_checksum = 0u32;
@@ -148,11 +143,11 @@ pub async fn run() -> Result<()> {
         let from_snapshot = snapshot
             .read(*offset, *length as u32)
             .await?
-            .map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
+            .context("NBD read")?;
         let from_source = host
             .read(*offset, *length as u32)
             .await?
-            .map_err(|error| anyhow::anyhow!("NBD read failed with error {}", error.0))?;
+            .context("NBD read")?;
         ensure!(
             from_snapshot == pattern(index as u8 + 1, *length),
             "the snapshot changed when its source was rewritten"

@@ -162,21 +162,19 @@ impl Engine for RocksEngine {
 
     fn approximate_bytes(&self, space: Space) -> Result<u64> {
         let family = self.family(space)?;
-        let live = self
-            .database
-            .property_int_value_cf(family, "rocksdb.estimate-live-data-size")
-            .map_err(engine_error)?
-            .unwrap_or(0);
-        let memtable = self
-            .database
-            .property_int_value_cf(family, "rocksdb.cur-size-all-mem-tables")
-            .map_err(engine_error)?
-            .unwrap_or(0);
-        let blobs = self
-            .database
-            .property_int_value_cf(family, "rocksdb.live-blob-file-size")
-            .map_err(engine_error)?
-            .unwrap_or(0);
-        Ok(live + memtable + blobs)
+        // Live SST data, memtables not yet flushed, and blob files (where blocks go).
+        let mut total = 0;
+        for property in [
+            "rocksdb.estimate-live-data-size",
+            "rocksdb.cur-size-all-mem-tables",
+            "rocksdb.live-blob-file-size",
+        ] {
+            total += self
+                .database
+                .property_int_value_cf(family, property)
+                .map_err(engine_error)?
+                .unwrap_or(0);
+        }
+        Ok(total)
     }
 }
