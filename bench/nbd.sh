@@ -29,6 +29,7 @@ volume_bytes=$((2 << 30))
   --listen 127.0.0.1:17100 --nbd 127.0.0.1:17809 --metrics 127.0.0.1:17900 >"$work/node.out" 2>"$work/node.err" &
 node_pid=$!
 for _ in $(seq 50); do grep -q serving "$work/node.out" 2>/dev/null && break; sleep 0.2; done
+TANDEM_ENDPOINT=127.0.0.1:17100 TANDEM_CERTS="$work/certs" "$tandem" cluster init >/dev/null
 TANDEM_ENDPOINT=127.0.0.1:17100 TANDEM_CERTS="$work/certs" "$tandem" volume create bench --size "$volume_bytes" >/dev/null
 
 truncate -s "$volume_bytes" "$work/qemu.raw"

@@ -17,6 +17,7 @@ trap cleanup EXIT
 node_pid=$!
 for _ in $(seq 50); do grep -q serving "$work/node.out" 2>/dev/null && break; sleep 0.2; done
 export TANDEM_ENDPOINT=127.0.0.1:17200 TANDEM_CERTS="$work/certs"
+"$tandem" cluster init >/dev/null
 "$tandem" volume create small --size 4MiB >/dev/null
 "$tandem" volume create large --size 4GiB >/dev/null
 # Populate every byte of both volumes.

@@ -23,6 +23,23 @@ pub struct NodeConfig {
     pub metrics: Option<SocketAddr>,
     /// Directory with `ca.pem`, `NAME.pem` and `NAME.key` from `tandem init`.
     pub certs: PathBuf,
+    /// Whether this node's process hosts a control-plane member.
+    #[serde(default)]
+    pub control_plane: bool,
+    /// The control-plane members this node registers with and heartbeats to, `HOST:PORT`.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// The `HOST:PORT` other nodes reach this node's QUIC service at; by default the
+    /// `listen` address, which must then not be a wildcard like 0.0.0.0.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// How many bytes of volumes this node may hold; by default the size of the file
+    /// system under `data_dir`.
+    #[serde(default)]
+    pub capacity_bytes: Option<u64>,
+    /// Lets the admin inject network faults (`tandem debug fault`); for tests only.
+    #[serde(default)]
+    pub fault_injection: bool,
 }
 
 impl NodeConfig {
@@ -56,6 +73,11 @@ mod tests {
             nbd: "127.0.0.1:10809".parse().unwrap(),
             metrics: Some("127.0.0.1:9100".parse().unwrap()),
             certs: "/etc/tandem/certs".into(),
+            control_plane: true,
+            members: vec!["127.0.0.1:7100".into()],
+            advertise: None,
+            capacity_bytes: Some(1 << 40),
+            fault_injection: false,
         };
         let text = config.to_toml().unwrap();
         assert_eq!(toml::from_str::<NodeConfig>(&text).unwrap(), config);

@@ -68,6 +68,8 @@ pub enum Error {
     Config { detail: String },
     #[error(transparent)]
     Protocol(#[from] protocol::Error),
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] control_plane::Error),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -95,6 +97,7 @@ impl Error {
             | Error::Engine { .. }
             | Error::Metadata { .. }
             | Error::Protocol(_)
+            | Error::ControlPlane(_)
             | Error::Io(_) => ErrorCode::Internal,
         }
     }

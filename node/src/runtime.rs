@@ -2,11 +2,19 @@
 
 use crate::config::NodeConfig;
 use crate::engine::rocks::RocksEngine;
-use crate::service::{self, Identity};
+use crate::engine::Engine;
+use crate::service::{self, Identity, Service};
 use crate::store::VolumeStore;
 use crate::{nbd, Error, Result};
+use control_plane::caller::Caller;
+use control_plane::member::ControlPlane;
+use control_plane::network::Faults;
+use protocol::cluster::NodeReport;
+use protocol::messages::{Request, Response};
+use protocol::transport::{Peer, PeerRole};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::task::JoinHandle;
 
 /// A node serving on its addresses; dropping it stops the listeners.
@@ -15,6 +23,8 @@ pub struct RunningNode {
     pub quic_address: SocketAddr,
     pub nbd_address: SocketAddr,
     pub store: Arc<VolumeStore<RocksEngine>>,
+    /// The control-plane member this process hosts, if its config says so.
+    pub control_plane: Option<Arc<ControlPlane>>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -76,18 +86,60 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         install_metrics(metrics_address)?;
     }
 
-    let service_identity = Arc::new(Identity {
+    let advertise = advertised_address(config, quic_address)?;
+    let capacity_bytes = match config.capacity_bytes {
+        Some(capacity_bytes) => capacity_bytes,
+        None => fs4::total_space(&config.data_dir).map_err(|error| Error::Config {
+            detail: format!(
+                "cannot read the size of the file system under {}: {error}; set capacity_bytes in the config",
+                config.data_dir.display()
+            ),
+        })?,
+    };
+    let faults = Faults::default();
+    let control_plane = if config.control_plane {
+        Some(
+            ControlPlane::start(
+                &config.name,
+                &advertise,
+                &config.data_dir,
+                endpoint.clone(),
+                faults.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let service = Arc::new(Service {
+        store: store.clone(),
+        identity: Identity {
+            name: config.name.clone(),
+            site: config.site.clone(),
+            nbd_address: nbd_address.to_string(),
+        },
+        control_plane: control_plane.clone(),
+        members: config.members.clone(),
+        caller: Arc::new(Caller::new(endpoint.clone())),
+        faults,
+        fault_injection: config.fault_injection,
+    });
+    let report = NodeReport {
         name: config.name.clone(),
         site: config.site.clone(),
+        address: advertise.clone(),
         nbd_address: nbd_address.to_string(),
-    });
-    let mut tasks = vec![tokio::spawn(nbd::serve(nbd_listener, store.clone()))];
-    let accept_store = store.clone();
+        capacity_bytes,
+        control_plane: config.control_plane,
+    };
+    let mut tasks = vec![
+        tokio::spawn(nbd::serve(nbd_listener, store.clone())),
+        tokio::spawn(heartbeat(service.clone(), report)),
+    ];
     let accept_endpoint = endpoint.clone();
     tasks.push(tokio::spawn(async move {
         while let Some(incoming) = accept_endpoint.accept().await {
-            let store = accept_store.clone();
-            let identity = service_identity.clone();
+            let service = service.clone();
             tokio::spawn(async move {
                 let connection = match incoming.await {
                     Ok(connection) => connection,
@@ -98,8 +150,8 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
                         return;
                     }
                 };
-                protocol::transport::serve_connection(connection, move |request| {
-                    service::handle(store.clone(), identity.clone(), request)
+                protocol::transport::serve_connection(connection, move |peer, request| {
+                    service::handle(service.clone(), peer, request)
                 })
                 .await;
             });
@@ -111,7 +163,63 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         quic_address,
         nbd_address,
         store,
+        control_plane,
         endpoint,
         tasks,
     })
+}
+
+/// How often a node tells the control plane it is alive. Well under the leader's
+/// `NODE_DOWN_AFTER_MILLISECONDS`, so a lost heartbeat or two never marks a node down.
+pub const HEARTBEAT_INTERVAL_MILLISECONDS: u64 = 500;
+
+/// The address other processes reach this node at.
+fn advertised_address(config: &NodeConfig, quic_address: SocketAddr) -> Result<String> {
+    if let Some(advertise) = &config.advertise {
+        return Ok(advertise.clone());
+    }
+    if quic_address.ip().is_unspecified() && (config.control_plane || !config.members.is_empty()) {
+        return Err(Error::Config {
+            detail: format!(
+                "listen address {quic_address} is a wildcard, which other nodes cannot connect to: set advertise = \"HOST:PORT\" in the config"
+            ),
+        });
+    }
+    Ok(quic_address.to_string())
+}
+
+/// Registers with the control plane and heartbeats for as long as the node runs.
+async fn heartbeat<E: Engine>(service: Arc<Service<E>>, report: NodeReport) {
+    if service.control_plane.is_none() && service.members.is_empty() {
+        tracing::info!("no control-plane members configured; this node runs on its own");
+        return;
+    }
+    let mut ticker = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MILLISECONDS));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = false;
+    loop {
+        ticker.tick().await;
+        let peer = Peer {
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            role: PeerRole::Node(service.identity.name.clone()),
+        };
+        let request = Request::Heartbeat {
+            report: report.clone(),
+            forwarded: false,
+        };
+        match service::handle(service.clone(), peer, request).await {
+            Response::Error { code, message } => {
+                if reported {
+                    tracing::warn!(%code, %message, "heartbeat not accepted; will keep trying");
+                }
+                reported = false;
+            }
+            _ => {
+                if !reported {
+                    tracing::info!("registered with the control plane");
+                }
+                reported = true;
+            }
+        }
+    }
 }

@@ -1,10 +1,16 @@
-//! The node's QUIC service: requests from the CLI and other nodes, answered from the
-//! volume store. A thin driver: validation lives in the store.
+//! The node's QUIC service. Storage requests are answered from the volume store (a thin
+//! driver: validation lives in the store); cluster requests go to the control plane, in
+//! this process when it hosts a member, else to a member named in the config.
 
 use crate::engine::Engine;
 use crate::store::VolumeStore;
 use crate::{Error, Result};
-use protocol::messages::{NodeStatus, Request, Response};
+use control_plane::caller::Caller;
+use control_plane::member::ControlPlane;
+use control_plane::network::Faults;
+use protocol::cluster::ClusterRequest;
+use protocol::messages::{ErrorCode, NodeStatus, Request, Response};
+use protocol::transport::{Peer, PeerRole};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,33 +22,201 @@ pub struct Identity {
     pub nbd_address: String,
 }
 
-pub async fn handle<E: Engine>(
-    store: Arc<VolumeStore<E>>,
-    identity: Arc<Identity>,
-    request: Request,
-) -> Response {
+/// Everything a request handler needs, shared by all connections of a node.
+pub struct Service<E: Engine> {
+    pub store: Arc<VolumeStore<E>>,
+    pub identity: Identity,
+    /// The control-plane member this process hosts, when its config says `control_plane = true`.
+    pub control_plane: Option<Arc<ControlPlane>>,
+    /// The control-plane members this node reports to, `HOST:PORT` each.
+    pub members: Vec<String>,
+    pub caller: Arc<Caller>,
+    pub faults: Faults,
+    /// Whether the admin may set fault rules on this node; off unless the config enables it.
+    pub fault_injection: bool,
+}
+
+fn refuse(code: ErrorCode, message: String) -> Response {
+    Response::Error { code, message }
+}
+
+pub async fn handle<E: Engine>(service: Arc<Service<E>>, peer: Peer, request: Request) -> Response {
     let started = Instant::now();
     let kind = request_kind(&request);
-    let answer = tokio::task::spawn_blocking(move || answer(&store, &identity, request))
-        .await
-        .unwrap_or_else(|join_error| {
-            Err(Error::Engine {
-                detail: format!("request task failed: {join_error}"),
-            })
-        });
+    let response = route(service, &peer, request).await;
     metrics::histogram!("tandem_requests_seconds", "request" => kind)
         .record(started.elapsed().as_secs_f64());
-    match answer {
-        Ok(response) => response,
-        Err(error) => {
-            metrics::counter!("tandem_request_errors_total", "request" => kind).increment(1);
-            tracing::info!(request = kind, %error, "request refused");
-            Response::Error {
-                code: error.code(),
-                message: error.to_string(),
+    if let Response::Error { code, message } = &response {
+        metrics::counter!("tandem_request_errors_total", "request" => kind).increment(1);
+        tracing::info!(request = kind, caller = %peer.role, %code, %message, "request refused");
+    }
+    response
+}
+
+async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Request) -> Response {
+    let from_node = matches!(peer.role, PeerRole::Node(_));
+    match request {
+        Request::Raft(bytes) => match &service.control_plane {
+            Some(control_plane) => control_plane.serve_raft(peer, &bytes).await,
+            None => refuse(
+                ErrorCode::Forbidden,
+                format!(
+                    "node {} is not a control-plane member",
+                    service.identity.name
+                ),
+            ),
+        },
+        Request::Cluster { request, forwarded } => {
+            serve_cluster(&service, request, forwarded).await
+        }
+        Request::Heartbeat { report, forwarded } => {
+            if !from_node {
+                return refuse(
+                    ErrorCode::Forbidden,
+                    "heartbeats come from nodes only".into(),
+                );
+            }
+            match route_to(&service, forwarded, false) {
+                Route::Local(control_plane) => {
+                    control_plane.serve_heartbeat(report, forwarded).await
+                }
+                Route::Members { forwarded } => {
+                    to_members(&service, Request::Heartbeat { report, forwarded }).await
+                }
+                Route::Refuse(response) => response,
             }
         }
+        Request::SetFault { peer: target, rule } => {
+            if peer.role != PeerRole::Admin || !service.fault_injection {
+                return refuse(
+                    ErrorCode::Forbidden,
+                    "fault injection needs the admin certificate and `fault_injection = true` in the node's config".into(),
+                );
+            }
+            tracing::warn!(peer = %target, ?rule, "fault injection rule set");
+            service.faults.set(&target, rule);
+            Response::Deleted { name: target }
+        }
+        Request::VolumeCreate { .. }
+        | Request::VolumeDelete { .. }
+        | Request::VolumeSetReadiness { .. }
+        | Request::Snap { .. }
+            if !from_node =>
+        {
+            // Volumes change through the catalog only, so that it stays the truth.
+            refuse(
+                ErrorCode::Forbidden,
+                "volumes are changed through the control plane: use `tandem volume ...`, which sends cluster commands".into(),
+            )
+        }
+        storage_request => {
+            let store = service.store.clone();
+            let identity = service.identity.clone();
+            let answer =
+                tokio::task::spawn_blocking(move || answer(&store, &identity, storage_request))
+                    .await
+                    .unwrap_or_else(|join_error| {
+                        Err(Error::Engine {
+                            detail: format!("request task failed: {join_error}"),
+                        })
+                    });
+            answer.unwrap_or_else(|error| refuse(error.code(), error.to_string()))
+        }
     }
+}
+
+async fn serve_cluster<E: Engine>(
+    service: &Service<E>,
+    mut request: ClusterRequest,
+    forwarded: bool,
+) -> Response {
+    // A volume placed without --node goes to the node the CLI talked to.
+    if let ClusterRequest::VolumeCreate { node, .. } = &mut request {
+        if node.is_none() {
+            *node = Some(service.identity.name.clone());
+        }
+    }
+    if request == ClusterRequest::Init && service.control_plane.is_none() {
+        return refuse(
+            ErrorCode::InvalidArgument,
+            format!(
+                "node {} runs without `control_plane = true` in its config, so it cannot start a cluster",
+                service.identity.name
+            ),
+        );
+    }
+    let local_only = matches!(
+        request,
+        ClusterRequest::Init | ClusterRequest::ClusterStatus
+    );
+    match route_to(service, forwarded, local_only) {
+        Route::Local(control_plane) => control_plane.serve_cluster(request, forwarded).await,
+        Route::Members { forwarded } => {
+            to_members(service, Request::Cluster { request, forwarded }).await
+        }
+        Route::Refuse(response) => response,
+    }
+}
+
+/// Where a cluster request or heartbeat goes from this node.
+enum Route<'a> {
+    /// To the member in this process, which serves it or passes it to its leader.
+    Local(&'a Arc<ControlPlane>),
+    /// To the configured members; `forwarded` tells them whether they may pass it on.
+    Members {
+        forwarded: bool,
+    },
+    Refuse(Response),
+}
+
+fn route_to<E: Engine>(service: &Service<E>, forwarded: bool, local_only: bool) -> Route<'_> {
+    match &service.control_plane {
+        // A member that knows its leader, or a request that must be served here.
+        Some(control_plane)
+            if local_only
+                || forwarded
+                || control_plane.knows_leader()
+                || service.members.is_empty() =>
+        {
+            Route::Local(control_plane)
+        }
+        // A member not yet in any cluster (before `cluster add-member`) cannot pass requests
+        // to a leader, so it asks the configured members directly, marking the request
+        // forwarded: only a leader serves it then, and it travels no further.
+        Some(_) => Route::Members { forwarded: true },
+        None if forwarded => Route::Refuse(refuse(
+            ErrorCode::Unavailable,
+            format!(
+                "node {} is not a control-plane member",
+                service.identity.name
+            ),
+        )),
+        None => Route::Members { forwarded: false },
+    }
+}
+
+/// Passes a request to the first configured member that answers.
+async fn to_members<E: Engine>(service: &Service<E>, request: Request) -> Response {
+    if service.members.is_empty() {
+        return refuse(
+            ErrorCode::Unavailable,
+            format!(
+                "node {} names no control-plane members: add `members = [\"HOST:PORT\", ...]` to its config",
+                service.identity.name
+            ),
+        );
+    }
+    let mut failures = Vec::new();
+    for member in &service.members {
+        match service.caller.call(member, &request).await {
+            Ok(response) => return response,
+            Err(detail) => failures.push(format!("{member}: {detail}")),
+        }
+    }
+    refuse(
+        ErrorCode::Unavailable,
+        format!("no control-plane member answered ({})", failures.join("; ")),
+    )
 }
 
 fn request_kind(request: &Request) -> &'static str {
@@ -54,6 +228,10 @@ fn request_kind(request: &Request) -> &'static str {
         Request::VolumeSetReadiness { .. } => "volume_set_readiness",
         Request::Snap { .. } => "snap",
         Request::NodeStatus => "node_status",
+        Request::Cluster { .. } => "cluster",
+        Request::Heartbeat { .. } => "heartbeat",
+        Request::Raft(_) => "raft",
+        Request::SetFault { .. } => "set_fault",
     }
 }
 
@@ -99,5 +277,13 @@ fn answer<E: Engine>(
             volume_count: store.volume_count() as u64,
             version: env!("CARGO_PKG_VERSION").to_string(),
         }),
+        cluster_request => {
+            return Err(Error::Config {
+                detail: format!(
+                    "{} is not a storage request",
+                    request_kind(&cluster_request)
+                ),
+            })
+        }
     })
 }

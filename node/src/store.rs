@@ -22,11 +22,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Host IO is aligned to sectors, as block devices are.
 pub const SECTOR_BYTES: u64 = 512;
-pub const TRACK_BYTES_MIN: u32 = 4 << 10;
-pub const TRACK_BYTES_MAX: u32 = 1 << 20;
+pub use protocol::messages::{TRACK_BYTES_MAX, TRACK_BYTES_MIN, VOLUME_BYTES_MAX};
 pub const TRACK_BYTES_DEFAULT: u32 = 64 << 10;
-/// Largest volume a node accepts: 256 TiB.
-pub const VOLUME_BYTES_MAX: u64 = 256 << 40;
 /// Write locks per volume; a write holds the stripes of the regions it touches.
 const WRITE_STRIPES: usize = 256;
 /// Blocks per striped region (64 KiB): a 1 MiB write takes 16 stripes, not all of them,
@@ -304,33 +301,12 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
 }
 
 fn validate_geometry(name: &str, size_bytes: u64, track_size_bytes: u32) -> Result<()> {
-    let invalid = |reason: String| {
-        Err(Error::VolumeSizeInvalid {
+    protocol::messages::check_geometry(size_bytes, track_size_bytes).map_err(|reason| {
+        Error::VolumeSizeInvalid {
             name: name.to_string(),
             reason,
-        })
-    };
-    if !track_size_bytes.is_power_of_two()
-        || !(TRACK_BYTES_MIN..=TRACK_BYTES_MAX).contains(&track_size_bytes)
-    {
-        return invalid(format!(
-            "track size {track_size_bytes} bytes must be a power of two from 4 KiB to 1 MiB"
-        ));
-    }
-    if size_bytes == 0 {
-        return invalid("size must be greater than zero".to_string());
-    }
-    if size_bytes > VOLUME_BYTES_MAX {
-        return invalid(format!(
-            "size {size_bytes} bytes exceeds the limit of {VOLUME_BYTES_MAX} bytes"
-        ));
-    }
-    if !size_bytes.is_multiple_of(u64::from(track_size_bytes)) {
-        return invalid(format!(
-            "size {size_bytes} bytes is not a multiple of the track size {track_size_bytes} bytes"
-        ));
-    }
-    Ok(())
+        }
+    })
 }
 
 impl<E: Engine> VolumeStore<E> {

@@ -1,5 +1,6 @@
 //! Wire formats of tandem, with no storage and no policy in them.
 //!
+//! - [`cluster`]: the control plane's catalog records, commands and cluster requests.
 //! - [`codec`]: the one place that turns values into bytes (bincode, size-limited).
 //! - [`frame`]: the versioned frame that carries every QUIC message.
 //! - [`messages`]: the requests and responses nodes and the CLI exchange.
@@ -7,6 +8,7 @@
 //! - [`pki`] and [`transport`]: the cluster CA, certificates, and quinn endpoints with
 //!   mutual TLS.
 
+pub mod cluster;
 pub mod codec;
 pub mod error;
 pub mod frame;

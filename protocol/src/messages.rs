@@ -9,6 +9,37 @@ use std::str::FromStr;
 
 /// Volume names are short, printable, and safe to use as NBD export names and file names.
 pub const VOLUME_NAME_BYTES_MAX: usize = 128;
+pub const TRACK_BYTES_MIN: u32 = 4 << 10;
+pub const TRACK_BYTES_MAX: u32 = 1 << 20;
+/// Largest volume a node accepts: 256 TiB.
+pub const VOLUME_BYTES_MAX: u64 = 256 << 40;
+
+/// Whether a volume of this geometry can exist; the reason when it cannot. The catalog
+/// and the node apply the same rule, so the catalog never records a volume a node refuses
+/// for its shape.
+pub fn check_geometry(size_bytes: u64, track_size_bytes: u32) -> Result<(), String> {
+    if !track_size_bytes.is_power_of_two()
+        || !(TRACK_BYTES_MIN..=TRACK_BYTES_MAX).contains(&track_size_bytes)
+    {
+        return Err(format!(
+            "track size {track_size_bytes} bytes must be a power of two from 4 KiB to 1 MiB"
+        ));
+    }
+    if size_bytes == 0 {
+        return Err("size must be greater than zero".to_string());
+    }
+    if size_bytes > VOLUME_BYTES_MAX {
+        return Err(format!(
+            "size {size_bytes} bytes exceeds the limit of {VOLUME_BYTES_MAX} bytes"
+        ));
+    }
+    if !size_bytes.is_multiple_of(u64::from(track_size_bytes)) {
+        return Err(format!(
+            "size {size_bytes} bytes is not a multiple of the track size {track_size_bytes} bytes"
+        ));
+    }
+    Ok(())
+}
 
 /// How a volume may be used by its hosts, as the seeds switch it with session states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -139,6 +170,26 @@ pub enum Request {
         extents: Vec<Extent>,
     },
     NodeStatus,
+    /// A command for the cluster. A node that is no member passes it to a member; a member
+    /// that is not the leader passes it to the leader with `forwarded` set, and a
+    /// forwarded request is never passed on again, so a request makes at most two hops.
+    Cluster {
+        request: crate::cluster::ClusterRequest,
+        forwarded: bool,
+    },
+    /// A node's registration and heartbeat, sent to a control-plane member and passed on to
+    /// the leader like a cluster request.
+    Heartbeat {
+        report: crate::cluster::NodeReport,
+        forwarded: bool,
+    },
+    /// A Raft message between members, encoded by the control plane.
+    Raft(Vec<u8>),
+    /// Sets (or with the default rule, clears) fault injection towards one peer, by node name.
+    SetFault {
+        peer: String,
+        rule: crate::cluster::FaultRule,
+    },
 }
 
 /// Status of the node that answered.
@@ -160,6 +211,10 @@ pub enum ErrorCode {
     IllegalState,
     LimitExceeded,
     Internal,
+    /// The cluster cannot answer now (no leader, a node unreachable); retrying may succeed.
+    Unavailable,
+    /// The caller's certificate does not allow this request.
+    Forbidden,
 }
 
 impl fmt::Display for ErrorCode {
@@ -171,6 +226,8 @@ impl fmt::Display for ErrorCode {
             ErrorCode::IllegalState => "illegal-state",
             ErrorCode::LimitExceeded => "limit-exceeded",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Forbidden => "forbidden",
         })
     }
 }
@@ -191,6 +248,8 @@ pub enum Response {
         target_info: VolumeInfo,
     },
     NodeStatus(NodeStatus),
+    Cluster(crate::cluster::ClusterResponse),
+    Raft(Vec<u8>),
     Error {
         code: ErrorCode,
         message: String,

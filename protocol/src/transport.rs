@@ -9,11 +9,12 @@
 
 use crate::error::{Error, Result};
 use crate::frame::{read_frame, write_frame, FrameKind};
-use crate::pki::{Identity, NODE_SERVER_NAME};
+use crate::pki::{Identity, ADMIN_CERTIFICATE_NAME, NODE_SERVER_NAME};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::future::Future;
@@ -41,6 +42,9 @@ pub const REQUEST_READ_TIMEOUT_SECONDS: u64 = 30;
 
 /// Application error code sent when a stream is reset because its request was unusable.
 const STREAM_ERROR_MALFORMED_REQUEST: u32 = 1;
+
+/// The QUIC close code for a connection whose certificate names no node and no admin.
+const CONNECTION_ERROR_UNKNOWN_ROLE: u32 = 2;
 
 /// The *ring* provider, chosen explicitly so the configuration never depends on which
 /// provider some other part of the process installed as its default.
@@ -209,28 +213,103 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
 ///
 /// A stream whose request is malformed is reset and logged; the connection goes on serving
 /// its other streams.
+/// Who is on the other end of a connection, as its certificate says. The CA signed the
+/// certificate, so the name is as trustworthy as the CA's key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PeerRole {
+    /// A node certificate, with the node's name.
+    Node(String),
+    /// The admin CLI's certificate.
+    Admin,
+}
+
+impl std::fmt::Display for PeerRole {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerRole::Node(name) => write!(formatter, "node {name}"),
+            PeerRole::Admin => formatter.write_str("admin"),
+        }
+    }
+}
+
+/// The caller of one request: where it connects from and who its certificate names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub address: SocketAddr,
+    pub role: PeerRole,
+}
+
+/// Reads the role from the certificate the peer presented in the TLS handshake. Node
+/// certificates carry the node's name beside [`NODE_SERVER_NAME`]; the admin's carries
+/// [`ADMIN_CERTIFICATE_NAME`].
+pub fn peer_role(connection: &quinn::Connection) -> Result<PeerRole> {
+    let refuse = |detail: &str| Error::Connection {
+        peer: connection.remote_address().to_string(),
+        detail: detail.to_string(),
+    };
+    let identity = connection
+        .peer_identity()
+        .ok_or_else(|| refuse("the peer presented no certificate"))?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| refuse("the peer's identity is not a certificate chain"))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| refuse("the peer's certificate chain is empty"))?;
+    let certificate = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|_| refuse("the peer's certificate cannot be parsed"))?;
+    let names: Vec<&str> = certificate.valid_dns_names().collect();
+    if names.contains(&ADMIN_CERTIFICATE_NAME) {
+        return Ok(PeerRole::Admin);
+    }
+    if names.contains(&NODE_SERVER_NAME) {
+        if let Some(name) = names.iter().find(|name| **name != NODE_SERVER_NAME) {
+            return Ok(PeerRole::Node((*name).to_string()));
+        }
+    }
+    Err(refuse(
+        "the peer's certificate names neither a node nor the admin",
+    ))
+}
+
+/// Serves every request stream of one connection with `handler`, which learns who the
+/// caller is. A connection whose certificate names no role is closed at once.
 pub async fn serve_connection<Req, Resp, H, Fut>(connection: quinn::Connection, handler: H)
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
-    H: Fn(Req) -> Fut + Clone + Send + 'static,
+    H: Fn(Peer, Req) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
-    let peer = connection.remote_address();
+    let address = connection.remote_address();
+    let role = match peer_role(&connection) {
+        Ok(role) => role,
+        Err(error) => {
+            tracing::warn!(peer = %address, %error, "refusing the connection");
+            connection.close(
+                quinn::VarInt::from_u32(CONNECTION_ERROR_UNKNOWN_ROLE),
+                b"unknown role",
+            );
+            return;
+        }
+    };
+    let peer = Peer { address, role };
     loop {
         let (send, receive) = match connection.accept_bi().await {
             Ok(streams) => streams,
             Err(error) => {
-                tracing::debug!(%peer, %error, "connection closed; no more requests");
+                tracing::debug!(peer = %address, %error, "connection closed; no more requests");
                 return;
             }
         };
         let handler = handler.clone();
-        tokio::spawn(serve_stream(peer, send, receive, handler));
+        let caller = peer.clone();
+        tokio::spawn(serve_stream(address, send, receive, move |request| {
+            handler(caller.clone(), request)
+        }));
     }
 }
 
-/// Answers the one request on a stream.
 async fn serve_stream<Req, Resp, H, Fut>(
     peer: SocketAddr,
     mut send: quinn::SendStream,

@@ -5,7 +5,8 @@
 use anyhow::{bail, ensure, Context, Result};
 use node::config::NodeConfig;
 use node::nbd_client::NbdClient;
-use protocol::messages::{Request, Response};
+use protocol::cluster::{ClusterRequest, ClusterResponse};
+use protocol::messages::{ErrorCode, Request, Response};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -29,12 +30,54 @@ fn pattern(seed: u8, length: usize) -> Vec<u8> {
         .collect()
 }
 
-async fn request(connection: &quinn::Connection, request: Request) -> Result<Response> {
-    let response: Response = protocol::transport::call(connection, &request).await?;
-    if let Response::Error { code, message } = response {
-        bail!("{message} [{code}]");
+/// How long the demo waits for its one-member control plane to elect itself and for the
+/// node to register; both take well under a second.
+const CLUSTER_READY_SECONDS: u64 = 20;
+
+/// Sends a cluster command, retrying while the control plane is still electing.
+async fn request(connection: &quinn::Connection, request: ClusterRequest) -> Result<Response> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(CLUSTER_READY_SECONDS);
+    let message = Request::Cluster {
+        request,
+        forwarded: false,
+    };
+    loop {
+        let response: Response = protocol::transport::call(connection, &message).await?;
+        match response {
+            Response::Error {
+                code: ErrorCode::Unavailable,
+                ..
+            } if Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Response::Error { code, message } => bail!("{message} [{code}]"),
+            response => return Ok(response),
+        }
     }
-    Ok(response)
+}
+
+/// Waits until the node has registered with the control plane.
+async fn wait_for_registration(connection: &quinn::Connection, node: &str) -> Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(CLUSTER_READY_SECONDS);
+    loop {
+        if let Response::Cluster(ClusterResponse::Status(status)) =
+            request(connection, ClusterRequest::Status).await?
+        {
+            if status
+                .sites
+                .values()
+                .flatten()
+                .any(|record| record.name == node)
+            {
+                return Ok(());
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "node {node} did not register with the control plane within {CLUSTER_READY_SECONDS} seconds"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 pub async fn run() -> Result<()> {
@@ -57,6 +100,11 @@ pub async fn run() -> Result<()> {
         nbd: loopback,
         metrics: None,
         certs: certs.clone(),
+        control_plane: true,
+        members: Vec::new(),
+        advertise: None,
+        capacity_bytes: Some(1 << 30),
+        fault_injection: false,
     };
     let node = node::runtime::start(&config).await?;
     println!(
@@ -67,16 +115,23 @@ pub async fn run() -> Result<()> {
     let admin = protocol::pki::Identity::load(&certs, protocol::pki::ADMIN_NAME)?;
     let endpoint = protocol::transport::client_endpoint(&admin)?;
     let connection = protocol::transport::connect(&endpoint, node.quic_address).await?;
+    request(&connection, ClusterRequest::Init).await?;
+    wait_for_registration(&connection, "demo-node").await?;
+    println!(
+        "3. started a one-member control plane (Raft) on demo-node; the node registered with it"
+    );
     request(
         &connection,
-        Request::VolumeCreate {
+        ClusterRequest::VolumeCreate {
+            request_id: rand::random(),
             name: VOLUME.to_string(),
+            node: Some("demo-node".to_string()),
             size_bytes: VOLUME_BYTES,
             track_size_bytes: TRACK_BYTES,
         },
     )
     .await?;
-    println!("3. created volume '{VOLUME}': 64 MiB in 1024 tracks of 64 KiB");
+    println!("   created volume '{VOLUME}' through the catalog: 64 MiB in 1024 tracks of 64 KiB");
 
     let mut host = NbdClient::connect(node.nbd_address, VOLUME).await?;
     ensure!(
@@ -116,7 +171,7 @@ pub async fn run() -> Result<()> {
 
     let Response::Snapped { elapsed_micros, .. } = request(
         &connection,
-        Request::Snap {
+        ClusterRequest::Snap {
             source: VOLUME.to_string(),
             target: SNAPSHOT.to_string(),
             extents: Vec::new(),
@@ -161,17 +216,20 @@ pub async fn run() -> Result<()> {
     }
     println!("6. rewrote the source (FUA writes): the snapshot still holds the old image (crc32c {snapshot_checksum:08x}), the source the new one (crc32c {source_checksum:08x})");
 
-    let Response::Volumes(volumes) = request(&connection, Request::VolumeList).await? else {
+    let Response::Cluster(ClusterResponse::Volumes(volumes)) =
+        request(&connection, ClusterRequest::VolumeList).await?
+    else {
         bail!("unexpected answer to the list request");
     };
-    println!("7. volumes on the node:");
-    for info in &volumes {
+    println!("7. volumes in the catalog:");
+    for record in &volumes {
         println!(
-            "     {:<10} {:>3} MiB  {:<9}  {} layers",
-            info.name,
-            info.size_bytes >> 20,
-            info.readiness.to_string(),
-            info.layer_depth
+            "     {:<10} {:>3} MiB  on {}  {:<6} {}",
+            record.name,
+            record.size_bytes >> 20,
+            record.node,
+            record.state.to_string(),
+            record.readiness
         );
     }
     host.disconnect().await?;

@@ -7,7 +7,10 @@ mod size;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use node::config::NodeConfig;
-use protocol::messages::{Extent, Readiness, Request, Response, VolumeInfo};
+use protocol::cluster::{
+    CatalogStatus, ClusterRequest, ClusterResponse, ClusterStatus, FaultRule, VolumeRecord,
+};
+use protocol::messages::{ErrorCode, Extent, Readiness, Request, Response, VolumeInfo};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -66,10 +69,70 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
-    /// Show the status of the node at the endpoint.
+    /// Show the cluster: members and leader, nodes by site with health, volumes.
     Status {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Manage the control plane's members.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Tools for tests: network fault injection on nodes that enable it.
+    #[command(subcommand, hide = true)]
+    Debug(DebugCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Start a cluster with the node at the endpoint as its first member.
+    Init {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Make a registered node (with `control_plane = true`) a member.
+    AddMember {
+        node: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Remove a member; the node stays in the cluster as a plain node.
+    RemoveMember {
+        node: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show leader, term, members, commit index and each member's lag.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Drop or delay Raft messages between the node at the endpoint and PEER.
+    Fault {
+        /// The peer's node name.
+        #[arg(long)]
+        peer: String,
+        /// Drop every message to and from the peer.
+        #[arg(long)]
+        drop: bool,
+        /// Delay every message to the peer by this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Commit COUNT no-op catalog commands one after another and print latencies as JSON
+    /// (milliseconds from the first attempt to the answer, retries included).
+    Noop {
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        count: u64,
         #[command(flatten)]
         connection: Connection,
     },
@@ -94,13 +157,32 @@ struct NodeArguments {
     metrics: Option<SocketAddr>,
     #[arg(long)]
     certs: Option<PathBuf>,
+    /// Host a control-plane member in this process.
+    #[arg(long)]
+    control_plane: bool,
+    /// Control-plane members to report to, HOST:PORT, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    members: Vec<String>,
+    /// The HOST:PORT other nodes reach this node at (default: the listen address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Let the admin inject network faults (for tests).
+    #[arg(long)]
+    fault_injection: bool,
 }
+
+/// The number of control-plane members `tandem init` writes into sample configs: three
+/// tolerate the loss of one, the usual deployment.
+const SAMPLE_MEMBERS_MAX: usize = 3;
 
 #[derive(Subcommand)]
 enum VolumeCommand {
-    /// Create a volume.
+    /// Create a volume on a node; names are unique across the cluster.
     Create {
         name: String,
+        /// The node that holds the volume; by default the node at the endpoint.
+        #[arg(long)]
+        node: Option<String>,
         /// Size, e.g. 4GiB; a multiple of the track size.
         #[arg(long, value_parser = size::parse_size)]
         size: u64,
@@ -186,9 +268,9 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             connection,
         } => {
-            let response = call(
+            let response = cluster_call(
                 &connection,
-                Request::Snap {
+                ClusterRequest::Snap {
                     source,
                     target,
                     extents,
@@ -234,40 +316,246 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status { json, connection } => {
-            let response = call(&connection, Request::NodeStatus).await?;
-            let Response::NodeStatus(status) = response else {
-                bail!("unexpected answer from the node: {response:?}");
+            let response = cluster_call(&connection, ClusterRequest::Status).await?;
+            let Response::Cluster(ClusterResponse::Status(status)) = response else {
+                bail!("unexpected answer from the cluster: {response:?}");
             };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "name": status.name, "site": status.site, "nbd": status.nbd_address,
-                        "volumes": status.volume_count, "version": status.version,
+            print_status(&status, json);
+            Ok(())
+        }
+        Command::Cluster(command) => cluster(command).await,
+        Command::Debug(DebugCommand::Noop { count, connection }) => {
+            // One connection for all commands, so the figures are the cluster's, not the
+            // QUIC handshake's.
+            let session = Session::open(&connection).await?;
+            let mut latencies = Vec::new();
+            for _ in 0..count {
+                let started = std::time::Instant::now();
+                session
+                    .cluster(ClusterRequest::Noop {
+                        request_id: rand::random(),
                     })
-                );
+                    .await?;
+                latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            session.close().await;
+            let mut sorted = latencies.clone();
+            sorted.sort_by(f64::total_cmp);
+            let percentile = |fraction: f64| {
+                sorted
+                    [((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1]
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "count": count,
+                    "first_ms": latencies[0],
+                    "p50_ms": percentile(0.50),
+                    "p99_ms": percentile(0.99),
+                    "max_ms": sorted[sorted.len() - 1],
+                })
+            );
+            Ok(())
+        }
+        Command::Debug(DebugCommand::Fault {
+            peer,
+            drop,
+            delay_ms,
+            connection,
+        }) => {
+            let rule = FaultRule {
+                drop,
+                delay_milliseconds: delay_ms,
+            };
+            call(
+                &connection,
+                Request::SetFault {
+                    peer: peer.clone(),
+                    rule: rule.clone(),
+                },
+            )
+            .await?;
+            if rule == FaultRule::default() {
+                println!("cleared faults towards {peer}");
             } else {
-                println!(
-                    "node {} (site {}), NBD at {}, {} volumes, tandem {}",
-                    status.name,
-                    status.site,
-                    status.nbd_address,
-                    status.volume_count,
-                    status.version
-                );
+                println!("faults towards {peer}: drop {drop}, delay {delay_ms} ms");
             }
             Ok(())
         }
     }
 }
 
+async fn cluster(command: ClusterCommand) -> Result<()> {
+    match command {
+        ClusterCommand::Init { connection } => {
+            call(
+                &connection,
+                Request::Cluster {
+                    request: ClusterRequest::Init,
+                    forwarded: false,
+                },
+            )
+            .await?;
+            println!(
+                "cluster initialized with the node at {} as its first member; add members with `tandem cluster add-member NODE`",
+                connection.endpoint
+            );
+        }
+        ClusterCommand::AddMember { node, connection } => {
+            let status = cluster_status_of(
+                cluster_call(
+                    &connection,
+                    ClusterRequest::AddMember { node: node.clone() },
+                )
+                .await?,
+            )?;
+            println!("{node} is a member");
+            print_cluster_status(&status);
+        }
+        ClusterCommand::RemoveMember { node, connection } => {
+            let status = cluster_status_of(
+                cluster_call(
+                    &connection,
+                    ClusterRequest::RemoveMember { node: node.clone() },
+                )
+                .await?,
+            )?;
+            println!("{node} is no longer a member");
+            print_cluster_status(&status);
+        }
+        ClusterCommand::Status { json, connection } => {
+            let status =
+                cluster_status_of(cluster_call(&connection, ClusterRequest::ClusterStatus).await?)?;
+            if json {
+                println!("{}", cluster_status_json(&status));
+            } else {
+                print_cluster_status(&status);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cluster_status_of(response: Response) -> Result<ClusterStatus> {
+    match response {
+        Response::Cluster(ClusterResponse::ClusterStatus(status)) => Ok(status),
+        other => bail!("unexpected answer from the cluster: {other:?}"),
+    }
+}
+
+fn cluster_status_json(status: &ClusterStatus) -> serde_json::Value {
+    serde_json::json!({
+        "answered_by": status.answered_by,
+        "leader": status.leader,
+        "term": status.term,
+        "members": status.members.iter().map(|member| serde_json::json!({
+            "name": member.name, "address": member.address, "lag_entries": member.lag_entries,
+        })).collect::<Vec<_>>(),
+        "learners": status.learners,
+        "last_log_index": status.last_log_index,
+        "commit_index": status.commit_index,
+        "applied_index": status.applied_index,
+    })
+}
+
+fn print_cluster_status(status: &ClusterStatus) {
+    let index =
+        |value: Option<u64>| value.map_or_else(|| "-".to_string(), |value| value.to_string());
+    println!(
+        "leader: {}   term: {}   commit index: {}   applied: {}   (answered by {})",
+        status.leader.as_deref().unwrap_or("none"),
+        status.term,
+        index(status.commit_index),
+        index(status.applied_index),
+        status.answered_by
+    );
+    println!("{:<20} {:<24} {:>10}", "MEMBER", "ADDRESS", "LAG");
+    for member in &status.members {
+        let role = if status.leader.as_deref() == Some(member.name.as_str()) {
+            " (leader)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<20} {:<24} {:>10}",
+            format!("{}{role}", member.name),
+            member.address,
+            index(member.lag_entries)
+        );
+    }
+    for learner in &status.learners {
+        println!("{learner:<20} (learner, catching up)");
+    }
+}
+
+fn print_status(status: &CatalogStatus, json: bool) {
+    if json {
+        let sites: serde_json::Map<String, serde_json::Value> = status
+            .sites
+            .iter()
+            .map(|(site, nodes)| {
+                (
+                    site.clone(),
+                    serde_json::Value::Array(
+                        nodes
+                            .iter()
+                            .map(|node| {
+                                serde_json::json!({
+                                    "name": node.name, "address": node.address,
+                                    "nbd": node.nbd_address, "health": node.health.to_string(),
+                                    "capacity_bytes": node.capacity_bytes,
+                                    "control_plane": node.control_plane,
+                                })
+                            })
+                            .collect(),
+                    ),
+                )
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "cluster": cluster_status_json(&status.cluster),
+                "sites": sites,
+                "volumes": status.volumes.iter().map(record_json).collect::<Vec<_>>(),
+            })
+        );
+        return;
+    }
+    print_cluster_status(&status.cluster);
+    for (site, nodes) in &status.sites {
+        println!();
+        println!("site {site}");
+        for node in nodes {
+            println!(
+                "  {:<20} {:<5} quic {:<22} nbd {:<22} capacity {}",
+                node.name,
+                node.health.to_string(),
+                node.address,
+                node.nbd_address,
+                size::format_size(node.capacity_bytes)
+            );
+        }
+    }
+    println!();
+    print_records(&status.volumes);
+}
+
 fn init(dir: PathBuf, nodes: Vec<String>, site: String) -> Result<()> {
     let files = protocol::pki::init_cluster(&dir, &nodes)?;
     let certs =
         std::fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let members: Vec<String> = (0..nodes.len().min(SAMPLE_MEMBERS_MAX))
+        .map(|index| format!("127.0.0.1:{}", 7100 + index))
+        .collect();
     for (index, name) in nodes.iter().enumerate() {
         let offset = index as u16;
         let config = NodeConfig {
+            control_plane: index < SAMPLE_MEMBERS_MAX,
+            members: members.clone(),
+            advertise: None,
+            capacity_bytes: None,
+            fault_injection: false,
             name: name.clone(),
             site: site.clone(),
             data_dir: certs.join("data").join(name),
@@ -288,6 +576,9 @@ fn init(dir: PathBuf, nodes: Vec<String>, site: String) -> Result<()> {
     println!(
         "  admin: admin.pem, admin.key (for the CLI: --certs {})",
         dir.display()
+    );
+    println!(
+        "start each node with `tandem node --config DIR/NAME.toml`, then `tandem cluster init` on the first and `tandem cluster add-member NAME` for the other members."
     );
     println!("keep ca.key offline once every node has its certificate.");
     Ok(())
@@ -324,6 +615,14 @@ async fn run_node(arguments: NodeArguments) -> Result<()> {
             if let Some(certs) = arguments.certs {
                 config.certs = certs;
             }
+            config.control_plane |= arguments.control_plane;
+            if !arguments.members.is_empty() {
+                config.members = arguments.members;
+            }
+            if arguments.advertise.is_some() {
+                config.advertise = arguments.advertise;
+            }
+            config.fault_injection |= arguments.fault_injection;
             config
         }
         None => NodeConfig {
@@ -334,6 +633,11 @@ async fn run_node(arguments: NodeArguments) -> Result<()> {
             nbd: arguments.nbd.ok_or_else(|| missing("nbd"))?,
             metrics: arguments.metrics,
             certs: arguments.certs.ok_or_else(|| missing("certs"))?,
+            control_plane: arguments.control_plane,
+            members: arguments.members,
+            advertise: arguments.advertise,
+            capacity_bytes: None,
+            fault_injection: arguments.fault_injection,
         },
     };
     let mut running = node::runtime::start(&config).await?;
@@ -364,20 +668,90 @@ async fn resolve(endpoint: &str) -> Result<SocketAddr> {
 
 /// Sends one request to the node at the endpoint and turns an error answer into an error.
 async fn call(connection: &Connection, request: Request) -> Result<Response> {
-    let identity = protocol::pki::Identity::load(&connection.certs, protocol::pki::ADMIN_NAME)
-        .with_context(|| {
-            "the CLI needs the admin certificate from `tandem init` (set --certs or TANDEM_CERTS)"
-        })?;
-    let address = resolve(&connection.endpoint).await?;
-    let endpoint = protocol::transport::client_endpoint(&identity)?;
-    let quic = protocol::transport::connect(&endpoint, address).await?;
-    let response: Response = protocol::transport::call(&quic, &request).await?;
-    quic.close(0u32.into(), b"done");
-    endpoint.wait_idle().await;
+    let session = Session::open(connection).await?;
+    let response = protocol::transport::call(&session.connection, &request).await;
+    session.close().await;
+    let response: Response = response?;
     if let Response::Error { code, message } = response {
         bail!("{message} [{code}]");
     }
     Ok(response)
+}
+
+/// How long the CLI keeps retrying a cluster command the cluster cannot answer yet (no
+/// leader during an election, a leader change mid-command). The request keeps its id, so
+/// a retry of a command that was in fact applied is not applied again.
+const CLUSTER_RETRY_SECONDS: u64 = 15;
+const CLUSTER_RETRY_PAUSE_MILLISECONDS: u64 = 20;
+
+/// A QUIC connection to the node at the endpoint, with the admin certificate.
+struct Session {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+}
+
+impl Session {
+    async fn open(connection: &Connection) -> Result<Session> {
+        let identity = protocol::pki::Identity::load(&connection.certs, protocol::pki::ADMIN_NAME)
+            .with_context(|| {
+                "the CLI needs the admin certificate from `tandem init` (set --certs or TANDEM_CERTS)"
+            })?;
+        let address = resolve(&connection.endpoint).await?;
+        let endpoint = protocol::transport::client_endpoint(&identity)?;
+        let connection = protocol::transport::connect(&endpoint, address).await?;
+        Ok(Session {
+            endpoint,
+            connection,
+        })
+    }
+
+    /// Sends a cluster request, retrying while the cluster answers "unavailable".
+    async fn cluster(&self, request: ClusterRequest) -> Result<Response> {
+        // TANDEM_RETRY_SECONDS shortens or lengthens the retrying, e.g. 0 in scripts that
+        // want the first answer.
+        let retry_seconds = std::env::var("TANDEM_RETRY_SECONDS")
+            .ok()
+            .and_then(|seconds| seconds.parse().ok())
+            .unwrap_or(CLUSTER_RETRY_SECONDS);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(retry_seconds);
+        let message = Request::Cluster {
+            request,
+            forwarded: false,
+        };
+        let response = loop {
+            let response: Response = protocol::transport::call(&self.connection, &message).await?;
+            match &response {
+                Response::Error {
+                    code: ErrorCode::Unavailable,
+                    message,
+                } if std::time::Instant::now() < deadline => {
+                    tracing::info!(%message, "cluster unavailable; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        CLUSTER_RETRY_PAUSE_MILLISECONDS,
+                    ))
+                    .await;
+                }
+                _ => break response,
+            }
+        };
+        if let Response::Error { code, message } = response {
+            bail!("{message} [{code}]");
+        }
+        Ok(response)
+    }
+
+    async fn close(self) {
+        self.connection.close(0u32.into(), b"done");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Sends one cluster request through the node at the endpoint (see [`Session::cluster`]).
+async fn cluster_call(connection: &Connection, request: ClusterRequest) -> Result<Response> {
+    let session = Session::open(connection).await?;
+    let response = session.cluster(request).await;
+    session.close().await;
+    response
 }
 
 fn volume_json(info: &VolumeInfo) -> serde_json::Value {
@@ -394,25 +768,65 @@ fn volume_json(info: &VolumeInfo) -> serde_json::Value {
     })
 }
 
-fn print_volume(info: &VolumeInfo, json: bool) {
+fn record_json(record: &VolumeRecord) -> serde_json::Value {
+    serde_json::json!({
+        "name": record.name,
+        "node": record.node,
+        "size_bytes": record.size_bytes,
+        "track_size_bytes": record.track_size_bytes,
+        "state": record.state.to_string(),
+        "readiness": record.readiness.to_string(),
+    })
+}
+
+fn print_record(record: &VolumeRecord, json: bool) {
     if json {
-        println!("{}", volume_json(info));
+        println!("{}", record_json(record));
     } else {
-        println!("name:        {}", info.name);
-        println!("id:          {}", info.id);
+        println!("name:        {}", record.name);
+        println!("node:        {}", record.node);
         println!(
             "size:        {} ({} bytes)",
-            size::format_size(info.size_bytes),
-            info.size_bytes
+            size::format_size(record.size_bytes),
+            record.size_bytes
         );
         println!(
             "track size:  {}",
-            size::format_size(u64::from(info.track_size_bytes))
+            size::format_size(u64::from(record.track_size_bytes))
         );
-        println!("tracks:      {}", info.track_count);
-        println!("readiness:   {}", info.readiness);
-        println!("sessions:    {} of 16 slots", info.session_slots_used);
-        println!("layers:      {}", info.layer_depth);
+        println!("state:       {}", record.state);
+        println!("readiness:   {}", record.readiness);
+    }
+}
+
+fn print_records(records: &[VolumeRecord]) {
+    if records.is_empty() {
+        println!(
+            "no volumes (create one with `tandem volume create NAME --node NODE --size 1GiB`)"
+        );
+        return;
+    }
+    println!(
+        "{:<24} {:<16} {:>12} {:>8} {:<9} {:<10}",
+        "NAME", "NODE", "SIZE", "TRACK", "STATE", "READINESS"
+    );
+    for record in records {
+        println!(
+            "{:<24} {:<16} {:>12} {:>8} {:<9} {:<10}",
+            record.name,
+            record.node,
+            size::format_size(record.size_bytes),
+            size::format_size(u64::from(record.track_size_bytes)),
+            record.state.to_string(),
+            record.readiness.to_string()
+        );
+    }
+}
+
+fn volume_of(response: Response) -> Result<VolumeRecord> {
+    match response {
+        Response::Cluster(ClusterResponse::Volume(record)) => Ok(record),
+        other => bail!("unexpected answer from the cluster: {other:?}"),
     }
 }
 
@@ -420,6 +834,7 @@ async fn volume(command: VolumeCommand) -> Result<()> {
     match command {
         VolumeCommand::Create {
             name,
+            node,
             size,
             track_size,
             json,
@@ -427,47 +842,33 @@ async fn volume(command: VolumeCommand) -> Result<()> {
         } => {
             let track_size_bytes =
                 u32::try_from(track_size).context("track size is too large: at most 1MiB")?;
-            let response = call(
-                &connection,
-                Request::VolumeCreate {
-                    name,
-                    size_bytes: size,
-                    track_size_bytes,
-                },
-            )
-            .await?;
-            let Response::Volume(info) = response else {
-                bail!("unexpected answer from the node: {response:?}");
-            };
-            print_volume(&info, json);
+            let record = volume_of(
+                cluster_call(
+                    &connection,
+                    ClusterRequest::VolumeCreate {
+                        request_id: rand::random(),
+                        name,
+                        node,
+                        size_bytes: size,
+                        track_size_bytes,
+                    },
+                )
+                .await?,
+            )?;
+            print_record(&record, json);
         }
         VolumeCommand::List { json, connection } => {
-            let response = call(&connection, Request::VolumeList).await?;
-            let Response::Volumes(volumes) = response else {
-                bail!("unexpected answer from the node: {response:?}");
+            let response = cluster_call(&connection, ClusterRequest::VolumeList).await?;
+            let Response::Cluster(ClusterResponse::Volumes(records)) = response else {
+                bail!("unexpected answer from the cluster: {response:?}");
             };
             if json {
                 println!(
                     "{}",
-                    serde_json::Value::Array(volumes.iter().map(volume_json).collect())
+                    serde_json::Value::Array(records.iter().map(record_json).collect())
                 );
-            } else if volumes.is_empty() {
-                println!("no volumes (create one with `tandem volume create NAME --size 1GiB`)");
             } else {
-                println!(
-                    "{:<24} {:>12} {:>8} {:<10} {:>6}",
-                    "NAME", "SIZE", "TRACK", "READINESS", "LAYERS"
-                );
-                for info in &volumes {
-                    println!(
-                        "{:<24} {:>12} {:>8} {:<10} {:>6}",
-                        info.name,
-                        size::format_size(info.size_bytes),
-                        size::format_size(u64::from(info.track_size_bytes)),
-                        info.readiness.to_string(),
-                        info.layer_depth
-                    );
-                }
+                print_records(&records);
             }
         }
         VolumeCommand::Show {
@@ -475,14 +876,39 @@ async fn volume(command: VolumeCommand) -> Result<()> {
             json,
             connection,
         } => {
-            let response = call(&connection, Request::VolumeShow { name }).await?;
-            let Response::Volume(info) = response else {
-                bail!("unexpected answer from the node: {response:?}");
+            let response = cluster_call(&connection, ClusterRequest::VolumeShow { name }).await?;
+            let Response::Cluster(ClusterResponse::VolumeDetail { record, node_info }) = response
+            else {
+                bail!("unexpected answer from the cluster: {response:?}");
             };
-            print_volume(&info, json);
+            if json {
+                let mut value = record_json(&record);
+                value["on_node"] = node_info
+                    .as_ref()
+                    .map_or(serde_json::Value::Null, volume_json);
+                println!("{value}");
+            } else {
+                print_record(&record, false);
+                match node_info {
+                    Some(info) => {
+                        println!("id on node:  {}", info.id);
+                        println!("tracks:      {}", info.track_count);
+                        println!("sessions:    {} of 16 slots", info.session_slots_used);
+                        println!("layers:      {}", info.layer_depth);
+                    }
+                    None => println!("on node:     (node '{}' did not answer)", record.node),
+                }
+            }
         }
         VolumeCommand::Delete { name, connection } => {
-            call(&connection, Request::VolumeDelete { name: name.clone() }).await?;
+            cluster_call(
+                &connection,
+                ClusterRequest::VolumeDelete {
+                    request_id: rand::random(),
+                    name: name.clone(),
+                },
+            )
+            .await?;
             println!("deleted volume {name}");
         }
         VolumeCommand::Readiness {
@@ -491,12 +917,18 @@ async fn volume(command: VolumeCommand) -> Result<()> {
             json,
             connection,
         } => {
-            let response =
-                call(&connection, Request::VolumeSetReadiness { name, readiness }).await?;
-            let Response::Volume(info) = response else {
-                bail!("unexpected answer from the node: {response:?}");
-            };
-            print_volume(&info, json);
+            let record = volume_of(
+                cluster_call(
+                    &connection,
+                    ClusterRequest::VolumeSetReadiness {
+                        request_id: rand::random(),
+                        name,
+                        readiness,
+                    },
+                )
+                .await?,
+            )?;
+            print_record(&record, json);
         }
     }
     Ok(())

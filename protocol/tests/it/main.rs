@@ -4,7 +4,9 @@
 use protocol::frame::{encode_frame, FrameKind};
 use protocol::messages::{ErrorCode, Request, Response};
 use protocol::pki::{init_cluster, Identity};
-use protocol::transport::{call, client_endpoint, connect, serve_connection, server_endpoint};
+use protocol::transport::{
+    call, client_endpoint, connect, serve_connection, server_endpoint, Peer,
+};
 use protocol::Error;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,9 +28,13 @@ fn make_cluster(dir: &Path) {
 
 /// Answers `VolumeShow { name }` with `Deleted { name }` so tests can see that the request
 /// arrived intact and the response came back from the handler.
-async fn echo(request: Request) -> Response {
+async fn echo(peer: Peer, request: Request) -> Response {
     match request {
         Request::VolumeShow { name } => Response::Deleted { name },
+        // Answers with who the server saw, for the authorization-by-identity test.
+        Request::NodeStatus => Response::Deleted {
+            name: peer.role.to_string(),
+        },
         other => Response::Error {
             code: ErrorCode::InvalidArgument,
             message: format!("{other:?}"),
@@ -74,7 +80,7 @@ async fn an_admin_of_the_same_cluster_can_call_a_node() {
             name: "alpha".to_owned()
         }
     );
-    let response: Response = bounded(call(&connection, &Request::NodeStatus))
+    let response: Response = bounded(call(&connection, &Request::VolumeList))
         .await
         .unwrap();
     assert!(matches!(
@@ -84,6 +90,26 @@ async fn an_admin_of_the_same_cluster_can_call_a_node() {
             ..
         }
     ));
+}
+
+#[tokio::test]
+async fn the_server_learns_the_callers_name_from_its_certificate() {
+    let directory = tempfile::tempdir().unwrap();
+    make_cluster(directory.path());
+    let (_server, address) = start_server(&Identity::load(directory.path(), "node-a").unwrap());
+    for (identity, expected) in [("admin", "admin"), ("node-b", "node node-b")] {
+        let client = client_endpoint(&Identity::load(directory.path(), identity).unwrap()).unwrap();
+        let connection = bounded(connect(&client, address)).await.unwrap();
+        let response: Response = bounded(call(&connection, &Request::NodeStatus))
+            .await
+            .unwrap();
+        assert_eq!(
+            response,
+            Response::Deleted {
+                name: expected.to_owned()
+            }
+        );
+    }
 }
 
 #[tokio::test]

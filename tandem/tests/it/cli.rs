@@ -52,7 +52,7 @@ fn volume_commands_snap_and_metrics_through_a_node_process() {
     let directory = tempfile::tempdir().unwrap();
     let certs = init(directory.path(), "alpha");
     let metrics_port = free_port();
-    let node = NodeProcess::start(
+    let node = NodeProcess::start_cluster_of_one(
         &certs,
         "alpha",
         &directory.path().join("data"),
@@ -78,7 +78,9 @@ fn volume_commands_snap_and_metrics_through_a_node_process() {
     assert_eq!(list[0]["name"], "vol1");
     assert_eq!(list[0]["size_bytes"], 64 << 20);
     assert_eq!(list[0]["track_size_bytes"], 64 << 10);
-    assert_eq!(list[1]["track_count"], 4096);
+    assert_eq!(list[0]["node"], "alpha");
+    assert_eq!(list[0]["state"], "ready");
+    assert_eq!(list[1]["track_size_bytes"], 256 << 10);
     let show: serde_json::Value =
         serde_json::from_str(&node.cli_ok(&certs, &["volume", "show", "vol1", "--json"])).unwrap();
     assert_eq!(show["readiness"], "ready");
@@ -143,8 +145,11 @@ fn volume_commands_snap_and_metrics_through_a_node_process() {
         serde_json::from_str(&node.cli_ok(&certs, &["volume", "show", "snap1", "--json"])).unwrap();
     assert_eq!(show["readiness"], "read-only");
     node.cli_ok(&certs, &["volume", "delete", "snap1"]);
-    let status = node.cli_ok(&certs, &["status", "--json"]);
-    assert!(status.contains("\"volumes\":2"), "{status}");
+    let status: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&certs, &["status", "--json"])).unwrap();
+    assert_eq!(status["volumes"].as_array().unwrap().len(), 2, "{status}");
+    assert_eq!(status["cluster"]["leader"], "alpha", "{status}");
+    assert_eq!(status["sites"]["site-a"][0]["health"], "up", "{status}");
 
     // Some IO, then the Prometheus text shows it.
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -175,7 +180,8 @@ fn a_cli_with_a_certificate_from_another_ca_is_refused() {
     let certs = init(directory.path(), "alpha");
     let stranger = tempfile::tempdir().unwrap();
     let foreign_certs = init(stranger.path(), "alpha");
-    let node = NodeProcess::start(&certs, "alpha", &directory.path().join("data"), None);
+    let node =
+        NodeProcess::start_cluster_of_one(&certs, "alpha", &directory.path().join("data"), None);
     let output = node.cli(
         &foreign_certs,
         &["volume", "create", "intruder", "--size", "1MiB"],

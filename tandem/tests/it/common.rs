@@ -39,22 +39,87 @@ pub struct NodeProcess {
     pub nbd: SocketAddr,
 }
 
+/// A free loopback UDP port, for a QUIC address that must stay the same across restarts.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `condition` every 100 ms until it holds, failing the test after `seconds`.
+pub fn wait_until(seconds: u64, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {seconds} s for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 impl NodeProcess {
     /// Starts a node from the config `tandem init` wrote, on ephemeral ports.
     pub fn start(certs: &Path, name: &str, data_dir: &Path, metrics: Option<u16>) -> NodeProcess {
+        Self::start_with(certs, name, data_dir, metrics, 0, &[])
+    }
+
+    /// Starts a node as the only member of a new cluster, and waits until it registered.
+    pub fn start_cluster_of_one(
+        certs: &Path,
+        name: &str,
+        data_dir: &Path,
+        metrics: Option<u16>,
+    ) -> NodeProcess {
+        let node = Self::start_with(certs, name, data_dir, metrics, 0, &["--control-plane"]);
+        node.cli_ok(certs, &["cluster", "init"]);
+        node.wait_registered(certs, name);
+        node
+    }
+
+    /// Waits until `tandem status` through this node lists `name` as an up node.
+    pub fn wait_registered(&self, certs: &Path, name: &str) {
+        wait_until(30, &format!("node {name} to register"), || {
+            self.status(certs)
+                .is_some_and(|status| node_health(&status, name).as_deref() == Some("up"))
+        });
+    }
+
+    /// `tandem status --json` through this node, when it answers.
+    pub fn status(&self, certs: &Path) -> Option<serde_json::Value> {
+        let output = self.cli(certs, &["status", "--json"]);
+        if !output.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&output.stdout).ok()
+    }
+
+    /// Starts a node on a fixed QUIC port (0: any) with extra `tandem node` arguments.
+    pub fn start_with(
+        certs: &Path,
+        name: &str,
+        data_dir: &Path,
+        metrics: Option<u16>,
+        quic_port: u16,
+        extra: &[&str],
+    ) -> NodeProcess {
         let config = certs.join(format!("{name}.toml"));
+        let listen = format!("127.0.0.1:{quic_port}");
         let mut command = tandem();
         command.args([
             "node",
             "--config",
             config.to_str().unwrap(),
             "--listen",
-            "127.0.0.1:0",
+            &listen,
             "--nbd",
             "127.0.0.1:0",
             "--data-dir",
             data_dir.to_str().unwrap(),
         ]);
+        command.args(extra);
         let metrics = metrics.unwrap_or_else(free_port);
         command.args(["--metrics", &format!("127.0.0.1:{metrics}")]);
         let mut child = command
@@ -92,6 +157,17 @@ impl NodeProcess {
             .unwrap()
     }
 
+    /// Runs a CLI command with one environment variable set.
+    pub fn cli_env(&self, certs: &Path, arguments: &[&str], key: &str, value: &str) -> Output {
+        tandem()
+            .args(arguments)
+            .env("TANDEM_ENDPOINT", self.quic.to_string())
+            .env("TANDEM_CERTS", certs)
+            .env(key, value)
+            .output()
+            .unwrap()
+    }
+
     /// Runs a CLI command that must succeed and returns its standard output.
     pub fn cli_ok(&self, certs: &Path, arguments: &[&str]) -> String {
         let output = self.cli(certs, arguments);
@@ -108,4 +184,13 @@ impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The health `tandem status --json` reports for a node, if it lists it.
+pub fn node_health(status: &serde_json::Value, name: &str) -> Option<String> {
+    status["sites"].as_object()?.values().find_map(|nodes| {
+        nodes.as_array()?.iter().find_map(|node| {
+            (node["name"] == name).then(|| node["health"].as_str().unwrap_or_default().to_string())
+        })
+    })
 }

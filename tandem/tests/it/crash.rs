@@ -50,7 +50,11 @@ fn every_acknowledged_write_survives_kill_9_at_random_points() {
     let mut total_acknowledged = 0u64;
 
     for round in 0..ROUNDS {
-        let mut node = NodeProcess::start(&certs, "crashnode", &data_dir, None);
+        let mut node = if round == 0 {
+            NodeProcess::start_cluster_of_one(&certs, "crashnode", &data_dir, None)
+        } else {
+            NodeProcess::start(&certs, "crashnode", &data_dir, None)
+        };
         if round == 0 {
             node.cli_ok(
                 &certs,

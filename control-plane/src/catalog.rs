@@ -1,0 +1,278 @@
+//! The catalog state machine: sites, nodes and volumes, changed only by applying
+//! committed commands in log order.
+//!
+//! It is pure: no IO, no clock, no randomness. Every replica that applies the same
+//! commands in the same order holds the same catalog, which is what lets Raft replicate
+//! it. A command is validated against the whole catalog before anything changes, so a
+//! refused command leaves the catalog exactly as it was.
+
+use protocol::cluster::{
+    CatalogError, CatalogReply, CatalogRequest, CatalogResponse, Command, Health, NodeRecord,
+    NodeReport, RequestId, VolumeRecord, VolumeState,
+};
+use protocol::messages::{Readiness, VOLUME_NAME_BYTES_MAX};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// How many applied request ids the catalog remembers for deduplication. A client that
+/// retries after this many newer requests were applied could see its request applied
+/// twice; at a thousand commands a second that is over a minute, far beyond any retry.
+pub const APPLIED_REQUESTS_REMEMBERED_MAX: usize = 65_536;
+
+/// The longest node or site name, in bytes.
+pub const NAME_BYTES_MAX: usize = 64;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    sites: BTreeSet<String>,
+    nodes: BTreeMap<String, NodeRecord>,
+    volumes: BTreeMap<String, VolumeRecord>,
+    /// Responses of the most recent requests, so a retried request gets the first answer.
+    applied: BTreeMap<RequestId, CatalogResponse>,
+    /// The same request ids in the order they were applied, oldest first, for eviction.
+    applied_order: VecDeque<RequestId>,
+}
+
+impl Catalog {
+    pub fn sites(&self) -> &BTreeSet<String> {
+        &self.sites
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.get(name)
+    }
+
+    pub fn volumes(&self) -> impl Iterator<Item = &VolumeRecord> {
+        self.volumes.values()
+    }
+
+    pub fn volume(&self, name: &str) -> Option<&VolumeRecord> {
+        self.volumes.get(name)
+    }
+
+    /// The answer a request id already got, if it was applied and is still remembered.
+    pub fn applied_response(&self, request_id: RequestId) -> Option<&CatalogResponse> {
+        self.applied.get(&request_id)
+    }
+
+    /// Applies one committed request. A request id seen before returns the first answer
+    /// and changes nothing.
+    pub fn apply(&mut self, request: &CatalogRequest) -> CatalogResponse {
+        if let Some(response) = self.applied.get(&request.request_id) {
+            return response.clone();
+        }
+        let response = self.apply_command(&request.command);
+        self.remember(request.request_id, response.clone());
+        response
+    }
+
+    fn remember(&mut self, request_id: RequestId, response: CatalogResponse) {
+        if self.applied_order.len() == APPLIED_REQUESTS_REMEMBERED_MAX {
+            if let Some(oldest) = self.applied_order.pop_front() {
+                self.applied.remove(&oldest);
+            }
+        }
+        self.applied_order.push_back(request_id);
+        self.applied.insert(request_id, response);
+    }
+
+    fn apply_command(&mut self, command: &Command) -> CatalogResponse {
+        match command {
+            Command::Noop => Ok(CatalogReply::Done),
+            Command::RegisterNode(report) => self.register_node(report),
+            Command::SetNodeHealth { node, health } => {
+                let record = self
+                    .nodes
+                    .get_mut(node)
+                    .ok_or(CatalogError::UnknownNode { node: node.clone() })?;
+                record.health = *health;
+                Ok(CatalogReply::Node(record.clone()))
+            }
+            Command::VolumeCreateBegin {
+                name,
+                node,
+                size_bytes,
+                track_size_bytes,
+            } => self.volume_create_begin(name, node, *size_bytes, *track_size_bytes),
+            Command::VolumeCreateFinish { name } => {
+                let volume = self.volume_mut(name)?;
+                match volume.state {
+                    // Finishing twice is harmless: the CLI path and the reconciler may race.
+                    VolumeState::Creating | VolumeState::Ready => {
+                        volume.state = VolumeState::Ready;
+                        Ok(CatalogReply::Volume(volume.clone()))
+                    }
+                    VolumeState::Deleting => Err(illegal(volume, "finished creating")),
+                }
+            }
+            Command::VolumeCreateRollback { name, .. } => {
+                let volume = self.volume_mut(name)?;
+                if volume.state != VolumeState::Creating {
+                    return Err(illegal(volume, "rolled back"));
+                }
+                self.volumes.remove(name);
+                Ok(CatalogReply::Done)
+            }
+            Command::VolumeDeleteBegin { name } => {
+                let volume = self.volume_mut(name)?;
+                match volume.state {
+                    VolumeState::Ready | VolumeState::Deleting => {
+                        volume.state = VolumeState::Deleting;
+                        Ok(CatalogReply::Volume(volume.clone()))
+                    }
+                    VolumeState::Creating => Err(illegal(volume, "deleted")),
+                }
+            }
+            Command::VolumeDeleteFinish { name } => {
+                let volume = self.volume_mut(name)?;
+                if volume.state != VolumeState::Deleting {
+                    return Err(illegal(volume, "removed without a delete"));
+                }
+                self.volumes.remove(name);
+                Ok(CatalogReply::Done)
+            }
+            Command::VolumeSetReadiness { name, readiness } => {
+                let volume = self.volume_mut(name)?;
+                if volume.state != VolumeState::Ready {
+                    return Err(illegal(volume, "given a readiness"));
+                }
+                volume.readiness = *readiness;
+                Ok(CatalogReply::Volume(volume.clone()))
+            }
+        }
+    }
+
+    fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeRecord, CatalogError> {
+        self.volumes
+            .get_mut(name)
+            .ok_or_else(|| CatalogError::UnknownVolume {
+                volume: name.to_string(),
+            })
+    }
+
+    fn register_node(&mut self, report: &NodeReport) -> CatalogResponse {
+        validate_name("node name", &report.name, NAME_BYTES_MAX)?;
+        validate_name("site name", &report.site, NAME_BYTES_MAX)?;
+        if report.address.is_empty() || report.nbd_address.is_empty() {
+            return Err(CatalogError::Invalid {
+                what: "node address".into(),
+                detail: format!("node '{}' reported an empty address", report.name),
+            });
+        }
+        if let Some(existing) = self.nodes.get(&report.name) {
+            if existing.site != report.site {
+                return Err(CatalogError::SiteChange {
+                    node: report.name.clone(),
+                    site: existing.site.clone(),
+                    requested: report.site.clone(),
+                });
+            }
+        }
+        let record = NodeRecord {
+            name: report.name.clone(),
+            site: report.site.clone(),
+            address: report.address.clone(),
+            nbd_address: report.nbd_address.clone(),
+            capacity_bytes: report.capacity_bytes,
+            control_plane: report.control_plane,
+            health: Health::Up,
+        };
+        self.sites.insert(report.site.clone());
+        self.nodes.insert(report.name.clone(), record.clone());
+        Ok(CatalogReply::Node(record))
+    }
+
+    fn volume_create_begin(
+        &mut self,
+        name: &str,
+        node: &str,
+        size_bytes: u64,
+        track_size_bytes: u32,
+    ) -> CatalogResponse {
+        validate_name("volume name", name, VOLUME_NAME_BYTES_MAX)?;
+        if let Some(existing) = self.volumes.get(name) {
+            return Err(CatalogError::VolumeExists {
+                volume: name.to_string(),
+                node: existing.node.clone(),
+            });
+        }
+        let record = self.nodes.get(node).ok_or(CatalogError::UnknownNode {
+            node: node.to_string(),
+        })?;
+        if record.health == Health::Down {
+            return Err(CatalogError::NodeDown {
+                node: node.to_string(),
+            });
+        }
+        protocol::messages::check_geometry(size_bytes, track_size_bytes).map_err(|detail| {
+            CatalogError::Invalid {
+                what: format!("geometry of volume '{name}'"),
+                detail,
+            }
+        })?;
+        let provisioned: u64 = self
+            .volumes
+            .values()
+            .filter(|volume| volume.node == node)
+            .map(|volume| volume.size_bytes)
+            .sum();
+        let free_bytes = record.capacity_bytes.saturating_sub(provisioned);
+        if size_bytes > free_bytes {
+            return Err(CatalogError::DoesNotFit {
+                volume: name.to_string(),
+                node: node.to_string(),
+                size_bytes,
+                free_bytes,
+                capacity_bytes: record.capacity_bytes,
+            });
+        }
+        let volume = VolumeRecord {
+            name: name.to_string(),
+            node: node.to_string(),
+            size_bytes,
+            track_size_bytes,
+            state: VolumeState::Creating,
+            readiness: Readiness::Ready,
+        };
+        self.volumes.insert(name.to_string(), volume.clone());
+        Ok(CatalogReply::Volume(volume))
+    }
+}
+
+fn illegal(volume: &VolumeRecord, action: &str) -> CatalogError {
+    CatalogError::IllegalState {
+        volume: volume.name.clone(),
+        state: volume.state,
+        action: action.to_string(),
+    }
+}
+
+/// Names appear in paths, certificates and log lines, so they are kept to a safe alphabet.
+fn validate_name(what: &str, name: &str, bytes_max: usize) -> Result<(), CatalogError> {
+    let invalid = |detail: String| CatalogError::Invalid {
+        what: what.to_string(),
+        detail,
+    };
+    if name.is_empty() {
+        return Err(invalid("it is empty".into()));
+    }
+    if name.len() > bytes_max {
+        return Err(invalid(format!(
+            "'{name}' is {} bytes; at most {bytes_max} are allowed",
+            name.len()
+        )));
+    }
+    if let Some(character) = name
+        .chars()
+        .find(|character| !(character.is_ascii_alphanumeric() || "-_.".contains(*character)))
+    {
+        return Err(invalid(format!(
+            "'{name}' contains '{character}'; use letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(())
+}

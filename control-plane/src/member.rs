@@ -1,0 +1,1044 @@
+//! A control-plane member: the Raft instance of one node process, and what its leader
+//! does with cluster requests, heartbeats and half-finished volume commands.
+//!
+//! Every volume command goes: leader → catalog entry (`creating`, `deleting`) → owning
+//! node → catalog entry (`ready`, removed). A node that dies in between leaves the entry
+//! half-way; the leader's reconciler finishes it when the node heartbeats again. The
+//! catalog is the truth, so the outcome is never ambiguous: finished, or rolled back when
+//! the owning node refuses the volume.
+//!
+//! The control plane never touches volume bytes: it asks owning nodes over QUIC.
+
+use crate::caller::Caller;
+use crate::error::Error;
+use crate::network::{self, Faults, QuicNetworkFactory};
+use crate::storage::{self, CatalogView};
+use crate::types::Raft;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Config, SnapshotPolicy};
+use parking_lot::Mutex;
+use protocol::cluster::{
+    member_id, CatalogError, CatalogReply, CatalogRequest, CatalogStatus, ClusterRequest,
+    ClusterResponse, ClusterStatus, Command, Health, Member, MemberId, MemberStatus, NodeRecord,
+    NodeReport, RequestId, VolumeRecord, VolumeState,
+};
+use protocol::messages::{ErrorCode, Extent, Request, Response};
+use protocol::transport::Peer;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often the leader sends heartbeats (empty appends) to followers.
+pub const RAFT_HEARTBEAT_INTERVAL_MILLISECONDS: u64 = 100;
+/// A follower that hears no leader for a random time in this range starts an election.
+/// The range bounds failover time: a leader's death is noticed within the maximum.
+pub const ELECTION_TIMEOUT_MIN_MILLISECONDS: u64 = 300;
+pub const ELECTION_TIMEOUT_MAX_MILLISECONDS: u64 = 600;
+/// A catalog snapshot is sent in chunks of this size; with the timeout below, a chunk has
+/// ample time even on a slow link, and many chunks make a large catalog install fine.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 = 1024 * 1024;
+pub const INSTALL_SNAPSHOT_TIMEOUT_MILLISECONDS: u64 = 10_000;
+/// A snapshot is built after this many log entries, and this many stay after a purge so a
+/// briefly lagging follower catches up from the log instead of a snapshot.
+pub const SNAPSHOT_AFTER_ENTRIES: u64 = 5_000;
+pub const LOG_ENTRIES_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
+
+/// How long the leader waits for a command to commit before answering "unavailable".
+pub const COMMIT_TIMEOUT_SECONDS: u64 = 5;
+/// A node not heard from for this long is marked `down` by the leader.
+pub const NODE_DOWN_AFTER_MILLISECONDS: u64 = 3_000;
+/// How often the leader looks for silent nodes and half-finished volume commands.
+pub const SUPERVISE_INTERVAL_MILLISECONDS: u64 = 500;
+
+/// The ways a cluster request fails, already in the form the CLI shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        Response::Error {
+            code: self.code,
+            message: self.message,
+        }
+    }
+}
+
+impl From<CatalogError> for Refusal {
+    fn from(error: CatalogError) -> Refusal {
+        Refusal::new(error.code(), error.to_string())
+    }
+}
+
+type Outcome<T> = Result<T, Refusal>;
+
+/// One member of the control plane, running inside a node process.
+pub struct ControlPlane {
+    name: String,
+    address: String,
+    id: MemberId,
+    raft: Raft,
+    catalog: CatalogView,
+    faults: Faults,
+    caller: Caller,
+    /// When the leader last heard from each node. Volatile: a new leader starts counting
+    /// afresh, which gives every node a full timeout of grace after a leader change.
+    last_seen: Mutex<HashMap<String, Instant>>,
+    /// One lock per volume, so the request path and the reconciler never drive the same
+    /// volume at once.
+    volume_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn random_request_id() -> RequestId {
+    rand::random()
+}
+
+impl ControlPlane {
+    /// Opens the member's Raft store under `data_directory` and starts its Raft instance
+    /// and its leader duties. `address` is where other members reach this node.
+    pub async fn start(
+        name: &str,
+        address: &str,
+        data_directory: &Path,
+        endpoint: quinn::Endpoint,
+        faults: Faults,
+    ) -> Result<Arc<ControlPlane>, Error> {
+        let (log_store, state_machine) = storage::open(&data_directory.join("control-plane"))?;
+        let catalog = state_machine.catalog_view();
+        let config = Config {
+            cluster_name: "tandem".into(),
+            heartbeat_interval: RAFT_HEARTBEAT_INTERVAL_MILLISECONDS,
+            election_timeout_min: ELECTION_TIMEOUT_MIN_MILLISECONDS,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MILLISECONDS,
+            install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MILLISECONDS,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES_MAX,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_AFTER_ENTRIES),
+            max_in_snapshot_log_to_keep: LOG_ENTRIES_KEPT_AFTER_SNAPSHOT,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|error| Error::Raft {
+            detail: format!("invalid Raft configuration: {error}"),
+        })?;
+        let id = member_id(name);
+        let network = QuicNetworkFactory {
+            endpoint: endpoint.clone(),
+            faults: faults.clone(),
+        };
+        let raft = Raft::new(id, Arc::new(config), network, log_store, state_machine)
+            .await
+            .map_err(|error| Error::Raft {
+                detail: format!("cannot start Raft: {error}"),
+            })?;
+        let control_plane = Arc::new(ControlPlane {
+            name: name.to_string(),
+            address: address.to_string(),
+            id,
+            raft,
+            catalog,
+            faults,
+            caller: Caller::new(endpoint),
+            last_seen: Mutex::new(HashMap::new()),
+            volume_locks: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&control_plane)));
+        Ok(control_plane)
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// Stops the Raft instance; used when the node shuts down.
+    pub async fn shutdown(&self) {
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "Raft did not shut down cleanly");
+        }
+    }
+
+    /// Serves a Raft message from another member.
+    pub async fn serve_raft(&self, peer: &Peer, bytes: &[u8]) -> Response {
+        network::serve(&self.raft, &self.faults, peer, bytes).await
+    }
+
+    fn leader(&self) -> Option<(MemberId, Member)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let leader = metrics.current_leader?;
+        let member = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)?
+            .clone();
+        Some((leader, member))
+    }
+
+    /// Whether this member knows a leader, i.e. it is part of a cluster that has one.
+    pub fn knows_leader(&self) -> bool {
+        self.leader().is_some()
+    }
+
+    fn is_leader(&self) -> bool {
+        self.leader().is_some_and(|(leader, _)| leader == self.id)
+    }
+
+    /// Serves a cluster request: here when this member leads (or the request is `Init`),
+    /// else passed to the leader once.
+    pub async fn serve_cluster(&self, request: ClusterRequest, forwarded: bool) -> Response {
+        if request == ClusterRequest::Init {
+            return self.init().await.map_or_else(Refusal::into_response, |()| {
+                Response::Cluster(ClusterResponse::Done)
+            });
+        }
+        if !self.is_leader() {
+            if request == ClusterRequest::ClusterStatus && (forwarded || self.leader().is_none()) {
+                return Response::Cluster(ClusterResponse::ClusterStatus(self.cluster_status()));
+            }
+            return self
+                .forward(
+                    Request::Cluster {
+                        request,
+                        forwarded: true,
+                    },
+                    forwarded,
+                )
+                .await;
+        }
+        match self.lead(request).await {
+            Ok(response) => response,
+            Err(refusal) => refusal.into_response(),
+        }
+    }
+
+    /// Serves a node's heartbeat: the leader records it, others pass it on once.
+    pub async fn serve_heartbeat(&self, report: NodeReport, forwarded: bool) -> Response {
+        if !self.is_leader() {
+            return self
+                .forward(
+                    Request::Heartbeat {
+                        report,
+                        forwarded: true,
+                    },
+                    forwarded,
+                )
+                .await;
+        }
+        match self.heartbeat(report).await {
+            Ok(()) => Response::Cluster(ClusterResponse::Done),
+            Err(refusal) => refusal.into_response(),
+        }
+    }
+
+    async fn forward(&self, request: Request, already_forwarded: bool) -> Response {
+        let unavailable =
+            |message: String| Refusal::new(ErrorCode::Unavailable, message).into_response();
+        if already_forwarded {
+            return unavailable(format!(
+                "member {} is no longer the leader; retry the command",
+                self.name
+            ));
+        }
+        let Some((leader_id, leader)) = self.leader() else {
+            return unavailable(
+                "the control plane has no leader yet: a majority of members must be up (see `tandem cluster status`)"
+                    .into(),
+            );
+        };
+        // A dead leader answers nothing until the connection times out; the election that
+        // replaces it is much faster, so the wait ends as soon as leadership moves.
+        let mut metrics = self.raft.metrics();
+        let leadership_moved = async move {
+            loop {
+                if metrics.borrow_and_update().current_leader != Some(leader_id) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            answer = self.call(&leader.address, request) => match answer {
+                Ok(response) => response,
+                Err(detail) => unavailable(format!("the leader {leader} did not answer: {detail}")),
+            },
+            () = leadership_moved => unavailable(format!(
+                "leadership moved away from {leader} while the request was on its way; retry the command"
+            )),
+        }
+    }
+
+    /// Calls a node or member at `address`.
+    async fn call(&self, address: &str, request: Request) -> Result<Response, String> {
+        self.caller.call(address, &request).await
+    }
+
+    async fn init(&self) -> Outcome<()> {
+        let members = BTreeMap::from([(
+            self.id,
+            Member {
+                name: self.name.clone(),
+                address: self.address.clone(),
+            },
+        )]);
+        match self.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(member = %self.name, "control plane initialized with this member");
+                Ok(())
+            }
+            Err(RaftError::APIError(error)) => Err(Refusal::new(
+                ErrorCode::IllegalState,
+                format!("member {} is already part of a cluster: {error}", self.name),
+            )),
+            Err(error) => Err(Refusal::new(ErrorCode::Internal, error.to_string())),
+        }
+    }
+
+    /// Commits one command and returns the catalog's answer to it.
+    async fn commit(&self, request_id: RequestId, command: Command) -> Outcome<CatalogReply> {
+        let started = Instant::now();
+        let write = self.raft.client_write(CatalogRequest {
+            request_id,
+            command,
+        });
+        // A leader cut off from its majority never learns that it cannot commit; the
+        // timeout turns that into an answer. The entry may still commit later, and a retry
+        // under the same request id is then answered from the catalog, not applied again.
+        let Ok(written) =
+            tokio::time::timeout(Duration::from_secs(COMMIT_TIMEOUT_SECONDS), write).await
+        else {
+            return Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "not committed within {COMMIT_TIMEOUT_SECONDS} seconds: a majority of members may be unreachable"
+                ),
+            ));
+        };
+        metrics::histogram!("tandem_catalog_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match written {
+            Ok(response) => response.data.map_err(Refusal::from),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "leadership moved to {}; retry the command",
+                        forward.leader_node.map_or_else(
+                            || "an unknown member".to_string(),
+                            |member| member.to_string()
+                        )
+                    ),
+                ))
+            }
+            Err(error) => Err(Refusal::new(ErrorCode::Unavailable, error.to_string())),
+        }
+    }
+
+    /// Waits until this member is sure it still leads, so reads see every committed entry.
+    async fn read_barrier(&self) -> Outcome<()> {
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|error| {
+                Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot confirm leadership: {error}"),
+                )
+            })
+    }
+
+    async fn lead(&self, request: ClusterRequest) -> Outcome<Response> {
+        let cluster = |response: ClusterResponse| Ok(Response::Cluster(response));
+        match request {
+            ClusterRequest::Init => unreachable!("Init is served before leadership is checked"),
+            ClusterRequest::AddMember { node } => {
+                self.add_member(&node).await?;
+                cluster(ClusterResponse::ClusterStatus(self.cluster_status()))
+            }
+            ClusterRequest::RemoveMember { node } => {
+                self.remove_member(&node).await?;
+                cluster(ClusterResponse::ClusterStatus(self.cluster_status()))
+            }
+            ClusterRequest::ClusterStatus => {
+                cluster(ClusterResponse::ClusterStatus(self.cluster_status()))
+            }
+            ClusterRequest::Status => {
+                self.read_barrier().await?;
+                cluster(ClusterResponse::Status(self.status()))
+            }
+            ClusterRequest::Noop { request_id } => {
+                self.commit(request_id, Command::Noop).await?;
+                cluster(ClusterResponse::Done)
+            }
+            ClusterRequest::VolumeCreate {
+                request_id,
+                name,
+                node,
+                size_bytes,
+                track_size_bytes,
+            } => {
+                let node = node.ok_or_else(|| {
+                    Refusal::new(
+                        ErrorCode::InvalidArgument,
+                        "no node was named for the volume; pass --node NODE",
+                    )
+                })?;
+                let record = self
+                    .volume_create(request_id, &name, &node, size_bytes, track_size_bytes)
+                    .await?;
+                cluster(ClusterResponse::Volume(record))
+            }
+            ClusterRequest::VolumeDelete { request_id, name } => {
+                self.commit(
+                    request_id,
+                    Command::VolumeDeleteBegin { name: name.clone() },
+                )
+                .await?;
+                self.drive_volume(&name).await?;
+                cluster(ClusterResponse::Deleted { name })
+            }
+            ClusterRequest::VolumeSetReadiness {
+                request_id,
+                name,
+                readiness,
+            } => {
+                let record = match self
+                    .commit(
+                        request_id,
+                        Command::VolumeSetReadiness {
+                            name: name.clone(),
+                            readiness,
+                        },
+                    )
+                    .await?
+                {
+                    CatalogReply::Volume(record) => record,
+                    other => return Err(unexpected_reply(&other)),
+                };
+                self.push_readiness(&record).await?;
+                cluster(ClusterResponse::Volume(record))
+            }
+            ClusterRequest::VolumeList => {
+                self.read_barrier().await?;
+                cluster(ClusterResponse::Volumes(
+                    self.catalog
+                        .read(|catalog| catalog.volumes().cloned().collect()),
+                ))
+            }
+            ClusterRequest::VolumeShow { name } => {
+                self.read_barrier().await?;
+                let record = self.known_volume(&name)?;
+                let node_info = match self.node_address(&record.node) {
+                    Some(address) => {
+                        match self.call(&address, Request::VolumeShow { name }).await {
+                            Ok(Response::Volume(info)) => Some(info),
+                            _ => None,
+                        }
+                    }
+                    None => None,
+                };
+                cluster(ClusterResponse::VolumeDetail { record, node_info })
+            }
+            ClusterRequest::Snap {
+                source,
+                target,
+                extents,
+            } => self.snap(&source, &target, extents).await,
+        }
+    }
+
+    fn known_volume(&self, name: &str) -> Outcome<VolumeRecord> {
+        self.catalog
+            .read(|catalog| catalog.volume(name).cloned())
+            .ok_or_else(|| {
+                CatalogError::UnknownVolume {
+                    volume: name.to_string(),
+                }
+                .into()
+            })
+    }
+
+    fn node_address(&self, node: &str) -> Option<String> {
+        self.catalog
+            .read(|catalog| catalog.node(node).map(|record| record.address.clone()))
+    }
+
+    async fn volume_create(
+        &self,
+        request_id: RequestId,
+        name: &str,
+        node: &str,
+        size_bytes: u64,
+        track_size_bytes: u32,
+    ) -> Outcome<VolumeRecord> {
+        self.commit(
+            request_id,
+            Command::VolumeCreateBegin {
+                name: name.to_string(),
+                node: node.to_string(),
+                size_bytes,
+                track_size_bytes,
+            },
+        )
+        .await?;
+        self.drive_volume(name).await?;
+        self.known_volume(name)
+    }
+
+    fn volume_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.volume_locks
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Carries a volume's half-way state through on its owning node and records the
+    /// result. Safe to call at any time and any number of times: a volume that is not
+    /// half-way is left alone.
+    async fn drive_volume(&self, name: &str) -> Outcome<()> {
+        let lock = self.volume_lock(name);
+        let _guard = lock.lock().await;
+        let Some(record) = self.catalog.read(|catalog| catalog.volume(name).cloned()) else {
+            return Ok(());
+        };
+        let address = self.node_address(&record.node).ok_or_else(|| {
+            Refusal::from(CatalogError::UnknownNode {
+                node: record.node.clone(),
+            })
+        })?;
+        let unreachable = |detail: String| {
+            Refusal::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "node '{}' did not answer ({detail}); volume '{name}' stays {} in the catalog and is finished when the node returns",
+                    record.node, record.state
+                ),
+            )
+        };
+        match record.state {
+            VolumeState::Ready => Ok(()),
+            VolumeState::Creating => {
+                let created = self
+                    .call(
+                        &address,
+                        Request::VolumeCreate {
+                            name: name.to_string(),
+                            size_bytes: record.size_bytes,
+                            track_size_bytes: record.track_size_bytes,
+                        },
+                    )
+                    .await
+                    .map_err(unreachable)?;
+                let outcome = match created {
+                    Response::Volume(_) => Ok(()),
+                    Response::Error {
+                        code: ErrorCode::AlreadyExists,
+                        ..
+                    } => self.confirm_existing(&address, &record).await,
+                    Response::Error { code, message }
+                        if code == ErrorCode::Unavailable || code == ErrorCode::Internal =>
+                    {
+                        return Err(unreachable(format!("{code}: {message}")))
+                    }
+                    Response::Error { code, message } => Err(Refusal::new(code, message)),
+                    other => return Err(unreachable(format!("unexpected answer {other:?}"))),
+                };
+                match outcome {
+                    Ok(()) => {
+                        self.commit(
+                            random_request_id(),
+                            Command::VolumeCreateFinish {
+                                name: name.to_string(),
+                            },
+                        )
+                        .await?;
+                        Ok(())
+                    }
+                    Err(refusal) => {
+                        tracing::warn!(volume = %name, node = %record.node, reason = %refusal.message, "the node refused the volume; rolling back");
+                        self.commit(
+                            random_request_id(),
+                            Command::VolumeCreateRollback {
+                                name: name.to_string(),
+                                reason: refusal.message.clone(),
+                            },
+                        )
+                        .await?;
+                        Err(refusal)
+                    }
+                }
+            }
+            VolumeState::Deleting => {
+                let deleted = self
+                    .call(
+                        &address,
+                        Request::VolumeDelete {
+                            name: name.to_string(),
+                        },
+                    )
+                    .await
+                    .map_err(unreachable)?;
+                match deleted {
+                    Response::Deleted { .. }
+                    | Response::Error {
+                        code: ErrorCode::NotFound,
+                        ..
+                    } => {
+                        self.commit(
+                            random_request_id(),
+                            Command::VolumeDeleteFinish {
+                                name: name.to_string(),
+                            },
+                        )
+                        .await?;
+                        Ok(())
+                    }
+                    Response::Error { code, message } => Err(Refusal::new(
+                        code,
+                        format!(
+                            "node '{}' could not delete volume '{name}': {message}",
+                            record.node
+                        ),
+                    )),
+                    other => Err(unreachable(format!("unexpected answer {other:?}"))),
+                }
+            }
+        }
+    }
+
+    /// The node already has a volume of this name: from an earlier attempt whose answer was
+    /// lost, when its geometry matches; else something the catalog never asked for.
+    async fn confirm_existing(&self, address: &str, record: &VolumeRecord) -> Outcome<()> {
+        match self
+            .call(address, Request::VolumeShow { name: record.name.clone() })
+            .await
+        {
+            Ok(Response::Volume(info))
+                if info.size_bytes == record.size_bytes
+                    && info.track_size_bytes == record.track_size_bytes =>
+            {
+                Ok(())
+            }
+            Ok(Response::Volume(info)) => Err(Refusal::new(
+                ErrorCode::AlreadyExists,
+                format!(
+                    "node '{}' already holds a volume '{}' of {} bytes that the catalog does not know; delete it there or choose another name",
+                    record.node, record.name, info.size_bytes
+                ),
+            )),
+            Ok(other) => Err(Refusal::new(ErrorCode::Unavailable, format!("unexpected answer {other:?}"))),
+            Err(detail) => Err(Refusal::new(ErrorCode::Unavailable, detail)),
+        }
+    }
+
+    async fn push_readiness(&self, record: &VolumeRecord) -> Outcome<()> {
+        let address = self.node_address(&record.node).unwrap_or_default();
+        match self
+            .call(
+                &address,
+                Request::VolumeSetReadiness {
+                    name: record.name.clone(),
+                    readiness: record.readiness,
+                },
+            )
+            .await
+        {
+            Ok(Response::Volume(_)) => Ok(()),
+            Ok(Response::Error { code, message }) => Err(Refusal::new(code, message)),
+            Ok(other) => Err(Refusal::new(ErrorCode::Internal, format!("unexpected answer {other:?}"))),
+            Err(detail) => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "readiness {} is recorded for volume '{}', but node '{}' did not answer ({detail}); it applies it when it returns",
+                    record.readiness, record.name, record.node
+                ),
+            )),
+        }
+    }
+
+    async fn snap(&self, source: &str, target: &str, extents: Vec<Extent>) -> Outcome<Response> {
+        let source_record = self.known_volume(source)?;
+        if source_record.state != VolumeState::Ready {
+            return Err(CatalogError::IllegalState {
+                volume: source.to_string(),
+                state: source_record.state,
+                action: "snapped".into(),
+            }
+            .into());
+        }
+        let track_count = source_record.size_bytes / u64::from(source_record.track_size_bytes);
+        if let Some(extent) = extents.iter().find(|extent| extent.last >= track_count) {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "extent {extent} does not fit volume '{source}', which has tracks 0-{}",
+                    track_count.saturating_sub(1)
+                ),
+            ));
+        }
+        let created_target = match self.catalog.read(|catalog| catalog.volume(target).cloned()) {
+            None => {
+                // The target is created through the catalog first, so that a node dying
+                // during the snap leaves a complete, empty target rather than a volume the
+                // catalog does not know.
+                self.volume_create(
+                    random_request_id(),
+                    target,
+                    &source_record.node,
+                    source_record.size_bytes,
+                    source_record.track_size_bytes,
+                )
+                .await?;
+                true
+            }
+            Some(record) if record.node != source_record.node => return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "a snap works within one node: '{source}' is on '{}' but '{target}' is on '{}'",
+                    source_record.node, record.node
+                ),
+            )),
+            Some(record) if record.state != VolumeState::Ready => {
+                return Err(CatalogError::IllegalState {
+                    volume: target.to_string(),
+                    state: record.state,
+                    action: "a snap target".into(),
+                }
+                .into())
+            }
+            Some(_) => false,
+        };
+        let address = self.node_address(&source_record.node).unwrap_or_default();
+        let answer = self
+            .call(
+                &address,
+                Request::Snap {
+                    source: source.to_string(),
+                    target: target.to_string(),
+                    extents,
+                },
+            )
+            .await;
+        match answer {
+            Ok(response @ Response::Snapped { .. }) => Ok(response),
+            refused => {
+                if created_target {
+                    // The snap did not happen, so the target made for it goes again: a
+                    // refused command changes nothing.
+                    self.commit(
+                        random_request_id(),
+                        Command::VolumeDeleteBegin {
+                            name: target.to_string(),
+                        },
+                    )
+                    .await?;
+                    self.drive_volume(target).await?;
+                }
+                match refused {
+                    Ok(Response::Error { code, message }) => Err(Refusal::new(code, message)),
+                    Ok(other) => Err(Refusal::new(
+                        ErrorCode::Internal,
+                        format!("unexpected answer {other:?}"),
+                    )),
+                    Err(detail) => Err(Refusal::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "node '{}' did not answer the snap: {detail}",
+                            source_record.node
+                        ),
+                    )),
+                }
+            }
+        }
+    }
+
+    async fn add_member(&self, node: &str) -> Outcome<()> {
+        let record = self
+            .catalog
+            .read(|catalog| catalog.node(node).cloned())
+            .ok_or_else(|| {
+                Refusal::from(CatalogError::UnknownNode {
+                    node: node.to_string(),
+                })
+            })?;
+        if !record.control_plane {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                format!("node '{node}' runs without `control_plane = true` in its config, so it cannot be a member"),
+            ));
+        }
+        if record.health == Health::Down {
+            return Err(CatalogError::NodeDown {
+                node: node.to_string(),
+            }
+            .into());
+        }
+        let id = member_id(node);
+        let member = Member {
+            name: node.to_string(),
+            address: record.address.clone(),
+        };
+        let membership_error = |error: RaftError<MemberId, ClientWriteError<MemberId, Member>>| {
+            Refusal::new(ErrorCode::Unavailable, error.to_string())
+        };
+        self.raft
+            .add_learner(id, member, true)
+            .await
+            .map_err(membership_error)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(membership_error)?;
+        tracing::info!(member = %node, "member added");
+        Ok(())
+    }
+
+    async fn remove_member(&self, node: &str) -> Outcome<()> {
+        let id = member_id(node);
+        let voters: BTreeSet<MemberId> = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            metrics.membership_config.membership().voter_ids().collect()
+        };
+        if !voters.contains(&id) {
+            return Err(Refusal::new(
+                ErrorCode::NotFound,
+                format!(
+                    "node '{node}' is not a control-plane member (see `tandem cluster status`)"
+                ),
+            ));
+        }
+        if voters.len() == 1 {
+            return Err(Refusal::new(
+                ErrorCode::IllegalState,
+                format!("'{node}' is the last member; a cluster cannot remove its last member"),
+            ));
+        }
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(|error| Refusal::new(ErrorCode::Unavailable, error.to_string()))?;
+        tracing::info!(member = %node, "member removed");
+        Ok(())
+    }
+
+    /// This member's view of the Raft group. Lags are known only on the leader, which
+    /// tracks how far each follower's log matches its own.
+    pub fn cluster_status(&self) -> ClusterStatus {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let name_of = |id: &MemberId| {
+            membership
+                .get_node(id)
+                .map_or_else(|| format!("member-{id:016x}"), |member| member.name.clone())
+        };
+        let matched = |id: &MemberId| -> Option<u64> {
+            if *id == metrics.id {
+                return metrics.last_log_index;
+            }
+            metrics
+                .replication
+                .as_ref()?
+                .get(id)
+                .map(|log_id| log_id.map_or(0, |log_id| log_id.index))
+        };
+        let voters: Vec<MemberId> = membership.voter_ids().collect();
+        let members = voters
+            .iter()
+            .map(|id| MemberStatus {
+                name: name_of(id),
+                address: membership
+                    .get_node(id)
+                    .map(|member| member.address.clone())
+                    .unwrap_or_default(),
+                lag_entries: match (
+                    metrics.replication.is_some(),
+                    metrics.last_log_index,
+                    matched(id),
+                ) {
+                    (true, Some(last), Some(matched)) => Some(last.saturating_sub(matched)),
+                    _ => None,
+                },
+            })
+            .collect();
+        // The commit index is the highest index a majority of voters hold.
+        let commit_index = if metrics.replication.is_some() {
+            let mut indexes: Vec<u64> = voters.iter().filter_map(matched).collect();
+            indexes.sort_unstable_by(|left, right| right.cmp(left));
+            indexes.get(voters.len() / 2).copied()
+        } else {
+            None
+        };
+        ClusterStatus {
+            answered_by: self.name.clone(),
+            leader: metrics.current_leader.as_ref().map(name_of),
+            term: metrics.current_term,
+            members,
+            learners: membership.learner_ids().map(|id| name_of(&id)).collect(),
+            last_log_index: metrics.last_log_index,
+            commit_index,
+            applied_index: metrics.last_applied.map(|log_id| log_id.index),
+        }
+    }
+
+    fn status(&self) -> CatalogStatus {
+        let (sites, volumes) = self.catalog.read(|catalog| {
+            let mut sites: BTreeMap<String, Vec<NodeRecord>> = catalog
+                .sites()
+                .iter()
+                .map(|site| (site.clone(), Vec::new()))
+                .collect();
+            for node in catalog.nodes() {
+                sites
+                    .entry(node.site.clone())
+                    .or_default()
+                    .push(node.clone());
+            }
+            (sites, catalog.volumes().cloned().collect())
+        });
+        CatalogStatus {
+            cluster: self.cluster_status(),
+            sites,
+            volumes,
+        }
+    }
+
+    /// Records a node's heartbeat; registers it, or marks it up again, when needed.
+    async fn heartbeat(&self, report: NodeReport) -> Outcome<()> {
+        self.last_seen
+            .lock()
+            .insert(report.name.clone(), Instant::now());
+        let known = self
+            .catalog
+            .read(|catalog| catalog.node(&report.name).cloned());
+        let current = known.as_ref().is_some_and(|record| {
+            record.health == Health::Up
+                && record.site == report.site
+                && record.address == report.address
+                && record.nbd_address == report.nbd_address
+                && record.capacity_bytes == report.capacity_bytes
+                && record.control_plane == report.control_plane
+        });
+        if current {
+            return Ok(());
+        }
+        let name = report.name.clone();
+        self.commit(random_request_id(), Command::RegisterNode(report))
+            .await?;
+        tracing::info!(node = %name, "node registered or returned");
+        if known.is_some_and(|record| record.health == Health::Down) {
+            // A returning node may have missed readiness changes while it was away; the
+            // catalog's readiness is the truth, so it is pushed again. Half-way volumes are
+            // finished by the next supervision round.
+            let volumes: Vec<VolumeRecord> = self.catalog.read(|catalog| {
+                catalog
+                    .volumes()
+                    .filter(|volume| volume.node == name && volume.state == VolumeState::Ready)
+                    .cloned()
+                    .collect()
+            });
+            for volume in volumes {
+                if let Err(refusal) = self.push_readiness(&volume).await {
+                    tracing::warn!(volume = %volume.name, reason = %refusal.message, "could not restore readiness");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The leader's periodic duty: mark silent nodes down and finish half-way volumes on
+    /// nodes that are up.
+    async fn supervise_once(self: &Arc<Self>) {
+        if !self.is_leader() {
+            self.last_seen.lock().clear();
+            return;
+        }
+        let now = Instant::now();
+        let nodes: Vec<NodeRecord> = self
+            .catalog
+            .read(|catalog| catalog.nodes().cloned().collect());
+        for node in nodes.iter().filter(|node| node.health == Health::Up) {
+            let last_seen = *self
+                .last_seen
+                .lock()
+                .entry(node.name.clone())
+                .or_insert(now);
+            if now.duration_since(last_seen) > Duration::from_millis(NODE_DOWN_AFTER_MILLISECONDS) {
+                tracing::warn!(node = %node.name, "no heartbeat for {NODE_DOWN_AFTER_MILLISECONDS} ms; marking the node down");
+                if let Err(refusal) = self
+                    .commit(
+                        random_request_id(),
+                        Command::SetNodeHealth {
+                            node: node.name.clone(),
+                            health: Health::Down,
+                        },
+                    )
+                    .await
+                {
+                    tracing::warn!(node = %node.name, reason = %refusal.message, "could not mark the node down");
+                }
+            }
+        }
+        let half_way: Vec<VolumeRecord> = self.catalog.read(|catalog| {
+            catalog
+                .volumes()
+                .filter(|volume| volume.state != VolumeState::Ready)
+                .filter(|volume| {
+                    catalog
+                        .node(&volume.node)
+                        .is_some_and(|node| node.health == Health::Up)
+                })
+                .cloned()
+                .collect()
+        });
+        for volume in half_way {
+            let control_plane = Arc::clone(self);
+            tokio::spawn(async move {
+                match control_plane.drive_volume(&volume.name).await {
+                    Ok(()) => {
+                        tracing::info!(volume = %volume.name, node = %volume.node, "reconciled a half-finished volume command")
+                    }
+                    Err(refusal) => {
+                        tracing::debug!(volume = %volume.name, reason = %refusal.message, "reconciliation will retry")
+                    }
+                }
+            });
+        }
+    }
+}
+
+fn unexpected_reply(reply: &CatalogReply) -> Refusal {
+    Refusal::new(
+        ErrorCode::Internal,
+        format!("unexpected catalog reply {reply:?}"),
+    )
+}
+
+async fn supervise(control_plane: std::sync::Weak<ControlPlane>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(SUPERVISE_INTERVAL_MILLISECONDS));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(control_plane) = control_plane.upgrade() else {
+            return;
+        };
+        control_plane.supervise_once().await;
+    }
+}

@@ -1,0 +1,330 @@
+//! Raft messages between members, over the same QUIC transport (mutual TLS) as every
+//! other tandem message, with fault injection in our own code because the kernel here
+//! has no netem.
+//!
+//! A member accepts a Raft message only from a peer whose certificate names a member of
+//! its current membership, and only when the message claims to come from that member:
+//! being signed by the cluster CA is not enough.
+
+use crate::types::{Raft, TypeConfig};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::AnyError;
+use parking_lot::RwLock;
+use protocol::cluster::{member_id, FaultRule, Member, MemberId};
+use protocol::messages::{ErrorCode, Request, Response};
+use protocol::transport::{Peer, PeerRole};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A Raft message from one member to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftMessage {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<MemberId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// The receiving member's answer to a [`RaftMessage`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftAnswer {
+    AppendEntries(Result<AppendEntriesResponse<MemberId>, RaftError<MemberId>>),
+    Vote(Result<VoteResponse<MemberId>, RaftError<MemberId>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<MemberId>, RaftError<MemberId, InstallSnapshotError>>,
+    ),
+}
+
+/// Fault rules by peer node name, shared by the sending and the receiving side of one
+/// process. Rules are set at run time by the admin (`tandem debug fault`) on nodes that
+/// allow it, so tests can cut a minority off without touching the kernel.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    rules: Arc<RwLock<HashMap<String, FaultRule>>>,
+}
+
+impl Faults {
+    pub fn rule(&self, peer: &str) -> FaultRule {
+        self.rules.read().get(peer).cloned().unwrap_or_default()
+    }
+
+    /// Sets the rule for one peer; the default rule (no drop, no delay) removes it.
+    pub fn set(&self, peer: &str, rule: FaultRule) {
+        let mut rules = self.rules.write();
+        if rule == FaultRule::default() {
+            rules.remove(peer);
+        } else {
+            rules.insert(peer.to_string(), rule);
+        }
+    }
+}
+
+/// Makes one [`QuicNetwork`] per target member; they share the endpoint and the fault rules.
+#[derive(Clone)]
+pub struct QuicNetworkFactory {
+    pub endpoint: quinn::Endpoint,
+    pub faults: Faults,
+}
+
+impl RaftNetworkFactory<TypeConfig> for QuicNetworkFactory {
+    type Network = QuicNetwork;
+
+    async fn new_client(&mut self, target: MemberId, node: &Member) -> QuicNetwork {
+        QuicNetwork {
+            endpoint: self.endpoint.clone(),
+            faults: self.faults.clone(),
+            target,
+            member: node.clone(),
+            connection: None,
+        }
+    }
+}
+
+/// The link to one member. It keeps one QUIC connection and opens a stream per message.
+pub struct QuicNetwork {
+    endpoint: quinn::Endpoint,
+    faults: Faults,
+    target: MemberId,
+    member: Member,
+    connection: Option<quinn::Connection>,
+}
+
+fn unreachable<E: std::error::Error>(detail: String) -> RPCError<MemberId, Member, E> {
+    RPCError::Unreachable(Unreachable::new(&AnyError::error(detail)))
+}
+
+/// Resolves a `HOST:PORT` member address; names work as well as IP addresses, so a
+/// deployment can use host names.
+pub async fn resolve(address: &str) -> Result<SocketAddr, String> {
+    let mut addresses = tokio::net::lookup_host(address)
+        .await
+        .map_err(|error| format!("cannot resolve '{address}': {error}"))?;
+    addresses
+        .next()
+        .ok_or_else(|| format!("'{address}' resolves to no address"))
+}
+
+impl QuicNetwork {
+    async fn connection(&mut self) -> Result<quinn::Connection, String> {
+        if let Some(connection) = &self.connection {
+            if connection.close_reason().is_none() {
+                return Ok(connection.clone());
+            }
+        }
+        let address = resolve(&self.member.address).await?;
+        let connection = protocol::transport::connect(&self.endpoint, address)
+            .await
+            .map_err(|error| error.to_string())?;
+        self.connection = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Sends one message and waits for the answer, within the time openraft allows.
+    async fn send(
+        &mut self,
+        message: RaftMessage,
+        option: &RPCOption,
+    ) -> Result<RaftAnswer, String> {
+        let rule = self.faults.rule(&self.member.name);
+        if rule.drop {
+            return Err(format!(
+                "message to {} dropped by fault injection",
+                self.member
+            ));
+        }
+        if rule.delay_milliseconds > 0 {
+            tokio::time::sleep(Duration::from_millis(rule.delay_milliseconds)).await;
+        }
+        let bytes = protocol::codec::encode(&message).map_err(|error| error.to_string())?;
+        let exchange = async {
+            let connection = self.connection().await?;
+            protocol::transport::call::<Request, Response>(&connection, &Request::Raft(bytes))
+                .await
+                .map_err(|error| error.to_string())
+        };
+        let response = match tokio::time::timeout(option.hard_ttl(), exchange).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(detail)) => {
+                self.connection = None;
+                return Err(detail);
+            }
+            Err(_) => {
+                return Err(format!(
+                    "no answer from {} within {:?}",
+                    self.member,
+                    option.hard_ttl()
+                ))
+            }
+        };
+        match response {
+            Response::Raft(bytes) => protocol::codec::decode::<RaftAnswer>(&bytes)
+                .map_err(|error| format!("undecodable answer from {}: {error}", self.member)),
+            Response::Error { code, message } => {
+                Err(format!("{} refused: {code}: {message}", self.member))
+            }
+            other => Err(format!("unexpected answer from {}: {other:?}", self.member)),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for QuicNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<MemberId>, RPCError<MemberId, Member, RaftError<MemberId>>>
+    {
+        match self.send(RaftMessage::AppendEntries(rpc), &option).await {
+            Ok(RaftAnswer::AppendEntries(answer)) => answer.map_err(|error| {
+                RPCError::RemoteError(openraft::error::RemoteError::new_with_node(
+                    self.target,
+                    self.member.clone(),
+                    error,
+                ))
+            }),
+            Ok(other) => Err(RPCError::Network(NetworkError::new(&AnyError::error(
+                format!("mismatched answer {other:?}"),
+            )))),
+            Err(detail) => Err(unreachable(detail)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<MemberId>,
+        RPCError<MemberId, Member, RaftError<MemberId, InstallSnapshotError>>,
+    > {
+        match self.send(RaftMessage::InstallSnapshot(rpc), &option).await {
+            Ok(RaftAnswer::InstallSnapshot(answer)) => answer.map_err(|error| {
+                RPCError::RemoteError(openraft::error::RemoteError::new_with_node(
+                    self.target,
+                    self.member.clone(),
+                    error,
+                ))
+            }),
+            Ok(other) => Err(RPCError::Network(NetworkError::new(&AnyError::error(
+                format!("mismatched answer {other:?}"),
+            )))),
+            Err(detail) => Err(unreachable(detail)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<MemberId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<MemberId>, RPCError<MemberId, Member, RaftError<MemberId>>> {
+        match self.send(RaftMessage::Vote(rpc), &option).await {
+            Ok(RaftAnswer::Vote(answer)) => answer.map_err(|error| {
+                RPCError::RemoteError(openraft::error::RemoteError::new_with_node(
+                    self.target,
+                    self.member.clone(),
+                    error,
+                ))
+            }),
+            Ok(other) => Err(RPCError::Network(NetworkError::new(&AnyError::error(
+                format!("mismatched answer {other:?}"),
+            )))),
+            Err(detail) => Err(unreachable(detail)),
+        }
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        // A peer that is down is retried often enough that it rejoins within a heartbeat or
+        // two of coming back, and rarely enough that a dead peer costs nothing noticeable.
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
+
+fn refuse(code: ErrorCode, message: String) -> Response {
+    Response::Error { code, message }
+}
+
+/// Serves one Raft message from `peer` after checking who sent it.
+pub async fn serve(raft: &Raft, faults: &Faults, peer: &Peer, bytes: &[u8]) -> Response {
+    let name = match &peer.role {
+        PeerRole::Node(name) => name,
+        PeerRole::Admin => {
+            return refuse(
+                ErrorCode::Forbidden,
+                "Raft messages come from members only, never from the admin".into(),
+            )
+        }
+    };
+    if faults.rule(name).drop {
+        return refuse(
+            ErrorCode::Unavailable,
+            format!("message from {name} dropped by fault injection"),
+        );
+    }
+    let message = match protocol::codec::decode::<RaftMessage>(bytes) {
+        Ok(message) => message,
+        Err(error) => {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                format!("undecodable Raft message from {name}: {error}"),
+            )
+        }
+    };
+    if let Err(reason) = authorize(raft, name, &message) {
+        tracing::warn!(peer = %peer.address, %name, %reason, "Raft message refused");
+        metrics::counter!("tandem_raft_refused_total").increment(1);
+        return refuse(ErrorCode::Forbidden, reason);
+    }
+    let answer = match message {
+        RaftMessage::AppendEntries(rpc) => {
+            RaftAnswer::AppendEntries(raft.append_entries(rpc).await)
+        }
+        RaftMessage::Vote(rpc) => RaftAnswer::Vote(raft.vote(rpc).await),
+        RaftMessage::InstallSnapshot(rpc) => {
+            RaftAnswer::InstallSnapshot(raft.install_snapshot(rpc).await)
+        }
+    };
+    match protocol::codec::encode(&answer) {
+        Ok(bytes) => Response::Raft(bytes),
+        Err(error) => refuse(
+            ErrorCode::Internal,
+            format!("cannot encode the answer: {error}"),
+        ),
+    }
+}
+
+/// A peer may send Raft messages when its certificate names a member and the message
+/// claims to come from that same member. A member not yet in any cluster has no
+/// membership to check against: it accepts the first leader that adds it, which is how
+/// `tandem cluster add-member` reaches it.
+fn authorize(raft: &Raft, name: &str, message: &RaftMessage) -> Result<(), String> {
+    let claimed_sender = match message {
+        RaftMessage::AppendEntries(rpc) => rpc.vote.leader_id().voted_for(),
+        RaftMessage::Vote(rpc) => rpc.vote.leader_id().voted_for(),
+        RaftMessage::InstallSnapshot(rpc) => rpc.vote.leader_id().voted_for(),
+    };
+    if claimed_sender != Some(member_id(name)) {
+        return Err(format!(
+            "the message claims to come from member {claimed_sender:?}, but the certificate names '{name}'"
+        ));
+    }
+    let metrics = raft.metrics();
+    let membership = metrics.borrow().membership_config.clone();
+    let mut members = membership.nodes().peekable();
+    if members.peek().is_none() {
+        return Ok(());
+    }
+    if members.any(|(_, member)| member.name == name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' has a certificate of this cluster but is not a control-plane member"
+        ))
+    }
+}

@@ -1,0 +1,287 @@
+//! The catalog state machine on its own: one command in, the exact catalog out.
+
+use control_plane::catalog::{Catalog, APPLIED_REQUESTS_REMEMBERED_MAX};
+use proptest::prelude::*;
+use protocol::cluster::{
+    CatalogError, CatalogReply, CatalogRequest, Command, Health, NodeReport, VolumeState,
+};
+use protocol::messages::Readiness;
+
+const GIB: u64 = 1 << 30;
+const TRACK: u32 = 64 << 10;
+
+fn report(name: &str, site: &str, capacity_bytes: u64) -> NodeReport {
+    NodeReport {
+        name: name.into(),
+        site: site.into(),
+        address: format!("{name}:7100"),
+        nbd_address: format!("{name}:10809"),
+        capacity_bytes,
+        control_plane: true,
+    }
+}
+
+/// Applies a command under a fresh request id.
+fn apply(catalog: &mut Catalog, id: u128, command: Command) -> Result<CatalogReply, CatalogError> {
+    catalog.apply(&CatalogRequest {
+        request_id: id,
+        command,
+    })
+}
+
+fn create(name: &str, node: &str, size_bytes: u64) -> Command {
+    Command::VolumeCreateBegin {
+        name: name.into(),
+        node: node.into(),
+        size_bytes,
+        track_size_bytes: TRACK,
+    }
+}
+
+/// Two sites, three nodes of 10 GiB each, one ready volume `data` of 4 GiB on `east-1`.
+fn populated() -> Catalog {
+    let mut catalog = Catalog::default();
+    apply(&mut catalog, 1, Command::RegisterNode(report("east-1", "east", 10 * GIB))).unwrap();
+    apply(&mut catalog, 2, Command::RegisterNode(report("east-2", "east", 10 * GIB))).unwrap();
+    apply(&mut catalog, 3, Command::RegisterNode(report("west-1", "west", 10 * GIB))).unwrap();
+    apply(&mut catalog, 4, create("data", "east-1", 4 * GIB)).unwrap();
+    apply(&mut catalog, 5, Command::VolumeCreateFinish { name: "data".into() }).unwrap();
+    catalog
+}
+
+#[test]
+fn a_volume_is_created_in_two_steps_and_lands_on_its_node() {
+    let catalog = populated();
+    let volume = catalog.volume("data").unwrap();
+    assert_eq!(volume.node, "east-1");
+    assert_eq!(volume.state, VolumeState::Ready);
+    assert_eq!(volume.readiness, Readiness::Ready);
+    assert_eq!(catalog.sites().len(), 2);
+    assert_eq!(catalog.nodes().count(), 3);
+}
+
+#[test]
+fn a_retried_request_is_applied_once_and_gets_the_first_answer() {
+    let mut catalog = populated();
+    let first = apply(&mut catalog, 77, create("logs", "east-2", GIB)).unwrap();
+    apply(&mut catalog, 78, Command::VolumeCreateFinish { name: "logs".into() }).unwrap();
+    let after_first = catalog.clone();
+    // The same request again, after the volume became ready: no second volume, no
+    // "already exists", no change at all, and the answer the first attempt got.
+    let retried = apply(&mut catalog, 77, create("logs", "east-2", GIB)).unwrap();
+    assert_eq!(retried, first);
+    assert_eq!(catalog, after_first);
+    // The same command under a new id is a new request, and refused.
+    assert_eq!(
+        apply(&mut catalog, 79, create("logs", "east-2", GIB)),
+        Err(CatalogError::VolumeExists {
+            volume: "logs".into(),
+            node: "east-2".into()
+        })
+    );
+}
+
+#[test]
+fn a_retried_refusal_is_refused_again_even_when_it_would_now_succeed() {
+    let mut catalog = populated();
+    let refused = apply(&mut catalog, 90, create("big", "east-2", 11 * GIB));
+    assert!(matches!(refused, Err(CatalogError::DoesNotFit { .. })));
+    apply(&mut catalog, 91, Command::RegisterNode(report("east-2", "east", 20 * GIB))).unwrap();
+    assert_eq!(apply(&mut catalog, 90, create("big", "east-2", 11 * GIB)), refused);
+    assert!(catalog.volume("big").is_none());
+}
+
+#[test]
+fn each_invalid_command_is_refused_with_its_own_error_and_changes_nothing() {
+    let cases: Vec<(Command, fn(&CatalogError) -> bool)> = vec![
+        (create("x", "nowhere", GIB), |e| matches!(e, CatalogError::UnknownNode { .. })),
+        (create("data", "east-2", GIB), |e| matches!(e, CatalogError::VolumeExists { .. })),
+        (create("x", "east-1", 7 * GIB), |e| matches!(e, CatalogError::DoesNotFit { free_bytes, .. } if *free_bytes == 6 * GIB)),
+        (create("x", "east-1", 1000), |e| matches!(e, CatalogError::Invalid { .. })),
+        (create("x", "east-1", 0), |e| matches!(e, CatalogError::Invalid { .. })),
+        (create("bad name", "east-1", GIB), |e| matches!(e, CatalogError::Invalid { .. })),
+        (create("", "east-1", GIB), |e| matches!(e, CatalogError::Invalid { .. })),
+        (
+            Command::VolumeCreateBegin {
+                name: "x".into(),
+                node: "east-1".into(),
+                size_bytes: GIB,
+                track_size_bytes: 1000,
+            },
+            |e| matches!(e, CatalogError::Invalid { .. }),
+        ),
+        (Command::VolumeDeleteBegin { name: "ghost".into() }, |e| {
+            matches!(e, CatalogError::UnknownVolume { .. })
+        }),
+        (Command::VolumeDeleteFinish { name: "data".into() }, |e| {
+            matches!(e, CatalogError::IllegalState { state: VolumeState::Ready, .. })
+        }),
+        (
+            Command::VolumeCreateRollback {
+                name: "data".into(),
+                reason: "test".into(),
+            },
+            |e| matches!(e, CatalogError::IllegalState { .. }),
+        ),
+        (
+            Command::SetNodeHealth {
+                node: "ghost".into(),
+                health: Health::Down,
+            },
+            |e| matches!(e, CatalogError::UnknownNode { .. }),
+        ),
+        (Command::RegisterNode(report("east-1", "west", 10 * GIB)), |e| {
+            matches!(e, CatalogError::SiteChange { .. })
+        }),
+        (Command::RegisterNode(report("n/1", "east", GIB)), |e| {
+            matches!(e, CatalogError::Invalid { .. })
+        }),
+        (Command::RegisterNode(report("n1", "", GIB)), |e| {
+            matches!(e, CatalogError::Invalid { .. })
+        }),
+    ];
+    for (index, (command, expected)) in cases.into_iter().enumerate() {
+        let mut catalog = populated();
+        let before = catalog.clone();
+        let refusal = apply(&mut catalog, 1000 + index as u128, command.clone())
+            .expect_err(&format!("{command:?} must be refused"));
+        assert!(expected(&refusal), "{command:?} was refused with {refusal:?}");
+        // Only the remembered answer differs; sites, nodes and volumes are as before.
+        assert_eq!(catalog.volumes().collect::<Vec<_>>(), before.volumes().collect::<Vec<_>>());
+        assert_eq!(catalog.nodes().collect::<Vec<_>>(), before.nodes().collect::<Vec<_>>());
+        assert_eq!(catalog.sites(), before.sites());
+    }
+}
+
+#[test]
+fn a_node_that_is_down_takes_no_new_volumes_until_it_returns() {
+    let mut catalog = populated();
+    apply(
+        &mut catalog,
+        10,
+        Command::SetNodeHealth {
+            node: "west-1".into(),
+            health: Health::Down,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        apply(&mut catalog, 11, create("w", "west-1", GIB)),
+        Err(CatalogError::NodeDown {
+            node: "west-1".into()
+        })
+    );
+    // Registering again is how a node returns.
+    apply(&mut catalog, 12, Command::RegisterNode(report("west-1", "west", 10 * GIB))).unwrap();
+    assert_eq!(catalog.node("west-1").unwrap().health, Health::Up);
+    apply(&mut catalog, 13, create("w", "west-1", GIB)).unwrap();
+}
+
+#[test]
+fn a_delete_passes_through_deleting_and_frees_the_space() {
+    let mut catalog = populated();
+    apply(&mut catalog, 20, Command::VolumeDeleteBegin { name: "data".into() }).unwrap();
+    assert_eq!(catalog.volume("data").unwrap().state, VolumeState::Deleting);
+    // A half-deleted volume cannot be given a readiness or finished as created.
+    assert!(apply(
+        &mut catalog,
+        21,
+        Command::VolumeSetReadiness {
+            name: "data".into(),
+            readiness: Readiness::ReadOnly
+        }
+    )
+    .is_err());
+    apply(&mut catalog, 22, Command::VolumeDeleteFinish { name: "data".into() }).unwrap();
+    assert!(catalog.volume("data").is_none());
+    apply(&mut catalog, 23, create("big", "east-1", 10 * GIB)).unwrap();
+}
+
+#[test]
+fn a_volume_being_created_is_finished_or_rolled_back_never_both() {
+    let mut catalog = populated();
+    apply(&mut catalog, 30, create("half", "east-2", GIB)).unwrap();
+    assert!(apply(&mut catalog, 31, Command::VolumeDeleteBegin { name: "half".into() }).is_err());
+    apply(
+        &mut catalog,
+        32,
+        Command::VolumeCreateRollback {
+            name: "half".into(),
+            reason: "node refused".into(),
+        },
+    )
+    .unwrap();
+    assert!(catalog.volume("half").is_none());
+    assert!(apply(&mut catalog, 33, Command::VolumeCreateFinish { name: "half".into() }).is_err());
+}
+
+#[test]
+fn remembered_request_ids_are_bounded() {
+    let mut catalog = Catalog::default();
+    for id in 0..(APPLIED_REQUESTS_REMEMBERED_MAX as u128 + 10) {
+        apply(&mut catalog, id, Command::Noop).unwrap();
+    }
+    assert!(catalog.applied_response(0).is_none());
+    assert!(catalog
+        .applied_response(APPLIED_REQUESTS_REMEMBERED_MAX as u128 + 9)
+        .is_some());
+}
+
+fn any_command() -> impl Strategy<Value = Command> {
+    let names = prop::sample::select(vec!["a", "b", "c"]);
+    let nodes = prop::sample::select(vec!["east-1", "east-2", "west-1", "ghost"]);
+    prop_oneof![
+        (names.clone(), nodes.clone(), 0u64..12).prop_map(|(name, node, gib)| create(
+            name,
+            node,
+            gib * GIB
+        )),
+        names
+            .clone()
+            .prop_map(|name| Command::VolumeCreateFinish { name: name.into() }),
+        names.clone().prop_map(|name| Command::VolumeCreateRollback {
+            name: name.into(),
+            reason: "test".into()
+        }),
+        names
+            .clone()
+            .prop_map(|name| Command::VolumeDeleteBegin { name: name.into() }),
+        names
+            .clone()
+            .prop_map(|name| Command::VolumeDeleteFinish { name: name.into() }),
+        (nodes, any::<bool>()).prop_map(|(node, up)| Command::SetNodeHealth {
+            node: node.into(),
+            health: if up { Health::Up } else { Health::Down }
+        }),
+    ]
+}
+
+proptest! {
+    /// Whatever the order of commands, replicas agree, refusals change nothing, and no
+    /// node ever holds more provisioned bytes than its capacity.
+    #[test]
+    fn any_command_sequence_keeps_the_catalog_consistent(
+        commands in prop::collection::vec((any_command(), 0u128..40), 1..60)
+    ) {
+        let mut catalog = populated();
+        let mut replica = populated();
+        for (command, id) in commands {
+            let before = catalog.clone();
+            let answer = apply(&mut catalog, id + 100, command.clone());
+            prop_assert_eq!(&answer, &apply(&mut replica, id + 100, command));
+            prop_assert_eq!(&catalog, &replica);
+            if answer.is_err() {
+                prop_assert_eq!(catalog.volumes().collect::<Vec<_>>(), before.volumes().collect::<Vec<_>>());
+                prop_assert_eq!(catalog.nodes().collect::<Vec<_>>(), before.nodes().collect::<Vec<_>>());
+            }
+            for node in catalog.nodes() {
+                let provisioned: u64 = catalog
+                    .volumes()
+                    .filter(|volume| volume.node == node.name)
+                    .map(|volume| volume.size_bytes)
+                    .sum();
+                prop_assert!(provisioned <= node.capacity_bytes);
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The control plane's integration tests, in one binary so that they link once.
+
+mod storage;

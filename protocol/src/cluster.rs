@@ -1,0 +1,349 @@
+//! The control plane's vocabulary: catalog records, the commands that change them, the
+//! errors that refuse them, and the requests that carry them between the CLI, nodes and
+//! control-plane members.
+//!
+//! These are plain data. What a command means is decided by the catalog state machine in
+//! the `control-plane` crate; keeping the types here lets the CLI and nodes speak them
+//! without depending on Raft.
+
+use crate::messages::{Extent, Readiness, VolumeInfo};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Raft's name for a member. It is derived from the member's node name, so the same
+/// name always gets the same id and a certificate name can be checked against it.
+pub type MemberId = u64;
+
+/// The id a node name has as a control-plane member: 64-bit FNV-1a of the name.
+/// FNV is stable across releases and platforms, which a hash from std is not.
+pub fn member_id(node_name: &str) -> MemberId {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0100_0000_01b3;
+    node_name.bytes().fold(OFFSET_BASIS, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    })
+}
+
+/// How Raft reaches a member: its node name (which its certificate must carry) and the
+/// QUIC address it listens on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub address: String,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}@{}", self.name, self.address)
+    }
+}
+
+/// Identifies one client request so that a retry is applied once. The CLI draws it at
+/// random once per command and keeps it across retries.
+pub type RequestId = u128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Health {
+    Up,
+    Down,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            Health::Up => "up",
+            Health::Down => "down",
+        })
+    }
+}
+
+/// What a node tells the control plane about itself when it registers and on every
+/// heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub name: String,
+    pub site: String,
+    pub address: String,
+    pub nbd_address: String,
+    pub capacity_bytes: u64,
+    /// Whether this node's process can serve as a control-plane member.
+    pub control_plane: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub site: String,
+    pub address: String,
+    pub nbd_address: String,
+    pub capacity_bytes: u64,
+    pub control_plane: bool,
+    pub health: Health,
+}
+
+/// Where a volume is in its life. `Creating` and `Deleting` are the half-way states of a
+/// command whose owning node has not confirmed yet; the leader's reconciler finishes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VolumeState {
+    Creating,
+    Ready,
+    Deleting,
+}
+
+impl fmt::Display for VolumeState {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            VolumeState::Creating => "creating",
+            VolumeState::Ready => "ready",
+            VolumeState::Deleting => "deleting",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub node: String,
+    pub size_bytes: u64,
+    pub track_size_bytes: u32,
+    pub state: VolumeState,
+    pub readiness: Readiness,
+}
+
+/// One change to the catalog. Every command is validated against the whole catalog
+/// before it changes anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Records a node, or updates its addresses and capacity. Creates its site when new.
+    RegisterNode(NodeReport),
+    SetNodeHealth {
+        node: String,
+        health: Health,
+    },
+    VolumeCreateBegin {
+        name: String,
+        node: String,
+        size_bytes: u64,
+        track_size_bytes: u32,
+    },
+    VolumeCreateFinish {
+        name: String,
+    },
+    /// The owning node refused the volume: it is removed as if never asked for.
+    VolumeCreateRollback {
+        name: String,
+        reason: String,
+    },
+    VolumeDeleteBegin {
+        name: String,
+    },
+    VolumeDeleteFinish {
+        name: String,
+    },
+    VolumeSetReadiness {
+        name: String,
+        readiness: Readiness,
+    },
+    /// Does nothing but commit; used to measure commit latency and to confirm leadership.
+    Noop,
+}
+
+/// A command as it travels through Raft, with the id that makes retries harmless.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogRequest {
+    pub request_id: RequestId,
+    pub command: Command,
+}
+
+impl fmt::Display for CatalogRequest {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{:032x}: {:?}", self.request_id, self.command)
+    }
+}
+
+/// Why the catalog refused a command. Each refusal leaves the catalog unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CatalogError {
+    #[error("node '{node}' is not registered: start it with this cluster's members in its config, or check the name with `tandem status`")]
+    UnknownNode { node: String },
+    #[error("site '{site}' is not known to the cluster")]
+    UnknownSite { site: String },
+    #[error("volume '{volume}' does not exist: `tandem volume list` shows the volumes")]
+    UnknownVolume { volume: String },
+    #[error("a volume named '{volume}' already exists on node '{node}': names are unique across the cluster")]
+    VolumeExists { volume: String, node: String },
+    #[error("volume '{volume}' of {size_bytes} bytes does not fit on node '{node}': {free_bytes} of its {capacity_bytes} bytes are unprovisioned")]
+    DoesNotFit {
+        volume: String,
+        node: String,
+        size_bytes: u64,
+        free_bytes: u64,
+        capacity_bytes: u64,
+    },
+    #[error("invalid {what}: {detail}")]
+    Invalid { what: String, detail: String },
+    #[error("node '{node}' is down; place the volume on a node that is up")]
+    NodeDown { node: String },
+    #[error("volume '{volume}' is {state}, so it cannot be {action}")]
+    IllegalState {
+        volume: String,
+        state: VolumeState,
+        action: String,
+    },
+    #[error(
+        "site '{site}' of node '{node}' cannot change to '{requested}': a node stays in its site"
+    )]
+    SiteChange {
+        node: String,
+        site: String,
+        requested: String,
+    },
+}
+
+/// What an applied command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CatalogReply {
+    Done,
+    Node(NodeRecord),
+    Volume(VolumeRecord),
+}
+
+/// The state machine's answer to one log entry: the reply, or the refusal.
+pub type CatalogResponse = Result<CatalogReply, CatalogError>;
+
+/// A member's view of the Raft group, as `tandem cluster status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The member that answered.
+    pub answered_by: String,
+    pub leader: Option<String>,
+    pub term: u64,
+    pub members: Vec<MemberStatus>,
+    pub learners: Vec<String>,
+    pub last_log_index: Option<u64>,
+    pub commit_index: Option<u64>,
+    pub applied_index: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub address: String,
+    /// How many entries this member's log is behind the leader's; known on the leader only.
+    pub lag_entries: Option<u64>,
+}
+
+/// Everything `tandem status` shows: the Raft group, nodes by site, and volumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogStatus {
+    pub cluster: ClusterStatus,
+    pub sites: BTreeMap<String, Vec<NodeRecord>>,
+    pub volumes: Vec<VolumeRecord>,
+}
+
+/// A request the CLI (or a node acting for it) sends to any node; nodes forward it to a
+/// member and members to the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterRequest {
+    /// Bootstrap a one-member cluster on the node that receives it (no forwarding).
+    Init,
+    AddMember {
+        node: String,
+    },
+    RemoveMember {
+        node: String,
+    },
+    ClusterStatus,
+    Status,
+    VolumeCreate {
+        request_id: RequestId,
+        name: String,
+        /// The owning node; `None` places the volume on the node that first received the request.
+        node: Option<String>,
+        size_bytes: u64,
+        track_size_bytes: u32,
+    },
+    VolumeDelete {
+        request_id: RequestId,
+        name: String,
+    },
+    VolumeSetReadiness {
+        request_id: RequestId,
+        name: String,
+        readiness: Readiness,
+    },
+    VolumeList,
+    VolumeShow {
+        name: String,
+    },
+    Snap {
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+    },
+    /// Commits a no-op command; answers once it is applied.
+    Noop {
+        request_id: RequestId,
+    },
+}
+
+/// Fault injection in our own network layer, per peer address: the kernel here has no
+/// netem. Accepted only by nodes started with fault injection enabled, and only from the
+/// admin certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultRule {
+    /// Drop every Raft message to and from this peer (named by its node name).
+    pub drop: bool,
+    /// Delay every control-plane message to this peer by this long.
+    pub delay_milliseconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterResponse {
+    Done,
+    ClusterStatus(ClusterStatus),
+    Status(CatalogStatus),
+    Volume(VolumeRecord),
+    /// The catalog record and, when the owning node answered, its own view.
+    VolumeDetail {
+        record: VolumeRecord,
+        node_info: Option<VolumeInfo>,
+    },
+    Volumes(Vec<VolumeRecord>),
+    Deleted {
+        name: String,
+    },
+}
+
+impl CatalogError {
+    /// The wire error code scripts branch on.
+    pub fn code(&self) -> crate::messages::ErrorCode {
+        use crate::messages::ErrorCode;
+        match self {
+            CatalogError::UnknownNode { .. }
+            | CatalogError::UnknownSite { .. }
+            | CatalogError::UnknownVolume { .. } => ErrorCode::NotFound,
+            CatalogError::VolumeExists { .. } => ErrorCode::AlreadyExists,
+            CatalogError::DoesNotFit { .. } => ErrorCode::LimitExceeded,
+            CatalogError::Invalid { .. } => ErrorCode::InvalidArgument,
+            CatalogError::NodeDown { .. } => ErrorCode::Unavailable,
+            CatalogError::IllegalState { .. } | CatalogError::SiteChange { .. } => {
+                ErrorCode::IllegalState
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_ids_are_stable_and_distinct() {
+        // Fixed values: a change of hash would orphan every member of a running cluster.
+        assert_eq!(member_id(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(member_id("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(member_id("node-a"), member_id("node-b"));
+    }
+}
