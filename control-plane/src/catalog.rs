@@ -16,8 +16,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// How many applied request ids the catalog remembers for deduplication. A client that
 /// retries after this many newer requests were applied could see its request applied
-/// twice; at a thousand commands a second that is over a minute, far beyond any retry.
-pub const APPLIED_REQUESTS_REMEMBERED_MAX: usize = 65_536;
+/// twice; at a thousand commands a second that is 16 seconds, beyond the CLI's 15 s of
+/// retrying. The bound also keeps snapshots (the whole catalog, one encoded value under
+/// the codec's 16 MiB limit) small: a few MiB of remembered answers at most.
+pub const APPLIED_REQUESTS_REMEMBERED_MAX: usize = 16_384;
 
 /// The longest node or site name, in bytes.
 pub const NAME_BYTES_MAX: usize = 64;

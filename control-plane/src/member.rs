@@ -707,13 +707,15 @@ impl ControlPlane {
                 .await?;
                 true
             }
-            Some(record) if record.node != source_record.node => return Err(Refusal::new(
-                ErrorCode::InvalidArgument,
-                format!(
+            Some(record) if record.node != source_record.node => {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
                     "a snap works within one node: '{source}' is on '{}' but '{target}' is on '{}'",
                     source_record.node, record.node
                 ),
-            )),
+                ))
+            }
             Some(record) if record.state != VolumeState::Ready => {
                 return Err(CatalogError::IllegalState {
                     volume: target.to_string(),

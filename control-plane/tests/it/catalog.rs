@@ -41,11 +41,33 @@ fn create(name: &str, node: &str, size_bytes: u64) -> Command {
 /// Two sites, three nodes of 10 GiB each, one ready volume `data` of 4 GiB on `east-1`.
 fn populated() -> Catalog {
     let mut catalog = Catalog::default();
-    apply(&mut catalog, 1, Command::RegisterNode(report("east-1", "east", 10 * GIB))).unwrap();
-    apply(&mut catalog, 2, Command::RegisterNode(report("east-2", "east", 10 * GIB))).unwrap();
-    apply(&mut catalog, 3, Command::RegisterNode(report("west-1", "west", 10 * GIB))).unwrap();
+    apply(
+        &mut catalog,
+        1,
+        Command::RegisterNode(report("east-1", "east", 10 * GIB)),
+    )
+    .unwrap();
+    apply(
+        &mut catalog,
+        2,
+        Command::RegisterNode(report("east-2", "east", 10 * GIB)),
+    )
+    .unwrap();
+    apply(
+        &mut catalog,
+        3,
+        Command::RegisterNode(report("west-1", "west", 10 * GIB)),
+    )
+    .unwrap();
     apply(&mut catalog, 4, create("data", "east-1", 4 * GIB)).unwrap();
-    apply(&mut catalog, 5, Command::VolumeCreateFinish { name: "data".into() }).unwrap();
+    apply(
+        &mut catalog,
+        5,
+        Command::VolumeCreateFinish {
+            name: "data".into(),
+        },
+    )
+    .unwrap();
     catalog
 }
 
@@ -64,7 +86,14 @@ fn a_volume_is_created_in_two_steps_and_lands_on_its_node() {
 fn a_retried_request_is_applied_once_and_gets_the_first_answer() {
     let mut catalog = populated();
     let first = apply(&mut catalog, 77, create("logs", "east-2", GIB)).unwrap();
-    apply(&mut catalog, 78, Command::VolumeCreateFinish { name: "logs".into() }).unwrap();
+    apply(
+        &mut catalog,
+        78,
+        Command::VolumeCreateFinish {
+            name: "logs".into(),
+        },
+    )
+    .unwrap();
     let after_first = catalog.clone();
     // The same request again, after the volume became ready: no second volume, no
     // "already exists", no change at all, and the answer the first attempt got.
@@ -86,21 +115,45 @@ fn a_retried_refusal_is_refused_again_even_when_it_would_now_succeed() {
     let mut catalog = populated();
     let refused = apply(&mut catalog, 90, create("big", "east-2", 11 * GIB));
     assert!(matches!(refused, Err(CatalogError::DoesNotFit { .. })));
-    apply(&mut catalog, 91, Command::RegisterNode(report("east-2", "east", 20 * GIB))).unwrap();
-    assert_eq!(apply(&mut catalog, 90, create("big", "east-2", 11 * GIB)), refused);
+    apply(
+        &mut catalog,
+        91,
+        Command::RegisterNode(report("east-2", "east", 20 * GIB)),
+    )
+    .unwrap();
+    assert_eq!(
+        apply(&mut catalog, 90, create("big", "east-2", 11 * GIB)),
+        refused
+    );
     assert!(catalog.volume("big").is_none());
 }
 
 #[test]
 fn each_invalid_command_is_refused_with_its_own_error_and_changes_nothing() {
-    let cases: Vec<(Command, fn(&CatalogError) -> bool)> = vec![
-        (create("x", "nowhere", GIB), |e| matches!(e, CatalogError::UnknownNode { .. })),
-        (create("data", "east-2", GIB), |e| matches!(e, CatalogError::VolumeExists { .. })),
-        (create("x", "east-1", 7 * GIB), |e| matches!(e, CatalogError::DoesNotFit { free_bytes, .. } if *free_bytes == 6 * GIB)),
-        (create("x", "east-1", 1000), |e| matches!(e, CatalogError::Invalid { .. })),
-        (create("x", "east-1", 0), |e| matches!(e, CatalogError::Invalid { .. })),
-        (create("bad name", "east-1", GIB), |e| matches!(e, CatalogError::Invalid { .. })),
-        (create("", "east-1", GIB), |e| matches!(e, CatalogError::Invalid { .. })),
+    type Expectation = fn(&CatalogError) -> bool;
+    let cases: Vec<(Command, Expectation)> = vec![
+        (create("x", "nowhere", GIB), |e| {
+            matches!(e, CatalogError::UnknownNode { .. })
+        }),
+        (create("data", "east-2", GIB), |e| {
+            matches!(e, CatalogError::VolumeExists { .. })
+        }),
+        (
+            create("x", "east-1", 7 * GIB),
+            |e| matches!(e, CatalogError::DoesNotFit { free_bytes, .. } if *free_bytes == 6 * GIB),
+        ),
+        (create("x", "east-1", 1000), |e| {
+            matches!(e, CatalogError::Invalid { .. })
+        }),
+        (create("x", "east-1", 0), |e| {
+            matches!(e, CatalogError::Invalid { .. })
+        }),
+        (create("bad name", "east-1", GIB), |e| {
+            matches!(e, CatalogError::Invalid { .. })
+        }),
+        (create("", "east-1", GIB), |e| {
+            matches!(e, CatalogError::Invalid { .. })
+        }),
         (
             Command::VolumeCreateBegin {
                 name: "x".into(),
@@ -110,12 +163,26 @@ fn each_invalid_command_is_refused_with_its_own_error_and_changes_nothing() {
             },
             |e| matches!(e, CatalogError::Invalid { .. }),
         ),
-        (Command::VolumeDeleteBegin { name: "ghost".into() }, |e| {
-            matches!(e, CatalogError::UnknownVolume { .. })
-        }),
-        (Command::VolumeDeleteFinish { name: "data".into() }, |e| {
-            matches!(e, CatalogError::IllegalState { state: VolumeState::Ready, .. })
-        }),
+        (
+            Command::VolumeDeleteBegin {
+                name: "ghost".into(),
+            },
+            |e| matches!(e, CatalogError::UnknownVolume { .. }),
+        ),
+        (
+            Command::VolumeDeleteFinish {
+                name: "data".into(),
+            },
+            |e| {
+                matches!(
+                    e,
+                    CatalogError::IllegalState {
+                        state: VolumeState::Ready,
+                        ..
+                    }
+                )
+            },
+        ),
         (
             Command::VolumeCreateRollback {
                 name: "data".into(),
@@ -130,9 +197,10 @@ fn each_invalid_command_is_refused_with_its_own_error_and_changes_nothing() {
             },
             |e| matches!(e, CatalogError::UnknownNode { .. }),
         ),
-        (Command::RegisterNode(report("east-1", "west", 10 * GIB)), |e| {
-            matches!(e, CatalogError::SiteChange { .. })
-        }),
+        (
+            Command::RegisterNode(report("east-1", "west", 10 * GIB)),
+            |e| matches!(e, CatalogError::SiteChange { .. }),
+        ),
         (Command::RegisterNode(report("n/1", "east", GIB)), |e| {
             matches!(e, CatalogError::Invalid { .. })
         }),
@@ -145,10 +213,19 @@ fn each_invalid_command_is_refused_with_its_own_error_and_changes_nothing() {
         let before = catalog.clone();
         let refusal = apply(&mut catalog, 1000 + index as u128, command.clone())
             .expect_err(&format!("{command:?} must be refused"));
-        assert!(expected(&refusal), "{command:?} was refused with {refusal:?}");
+        assert!(
+            expected(&refusal),
+            "{command:?} was refused with {refusal:?}"
+        );
         // Only the remembered answer differs; sites, nodes and volumes are as before.
-        assert_eq!(catalog.volumes().collect::<Vec<_>>(), before.volumes().collect::<Vec<_>>());
-        assert_eq!(catalog.nodes().collect::<Vec<_>>(), before.nodes().collect::<Vec<_>>());
+        assert_eq!(
+            catalog.volumes().collect::<Vec<_>>(),
+            before.volumes().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            catalog.nodes().collect::<Vec<_>>(),
+            before.nodes().collect::<Vec<_>>()
+        );
         assert_eq!(catalog.sites(), before.sites());
     }
 }
@@ -172,7 +249,12 @@ fn a_node_that_is_down_takes_no_new_volumes_until_it_returns() {
         })
     );
     // Registering again is how a node returns.
-    apply(&mut catalog, 12, Command::RegisterNode(report("west-1", "west", 10 * GIB))).unwrap();
+    apply(
+        &mut catalog,
+        12,
+        Command::RegisterNode(report("west-1", "west", 10 * GIB)),
+    )
+    .unwrap();
     assert_eq!(catalog.node("west-1").unwrap().health, Health::Up);
     apply(&mut catalog, 13, create("w", "west-1", GIB)).unwrap();
 }
@@ -180,7 +262,14 @@ fn a_node_that_is_down_takes_no_new_volumes_until_it_returns() {
 #[test]
 fn a_delete_passes_through_deleting_and_frees_the_space() {
     let mut catalog = populated();
-    apply(&mut catalog, 20, Command::VolumeDeleteBegin { name: "data".into() }).unwrap();
+    apply(
+        &mut catalog,
+        20,
+        Command::VolumeDeleteBegin {
+            name: "data".into(),
+        },
+    )
+    .unwrap();
     assert_eq!(catalog.volume("data").unwrap().state, VolumeState::Deleting);
     // A half-deleted volume cannot be given a readiness or finished as created.
     assert!(apply(
@@ -192,7 +281,14 @@ fn a_delete_passes_through_deleting_and_frees_the_space() {
         }
     )
     .is_err());
-    apply(&mut catalog, 22, Command::VolumeDeleteFinish { name: "data".into() }).unwrap();
+    apply(
+        &mut catalog,
+        22,
+        Command::VolumeDeleteFinish {
+            name: "data".into(),
+        },
+    )
+    .unwrap();
     assert!(catalog.volume("data").is_none());
     apply(&mut catalog, 23, create("big", "east-1", 10 * GIB)).unwrap();
 }
@@ -201,7 +297,14 @@ fn a_delete_passes_through_deleting_and_frees_the_space() {
 fn a_volume_being_created_is_finished_or_rolled_back_never_both() {
     let mut catalog = populated();
     apply(&mut catalog, 30, create("half", "east-2", GIB)).unwrap();
-    assert!(apply(&mut catalog, 31, Command::VolumeDeleteBegin { name: "half".into() }).is_err());
+    assert!(apply(
+        &mut catalog,
+        31,
+        Command::VolumeDeleteBegin {
+            name: "half".into()
+        }
+    )
+    .is_err());
     apply(
         &mut catalog,
         32,
@@ -212,7 +315,14 @@ fn a_volume_being_created_is_finished_or_rolled_back_never_both() {
     )
     .unwrap();
     assert!(catalog.volume("half").is_none());
-    assert!(apply(&mut catalog, 33, Command::VolumeCreateFinish { name: "half".into() }).is_err());
+    assert!(apply(
+        &mut catalog,
+        33,
+        Command::VolumeCreateFinish {
+            name: "half".into()
+        }
+    )
+    .is_err());
 }
 
 #[test]
@@ -239,10 +349,12 @@ fn any_command() -> impl Strategy<Value = Command> {
         names
             .clone()
             .prop_map(|name| Command::VolumeCreateFinish { name: name.into() }),
-        names.clone().prop_map(|name| Command::VolumeCreateRollback {
-            name: name.into(),
-            reason: "test".into()
-        }),
+        names
+            .clone()
+            .prop_map(|name| Command::VolumeCreateRollback {
+                name: name.into(),
+                reason: "test".into()
+            }),
         names
             .clone()
             .prop_map(|name| Command::VolumeDeleteBegin { name: name.into() }),

@@ -1,3 +1,4 @@
 //! The control plane's integration tests, in one binary so that they link once.
 
+mod catalog;
 mod storage;

@@ -62,6 +62,11 @@ impl NodeFixture {
             nbd: loopback,
             metrics: None,
             certs,
+            control_plane: false,
+            members: Vec::new(),
+            advertise: None,
+            capacity_bytes: None,
+            fault_injection: false,
         };
         let node = node::runtime::start(&config).await.unwrap();
         NodeFixture { directory, node }
