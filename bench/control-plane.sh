@@ -61,7 +61,7 @@ for round in $(seq "$kills"); do
   survivor=member-a; [ "$old" = member-a ] && survivor=member-b
   kill -9 "${pids[$old]}"
   started=$(date +%s%N)
-  at "$survivor" "$tandem" debug noop >/dev/null
+  RUST_LOG=info at "$survivor" "$tandem" debug noop >/dev/null 2>"$work/cli.err"
   finished=$(date +%s%N)
   failovers+=($(( (finished - started) / 1000000 )))
   wait "${pids[$old]}" 2>/dev/null || true
@@ -72,7 +72,10 @@ for round in $(seq "$kills"); do
     echo "$lags" | grep -q "None" || break
     sleep 0.1
   done
-  echo "round $round: killed $old, committed through the new leader after ${failovers[-1]} ms" >&2
+  echo "round $round: killed $old (survivor $survivor), committed through the new leader after ${failovers[-1]} ms" >&2
+  if [ -n "${TANDEM_BENCH_KEEP_SLOW:-}" ] && [ "${failovers[-1]}" -gt 1000 ]; then
+    mkdir -p "$TANDEM_BENCH_KEEP_SLOW/round-$round"; cp "$work"/*.err "$TANDEM_BENCH_KEEP_SLOW/round-$round/"
+  fi
 done
 
 python3 - "$solo_latency" "$trio_latency" "${failovers[@]}" <<'PYTHON'

@@ -25,36 +25,49 @@ impl Caller {
 
     /// Sends one request to `address` (`HOST:PORT`) and waits for the answer. The error is
     /// a sentence saying why no answer came.
+    ///
+    /// A kept connection can be dead without knowing it (the peer restarted); when a call
+    /// on it fails, the call is made once more on a fresh connection. Every request sent
+    /// through here may be repeated: cluster requests carry request ids, and the node
+    /// requests the leader sends are checked against the node's state.
     pub async fn call(&self, address: &str, request: &Request) -> Result<Response, String> {
-        let exchange = async {
-            let cached = self.connections.lock().get(address).cloned();
-            let connection = match cached {
-                Some(connection) if connection.close_reason().is_none() => connection,
-                _ => {
-                    let socket = network::resolve(address).await?;
-                    let connection = protocol::transport::connect(&self.endpoint, socket)
-                        .await
-                        .map_err(|error| error.to_string())?;
-                    self.connections
-                        .lock()
-                        .insert(address.to_string(), connection.clone());
-                    connection
+        let cached = self.connections.lock().get(address).cloned();
+        if let Some(connection) = cached.filter(|connection| connection.close_reason().is_none()) {
+            match self.call_on(address, connection, request).await {
+                Ok(response) => return Ok(response),
+                Err(detail) => {
+                    tracing::debug!(%address, %detail, "kept connection failed; reconnecting")
                 }
-            };
-            protocol::transport::call::<Request, Response>(&connection, request)
-                .await
-                .map_err(|error| error.to_string())
-        };
-        match tokio::time::timeout(Duration::from_secs(CALL_TIMEOUT_SECONDS), exchange).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(detail)) => {
-                self.connections.lock().remove(address);
-                Err(detail)
-            }
-            Err(_) => {
-                self.connections.lock().remove(address);
-                Err(format!("no answer within {CALL_TIMEOUT_SECONDS} seconds"))
             }
         }
+        let connection = tokio::time::timeout(Duration::from_secs(CALL_TIMEOUT_SECONDS), async {
+            let socket = network::resolve(address).await?;
+            protocol::transport::connect(&self.endpoint, socket)
+                .await
+                .map_err(|error| error.to_string())
+        })
+        .await
+        .map_err(|_| format!("no connection within {CALL_TIMEOUT_SECONDS} seconds"))??;
+        self.connections
+            .lock()
+            .insert(address.to_string(), connection.clone());
+        self.call_on(address, connection, request).await
+    }
+
+    async fn call_on(
+        &self,
+        address: &str,
+        connection: quinn::Connection,
+        request: &Request,
+    ) -> Result<Response, String> {
+        let exchange = protocol::transport::call::<Request, Response>(&connection, request);
+        let outcome =
+            match tokio::time::timeout(Duration::from_secs(CALL_TIMEOUT_SECONDS), exchange).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no answer within {CALL_TIMEOUT_SECONDS} seconds"),
+            };
+        self.connections.lock().remove(address);
+        Err(outcome)
     }
 }

@@ -30,11 +30,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often the leader sends heartbeats (empty appends) to followers.
-pub const RAFT_HEARTBEAT_INTERVAL_MILLISECONDS: u64 = 100;
+pub const RAFT_HEARTBEAT_INTERVAL_MILLISECONDS: u64 = 50;
 /// A follower that hears no leader for a random time in this range starts an election.
-/// The range bounds failover time: a leader's death is noticed within the maximum.
-pub const ELECTION_TIMEOUT_MIN_MILLISECONDS: u64 = 300;
-pub const ELECTION_TIMEOUT_MAX_MILLISECONDS: u64 = 600;
+/// openraft adds a leader lease of the maximum before a follower votes for anyone else, so
+/// a dead leader is replaced within twice the maximum plus a vote round trip: under the
+/// 1 s failover goal with room for a slow, loaded machine.
+pub const ELECTION_TIMEOUT_MIN_MILLISECONDS: u64 = 150;
+pub const ELECTION_TIMEOUT_MAX_MILLISECONDS: u64 = 300;
 /// A catalog snapshot is sent in chunks of this size; with the timeout below, a chunk has
 /// ample time even on a slow link, and many chunks make a large catalog install fine.
 pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 = 1024 * 1024;

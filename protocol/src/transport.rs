@@ -127,8 +127,45 @@ fn client_config(identity: &Identity) -> Result<quinn::ClientConfig> {
 
 /// An endpoint that accepts connections on `bind` and can also connect out with the same
 /// identity, as nodes both serve and call each other. Must be called inside a Tokio runtime.
+/// Endpoint keys derived from the node's private key, so that a restarted process has the
+/// same ones: the key that signs stateless resets, and the key that makes connection ids
+/// verifiable. With both, a peer still holding a connection to the previous process gets
+/// a valid reset at its first packet and reconnects at once, instead of waiting for an
+/// idle timeout; that matters when a Raft member or a leader restarts.
+fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
+    let derive = |purpose: &[u8]| {
+        ring::digest::digest(
+            &ring::digest::SHA256,
+            &[purpose, identity.private_key.secret_der()].concat(),
+        )
+    };
+    let reset_secret = derive(b"tandem stateless reset key\0");
+    let cid_secret = derive(b"tandem connection id key\0");
+    let mut cid_key_bytes = [0u8; 8];
+    cid_key_bytes.copy_from_slice(&cid_secret.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key_bytes);
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset_secret.as_ref(),
+    )));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
 pub fn server_endpoint(bind: SocketAddr, identity: &Identity) -> Result<quinn::Endpoint> {
-    let mut endpoint = quinn::Endpoint::server(server_config(identity)?, bind)?;
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| Error::Connection {
+        peer: bind.to_string(),
+        detail: "no async runtime to run the QUIC endpoint on".into(),
+    })?;
+    let mut endpoint = quinn::Endpoint::new(
+        endpoint_config(identity),
+        Some(server_config(identity)?),
+        socket,
+        runtime,
+    )?;
     endpoint.set_default_client_config(client_config(identity)?);
     Ok(endpoint)
 }

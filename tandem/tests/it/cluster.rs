@@ -409,3 +409,42 @@ fn retried_requests_apply_once_and_strangers_to_the_membership_are_refused() {
     );
     assert_eq!(status["leader"], leader.as_str());
 }
+
+#[test]
+fn a_connection_to_a_restarted_node_fails_fast_instead_of_hanging() {
+    use protocol::messages::{Request, Response};
+    let directory = tempfile::tempdir().unwrap();
+    let certs = init(directory.path(), "alpha");
+    let port = free_udp_port();
+    let data_dir = directory.path().join("data");
+    let mut node = NodeProcess::start_with(&certs, "alpha", &data_dir, None, port, &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let identity = protocol::pki::Identity::load(&certs, "admin").unwrap();
+    let (_endpoint, connection) = runtime.block_on(async {
+        let endpoint = protocol::transport::client_endpoint(&identity).unwrap();
+        let connection = protocol::transport::connect(&endpoint, node.quic)
+            .await
+            .unwrap();
+        let _: Response = protocol::transport::call(&connection, &Request::NodeStatus)
+            .await
+            .unwrap();
+        (endpoint, connection)
+    });
+
+    // kill -9 and a restart on the same port: the old connection is never closed by its
+    // peer, yet its next request must fail at once (a stateless reset signed with the
+    // node's key) rather than wait for an idle timeout.
+    node.kill();
+    let _node = NodeProcess::start_with(&certs, "alpha", &data_dir, None, port, &[]);
+    let started = std::time::Instant::now();
+    let outcome = runtime.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(8),
+            protocol::transport::call::<Request, Response>(&connection, &Request::NodeStatus),
+        )
+        .await
+    });
+    let outcome = outcome.expect("a request on the stale connection hung");
+    assert!(outcome.is_err(), "a stale connection answered: {outcome:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
