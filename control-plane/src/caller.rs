@@ -3,6 +3,7 @@
 use crate::network;
 use parking_lot::Mutex;
 use protocol::messages::{Request, Response};
+use protocol::transport::PeerRole;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -30,10 +31,21 @@ impl Caller {
     /// on it fails, the call is made once more on a fresh connection. Every request sent
     /// through here may be repeated: cluster requests carry request ids, and the node
     /// requests the leader sends are checked against the node's state.
-    pub async fn call(&self, address: &str, request: &Request) -> Result<Response, String> {
+    ///
+    /// With `expected_node`, the peer's certificate must name that node; the request is not
+    /// sent otherwise.
+    pub async fn call(
+        &self,
+        address: &str,
+        expected_node: Option<&str>,
+        request: &Request,
+    ) -> Result<Response, String> {
         let cached = self.connections.lock().get(address).cloned();
         if let Some(connection) = cached.filter(|connection| connection.close_reason().is_none()) {
-            match self.call_on(address, connection, request).await {
+            match self
+                .call_on(address, connection, expected_node, request)
+                .await
+            {
                 Ok(response) => return Ok(response),
                 Err(detail) => {
                     tracing::debug!(%address, %detail, "kept connection failed; reconnecting")
@@ -51,15 +63,26 @@ impl Caller {
         self.connections
             .lock()
             .insert(address.to_string(), connection.clone());
-        self.call_on(address, connection, request).await
+        self.call_on(address, connection, expected_node, request)
+            .await
     }
 
     async fn call_on(
         &self,
         address: &str,
         connection: quinn::Connection,
+        expected_node: Option<&str>,
         request: &Request,
     ) -> Result<Response, String> {
+        if let Some(expected) = expected_node {
+            let role =
+                protocol::transport::peer_role(&connection).map_err(|error| error.to_string())?;
+            if role != PeerRole::Node(expected.to_string()) {
+                return Err(format!(
+                    "{address} answers as {role}, not as node {expected}; refusing to send it the request"
+                ));
+            }
+        }
         let exchange = protocol::transport::call::<Request, Response>(&connection, request);
         let outcome =
             match tokio::time::timeout(Duration::from_secs(CALL_TIMEOUT_SECONDS), exchange).await {

@@ -20,11 +20,11 @@ use parking_lot::Mutex;
 use protocol::cluster::{
     member_id, CatalogError, CatalogReply, CatalogRequest, CatalogStatus, ClusterRequest,
     ClusterResponse, ClusterStatus, Command, Health, Member, MemberId, MemberStatus, NodeRecord,
-    NodeReport, RequestId, VolumeRecord, VolumeState,
+    NodeReport, RequestId, VolumeRecord, VolumeState, CLUSTER_REQUEST_HOPS_MAX,
 };
 use protocol::messages::{ErrorCode, Extent, Request, Response};
 use protocol::transport::Peer;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +46,9 @@ pub const INSTALL_SNAPSHOT_TIMEOUT_MILLISECONDS: u64 = 10_000;
 pub const SNAPSHOT_AFTER_ENTRIES: u64 = 5_000;
 pub const LOG_ENTRIES_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
 
+/// How long `add-member` waits for a new member to catch up, and any membership change to
+/// commit, before it answers "unavailable" and undoes what it can.
+pub const MEMBERSHIP_CHANGE_TIMEOUT_SECONDS: u64 = 30;
 /// How long the leader waits for a command to commit before answering "unavailable".
 pub const COMMIT_TIMEOUT_SECONDS: u64 = 5;
 /// A node not heard from for this long is marked `down` by the leader.
@@ -99,6 +102,20 @@ pub struct ControlPlane {
     /// One lock per volume, so the request path and the reconciler never drive the same
     /// volume at once.
     volume_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Volumes the supervisor is reconciling now.
+    reconciling: Mutex<HashSet<String>>,
+}
+
+/// Takes a volume out of the reconciling set when its reconciliation ends, however it ends.
+struct Reconciling<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    name: &'a str,
+}
+
+impl Drop for Reconciling<'_> {
+    fn drop(&mut self) {
+        self.set.lock().remove(self.name);
+    }
 }
 
 fn random_request_id() -> RequestId {
@@ -152,6 +169,7 @@ impl ControlPlane {
             caller: Caller::new(endpoint),
             last_seen: Mutex::new(HashMap::new()),
             volume_locks: Mutex::new(HashMap::new()),
+            reconciling: Mutex::new(HashSet::new()),
         });
         tokio::spawn(supervise(Arc::downgrade(&control_plane)));
         Ok(control_plane)
@@ -198,25 +216,35 @@ impl ControlPlane {
         self.leader().is_some_and(|(leader, _)| leader == self.id)
     }
 
+    /// Whether `name` is a voter or learner of this member's current membership.
+    pub fn is_member(&self, name: &str) -> bool {
+        let metrics = self.raft.metrics();
+        let membership = metrics.borrow().membership_config.clone();
+        let is_member = membership.nodes().any(|(_, member)| member.name == name);
+        is_member
+    }
+
     /// Serves a cluster request: here when this member leads (or the request is `Init`),
-    /// else passed to the leader once.
-    pub async fn serve_cluster(&self, request: ClusterRequest, forwarded: bool) -> Response {
+    /// else passed to the leader when the hop budget allows.
+    pub async fn serve_cluster(&self, request: ClusterRequest, hops: u8) -> Response {
         if request == ClusterRequest::Init {
             return self.init().await.map_or_else(Refusal::into_response, |()| {
                 Response::Cluster(ClusterResponse::Done)
             });
         }
         if !self.is_leader() {
-            if request == ClusterRequest::ClusterStatus && (forwarded || self.leader().is_none()) {
+            if request == ClusterRequest::ClusterStatus
+                && (hops >= CLUSTER_REQUEST_HOPS_MAX || self.leader().is_none())
+            {
                 return Response::Cluster(ClusterResponse::ClusterStatus(self.cluster_status()));
             }
             return self
                 .forward(
                     Request::Cluster {
                         request,
-                        forwarded: true,
+                        hops: hops + 1,
                     },
-                    forwarded,
+                    hops,
                 )
                 .await;
         }
@@ -226,16 +254,16 @@ impl ControlPlane {
         }
     }
 
-    /// Serves a node's heartbeat: the leader records it, others pass it on once.
-    pub async fn serve_heartbeat(&self, report: NodeReport, forwarded: bool) -> Response {
+    /// Serves a node's heartbeat: the leader records it, others pass it on.
+    pub async fn serve_heartbeat(&self, report: NodeReport, hops: u8) -> Response {
         if !self.is_leader() {
             return self
                 .forward(
                     Request::Heartbeat {
                         report,
-                        forwarded: true,
+                        hops: hops + 1,
                     },
-                    forwarded,
+                    hops,
                 )
                 .await;
         }
@@ -245,12 +273,12 @@ impl ControlPlane {
         }
     }
 
-    async fn forward(&self, request: Request, already_forwarded: bool) -> Response {
+    async fn forward(&self, request: Request, hops: u8) -> Response {
         let unavailable =
             |message: String| Refusal::new(ErrorCode::Unavailable, message).into_response();
-        if already_forwarded {
+        if hops >= CLUSTER_REQUEST_HOPS_MAX {
             return unavailable(format!(
-                "member {} is no longer the leader; retry the command",
+                "member {} is not the leader and the request has been passed on {hops} times already; retry the command",
                 self.name
             ));
         }
@@ -274,7 +302,7 @@ impl ControlPlane {
             }
         };
         tokio::select! {
-            answer = self.call(&leader.address, request) => match answer {
+            answer = self.call(&leader.name, &leader.address, request) => match answer {
                 Ok(response) => response,
                 Err(detail) => unavailable(format!("the leader {leader} did not answer: {detail}")),
             },
@@ -285,8 +313,10 @@ impl ControlPlane {
     }
 
     /// Calls a node or member at `address`.
-    async fn call(&self, address: &str, request: Request) -> Result<Response, String> {
-        self.caller.call(address, &request).await
+    /// The answer is trusted only if the peer's certificate names `node`: an address can
+    /// be reused by another node.
+    async fn call(&self, node: &str, address: &str, request: Request) -> Result<Response, String> {
+        self.caller.call(address, Some(node), &request).await
     }
 
     async fn init(&self) -> Outcome<()> {
@@ -447,7 +477,10 @@ impl ControlPlane {
                 let record = self.known_volume(&name)?;
                 let node_info = match self.node_address(&record.node) {
                     Some(address) => {
-                        match self.call(&address, Request::VolumeShow { name }).await {
+                        match self
+                            .call(&record.node, &address, Request::VolumeShow { name })
+                            .await
+                        {
                             Ok(Response::Volume(info)) => Some(info),
                             _ => None,
                         }
@@ -516,6 +549,10 @@ impl ControlPlane {
     async fn drive_volume(&self, name: &str) -> Outcome<()> {
         let lock = self.volume_lock(name);
         let _guard = lock.lock().await;
+        // A leader cut off from its majority does not know it was replaced; acting on its
+        // stale catalog could delete a volume the new leader has since recreated. Confirming
+        // leadership first narrows that window to the length of one node call.
+        self.read_barrier().await?;
         let Some(record) = self.catalog.read(|catalog| catalog.volume(name).cloned()) else {
             return Ok(());
         };
@@ -538,6 +575,7 @@ impl ControlPlane {
             VolumeState::Creating => {
                 let created = self
                     .call(
+                        &record.node,
                         &address,
                         Request::VolumeCreate {
                             name: name.to_string(),
@@ -589,6 +627,7 @@ impl ControlPlane {
             VolumeState::Deleting => {
                 let deleted = self
                     .call(
+                        &record.node,
                         &address,
                         Request::VolumeDelete {
                             name: name.to_string(),
@@ -628,7 +667,7 @@ impl ControlPlane {
     /// lost, when its geometry matches; else something the catalog never asked for.
     async fn confirm_existing(&self, address: &str, record: &VolumeRecord) -> Outcome<()> {
         match self
-            .call(address, Request::VolumeShow { name: record.name.clone() })
+            .call(&record.node, address, Request::VolumeShow { name: record.name.clone() })
             .await
         {
             Ok(Response::Volume(info))
@@ -653,6 +692,7 @@ impl ControlPlane {
         let address = self.node_address(&record.node).unwrap_or_default();
         match self
             .call(
+                &record.node,
                 &address,
                 Request::VolumeSetReadiness {
                     name: record.name.clone(),
@@ -731,6 +771,7 @@ impl ControlPlane {
         let address = self.node_address(&source_record.node).unwrap_or_default();
         let answer = self
             .call(
+                &source_record.node,
                 &address,
                 Request::Snap {
                     source: source.to_string(),
@@ -801,16 +842,61 @@ impl ControlPlane {
         let membership_error = |error: RaftError<MemberId, ClientWriteError<MemberId, Member>>| {
             Refusal::new(ErrorCode::Unavailable, error.to_string())
         };
-        self.raft
-            .add_learner(id, member, true)
-            .await
-            .map_err(membership_error)?;
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(membership_error)?;
+        let address = record.address.clone();
+        match tokio::time::timeout(
+            Duration::from_secs(MEMBERSHIP_CHANGE_TIMEOUT_SECONDS),
+            self.raft.add_learner(id, member, true),
+        )
+        .await
+        {
+            Ok(added) => {
+                added.map_err(membership_error)?;
+            }
+            Err(_) => {
+                // The learner never caught up: take it out again, so a refused add-member
+                // leaves the membership as it was.
+                let removal = self
+                    .raft
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false);
+                if tokio::time::timeout(
+                    Duration::from_secs(MEMBERSHIP_CHANGE_TIMEOUT_SECONDS),
+                    removal,
+                )
+                .await
+                .is_err()
+                {
+                    tracing::warn!(member = %node, "could not take the unreachable learner out again");
+                }
+                return Err(Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "node '{node}' at {address} did not catch up with the log within {MEMBERSHIP_CHANGE_TIMEOUT_SECONDS} s; check that it runs, is reachable there, and was not initialized as a cluster of its own"
+                    ),
+                ));
+            }
+        }
+        self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+            .await?;
         tracing::info!(member = %node, "member added");
         Ok(())
+    }
+
+    async fn change_membership(&self, change: ChangeMembers<MemberId, Member>) -> Outcome<()> {
+        match tokio::time::timeout(
+            Duration::from_secs(MEMBERSHIP_CHANGE_TIMEOUT_SECONDS),
+            self.raft.change_membership(change, false),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(Refusal::new(ErrorCode::Unavailable, error.to_string())),
+            Err(_) => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the membership change did not commit within {MEMBERSHIP_CHANGE_TIMEOUT_SECONDS} s: a majority of the old and of the new members must be up (see `tandem cluster status`)"
+                ),
+            )),
+        }
     }
 
     async fn remove_member(&self, node: &str) -> Outcome<()> {
@@ -834,10 +920,8 @@ impl ControlPlane {
                 format!("'{node}' is the last member; a cluster cannot remove its last member"),
             ));
         }
-        self.raft
-            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-            .await
-            .map_err(|error| Refusal::new(ErrorCode::Unavailable, error.to_string()))?;
+        self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
+            .await?;
         tracing::info!(member = %node, "member removed");
         Ok(())
     }
@@ -1013,8 +1097,17 @@ impl ControlPlane {
                 .collect()
         });
         for volume in half_way {
+            // One reconciliation per volume at a time: a slow node must not collect a queue
+            // of them, two a second.
+            if !self.reconciling.lock().insert(volume.name.clone()) {
+                continue;
+            }
             let control_plane = Arc::clone(self);
             tokio::spawn(async move {
+                let _done = Reconciling {
+                    set: &control_plane.reconciling,
+                    name: &volume.name,
+                };
                 match control_plane.drive_volume(&volume.name).await {
                     Ok(()) => {
                         tracing::info!(volume = %volume.name, node = %volume.node, "reconciled a half-finished volume command")

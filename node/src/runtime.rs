@@ -11,8 +11,8 @@ use control_plane::member::ControlPlane;
 use control_plane::network::Faults;
 use protocol::cluster::NodeReport;
 use protocol::messages::{Request, Response};
-use protocol::transport::{Peer, PeerRole};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -123,6 +123,8 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         caller: Arc::new(Caller::new(endpoint.clone())),
         faults,
         fault_injection: config.fault_injection,
+        own_address: advertise.clone(),
+        preferred_member: AtomicUsize::new(0),
     });
     let report = NodeReport {
         name: config.name.clone(),
@@ -199,15 +201,21 @@ async fn heartbeat<E: Engine>(service: Arc<Service<E>>, report: NodeReport) {
     let mut reported = false;
     loop {
         ticker.tick().await;
-        let peer = Peer {
-            address: SocketAddr::from(([127, 0, 0, 1], 0)),
-            role: PeerRole::Node(service.identity.name.clone()),
+        // A member that knows its leader passes the heartbeat on itself; otherwise the
+        // node sends it, from its own certificate, to the configured members.
+        let response = match &service.control_plane {
+            Some(control_plane) if control_plane.knows_leader() => {
+                control_plane.serve_heartbeat(report.clone(), 0).await
+            }
+            _ => {
+                let request = Request::Heartbeat {
+                    report: report.clone(),
+                    hops: 0,
+                };
+                service::to_members(&service, request).await
+            }
         };
-        let request = Request::Heartbeat {
-            report: report.clone(),
-            forwarded: false,
-        };
-        match service::handle(service.clone(), peer, request).await {
+        match response {
             Response::Error { code, message } => {
                 if reported {
                     tracing::warn!(%code, %message, "heartbeat not accepted; will keep trying");

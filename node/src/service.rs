@@ -8,9 +8,10 @@ use crate::{Error, Result};
 use control_plane::caller::Caller;
 use control_plane::member::ControlPlane;
 use control_plane::network::Faults;
-use protocol::cluster::ClusterRequest;
+use protocol::cluster::{ClusterRequest, NodeReport, CLUSTER_REQUEST_HOPS_MAX};
 use protocol::messages::{ErrorCode, NodeStatus, Request, Response};
 use protocol::transport::{Peer, PeerRole};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +35,10 @@ pub struct Service<E: Engine> {
     pub faults: Faults,
     /// Whether the admin may set fault rules on this node; off unless the config enables it.
     pub fault_injection: bool,
+    /// The address other nodes reach this one at; skipped in `members`.
+    pub own_address: String,
+    /// The index (among the other members) of the member that answered last.
+    pub preferred_member: AtomicUsize,
 }
 
 fn refuse(code: ErrorCode, message: String) -> Response {
@@ -66,26 +71,8 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                 ),
             ),
         },
-        Request::Cluster { request, forwarded } => {
-            serve_cluster(&service, request, forwarded).await
-        }
-        Request::Heartbeat { report, forwarded } => {
-            if !from_node {
-                return refuse(
-                    ErrorCode::Forbidden,
-                    "heartbeats come from nodes only".into(),
-                );
-            }
-            match route_to(&service, forwarded, false) {
-                Route::Local(control_plane) => {
-                    control_plane.serve_heartbeat(report, forwarded).await
-                }
-                Route::Members { forwarded } => {
-                    to_members(&service, Request::Heartbeat { report, forwarded }).await
-                }
-                Route::Refuse(response) => response,
-            }
-        }
+        Request::Cluster { request, hops } => serve_cluster(&service, request, hops).await,
+        Request::Heartbeat { report, hops } => serve_heartbeat(&service, peer, report, hops).await,
         Request::SetFault { peer: target, rule } => {
             if peer.role != PeerRole::Admin || !service.fault_injection {
                 return refuse(
@@ -128,7 +115,7 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
 async fn serve_cluster<E: Engine>(
     service: &Service<E>,
     mut request: ClusterRequest,
-    forwarded: bool,
+    hops: u8,
 ) -> Response {
     // A volume placed without --node goes to the node the CLI talked to.
     if let ClusterRequest::VolumeCreate { node, .. } = &mut request {
@@ -149,73 +136,135 @@ async fn serve_cluster<E: Engine>(
         request,
         ClusterRequest::Init | ClusterRequest::ClusterStatus
     );
-    match route_to(service, forwarded, local_only) {
-        Route::Local(control_plane) => control_plane.serve_cluster(request, forwarded).await,
-        Route::Members { forwarded } => {
-            to_members(service, Request::Cluster { request, forwarded }).await
+    match route_to(service, hops, local_only) {
+        Route::Local(control_plane) => control_plane.serve_cluster(request, hops).await,
+        Route::Members => {
+            to_members(
+                service,
+                Request::Cluster {
+                    request,
+                    hops: hops + 1,
+                },
+            )
+            .await
         }
         Route::Refuse(response) => response,
     }
 }
 
-/// Where a cluster request or heartbeat goes from this node.
-enum Route<'a> {
-    /// To the member in this process, which serves it or passes it to its leader.
-    Local(&'a Arc<ControlPlane>),
-    /// To the configured members; `forwarded` tells them whether they may pass it on.
-    Members {
-        forwarded: bool,
-    },
-    Refuse(Response),
-}
-
-fn route_to<E: Engine>(service: &Service<E>, forwarded: bool, local_only: bool) -> Route<'_> {
-    match &service.control_plane {
-        // A member that knows its leader, or a request that must be served here.
-        Some(control_plane)
-            if local_only
-                || forwarded
-                || control_plane.knows_leader()
-                || service.members.is_empty() =>
-        {
-            Route::Local(control_plane)
-        }
-        // A member not yet in any cluster (before `cluster add-member`) cannot pass requests
-        // to a leader, so it asks the configured members directly, marking the request
-        // forwarded: only a leader serves it then, and it travels no further.
-        Some(_) => Route::Members { forwarded: true },
-        None if forwarded => Route::Refuse(refuse(
-            ErrorCode::Unavailable,
+/// Heartbeats are trusted by certificate: a node reports on itself only (the first hop
+/// must come from the certificate of the node in the report), and only members pass
+/// heartbeats on, so a node cannot register or keep alive another node's name.
+async fn serve_heartbeat<E: Engine>(
+    service: &Service<E>,
+    peer: &Peer,
+    report: NodeReport,
+    hops: u8,
+) -> Response {
+    let PeerRole::Node(sender) = &peer.role else {
+        return refuse(
+            ErrorCode::Forbidden,
+            "heartbeats come from nodes only".into(),
+        );
+    };
+    let Some(control_plane) = &service.control_plane else {
+        return refuse(
+            ErrorCode::Forbidden,
             format!(
                 "node {} is not a control-plane member",
                 service.identity.name
             ),
+        );
+    };
+    if hops == 0 && *sender != report.name {
+        return refuse(
+            ErrorCode::Forbidden,
+            format!(
+                "node {sender} sent a heartbeat for node {}; a node reports on itself only",
+                report.name
+            ),
+        );
+    }
+    if hops > 0 && !control_plane.is_member(sender) {
+        return refuse(
+            ErrorCode::Forbidden,
+            format!("node {sender} passed on a heartbeat but is not a control-plane member"),
+        );
+    }
+    control_plane.serve_heartbeat(report, hops).await
+}
+
+/// Where a cluster request goes from this node.
+enum Route<'a> {
+    /// To the member in this process, which serves it or passes it to its leader.
+    Local(&'a Arc<ControlPlane>),
+    /// To the configured members, one pass more.
+    Members,
+    Refuse(Response),
+}
+
+fn route_to<E: Engine>(service: &Service<E>, hops: u8, local_only: bool) -> Route<'_> {
+    match &service.control_plane {
+        // A member that knows its leader, or a request that must be served here.
+        Some(control_plane)
+            if local_only || control_plane.knows_leader() || service.members.is_empty() =>
+        {
+            Route::Local(control_plane)
+        }
+        // A node that is no member, or a member not yet in any cluster (before
+        // `cluster add-member`), asks the configured members, within the hop budget.
+        _ if hops < CLUSTER_REQUEST_HOPS_MAX => Route::Members,
+        _ => Route::Refuse(refuse(
+            ErrorCode::Unavailable,
+            format!(
+                "node {} knows no leader and the request has been passed on {hops} times already",
+                service.identity.name
+            ),
         )),
-        None => Route::Members { forwarded: false },
     }
 }
 
-/// Passes a request to the first configured member that answers.
-async fn to_members<E: Engine>(service: &Service<E>, request: Request) -> Response {
-    if service.members.is_empty() {
+/// Passes a request to the configured members, starting with the one that answered last
+/// and moving on while they answer "unavailable" (dead, or no leader known), so that one
+/// dead member in the list costs nothing once another has answered.
+pub async fn to_members<E: Engine>(service: &Service<E>, request: Request) -> Response {
+    let members: Vec<&String> = service
+        .members
+        .iter()
+        .filter(|member| **member != service.own_address)
+        .collect();
+    if members.is_empty() {
         return refuse(
             ErrorCode::Unavailable,
             format!(
-                "node {} names no control-plane members: add `members = [\"HOST:PORT\", ...]` to its config",
+                "node {} names no other control-plane members: add `members = [\"HOST:PORT\", ...]` to its config",
                 service.identity.name
             ),
         );
     }
+    let start = service.preferred_member.load(Ordering::Relaxed) % members.len();
     let mut failures = Vec::new();
-    for member in &service.members {
-        match service.caller.call(member, &request).await {
-            Ok(response) => return response,
+    for offset in 0..members.len() {
+        let index = (start + offset) % members.len();
+        let member = members[index];
+        match service.caller.call(member, None, &request).await {
+            Ok(Response::Error {
+                code: ErrorCode::Unavailable,
+                message,
+            }) => failures.push(format!("{member}: {message}")),
+            Ok(response) => {
+                service.preferred_member.store(index, Ordering::Relaxed);
+                return response;
+            }
             Err(detail) => failures.push(format!("{member}: {detail}")),
         }
     }
     refuse(
         ErrorCode::Unavailable,
-        format!("no control-plane member answered ({})", failures.join("; ")),
+        format!(
+            "no control-plane member could serve the request ({})",
+            failures.join("; ")
+        ),
     )
 }
 

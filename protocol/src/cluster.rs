@@ -39,6 +39,10 @@ impl fmt::Display for Member {
     }
 }
 
+/// How many times a cluster request may be passed on: a node that is no member (or a
+/// member not yet in a cluster) to a member, and a member to its leader.
+pub const CLUSTER_REQUEST_HOPS_MAX: u8 = 2;
+
 /// Identifies one client request so that a retry is applied once. The CLI draws it at
 /// random once per command and keeps it across retries.
 pub type RequestId = u128;
@@ -327,10 +331,11 @@ impl CatalogError {
             CatalogError::VolumeExists { .. } => ErrorCode::AlreadyExists,
             CatalogError::DoesNotFit { .. } => ErrorCode::LimitExceeded,
             CatalogError::Invalid { .. } => ErrorCode::InvalidArgument,
-            CatalogError::NodeDown { .. } => ErrorCode::Unavailable,
-            CatalogError::IllegalState { .. } | CatalogError::SiteChange { .. } => {
-                ErrorCode::IllegalState
-            }
+            // Not "unavailable": the refusal is remembered under the request id, so retrying
+            // the same request cannot succeed; the user chooses another node.
+            CatalogError::NodeDown { .. }
+            | CatalogError::IllegalState { .. }
+            | CatalogError::SiteChange { .. } => ErrorCode::IllegalState,
         }
     }
 }

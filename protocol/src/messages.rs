@@ -171,17 +171,18 @@ pub enum Request {
     },
     NodeStatus,
     /// A command for the cluster. A node that is no member passes it to a member; a member
-    /// that is not the leader passes it to the leader with `forwarded` set, and a
-    /// forwarded request is never passed on again, so a request makes at most two hops.
+    /// that is not the leader passes it to the leader. `hops` counts the passes so far; a
+    /// request is passed on at most [`crate::cluster::CLUSTER_REQUEST_HOPS_MAX`] times, so
+    /// no configuration can make it circle.
     Cluster {
         request: crate::cluster::ClusterRequest,
-        forwarded: bool,
+        hops: u8,
     },
-    /// A node's registration and heartbeat, sent to a control-plane member and passed on to
-    /// the leader like a cluster request.
+    /// A node's registration and heartbeat, sent by the node itself (`hops` 0, from the
+    /// certificate of the node it reports on) to a member, which passes it to the leader.
     Heartbeat {
         report: crate::cluster::NodeReport,
-        forwarded: bool,
+        hops: u8,
     },
     /// A Raft message between members, encoded by the control plane.
     Raft(Vec<u8>),

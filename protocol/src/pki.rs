@@ -170,9 +170,13 @@ pub fn validate_node_name(name: &str) -> Result<(), String> {
              letters, digits, '_' and '-'"
         ));
     }
-    if name == ADMIN_NAME || name == CA_NAME {
+    if name == ADMIN_NAME
+        || name == CA_NAME
+        || name == NODE_SERVER_NAME
+        || name == ADMIN_CERTIFICATE_NAME
+    {
         return Err(format!(
-            "node name '{name}' is reserved for the cluster's own files; choose another"
+            "node name '{name}' is reserved for the cluster's own files and certificate names; choose another"
         ));
     }
     Ok(())

@@ -37,10 +37,7 @@ const CLUSTER_READY_SECONDS: u64 = 20;
 /// Sends a cluster command, retrying while the control plane is still electing.
 async fn request(connection: &quinn::Connection, request: ClusterRequest) -> Result<Response> {
     let deadline = Instant::now() + std::time::Duration::from_secs(CLUSTER_READY_SECONDS);
-    let message = Request::Cluster {
-        request,
-        forwarded: false,
-    };
+    let message = Request::Cluster { request, hops: 0 };
     loop {
         let response: Response = protocol::transport::call(connection, &message).await?;
         match response {

@@ -392,7 +392,7 @@ async fn cluster(command: ClusterCommand) -> Result<()> {
                 &connection,
                 Request::Cluster {
                     request: ClusterRequest::Init,
-                    forwarded: false,
+                    hops: 0,
                 },
             )
             .await?;
@@ -714,10 +714,7 @@ impl Session {
             .and_then(|seconds| seconds.parse().ok())
             .unwrap_or(CLUSTER_RETRY_SECONDS);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(retry_seconds);
-        let message = Request::Cluster {
-            request,
-            forwarded: false,
-        };
+        let message = Request::Cluster { request, hops: 0 };
         let response = loop {
             let response: Response = protocol::transport::call(&self.connection, &message).await?;
             match &response {

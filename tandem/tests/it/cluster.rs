@@ -356,7 +356,7 @@ fn retried_requests_apply_once_and_strangers_to_the_membership_are_refused() {
                 size_bytes: 64 << 20,
                 track_size_bytes: 64 << 10,
             },
-            forwarded: false,
+            hops: 0,
         };
         let first: Response = protocol::transport::call(&admin, &create(7)).await.unwrap();
         let second: Response = protocol::transport::call(&admin, &create(7)).await.unwrap();
