@@ -400,7 +400,42 @@ fn retried_requests_apply_once_and_strangers_to_the_membership_are_refused() {
                 "claiming {claimed}: {answer:?}"
             );
         }
+
+        // Nor can it report on another node, directly or as if passing a heartbeat on:
+        // that would move the node's volumes and NBD address to the intruder.
+        for hops in [0u8, 1] {
+            let report = protocol::cluster::NodeReport {
+                name: MEMBERS[0].into(),
+                site: "site-a".into(),
+                address: "127.0.0.1:1".into(),
+                nbd_address: "127.0.0.1:2".into(),
+                capacity_bytes: 1 << 40,
+                control_plane: true,
+            };
+            let answer: Response =
+                protocol::transport::call(&intruder, &Request::Heartbeat { report, hops })
+                    .await
+                    .unwrap();
+            assert!(
+                matches!(
+                    answer,
+                    Response::Error {
+                        code: ErrorCode::Forbidden,
+                        ..
+                    }
+                ),
+                "hops {hops}: {answer:?}"
+            );
+        }
     });
+    let status = cluster.node(MEMBERS[1]).status(cluster.certs()).unwrap();
+    let member_a = status["sites"]["site-a"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|node| node["name"] == MEMBERS[0])
+        .unwrap();
+    assert_ne!(member_a["address"], "127.0.0.1:1", "{status}");
     assert_eq!(names(&cluster.volumes(MEMBERS[2])), ["once"]);
     let status = cluster.cluster_status(&leader).unwrap();
     assert_eq!(
