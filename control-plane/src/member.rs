@@ -125,12 +125,17 @@ fn random_request_id() -> RequestId {
 impl ControlPlane {
     /// Opens the member's Raft store under `data_directory` and starts its Raft instance
     /// and its leader duties. `address` is where other members reach this node.
+    ///
+    /// `compact_after_entries` replaces the snapshot policy: a snapshot every that many
+    /// entries, and no log kept behind it, so that a lagging or new member must install the
+    /// snapshot. Tests use it to exercise snapshot transfer on a small catalog.
     pub async fn start(
         name: &str,
         address: &str,
         data_directory: &Path,
         endpoint: quinn::Endpoint,
         faults: Faults,
+        compact_after_entries: Option<u64>,
     ) -> Result<Arc<ControlPlane>, Error> {
         let (log_store, state_machine) = storage::open(&data_directory.join("control-plane"))?;
         let catalog = state_machine.catalog_view();
@@ -141,8 +146,14 @@ impl ControlPlane {
             election_timeout_max: ELECTION_TIMEOUT_MAX_MILLISECONDS,
             install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MILLISECONDS,
             snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES_MAX,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_AFTER_ENTRIES),
-            max_in_snapshot_log_to_keep: LOG_ENTRIES_KEPT_AFTER_SNAPSHOT,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(
+                compact_after_entries.unwrap_or(SNAPSHOT_AFTER_ENTRIES),
+            ),
+            max_in_snapshot_log_to_keep: if compact_after_entries.is_some() {
+                0
+            } else {
+                LOG_ENTRIES_KEPT_AFTER_SNAPSHOT
+            },
             ..Config::default()
         }
         .validate()

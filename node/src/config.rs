@@ -40,6 +40,10 @@ pub struct NodeConfig {
     /// Lets the admin inject network faults (`tandem debug fault`); for tests only.
     #[serde(default)]
     pub fault_injection: bool,
+    /// Build a Raft snapshot every this many entries and keep no log behind it, so new
+    /// members must install a snapshot; for tests only.
+    #[serde(default)]
+    pub raft_compact_after_entries: Option<u64>,
 }
 
 impl NodeConfig {
@@ -78,6 +82,7 @@ mod tests {
             advertise: None,
             capacity_bytes: Some(1 << 40),
             fault_injection: false,
+            raft_compact_after_entries: None,
         };
         let text = config.to_toml().unwrap();
         assert_eq!(toml::from_str::<NodeConfig>(&text).unwrap(), config);

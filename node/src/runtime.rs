@@ -105,6 +105,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
                 &config.data_dir,
                 endpoint.clone(),
                 faults.clone(),
+                config.raft_compact_after_entries,
             )
             .await?,
         )

@@ -102,6 +102,7 @@ pub async fn run() -> Result<()> {
         advertise: None,
         capacity_bytes: Some(1 << 30),
         fault_injection: false,
+        raft_compact_after_entries: None,
     };
     let node = node::runtime::start(&config).await?;
     println!(

@@ -169,6 +169,9 @@ struct NodeArguments {
     /// Let the admin inject network faults (for tests).
     #[arg(long)]
     fault_injection: bool,
+    /// Snapshot the catalog every N Raft entries and keep no log behind it (for tests).
+    #[arg(long, hide = true)]
+    raft_compact_after_entries: Option<u64>,
 }
 
 /// The number of control-plane members `tandem init` writes into sample configs: three
@@ -556,6 +559,7 @@ fn init(dir: PathBuf, nodes: Vec<String>, site: String) -> Result<()> {
             advertise: None,
             capacity_bytes: None,
             fault_injection: false,
+            raft_compact_after_entries: None,
             name: name.clone(),
             site: site.clone(),
             data_dir: certs.join("data").join(name),
@@ -623,6 +627,9 @@ async fn run_node(arguments: NodeArguments) -> Result<()> {
                 config.advertise = arguments.advertise;
             }
             config.fault_injection |= arguments.fault_injection;
+            if arguments.raft_compact_after_entries.is_some() {
+                config.raft_compact_after_entries = arguments.raft_compact_after_entries;
+            }
             config
         }
         None => NodeConfig {
@@ -638,6 +645,7 @@ async fn run_node(arguments: NodeArguments) -> Result<()> {
             advertise: arguments.advertise,
             capacity_bytes: None,
             fault_injection: arguments.fault_injection,
+            raft_compact_after_entries: arguments.raft_compact_after_entries,
         },
     };
     let mut running = node::runtime::start(&config).await?;

@@ -67,6 +67,7 @@ impl NodeFixture {
             advertise: None,
             capacity_bytes: None,
             fault_injection: false,
+            raft_compact_after_entries: None,
         };
         let node = node::runtime::start(&config).await.unwrap();
         NodeFixture { directory, node }

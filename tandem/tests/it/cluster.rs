@@ -14,11 +14,20 @@ struct Cluster {
     certs: PathBuf,
     ports: BTreeMap<String, u16>,
     nodes: BTreeMap<String, NodeProcess>,
+    extra_arguments: Vec<String>,
 }
 
 impl Cluster {
     /// Starts member-a, initializes the cluster on it, then starts and adds the others.
     fn start(extra_nodes: &str) -> Cluster {
+        let mut cluster = Cluster::start_first(extra_nodes, &[]);
+        cluster.join_others();
+        cluster
+    }
+
+    /// Starts member-a alone and initializes the cluster on it; `extra_arguments` go to
+    /// every member's `tandem node`.
+    fn start_first(extra_nodes: &str, extra_arguments: &[&str]) -> Cluster {
         let directory = tempfile::tempdir().unwrap();
         let names = if extra_nodes.is_empty() {
             MEMBERS.join(",")
@@ -31,6 +40,10 @@ impl Cluster {
             certs,
             ports: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            extra_arguments: extra_arguments
+                .iter()
+                .map(|argument| argument.to_string())
+                .collect(),
         };
         for name in MEMBERS {
             cluster.ports.insert(name.to_string(), free_udp_port());
@@ -39,20 +52,22 @@ impl Cluster {
         cluster
             .node(MEMBERS[0])
             .cli_ok(&cluster.certs, &["cluster", "init"]);
-        for name in &MEMBERS[1..] {
-            cluster.start_node(name);
-        }
-        for name in MEMBERS {
-            cluster
-                .node(MEMBERS[0])
-                .wait_registered(&cluster.certs, name);
-        }
-        for name in &MEMBERS[1..] {
-            cluster
-                .node(MEMBERS[0])
-                .cli_ok(&cluster.certs, &["cluster", "add-member", name]);
-        }
         cluster
+            .node(MEMBERS[0])
+            .wait_registered(&cluster.certs, MEMBERS[0]);
+        cluster
+    }
+
+    /// Starts member-b and member-c and makes them members.
+    fn join_others(&mut self) {
+        for name in &MEMBERS[1..] {
+            self.start_node(name);
+        }
+        for name in &MEMBERS[1..] {
+            self.node(MEMBERS[0]).wait_registered(&self.certs, name);
+            self.node(MEMBERS[0])
+                .cli_ok(&self.certs, &["cluster", "add-member", name]);
+        }
     }
 
     fn members_argument(&self) -> String {
@@ -73,6 +88,7 @@ impl Cluster {
         let mut extra = vec!["--members", &members, "--fault-injection"];
         if MEMBERS.contains(&name) {
             extra.push("--control-plane");
+            extra.extend(self.extra_arguments.iter().map(String::as_str));
         }
         let data_dir = self.directory.path().join(name);
         let node = NodeProcess::start_with(&self.certs, name, &data_dir, None, port, &extra);
@@ -482,4 +498,52 @@ fn a_connection_to_a_restarted_node_fails_fast_instead_of_hanging() {
     let outcome = outcome.expect("a request on the stale connection hung");
     assert!(outcome.is_err(), "a stale connection answered: {outcome:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[test]
+fn members_added_after_the_log_was_compacted_catch_up_from_a_snapshot() {
+    // Snapshots every 20 entries and no log kept behind them: the members added later can
+    // only learn the catalog by installing a snapshot sent over the network.
+    let mut cluster = Cluster::start_first("", &["--raft-compact-after-entries", "20"]);
+    for name in ["early-1", "early-2", "early-3"] {
+        cluster.node(MEMBERS[0]).cli_ok(
+            cluster.certs(),
+            &[
+                "volume", "create", name, "--node", MEMBERS[0], "--size", "64MiB",
+            ],
+        );
+    }
+    cluster
+        .node(MEMBERS[0])
+        .cli_ok(cluster.certs(), &["debug", "noop", "--count", "60"]);
+    cluster.join_others();
+    wait_until(30, "the new members to catch up", || {
+        cluster.cluster_status(MEMBERS[0]).is_some_and(|status| {
+            status["members"].as_array().unwrap().len() == 3
+                && status["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|member| member["lag_entries"] == 0)
+        })
+    });
+    // Without the first member, the two that learned from the snapshot hold the catalog.
+    cluster.kill(MEMBERS[0]);
+    let leader = cluster.leader(MEMBERS[1]);
+    assert_ne!(leader, MEMBERS[0]);
+    let mut volumes = Vec::new();
+    wait_until(30, "the catalog through a new leader", || {
+        let output = cluster
+            .node(MEMBERS[1])
+            .cli(cluster.certs(), &["volume", "list", "--json"]);
+        if output.status.success() {
+            volumes = serde_json::from_slice::<serde_json::Value>(&output.stdout)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .clone();
+        }
+        output.status.success()
+    });
+    assert_eq!(names(&volumes), ["early-1", "early-2", "early-3"]);
 }
