@@ -174,69 +174,78 @@ impl QuicNetwork {
     }
 }
 
-impl RaftNetwork<TypeConfig> for QuicNetwork {
-    async fn append_entries(
+/// The error type openraft expects from one kind of Raft call.
+type CallError<E> = RPCError<MemberId, Member, RaftError<MemberId, E>>;
+
+impl QuicNetwork {
+    /// Sends `message` and takes the answer of the expected kind out of the reply: the
+    /// remote member's own error becomes a remote error, any failure to get an answer
+    /// makes the member unreachable (openraft then backs off and retries).
+    async fn exchange<T, E: std::error::Error>(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<AppendEntriesResponse<MemberId>, RPCError<MemberId, Member, RaftError<MemberId>>>
-    {
-        match self.send(RaftMessage::AppendEntries(rpc), &option).await {
-            Ok(RaftAnswer::AppendEntries(answer)) => answer.map_err(|error| {
+        message: RaftMessage,
+        option: &RPCOption,
+        expected: impl FnOnce(RaftAnswer) -> Option<Result<T, RaftError<MemberId, E>>>,
+    ) -> Result<T, CallError<E>> {
+        let answer = self.send(message, option).await.map_err(unreachable)?;
+        match expected(answer) {
+            Some(answer) => answer.map_err(|error| {
                 RPCError::RemoteError(openraft::error::RemoteError::new_with_node(
                     self.target,
                     self.member.clone(),
                     error,
                 ))
             }),
-            Ok(other) => Err(RPCError::Network(NetworkError::new(&AnyError::error(
-                format!("mismatched answer {other:?}"),
+            None => Err(RPCError::Network(NetworkError::new(&AnyError::error(
+                format!("{} answered a different kind of Raft message", self.member),
             )))),
-            Err(detail) => Err(unreachable(detail)),
         }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for QuicNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<MemberId>, CallError<openraft::error::Infallible>> {
+        self.exchange(
+            RaftMessage::AppendEntries(rpc),
+            &option,
+            |answer| match answer {
+                RaftAnswer::AppendEntries(answer) => Some(answer),
+                _ => None,
+            },
+        )
+        .await
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<MemberId>,
-        RPCError<MemberId, Member, RaftError<MemberId, InstallSnapshotError>>,
-    > {
-        match self.send(RaftMessage::InstallSnapshot(rpc), &option).await {
-            Ok(RaftAnswer::InstallSnapshot(answer)) => answer.map_err(|error| {
-                RPCError::RemoteError(openraft::error::RemoteError::new_with_node(
-                    self.target,
-                    self.member.clone(),
-                    error,
-                ))
-            }),
-            Ok(other) => Err(RPCError::Network(NetworkError::new(&AnyError::error(
-                format!("mismatched answer {other:?}"),
-            )))),
-            Err(detail) => Err(unreachable(detail)),
-        }
+    ) -> Result<InstallSnapshotResponse<MemberId>, CallError<InstallSnapshotError>> {
+        self.exchange(
+            RaftMessage::InstallSnapshot(rpc),
+            &option,
+            |answer| match answer {
+                RaftAnswer::InstallSnapshot(answer) => Some(answer),
+                _ => None,
+            },
+        )
+        .await
     }
 
     async fn vote(
         &mut self,
         rpc: VoteRequest<MemberId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<MemberId>, RPCError<MemberId, Member, RaftError<MemberId>>> {
-        match self.send(RaftMessage::Vote(rpc), &option).await {
-            Ok(RaftAnswer::Vote(answer)) => answer.map_err(|error| {
-                RPCError::RemoteError(openraft::error::RemoteError::new_with_node(
-                    self.target,
-                    self.member.clone(),
-                    error,
-                ))
-            }),
-            Ok(other) => Err(RPCError::Network(NetworkError::new(&AnyError::error(
-                format!("mismatched answer {other:?}"),
-            )))),
-            Err(detail) => Err(unreachable(detail)),
-        }
+    ) -> Result<VoteResponse<MemberId>, CallError<openraft::error::Infallible>> {
+        self.exchange(RaftMessage::Vote(rpc), &option, |answer| match answer {
+            RaftAnswer::Vote(answer) => Some(answer),
+            _ => None,
+        })
+        .await
     }
 
     fn backoff(&self) -> openraft::network::Backoff {

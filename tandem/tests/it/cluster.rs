@@ -149,6 +149,28 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The volume list through `through`, waiting until the cluster can answer (after a
+    /// restart or a leader's death it first elects a leader).
+    fn volumes_once_served(&self, through: &str) -> Vec<serde_json::Value> {
+        let mut volumes = Vec::new();
+        wait_until(30, "the cluster to list volumes", || {
+            let output = self
+                .node(through)
+                .cli(&self.certs, &["volume", "list", "--json"]);
+            if output.status.success() {
+                volumes = serde_json::from_slice::<serde_json::Value>(&output.stdout)
+                    .unwrap()
+                    .as_array()
+                    .unwrap()
+                    .clone();
+            }
+            output.status.success()
+        });
+        volumes
+    }
+}
+
 fn names(volumes: &[serde_json::Value]) -> Vec<String> {
     volumes
         .iter()
@@ -203,22 +225,7 @@ fn three_members_survive_leader_kills_and_a_full_restart() {
         cluster.start_node(name);
     }
     cluster.leader(MEMBERS[2]);
-    let mut volumes = Vec::new();
-    wait_until(30, "the catalog after a full restart", || {
-        let output = cluster
-            .node(MEMBERS[2])
-            .cli(cluster.certs(), &["volume", "list", "--json"]);
-        if output.status.success() {
-            volumes = serde_json::from_slice::<serde_json::Value>(&output.stdout)
-                .unwrap()
-                .as_array()
-                .unwrap()
-                .clone();
-            true
-        } else {
-            false
-        }
-    });
+    let volumes = cluster.volumes_once_served(MEMBERS[2]);
     assert_eq!(names(&volumes), ["after", "before"]);
     assert!(volumes.iter().all(|volume| volume["state"] == "ready"));
 }
@@ -531,19 +538,6 @@ fn members_added_after_the_log_was_compacted_catch_up_from_a_snapshot() {
     cluster.kill(MEMBERS[0]);
     let leader = cluster.leader(MEMBERS[1]);
     assert_ne!(leader, MEMBERS[0]);
-    let mut volumes = Vec::new();
-    wait_until(30, "the catalog through a new leader", || {
-        let output = cluster
-            .node(MEMBERS[1])
-            .cli(cluster.certs(), &["volume", "list", "--json"]);
-        if output.status.success() {
-            volumes = serde_json::from_slice::<serde_json::Value>(&output.stdout)
-                .unwrap()
-                .as_array()
-                .unwrap()
-                .clone();
-        }
-        output.status.success()
-    });
+    let volumes = cluster.volumes_once_served(MEMBERS[1]);
     assert_eq!(names(&volumes), ["early-1", "early-2", "early-3"]);
 }
