@@ -7,8 +7,12 @@ use protocol::transport::PeerRole;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// How long one call to a node or member may take, connecting included.
+/// How long one call to a node or member may take once connected.
 pub const CALL_TIMEOUT_SECONDS: u64 = 10;
+/// How long connecting to a node or member may take. Nodes of one cluster answer a
+/// handshake within milliseconds even across sites; a dead peer should cost little, since
+/// heartbeats and forwarded requests move on to the next member.
+pub const CONNECT_TIMEOUT_SECONDS: u64 = 2;
 
 /// A QUIC endpoint and the connections it holds open, by address.
 pub struct Caller {
@@ -52,14 +56,15 @@ impl Caller {
                 }
             }
         }
-        let connection = tokio::time::timeout(Duration::from_secs(CALL_TIMEOUT_SECONDS), async {
-            let socket = network::resolve(address).await?;
-            protocol::transport::connect(&self.endpoint, socket)
-                .await
-                .map_err(|error| error.to_string())
-        })
-        .await
-        .map_err(|_| format!("no connection within {CALL_TIMEOUT_SECONDS} seconds"))??;
+        let connection =
+            tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_SECONDS), async {
+                let socket = network::resolve(address).await?;
+                protocol::transport::connect(&self.endpoint, socket)
+                    .await
+                    .map_err(|error| error.to_string())
+            })
+            .await
+            .map_err(|_| format!("no connection within {CONNECT_TIMEOUT_SECONDS} seconds"))??;
         self.connections
             .lock()
             .insert(address.to_string(), connection.clone());

@@ -176,6 +176,10 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
 /// `NODE_DOWN_AFTER_MILLISECONDS`, so a lost heartbeat or two never marks a node down.
 pub const HEARTBEAT_INTERVAL_MILLISECONDS: u64 = 500;
 
+/// How long a heartbeat waits for one member before it tries the next: a dead member in
+/// the list must not delay heartbeats past the leader's `NODE_DOWN_AFTER_MILLISECONDS`.
+pub const HEARTBEAT_PATIENCE: Duration = Duration::from_millis(1_000);
+
 /// The address other processes reach this node at.
 fn advertised_address(config: &NodeConfig, quic_address: SocketAddr) -> Result<String> {
     if let Some(advertise) = &config.advertise {
@@ -213,7 +217,7 @@ async fn heartbeat<E: Engine>(service: Arc<Service<E>>, report: NodeReport) {
                     report: report.clone(),
                     hops: 0,
                 };
-                service::to_members(&service, request).await
+                service::to_members(&service, request, HEARTBEAT_PATIENCE).await
             }
         };
         match response {

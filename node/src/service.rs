@@ -13,7 +13,7 @@ use protocol::messages::{ErrorCode, NodeStatus, Request, Response};
 use protocol::transport::{Peer, PeerRole};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What a node tells about itself in a status answer.
 #[derive(Debug, Clone)]
@@ -145,6 +145,7 @@ async fn serve_cluster<E: Engine>(
                     request,
                     hops: hops + 1,
                 },
+                CLUSTER_REQUEST_PATIENCE,
             )
             .await
         }
@@ -194,6 +195,10 @@ async fn serve_heartbeat<E: Engine>(
     control_plane.serve_heartbeat(report, hops).await
 }
 
+/// How long a node waits for one member to answer a cluster request it passed on: longer
+/// than a member's own patience with the leader and with owning nodes.
+pub const CLUSTER_REQUEST_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Where a cluster request goes from this node.
 enum Route<'a> {
     /// To the member in this process, which serves it or passes it to its leader.
@@ -227,7 +232,14 @@ fn route_to<E: Engine>(service: &Service<E>, hops: u8, local_only: bool) -> Rout
 /// Passes a request to the configured members, starting with the one that answered last
 /// and moving on while they answer "unavailable" (dead, or no leader known), so that one
 /// dead member in the list costs nothing once another has answered.
-pub async fn to_members<E: Engine>(service: &Service<E>, request: Request) -> Response {
+///
+/// Each member gets at most `patience`: a heartbeat must not wait on a dead member for
+/// longer than the leader waits for heartbeats, while a volume command may take its time.
+pub async fn to_members<E: Engine>(
+    service: &Service<E>,
+    request: Request,
+    patience: Duration,
+) -> Response {
     let members: Vec<&String> = service
         .members
         .iter()
@@ -247,7 +259,10 @@ pub async fn to_members<E: Engine>(service: &Service<E>, request: Request) -> Re
     for offset in 0..members.len() {
         let index = (start + offset) % members.len();
         let member = members[index];
-        match service.caller.call(member, None, &request).await {
+        let answer = tokio::time::timeout(patience, service.caller.call(member, None, &request))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", patience.as_millis())));
+        match answer {
             Ok(Response::Error {
                 code: ErrorCode::Unavailable,
                 message,
