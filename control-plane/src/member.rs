@@ -29,12 +29,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often the leader sends heartbeats (empty appends) to followers.
-pub const RAFT_HEARTBEAT_INTERVAL_MILLISECONDS: u64 = 50;
+/// How often the leader sends heartbeats (empty appends) to followers. openraft also uses
+/// it as the time one append may take, connecting included, so it must exceed the round
+/// trip between members with room for a loaded machine.
+pub const RAFT_HEARTBEAT_INTERVAL_MILLISECONDS: u64 = 100;
 /// A follower that hears no leader for a random time in this range starts an election.
 /// openraft adds a leader lease of the maximum before a follower votes for anyone else, so
-/// a dead leader is replaced within twice the maximum plus a vote round trip: under the
-/// 1 s failover goal with room for a slow, loaded machine.
+/// a follower stands after 450–600 ms of silence (four or more missed heartbeats), and a
+/// dead leader is replaced within that plus a vote round trip: under the 1 s failover
+/// goal with room for a slow, loaded machine.
 pub const ELECTION_TIMEOUT_MIN_MILLISECONDS: u64 = 150;
 pub const ELECTION_TIMEOUT_MAX_MILLISECONDS: u64 = 300;
 /// A catalog snapshot is sent in chunks of this size; with the timeout below, a chunk has
