@@ -361,16 +361,19 @@ fn any_command() -> impl Strategy<Value = Command> {
         names
             .clone()
             .prop_map(|name| Command::VolumeDeleteFinish { name: name.into() }),
-        (nodes, any::<bool>()).prop_map(|(node, up)| Command::SetNodeHealth {
+        (nodes.clone(), any::<bool>()).prop_map(|(node, up)| Command::SetNodeHealth {
             node: node.into(),
             health: if up { Health::Up } else { Health::Down }
         }),
+        // A node re-registering may report another capacity or, wrongly, another site.
+        (nodes, prop::sample::select(vec!["east", "west"]), 1u64..16)
+            .prop_map(|(node, site, gib)| Command::RegisterNode(report(node, site, gib * GIB))),
     ]
 }
 
 proptest! {
-    /// Whatever the order of commands, replicas agree, refusals change nothing, and no
-    /// node ever holds more provisioned bytes than its capacity.
+    /// Whatever the order of commands, replicas agree, refusals change nothing, a volume
+    /// is placed only on an up node with room for it, and no node changes site.
     #[test]
     fn any_command_sequence_keeps_the_catalog_consistent(
         commands in prop::collection::vec((any_command(), 0u128..40), 1..60)
@@ -380,19 +383,34 @@ proptest! {
         for (command, id) in commands {
             let before = catalog.clone();
             let answer = apply(&mut catalog, id + 100, command.clone());
-            prop_assert_eq!(&answer, &apply(&mut replica, id + 100, command));
+            prop_assert_eq!(&answer, &apply(&mut replica, id + 100, command.clone()));
+            let command_applied = command;
             prop_assert_eq!(&catalog, &replica);
             if answer.is_err() {
                 prop_assert_eq!(catalog.volumes().collect::<Vec<_>>(), before.volumes().collect::<Vec<_>>());
                 prop_assert_eq!(catalog.nodes().collect::<Vec<_>>(), before.nodes().collect::<Vec<_>>());
             }
-            for node in catalog.nodes() {
+            // A volume is placed only where it fits. (A node may later report less
+            // capacity than it holds; the catalog records the report, it cannot refuse it.)
+            // A reused request id gets its first answer back, so only new ids are checked.
+            let fresh = before.applied_response(id + 100).is_none();
+            if let (true, Ok(CatalogReply::Volume(volume)), Command::VolumeCreateBegin { .. }) =
+                (fresh, &answer, &command_applied)
+            {
+                let node = catalog.node(&volume.node).unwrap();
                 let provisioned: u64 = catalog
                     .volumes()
-                    .filter(|volume| volume.node == node.name)
-                    .map(|volume| volume.size_bytes)
+                    .filter(|other| other.node == node.name)
+                    .map(|other| other.size_bytes)
                     .sum();
                 prop_assert!(provisioned <= node.capacity_bytes);
+                prop_assert_eq!(node.health, Health::Up);
+            }
+            // A node never changes site.
+            for node in catalog.nodes() {
+                if let Some(earlier) = before.node(&node.name) {
+                    prop_assert_eq!(&node.site, &earlier.site);
+                }
             }
         }
     }
