@@ -1,6 +1,5 @@
 //! Calls from one process to nodes and members, over connections kept open for reuse.
 
-use crate::network;
 use parking_lot::Mutex;
 use protocol::messages::{Request, Response};
 use protocol::transport::PeerRole;
@@ -14,7 +13,19 @@ pub const CALL_TIMEOUT_SECONDS: u64 = 10;
 /// heartbeats and forwarded requests move on to the next member.
 pub const CONNECT_TIMEOUT_SECONDS: u64 = 2;
 
-/// A QUIC endpoint and the connections it holds open, by address.
+/// Resolves a `HOST:PORT` address; names work as well as IP addresses, so a deployment
+/// can use host names.
+pub async fn resolve(address: &str) -> Result<std::net::SocketAddr, String> {
+    let mut addresses = tokio::net::lookup_host(address)
+        .await
+        .map_err(|error| format!("cannot resolve '{address}': {error}"))?;
+    addresses
+        .next()
+        .ok_or_else(|| format!("'{address}' resolves to no address"))
+}
+
+/// A QUIC endpoint and the connections it holds open, by address. One per process: the
+/// node's service, the control plane and Raft share its connections.
 pub struct Caller {
     endpoint: quinn::Endpoint,
     connections: Mutex<HashMap<String, quinn::Connection>>,
@@ -58,7 +69,7 @@ impl Caller {
         }
         let connection =
             tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_SECONDS), async {
-                let socket = network::resolve(address).await?;
+                let socket = resolve(address).await?;
                 protocol::transport::connect(&self.endpoint, socket)
                     .await
                     .map_err(|error| error.to_string())

@@ -26,7 +26,6 @@ pub const NAME_BYTES_MAX: usize = 64;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
-    sites: BTreeSet<String>,
     nodes: BTreeMap<String, NodeRecord>,
     volumes: BTreeMap<String, VolumeRecord>,
     /// Responses of the most recent requests, so a retried request gets the first answer.
@@ -36,8 +35,10 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn sites(&self) -> &BTreeSet<String> {
-        &self.sites
+    /// The sites of the registered nodes. A site exists by having a node: it is derived,
+    /// never stored, so it cannot disagree with the nodes.
+    pub fn sites(&self) -> BTreeSet<String> {
+        self.nodes.values().map(|node| node.site.clone()).collect()
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
@@ -183,7 +184,6 @@ impl Catalog {
             control_plane: report.control_plane,
             health: Health::Up,
         };
-        self.sites.insert(report.site.clone());
         self.nodes.insert(report.name.clone(), record.clone());
         Ok(CatalogReply::Node(record))
     }

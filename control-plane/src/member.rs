@@ -98,7 +98,7 @@ pub struct ControlPlane {
     raft: Raft,
     catalog: CatalogView,
     faults: Faults,
-    caller: Caller,
+    caller: Arc<Caller>,
     /// When the leader last heard from each node. Volatile: a new leader starts counting
     /// afresh, which gives every node a full timeout of grace after a leader change.
     last_seen: Mutex<HashMap<String, Instant>>,
@@ -136,7 +136,7 @@ impl ControlPlane {
         name: &str,
         address: &str,
         data_directory: &Path,
-        endpoint: quinn::Endpoint,
+        caller: Arc<Caller>,
         faults: Faults,
         compact_after_entries: Option<u64>,
     ) -> Result<Arc<ControlPlane>, Error> {
@@ -165,7 +165,7 @@ impl ControlPlane {
         })?;
         let id = member_id(name);
         let network = QuicNetworkFactory {
-            endpoint: endpoint.clone(),
+            caller: caller.clone(),
             faults: faults.clone(),
         };
         let raft = Raft::new(id, Arc::new(config), network, log_store, state_machine)
@@ -180,21 +180,13 @@ impl ControlPlane {
             raft,
             catalog,
             faults,
-            caller: Caller::new(endpoint),
+            caller,
             last_seen: Mutex::new(HashMap::new()),
             volume_locks: Mutex::new(HashMap::new()),
             reconciling: Mutex::new(HashSet::new()),
         });
         tokio::spawn(supervise(Arc::downgrade(&control_plane)));
         Ok(control_plane)
-    }
-
-    pub fn raft(&self) -> &Raft {
-        &self.raft
-    }
-
-    pub fn faults(&self) -> &Faults {
-        &self.faults
     }
 
     /// Stops the Raft instance; used when the node shuts down.
@@ -1002,11 +994,7 @@ impl ControlPlane {
 
     fn status(&self) -> CatalogStatus {
         let (sites, volumes) = self.catalog.read(|catalog| {
-            let mut sites: BTreeMap<String, Vec<NodeRecord>> = catalog
-                .sites()
-                .iter()
-                .map(|site| (site.clone(), Vec::new()))
-                .collect();
+            let mut sites: BTreeMap<String, Vec<NodeRecord>> = BTreeMap::new();
             for node in catalog.nodes() {
                 sites
                     .entry(node.site.clone())

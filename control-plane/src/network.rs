@@ -6,6 +6,7 @@
 //! its current membership, and only when the message claims to come from that member:
 //! being signed by the cluster CA is not enough.
 
+use crate::caller::Caller;
 use crate::types::{Raft, TypeConfig};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -20,7 +21,6 @@ use protocol::messages::{ErrorCode, Request, Response};
 use protocol::transport::{Peer, PeerRole};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,7 +69,7 @@ impl Faults {
 /// Makes one [`QuicNetwork`] per target member; they share the endpoint and the fault rules.
 #[derive(Clone)]
 pub struct QuicNetworkFactory {
-    pub endpoint: quinn::Endpoint,
+    pub caller: Arc<Caller>,
     pub faults: Faults,
 }
 
@@ -78,54 +78,27 @@ impl RaftNetworkFactory<TypeConfig> for QuicNetworkFactory {
 
     async fn new_client(&mut self, target: MemberId, node: &Member) -> QuicNetwork {
         QuicNetwork {
-            endpoint: self.endpoint.clone(),
+            caller: self.caller.clone(),
             faults: self.faults.clone(),
             target,
             member: node.clone(),
-            connection: None,
         }
     }
 }
 
-/// The link to one member. It keeps one QUIC connection and opens a stream per message.
+/// The link to one member, over the process's shared connections: one stream per message.
 pub struct QuicNetwork {
-    endpoint: quinn::Endpoint,
+    caller: Arc<Caller>,
     faults: Faults,
     target: MemberId,
     member: Member,
-    connection: Option<quinn::Connection>,
 }
 
 fn unreachable<E: std::error::Error>(detail: String) -> RPCError<MemberId, Member, E> {
     RPCError::Unreachable(Unreachable::new(&AnyError::error(detail)))
 }
 
-/// Resolves a `HOST:PORT` member address; names work as well as IP addresses, so a
-/// deployment can use host names.
-pub async fn resolve(address: &str) -> Result<SocketAddr, String> {
-    let mut addresses = tokio::net::lookup_host(address)
-        .await
-        .map_err(|error| format!("cannot resolve '{address}': {error}"))?;
-    addresses
-        .next()
-        .ok_or_else(|| format!("'{address}' resolves to no address"))
-}
-
 impl QuicNetwork {
-    async fn connection(&mut self) -> Result<quinn::Connection, String> {
-        if let Some(connection) = &self.connection {
-            if connection.close_reason().is_none() {
-                return Ok(connection.clone());
-            }
-        }
-        let address = resolve(&self.member.address).await?;
-        let connection = protocol::transport::connect(&self.endpoint, address)
-            .await
-            .map_err(|error| error.to_string())?;
-        self.connection = Some(connection.clone());
-        Ok(connection)
-    }
-
     /// Sends one message and waits for the answer, within the time openraft allows.
     async fn send(
         &mut self,
@@ -143,26 +116,20 @@ impl QuicNetwork {
             tokio::time::sleep(Duration::from_millis(rule.delay_milliseconds)).await;
         }
         let bytes = protocol::codec::encode(&message).map_err(|error| error.to_string())?;
-        let exchange = async {
-            let connection = self.connection().await?;
-            protocol::transport::call::<Request, Response>(&connection, &Request::Raft(bytes))
-                .await
-                .map_err(|error| error.to_string())
-        };
-        let response = match tokio::time::timeout(option.hard_ttl(), exchange).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(detail)) => {
-                self.connection = None;
-                return Err(detail);
-            }
-            Err(_) => {
-                return Err(format!(
+        // The callee must prove it is the member: Raft messages go to no one else.
+        let request = Request::Raft(bytes);
+        let exchange = self
+            .caller
+            .call(&self.member.address, Some(&self.member.name), &request);
+        let response = tokio::time::timeout(option.hard_ttl(), exchange)
+            .await
+            .map_err(|_| {
+                format!(
                     "no answer from {} within {:?}",
                     self.member,
                     option.hard_ttl()
-                ))
-            }
-        };
+                )
+            })??;
         match response {
             Response::Raft(bytes) => protocol::codec::decode::<RaftAnswer>(&bytes)
                 .map_err(|error| format!("undecodable answer from {}: {error}", self.member)),

@@ -23,8 +23,6 @@ pub struct RunningNode {
     pub quic_address: SocketAddr,
     pub nbd_address: SocketAddr,
     pub store: Arc<VolumeStore<RocksEngine>>,
-    /// The control-plane member this process hosts, if its config says so.
-    pub control_plane: Option<Arc<ControlPlane>>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -97,13 +95,14 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         })?,
     };
     let faults = Faults::default();
+    let caller = Arc::new(Caller::new(endpoint.clone()));
     let control_plane = if config.control_plane {
         Some(
             ControlPlane::start(
                 &config.name,
                 &advertise,
                 &config.data_dir,
-                endpoint.clone(),
+                caller.clone(),
                 faults.clone(),
                 config.raft_compact_after_entries,
             )
@@ -119,9 +118,9 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
             site: config.site.clone(),
             nbd_address: nbd_address.to_string(),
         },
-        control_plane: control_plane.clone(),
+        control_plane,
         members: config.members.clone(),
-        caller: Arc::new(Caller::new(endpoint.clone())),
+        caller,
         faults,
         fault_injection: config.fault_injection,
         own_address: advertise.clone(),
@@ -166,7 +165,6 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         quic_address,
         nbd_address,
         store,
-        control_plane,
         endpoint,
         tasks,
     })

@@ -119,7 +119,7 @@ pub struct VolumeRecord {
 /// before it changes anything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Records a node, or updates its addresses and capacity. Creates its site when new.
+    /// Records a node, or updates its addresses and capacity. Its site exists from then on.
     RegisterNode(NodeReport),
     SetNodeHealth {
         node: String,
@@ -171,8 +171,6 @@ impl fmt::Display for CatalogRequest {
 pub enum CatalogError {
     #[error("node '{node}' is not registered: start it with this cluster's members in its config, or check the name with `tandem status`")]
     UnknownNode { node: String },
-    #[error("site '{site}' is not known to the cluster")]
-    UnknownSite { site: String },
     #[error("volume '{volume}' does not exist: `tandem volume list` shows the volumes")]
     UnknownVolume { volume: String },
     #[error("a volume named '{volume}' already exists on node '{node}': names are unique across the cluster")]
@@ -325,9 +323,9 @@ impl CatalogError {
     pub fn code(&self) -> crate::messages::ErrorCode {
         use crate::messages::ErrorCode;
         match self {
-            CatalogError::UnknownNode { .. }
-            | CatalogError::UnknownSite { .. }
-            | CatalogError::UnknownVolume { .. } => ErrorCode::NotFound,
+            CatalogError::UnknownNode { .. } | CatalogError::UnknownVolume { .. } => {
+                ErrorCode::NotFound
+            }
             CatalogError::VolumeExists { .. } => ErrorCode::AlreadyExists,
             CatalogError::DoesNotFit { .. } => ErrorCode::LimitExceeded,
             CatalogError::Invalid { .. } => ErrorCode::InvalidArgument,

@@ -405,26 +405,13 @@ async fn cluster(command: ClusterCommand) -> Result<()> {
             );
         }
         ClusterCommand::AddMember { node, connection } => {
-            let status = cluster_status_of(
-                cluster_call(
-                    &connection,
-                    ClusterRequest::AddMember { node: node.clone() },
-                )
-                .await?,
-            )?;
-            println!("{node} is a member");
-            print_cluster_status(&status);
+            let request = ClusterRequest::AddMember { node: node.clone() };
+            change_membership(&connection, request, &format!("{node} is a member")).await?;
         }
         ClusterCommand::RemoveMember { node, connection } => {
-            let status = cluster_status_of(
-                cluster_call(
-                    &connection,
-                    ClusterRequest::RemoveMember { node: node.clone() },
-                )
-                .await?,
-            )?;
-            println!("{node} is no longer a member");
-            print_cluster_status(&status);
+            let request = ClusterRequest::RemoveMember { node: node.clone() };
+            let outcome = format!("{node} is no longer a member");
+            change_membership(&connection, request, &outcome).await?;
         }
         ClusterCommand::Status { json, connection } => {
             let status =
@@ -436,6 +423,18 @@ async fn cluster(command: ClusterCommand) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Sends a membership change and shows the membership it left.
+async fn change_membership(
+    connection: &Connection,
+    request: ClusterRequest,
+    outcome: &str,
+) -> Result<()> {
+    let status = cluster_status_of(cluster_call(connection, request).await?)?;
+    println!("{outcome}");
+    print_cluster_status(&status);
     Ok(())
 }
 

@@ -171,6 +171,19 @@ impl Cluster {
     }
 }
 
+fn assert_forbidden(answer: &protocol::messages::Response, context: &str) {
+    assert!(
+        matches!(
+            answer,
+            protocol::messages::Response::Error {
+                code: protocol::messages::ErrorCode::Forbidden,
+                ..
+            }
+        ),
+        "{context}: {answer:?}"
+    );
+}
+
 fn names(volumes: &[serde_json::Value]) -> Vec<String> {
     volumes
         .iter()
@@ -430,16 +443,7 @@ fn retried_requests_apply_once_and_strangers_to_the_membership_are_refused() {
             let answer: Response = protocol::transport::call(&intruder, &Request::Raft(bytes))
                 .await
                 .unwrap();
-            assert!(
-                matches!(
-                    answer,
-                    Response::Error {
-                        code: ErrorCode::Forbidden,
-                        ..
-                    }
-                ),
-                "claiming {claimed}: {answer:?}"
-            );
+            assert_forbidden(&answer, &format!("claiming {claimed}"));
         }
 
         // Nor can it report on another node, directly or as if passing a heartbeat on:
@@ -457,16 +461,7 @@ fn retried_requests_apply_once_and_strangers_to_the_membership_are_refused() {
                 protocol::transport::call(&intruder, &Request::Heartbeat { report, hops })
                     .await
                     .unwrap();
-            assert!(
-                matches!(
-                    answer,
-                    Response::Error {
-                        code: ErrorCode::Forbidden,
-                        ..
-                    }
-                ),
-                "hops {hops}: {answer:?}"
-            );
+            assert_forbidden(&answer, &format!("hops {hops}"));
         }
     });
     let status = cluster.node(MEMBERS[1]).status(cluster.certs()).unwrap();
