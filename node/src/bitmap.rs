@@ -3,7 +3,11 @@
 //! A volume has [`SESSION_SLOTS_MAX`] session slots; each is a changed bit per track
 //! (seed 002's PB table), stored as one 16-bit word per track, so 16 slots cost exactly
 //! 2 bytes per track. A volume also has a target-changed bit per track (seed 002's M4b),
-//! stored one bit per track. Both are split into chunks of [`TRACKS_PER_CHUNK`] tracks,
+//! stored one bit per track. Each slot also has a pending bit per track (seed 002's moving
+//! mirror bits: the track must still be copied to the session's target), stored like the
+//! changed bits, and a volume has an invalid bit per track (seed 001's indirect list: the
+//! track is not valid here yet and must first be pulled from its source), stored like the
+//! target-changed bits. All are split into chunks of [`TRACKS_PER_CHUNK`] tracks,
 //! one key each, and changed only through merge operands, so a host write marks its
 //! tracks in the same write batch as its data without reading anything first.
 
@@ -19,23 +23,37 @@ pub const TARGET_CHUNK_BYTES: usize = TRACKS_PER_CHUNK as usize / 8;
 /// Which of a volume's bitmaps a chunk belongs to; the key's kind byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BitmapKind {
+    /// A changed bit per slot per track (seed 002's PB table; seed 001's clone lists).
     Sessions,
+    /// A pending bit per slot per track: still to be copied to the slot's target.
+    Pending,
+    /// One bit per track: written by a host since the volume was split from its standard.
     TargetChanged,
+    /// One bit per track: not valid yet, to be pulled from the session's source first.
+    Invalid,
 }
 
 impl BitmapKind {
     fn tag(self) -> u8 {
         match self {
             BitmapKind::Sessions => b'S',
+            BitmapKind::Pending => b'P',
             BitmapKind::TargetChanged => b'T',
+            BitmapKind::Invalid => b'I',
         }
     }
 
     fn chunk_bytes(self) -> usize {
-        match self {
-            BitmapKind::Sessions => SESSION_CHUNK_BYTES,
-            BitmapKind::TargetChanged => TARGET_CHUNK_BYTES,
+        if self.per_slot() {
+            SESSION_CHUNK_BYTES
+        } else {
+            TARGET_CHUNK_BYTES
         }
+    }
+
+    /// Whether the kind holds a 16-bit word of slots per track, or a single bit.
+    pub fn per_slot(self) -> bool {
+        matches!(self, BitmapKind::Sessions | BitmapKind::Pending)
     }
 }
 
@@ -98,7 +116,9 @@ fn decode_changes(operand: &[u8]) -> Option<impl Iterator<Item = ChunkChange> + 
 fn kind_of_key(key: &[u8]) -> Option<BitmapKind> {
     match key.get(8) {
         Some(b'S') => Some(BitmapKind::Sessions),
+        Some(b'P') => Some(BitmapKind::Pending),
         Some(b'T') => Some(BitmapKind::TargetChanged),
+        Some(b'I') => Some(BitmapKind::Invalid),
         _ => None,
     }
 }
@@ -107,23 +127,18 @@ fn kind_of_key(key: &[u8]) -> Option<BitmapKind> {
 fn apply(kind: BitmapKind, chunk: &mut [u8], change: ChunkChange) {
     let last = (change.last as usize).min(TRACKS_PER_CHUNK as usize - 1);
     for track in change.first as usize..=last {
-        match kind {
-            BitmapKind::Sessions => {
-                let word = u16::from_le_bytes([chunk[track * 2], chunk[track * 2 + 1]]);
-                let word = if change.set {
-                    word | change.mask
-                } else {
-                    word & !change.mask
-                };
-                chunk[track * 2..track * 2 + 2].copy_from_slice(&word.to_le_bytes());
-            }
-            BitmapKind::TargetChanged => {
-                if change.set {
-                    chunk[track / 8] |= 1 << (track % 8);
-                } else {
-                    chunk[track / 8] &= !(1 << (track % 8));
-                }
-            }
+        if kind.per_slot() {
+            let word = u16::from_le_bytes([chunk[track * 2], chunk[track * 2 + 1]]);
+            let word = if change.set {
+                word | change.mask
+            } else {
+                word & !change.mask
+            };
+            chunk[track * 2..track * 2 + 2].copy_from_slice(&word.to_le_bytes());
+        } else if change.set {
+            chunk[track / 8] |= 1 << (track % 8);
+        } else {
+            chunk[track / 8] &= !(1 << (track % 8));
         }
     }
 }
@@ -164,13 +179,11 @@ pub fn partial_merge<'a>(operands: impl IntoIterator<Item = &'a [u8]>) -> Option
 
 /// Reads one track's bit for `slot` (sessions) or its target-changed bit from a chunk.
 pub fn test_bit(kind: BitmapKind, chunk: &[u8], track_in_chunk: usize, slot: u8) -> bool {
-    match kind {
-        BitmapKind::Sessions => {
-            let word =
-                u16::from_le_bytes([chunk[track_in_chunk * 2], chunk[track_in_chunk * 2 + 1]]);
-            word & (1 << slot) != 0
-        }
-        BitmapKind::TargetChanged => chunk[track_in_chunk / 8] & (1 << (track_in_chunk % 8)) != 0,
+    if kind.per_slot() {
+        let word = u16::from_le_bytes([chunk[track_in_chunk * 2], chunk[track_in_chunk * 2 + 1]]);
+        word & (1 << slot) != 0
+    } else {
+        chunk[track_in_chunk / 8] & (1 << (track_in_chunk % 8)) != 0
     }
 }
 

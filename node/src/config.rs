@@ -40,11 +40,21 @@ pub struct NodeConfig {
     /// Lets the admin inject network faults (`tandem debug fault`); for tests only.
     #[serde(default)]
     pub fault_injection: bool,
+    /// The copy rate limit of the whole node, over all its sessions, in MiB/s.
+    #[serde(default = "default_copy_rate")]
+    pub copy_rate_mebibytes_per_second: u32,
     /// Build a Raft snapshot every this many entries and keep no log behind it, so new
     /// members must install a snapshot; for tests only.
     #[serde(default)]
     pub raft_compact_after_entries: Option<u64>,
 }
+
+fn default_copy_rate() -> u32 {
+    NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND
+}
+
+/// The node-wide copy rate when the config sets none.
+pub const NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND: u32 = 1024;
 
 impl NodeConfig {
     pub fn load(path: &Path) -> Result<NodeConfig> {
@@ -83,6 +93,7 @@ mod tests {
             capacity_bytes: Some(1 << 40),
             fault_injection: false,
             raft_compact_after_entries: None,
+            copy_rate_mebibytes_per_second: NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
         };
         let text = config.to_toml().unwrap();
         assert_eq!(toml::from_str::<NodeConfig>(&text).unwrap(), config);

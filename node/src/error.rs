@@ -60,6 +60,31 @@ pub enum Error {
         references: usize,
         references_max: usize,
     },
+    #[error("volume '{name}' is {readiness} to hosts now (a copy session changed it)")]
+    VolumeNotReady {
+        name: String,
+        readiness: protocol::messages::Readiness,
+    },
+    #[error("volume '{name}' takes part in a copy session and cannot be {what}; end the session first (`tandem clone terminate` or `tandem mirror cancel`)")]
+    VolumeInSession { name: String, what: String },
+    #[error("volume {volume} track {track}: copy refused: {detail}")]
+    CopyRejected {
+        volume: u64,
+        track: u64,
+        detail: String,
+    },
+    #[error("{command} refused for {session}: {reason}")]
+    SessionRefused {
+        command: String,
+        session: String,
+        reason: String,
+    },
+    #[error("no {kind} session has '{volume}' as its {role} (see `tandem {kind} list`)")]
+    SessionNotFound {
+        kind: String,
+        volume: String,
+        role: String,
+    },
     #[error("storage engine: {detail}")]
     Engine { detail: String },
     #[error("stored metadata for {what} is unreadable: {detail}")]
@@ -80,7 +105,14 @@ impl Error {
     /// The code a remote caller gets, so scripts can branch without parsing text.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Error::VolumeNotFound { .. } | Error::VolumeDeleted { .. } => ErrorCode::NotFound,
+            Error::VolumeNotFound { .. }
+            | Error::VolumeDeleted { .. }
+            | Error::SessionNotFound { .. } => ErrorCode::NotFound,
+            Error::SessionRefused { .. }
+            | Error::VolumeNotReady { .. }
+            | Error::VolumeInSession { .. } => {
+                ErrorCode::IllegalState
+            }
             Error::VolumeExists { .. } => ErrorCode::AlreadyExists,
             Error::VolumeNameInvalid { .. }
             | Error::VolumeSizeInvalid { .. }
@@ -94,6 +126,7 @@ impl Error {
                 ErrorCode::LimitExceeded
             }
             Error::Corrupt { .. }
+            | Error::CopyRejected { .. }
             | Error::Engine { .. }
             | Error::Metadata { .. }
             | Error::Protocol(_)

@@ -6,6 +6,7 @@
 //! [`engine::Engine`]; [`nbd`] and [`service`] are thin tokio drivers around the store.
 
 pub mod bitmap;
+pub mod copy;
 pub mod engine;
 pub mod error;
 pub mod layout;

@@ -8,6 +8,7 @@
 //! `read-only` while a host is connected takes effect at once.
 
 use crate::engine::{Durability, Engine};
+use crate::copy::Sessions;
 use crate::store::{Volume, VolumeStore};
 use crate::Error;
 use protocol::messages::Readiness;
@@ -69,7 +70,7 @@ impl<E: Engine> ExportCatalog for StoreCatalog<'_, E> {
 }
 
 /// Serves NBD on `listener` until the task is dropped or aborted.
-pub async fn serve<E: Engine>(listener: TcpListener, store: Arc<VolumeStore<E>>) {
+pub async fn serve<E: Engine>(listener: TcpListener, store: Arc<Sessions<E>>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -92,12 +93,12 @@ pub async fn serve<E: Engine>(listener: TcpListener, store: Arc<VolumeStore<E>>)
 
 async fn serve_connection<E: Engine>(
     mut stream: TcpStream,
-    store: Arc<VolumeStore<E>>,
+    store: Arc<Sessions<E>>,
 ) -> Result<(), Error> {
     stream.set_nodelay(true)?;
     let negotiated = tokio::time::timeout(
         std::time::Duration::from_secs(HANDSHAKE_SECONDS_MAX),
-        negotiate(&mut stream, &store),
+        negotiate(&mut stream, store.store()),
     )
     .await
     .map_err(|_| {
@@ -109,7 +110,7 @@ async fn serve_connection<E: Engine>(
     let Some(export_name) = negotiated else {
         return Ok(());
     };
-    let volume = store.volume(&export_name)?;
+    let volume = store.store().volume(&export_name)?;
     tracing::debug!(volume = volume.id, export = %export_name, "NBD transmission started");
     transmit(stream, store, volume).await
 }
@@ -153,6 +154,7 @@ struct Reply {
 fn error_value_of(error: &Error) -> u32 {
     match error {
         Error::Unaligned { .. } | Error::OutOfRange { .. } => error_value::EINVAL,
+        Error::VolumeNotReady { .. } => error_value::EPERM,
         _ => error_value::EIO,
     }
 }
@@ -171,7 +173,7 @@ fn operation_name(command: Command) -> &'static str {
 
 async fn transmit<E: Engine>(
     stream: TcpStream,
-    store: Arc<VolumeStore<E>>,
+    store: Arc<Sessions<E>>,
     volume: Arc<Volume>,
 ) -> Result<(), Error> {
     let (mut reader, writer) = stream.into_split();
@@ -310,7 +312,7 @@ async fn transmit<E: Engine>(
 }
 
 async fn execute<E: Engine>(
-    store: Arc<VolumeStore<E>>,
+    store: Arc<Sessions<E>>,
     volume: Arc<Volume>,
     header: RequestHeader,
     payload: Vec<u8>,
@@ -326,12 +328,12 @@ async fn execute<E: Engine>(
     let outcome = tokio::task::spawn_blocking(move || match header.command {
         Command::Read => store.read(&volume, header.offset, length).map(Some),
         Command::Write => store
-            .write(&volume, header.offset, &payload, durability)
+            .write(&volume, header.offset, length, Some(&payload), durability)
             .map(|()| None),
         Command::WriteZeroes | Command::Trim => store
-            .write_zeroes(&volume, header.offset, length, durability)
+            .write(&volume, header.offset, length, None, durability)
             .map(|()| None),
-        Command::Flush => store.flush().map(|()| None),
+        Command::Flush => store.store().flush().map(|()| None),
         Command::Disconnect | Command::Unknown(_) => Ok(None),
     })
     .await

@@ -1,6 +1,7 @@
 //! Starting a node: open the store, bind QUIC, NBD and metrics, serve until dropped.
 
 use crate::config::NodeConfig;
+use crate::copy::Sessions;
 use crate::engine::rocks::RocksEngine;
 use crate::engine::Engine;
 use crate::service::{self, Identity, Service};
@@ -23,6 +24,7 @@ pub struct RunningNode {
     pub quic_address: SocketAddr,
     pub nbd_address: SocketAddr,
     pub store: Arc<VolumeStore<RocksEngine>>,
+    pub sessions: Arc<Sessions<RocksEngine>>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -71,6 +73,16 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         detail: join_error.to_string(),
     })??;
     let store = Arc::new(store);
+    let sessions = {
+        let store = store.clone();
+        let rate = config.copy_rate_mebibytes_per_second;
+        tokio::task::spawn_blocking(move || Sessions::open(store, rate))
+            .await
+            .map_err(|join_error| Error::Engine {
+                detail: join_error.to_string(),
+            })??
+    };
+    let sessions = Arc::new(sessions);
 
     let nbd_listener = tokio::net::TcpListener::bind(config.nbd)
         .await
@@ -113,6 +125,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     };
     let service = Arc::new(Service {
         store: store.clone(),
+        sessions: sessions.clone(),
         identity: Identity {
             name: config.name.clone(),
             site: config.site.clone(),
@@ -135,7 +148,8 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         control_plane: config.control_plane,
     };
     let mut tasks = vec![
-        tokio::spawn(nbd::serve(nbd_listener, store.clone())),
+        tokio::spawn(nbd::serve(nbd_listener, sessions.clone())),
+        tokio::spawn(sessions.clone().run()),
         tokio::spawn(heartbeat(service.clone(), report)),
     ];
     let accept_endpoint = endpoint.clone();
@@ -165,6 +179,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         quic_address,
         nbd_address,
         store,
+        sessions,
         endpoint,
         tasks,
     })

@@ -3,6 +3,7 @@
 //! this process when it hosts a member, else to a member named in the config.
 
 use crate::engine::Engine;
+use crate::copy::Sessions;
 use crate::store::VolumeStore;
 use crate::{Error, Result};
 use control_plane::caller::Caller;
@@ -26,6 +27,7 @@ pub struct Identity {
 /// Everything a request handler needs, shared by all connections of a node.
 pub struct Service<E: Engine> {
     pub store: Arc<VolumeStore<E>>,
+    pub sessions: Arc<Sessions<E>>,
     pub identity: Identity,
     /// The control-plane member this process hosts, when its config says `control_plane = true`.
     pub control_plane: Option<Arc<ControlPlane>>,
@@ -97,10 +99,10 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
             )
         }
         storage_request => {
-            let store = service.store.clone();
+            let sessions = service.sessions.clone();
             let identity = service.identity.clone();
             let answer =
-                tokio::task::spawn_blocking(move || answer(&store, &identity, storage_request))
+                tokio::task::spawn_blocking(move || answer(&sessions, &identity, storage_request))
                     .await
                     .unwrap_or_else(|join_error| {
                         Err(Error::Engine {
@@ -296,15 +298,35 @@ fn request_kind(request: &Request) -> &'static str {
         Request::Heartbeat { .. } => "heartbeat",
         Request::Raft(_) => "raft",
         Request::SetFault { .. } => "set_fault",
+        Request::Session { .. } => "session",
+        Request::SessionList { .. } => "session_list",
+        Request::SessionShow { .. } => "session_show",
     }
 }
 
+/// Refuses a volume change that would pull a volume out from under a copy session.
+fn check_not_in_session<E: Engine>(sessions: &Sessions<E>, name: &str, what: &str) -> Result<()> {
+    if sessions.involves(name) {
+        return Err(Error::VolumeInSession {
+            name: name.to_string(),
+            what: what.to_string(),
+        });
+    }
+    Ok(())
+}
+
 fn answer<E: Engine>(
-    store: &VolumeStore<E>,
+    sessions: &Sessions<E>,
     identity: &Identity,
     request: Request,
 ) -> Result<Response> {
+    let store = sessions.store();
     Ok(match request {
+        Request::Session { command } => Response::Session(sessions.command(command)?),
+        Request::SessionList { kind } => Response::Sessions(sessions.list(kind)?),
+        Request::SessionShow { kind, target } => {
+            Response::Session(Some(sessions.show(kind, &target)?))
+        }
         Request::VolumeCreate {
             name,
             size_bytes,
@@ -313,10 +335,12 @@ fn answer<E: Engine>(
         Request::VolumeList => Response::Volumes(store.list()),
         Request::VolumeShow { name } => Response::Volume(store.volume(&name)?.info()),
         Request::VolumeDelete { name } => {
+            check_not_in_session(sessions, &name, "deleted")?;
             store.delete(&name)?;
             Response::Deleted { name }
         }
         Request::VolumeSetReadiness { name, readiness } => {
+            check_not_in_session(sessions, &name, "given another readiness")?;
             Response::Volume(store.set_readiness(&name, readiness)?.info())
         }
         Request::Snap {
@@ -324,6 +348,7 @@ fn answer<E: Engine>(
             target,
             extents,
         } => {
+            check_not_in_session(sessions, &target, "overwritten by a snap")?;
             let started = Instant::now();
             let (target_volume, _created) = store.snap(&source, &target, &extents)?;
             Response::Snapped {

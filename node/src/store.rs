@@ -14,6 +14,7 @@ use crate::track::{self, BlockAddress, BlockContent, BLOCK_BYTES};
 use crate::{Error, Result};
 use parking_lot::{Mutex, RwLock};
 use protocol::messages::{Extent, Readiness, VolumeInfo, VOLUME_NAME_BYTES_MAX};
+pub use protocol::session::TrackImage;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -71,9 +72,22 @@ struct VolumeRecord {
     view: Vec<LayerReference>,
     /// Bit `n` set: session slot `n` is allocated.
     session_slots: u16,
-    /// Whether host writes mark the target-changed bitmap (a split BCV, seed 002's M4b).
-    target_tracking: bool,
+    /// Which bits a host write marks on the tracks it touches.
+    marks: WriteMarks,
     created_unix_seconds: u64,
+}
+
+/// The bits a host write marks, in the same batch as its data. Copy sessions choose them:
+/// a mirror's slot is marked changed always and pending while the mirror is attached; a
+/// clone's slots are not marked by writes at all (its driver moves their bits itself).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteMarks {
+    /// Slots whose changed bit a write sets.
+    pub changed: u16,
+    /// Slots whose pending bit a write sets.
+    pub pending: u16,
+    /// Whether a write sets the target-changed bit (a split BCV, seed 002's M4b).
+    pub target_changed: bool,
 }
 
 /// Selects one of a volume's change bitmaps.
@@ -81,24 +95,46 @@ struct VolumeRecord {
 pub enum Bits {
     /// A session slot's changed bits.
     Session(u8),
+    /// A session slot's pending bits.
+    Pending(u8),
     /// The target-changed bits.
     TargetChanged,
+    /// The invalid (indirect) bits.
+    Invalid,
 }
 
 impl Bits {
     fn kind_and_mask(self) -> (BitmapKind, u16) {
         match self {
             Bits::Session(slot) => (BitmapKind::Sessions, 1 << slot),
+            Bits::Pending(slot) => (BitmapKind::Pending, 1 << slot),
             Bits::TargetChanged => (BitmapKind::TargetChanged, 1),
+            Bits::Invalid => (BitmapKind::Invalid, 1),
         }
     }
+
+    fn slot(self) -> Option<u8> {
+        match self {
+            Bits::Session(slot) | Bits::Pending(slot) => Some(slot),
+            Bits::TargetChanged | Bits::Invalid => None,
+        }
+    }
+}
+
+/// One bit of one track to set or clear, for [`VolumeStore::change_track_bits`].
+#[derive(Clone, Copy)]
+pub struct BitChange<'a> {
+    pub volume: &'a Volume,
+    pub bits: Bits,
+    pub track: u64,
+    pub set: bool,
 }
 
 /// The mutable part of a volume, behind its view lock.
 struct VolumeState {
     view: Vec<LayerReference>,
     session_slots: u16,
-    target_tracking: bool,
+    marks: WriteMarks,
 }
 
 /// A live volume. Handles stay valid while NBD connections use them; a deleted volume's
@@ -165,7 +201,7 @@ impl Volume {
             readiness: self.readiness(),
             view: state.view.clone(),
             session_slots: state.session_slots,
-            target_tracking: state.target_tracking,
+            marks: state.marks,
             created_unix_seconds: self.created_unix_seconds,
         }
     }
@@ -207,7 +243,7 @@ impl Volume {
         Ok(())
     }
 
-    fn whole(&self) -> Extent {
+    pub fn whole(&self) -> Extent {
         Extent {
             first: 0,
             last: self.track_count() - 1,
@@ -361,7 +397,7 @@ impl<E: Engine> VolumeStore<E> {
                     state: RwLock::new(VolumeState {
                         view: record.view,
                         session_slots: record.session_slots,
-                        target_tracking: record.target_tracking,
+                        marks: record.marks,
                     }),
                     stripes: std::array::from_fn(|_| Mutex::new(())),
                 });
@@ -451,7 +487,7 @@ impl<E: Engine> VolumeStore<E> {
             state: RwLock::new(VolumeState {
                 view: layout::new_view(top, size_bytes / u64::from(track_size_bytes)),
                 session_slots: 0,
-                target_tracking: false,
+                marks: WriteMarks::default(),
             }),
             stripes: std::array::from_fn(|_| Mutex::new(())),
         });
@@ -632,7 +668,7 @@ impl<E: Engine> VolumeStore<E> {
                     state: RwLock::new(VolumeState {
                         view: Vec::new(),
                         session_slots: 0,
-                        target_tracking: false,
+                        marks: WriteMarks::default(),
                     }),
                     stripes: std::array::from_fn(|_| Mutex::new(())),
                 });
@@ -839,7 +875,20 @@ impl<E: Engine> VolumeStore<E> {
         data: &[u8],
         durability: Durability,
     ) -> Result<()> {
-        self.write_or_zero(volume, offset, data.len() as u64, Some(data), durability)
+        self.write_or_zero(volume, offset, data.len() as u64, Some(data), durability, true)
+    }
+
+    /// Writes `data` at `offset` as a copy session's data mover does: the bytes land, but
+    /// no bits are marked, because a copy is not a host write (seed 002 marks a cascade's
+    /// downstream sessions at the split instead).
+    pub fn write_unmarked(
+        &self,
+        volume: &Volume,
+        offset: u64,
+        data: &[u8],
+        durability: Durability,
+    ) -> Result<()> {
+        self.write_or_zero(volume, offset, data.len() as u64, Some(data), durability, false)
     }
 
     /// Makes a range read as zeros (NBD WRITE_ZEROES and TRIM). Zeroed blocks take no
@@ -862,7 +911,7 @@ impl<E: Engine> VolumeStore<E> {
             let chunk_end = next.min(end);
             let last = chunk_end >= end;
             let chunk_durability = if last { durability } else { Durability::Logged };
-            self.write_or_zero(volume, at, chunk_end - at, None, chunk_durability)?;
+            self.write_or_zero(volume, at, chunk_end - at, None, chunk_durability, true)?;
             at = chunk_end;
         }
         Ok(())
@@ -875,11 +924,31 @@ impl<E: Engine> VolumeStore<E> {
         length: u64,
         data: Option<&[u8]>,
         durability: Durability,
+        marks_enabled: bool,
+    ) -> Result<()> {
+        self.write_with_bits(volume, offset, length, data, durability, marks_enabled, &[])
+    }
+
+    /// Writes (or zeroes) a range and applies `bit_changes` in the same atomic batch.
+    #[allow(clippy::too_many_arguments)]
+    fn write_with_bits(
+        &self,
+        volume: &Volume,
+        offset: u64,
+        length: u64,
+        data: Option<&[u8]>,
+        durability: Durability,
+        marks_enabled: bool,
+        bit_changes: &[BitChange<'_>],
     ) -> Result<()> {
         volume.check_range(offset, length)?;
         if length == 0 {
             return Ok(());
         }
+        // The bit changes are checked and encoded before the volume's locks are taken: they
+        // may name this volume, whose view lock must not be taken twice.
+        let mut bits_batch = Batch::default();
+        Self::add_track_bit_changes(&mut bits_batch, bit_changes)?;
         let block_bytes = BLOCK_BYTES as u64;
         let first_block = offset / block_bytes;
         let last_block = (offset + length - 1) / block_bytes;
@@ -1009,21 +1078,47 @@ impl<E: Engine> VolumeStore<E> {
 
         let first_track = first_block / blocks_per_track;
         let last_track = last_block / blocks_per_track;
-        if state.session_slots != 0 {
+        if marks_enabled {
+            Self::add_write_marks(&mut batch, volume.id, state.marks, first_track, last_track);
+        }
+        batch.operations.append(&mut bits_batch.operations);
+        self.engine.write(batch, durability)?;
+        Ok(())
+    }
+
+    fn add_write_marks(
+        batch: &mut Batch,
+        volume: u64,
+        marks: WriteMarks,
+        first_track: u64,
+        last_track: u64,
+    ) {
+        if marks.changed != 0 {
             Self::add_bit_changes(
-                &mut batch,
-                volume.id,
+                batch,
+                volume,
                 BitmapKind::Sessions,
-                state.session_slots,
+                marks.changed,
                 first_track,
                 last_track,
                 true,
             );
         }
-        if state.target_tracking {
+        if marks.pending != 0 {
             Self::add_bit_changes(
-                &mut batch,
-                volume.id,
+                batch,
+                volume,
+                BitmapKind::Pending,
+                marks.pending,
+                first_track,
+                last_track,
+                true,
+            );
+        }
+        if marks.target_changed {
+            Self::add_bit_changes(
+                batch,
+                volume,
                 BitmapKind::TargetChanged,
                 1,
                 first_track,
@@ -1031,8 +1126,6 @@ impl<E: Engine> VolumeStore<E> {
                 true,
             );
         }
-        self.engine.write(batch, durability)?;
-        Ok(())
     }
 
     fn add_bit_changes(
@@ -1050,6 +1143,150 @@ impl<E: Engine> VolumeStore<E> {
                 bitmap::encode_changes(&[change]),
             );
         }
+    }
+
+    fn add_track_bit_changes(batch: &mut Batch, changes: &[BitChange<'_>]) -> Result<()> {
+        for change in changes {
+            change.volume.check_extent(Extent {
+                first: change.track,
+                last: change.track,
+            })?;
+            if let Some(slot) = change.bits.slot() {
+                Self::check_slot(change.volume, &change.volume.state.read(), slot)?;
+            }
+            let (kind, mask) = change.bits.kind_and_mask();
+            Self::add_bit_changes(
+                batch,
+                change.volume.id,
+                kind,
+                mask,
+                change.track,
+                change.track,
+                change.set,
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies single-track bit changes, on any volumes of this store, in one batch.
+    pub fn change_track_bits(
+        &self,
+        changes: &[BitChange<'_>],
+        durability: Durability,
+    ) -> Result<()> {
+        let mut batch = Batch::default();
+        Self::add_track_bit_changes(&mut batch, changes)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.engine.write(batch, durability)
+    }
+
+    /// Reads one whole track for a copy: its bytes and, per 4 KiB block, the data checksum
+    /// the block was verified against, which travels with it to the target.
+    pub fn read_track_image(&self, volume: &Volume, track: u64) -> Result<TrackImage> {
+        let track_bytes = u64::from(volume.track_size_bytes);
+        let data = self.read(volume, track * track_bytes, track_bytes)?;
+        let checksums = data.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
+        Ok(TrackImage {
+            track,
+            data,
+            checksums,
+        })
+    }
+
+    /// Stores a copied track at the same track of `volume`, as the target of a copy: every
+    /// block's data must match the checksum that came with it (the target proves it stores
+    /// what the source sent); the blocks are written with this volume's own address
+    /// (seed 004 claim 2); host-write bits are not marked; `bit_changes` land in the same
+    /// atomic batch, so a track is never stored without its bits or the reverse.
+    pub fn write_track_image(
+        &self,
+        volume: &Volume,
+        image: &TrackImage,
+        bit_changes: &[BitChange<'_>],
+        durability: Durability,
+    ) -> Result<()> {
+        let track_bytes = u64::from(volume.track_size_bytes);
+        if image.data.len() as u64 != track_bytes
+            || image.checksums.len() != image.data.len() / BLOCK_BYTES
+        {
+            return Err(Error::CopyRejected {
+                volume: volume.id,
+                track: image.track,
+                detail: format!(
+                    "a track of {} bytes with {} checksums does not fit tracks of {track_bytes} bytes",
+                    image.data.len(),
+                    image.checksums.len()
+                ),
+            });
+        }
+        for (index, (block, expected)) in image
+            .data
+            .chunks(BLOCK_BYTES)
+            .zip(&image.checksums)
+            .enumerate()
+        {
+            let computed = crc32c::crc32c(block);
+            if computed != *expected {
+                metrics::counter!("tandem_copy_checksum_errors_total").increment(1);
+                return Err(Error::CopyRejected {
+                    volume: volume.id,
+                    track: image.track,
+                    detail: format!(
+                        "block {index}: data checksum {computed:#010x} does not match the {expected:#010x} sent with it"
+                    ),
+                });
+            }
+        }
+        self.write_with_bits(
+            volume,
+            image.track * track_bytes,
+            track_bytes,
+            Some(&image.data),
+            durability,
+            false,
+            bit_changes,
+        )
+    }
+
+    /// Counts the tracks whose chosen bit is set.
+    pub fn count_set(&self, volume: &Volume, bits: Bits) -> Result<u64> {
+        let mut count = 0;
+        self.for_each_set(volume, bits, volume.whole(), &mut |_| {
+            count += 1;
+            true
+        })?;
+        Ok(count)
+    }
+
+    /// The first `limit` tracks at or after `from` whose chosen bit is set, wrapping
+    /// around to the start so a copier that keeps a cursor visits every track in turn.
+    pub fn next_set(&self, volume: &Volume, bits: Bits, from: u64, limit: usize) -> Result<Vec<u64>> {
+        let mut tracks = Vec::new();
+        let last = volume.track_count() - 1;
+        let from = from.min(last);
+        let mut collect = |track: u64| {
+            tracks.push(track);
+            tracks.len() < limit
+        };
+        self.for_each_set(volume, bits, Extent { first: from, last }, &mut collect)?;
+        if tracks.len() < limit && from > 0 {
+            let mut collect = |track: u64| {
+                tracks.push(track);
+                tracks.len() < limit
+            };
+            self.for_each_set(
+                volume,
+                bits,
+                Extent {
+                    first: 0,
+                    last: from - 1,
+                },
+                &mut collect,
+            )?;
+        }
+        Ok(tracks)
     }
 
     /// Makes every acknowledged write durable (NBD FLUSH).
@@ -1081,6 +1318,8 @@ impl<E: Engine> VolumeStore<E> {
 
     /// Gives `slot` to a session or takes it back. Its bits are cleared either way, in the
     /// same synced batch as the volume record, and memory changes only if the batch lands.
+    /// A new slot is marked changed by host writes (a mirror's default); a clone's driver
+    /// turns that off with [`VolumeStore::set_write_marks`].
     fn change_slot(
         &self,
         volume: &Volume,
@@ -1089,26 +1328,31 @@ impl<E: Engine> VolumeStore<E> {
         allocated: bool,
     ) -> Result<()> {
         let mut batch = Batch::default();
-        Self::add_bit_changes(
-            &mut batch,
-            volume.id,
-            BitmapKind::Sessions,
-            1 << slot,
-            0,
-            volume.track_count() - 1,
-            false,
-        );
-        let previous = state.session_slots;
+        for kind in [BitmapKind::Sessions, BitmapKind::Pending] {
+            Self::add_bit_changes(
+                &mut batch,
+                volume.id,
+                kind,
+                1 << slot,
+                0,
+                volume.track_count() - 1,
+                false,
+            );
+        }
+        let previous = (state.session_slots, state.marks);
         if allocated {
             state.session_slots |= 1 << slot;
+            state.marks.changed |= 1 << slot;
         } else {
             state.session_slots &= !(1 << slot);
+            state.marks.changed &= !(1 << slot);
+            state.marks.pending &= !(1 << slot);
         }
         let written = self
             .put_record(&mut batch, volume, state)
             .and_then(|()| self.engine.write(batch, Durability::Synced));
         if written.is_err() {
-            state.session_slots = previous;
+            (state.session_slots, state.marks) = previous;
         }
         written
     }
@@ -1134,15 +1378,34 @@ impl<E: Engine> VolumeStore<E> {
 
     /// Turns marking of target-changed bits by host writes on or off.
     pub fn set_target_tracking(&self, volume: &Volume, tracking: bool) -> Result<()> {
+        let mut marks = self.write_marks(volume);
+        marks.target_changed = tracking;
+        self.set_write_marks(volume, marks)
+    }
+
+    /// The bits host writes mark now.
+    pub fn write_marks(&self, volume: &Volume) -> WriteMarks {
+        volume.state.read().marks
+    }
+
+    /// Chooses the bits host writes mark. Slot marks must name allocated slots.
+    pub fn set_write_marks(&self, volume: &Volume, marks: WriteMarks) -> Result<()> {
         let mut state = volume.state.write();
         Self::check_live(volume)?;
-        let previous = std::mem::replace(&mut state.target_tracking, tracking);
+        let unallocated = (marks.changed | marks.pending) & !state.session_slots;
+        if unallocated != 0 {
+            return Err(Error::SessionSlotNotAllocated {
+                name: volume.name.clone(),
+                slot: unallocated.trailing_zeros() as u8,
+            });
+        }
+        let previous = std::mem::replace(&mut state.marks, marks);
         let mut batch = Batch::default();
         if let Err(error) = self
             .put_record(&mut batch, volume, &state)
             .and_then(|()| self.engine.write(batch, Durability::Synced))
         {
-            state.target_tracking = previous;
+            state.marks = previous;
             return Err(error);
         }
         Ok(())
@@ -1159,7 +1422,7 @@ impl<E: Engine> VolumeStore<E> {
         volume.check_extent(extent)?;
         let state = volume.state.read();
         Self::check_live(volume)?;
-        if let Bits::Session(slot) = bits {
+        if let Some(slot) = bits.slot() {
             Self::check_slot(volume, &state, slot)?;
         }
         let (kind, mask) = bits.kind_and_mask();
@@ -1208,12 +1471,12 @@ impl<E: Engine> VolumeStore<E> {
         visit: &mut dyn FnMut(u64) -> bool,
     ) -> Result<()> {
         volume.check_extent(extent)?;
-        let slot = match bits {
-            Bits::Session(slot) => {
+        let slot = match bits.slot() {
+            Some(slot) => {
                 Self::check_slot(volume, &volume.state.read(), slot)?;
                 slot
             }
-            Bits::TargetChanged => 0,
+            None => 0,
         };
         let (kind, _) = bits.kind_and_mask();
         for chunk in extent.first / TRACKS_PER_CHUNK..=extent.last / TRACKS_PER_CHUNK {

@@ -5,6 +5,8 @@
 //! - [`frame`]: the versioned frame that carries every QUIC message.
 //! - [`messages`]: the requests and responses nodes and the CLI exchange.
 //! - [`nbd`]: the NBD newstyle-fixed wire protocol as pure parsing and encoding.
+//! - [`session`]: copy sessions' kinds, states, commands, reports and the one table of
+//!   legal transitions.
 //! - [`pki`] and [`transport`]: the cluster CA, certificates, and quinn endpoints with
 //!   mutual TLS.
 
@@ -15,6 +17,7 @@ pub mod frame;
 pub mod messages;
 pub mod nbd;
 pub mod pki;
+pub mod session;
 pub mod transport;
 
 pub use error::Error;

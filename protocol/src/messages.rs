@@ -186,6 +186,19 @@ pub enum Request {
     },
     /// A Raft message between members, encoded by the control plane.
     Raft(Vec<u8>),
+    /// A copy-session command for volumes of the node that receives it.
+    Session {
+        command: crate::session::SessionCommand,
+    },
+    /// The node's sessions, of one kind or all.
+    SessionList {
+        kind: Option<crate::session::SessionKind>,
+    },
+    /// One session, by its target (a clone's destination, a mirror's BCV).
+    SessionShow {
+        kind: crate::session::SessionKind,
+        target: String,
+    },
     /// Sets (or with the default rule, clears) fault injection towards one peer, by node name.
     SetFault {
         peer: String,
@@ -234,7 +247,7 @@ impl fmt::Display for ErrorCode {
 }
 
 /// A node's answer to one [`Request`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Volume(VolumeInfo),
     Volumes(Vec<VolumeInfo>),
@@ -251,6 +264,9 @@ pub enum Response {
     NodeStatus(NodeStatus),
     Cluster(crate::cluster::ClusterResponse),
     Raft(Vec<u8>),
+    /// A session after a command (`None`: the command ended it), or as shown.
+    Session(Option<crate::session::SessionInfo>),
+    Sessions(Vec<crate::session::SessionInfo>),
     Error {
         code: ErrorCode,
         message: String,

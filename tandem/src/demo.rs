@@ -1,5 +1,6 @@
 //! `tandem demo`: the embedded default. A node on loopback in a temporary directory, a
-//! volume, writes and reads through NBD, a pointer snapshot, and a plain report. Every
+//! volume, writes and reads through NBD, a pointer snapshot, a clone, a mirror, and a
+//! plain report. Every
 //! step checks what it claims and the demo fails loudly if anything does not hold.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -7,11 +8,14 @@ use node::config::NodeConfig;
 use node::nbd_client::NbdClient;
 use protocol::cluster::{ClusterRequest, ClusterResponse};
 use protocol::messages::{ErrorCode, Request, Response};
+use protocol::session::{MirrorMode, SessionCommand, SessionInfo, SessionKind};
 use std::net::SocketAddr;
 use std::time::Instant;
 
 const VOLUME: &str = "demo";
 const SNAPSHOT: &str = "demo-snap";
+const CLONE: &str = "demo-clone";
+const BCV: &str = "demo-bcv";
 const VOLUME_BYTES: u64 = 64 << 20;
 const TRACK_BYTES: u32 = 64 << 10;
 
@@ -77,6 +81,127 @@ async fn wait_for_registration(connection: &quinn::Connection, node: &str) -> Re
     }
 }
 
+/// Sends a copy-session command to the node.
+async fn session(connection: &quinn::Connection, command: SessionCommand) -> Result<Option<SessionInfo>> {
+    let response: Response =
+        protocol::transport::call(connection, &Request::Session { command }).await?;
+    match response {
+        Response::Session(info) => Ok(info),
+        Response::Error { code, message } => bail!("{message} [{code}]"),
+        other => bail!("unexpected answer to a session command: {other:?}"),
+    }
+}
+
+/// Waits until a session has nothing left to copy and rests.
+async fn settled(connection: &quinn::Connection, kind: SessionKind, target: &str) -> Result<SessionInfo> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let response: Response = protocol::transport::call(
+            connection,
+            &Request::SessionShow {
+                kind,
+                target: target.to_string(),
+            },
+        )
+        .await?;
+        let Response::Session(Some(info)) = response else {
+            bail!("unexpected answer to a session query: {response:?}");
+        };
+        if info.state.is_resting() && info.tracks_remaining == 0 {
+            return Ok(info);
+        }
+        ensure!(Instant::now() < deadline, "{target} did not finish copying: {info:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn create_volume(connection: &quinn::Connection, name: &str) -> Result<()> {
+    request(
+        connection,
+        ClusterRequest::VolumeCreate {
+            request_id: rand::random(),
+            name: name.to_string(),
+            node: Some("demo-node".to_string()),
+            size_bytes: VOLUME_BYTES,
+            track_size_bytes: TRACK_BYTES,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// A clone activated under host writes, and a mirror split, written to and resynced.
+async fn sessions_demo(
+    connection: &quinn::Connection,
+    host: &mut NbdClient,
+    nbd_address: SocketAddr,
+) -> Result<()> {
+    create_volume(connection, CLONE).await?;
+    create_volume(connection, BCV).await?;
+    let image_offset = 8 << 20;
+    let before = host.read(image_offset, 1 << 20).await?.context("NBD read")?;
+    session(
+        connection,
+        SessionCommand::CloneCreate {
+            source: VOLUME.to_string(),
+            target: CLONE.to_string(),
+            precopy: false,
+            extents: Vec::new(),
+        },
+    )
+    .await?;
+    let activated = session(connection, SessionCommand::CloneActivate { target: CLONE.to_string() })
+        .await?
+        .context("the clone ended on activation")?;
+    // The source is rewritten at once: copy before write keeps the clone's point in time.
+    host.write(image_offset, &pattern(200, 1 << 20), true)
+        .await?
+        .context("NBD write")?;
+    let mut clone = NbdClient::connect(nbd_address, CLONE).await?;
+    let from_clone = clone.read(image_offset, 1 << 20).await?.context("NBD read")?;
+    ensure!(from_clone == before, "the clone does not hold the source's image of its activation");
+    clone.disconnect().await?;
+    let copied = settled(connection, SessionKind::Clone, CLONE).await?;
+    session(connection, SessionCommand::CloneTerminate { target: CLONE.to_string() }).await?;
+    println!(
+        "7. cloned {VOLUME} -> {CLONE}: ready at activation with {} tracks still to copy; the source was rewritten at once and the clone kept the old image (copy before write); {} tracks copied, clone terminated",
+        activated.tracks_remaining, copied.tracks_copied
+    );
+
+    session(
+        connection,
+        SessionCommand::MirrorEstablish {
+            standard: VOLUME.to_string(),
+            bcv: BCV.to_string(),
+            mode: MirrorMode::Sync,
+        },
+    )
+    .await?;
+    let established = settled(connection, SessionKind::Mirror, BCV).await?;
+    host.write(0, &pattern(77, 4096), true).await?.context("NBD write")?;
+    session(connection, SessionCommand::MirrorSplit { bcv: BCV.to_string(), differential: false }).await?;
+    let mut bcv = NbdClient::connect(nbd_address, BCV).await?;
+    ensure!(
+        bcv.read(0, 4096).await?.context("NBD read")? == pattern(77, 4096),
+        "the split BCV lacks a write the sync mirror acknowledged"
+    );
+    bcv.disconnect().await?;
+    for track in [3u64, 500, 1000] {
+        host.write(track * u64::from(TRACK_BYTES), &pattern(track as u8, 4096), false)
+            .await?
+            .context("NBD write")?;
+    }
+    session(connection, SessionCommand::MirrorReestablish { bcv: BCV.to_string() }).await?;
+    let resynced = settled(connection, SessionKind::Mirror, BCV).await?;
+    ensure!(resynced.tracks_copied_last == 3, "reestablish copied {} tracks, not the 3 changed", resynced.tracks_copied_last);
+    session(connection, SessionCommand::MirrorSplit { bcv: BCV.to_string(), differential: false }).await?;
+    println!(
+        "8. mirrored {VOLUME} -> {BCV} (sync): established with {} tracks, split with a write the mirror acknowledged, 3 tracks rewritten, reestablished copying exactly {} tracks, split again",
+        established.tracks_copied_last, resynced.tracks_copied_last
+    );
+    Ok(())
+}
+
 pub async fn run() -> Result<()> {
     let started = Instant::now();
     let directory = tempfile::tempdir().context("cannot make a temporary directory")?;
@@ -103,6 +228,7 @@ pub async fn run() -> Result<()> {
         capacity_bytes: Some(1 << 30),
         fault_injection: false,
         raft_compact_after_entries: None,
+        copy_rate_mebibytes_per_second: node::config::NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
     };
     let node = node::runtime::start(&config).await?;
     println!(
@@ -214,12 +340,14 @@ pub async fn run() -> Result<()> {
     }
     println!("6. rewrote the source (FUA writes): the snapshot still holds the old image (crc32c {snapshot_checksum:08x}), the source the new one (crc32c {source_checksum:08x})");
 
+    sessions_demo(&connection, &mut host, node.nbd_address).await?;
+
     let Response::Cluster(ClusterResponse::Volumes(volumes)) =
         request(&connection, ClusterRequest::VolumeList).await?
     else {
         bail!("unexpected answer to the list request");
     };
-    println!("7. volumes in the catalog:");
+    println!("9. volumes in the catalog:");
     for record in &volumes {
         println!(
             "     {:<10} {:>3} MiB  on {}  {:<6} {}",

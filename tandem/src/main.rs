@@ -2,6 +2,7 @@
 //! and the embedded demo. Command names and flags are a contract outside scripts rely on.
 
 mod demo;
+mod sessions;
 mod size;
 
 use anyhow::{bail, Context, Result};
@@ -69,6 +70,14 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Clone sessions: point-in-time copies of a volume (create, precopy, activate,
+    /// terminate).
+    #[command(subcommand)]
+    Clone(sessions::CloneCommand),
+    /// Mirror sessions: BCVs of a standard volume (establish, split, reestablish,
+    /// restore, cancel, rotate).
+    #[command(subcommand)]
+    Mirror(sessions::MirrorCommand),
     /// Show the cluster: members and leader, nodes by site with health, volumes.
     Status {
         #[arg(long)]
@@ -327,6 +336,8 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cluster(command) => cluster(command).await,
+        Command::Clone(command) => sessions::clone(command).await,
+        Command::Mirror(command) => sessions::mirror(command).await,
         Command::Debug(DebugCommand::Noop { count, connection }) => {
             // One connection for all commands, so the figures are the cluster's, not the
             // QUIC handshake's.
@@ -559,6 +570,7 @@ fn init(dir: PathBuf, nodes: Vec<String>, site: String) -> Result<()> {
             capacity_bytes: None,
             fault_injection: false,
             raft_compact_after_entries: None,
+            copy_rate_mebibytes_per_second: node::config::NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
             name: name.clone(),
             site: site.clone(),
             data_dir: certs.join("data").join(name),
@@ -645,6 +657,7 @@ async fn run_node(arguments: NodeArguments) -> Result<()> {
             capacity_bytes: None,
             fault_injection: arguments.fault_injection,
             raft_compact_after_entries: arguments.raft_compact_after_entries,
+            copy_rate_mebibytes_per_second: node::config::NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
         },
     };
     let mut running = node::runtime::start(&config).await?;
@@ -710,6 +723,15 @@ impl Session {
             endpoint,
             connection,
         })
+    }
+
+    /// Sends one request and turns an error answer into an error.
+    async fn call(&self, request: Request) -> Result<Response> {
+        let response: Response = protocol::transport::call(&self.connection, &request).await?;
+        if let Response::Error { code, message } = response {
+            bail!("{message} [{code}]");
+        }
+        Ok(response)
     }
 
     /// Sends a cluster request, retrying while the cluster answers "unavailable".

@@ -64,39 +64,72 @@ impl Engine for MemoryEngine {
     fn write(&self, batch: Batch, _durability: Durability) -> Result<()> {
         let mut spaces = self.spaces.write();
         // Merges are checked before anything changes, so a bad batch changes nothing,
-        // as RocksDB's atomic batches guarantee.
-        let mut staged = spaces.clone();
+        // as RocksDB's atomic batches guarantee. The check runs against an overlay of the
+        // batch's own earlier changes, so it costs the batch's size, not the map's.
+        let mut overlay: BTreeMap<(Space, Vec<u8>), Option<Vec<u8>>> = BTreeMap::new();
+        let mut ranges_deleted: Vec<(Space, Vec<u8>, Vec<u8>)> = Vec::new();
+        for operation in &batch.operations {
+            match operation {
+                Operation::Put { space, key, value } => {
+                    overlay.insert((*space, key.clone()), Some(value.clone()));
+                }
+                Operation::Delete { space, key } => {
+                    overlay.insert((*space, key.clone()), None);
+                }
+                Operation::DeleteRange { space, from, to } => {
+                    for ((overlay_space, key), value) in overlay.iter_mut() {
+                        if overlay_space == space && key >= from && key < to {
+                            *value = None;
+                        }
+                    }
+                    ranges_deleted.push((*space, from.clone(), to.clone()));
+                }
+                Operation::MergeBitmap { key, operand } => {
+                    let existing = match overlay.get(&(Space::Bitmaps, key.clone())) {
+                        Some(value) => value.clone(),
+                        None if ranges_deleted.iter().any(|(space, from, to)| {
+                            *space == Space::Bitmaps && key >= from && key < to
+                        }) =>
+                        {
+                            None
+                        }
+                        None => spaces
+                            .get(&Space::Bitmaps)
+                            .and_then(|map| map.get(key).cloned()),
+                    };
+                    let merged =
+                        bitmap::full_merge(key, existing.as_deref(), [operand.as_slice()])
+                            .ok_or_else(|| crate::Error::Engine {
+                                detail: format!("bitmap merge failed for key {key:02x?}"),
+                            })?;
+                    overlay.insert((Space::Bitmaps, key.clone()), Some(merged));
+                }
+            }
+        }
         for operation in batch.operations {
             match operation {
                 Operation::Put { space, key, value } => {
-                    staged.entry(space).or_default().insert(key, value);
+                    spaces.entry(space).or_default().insert(key, value);
                 }
                 Operation::Delete { space, key } => {
-                    staged.entry(space).or_default().remove(&key);
+                    spaces.entry(space).or_default().remove(&key);
                 }
                 Operation::DeleteRange { space, from, to } => {
-                    let map = staged.entry(space).or_default();
+                    let map = spaces.entry(space).or_default();
                     let doomed: Vec<Vec<u8>> =
                         map.range(from..to).map(|(key, _)| key.clone()).collect();
                     for key in doomed {
                         map.remove(&key);
                     }
                 }
-                Operation::MergeBitmap { key, operand } => {
-                    let map = staged.entry(Space::Bitmaps).or_default();
-                    let merged = bitmap::full_merge(
-                        &key,
-                        map.get(&key).map(Vec::as_slice),
-                        [operand.as_slice()],
-                    )
-                    .ok_or_else(|| crate::Error::Engine {
-                        detail: format!("bitmap merge failed for key {key:02x?}"),
-                    })?;
-                    map.insert(key, merged);
+                Operation::MergeBitmap { key, .. } => {
+                    // Checked above: the overlay holds the merged value.
+                    if let Some(Some(merged)) = overlay.remove(&(Space::Bitmaps, key.clone())) {
+                        spaces.entry(Space::Bitmaps).or_default().insert(key, merged);
+                    }
                 }
             }
         }
-        *spaces = staged;
         Ok(())
     }
 

@@ -5,3 +5,5 @@ mod common;
 mod nbd;
 mod snapshots;
 mod store;
+mod sessions;
+mod sessions_model;

@@ -1,0 +1,1746 @@
+//! Copy sessions on one node: clones (seeds 000/001) and mirrors (seed 002, seed 004's
+//! rotation), driven around the volume store.
+//!
+//! The bits live in the store's bitmaps, next to the data, so a host write and the bits it
+//! marks are one atomic batch (see `store.rs`). This module decides which bits a command
+//! or a host access changes, moves tracks, and keeps the session records. The rules that
+//! need no IO — which transitions are legal ([`protocol::session::next_state`]), what a
+//! write to a clone source requires, progress and rate — are pure functions in [`core`].
+//!
+//! Bits of a session whose source is volume `SRC` in slot `s`:
+//! - clone: `S(s)` is seed 001's clone PB list (the track is still to be copied); a
+//!   precopy's second slot `p` holds `S(p)`, the precopy PB list (copied during precopy and
+//!   not written since); the destination's invalid bits are its IND list.
+//! - mirror: `S(s)` is seed 002's PB column (changed since the last split); `P(s)` its
+//!   moving-mirror bits (still to be copied to the BCV); the BCV's target-changed bits are
+//!   its M4b bits; the standard's invalid bits mark the tracks a restore has yet to bring
+//!   back from the BCV.
+//!
+//! Locks, always in this order: the command gate (commands exclusive; host IO and copy
+//! steps shared, so a command is atomic with respect to both), then the track locks of
+//! every volume a step may touch (taken together, sorted, so two steps never deadlock),
+//! then the store's own locks. The session table's mutex is held only briefly and never
+//! while waiting for another lock.
+
+pub mod core;
+
+use self::core::{Progress, RateLimit, SourceWriteStep};
+use crate::engine::{Batch, Durability, Engine, Space};
+use crate::store::{BitChange, Bits, Volume, VolumeStore, WriteMarks};
+use crate::{Error, Result};
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use protocol::messages::{Extent, Readiness};
+use protocol::session::{
+    next_state, MirrorMode, SessionCommand, SessionId, SessionInfo, SessionKind, SessionState,
+    Transition, CLONE_EXTENTS_MAX,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Track lock stripes: enough that unrelated tracks rarely share one.
+const TRACK_LOCK_STRIPES: usize = 4096;
+/// Tracks one copy step moves before it lets commands and other sessions in.
+pub const COPY_STEP_TRACKS_MAX: usize = 16;
+/// The copy rate of a session without its own limit: fast enough to finish a copy in
+/// reasonable time, slow enough to leave the disk to the hosts (see docs/BENCHMARKS.md).
+pub const COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND: u32 = 256;
+/// How often a running copy writes its progress checkpoint.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+const SESSION_KEY_PREFIX: &[u8] = b"s/";
+const SESSION_KEY_END: &[u8] = b"s0";
+
+fn session_key(id: SessionId) -> Vec<u8> {
+    let mut key = SESSION_KEY_PREFIX.to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn now_unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
+}
+
+/// The durable descriptor of a session (seed 001: "source, target, extents, time stamp,
+/// operation, status"), stored with the volumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    pub kind: SessionKind,
+    pub source: String,
+    pub target: String,
+    pub state: SessionState,
+    pub mode: MirrorMode,
+    pub slot: u8,
+    pub precopy_slot: Option<u8>,
+    pub extents: Vec<Extent>,
+    pub created_unix_seconds: u64,
+    pub split_sequence: u64,
+    /// Set by rotate: split again as soon as the reestablish has synchronized.
+    pub split_when_synchronized: bool,
+    pub progress: Progress,
+    pub tracks_copied_last: u64,
+    pub rate_limit_mebibytes_per_second: Option<u32>,
+    pub error: Option<String>,
+}
+
+impl SessionRecord {
+    fn describe(&self) -> String {
+        format!("{} {} -> {}", self.kind, self.source, self.target)
+    }
+
+    fn in_extents(&self, track: u64) -> bool {
+        self.extents.iter().any(|extent| extent.contains(track))
+    }
+
+    /// Whether the copier has work in this state.
+    fn copies(&self) -> bool {
+        matches!(
+            self.state,
+            SessionState::Precopying
+                | SessionState::Active
+                | SessionState::Syncing
+                | SessionState::Restoring
+                | SessionState::Synchronized
+        )
+    }
+}
+
+/// A session and what only this process needs of it.
+struct Live {
+    record: SessionRecord,
+    cursor: u64,
+    limit: RateLimit,
+    copy_started: Instant,
+    copied_since_start: u64,
+    last_checkpoint: Instant,
+    lag_since: Option<Instant>,
+}
+
+struct Table {
+    sessions: BTreeMap<SessionId, Live>,
+    next_id: SessionId,
+}
+
+impl Table {
+    fn find_by_target(&self, kind: SessionKind, target: &str) -> Option<&Live> {
+        self.sessions
+            .values()
+            .find(|live| live.record.kind == kind && live.record.target == target)
+    }
+}
+
+struct TrackLocks {
+    stripes: Vec<Mutex<()>>,
+}
+
+impl TrackLocks {
+    fn stripe(volume: u64, track: u64) -> usize {
+        let mixed = volume
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(track)
+            .wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        (mixed >> 32) as usize % TRACK_LOCK_STRIPES
+    }
+
+    /// Locks every (volume, track) pair given, in stripe order.
+    fn lock(&self, pairs: impl IntoIterator<Item = (u64, u64)>) -> Vec<MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = pairs
+            .into_iter()
+            .map(|(volume, track)| Self::stripe(volume, track))
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes
+            .into_iter()
+            .map(|stripe| self.stripes[stripe].lock())
+            .collect()
+    }
+}
+
+/// What one copy step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepOutcome {
+    pub tracks_copied: u64,
+    pub bytes_copied: u64,
+    /// The session has nothing left to copy now.
+    pub idle: bool,
+    /// How long to wait before the next step, for the rate limit.
+    pub wait: Duration,
+}
+
+/// The copy sessions of one node.
+pub struct Sessions<E: Engine> {
+    store: Arc<VolumeStore<E>>,
+    gate: RwLock<()>,
+    table: Mutex<Table>,
+    locks: TrackLocks,
+    epoch: Instant,
+    node_limit: Mutex<RateLimit>,
+}
+
+fn refused(command: &SessionCommand, session: &str, reason: impl Into<String>) -> Error {
+    Error::SessionRefused {
+        command: command.name().to_string(),
+        session: session.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn mebibytes(rate: u32) -> u64 {
+    u64::from(rate) << 20
+}
+
+impl<E: Engine> Sessions<E> {
+    /// Loads the sessions stored with the volumes; copies resume from their bits.
+    pub fn open(store: Arc<VolumeStore<E>>, node_rate_mebibytes_per_second: u32) -> Result<Self> {
+        let mut records = Vec::new();
+        let mut failure = None;
+        store
+            .engine()
+            .scan(Space::Meta, SESSION_KEY_PREFIX, SESSION_KEY_END, &mut |key, value| {
+                match protocol::codec::decode::<SessionRecord>(value) {
+                    Ok(record) => records.push(record),
+                    Err(error) => {
+                        failure = Some(Error::Metadata {
+                            what: format!("session key {key:02x?}"),
+                            detail: error.to_string(),
+                        });
+                        return false;
+                    }
+                }
+                true
+            })?;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        let epoch = Instant::now();
+        let next_id = records.iter().map(|record| record.id + 1).max().unwrap_or(1);
+        let sessions = records
+            .into_iter()
+            .map(|record| (record.id, Self::live(record, epoch)))
+            .collect();
+        Ok(Sessions {
+            store,
+            gate: RwLock::new(()),
+            table: Mutex::new(Table { sessions, next_id }),
+            locks: TrackLocks {
+                stripes: (0..TRACK_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            },
+            epoch,
+            node_limit: Mutex::new(RateLimit::new(
+                mebibytes(node_rate_mebibytes_per_second),
+                Duration::ZERO,
+            )),
+        })
+    }
+
+    fn live(record: SessionRecord, epoch: Instant) -> Live {
+        let rate = record
+            .rate_limit_mebibytes_per_second
+            .unwrap_or(COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND);
+        Live {
+            limit: RateLimit::new(mebibytes(rate), epoch.elapsed()),
+            record,
+            cursor: 0,
+            copy_started: Instant::now(),
+            copied_since_start: 0,
+            last_checkpoint: Instant::now(),
+            lag_since: None,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<VolumeStore<E>> {
+        &self.store
+    }
+
+    fn persist(&self, record: &SessionRecord) -> Result<()> {
+        let mut batch = Batch::default();
+        batch.put(Space::Meta, session_key(record.id), protocol::codec::encode(record)?);
+        self.store.engine().write(batch, Durability::Synced)
+    }
+
+    fn forget(&self, id: SessionId) -> Result<()> {
+        let mut batch = Batch::default();
+        batch.delete(Space::Meta, session_key(id));
+        self.store.engine().write(batch, Durability::Synced)
+    }
+
+    /// The sessions a volume takes part in, with the other volume of each.
+    fn related(&self, volume: &Volume) -> Result<Vec<(SessionRecord, Arc<Volume>)>> {
+        let records: Vec<SessionRecord> = self
+            .table
+            .lock()
+            .sessions
+            .values()
+            .filter(|live| live.record.source == volume.name || live.record.target == volume.name)
+            .map(|live| live.record.clone())
+            .collect();
+        records
+            .into_iter()
+            .map(|record| {
+                let partner = if record.source == volume.name {
+                    &record.target
+                } else {
+                    &record.source
+                };
+                let partner = self.store.volume(partner)?;
+                Ok((record, partner))
+            })
+            .collect()
+    }
+
+    /// Whether an access to `volume` must first pull invalid tracks from `partner` for
+    /// this session: a clone's ready destination, or a standard being restored.
+    fn pulls_for(record: &SessionRecord, volume: &Volume) -> bool {
+        match record.kind {
+            SessionKind::Clone => {
+                record.target == volume.name
+                    && core::clone_target_access_pulls(record.state, true)
+            }
+            SessionKind::Mirror => {
+                record.source == volume.name && record.state == SessionState::Restoring
+            }
+        }
+    }
+
+    fn tracks_of(volume: &Volume, offset: u64, length: u64) -> (u64, u64) {
+        let track_bytes = u64::from(volume.track_size_bytes);
+        let first = offset / track_bytes;
+        let last = (offset + length.max(1) - 1) / track_bytes;
+        (first, last.min(volume.track_count().saturating_sub(1)))
+    }
+
+    fn lock_tracks(
+        &self,
+        volume: &Volume,
+        related: &[(SessionRecord, Arc<Volume>)],
+        first: u64,
+        last: u64,
+    ) -> Vec<MutexGuard<'_, ()>> {
+        let mut pairs = Vec::new();
+        for track in first..=last {
+            pairs.push((volume.id, track));
+            for (_, partner) in related {
+                pairs.push((partner.id, track));
+            }
+        }
+        self.locks.lock(pairs)
+    }
+
+    /// Copies one track from `from` to `to` with `bit_changes` in the target's batch.
+    fn copy_track(
+        &self,
+        from: &Volume,
+        to: &Volume,
+        track: u64,
+        bit_changes: &[BitChange<'_>],
+        durability: Durability,
+    ) -> Result<u64> {
+        let image = self.store.read_track_image(from, track)?;
+        self.store
+            .write_track_image(to, &image, bit_changes, durability)?;
+        metrics::counter!("tandem_copy_tracks_total").increment(1);
+        metrics::counter!("tandem_copy_bytes_total").increment(image.data.len() as u64);
+        Ok(image.data.len() as u64)
+    }
+
+    /// Pulls the invalid tracks among `first..=last` of `volume` from `partner` (copy on
+    /// first access, and a restore's reads). Track locks must be held.
+    fn pull_invalid(
+        &self,
+        record: &SessionRecord,
+        volume: &Volume,
+        partner: &Volume,
+        first: u64,
+        last: u64,
+    ) -> Result<()> {
+        for track in first..=last {
+            if !self.store.test_bit(volume, Bits::Invalid, track)? {
+                continue;
+            }
+            let mut changes = vec![BitChange {
+                volume,
+                bits: Bits::Invalid,
+                track,
+                set: false,
+            }];
+            if record.kind == SessionKind::Clone {
+                changes.push(BitChange {
+                    volume: partner,
+                    bits: Bits::Session(record.slot),
+                    track,
+                    set: false,
+                });
+            }
+            self.copy_track(partner, volume, track, &changes, Durability::Logged)?;
+            self.count_copied(record.id, 1, u64::from(volume.track_size_bytes));
+        }
+        Ok(())
+    }
+
+    fn count_copied(&self, id: SessionId, tracks: u64, bytes: u64) {
+        let _ = bytes;
+        if let Some(live) = self.table.lock().sessions.get_mut(&id) {
+            live.record.progress.copied += tracks;
+            live.record.tracks_copied_last += tracks;
+            live.copied_since_start += tracks;
+        }
+    }
+
+    /// Readiness checked under the gate: a command that takes a volume from its hosts
+    /// holds the gate exclusively, so no host IO checked before it lands after it.
+    fn check_ready(volume: &Volume, write: bool) -> Result<()> {
+        let readiness = volume.readiness();
+        if readiness == Readiness::NotReady || (write && readiness == Readiness::ReadOnly) {
+            return Err(Error::VolumeNotReady {
+                name: volume.name.clone(),
+                readiness,
+            });
+        }
+        Ok(())
+    }
+
+    /// A host read: pulls what the volume does not hold yet, then reads.
+    pub fn read(&self, volume: &Arc<Volume>, offset: u64, length: u64) -> Result<Vec<u8>> {
+        let _gate = self.gate.read();
+        Self::check_ready(volume, false)?;
+        let related: Vec<_> = self
+            .related(volume)?
+            .into_iter()
+            .filter(|(record, _)| Self::pulls_for(record, volume))
+            .collect();
+        if !related.is_empty() && length > 0 {
+            let (first, last) = Self::tracks_of(volume, offset, length);
+            let _tracks = self.lock_tracks(volume, &related, first, last);
+            for (record, partner) in &related {
+                self.pull_invalid(record, volume, partner, first, last)?;
+            }
+        }
+        self.store.read(volume, offset, length)
+    }
+
+    /// A host write (`data`) or zeroing (`None`), with every rule of the sessions the
+    /// volume takes part in applied around it.
+    pub fn write(
+        &self,
+        volume: &Arc<Volume>,
+        offset: u64,
+        length: u64,
+        data: Option<&[u8]>,
+        durability: Durability,
+    ) -> Result<()> {
+        let _gate = self.gate.read();
+        Self::check_ready(volume, true)?;
+        let related = self.related(volume)?;
+        let store_write = || match data {
+            Some(data) => self.store.write(volume, offset, data, durability),
+            None => self.store.write_zeroes(volume, offset, length, durability),
+        };
+        if related.is_empty() || length == 0 {
+            return store_write();
+        }
+        let (first, last) = Self::tracks_of(volume, offset, length);
+        let _tracks = self.lock_tracks(volume, &related, first, last);
+        // The volume's own tracks must be valid before part of them is overwritten.
+        for (record, partner) in &related {
+            if Self::pulls_for(record, volume) {
+                self.pull_invalid(record, volume, partner, first, last)?;
+            }
+        }
+        // Clone sources: seed 001's rules for a write to a source track.
+        for (record, target) in &related {
+            if record.kind != SessionKind::Clone || record.source != volume.name {
+                continue;
+            }
+            for track in first..=last {
+                if !record.in_extents(track) {
+                    continue;
+                }
+                let pending = self
+                    .store
+                    .test_bit(volume, Bits::Session(record.slot), track)?;
+                let precopied = match record.precopy_slot {
+                    Some(slot) => self.store.test_bit(volume, Bits::Session(slot), track)?,
+                    None => false,
+                };
+                match core::clone_source_write(record.state, pending, precopied) {
+                    SourceWriteStep::Nothing => {}
+                    SourceWriteStep::Requeue => {
+                        let precopy_slot = record.precopy_slot.expect("precopied implies a slot");
+                        self.store.change_track_bits(
+                            &[
+                                BitChange {
+                                    volume,
+                                    bits: Bits::Session(record.slot),
+                                    track,
+                                    set: true,
+                                },
+                                BitChange {
+                                    volume,
+                                    bits: Bits::Session(precopy_slot),
+                                    track,
+                                    set: false,
+                                },
+                                BitChange {
+                                    volume: target,
+                                    bits: Bits::Invalid,
+                                    track,
+                                    set: true,
+                                },
+                            ],
+                            Durability::Logged,
+                        )?;
+                    }
+                    SourceWriteStep::CopyFirst => {
+                        self.copy_clone_track(record, volume, target, track)?;
+                    }
+                }
+            }
+        }
+        store_write()?;
+        // Synchronized sync mirrors: the BCV has the write before the host hears of it.
+        for (record, bcv) in &related {
+            if record.kind == SessionKind::Mirror
+                && record.source == volume.name
+                && record.state == SessionState::Synchronized
+                && record.mode == MirrorMode::Sync
+            {
+                for track in first..=last {
+                    self.copy_track(
+                        volume,
+                        bcv,
+                        track,
+                        &[BitChange {
+                            volume,
+                            bits: Bits::Pending(record.slot),
+                            track,
+                            set: false,
+                        }],
+                        durability,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a clone's track to its destination unless a host has written it there since
+    /// (then the destination's data is newer and only the lists are updated).
+    fn copy_clone_track(
+        &self,
+        record: &SessionRecord,
+        source: &Volume,
+        target: &Volume,
+        track: u64,
+    ) -> Result<()> {
+        let changes = [
+            BitChange {
+                volume: target,
+                bits: Bits::Invalid,
+                track,
+                set: false,
+            },
+            BitChange {
+                volume: source,
+                bits: Bits::Session(record.slot),
+                track,
+                set: false,
+            },
+        ];
+        if self.store.test_bit(target, Bits::Invalid, track)? {
+            let bytes = self.copy_track(source, target, track, &changes, Durability::Logged)?;
+            self.count_copied(record.id, 1, bytes);
+        } else {
+            self.store.change_track_bits(&changes, Durability::Logged)?;
+        }
+        Ok(())
+    }
+
+    /// One step of a session's background copy: up to [`COPY_STEP_TRACKS_MAX`] tracks.
+    pub fn copy_step(&self, id: SessionId) -> Result<StepOutcome> {
+        let _gate = self.gate.read();
+        let (record, cursor) = match self.table.lock().sessions.get(&id) {
+            Some(live) if live.record.copies() => (live.record.clone(), live.cursor),
+            _ => {
+                return Ok(StepOutcome {
+                    idle: true,
+                    ..StepOutcome::default()
+                })
+            }
+        };
+        let source = self.store.volume(&record.source)?;
+        let target = self.store.volume(&record.target)?;
+        // Which bits list the work, on which volume.
+        let (scan_volume, scan_bits) = match (record.kind, record.state) {
+            (SessionKind::Clone, _) => (&source, Bits::Session(record.slot)),
+            (SessionKind::Mirror, SessionState::Restoring) => (&source, Bits::Invalid),
+            (SessionKind::Mirror, _) => (&source, Bits::Pending(record.slot)),
+        };
+        let tracks = self
+            .store
+            .next_set(scan_volume, scan_bits, cursor, COPY_STEP_TRACKS_MAX)?;
+        let mut outcome = StepOutcome::default();
+        for track in &tracks {
+            let track = *track;
+            let _tracks = self
+                .locks
+                .lock([(source.id, track), (target.id, track)]);
+            if !self.store.test_bit(scan_volume, scan_bits, track)? {
+                continue;
+            }
+            let bytes = match (record.kind, record.state) {
+                (SessionKind::Clone, SessionState::Precopying) => {
+                    let precopy_slot = record
+                        .precopy_slot
+                        .expect("a precopying clone holds a precopy slot");
+                    let changes = [
+                        BitChange {
+                            volume: &target,
+                            bits: Bits::Invalid,
+                            track,
+                            set: false,
+                        },
+                        BitChange {
+                            volume: &source,
+                            bits: Bits::Session(record.slot),
+                            track,
+                            set: false,
+                        },
+                        BitChange {
+                            volume: &source,
+                            bits: Bits::Session(precopy_slot),
+                            track,
+                            set: true,
+                        },
+                    ];
+                    self.copy_track(&source, &target, track, &changes, Durability::Logged)?
+                }
+                (SessionKind::Clone, _) => {
+                    let changes = [
+                        BitChange {
+                            volume: &target,
+                            bits: Bits::Invalid,
+                            track,
+                            set: false,
+                        },
+                        BitChange {
+                            volume: &source,
+                            bits: Bits::Session(record.slot),
+                            track,
+                            set: false,
+                        },
+                    ];
+                    if self.store.test_bit(&target, Bits::Invalid, track)? {
+                        self.copy_track(&source, &target, track, &changes, Durability::Logged)?
+                    } else {
+                        self.store.change_track_bits(&changes, Durability::Logged)?;
+                        0
+                    }
+                }
+                (SessionKind::Mirror, SessionState::Restoring) => {
+                    let changes = [BitChange {
+                        volume: &source,
+                        bits: Bits::Invalid,
+                        track,
+                        set: false,
+                    }];
+                    self.copy_track(&target, &source, track, &changes, Durability::Logged)?
+                }
+                (SessionKind::Mirror, _) => {
+                    // A track a restore has not brought back yet is not the standard's
+                    // image: it goes out once the restore has it.
+                    if self.store.test_bit(&source, Bits::Invalid, track)? {
+                        continue;
+                    }
+                    let changes = [BitChange {
+                        volume: &source,
+                        bits: Bits::Pending(record.slot),
+                        track,
+                        set: false,
+                    }];
+                    self.copy_track(&source, &target, track, &changes, Durability::Logged)?
+                }
+            };
+            if bytes > 0 {
+                outcome.tracks_copied += 1;
+                outcome.bytes_copied += bytes;
+            }
+        }
+        let now = self.epoch.elapsed();
+        let mut table = self.table.lock();
+        let Some(live) = table.sessions.get_mut(&id) else {
+            return Ok(outcome);
+        };
+        live.record.progress.copied += outcome.tracks_copied;
+        live.record.tracks_copied_last += outcome.tracks_copied;
+        live.copied_since_start += outcome.tracks_copied;
+        live.cursor = tracks.last().map_or(0, |last| last + 1);
+        if tracks.is_empty() {
+            outcome.idle = true;
+            live.lag_since = None;
+            // The copy is done; the session moves to its resting state.
+            let next = next_state(record.kind, live.record.state, Transition::CopyDone)
+                .map_err(|reason| Error::SessionRefused {
+                    command: "copy".to_string(),
+                    session: record.describe(),
+                    reason,
+                })?
+                .unwrap_or(live.record.state);
+            if next != live.record.state {
+                live.record.state = next;
+                live.record.progress.percent(0);
+                let record = live.record.clone();
+                drop(table);
+                tracing::info!(session = record.id, state = %record.state, "copy finished");
+                self.persist(&record)?;
+                return Ok(outcome);
+            }
+        } else if live.lag_since.is_none() {
+            live.lag_since = Some(Instant::now());
+        }
+        if live.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+            live.last_checkpoint = Instant::now();
+            let record = live.record.clone();
+            drop(table);
+            self.persist(&record)?;
+        } else {
+            let session_wait = live.limit.take(outcome.bytes_copied, now);
+            drop(table);
+            let node_wait = self.node_limit.lock().take(outcome.bytes_copied, now);
+            outcome.wait = session_wait.max(node_wait);
+            return Ok(outcome);
+        }
+        let session_wait = {
+            let mut table = self.table.lock();
+            table
+                .sessions
+                .get_mut(&id)
+                .map_or(Duration::ZERO, |live| live.limit.take(outcome.bytes_copied, now))
+        };
+        let node_wait = self.node_limit.lock().take(outcome.bytes_copied, now);
+        outcome.wait = session_wait.max(node_wait);
+        Ok(outcome)
+    }
+
+    /// The ids of sessions with copy work in their state, and whether a rotation waits
+    /// for a split.
+    pub fn copying(&self) -> Vec<SessionId> {
+        self.table
+            .lock()
+            .sessions
+            .values()
+            .filter(|live| live.record.copies())
+            .map(|live| live.record.id)
+            .collect()
+    }
+
+    /// Rotations whose reestablish has synchronized and that now split again.
+    fn due_splits(&self) -> Vec<String> {
+        self.table
+            .lock()
+            .sessions
+            .values()
+            .filter(|live| {
+                live.record.split_when_synchronized
+                    && live.record.state == SessionState::Synchronized
+            })
+            .map(|live| live.record.target.clone())
+            .collect()
+    }
+
+    /// Runs every session's copy until none has work left: the synchronous driver used
+    /// by tests and by the model-based property test.
+    pub fn settle(&self) -> Result<()> {
+        loop {
+            let mut worked = false;
+            for id in self.copying() {
+                let outcome = self.copy_step(id)?;
+                worked |= !outcome.idle;
+            }
+            for bcv in self.due_splits() {
+                self.command(SessionCommand::MirrorSplit {
+                    bcv,
+                    differential: false,
+                })?;
+                worked = true;
+            }
+            if !worked {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs the copies in the background until the process ends.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let mut worked = false;
+            let mut wait = Duration::ZERO;
+            for id in self.copying() {
+                let sessions = self.clone();
+                let outcome =
+                    tokio::task::spawn_blocking(move || sessions.copy_step(id)).await;
+                match outcome {
+                    Ok(Ok(outcome)) => {
+                        worked |= !outcome.idle;
+                        wait = wait.max(outcome.wait);
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(session = id, %error, "copy step failed; retrying");
+                        self.record_error(id, error.to_string());
+                        wait = wait.max(Duration::from_millis(500));
+                    }
+                    Err(join_error) => {
+                        tracing::error!(session = id, %join_error, "copy step panicked");
+                    }
+                }
+            }
+            for bcv in self.due_splits() {
+                let sessions = self.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    sessions.command(SessionCommand::MirrorSplit {
+                        bcv,
+                        differential: false,
+                    })
+                })
+                .await;
+                if let Ok(Err(error)) = result {
+                    tracing::warn!(%error, "rotation split failed");
+                }
+            }
+            let pause = if worked {
+                wait
+            } else {
+                wait.max(Duration::from_millis(20))
+            };
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    fn record_error(&self, id: SessionId, error: String) {
+        if let Some(live) = self.table.lock().sessions.get_mut(&id) {
+            live.record.error = Some(error);
+        }
+    }
+
+    /// Reports one session as `list` and `show` print it.
+    fn info(&self, live: &mut Live) -> Result<SessionInfo> {
+        let record = &live.record;
+        let source = self.store.volume(&record.source)?;
+        let remaining = match (record.kind, record.state) {
+            (SessionKind::Clone, SessionState::Created | SessionState::Precopying | SessionState::Active) => {
+                self.store.count_set(&source, Bits::Session(record.slot))?
+            }
+            (SessionKind::Mirror, SessionState::Restoring) => {
+                self.store.count_set(&source, Bits::Invalid)?
+            }
+            (SessionKind::Mirror, SessionState::Syncing | SessionState::Synchronized) => {
+                self.store.count_set(&source, Bits::Pending(record.slot))?
+            }
+            _ => 0,
+        };
+        let percent = live.record.progress.percent(remaining);
+        let elapsed = live.copy_started.elapsed().as_secs_f64().max(0.001);
+        let track_bytes = u64::from(source.track_size_bytes);
+        let rate = (live.copied_since_start as f64 * track_bytes as f64 / elapsed) as u64;
+        let record = &live.record;
+        let eta_seconds = if remaining == 0 {
+            Some(0)
+        } else if rate > 0 {
+            Some(remaining * track_bytes / rate)
+        } else {
+            None
+        };
+        let lag = record.kind == SessionKind::Mirror
+            && record.mode == MirrorMode::Async
+            && record.state == SessionState::Synchronized;
+        Ok(SessionInfo {
+            id: record.id,
+            kind: record.kind,
+            source: record.source.clone(),
+            target: record.target.clone(),
+            state: record.state,
+            mode: (record.kind == SessionKind::Mirror).then_some(record.mode),
+            slots: std::iter::once(record.slot)
+                .chain(record.precopy_slot)
+                .collect(),
+            extents: record.extents.clone(),
+            tracks_total: record.progress.copied + remaining,
+            tracks_copied: record.progress.copied,
+            tracks_remaining: remaining,
+            percent,
+            rate_bytes_per_second: rate,
+            eta_seconds,
+            rate_limit_mebibytes_per_second: record.rate_limit_mebibytes_per_second,
+            tracks_copied_last: record.tracks_copied_last,
+            lag_tracks: if lag { remaining } else { 0 },
+            lag_seconds: if lag {
+                live.lag_since.map_or(0, |since| since.elapsed().as_secs())
+            } else {
+                0
+            },
+            error: record.error.clone(),
+            created_unix_seconds: record.created_unix_seconds,
+            split_sequence: record.split_sequence,
+        })
+    }
+
+    /// Every session of one kind (or all), in id order.
+    pub fn list(&self, kind: Option<SessionKind>) -> Result<Vec<SessionInfo>> {
+        let mut table = self.table.lock();
+        let mut infos = Vec::new();
+        for live in table.sessions.values_mut() {
+            if kind.is_none_or(|kind| live.record.kind == kind) {
+                infos.push(self.info(live)?);
+            }
+        }
+        Ok(infos)
+    }
+
+    /// The session of `kind` whose target (destination or BCV) is `target`.
+    pub fn show(&self, kind: SessionKind, target: &str) -> Result<SessionInfo> {
+        let mut table = self.table.lock();
+        let live = table
+            .sessions
+            .values_mut()
+            .find(|live| live.record.kind == kind && live.record.target == target)
+            .ok_or_else(|| Error::SessionNotFound {
+                kind: kind.to_string(),
+                volume: target.to_string(),
+                role: match kind {
+                    SessionKind::Clone => "destination",
+                    SessionKind::Mirror => "BCV",
+                }
+                .to_string(),
+            })?;
+        self.info(live)
+    }
+
+    /// Whether a volume takes part in any session (a volume in a session cannot be
+    /// deleted).
+    pub fn involves(&self, name: &str) -> bool {
+        self.table
+            .lock()
+            .sessions
+            .values()
+            .any(|live| live.record.source == name || live.record.target == name)
+    }
+
+    /// Carries out a session command: checks it against the state table and the volumes,
+    /// then changes bits, marks, readiness and the record, with host IO held off. Returns
+    /// the session as it is now, or `None` when the command ended it.
+    pub fn command(&self, command: SessionCommand) -> Result<Option<SessionInfo>> {
+        let _gate = self.gate.write();
+        let kind = match command {
+            SessionCommand::CloneCreate { .. }
+            | SessionCommand::ClonePrecopy { .. }
+            | SessionCommand::CloneActivate { .. }
+            | SessionCommand::CloneTerminate { .. } => SessionKind::Clone,
+            _ => SessionKind::Mirror,
+        };
+        let target = match &command {
+            SessionCommand::CloneCreate { target, .. } => {
+                self.clone_create(&command)?;
+                target.clone()
+            }
+            SessionCommand::MirrorEstablish { bcv, .. } => {
+                self.mirror_establish(&command)?;
+                bcv.clone()
+            }
+            SessionCommand::MirrorRotate { standard } => self.mirror_rotate(&command, standard)?,
+            SessionCommand::SetRate {
+                target,
+                mebibytes_per_second,
+            } => {
+                self.set_rate(target, *mebibytes_per_second)?;
+                target.clone()
+            }
+            SessionCommand::ClonePrecopy { target }
+            | SessionCommand::CloneActivate { target }
+            | SessionCommand::CloneTerminate { target }
+            | SessionCommand::MirrorSplit { bcv: target, .. }
+            | SessionCommand::MirrorReestablish { bcv: target }
+            | SessionCommand::MirrorRestore { bcv: target, .. }
+            | SessionCommand::MirrorCancel { bcv: target } => {
+                let record = self
+                    .table
+                    .lock()
+                    .find_by_target(kind, target)
+                    .map(|live| live.record.clone())
+                    .ok_or_else(|| Error::SessionNotFound {
+                        kind: kind.to_string(),
+                        volume: target.clone(),
+                        role: match kind {
+                            SessionKind::Clone => "destination",
+                            SessionKind::Mirror => "BCV",
+                        }
+                        .to_string(),
+                    })?;
+                match self.change(&command, record)? {
+                    Some(record) => self.replace(record)?,
+                    None => return Ok(None),
+                }
+                target.clone()
+            }
+        };
+        let kind = match command {
+            SessionCommand::SetRate { ref target, .. } => {
+                let table = self.table.lock();
+                table
+                    .sessions
+                    .values()
+                    .find(|live| live.record.target == *target)
+                    .map_or(kind, |live| live.record.kind)
+            }
+            _ => kind,
+        };
+        self.show(kind, &target).map(Some)
+    }
+
+    /// Stores a changed record and puts it in the table; a new copy restarts its meter.
+    fn replace(&self, record: SessionRecord) -> Result<()> {
+        self.persist(&record)?;
+        let mut table = self.table.lock();
+        match table.sessions.get_mut(&record.id) {
+            Some(live) => {
+                let restarted = live.record.progress.copied > record.progress.copied
+                    || live.record.state != record.state;
+                live.record = record;
+                if restarted {
+                    live.copy_started = Instant::now();
+                    live.copied_since_start = 0;
+                    live.cursor = 0;
+                }
+            }
+            None => {
+                table
+                    .sessions
+                    .insert(record.id, Self::live(record, self.epoch));
+            }
+        }
+        Ok(())
+    }
+
+    fn set_rate(&self, target: &str, rate: Option<u32>) -> Result<()> {
+        let mut table = self.table.lock();
+        let live = table
+            .sessions
+            .values_mut()
+            .find(|live| live.record.target == target)
+            .ok_or_else(|| Error::SessionNotFound {
+                kind: "clone or mirror".to_string(),
+                volume: target.to_string(),
+                role: "target".to_string(),
+            })?;
+        if rate == Some(0) {
+            return Err(Error::SessionRefused {
+                command: "set rate".to_string(),
+                session: live.record.describe(),
+                reason: "a rate of 0 MiB/s would stop the copy; give a positive rate".to_string(),
+            });
+        }
+        live.record.rate_limit_mebibytes_per_second = rate;
+        live.limit
+            .set_rate(mebibytes(rate.unwrap_or(COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND)));
+        let record = live.record.clone();
+        drop(table);
+        self.persist(&record)
+    }
+
+    fn check_pair(
+        &self,
+        command: &SessionCommand,
+        source: &Volume,
+        target: &Volume,
+    ) -> Result<()> {
+        let session = format!("{} -> {}", source.name, target.name);
+        if source.name == target.name {
+            return Err(refused(command, &session, "source and target are the same volume"));
+        }
+        if source.track_size_bytes != target.track_size_bytes {
+            return Err(refused(
+                command,
+                &session,
+                format!(
+                    "track sizes differ ({} and {} bytes): create the target with --track-size {}",
+                    source.track_size_bytes, target.track_size_bytes, source.track_size_bytes
+                ),
+            ));
+        }
+        let table = self.table.lock();
+        if let Some(other) = table
+            .sessions
+            .values()
+            .find(|live| live.record.target == target.name)
+        {
+            return Err(refused(
+                command,
+                &session,
+                format!(
+                    "'{}' is already the target of {}",
+                    target.name,
+                    other.record.describe()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn next_id(&self) -> SessionId {
+        let mut table = self.table.lock();
+        let id = table.next_id;
+        table.next_id += 1;
+        id
+    }
+
+    /// Turns off host-write marking for a clone's slots (its driver moves those bits).
+    fn unmark_slot(&self, volume: &Volume, slot: u8) -> Result<()> {
+        let mut marks = self.store.write_marks(volume);
+        marks.changed &= !(1 << slot);
+        marks.pending &= !(1 << slot);
+        self.store.set_write_marks(volume, marks)
+    }
+
+    fn clone_create(&self, command: &SessionCommand) -> Result<()> {
+        let SessionCommand::CloneCreate {
+            source,
+            target,
+            precopy,
+            extents,
+        } = command
+        else {
+            unreachable!("called for clone create");
+        };
+        let source = self.store.volume(source)?;
+        let target = self.store.volume(target)?;
+        let session = format!("{} -> {}", source.name, target.name);
+        self.check_pair(command, &source, &target)?;
+        if extents.len() > CLONE_EXTENTS_MAX {
+            return Err(refused(
+                command,
+                &session,
+                format!(
+                    "{} extents given; at most {CLONE_EXTENTS_MAX} are allowed",
+                    extents.len()
+                ),
+            ));
+        }
+        let extents = if extents.is_empty() {
+            vec![source.whole()]
+        } else {
+            crate::layout::normalize_extents(extents)
+        };
+        for extent in &extents {
+            for volume in [&source, &target] {
+                if extent.first > extent.last || extent.last >= volume.track_count() {
+                    return Err(Error::ExtentOutOfRange {
+                        name: volume.name.clone(),
+                        extent: *extent,
+                        last_track: volume.track_count() - 1,
+                    });
+                }
+            }
+        }
+        if let Some(restoring) = self.restoring(&source.name) {
+            return Err(refused(
+                command,
+                &session,
+                format!("{restoring} is restoring the source; clone it once that is done"),
+            ));
+        }
+        if self.involves_as_source(&target.name) {
+            return Err(refused(
+                command,
+                &session,
+                format!("'{}' is the source of another session and cannot be overwritten", target.name),
+            ));
+        }
+        // Slots first: a 17th session fails here, before anything else changes.
+        let slot = self.store.allocate_session_slot(&source)?;
+        let precopy_slot = if *precopy {
+            match self.store.allocate_session_slot(&source) {
+                Ok(slot) => Some(slot),
+                Err(error) => {
+                    self.store.free_session_slot(&source, slot)?;
+                    return Err(error);
+                }
+            }
+        } else {
+            None
+        };
+        self.unmark_slot(&source, slot)?;
+        if let Some(precopy_slot) = precopy_slot {
+            self.unmark_slot(&source, precopy_slot)?;
+        }
+        for extent in &extents {
+            self.store
+                .change_bits(&source, Bits::Session(slot), *extent, true)?;
+            self.store.change_bits(&target, Bits::Invalid, *extent, true)?;
+        }
+        self.store.set_readiness(&target.name, Readiness::NotReady)?;
+        let record = SessionRecord {
+            id: self.next_id(),
+            kind: SessionKind::Clone,
+            source: source.name.clone(),
+            target: target.name.clone(),
+            state: if *precopy {
+                SessionState::Precopying
+            } else {
+                SessionState::Created
+            },
+            mode: MirrorMode::default(),
+            slot,
+            precopy_slot,
+            extents,
+            created_unix_seconds: now_unix_seconds(),
+            split_sequence: 0,
+            split_when_synchronized: false,
+            progress: Progress::restart(),
+            tracks_copied_last: 0,
+            rate_limit_mebibytes_per_second: None,
+            error: None,
+        };
+        tracing::info!(session = record.id, source = %record.source, target = %record.target, precopy, "clone created");
+        self.replace(record)
+    }
+
+    /// The session restoring `standard`, if one is.
+    fn restoring(&self, standard: &str) -> Option<String> {
+        self.table
+            .lock()
+            .sessions
+            .values()
+            .find(|live| live.record.source == standard && live.record.state == SessionState::Restoring)
+            .map(|live| live.record.describe())
+    }
+
+    fn involves_as_source(&self, name: &str) -> bool {
+        self.table
+            .lock()
+            .sessions
+            .values()
+            .any(|live| live.record.source == name)
+    }
+
+    fn mirror_establish(&self, command: &SessionCommand) -> Result<()> {
+        let SessionCommand::MirrorEstablish {
+            standard,
+            bcv,
+            mode,
+        } = command
+        else {
+            unreachable!("called for mirror establish");
+        };
+        let existing = self
+            .table
+            .lock()
+            .find_by_target(SessionKind::Mirror, bcv)
+            .map(|live| live.record.clone());
+        if let Some(mut record) = existing {
+            // Seed 002: an establish of a known pair reuses its session.
+            if record.source != *standard {
+                return Err(refused(
+                    command,
+                    &record.describe(),
+                    format!("'{bcv}' is the BCV of '{}', not of '{standard}'", record.source),
+                ));
+            }
+            record.mode = *mode;
+            let record = self.change(command, record)?.expect("establish keeps the session");
+            return self.replace(record);
+        }
+        let standard = self.store.volume(standard)?;
+        let bcv = self.store.volume(bcv)?;
+        self.check_pair(command, &standard, &bcv)?;
+        if bcv.track_count() < standard.track_count() {
+            return Err(refused(
+                command,
+                &format!("{} -> {}", standard.name, bcv.name),
+                format!(
+                    "the BCV has {} tracks, fewer than the standard's {}",
+                    bcv.track_count(),
+                    standard.track_count()
+                ),
+            ));
+        }
+        let slot = self.store.allocate_session_slot(&standard)?;
+        let record = SessionRecord {
+            id: self.next_id(),
+            kind: SessionKind::Mirror,
+            source: standard.name.clone(),
+            target: bcv.name.clone(),
+            state: SessionState::Split,
+            mode: *mode,
+            slot,
+            precopy_slot: None,
+            extents: vec![standard.whole()],
+            created_unix_seconds: now_unix_seconds(),
+            split_sequence: 0,
+            split_when_synchronized: false,
+            progress: Progress::restart(),
+            tracks_copied_last: 0,
+            rate_limit_mebibytes_per_second: None,
+            error: None,
+        };
+        // A new pair starts as if split with everything changed: establishing it is then
+        // the same path as re-establishing a known pair.
+        let record = self.change(command, record)?.expect("establish keeps the session");
+        tracing::info!(session = record.id, standard = %record.source, bcv = %record.target, "mirror established");
+        self.replace(record)
+    }
+
+    fn mirror_rotate(&self, command: &SessionCommand, standard: &str) -> Result<String> {
+        self.store.volume(standard)?;
+        let oldest = self
+            .table
+            .lock()
+            .sessions
+            .values()
+            .filter(|live| {
+                live.record.kind == SessionKind::Mirror
+                    && live.record.source == standard
+                    && live.record.state == SessionState::Split
+            })
+            .min_by_key(|live| live.record.split_sequence)
+            .map(|live| live.record.clone());
+        let Some(record) = oldest else {
+            return Err(refused(
+                command,
+                standard,
+                format!("'{standard}' has no split BCV to rotate: establish and split one first"),
+            ));
+        };
+        let bcv = record.target.clone();
+        let reestablish = SessionCommand::MirrorReestablish { bcv: bcv.clone() };
+        let mut record = self.change(&reestablish, record)?.expect("reestablish keeps the session");
+        record.split_when_synchronized = true;
+        self.replace(record)?;
+        Ok(bcv)
+    }
+
+    /// The effects of a command on an existing session; `None` when it ends the session.
+    fn change(
+        &self,
+        command: &SessionCommand,
+        mut record: SessionRecord,
+    ) -> Result<Option<SessionRecord>> {
+        let transition = match command {
+            SessionCommand::ClonePrecopy { .. } => Transition::Precopy,
+            SessionCommand::CloneActivate { .. } => Transition::Activate,
+            SessionCommand::CloneTerminate { .. } => Transition::Terminate,
+            SessionCommand::MirrorEstablish { .. } => Transition::Establish,
+            SessionCommand::MirrorSplit { .. } => Transition::Split,
+            SessionCommand::MirrorReestablish { .. } => Transition::Reestablish,
+            SessionCommand::MirrorRestore { .. } => Transition::Restore,
+            SessionCommand::MirrorCancel { .. } => Transition::Cancel,
+            SessionCommand::CloneCreate { .. }
+            | SessionCommand::MirrorRotate { .. }
+            | SessionCommand::SetRate { .. } => unreachable!("handled by command"),
+        };
+        let next = next_state(record.kind, record.state, transition)
+            .map_err(|reason| refused(command, &record.describe(), reason))?;
+        let source = self.store.volume(&record.source)?;
+        let target = self.store.volume(&record.target)?;
+        let whole = source.whole();
+        match command {
+            SessionCommand::ClonePrecopy { .. } => {
+                if record.precopy_slot.is_none() {
+                    let slot = self.store.allocate_session_slot(&source)?;
+                    self.unmark_slot(&source, slot)?;
+                    record.precopy_slot = Some(slot);
+                }
+                record.progress = Progress::restart();
+            }
+            SessionCommand::CloneActivate { .. } => {
+                // Seed 001 FIG. 8: a precopied track needs no further copy.
+                if let Some(slot) = record.precopy_slot {
+                    self.store
+                        .change_bits(&source, Bits::Session(slot), whole, false)?;
+                }
+                self.store.set_readiness(&target.name, Readiness::Ready)?;
+                record.tracks_copied_last = 0;
+                record.progress = Progress::restart();
+            }
+            SessionCommand::CloneTerminate { .. } => {
+                self.store.free_session_slot(&source, record.slot)?;
+                if let Some(slot) = record.precopy_slot {
+                    self.store.free_session_slot(&source, slot)?;
+                }
+                self.forget(record.id)?;
+                self.table.lock().sessions.remove(&record.id);
+                tracing::info!(session = record.id, "clone terminated");
+                return Ok(None);
+            }
+            SessionCommand::MirrorEstablish { .. } => {
+                // Seed 002 step 114: every track changed; step 110: every track to copy.
+                let marks = self.store.write_marks(&source);
+                self.store
+                    .change_bits(&source, Bits::Session(record.slot), whole, true)?;
+                self.store
+                    .change_bits(&source, Bits::Pending(record.slot), whole, true)?;
+                self.attach(&source, &target, record.slot, marks)?;
+                record.progress = Progress::restart();
+                record.tracks_copied_last = 0;
+                record.split_when_synchronized = false;
+            }
+            SessionCommand::MirrorReestablish { .. } => {
+                // Seed 002 FIG. 6: copy what changed on either side. A track the BCV's
+                // hosts changed also counts as changed since the split, so a cascade
+                // below the BCV gets it at the next differential split.
+                let mut bcv_changed = Vec::new();
+                self.store.for_each_set(&target, Bits::TargetChanged, whole, &mut |track| {
+                    bcv_changed.push(track);
+                    true
+                })?;
+                for track in bcv_changed {
+                    let one = Extent::new(track, track).expect("a single track");
+                    self.store
+                        .change_bits(&source, Bits::Session(record.slot), one, true)?;
+                }
+                self.fold_changed_into_pending(&source, record.slot)?;
+                let marks = self.store.write_marks(&source);
+                self.attach(&source, &target, record.slot, marks)?;
+                record.progress = Progress::restart();
+                record.tracks_copied_last = 0;
+                record.split_when_synchronized = false;
+            }
+            SessionCommand::MirrorSplit { differential, .. } => {
+                if let Some(restoring) = self.restoring(&record.source) {
+                    return Err(refused(
+                        command,
+                        &record.describe(),
+                        format!("{restoring} is restoring the standard; split once it is done"),
+                    ));
+                }
+                self.drain(&record, &source, &target)?;
+                self.split(&record, &source, &target, *differential)?;
+                let sequence = self
+                    .table
+                    .lock()
+                    .sessions
+                    .values()
+                    .map(|live| live.record.split_sequence)
+                    .max()
+                    .unwrap_or(0)
+                    + 1;
+                record.split_sequence = sequence;
+                record.split_when_synchronized = false;
+            }
+            SessionCommand::MirrorRestore { incremental, .. } => {
+                self.restore(command, &record, &source, &target, *incremental)?;
+                record.progress = Progress::restart();
+                record.tracks_copied_last = 0;
+            }
+            SessionCommand::MirrorCancel { .. } => {
+                self.store.free_session_slot(&source, record.slot)?;
+                let mut marks = self.store.write_marks(&target);
+                marks.target_changed = false;
+                self.store.set_write_marks(&target, marks)?;
+                self.store
+                    .change_bits(&target, Bits::TargetChanged, target.whole(), false)?;
+                if record.state == SessionState::Synchronized {
+                    // The BCV holds the standard's whole image: give it to its hosts.
+                    self.store.set_readiness(&target.name, Readiness::Ready)?;
+                }
+                self.forget(record.id)?;
+                self.table.lock().sessions.remove(&record.id);
+                tracing::info!(session = record.id, "mirror cancelled");
+                return Ok(None);
+            }
+            _ => unreachable!("handled above"),
+        }
+        record.state = next.expect("only terminate and cancel end a session");
+        record.error = None;
+        Ok(Some(record))
+    }
+
+    /// Connects a BCV to its standard: host writes mark the session pending, the BCV is
+    /// not ready to its own hosts, and its own writes are no longer tracked.
+    fn attach(&self, standard: &Volume, bcv: &Volume, slot: u8, marks: WriteMarks) -> Result<()> {
+        let mut marks = marks;
+        marks.changed |= 1 << slot;
+        marks.pending |= 1 << slot;
+        self.store.set_write_marks(standard, marks)?;
+        let mut bcv_marks = self.store.write_marks(bcv);
+        bcv_marks.target_changed = false;
+        self.store.set_write_marks(bcv, bcv_marks)?;
+        self.store
+            .change_bits(bcv, Bits::TargetChanged, bcv.whole(), false)?;
+        self.store.set_readiness(&bcv.name, Readiness::NotReady)?;
+        Ok(())
+    }
+
+    fn fold_changed_into_pending(&self, standard: &Volume, slot: u8) -> Result<()> {
+        let mut changed = Vec::new();
+        self.store
+            .for_each_set(standard, Bits::Session(slot), standard.whole(), &mut |track| {
+                changed.push(track);
+                true
+            })?;
+        let changes: Vec<BitChange<'_>> = changed
+            .iter()
+            .map(|track| BitChange {
+                volume: standard,
+                bits: Bits::Pending(slot),
+                track: *track,
+                set: true,
+            })
+            .collect();
+        for chunk in changes.chunks(4096) {
+            self.store.change_track_bits(chunk, Durability::Synced)?;
+        }
+        Ok(())
+    }
+
+    /// Copies what an async mirror has not shipped yet, with host IO held off: a split
+    /// must give the BCV the standard's image at the instant of the split.
+    fn drain(&self, record: &SessionRecord, standard: &Volume, bcv: &Volume) -> Result<()> {
+        let mut pending = Vec::new();
+        self.store.for_each_set(
+            standard,
+            Bits::Pending(record.slot),
+            standard.whole(),
+            &mut |track| {
+                pending.push(track);
+                true
+            },
+        )?;
+        for track in pending {
+            self.copy_track(
+                standard,
+                bcv,
+                track,
+                &[BitChange {
+                    volume: standard,
+                    bits: Bits::Pending(record.slot),
+                    track,
+                    set: false,
+                }],
+                Durability::Logged,
+            )?;
+        }
+        self.store.flush()
+    }
+
+    /// Seed 002 FIG. 5: detach the BCV with the image of this instant, mark its own
+    /// downstream sessions (all tracks, or with `differential` those changed since the
+    /// last split), clear the session's changed bits and give the BCV to its hosts.
+    fn split(
+        &self,
+        record: &SessionRecord,
+        standard: &Volume,
+        bcv: &Volume,
+        differential: bool,
+    ) -> Result<()> {
+        let downstream: Vec<SessionRecord> = self
+            .table
+            .lock()
+            .sessions
+            .values()
+            .filter(|live| live.record.kind == SessionKind::Mirror && live.record.source == bcv.name)
+            .map(|live| live.record.clone())
+            .collect();
+        if !downstream.is_empty() {
+            let mut tracks = Vec::new();
+            if differential {
+                self.store.for_each_set(
+                    standard,
+                    Bits::Session(record.slot),
+                    standard.whole(),
+                    &mut |track| {
+                        tracks.push(track);
+                        true
+                    },
+                )?;
+            }
+            for below in &downstream {
+                let attached = self.store.write_marks(bcv).pending & (1 << below.slot) != 0;
+                if differential {
+                    let mut changes = Vec::new();
+                    for track in &tracks {
+                        changes.push(BitChange {
+                            volume: bcv,
+                            bits: Bits::Session(below.slot),
+                            track: *track,
+                            set: true,
+                        });
+                        if attached {
+                            changes.push(BitChange {
+                                volume: bcv,
+                                bits: Bits::Pending(below.slot),
+                                track: *track,
+                                set: true,
+                            });
+                        }
+                    }
+                    for chunk in changes.chunks(4096) {
+                        self.store.change_track_bits(chunk, Durability::Synced)?;
+                    }
+                } else {
+                    self.store
+                        .change_bits(bcv, Bits::Session(below.slot), bcv.whole(), true)?;
+                    if attached {
+                        self.store
+                            .change_bits(bcv, Bits::Pending(below.slot), bcv.whole(), true)?;
+                    }
+                }
+            }
+        }
+        self.store
+            .change_bits(standard, Bits::Session(record.slot), standard.whole(), false)?;
+        let mut marks = self.store.write_marks(standard);
+        marks.pending &= !(1 << record.slot);
+        self.store.set_write_marks(standard, marks)?;
+        self.store
+            .change_bits(bcv, Bits::TargetChanged, bcv.whole(), false)?;
+        let mut bcv_marks = self.store.write_marks(bcv);
+        bcv_marks.target_changed = true;
+        self.store.set_write_marks(bcv, bcv_marks)?;
+        self.store.set_readiness(&bcv.name, Readiness::Ready)?;
+        Ok(())
+    }
+
+    /// Seed 002 FIGS. 7 and 8: the standard's tracks to restore become invalid (a host
+    /// access pulls them from the BCV first), this session's changed bits clear, and every
+    /// other mirror of the standard gets the restored tracks marked changed.
+    fn restore(
+        &self,
+        command: &SessionCommand,
+        record: &SessionRecord,
+        standard: &Volume,
+        bcv: &Volume,
+        incremental: bool,
+    ) -> Result<()> {
+        let invalid = self.store.count_set(bcv, Bits::Invalid)?;
+        if invalid > 0 {
+            return Err(refused(
+                command,
+                &record.describe(),
+                format!("the BCV has {invalid} invalid tracks (it is still being filled by a clone); restore from a complete BCV"),
+            ));
+        }
+        if standard.readiness() == Readiness::NotReady {
+            return Err(refused(
+                command,
+                &record.describe(),
+                "the standard volume is not ready; make it ready first",
+            ));
+        }
+        let others: Vec<SessionRecord> = self
+            .table
+            .lock()
+            .sessions
+            .values()
+            .filter(|live| live.record.source == standard.name && live.record.id != record.id)
+            .map(|live| live.record.clone())
+            .collect();
+        if let Some(clone) = others.iter().find(|other| {
+            other.kind == SessionKind::Clone && other.state != SessionState::Copied
+        }) {
+            return Err(refused(
+                command,
+                &record.describe(),
+                format!(
+                    "the standard is the source of {}, which still needs its point-in-time data; let it finish first",
+                    clone.describe()
+                ),
+            ));
+        }
+        if let Some(restoring) = others
+            .iter()
+            .find(|other| other.state == SessionState::Restoring)
+        {
+            return Err(refused(
+                command,
+                &record.describe(),
+                format!("the standard is already being restored by {}", restoring.describe()),
+            ));
+        }
+        let mut tracks = Vec::new();
+        if incremental {
+            // Seed 002 FIG. 8, steps 202-203: changed on the BCV or on the standard.
+            let mut set = std::collections::BTreeSet::new();
+            self.store
+                .for_each_set(bcv, Bits::TargetChanged, standard.whole(), &mut |track| {
+                    set.insert(track);
+                    true
+                })?;
+            self.store.for_each_set(
+                standard,
+                Bits::Session(record.slot),
+                standard.whole(),
+                &mut |track| {
+                    set.insert(track);
+                    true
+                },
+            )?;
+            tracks.extend(set);
+        }
+        let standard_marks = self.store.write_marks(standard);
+        let mut changes = Vec::new();
+        if incremental {
+            for track in &tracks {
+                changes.push(BitChange {
+                    volume: standard,
+                    bits: Bits::Invalid,
+                    track: *track,
+                    set: true,
+                });
+            }
+        } else {
+            self.store
+                .change_bits(standard, Bits::Invalid, standard.whole(), true)?;
+        }
+        for other in others.iter().filter(|other| other.kind == SessionKind::Mirror) {
+            let attached = standard_marks.pending & (1 << other.slot) != 0;
+            if incremental {
+                for track in &tracks {
+                    changes.push(BitChange {
+                        volume: standard,
+                        bits: Bits::Session(other.slot),
+                        track: *track,
+                        set: true,
+                    });
+                    if attached {
+                        changes.push(BitChange {
+                            volume: standard,
+                            bits: Bits::Pending(other.slot),
+                            track: *track,
+                            set: true,
+                        });
+                    }
+                }
+            } else {
+                self.store
+                    .change_bits(standard, Bits::Session(other.slot), standard.whole(), true)?;
+                if attached {
+                    self.store.change_bits(
+                        standard,
+                        Bits::Pending(other.slot),
+                        standard.whole(),
+                        true,
+                    )?;
+                }
+            }
+        }
+        for chunk in changes.chunks(4096) {
+            self.store.change_track_bits(chunk, Durability::Synced)?;
+        }
+        self.store
+            .change_bits(standard, Bits::Session(record.slot), standard.whole(), false)?;
+        // The BCV goes back to being the standard's mirror: not ready to its own hosts,
+        // host writes to the standard reach it once the restore is done.
+        self.attach(standard, bcv, record.slot, standard_marks)?;
+        // The changed bit of this session stays clear after the restore (seed: the
+        // restored session is "unchanged"), but host writes during the restore set it.
+        Ok(())
+    }
+}

@@ -1,0 +1,361 @@
+//! The vocabulary of copy sessions: kinds, states, commands and what a session reports.
+//!
+//! Clone sessions follow seeds 000/001 (CREATE, PRECOPY, ACTIVATE, TERMINATE); mirror
+//! sessions follow seed 002 (ESTABLISH, SPLIT, REESTABLISH, RESTORE) with seed 004's
+//! rotation. [`next_state`] is the one table of legal transitions, shared by every place
+//! that must refuse an illegal command before anything changes.
+
+use crate::messages::Extent;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Sessions per source volume: one per session slot (seed 002: 16 PB columns).
+pub const SESSIONS_PER_VOLUME_MAX: usize = 16;
+/// Extents one clone may name; each is checked before anything is set up.
+pub const CLONE_EXTENTS_MAX: usize = 256;
+
+pub type SessionId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SessionKind {
+    Clone,
+    Mirror,
+}
+
+impl fmt::Display for SessionKind {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            SessionKind::Clone => "clone",
+            SessionKind::Mirror => "mirror",
+        })
+    }
+}
+
+/// Where a session is in its life. Resting states are where a session stays until the
+/// next command; the others end by themselves when their copy is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SessionState {
+    /// Clone: lists set up, destination not ready, nothing copied yet (resting).
+    Created,
+    /// Clone: the precopy loop copies pending tracks pass after pass; destination not
+    /// ready (resting: it keeps catching up with host writes until activated).
+    Precopying,
+    /// Clone: the point in time is taken, the destination is ready, the background copy
+    /// moves what is still pending. Ends in `Copied`.
+    Active,
+    /// Clone: every track is copied; terminate frees the slots (resting).
+    Copied,
+    /// Mirror: copying what the standard has and the BCV lacks; BCV not ready. Ends in
+    /// `Synchronized` (or, when the session rotates, in `Split`).
+    Syncing,
+    /// Mirror: the BCV holds the standard's image and host writes reach it (resting).
+    Synchronized,
+    /// Mirror: the BCV is ready for its own hosts with the image of the split (resting).
+    Split,
+    /// Mirror: the standard is being restored from the BCV. Ends in `Synchronized`.
+    Restoring,
+}
+
+impl SessionState {
+    /// Whether the session stays in this state until the next command.
+    pub fn is_resting(self) -> bool {
+        matches!(
+            self,
+            SessionState::Created
+                | SessionState::Precopying
+                | SessionState::Copied
+                | SessionState::Synchronized
+                | SessionState::Split
+        )
+    }
+}
+
+impl fmt::Display for SessionState {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            SessionState::Created => "created",
+            SessionState::Precopying => "precopying",
+            SessionState::Active => "active",
+            SessionState::Copied => "copied",
+            SessionState::Syncing => "syncing",
+            SessionState::Synchronized => "synchronized",
+            SessionState::Split => "split",
+            SessionState::Restoring => "restoring",
+        })
+    }
+}
+
+/// How a mirror's host writes reach its BCV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum MirrorMode {
+    /// A host write is acknowledged only after the BCV has it.
+    #[default]
+    Sync,
+    /// Changed tracks are shipped in the background; the lag is reported.
+    Async,
+}
+
+impl fmt::Display for MirrorMode {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            MirrorMode::Sync => "sync",
+            MirrorMode::Async => "async",
+        })
+    }
+}
+
+impl std::str::FromStr for MirrorMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "sync" => Ok(MirrorMode::Sync),
+            "async" => Ok(MirrorMode::Async),
+            other => Err(format!("unknown mirror mode '{other}': use sync or async")),
+        }
+    }
+}
+
+/// A session command. Clone commands name the destination, mirror commands the BCV
+/// (rotate names the standard), as the CLI does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionCommand {
+    CloneCreate {
+        source: String,
+        target: String,
+        precopy: bool,
+        /// Empty: the whole volume.
+        extents: Vec<Extent>,
+    },
+    ClonePrecopy {
+        target: String,
+    },
+    CloneActivate {
+        target: String,
+    },
+    CloneTerminate {
+        target: String,
+    },
+    MirrorEstablish {
+        standard: String,
+        bcv: String,
+        mode: MirrorMode,
+    },
+    MirrorSplit {
+        bcv: String,
+        differential: bool,
+    },
+    MirrorReestablish {
+        bcv: String,
+    },
+    MirrorRestore {
+        bcv: String,
+        incremental: bool,
+    },
+    MirrorCancel {
+        bcv: String,
+    },
+    MirrorRotate {
+        standard: String,
+    },
+    /// Changes a session's copy rate limit while it runs; `None` restores the default.
+    SetRate {
+        target: String,
+        mebibytes_per_second: Option<u32>,
+    },
+}
+
+impl SessionCommand {
+    /// The command's name as the seeds and the CLI call it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SessionCommand::CloneCreate { .. } => "clone create",
+            SessionCommand::ClonePrecopy { .. } => "clone precopy",
+            SessionCommand::CloneActivate { .. } => "clone activate",
+            SessionCommand::CloneTerminate { .. } => "clone terminate",
+            SessionCommand::MirrorEstablish { .. } => "mirror establish",
+            SessionCommand::MirrorSplit { .. } => "mirror split",
+            SessionCommand::MirrorReestablish { .. } => "mirror reestablish",
+            SessionCommand::MirrorRestore { .. } => "mirror restore",
+            SessionCommand::MirrorCancel { .. } => "mirror cancel",
+            SessionCommand::MirrorRotate { .. } => "mirror rotate",
+            SessionCommand::SetRate { .. } => "set rate",
+        }
+    }
+}
+
+/// Which command a session receives, without its arguments: the input of [`next_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Precopy,
+    Activate,
+    Terminate,
+    Establish,
+    Split,
+    Reestablish,
+    Restore,
+    Cancel,
+    /// The session's copy finished (no pending track is left).
+    CopyDone,
+}
+
+/// Where a session goes on a transition, or why it may not: the seeds' error checks.
+/// `None` as the result of `Terminate` or `Cancel` means the session ends.
+pub fn next_state(
+    kind: SessionKind,
+    state: SessionState,
+    transition: Transition,
+) -> Result<Option<SessionState>, String> {
+    use SessionState as S;
+    use Transition as T;
+    match (kind, transition, state) {
+        (SessionKind::Clone, T::Precopy, S::Created) => Ok(Some(S::Precopying)),
+        (SessionKind::Clone, T::Precopy, S::Precopying) => {
+            Err("the precopy is already running".to_string())
+        }
+        (SessionKind::Clone, T::Precopy, _) => {
+            Err("the clone is already active: a precopy only runs before activation".to_string())
+        }
+        (SessionKind::Clone, T::Activate, S::Created | S::Precopying) => Ok(Some(S::Active)),
+        (SessionKind::Clone, T::Activate, _) => {
+            Err("the clone is already active (activate it only once)".to_string())
+        }
+        (SessionKind::Clone, T::Terminate, S::Copied) => Ok(None),
+        (SessionKind::Clone, T::Terminate, S::Active) => Err(
+            "the clone is still copying: terminate is allowed once every track is copied (use --wait on activate, or `tandem clone show`)"
+                .to_string(),
+        ),
+        (SessionKind::Clone, T::Terminate, _) => Err(
+            "the clone was never activated: activate it and let it copy before terminating"
+                .to_string(),
+        ),
+        (SessionKind::Clone, T::CopyDone, S::Active) => Ok(Some(S::Copied)),
+        (SessionKind::Clone, T::CopyDone, state) => Ok(Some(state)),
+        (SessionKind::Mirror, T::Establish, S::Split) => Ok(Some(S::Syncing)),
+        (SessionKind::Mirror, T::Establish, _) => Err(
+            "the mirror is already established; split it first to establish again".to_string(),
+        ),
+        (SessionKind::Mirror, T::Split, S::Synchronized) => Ok(Some(S::Split)),
+        (SessionKind::Mirror, T::Split, S::Split) => Err("the mirror is already split".to_string()),
+        (SessionKind::Mirror, T::Split, _) => Err(format!(
+            "the mirror is {state}, not synchronized: wait until it is synchronized, then split"
+        )),
+        (SessionKind::Mirror, T::Reestablish, S::Split) => Ok(Some(S::Syncing)),
+        (SessionKind::Mirror, T::Reestablish, _) => Err(format!(
+            "the mirror is {state}: only a split mirror can be reestablished"
+        )),
+        (SessionKind::Mirror, T::Restore, S::Split) => Ok(Some(S::Restoring)),
+        (SessionKind::Mirror, T::Restore, _) => Err(format!(
+            "the mirror is {state}: restore needs a split BCV holding a complete image"
+        )),
+        (SessionKind::Mirror, T::Cancel, S::Restoring) => Err(
+            "the standard is being restored from this BCV; cancelling now would leave it half restored: wait for the restore to finish"
+                .to_string(),
+        ),
+        (SessionKind::Mirror, T::Cancel, _) => Ok(None),
+        (SessionKind::Mirror, T::CopyDone, S::Syncing | S::Restoring) => Ok(Some(S::Synchronized)),
+        (SessionKind::Mirror, T::CopyDone, state) => Ok(Some(state)),
+        (SessionKind::Clone, _, _) => Err("that is a mirror command; this is a clone".to_string()),
+        (SessionKind::Mirror, _, _) => Err("that is a clone command; this is a mirror".to_string()),
+    }
+}
+
+/// What `clone list|show` and `mirror list|show` report of one session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: SessionId,
+    pub kind: SessionKind,
+    /// Clone: the source; mirror: the standard volume.
+    pub source: String,
+    /// Clone: the destination; mirror: the BCV.
+    pub target: String,
+    pub state: SessionState,
+    pub mode: Option<MirrorMode>,
+    /// The source's session slots this session holds.
+    pub slots: Vec<u8>,
+    pub extents: Vec<Extent>,
+    /// Tracks the current copy has to move, moved, and still to move.
+    pub tracks_total: u64,
+    pub tracks_copied: u64,
+    pub tracks_remaining: u64,
+    /// Never decreases within a copy and never exceeds 100.
+    pub percent: f64,
+    pub rate_bytes_per_second: u64,
+    pub eta_seconds: Option<u64>,
+    /// The copy rate limit, when one is set for the session.
+    pub rate_limit_mebibytes_per_second: Option<u32>,
+    /// Tracks copied by the last completed pass or command (seed 001's example counts them).
+    pub tracks_copied_last: u64,
+    /// Async mirrors: changed tracks not yet on the BCV, and the age of the oldest.
+    pub lag_tracks: u64,
+    pub lag_seconds: u64,
+    pub error: Option<String>,
+    pub created_unix_seconds: u64,
+    /// Mirrors: the order of their last split (rotate re-uses the oldest).
+    pub split_sequence: u64,
+}
+
+/// One track in flight between nodes: its bytes and a CRC-32C per 4 KiB block, computed
+/// from the source's verified read and checked by the target before it stores the track.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackImage {
+    pub track: u64,
+    pub data: Vec<u8>,
+    pub checksums: Vec<u32>,
+}
+
+/// What a session's source node asks of the node holding the session's target volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetOperation {
+    /// Take the volume as the target of `session` (the seed's descriptor "with the target
+    /// too"): it is refused when the volume already is another session's target.
+    Register {
+        session: SessionId,
+        kind: SessionKind,
+        source_node: String,
+        source: String,
+    },
+    /// Release the volume at the end of the session.
+    Unregister { session: SessionId },
+    /// Whether a clone's destination pulls invalid tracks from the source on first access.
+    SetPulls { session: SessionId, pulls: bool },
+    /// Store a track; with `only_if_invalid`, only while the track is still invalid (a host
+    /// may have written it since). Clears the track's invalid bit. Answers whether stored.
+    PutTrack {
+        session: SessionId,
+        image: TrackImage,
+        only_if_invalid: bool,
+        synced: bool,
+    },
+    /// Read a track (a restore brings the BCV's tracks back).
+    GetTrack { session: SessionId, track: u64 },
+    SetReadiness {
+        session: SessionId,
+        readiness: crate::messages::Readiness,
+    },
+    /// Turn tracking of host writes (target-changed bits) on or off; clears the bits.
+    TrackChanges { session: SessionId, tracking: bool },
+    /// The tracks hosts changed since the split.
+    ChangedTracks { session: SessionId },
+    /// Mark tracks invalid (a clone's indirect list).
+    SetInvalid {
+        session: SessionId,
+        extents: Vec<crate::messages::Extent>,
+    },
+    CountInvalid { session: SessionId },
+}
+
+/// The target node's answer to a [`TargetOperation`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetAnswer {
+    Done,
+    Stored(bool),
+    Track(TrackImage),
+    Tracks(Vec<u64>),
+    Count(u64),
+    /// The volume's geometry, answered to `Register`.
+    Registered {
+        track_size_bytes: u32,
+        track_count: u64,
+    },
+}

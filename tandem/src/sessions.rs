@@ -1,0 +1,459 @@
+//! `tandem clone ...` and `tandem mirror ...`: copy-session commands, listings and the
+//! `--wait` progress bar.
+
+use crate::{Connection, Session};
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use protocol::messages::{Extent, Request, Response};
+use protocol::session::{MirrorMode, SessionCommand, SessionInfo, SessionKind};
+use std::time::Duration;
+
+/// How often `--wait` asks for progress.
+const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Subcommand)]
+pub enum CloneCommand {
+    /// Set up a clone of SRC into DST: DST becomes not-ready and every track of the
+    /// extents is listed to copy (seed 001 CREATE).
+    Create {
+        source: String,
+        target: String,
+        /// Start copying at once, before activation; host writes re-queue copied tracks.
+        #[arg(long)]
+        precopy: bool,
+        /// Tracks FIRST-LAST to clone; repeat for several. Default: the whole volume.
+        #[arg(long = "extent")]
+        extents: Vec<Extent>,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// Start the precopy loop of a created clone (DST stays not-ready).
+    Precopy {
+        target: String,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// Take the point in time now: DST becomes ready at once and the rest is copied in
+    /// the background (copy before write on SRC, copy on first access on DST).
+    Activate {
+        target: String,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// End a clone whose tracks are all copied, freeing SRC's session slots.
+    Terminate {
+        target: String,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// List clone sessions.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show one clone session by its destination.
+    Show {
+        target: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MirrorCommand {
+    /// Make BCV a mirror of STD: BCV becomes not-ready and every track is copied; once
+    /// synchronized, host writes to STD reach BCV (seed 002 ESTABLISH).
+    Establish {
+        standard: String,
+        bcv: String,
+        /// sync: a write is acknowledged after BCV has it; async: shipped in the background.
+        #[arg(long, default_value = "sync")]
+        mode: MirrorMode,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// Detach a synchronized BCV with the image of this instant; it becomes ready.
+    Split {
+        bcv: String,
+        /// Send down a cascade below the BCV only the tracks changed since the last split.
+        #[arg(long)]
+        differential: bool,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// Re-attach a split BCV, copying only tracks changed on either side.
+    Reestablish {
+        bcv: String,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// Copy BCV back onto its standard: all tracks, or with --incremental only changed ones.
+    Restore {
+        bcv: String,
+        #[arg(long)]
+        incremental: bool,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// End the mirror relationship and free the standard's slot.
+    Cancel {
+        bcv: String,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// Reestablish the oldest split BCV of STD and split it again (a rotating history).
+    Rotate {
+        standard: String,
+        #[command(flatten)]
+        options: CommandOptions,
+    },
+    /// List mirror sessions.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show one mirror session by its BCV.
+    Show {
+        bcv: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct CommandOptions {
+    /// Show a progress bar until the session reaches its next resting state.
+    #[arg(long)]
+    wait: bool,
+    /// Limit this session's copy rate, in MiB/s (changeable while it runs).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    rate: Option<u32>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+pub async fn clone(command: CloneCommand) -> Result<()> {
+    let (command, options) = match command {
+        CloneCommand::List { json, connection } => {
+            return list(&connection, SessionKind::Clone, json).await
+        }
+        CloneCommand::Show {
+            target,
+            json,
+            connection,
+        } => return show(&connection, SessionKind::Clone, &target, json).await,
+        CloneCommand::Create {
+            source,
+            target,
+            precopy,
+            extents,
+            options,
+        } => (
+            SessionCommand::CloneCreate {
+                source,
+                target,
+                precopy,
+                extents,
+            },
+            options,
+        ),
+        CloneCommand::Precopy { target, options } => {
+            (SessionCommand::ClonePrecopy { target }, options)
+        }
+        CloneCommand::Activate { target, options } => {
+            (SessionCommand::CloneActivate { target }, options)
+        }
+        CloneCommand::Terminate { target, options } => {
+            (SessionCommand::CloneTerminate { target }, options)
+        }
+    };
+    run_command(command, options, SessionKind::Clone).await
+}
+
+pub async fn mirror(command: MirrorCommand) -> Result<()> {
+    let (command, options) = match command {
+        MirrorCommand::List { json, connection } => {
+            return list(&connection, SessionKind::Mirror, json).await
+        }
+        MirrorCommand::Show {
+            bcv,
+            json,
+            connection,
+        } => return show(&connection, SessionKind::Mirror, &bcv, json).await,
+        MirrorCommand::Establish {
+            standard,
+            bcv,
+            mode,
+            options,
+        } => (
+            SessionCommand::MirrorEstablish {
+                standard,
+                bcv,
+                mode,
+            },
+            options,
+        ),
+        MirrorCommand::Split {
+            bcv,
+            differential,
+            options,
+        } => (SessionCommand::MirrorSplit { bcv, differential }, options),
+        MirrorCommand::Reestablish { bcv, options } => {
+            (SessionCommand::MirrorReestablish { bcv }, options)
+        }
+        MirrorCommand::Restore {
+            bcv,
+            incremental,
+            options,
+        } => (SessionCommand::MirrorRestore { bcv, incremental }, options),
+        MirrorCommand::Cancel { bcv, options } => (SessionCommand::MirrorCancel { bcv }, options),
+        MirrorCommand::Rotate { standard, options } => {
+            (SessionCommand::MirrorRotate { standard }, options)
+        }
+    };
+    run_command(command, options, SessionKind::Mirror).await
+}
+
+async fn run_command(
+    command: SessionCommand,
+    options: CommandOptions,
+    kind: SessionKind,
+) -> Result<()> {
+    let session = Session::open(&options.connection).await?;
+    let result = run_on(&session, command, &options, kind).await;
+    session.close().await;
+    result
+}
+
+async fn run_on(
+    session: &Session,
+    command: SessionCommand,
+    options: &CommandOptions,
+    kind: SessionKind,
+) -> Result<()> {
+    let name = command.name();
+    let response = session.call(Request::Session { command }).await?;
+    let Response::Session(info) = response else {
+        bail!("unexpected answer from the node: {response:?}");
+    };
+    let Some(mut info) = info else {
+        if options.json {
+            println!("{}", serde_json::json!({ "command": name, "ended": true }));
+        } else {
+            println!("{name}: the session has ended and its slots are free");
+        }
+        return Ok(());
+    };
+    if let Some(rate) = options.rate {
+        let response = session
+            .call(Request::Session {
+                command: SessionCommand::SetRate {
+                    target: info.target.clone(),
+                    mebibytes_per_second: Some(rate),
+                },
+            })
+            .await?;
+        if let Response::Session(Some(updated)) = response {
+            info = updated;
+        }
+    }
+    if options.wait {
+        info = wait(session, kind, &info.target, options.json).await?;
+    }
+    if options.json {
+        println!("{}", session_json(&info));
+    } else {
+        println!("{name}: {}", describe(&info));
+    }
+    Ok(())
+}
+
+/// Polls the session until it rests, with a progress bar on a terminal.
+async fn wait(
+    session: &Session,
+    kind: SessionKind,
+    target: &str,
+    quiet: bool,
+) -> Result<SessionInfo> {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(1000)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {percent:>3}% {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    loop {
+        let response = session
+            .call(Request::SessionShow {
+                kind,
+                target: target.to_string(),
+            })
+            .await?;
+        let Response::Session(Some(info)) = response else {
+            bail!("unexpected answer from the node: {response:?}");
+        };
+        bar.set_prefix(format!("{} {}", info.target, info.state));
+        bar.set_position((info.percent * 10.0) as u64);
+        bar.set_message(format!(
+            "{}/{} tracks, {}/s, eta {}",
+            info.tracks_copied,
+            info.tracks_total,
+            human_bytes(info.rate_bytes_per_second),
+            info.eta_seconds
+                .map_or_else(|| "?".to_string(), |seconds| format!("{seconds}s"))
+        ));
+        if let Some(error) = &info.error {
+            bar.set_message(format!("retrying after: {error}"));
+        }
+        // A precopy rests while it runs; waiting on it means waiting until it caught up.
+        let caught_up =
+            info.state != protocol::session::SessionState::Precopying || info.tracks_remaining == 0;
+        if info.state.is_resting() && caught_up {
+            bar.finish_and_clear();
+            return Ok(info);
+        }
+        tokio::time::sleep(WAIT_POLL_INTERVAL).await;
+    }
+}
+
+async fn list(connection: &Connection, kind: SessionKind, json: bool) -> Result<()> {
+    let response = crate::call(connection, Request::SessionList { kind: Some(kind) }).await?;
+    let Response::Sessions(sessions) = response else {
+        bail!("unexpected answer from the node: {response:?}");
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::Value::Array(sessions.iter().map(session_json).collect())
+        );
+        return Ok(());
+    }
+    if sessions.is_empty() {
+        println!("no {kind} sessions");
+        return Ok(());
+    }
+    println!(
+        "{:<6} {:<20} {:<20} {:<13} {:>7} {:>12} {:>10}",
+        "ID", "SOURCE", "TARGET", "STATE", "PERCENT", "REMAINING", "RATE/s"
+    );
+    for info in &sessions {
+        println!(
+            "{:<6} {:<20} {:<20} {:<13} {:>6.1}% {:>12} {:>10}",
+            info.id,
+            info.source,
+            info.target,
+            info.state.to_string(),
+            info.percent,
+            info.tracks_remaining,
+            human_bytes(info.rate_bytes_per_second)
+        );
+    }
+    Ok(())
+}
+
+async fn show(connection: &Connection, kind: SessionKind, target: &str, json: bool) -> Result<()> {
+    let response = crate::call(
+        connection,
+        Request::SessionShow {
+            kind,
+            target: target.to_string(),
+        },
+    )
+    .await?;
+    let Response::Session(Some(info)) = response else {
+        bail!("unexpected answer from the node: {response:?}");
+    };
+    if json {
+        println!("{}", session_json(&info));
+    } else {
+        println!("{}", describe(&info));
+        println!("  slots {:?}, extents {}", info.slots, extents_text(&info.extents));
+        println!(
+            "  tracks: {} copied, {} remaining, {} total; last copy moved {}",
+            info.tracks_copied, info.tracks_remaining, info.tracks_total, info.tracks_copied_last
+        );
+        if let Some(mode) = info.mode {
+            println!(
+                "  mode {mode}, lag {} tracks / {} s",
+                info.lag_tracks, info.lag_seconds
+            );
+        }
+        if let Some(error) = &info.error {
+            println!("  last error: {error}");
+        }
+    }
+    Ok(())
+}
+
+fn extents_text(extents: &[Extent]) -> String {
+    extents
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe(info: &SessionInfo) -> String {
+    format!(
+        "{} {} -> {} is {} ({:.1}%, {} of {} tracks copied, {} remaining)",
+        info.kind,
+        info.source,
+        info.target,
+        info.state,
+        info.percent,
+        info.tracks_copied,
+        info.tracks_total,
+        info.tracks_remaining
+    )
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+pub fn session_json(info: &SessionInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": info.id,
+        "kind": info.kind.to_string(),
+        "source": info.source,
+        "target": info.target,
+        "state": info.state.to_string(),
+        "mode": info.mode.map(|mode| mode.to_string()),
+        "slots": info.slots,
+        "extents": info.extents.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "tracks_total": info.tracks_total,
+        "tracks_copied": info.tracks_copied,
+        "tracks_remaining": info.tracks_remaining,
+        "tracks_copied_last": info.tracks_copied_last,
+        "percent": info.percent,
+        "rate_bytes_per_second": info.rate_bytes_per_second,
+        "eta_seconds": info.eta_seconds,
+        "rate_limit_mebibytes_per_second": info.rate_limit_mebibytes_per_second,
+        "lag_tracks": info.lag_tracks,
+        "lag_seconds": info.lag_seconds,
+        "error": info.error,
+        "split_sequence": info.split_sequence,
+    })
+}
