@@ -110,9 +110,7 @@ impl Error {
             | Error::SessionNotFound { .. } => ErrorCode::NotFound,
             Error::SessionRefused { .. }
             | Error::VolumeNotReady { .. }
-            | Error::VolumeInSession { .. } => {
-                ErrorCode::IllegalState
-            }
+            | Error::VolumeInSession { .. } => ErrorCode::IllegalState,
             Error::VolumeExists { .. } => ErrorCode::AlreadyExists,
             Error::VolumeNameInvalid { .. }
             | Error::VolumeSizeInvalid { .. }

@@ -7,8 +7,8 @@
 //! they finish. Readiness is checked on every request, so a volume made `not-ready` or
 //! `read-only` while a host is connected takes effect at once.
 
-use crate::engine::{Durability, Engine};
 use crate::copy::Sessions;
+use crate::engine::{Durability, Engine};
 use crate::store::{Volume, VolumeStore};
 use crate::Error;
 use protocol::messages::Readiness;

@@ -2,8 +2,8 @@
 //! driver: validation lives in the store); cluster requests go to the control plane, in
 //! this process when it hosts a member, else to a member named in the config.
 
-use crate::engine::Engine;
 use crate::copy::Sessions;
+use crate::engine::Engine;
 use crate::store::VolumeStore;
 use crate::{Error, Result};
 use control_plane::caller::Caller;
@@ -151,7 +151,7 @@ async fn serve_cluster<E: Engine>(
             )
             .await
         }
-        Route::Refuse(response) => response,
+        Route::Refuse(response) => *response,
     }
 }
 
@@ -207,7 +207,7 @@ enum Route<'a> {
     Local(&'a Arc<ControlPlane>),
     /// To the configured members, one pass more.
     Members,
-    Refuse(Response),
+    Refuse(Box<Response>),
 }
 
 fn route_to<E: Engine>(service: &Service<E>, hops: u8, local_only: bool) -> Route<'_> {
@@ -221,13 +221,13 @@ fn route_to<E: Engine>(service: &Service<E>, hops: u8, local_only: bool) -> Rout
         // A node that is no member, or a member not yet in any cluster (before
         // `cluster add-member`), asks the configured members, within the hop budget.
         _ if hops < CLUSTER_REQUEST_HOPS_MAX => Route::Members,
-        _ => Route::Refuse(refuse(
+        _ => Route::Refuse(Box::new(refuse(
             ErrorCode::Unavailable,
             format!(
                 "node {} knows no leader and the request has been passed on {hops} times already",
                 service.identity.name
             ),
-        )),
+        ))),
     }
 }
 

@@ -875,7 +875,14 @@ impl<E: Engine> VolumeStore<E> {
         data: &[u8],
         durability: Durability,
     ) -> Result<()> {
-        self.write_or_zero(volume, offset, data.len() as u64, Some(data), durability, true)
+        self.write_or_zero(
+            volume,
+            offset,
+            data.len() as u64,
+            Some(data),
+            durability,
+            true,
+        )
     }
 
     /// Writes `data` at `offset` as a copy session's data mover does: the bytes land, but
@@ -888,7 +895,14 @@ impl<E: Engine> VolumeStore<E> {
         data: &[u8],
         durability: Durability,
     ) -> Result<()> {
-        self.write_or_zero(volume, offset, data.len() as u64, Some(data), durability, false)
+        self.write_or_zero(
+            volume,
+            offset,
+            data.len() as u64,
+            Some(data),
+            durability,
+            false,
+        )
     }
 
     /// Makes a range read as zeros (NBD WRITE_ZEROES and TRIM). Zeroed blocks take no
@@ -1262,7 +1276,13 @@ impl<E: Engine> VolumeStore<E> {
 
     /// The first `limit` tracks at or after `from` whose chosen bit is set, wrapping
     /// around to the start so a copier that keeps a cursor visits every track in turn.
-    pub fn next_set(&self, volume: &Volume, bits: Bits, from: u64, limit: usize) -> Result<Vec<u64>> {
+    pub fn next_set(
+        &self,
+        volume: &Volume,
+        bits: Bits,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>> {
         let mut tracks = Vec::new();
         let last = volume.track_count() - 1;
         let from = from.min(last);

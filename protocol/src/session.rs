@@ -316,9 +316,14 @@ pub enum TargetOperation {
         source: String,
     },
     /// Release the volume at the end of the session.
-    Unregister { session: SessionId },
+    Unregister {
+        session: SessionId,
+    },
     /// Whether a clone's destination pulls invalid tracks from the source on first access.
-    SetPulls { session: SessionId, pulls: bool },
+    SetPulls {
+        session: SessionId,
+        pulls: bool,
+    },
     /// Store a track; with `only_if_invalid`, only while the track is still invalid (a host
     /// may have written it since). Clears the track's invalid bit. Answers whether stored.
     PutTrack {
@@ -328,21 +333,31 @@ pub enum TargetOperation {
         synced: bool,
     },
     /// Read a track (a restore brings the BCV's tracks back).
-    GetTrack { session: SessionId, track: u64 },
+    GetTrack {
+        session: SessionId,
+        track: u64,
+    },
     SetReadiness {
         session: SessionId,
         readiness: crate::messages::Readiness,
     },
     /// Turn tracking of host writes (target-changed bits) on or off; clears the bits.
-    TrackChanges { session: SessionId, tracking: bool },
+    TrackChanges {
+        session: SessionId,
+        tracking: bool,
+    },
     /// The tracks hosts changed since the split.
-    ChangedTracks { session: SessionId },
+    ChangedTracks {
+        session: SessionId,
+    },
     /// Mark tracks invalid (a clone's indirect list).
     SetInvalid {
         session: SessionId,
         extents: Vec<crate::messages::Extent>,
     },
-    CountInvalid { session: SessionId },
+    CountInvalid {
+        session: SessionId,
+    },
 }
 
 /// The target node's answer to a [`TargetOperation`].

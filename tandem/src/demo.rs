@@ -82,7 +82,10 @@ async fn wait_for_registration(connection: &quinn::Connection, node: &str) -> Re
 }
 
 /// Sends a copy-session command to the node.
-async fn session(connection: &quinn::Connection, command: SessionCommand) -> Result<Option<SessionInfo>> {
+async fn session(
+    connection: &quinn::Connection,
+    command: SessionCommand,
+) -> Result<Option<SessionInfo>> {
     let response: Response =
         protocol::transport::call(connection, &Request::Session { command }).await?;
     match response {
@@ -93,7 +96,11 @@ async fn session(connection: &quinn::Connection, command: SessionCommand) -> Res
 }
 
 /// Waits until a session has nothing left to copy and rests.
-async fn settled(connection: &quinn::Connection, kind: SessionKind, target: &str) -> Result<SessionInfo> {
+async fn settled(
+    connection: &quinn::Connection,
+    kind: SessionKind,
+    target: &str,
+) -> Result<SessionInfo> {
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let response: Response = protocol::transport::call(
@@ -110,7 +117,10 @@ async fn settled(connection: &quinn::Connection, kind: SessionKind, target: &str
         if info.state.is_resting() && info.tracks_remaining == 0 {
             return Ok(info);
         }
-        ensure!(Instant::now() < deadline, "{target} did not finish copying: {info:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "{target} did not finish copying: {info:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
@@ -139,7 +149,10 @@ async fn sessions_demo(
     create_volume(connection, CLONE).await?;
     create_volume(connection, BCV).await?;
     let image_offset = 8 << 20;
-    let before = host.read(image_offset, 1 << 20).await?.context("NBD read")?;
+    let before = host
+        .read(image_offset, 1 << 20)
+        .await?
+        .context("NBD read")?;
     session(
         connection,
         SessionCommand::CloneCreate {
@@ -150,19 +163,36 @@ async fn sessions_demo(
         },
     )
     .await?;
-    let activated = session(connection, SessionCommand::CloneActivate { target: CLONE.to_string() })
-        .await?
-        .context("the clone ended on activation")?;
+    let activated = session(
+        connection,
+        SessionCommand::CloneActivate {
+            target: CLONE.to_string(),
+        },
+    )
+    .await?
+    .context("the clone ended on activation")?;
     // The source is rewritten at once: copy before write keeps the clone's point in time.
     host.write(image_offset, &pattern(200, 1 << 20), true)
         .await?
         .context("NBD write")?;
     let mut clone = NbdClient::connect(nbd_address, CLONE).await?;
-    let from_clone = clone.read(image_offset, 1 << 20).await?.context("NBD read")?;
-    ensure!(from_clone == before, "the clone does not hold the source's image of its activation");
+    let from_clone = clone
+        .read(image_offset, 1 << 20)
+        .await?
+        .context("NBD read")?;
+    ensure!(
+        from_clone == before,
+        "the clone does not hold the source's image of its activation"
+    );
     clone.disconnect().await?;
     let copied = settled(connection, SessionKind::Clone, CLONE).await?;
-    session(connection, SessionCommand::CloneTerminate { target: CLONE.to_string() }).await?;
+    session(
+        connection,
+        SessionCommand::CloneTerminate {
+            target: CLONE.to_string(),
+        },
+    )
+    .await?;
     println!(
         "7. cloned {VOLUME} -> {CLONE}: ready at activation with {} tracks still to copy; the source was rewritten at once and the clone kept the old image (copy before write); {} tracks copied, clone terminated",
         activated.tracks_remaining, copied.tracks_copied
@@ -178,8 +208,17 @@ async fn sessions_demo(
     )
     .await?;
     let established = settled(connection, SessionKind::Mirror, BCV).await?;
-    host.write(0, &pattern(77, 4096), true).await?.context("NBD write")?;
-    session(connection, SessionCommand::MirrorSplit { bcv: BCV.to_string(), differential: false }).await?;
+    host.write(0, &pattern(77, 4096), true)
+        .await?
+        .context("NBD write")?;
+    session(
+        connection,
+        SessionCommand::MirrorSplit {
+            bcv: BCV.to_string(),
+            differential: false,
+        },
+    )
+    .await?;
     let mut bcv = NbdClient::connect(nbd_address, BCV).await?;
     ensure!(
         bcv.read(0, 4096).await?.context("NBD read")? == pattern(77, 4096),
@@ -187,14 +226,35 @@ async fn sessions_demo(
     );
     bcv.disconnect().await?;
     for track in [3u64, 500, 1000] {
-        host.write(track * u64::from(TRACK_BYTES), &pattern(track as u8, 4096), false)
-            .await?
-            .context("NBD write")?;
+        host.write(
+            track * u64::from(TRACK_BYTES),
+            &pattern(track as u8, 4096),
+            false,
+        )
+        .await?
+        .context("NBD write")?;
     }
-    session(connection, SessionCommand::MirrorReestablish { bcv: BCV.to_string() }).await?;
+    session(
+        connection,
+        SessionCommand::MirrorReestablish {
+            bcv: BCV.to_string(),
+        },
+    )
+    .await?;
     let resynced = settled(connection, SessionKind::Mirror, BCV).await?;
-    ensure!(resynced.tracks_copied_last == 3, "reestablish copied {} tracks, not the 3 changed", resynced.tracks_copied_last);
-    session(connection, SessionCommand::MirrorSplit { bcv: BCV.to_string(), differential: false }).await?;
+    ensure!(
+        resynced.tracks_copied_last == 3,
+        "reestablish copied {} tracks, not the 3 changed",
+        resynced.tracks_copied_last
+    );
+    session(
+        connection,
+        SessionCommand::MirrorSplit {
+            bcv: BCV.to_string(),
+            differential: false,
+        },
+    )
+    .await?;
     println!(
         "8. mirrored {VOLUME} -> {BCV} (sync): established with {} tracks, split with a write the mirror acknowledged, 3 tracks rewritten, reestablished copying exactly {} tracks, split again",
         established.tracks_copied_last, resynced.tracks_copied_last

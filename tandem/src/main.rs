@@ -570,7 +570,8 @@ fn init(dir: PathBuf, nodes: Vec<String>, site: String) -> Result<()> {
             capacity_bytes: None,
             fault_injection: false,
             raft_compact_after_entries: None,
-            copy_rate_mebibytes_per_second: node::config::NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
+            copy_rate_mebibytes_per_second:
+                node::config::NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
             name: name.clone(),
             site: site.clone(),
             data_dir: certs.join("data").join(name),
@@ -657,7 +658,8 @@ async fn run_node(arguments: NodeArguments) -> Result<()> {
             capacity_bytes: None,
             fault_injection: arguments.fault_injection,
             raft_compact_after_entries: arguments.raft_compact_after_entries,
-            copy_rate_mebibytes_per_second: node::config::NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
+            copy_rate_mebibytes_per_second:
+                node::config::NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
         },
     };
     let mut running = node::runtime::start(&config).await?;

@@ -291,11 +291,9 @@ async fn wait(
         indicatif::ProgressBar::new(1000)
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:40}] {percent:>3}% {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {percent:>3}% {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     loop {
         let response = session
@@ -382,7 +380,11 @@ async fn show(connection: &Connection, kind: SessionKind, target: &str, json: bo
         println!("{}", session_json(&info));
     } else {
         println!("{}", describe(&info));
-        println!("  slots {:?}, extents {}", info.slots, extents_text(&info.extents));
+        println!(
+            "  slots {:?}, extents {}",
+            info.slots,
+            extents_text(&info.extents)
+        );
         println!(
             "  tracks: {} copied, {} remaining, {} total; last copy moved {}",
             info.tracks_copied, info.tracks_remaining, info.tracks_total, info.tracks_copied_last

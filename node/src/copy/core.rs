@@ -162,10 +162,7 @@ mod tests {
         let mut limit = RateLimit::new(1_000, Duration::ZERO);
         assert_eq!(limit.take(500, Duration::ZERO), Duration::from_millis(500));
         // Half a second later the debt is paid.
-        assert_eq!(
-            limit.take(0, Duration::from_millis(500)),
-            Duration::ZERO
-        );
+        assert_eq!(limit.take(0, Duration::from_millis(500)), Duration::ZERO);
         // Credit is capped at a quarter second.
         let wait = limit.take(1_000, Duration::from_secs(10));
         assert_eq!(wait, Duration::from_millis(750));

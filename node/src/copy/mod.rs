@@ -200,9 +200,11 @@ impl<E: Engine> Sessions<E> {
     pub fn open(store: Arc<VolumeStore<E>>, node_rate_mebibytes_per_second: u32) -> Result<Self> {
         let mut records = Vec::new();
         let mut failure = None;
-        store
-            .engine()
-            .scan(Space::Meta, SESSION_KEY_PREFIX, SESSION_KEY_END, &mut |key, value| {
+        store.engine().scan(
+            Space::Meta,
+            SESSION_KEY_PREFIX,
+            SESSION_KEY_END,
+            &mut |key, value| {
                 match protocol::codec::decode::<SessionRecord>(value) {
                     Ok(record) => records.push(record),
                     Err(error) => {
@@ -214,12 +216,17 @@ impl<E: Engine> Sessions<E> {
                     }
                 }
                 true
-            })?;
+            },
+        )?;
         if let Some(error) = failure {
             return Err(error);
         }
         let epoch = Instant::now();
-        let next_id = records.iter().map(|record| record.id + 1).max().unwrap_or(1);
+        let next_id = records
+            .iter()
+            .map(|record| record.id + 1)
+            .max()
+            .unwrap_or(1);
         let sessions = records
             .into_iter()
             .map(|record| (record.id, Self::live(record, epoch)))
@@ -260,7 +267,11 @@ impl<E: Engine> Sessions<E> {
 
     fn persist(&self, record: &SessionRecord) -> Result<()> {
         let mut batch = Batch::default();
-        batch.put(Space::Meta, session_key(record.id), protocol::codec::encode(record)?);
+        batch.put(
+            Space::Meta,
+            session_key(record.id),
+            protocol::codec::encode(record)?,
+        );
         self.store.engine().write(batch, Durability::Synced)
     }
 
@@ -299,8 +310,7 @@ impl<E: Engine> Sessions<E> {
     fn pulls_for(record: &SessionRecord, volume: &Volume) -> bool {
         match record.kind {
             SessionKind::Clone => {
-                record.target == volume.name
-                    && core::clone_target_access_pulls(record.state, true)
+                record.target == volume.name && core::clone_target_access_pulls(record.state, true)
             }
             SessionKind::Mirror => {
                 record.source == volume.name && record.state == SessionState::Restoring
@@ -587,9 +597,7 @@ impl<E: Engine> Sessions<E> {
         let mut outcome = StepOutcome::default();
         for track in &tracks {
             let track = *track;
-            let _tracks = self
-                .locks
-                .lock([(source.id, track), (target.id, track)]);
+            let _tracks = self.locks.lock([(source.id, track), (target.id, track)]);
             if !self.store.test_bit(scan_volume, scan_bits, track)? {
                 continue;
             }
@@ -692,6 +700,9 @@ impl<E: Engine> Sessions<E> {
                 })?
                 .unwrap_or(live.record.state);
             if next != live.record.state {
+                // The new state may have work of its own (an attached mirror ships the
+                // writes made during its restore), so this step does not count as idle.
+                outcome.idle = false;
                 live.record.state = next;
                 live.record.progress.percent(0);
                 let record = live.record.clone();
@@ -717,10 +728,9 @@ impl<E: Engine> Sessions<E> {
         }
         let session_wait = {
             let mut table = self.table.lock();
-            table
-                .sessions
-                .get_mut(&id)
-                .map_or(Duration::ZERO, |live| live.limit.take(outcome.bytes_copied, now))
+            table.sessions.get_mut(&id).map_or(Duration::ZERO, |live| {
+                live.limit.take(outcome.bytes_copied, now)
+            })
         };
         let node_wait = self.node_limit.lock().take(outcome.bytes_copied, now);
         outcome.wait = session_wait.max(node_wait);
@@ -782,8 +792,7 @@ impl<E: Engine> Sessions<E> {
             let mut wait = Duration::ZERO;
             for id in self.copying() {
                 let sessions = self.clone();
-                let outcome =
-                    tokio::task::spawn_blocking(move || sessions.copy_step(id)).await;
+                let outcome = tokio::task::spawn_blocking(move || sessions.copy_step(id)).await;
                 match outcome {
                     Ok(Ok(outcome)) => {
                         worked |= !outcome.idle;
@@ -836,9 +845,10 @@ impl<E: Engine> Sessions<E> {
         let record = &live.record;
         let source = self.store.volume(&record.source)?;
         let remaining = match (record.kind, record.state) {
-            (SessionKind::Clone, SessionState::Created | SessionState::Precopying | SessionState::Active) => {
-                self.store.count_set(&source, Bits::Session(record.slot))?
-            }
+            (
+                SessionKind::Clone,
+                SessionState::Created | SessionState::Precopying | SessionState::Active,
+            ) => self.store.count_set(&source, Bits::Session(record.slot))?,
             (SessionKind::Mirror, SessionState::Restoring) => {
                 self.store.count_set(&source, Bits::Invalid)?
             }
@@ -854,10 +864,8 @@ impl<E: Engine> Sessions<E> {
         let record = &live.record;
         let eta_seconds = if remaining == 0 {
             Some(0)
-        } else if rate > 0 {
-            Some(remaining * track_bytes / rate)
         } else {
-            None
+            (remaining * track_bytes).checked_div(rate)
         };
         let lag = record.kind == SessionKind::Mirror
             && record.mode == MirrorMode::Async
@@ -1048,22 +1056,22 @@ impl<E: Engine> Sessions<E> {
             });
         }
         live.record.rate_limit_mebibytes_per_second = rate;
-        live.limit
-            .set_rate(mebibytes(rate.unwrap_or(COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND)));
+        live.limit.set_rate(mebibytes(
+            rate.unwrap_or(COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND),
+        ));
         let record = live.record.clone();
         drop(table);
         self.persist(&record)
     }
 
-    fn check_pair(
-        &self,
-        command: &SessionCommand,
-        source: &Volume,
-        target: &Volume,
-    ) -> Result<()> {
+    fn check_pair(&self, command: &SessionCommand, source: &Volume, target: &Volume) -> Result<()> {
         let session = format!("{} -> {}", source.name, target.name);
         if source.name == target.name {
-            return Err(refused(command, &session, "source and target are the same volume"));
+            return Err(refused(
+                command,
+                &session,
+                "source and target are the same volume",
+            ));
         }
         if source.track_size_bytes != target.track_size_bytes {
             return Err(refused(
@@ -1160,7 +1168,10 @@ impl<E: Engine> Sessions<E> {
             return Err(refused(
                 command,
                 &session,
-                format!("'{}' is the source of another session and cannot be overwritten", target.name),
+                format!(
+                    "'{}' is the source of another session and cannot be overwritten",
+                    target.name
+                ),
             ));
         }
         // Slots first: a 17th session fails here, before anything else changes.
@@ -1183,9 +1194,11 @@ impl<E: Engine> Sessions<E> {
         for extent in &extents {
             self.store
                 .change_bits(&source, Bits::Session(slot), *extent, true)?;
-            self.store.change_bits(&target, Bits::Invalid, *extent, true)?;
+            self.store
+                .change_bits(&target, Bits::Invalid, *extent, true)?;
         }
-        self.store.set_readiness(&target.name, Readiness::NotReady)?;
+        self.store
+            .set_readiness(&target.name, Readiness::NotReady)?;
         let record = SessionRecord {
             id: self.next_id(),
             kind: SessionKind::Clone,
@@ -1218,7 +1231,9 @@ impl<E: Engine> Sessions<E> {
             .lock()
             .sessions
             .values()
-            .find(|live| live.record.source == standard && live.record.state == SessionState::Restoring)
+            .find(|live| {
+                live.record.source == standard && live.record.state == SessionState::Restoring
+            })
             .map(|live| live.record.describe())
     }
 
@@ -1250,11 +1265,16 @@ impl<E: Engine> Sessions<E> {
                 return Err(refused(
                     command,
                     &record.describe(),
-                    format!("'{bcv}' is the BCV of '{}', not of '{standard}'", record.source),
+                    format!(
+                        "'{bcv}' is the BCV of '{}', not of '{standard}'",
+                        record.source
+                    ),
                 ));
             }
             record.mode = *mode;
-            let record = self.change(command, record)?.expect("establish keeps the session");
+            let record = self
+                .change(command, record)?
+                .expect("establish keeps the session");
             return self.replace(record);
         }
         let standard = self.store.volume(standard)?;
@@ -1292,7 +1312,9 @@ impl<E: Engine> Sessions<E> {
         };
         // A new pair starts as if split with everything changed: establishing it is then
         // the same path as re-establishing a known pair.
-        let record = self.change(command, record)?.expect("establish keeps the session");
+        let record = self
+            .change(command, record)?
+            .expect("establish keeps the session");
         tracing::info!(session = record.id, standard = %record.source, bcv = %record.target, "mirror established");
         self.replace(record)
     }
@@ -1320,7 +1342,9 @@ impl<E: Engine> Sessions<E> {
         };
         let bcv = record.target.clone();
         let reestablish = SessionCommand::MirrorReestablish { bcv: bcv.clone() };
-        let mut record = self.change(&reestablish, record)?.expect("reestablish keeps the session");
+        let mut record = self
+            .change(&reestablish, record)?
+            .expect("reestablish keeps the session");
         record.split_when_synchronized = true;
         self.replace(record)?;
         Ok(bcv)
@@ -1396,10 +1420,11 @@ impl<E: Engine> Sessions<E> {
                 // hosts changed also counts as changed since the split, so a cascade
                 // below the BCV gets it at the next differential split.
                 let mut bcv_changed = Vec::new();
-                self.store.for_each_set(&target, Bits::TargetChanged, whole, &mut |track| {
-                    bcv_changed.push(track);
-                    true
-                })?;
+                self.store
+                    .for_each_set(&target, Bits::TargetChanged, whole, &mut |track| {
+                        bcv_changed.push(track);
+                        true
+                    })?;
                 for track in bcv_changed {
                     let one = Extent::new(track, track).expect("a single track");
                     self.store
@@ -1480,11 +1505,15 @@ impl<E: Engine> Sessions<E> {
 
     fn fold_changed_into_pending(&self, standard: &Volume, slot: u8) -> Result<()> {
         let mut changed = Vec::new();
-        self.store
-            .for_each_set(standard, Bits::Session(slot), standard.whole(), &mut |track| {
+        self.store.for_each_set(
+            standard,
+            Bits::Session(slot),
+            standard.whole(),
+            &mut |track| {
                 changed.push(track);
                 true
-            })?;
+            },
+        )?;
         let changes: Vec<BitChange<'_>> = changed
             .iter()
             .map(|track| BitChange {
@@ -1545,7 +1574,9 @@ impl<E: Engine> Sessions<E> {
             .lock()
             .sessions
             .values()
-            .filter(|live| live.record.kind == SessionKind::Mirror && live.record.source == bcv.name)
+            .filter(|live| {
+                live.record.kind == SessionKind::Mirror && live.record.source == bcv.name
+            })
             .map(|live| live.record.clone())
             .collect();
         if !downstream.is_empty() {
@@ -1588,14 +1619,22 @@ impl<E: Engine> Sessions<E> {
                     self.store
                         .change_bits(bcv, Bits::Session(below.slot), bcv.whole(), true)?;
                     if attached {
-                        self.store
-                            .change_bits(bcv, Bits::Pending(below.slot), bcv.whole(), true)?;
+                        self.store.change_bits(
+                            bcv,
+                            Bits::Pending(below.slot),
+                            bcv.whole(),
+                            true,
+                        )?;
                     }
                 }
             }
         }
-        self.store
-            .change_bits(standard, Bits::Session(record.slot), standard.whole(), false)?;
+        self.store.change_bits(
+            standard,
+            Bits::Session(record.slot),
+            standard.whole(),
+            false,
+        )?;
         let mut marks = self.store.write_marks(standard);
         marks.pending &= !(1 << record.slot);
         self.store.set_write_marks(standard, marks)?;
@@ -1642,9 +1681,10 @@ impl<E: Engine> Sessions<E> {
             .filter(|live| live.record.source == standard.name && live.record.id != record.id)
             .map(|live| live.record.clone())
             .collect();
-        if let Some(clone) = others.iter().find(|other| {
-            other.kind == SessionKind::Clone && other.state != SessionState::Copied
-        }) {
+        if let Some(clone) = others
+            .iter()
+            .find(|other| other.kind == SessionKind::Clone && other.state != SessionState::Copied)
+        {
             return Err(refused(
                 command,
                 &record.describe(),
@@ -1661,7 +1701,10 @@ impl<E: Engine> Sessions<E> {
             return Err(refused(
                 command,
                 &record.describe(),
-                format!("the standard is already being restored by {}", restoring.describe()),
+                format!(
+                    "the standard is already being restored by {}",
+                    restoring.describe()
+                ),
             ));
         }
         let mut tracks = Vec::new();
@@ -1699,7 +1742,10 @@ impl<E: Engine> Sessions<E> {
             self.store
                 .change_bits(standard, Bits::Invalid, standard.whole(), true)?;
         }
-        for other in others.iter().filter(|other| other.kind == SessionKind::Mirror) {
+        for other in others
+            .iter()
+            .filter(|other| other.kind == SessionKind::Mirror)
+        {
             let attached = standard_marks.pending & (1 << other.slot) != 0;
             if incremental {
                 for track in &tracks {
@@ -1719,8 +1765,12 @@ impl<E: Engine> Sessions<E> {
                     }
                 }
             } else {
-                self.store
-                    .change_bits(standard, Bits::Session(other.slot), standard.whole(), true)?;
+                self.store.change_bits(
+                    standard,
+                    Bits::Session(other.slot),
+                    standard.whole(),
+                    true,
+                )?;
                 if attached {
                     self.store.change_bits(
                         standard,
@@ -1734,8 +1784,12 @@ impl<E: Engine> Sessions<E> {
         for chunk in changes.chunks(4096) {
             self.store.change_track_bits(chunk, Durability::Synced)?;
         }
-        self.store
-            .change_bits(standard, Bits::Session(record.slot), standard.whole(), false)?;
+        self.store.change_bits(
+            standard,
+            Bits::Session(record.slot),
+            standard.whole(),
+            false,
+        )?;
         // The BCV goes back to being the standard's mirror: not ready to its own hosts,
         // host writes to the standard reach it once the restore is done.
         self.attach(standard, bcv, record.slot, standard_marks)?;

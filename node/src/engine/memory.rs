@@ -97,11 +97,10 @@ impl Engine for MemoryEngine {
                             .get(&Space::Bitmaps)
                             .and_then(|map| map.get(key).cloned()),
                     };
-                    let merged =
-                        bitmap::full_merge(key, existing.as_deref(), [operand.as_slice()])
-                            .ok_or_else(|| crate::Error::Engine {
-                                detail: format!("bitmap merge failed for key {key:02x?}"),
-                            })?;
+                    let merged = bitmap::full_merge(key, existing.as_deref(), [operand.as_slice()])
+                        .ok_or_else(|| crate::Error::Engine {
+                            detail: format!("bitmap merge failed for key {key:02x?}"),
+                        })?;
                     overlay.insert((Space::Bitmaps, key.clone()), Some(merged));
                 }
             }
@@ -125,7 +124,10 @@ impl Engine for MemoryEngine {
                 Operation::MergeBitmap { key, .. } => {
                     // Checked above: the overlay holds the merged value.
                     if let Some(Some(merged)) = overlay.remove(&(Space::Bitmaps, key.clone())) {
-                        spaces.entry(Space::Bitmaps).or_default().insert(key, merged);
+                        spaces
+                            .entry(Space::Bitmaps)
+                            .or_default()
+                            .insert(key, merged);
                     }
                 }
             }

@@ -68,7 +68,8 @@ impl NodeFixture {
             capacity_bytes: None,
             fault_injection: false,
             raft_compact_after_entries: None,
-            copy_rate_mebibytes_per_second: node::config::NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
+            copy_rate_mebibytes_per_second:
+                node::config::NODE_COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND,
         };
         let node = node::runtime::start(&config).await.unwrap();
         NodeFixture { directory, node }

@@ -3,7 +3,7 @@
 mod bitmaps;
 mod common;
 mod nbd;
-mod snapshots;
-mod store;
 mod sessions;
 mod sessions_model;
+mod snapshots;
+mod store;

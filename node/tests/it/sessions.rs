@@ -59,7 +59,9 @@ fn write_track<E: Engine>(sessions: &Sessions<E>, volume: &str, track: u64, byte
 fn stored_track<E: Engine>(store: &VolumeStore<E>, volume: &str, track: u64) -> Vec<u8> {
     let handle = store.volume(volume).unwrap();
     let track_bytes = u64::from(handle.track_size_bytes);
-    store.read(&handle, track * track_bytes, track_bytes).unwrap()
+    store
+        .read(&handle, track * track_bytes, track_bytes)
+        .unwrap()
 }
 
 fn whole<E: Engine>(store: &VolumeStore<E>, volume: &str) -> Vec<u8> {
@@ -94,8 +96,7 @@ async fn wait_resting(fixture: &NodeFixture, kind: SessionKind, target: &str) ->
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let info = fixture.node.sessions.show(kind, target).unwrap();
-        let caught_up =
-            info.state != SessionState::Precopying || info.tracks_remaining == 0;
+        let caught_up = info.state != SessionState::Precopying || info.tracks_remaining == 0;
         if info.state.is_resting() && caught_up && info.tracks_remaining == 0 {
             return info;
         }
@@ -120,15 +121,24 @@ struct Fig10 {
 impl Fig10 {
     async fn qemu_write(&self, volume: &str, track: u64, byte: u8) {
         let uri = self.fixture.nbd_uri(volume);
-        let write = format!("write -P {byte:#04x} {} {FIG10_TRACK_BYTES}", track * FIG10_TRACK_BYTES);
+        let write = format!(
+            "write -P {byte:#04x} {} {FIG10_TRACK_BYTES}",
+            track * FIG10_TRACK_BYTES
+        );
         run("qemu-io", &["-f", "raw", &uri, "-c", &write]).await;
     }
 
     async fn qemu_read(&self, volume: &str, track: u64, byte: u8) {
         let uri = self.fixture.nbd_uri(volume);
-        let read = format!("read -P {byte:#04x} {} {FIG10_TRACK_BYTES}", track * FIG10_TRACK_BYTES);
+        let read = format!(
+            "read -P {byte:#04x} {} {FIG10_TRACK_BYTES}",
+            track * FIG10_TRACK_BYTES
+        );
         let output = run("qemu-io", &["-f", "raw", &uri, "-c", &read]).await;
-        assert!(!output.contains("Pattern verification failed"), "{volume} track {track}: {output}");
+        assert!(
+            !output.contains("Pattern verification failed"),
+            "{volume} track {track}: {output}"
+        );
     }
 
     fn store(&self) -> &VolumeStore<RocksEngine> {
@@ -199,7 +209,10 @@ async fn seed_002_fig_10_events_230_to_244_replayed_with_qemu_io() {
 
     // 233: establish DDF(1); every PB bit of the session is changed; BCV(1) is not ready.
     command(&sessions, establish("std", "bcv1"));
-    assert_eq!(fig.store().volume("bcv1").unwrap().readiness(), Readiness::NotReady);
+    assert_eq!(
+        fig.store().volume("bcv1").unwrap().readiness(),
+        Readiness::NotReady
+    );
     let info = wait_resting(&fig.fixture, SessionKind::Mirror, "bcv1").await;
     assert_eq!(info.state, SessionState::Synchronized);
     assert_eq!(info.tracks_copied_last, 16, "establish copies every track");
@@ -235,11 +248,20 @@ async fn seed_002_fig_10_events_230_to_244_replayed_with_qemu_io() {
 
     // 241: reestablish DDF(1): the tracks changed on the standard (T) OR on BCV(1) (U)
     // are copied, no others; BCV(1)'s M4b bits valid again.
-    command(&sessions, SessionCommand::MirrorReestablish { bcv: "bcv1".into() });
+    command(
+        &sessions,
+        SessionCommand::MirrorReestablish { bcv: "bcv1".into() },
+    );
     let info = wait_resting(&fig.fixture, SessionKind::Mirror, "bcv1").await;
-    assert_eq!(info.tracks_copied_last, 2, "reestablish copies only T and U: {info:?}");
+    assert_eq!(
+        info.tracks_copied_last, 2,
+        "reestablish copies only T and U: {info:?}"
+    );
     assert!(!fig.target_changed("bcv1", T) && !fig.target_changed("bcv1", U));
-    assert_eq!(stored_track(fig.store(), "bcv1", U), stored_track(fig.store(), "std", U));
+    assert_eq!(
+        stored_track(fig.store(), "bcv1", U),
+        stored_track(fig.store(), "std", U)
+    );
     fig.check(241, [Some(true), Some(true)], [0x40, 0x40, 0x35]);
 
     // 242: incremental restore from BCV(2): the standard gets BCV(2)'s track back, DDF(2)
@@ -252,7 +274,10 @@ async fn seed_002_fig_10_events_230_to_244_replayed_with_qemu_io() {
         },
     )
     .unwrap();
-    assert_eq!(info.tracks_remaining, 1, "only the changed track is restored");
+    assert_eq!(
+        info.tracks_remaining, 1,
+        "only the changed track is restored"
+    );
     // The standard serves the restored image at once (a read pulls the track first).
     fig.qemu_read("std", T, 0x35).await;
     let info = wait_resting(&fig.fixture, SessionKind::Mirror, "bcv2").await;
@@ -297,7 +322,12 @@ fn seed_001_example_activate_after_a_caught_up_precopy_copies_only_the_tracks_re
     // The host keeps rewriting its 100 hot tracks while the precopy runs.
     let id = sessions.copying()[0];
     let mut round = 0u8;
-    while sessions.show(SessionKind::Clone, "clone").unwrap().tracks_remaining > HOT {
+    while sessions
+        .show(SessionKind::Clone, "clone")
+        .unwrap()
+        .tracks_remaining
+        > HOT
+    {
         sessions.copy_step(id).unwrap();
         round = round.wrapping_add(1);
         for track in (0..HOT).filter(|track| track % 7 == u64::from(round) % 7) {
@@ -351,12 +381,22 @@ async fn a_clone_activated_under_host_io_holds_the_source_image_of_the_instant_o
     let fixture = NodeFixture::start().await;
     let store = fixture.node.store.clone();
     let sessions = fixture.node.sessions.clone();
-    store.create("source", TRACKS * TRACK_BYTES, TRACK_BYTES as u32).unwrap();
-    store.create("clone", TRACKS * TRACK_BYTES, TRACK_BYTES as u32).unwrap();
+    store
+        .create("source", TRACKS * TRACK_BYTES, TRACK_BYTES as u32)
+        .unwrap();
+    store
+        .create("clone", TRACKS * TRACK_BYTES, TRACK_BYTES as u32)
+        .unwrap();
     let source_uri = fixture.nbd_uri("source");
     run(
         "qemu-io",
-        &["-f", "raw", &source_uri, "-c", &format!("write -P 0x11 0 {}", TRACKS * TRACK_BYTES)],
+        &[
+            "-f",
+            "raw",
+            &source_uri,
+            "-c",
+            &format!("write -P 0x11 0 {}", TRACKS * TRACK_BYTES),
+        ],
     )
     .await;
     command(
@@ -377,7 +417,12 @@ async fn a_clone_activated_under_host_io_holds_the_source_image_of_the_instant_o
         },
     );
     let image = whole(&store, "source");
-    command(&sessions, SessionCommand::CloneActivate { target: "clone".into() });
+    command(
+        &sessions,
+        SessionCommand::CloneActivate {
+            target: "clone".into(),
+        },
+    );
     // Right after activation: writes to the source (copy before write) and to the clone
     // (copy on first access, partial tracks), and reads of pending clone tracks.
     let clone_uri = fixture.nbd_uri("clone");
@@ -385,7 +430,13 @@ async fn a_clone_activated_under_host_io_holds_the_source_image_of_the_instant_o
     for (track, byte) in source_writes {
         run(
             "qemu-io",
-            &["-f", "raw", &source_uri, "-c", &format!("write -P {byte:#04x} {} 4096", track * TRACK_BYTES + 8192)],
+            &[
+                "-f",
+                "raw",
+                &source_uri,
+                "-c",
+                &format!("write -P {byte:#04x} {} 4096", track * TRACK_BYTES + 8192),
+            ],
         )
         .await;
     }
@@ -393,7 +444,13 @@ async fn a_clone_activated_under_host_io_holds_the_source_image_of_the_instant_o
     for (track, byte) in clone_writes {
         run(
             "qemu-io",
-            &["-f", "raw", &clone_uri, "-c", &format!("write -P {byte:#04x} {} 512", track * TRACK_BYTES + 1024)],
+            &[
+                "-f",
+                "raw",
+                &clone_uri,
+                "-c",
+                &format!("write -P {byte:#04x} {} 512", track * TRACK_BYTES + 1024),
+            ],
         )
         .await;
     }
@@ -404,7 +461,13 @@ async fn a_clone_activated_under_host_io_holds_the_source_image_of_the_instant_o
     );
     let output = run(
         "qemu-io",
-        &["-f", "raw", &clone_uri, "-c", &format!("read -P 0x11 {} {}", 50 * TRACK_BYTES, TRACK_BYTES)],
+        &[
+            "-f",
+            "raw",
+            &clone_uri,
+            "-c",
+            &format!("read -P 0x11 {} {}", 50 * TRACK_BYTES, TRACK_BYTES),
+        ],
     )
     .await;
     assert!(!output.contains("Pattern verification failed"), "{output}");
@@ -422,11 +485,27 @@ async fn a_clone_activated_under_host_io_holds_the_source_image_of_the_instant_o
         let at = (track * TRACK_BYTES + 1024) as usize;
         expected[at..at + 512].fill(byte);
     }
-    assert_eq!(whole(&store, "clone"), expected, "the clone is the source's image at activation plus its own writes");
+    assert_eq!(
+        whole(&store, "clone"),
+        expected,
+        "the clone is the source's image at activation plus its own writes"
+    );
     // qemu-img agrees, through NBD, against a raw file of the expected image.
     let raw = fixture.directory.path().join("expected.raw");
     std::fs::write(&raw, &expected).unwrap();
-    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", raw.to_str().unwrap(), &clone_uri]).await;
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            raw.to_str().unwrap(),
+            &clone_uri,
+        ],
+    )
+    .await;
 }
 
 fn refused<E: Engine>(sessions: &Sessions<E>, command: SessionCommand, code: ErrorCode) -> String {
@@ -442,10 +521,27 @@ fn refused<E: Engine>(sessions: &Sessions<E>, command: SessionCommand, code: Err
 /// Everything a refused command must leave as it was.
 fn snapshot<E: Engine>(sessions: &Sessions<E>, volumes: &[&str]) -> String {
     let store = sessions.store();
-    let mut text = format!("{:?}", sessions.list(None).unwrap().iter().map(|info| (info.id, info.state, info.slots.clone(), info.tracks_remaining)).collect::<Vec<_>>());
+    let mut text = format!(
+        "{:?}",
+        sessions
+            .list(None)
+            .unwrap()
+            .iter()
+            .map(|info| (
+                info.id,
+                info.state,
+                info.slots.clone(),
+                info.tracks_remaining
+            ))
+            .collect::<Vec<_>>()
+    );
     for name in volumes {
         let volume = store.volume(name).unwrap();
-        text.push_str(&format!(" {name}:{:?}:{}", volume.readiness(), volume.info().session_slots_used));
+        text.push_str(&format!(
+            " {name}:{:?}:{}",
+            volume.readiness(),
+            volume.info().session_slots_used
+        ));
         for bits in [Bits::TargetChanged, Bits::Invalid] {
             text.push_str(&format!(":{}", store.count_set(&volume, bits).unwrap()));
         }
@@ -467,9 +563,15 @@ fn the_seventeenth_session_and_every_illegal_transition_are_refused_and_change_n
     for name in &names[..16] {
         command(&sessions, establish("std", name));
     }
-    let all: Vec<&str> = std::iter::once("std").chain(names.iter().map(String::as_str)).collect();
+    let all: Vec<&str> = std::iter::once("std")
+        .chain(names.iter().map(String::as_str))
+        .collect();
     let before = snapshot(&sessions, &all);
-    let message = refused(&sessions, establish("std", "bcv16"), ErrorCode::LimitExceeded);
+    let message = refused(
+        &sessions,
+        establish("std", "bcv16"),
+        ErrorCode::LimitExceeded,
+    );
     assert!(message.contains("no free session slot"), "{message}");
     assert_eq!(snapshot(&sessions, &all), before);
     assert_eq!(store.volume("bcv16").unwrap().readiness(), Readiness::Ready);
@@ -480,12 +582,19 @@ fn the_seventeenth_session_and_every_illegal_transition_are_refused_and_change_n
     // Restore from a BCV that does not hold a complete image yet.
     let message = refused(
         &sessions,
-        SessionCommand::MirrorRestore { bcv: "bcv0".into(), incremental: false },
+        SessionCommand::MirrorRestore {
+            bcv: "bcv0".into(),
+            incremental: false,
+        },
         ErrorCode::IllegalState,
     );
     assert!(message.contains("complete image"), "{message}");
     // Reestablish what is not split; establish what is established.
-    refused(&sessions, SessionCommand::MirrorReestablish { bcv: "bcv0".into() }, ErrorCode::IllegalState);
+    refused(
+        &sessions,
+        SessionCommand::MirrorReestablish { bcv: "bcv0".into() },
+        ErrorCode::IllegalState,
+    );
     refused(&sessions, establish("std", "bcv0"), ErrorCode::IllegalState);
     assert_eq!(snapshot(&sessions, &all), before);
 
@@ -494,17 +603,28 @@ fn the_seventeenth_session_and_every_illegal_transition_are_refused_and_change_n
     refused(&sessions, split("bcv0", false), ErrorCode::IllegalState);
     // A BCV of another standard cannot be established against this one.
     store.create("other", 32 * 4096, 4096).unwrap();
-    refused(&sessions, establish("other", "bcv0"), ErrorCode::IllegalState);
+    refused(
+        &sessions,
+        establish("other", "bcv0"),
+        ErrorCode::IllegalState,
+    );
 
     // Clones: activate twice, terminate before copied, precopy after activation, and a
     // destination already in a session.
     for index in 1..16 {
-        command(&sessions, SessionCommand::MirrorCancel { bcv: format!("bcv{index}") });
+        command(
+            &sessions,
+            SessionCommand::MirrorCancel {
+                bcv: format!("bcv{index}"),
+            },
+        );
     }
     store.create("clone", 32 * 4096, 4096).unwrap();
     refused(
         &sessions,
-        SessionCommand::CloneActivate { target: "clone".into() },
+        SessionCommand::CloneActivate {
+            target: "clone".into(),
+        },
         ErrorCode::NotFound,
     );
     command(
@@ -517,15 +637,44 @@ fn the_seventeenth_session_and_every_illegal_transition_are_refused_and_change_n
         },
     );
     let all = ["std", "clone", "bcv0"];
-    let message = refused(&sessions, SessionCommand::CloneTerminate { target: "clone".into() }, ErrorCode::IllegalState);
+    let message = refused(
+        &sessions,
+        SessionCommand::CloneTerminate {
+            target: "clone".into(),
+        },
+        ErrorCode::IllegalState,
+    );
     assert!(message.contains("never activated"), "{message}");
-    command(&sessions, SessionCommand::CloneActivate { target: "clone".into() });
+    command(
+        &sessions,
+        SessionCommand::CloneActivate {
+            target: "clone".into(),
+        },
+    );
     let before = snapshot(&sessions, &all);
-    let message = refused(&sessions, SessionCommand::CloneActivate { target: "clone".into() }, ErrorCode::IllegalState);
+    let message = refused(
+        &sessions,
+        SessionCommand::CloneActivate {
+            target: "clone".into(),
+        },
+        ErrorCode::IllegalState,
+    );
     assert!(message.contains("already active"), "{message}");
-    let message = refused(&sessions, SessionCommand::CloneTerminate { target: "clone".into() }, ErrorCode::IllegalState);
+    let message = refused(
+        &sessions,
+        SessionCommand::CloneTerminate {
+            target: "clone".into(),
+        },
+        ErrorCode::IllegalState,
+    );
     assert!(message.contains("still copying"), "{message}");
-    refused(&sessions, SessionCommand::ClonePrecopy { target: "clone".into() }, ErrorCode::IllegalState);
+    refused(
+        &sessions,
+        SessionCommand::ClonePrecopy {
+            target: "clone".into(),
+        },
+        ErrorCode::IllegalState,
+    );
     refused(
         &sessions,
         SessionCommand::CloneCreate {
@@ -539,7 +688,10 @@ fn the_seventeenth_session_and_every_illegal_transition_are_refused_and_change_n
     // A restore would change the clone's source under it.
     refused(
         &sessions,
-        SessionCommand::MirrorRestore { bcv: "bcv0".into(), incremental: true },
+        SessionCommand::MirrorRestore {
+            bcv: "bcv0".into(),
+            incremental: true,
+        },
         ErrorCode::IllegalState,
     );
     // An extent outside the volume.
@@ -550,12 +702,18 @@ fn the_seventeenth_session_and_every_illegal_transition_are_refused_and_change_n
             source: "std".into(),
             target: "clone2".into(),
             precopy: false,
-            extents: vec![protocol::messages::Extent { first: 30, last: 40 }],
+            extents: vec![protocol::messages::Extent {
+                first: 30,
+                last: 40,
+            }],
         },
         ErrorCode::InvalidArgument,
     );
     assert_eq!(snapshot(&sessions, &all), before);
-    assert_eq!(store.volume("clone2").unwrap().readiness(), Readiness::Ready);
+    assert_eq!(
+        store.volume("clone2").unwrap().readiness(),
+        Readiness::Ready
+    );
 }
 
 #[test]
@@ -563,8 +721,9 @@ fn a_copy_interrupted_by_a_restart_resumes_from_its_bits_and_sends_only_what_is_
     const TRACKS: u64 = 64;
     let directory = tempfile::tempdir().unwrap();
     let open = || {
-        let store =
-            Arc::new(VolumeStore::open(RocksEngine::open(&directory.path().join("db")).unwrap()).unwrap());
+        let store = Arc::new(
+            VolumeStore::open(RocksEngine::open(&directory.path().join("db")).unwrap()).unwrap(),
+        );
         Sessions::open(store, 1 << 20).unwrap()
     };
     let sessions = open();
@@ -584,7 +743,11 @@ fn a_copy_interrupted_by_a_restart_resumes_from_its_bits_and_sends_only_what_is_
     let sessions = open();
     let resumed = sessions.show(SessionKind::Mirror, "bcv").unwrap();
     assert_eq!(resumed.state, SessionState::Syncing);
-    assert_eq!(resumed.tracks_remaining, TRACKS - 32, "the bits survived the restart");
+    assert_eq!(
+        resumed.tracks_remaining,
+        TRACKS - 32,
+        "the bits survived the restart"
+    );
     assert!(resumed.percent >= 0.0 && resumed.percent <= 100.0);
     let copied_before = resumed.tracks_copied;
     sessions.settle().unwrap();
@@ -596,7 +759,10 @@ fn a_copy_interrupted_by_a_restart_resumes_from_its_bits_and_sends_only_what_is_
         "only the missing tracks were sent after the restart"
     );
     assert!(after.percent >= resumed.percent);
-    assert_eq!(whole(sessions.store(), "bcv"), whole(sessions.store(), "std"));
+    assert_eq!(
+        whole(sessions.store(), "bcv"),
+        whole(sessions.store(), "std")
+    );
 }
 
 #[test]
@@ -618,7 +784,10 @@ fn a_differential_split_sends_down_a_cascade_only_what_changed_since_the_last_sp
     sessions.settle().unwrap();
     assert_eq!(whole(&store, "bcv2"), whole(&store, "bcv"));
     let copied = |sessions: &Sessions<MemoryEngine>| {
-        sessions.show(SessionKind::Mirror, "bcv2").unwrap().tracks_copied
+        sessions
+            .show(SessionKind::Mirror, "bcv2")
+            .unwrap()
+            .tracks_copied
     };
 
     // Five tracks change on the standard; the BCV is refreshed and split differentially:
@@ -626,7 +795,10 @@ fn a_differential_split_sends_down_a_cascade_only_what_changed_since_the_last_sp
     for track in [2, 3, 17, 30, 47] {
         write_track(&sessions, "std", track, 2);
     }
-    command(&sessions, SessionCommand::MirrorReestablish { bcv: "bcv".into() });
+    command(
+        &sessions,
+        SessionCommand::MirrorReestablish { bcv: "bcv".into() },
+    );
     sessions.settle().unwrap();
     let before = copied(&sessions);
     command(&sessions, split("bcv", true));
@@ -638,7 +810,10 @@ fn a_differential_split_sends_down_a_cascade_only_what_changed_since_the_last_sp
     for track in [4, 5, 6] {
         write_track(&sessions, "std", track, 3);
     }
-    command(&sessions, SessionCommand::MirrorReestablish { bcv: "bcv".into() });
+    command(
+        &sessions,
+        SessionCommand::MirrorReestablish { bcv: "bcv".into() },
+    );
     sessions.settle().unwrap();
     let before = copied(&sessions);
     command(&sessions, split("bcv", false));
@@ -663,18 +838,30 @@ fn rotate_refreshes_the_oldest_split_bcv_so_n_bcvs_hold_the_last_n_points_in_tim
     // Points in time 4 and 5 replace the oldest (h1, then h2).
     for point in 4u8..=5 {
         write_track(&sessions, "std", 0, point);
-        command(&sessions, SessionCommand::MirrorRotate { standard: "std".into() });
+        command(
+            &sessions,
+            SessionCommand::MirrorRotate {
+                standard: "std".into(),
+            },
+        );
         sessions.settle().unwrap();
     }
     let first_byte = |name: &str| stored_track(&store, name, 0)[0];
-    assert_eq!((first_byte("h1"), first_byte("h2"), first_byte("h3")), (4, 5, 3));
+    assert_eq!(
+        (first_byte("h1"), first_byte("h2"), first_byte("h3")),
+        (4, 5, 3)
+    );
     for name in ["h1", "h2", "h3"] {
         let info = sessions.show(SessionKind::Mirror, name).unwrap();
         assert_eq!(info.state, SessionState::Split);
         assert_eq!(store.volume(name).unwrap().readiness(), Readiness::Ready);
     }
-    match sessions.command(SessionCommand::MirrorRotate { standard: "h1".into() }) {
-        Err(Error::SessionRefused { reason, .. }) => assert!(reason.contains("no split BCV"), "{reason}"),
+    match sessions.command(SessionCommand::MirrorRotate {
+        standard: "h1".into(),
+    }) {
+        Err(Error::SessionRefused { reason, .. }) => {
+            assert!(reason.contains("no split BCV"), "{reason}")
+        }
         other => panic!("rotate without BCVs: {other:?}"),
     }
 }

@@ -5,9 +5,9 @@
 //!
 //! The configuration is seed 002's FIG. 9: one standard volume (`std`) and three others
 //! that may become its clones or BCVs. Before a command the copies are allowed to finish
-//! (the seeds' commands are issued against resting sessions); between commands, host IO
-//! interleaves with partial copy steps, which is where copy before write and copy on
-//! first access must keep every host's view exact.
+//! (the seeds' commands are issued against resting sessions); after it, host IO
+//! interleaves with partial copy steps, which is where copy before write, copy on first
+//! access and pulls of restored tracks must keep every host's view exact.
 
 use node::copy::Sessions;
 use node::engine::memory::MemoryEngine;
@@ -26,18 +26,49 @@ const STANDARD: &str = "std";
 
 #[derive(Debug, Clone)]
 enum Operation {
-    Write { volume: usize, track: u64, byte: u8 },
-    Read { volume: usize, track: u64 },
-    Step { session: usize },
-    CloneCreate { target: usize, precopy: bool, extent: Option<(u64, u64)> },
-    ClonePrecopy { target: usize },
-    CloneActivate { target: usize },
-    CloneTerminate { target: usize },
-    Establish { target: usize },
-    Split { target: usize, differential: bool },
-    Reestablish { target: usize },
-    Restore { target: usize, incremental: bool },
-    Cancel { target: usize },
+    Write {
+        volume: usize,
+        track: u64,
+        byte: u8,
+    },
+    Read {
+        volume: usize,
+        track: u64,
+    },
+    Step {
+        session: usize,
+    },
+    CloneCreate {
+        target: usize,
+        precopy: bool,
+        extent: Option<(u64, u64)>,
+    },
+    ClonePrecopy {
+        target: usize,
+    },
+    CloneActivate {
+        target: usize,
+    },
+    CloneTerminate {
+        target: usize,
+    },
+    Establish {
+        target: usize,
+    },
+    Split {
+        target: usize,
+        differential: bool,
+    },
+    Reestablish {
+        target: usize,
+    },
+    Restore {
+        target: usize,
+        incremental: bool,
+    },
+    Cancel {
+        target: usize,
+    },
     Rotate,
 }
 
@@ -113,7 +144,9 @@ impl Model {
     }
 
     fn any_session_of(&self, target: usize) -> Option<usize> {
-        self.sessions.iter().position(|session| session.target == target)
+        self.sessions
+            .iter()
+            .position(|session| session.target == target)
     }
 
     fn split_tracked(&self, volume: usize) -> bool {
@@ -218,8 +251,7 @@ impl Model {
                 match self.any_session_of(volume) {
                     Some(index) => {
                         let session = &mut self.sessions[index];
-                        if session.kind != ModelKind::Mirror
-                            || session.state != SessionState::Split
+                        if session.kind != ModelKind::Mirror || session.state != SessionState::Split
                         {
                             return false;
                         }
@@ -292,9 +324,9 @@ impl Model {
                 self.images[0] = self.images[volume].clone();
                 for (other_index, other) in self.sessions.iter_mut().enumerate() {
                     if other_index != index && other.kind == ModelKind::Mirror {
-                        for track in 0..TRACKS as usize {
-                            if !incremental || restored[track] {
-                                other.changed[track] = true;
+                        for (changed, restored) in other.changed.iter_mut().zip(&restored) {
+                            if !incremental || *restored {
+                                *changed = true;
                             }
                         }
                     }
@@ -411,9 +443,9 @@ fn to_command(operation: &Operation) -> SessionCommand {
             bcv: target(index),
             differential,
         },
-        Operation::Reestablish { target: index } => SessionCommand::MirrorReestablish {
-            bcv: target(index),
-        },
+        Operation::Reestablish { target: index } => {
+            SessionCommand::MirrorReestablish { bcv: target(index) }
+        }
         Operation::Restore {
             target: index,
             incremental,
@@ -421,9 +453,7 @@ fn to_command(operation: &Operation) -> SessionCommand {
             bcv: target(index),
             incremental,
         },
-        Operation::Cancel { target: index } => SessionCommand::MirrorCancel {
-            bcv: target(index),
-        },
+        Operation::Cancel { target: index } => SessionCommand::MirrorCancel { bcv: target(index) },
         Operation::Rotate => SessionCommand::MirrorRotate {
             standard: STANDARD.to_string(),
         },
@@ -447,18 +477,25 @@ fn check(
     let store = sessions.store();
     for volume in 0..4 {
         let handle = store.volume(name(volume)).unwrap();
-        prop_assert_eq!(handle.readiness(), model.readiness[volume], "readiness of {}", name(volume));
+        prop_assert_eq!(
+            handle.readiness(),
+            model.readiness[volume],
+            "readiness of {}",
+            name(volume)
+        );
         if model.readiness[volume] != Readiness::NotReady {
             for &track in tracks {
                 let read = sessions
                     .read(&handle, track * TRACK_BYTES, TRACK_BYTES)
                     .unwrap();
-                prop_assert_eq!(
-                    read,
-                    track_bytes(model.images[volume][track as usize]),
-                    "{} track {} holds the wrong image",
+                let expected = model.images[volume][track as usize];
+                prop_assert!(
+                    read.iter().all(|byte| *byte == expected),
+                    "{} track {} holds {:#04x}.., not {:#04x}",
                     name(volume),
-                    track
+                    track,
+                    read[0],
+                    expected
                 );
             }
         }
@@ -481,8 +518,21 @@ fn check(
             ModelKind::Mirror => SessionKind::Mirror,
         };
         let info = sessions.show(kind, name(session.target)).unwrap();
-        if settled || session.state.is_resting() {
-            prop_assert_eq!(info.state, session.state, "state of {}", name(session.target));
+        // Unsettled, a copy may still be on its way to the resting state the model holds.
+        let on_its_way = !settled
+            && matches!(
+                (info.state, session.state),
+                (SessionState::Active, SessionState::Copied)
+                    | (SessionState::Syncing, SessionState::Synchronized)
+                    | (SessionState::Restoring, SessionState::Synchronized)
+            );
+        if !on_its_way {
+            prop_assert_eq!(
+                info.state,
+                session.state,
+                "state of {}",
+                name(session.target)
+            );
         }
         prop_assert!(info.percent <= 100.0);
         if session.kind == ModelKind::Mirror {
@@ -498,7 +548,8 @@ fn check(
                 );
             }
         }
-        if settled {
+        // A created clone copies nothing until a precopy or its activation.
+        if settled && session.state != SessionState::Created {
             prop_assert_eq!(info.tracks_remaining, 0, "{} settled", name(session.target));
         }
     }
@@ -530,7 +581,13 @@ fn run_case(operations: Vec<Operation>, probe: Vec<u64>) -> Result<(), TestCaseE
                     Some(&track_bytes(byte)),
                     Durability::Logged,
                 );
-                prop_assert_eq!(result.is_ok(), accepted, "write {:?}: {:?}", operation, result);
+                prop_assert_eq!(
+                    result.is_ok(),
+                    accepted,
+                    "write {:?}: {:?}",
+                    operation,
+                    result
+                );
                 check(&sessions, &model, &[track], false)?;
             }
             Operation::Read { volume, track } => {
@@ -555,9 +612,16 @@ fn run_case(operations: Vec<Operation>, probe: Vec<u64>) -> Result<(), TestCaseE
                     operation,
                     result
                 );
-                sessions.settle().unwrap();
-                let all: Vec<u64> = (0..TRACKS).collect();
-                check(&sessions, &model, &all, true)?;
+                // A rotation splits once its reestablish has synchronized, so it is let
+                // finish; every other command leaves its copy running, for host IO and
+                // copy steps to meet.
+                let settled = matches!(operation, Operation::Rotate);
+                if settled {
+                    sessions.settle().unwrap();
+                }
+                // Reading a track pulls it, so checking every track here would copy the
+                // whole clone at once and leave nothing for host writes to race with.
+                check(&sessions, &model, &probe, settled)?;
             }
         }
     }
