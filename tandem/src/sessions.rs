@@ -46,6 +46,12 @@ pub enum CloneCommand {
         #[command(flatten)]
         options: CommandOptions,
     },
+    /// Change the copy rate limit of a running clone, in MiB/s.
+    Rate {
+        target: String,
+        #[command(flatten)]
+        rate: RateOptions,
+    },
     /// List clone sessions.
     List {
         #[arg(long)]
@@ -111,6 +117,12 @@ pub enum MirrorCommand {
         #[command(flatten)]
         options: CommandOptions,
     },
+    /// Change the copy rate limit of a mirror, in MiB/s.
+    Rate {
+        bcv: String,
+        #[command(flatten)]
+        rate: RateOptions,
+    },
     /// List mirror sessions.
     List {
         #[arg(long)]
@@ -126,6 +138,37 @@ pub enum MirrorCommand {
         #[command(flatten)]
         connection: Connection,
     },
+}
+
+#[derive(clap::Args)]
+pub struct RateOptions {
+    /// The new limit in MiB/s.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), required_unless_present = "default")]
+    rate: Option<u32>,
+    /// Go back to the node's default rate for sessions.
+    #[arg(long)]
+    default: bool,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+impl RateOptions {
+    fn into_command(self, target: String) -> (SessionCommand, CommandOptions) {
+        (
+            SessionCommand::SetRate {
+                target,
+                mebibytes_per_second: if self.default { None } else { self.rate },
+            },
+            CommandOptions {
+                wait: false,
+                rate: None,
+                json: self.json,
+                connection: self.connection,
+            },
+        )
+    }
 }
 
 #[derive(clap::Args)]
@@ -176,6 +219,7 @@ pub async fn clone(command: CloneCommand) -> Result<()> {
         CloneCommand::Terminate { target, options } => {
             (SessionCommand::CloneTerminate { target }, options)
         }
+        CloneCommand::Rate { target, rate } => rate.into_command(target),
     };
     run_command(command, options, SessionKind::Clone).await
 }
@@ -220,6 +264,7 @@ pub async fn mirror(command: MirrorCommand) -> Result<()> {
         MirrorCommand::Rotate { standard, options } => {
             (SessionCommand::MirrorRotate { standard }, options)
         }
+        MirrorCommand::Rate { bcv, rate } => rate.into_command(bcv),
     };
     run_command(command, options, SessionKind::Mirror).await
 }

@@ -4,3 +4,4 @@ mod cli;
 mod cluster;
 mod common;
 mod crash;
+mod sessions;

@@ -1,0 +1,194 @@
+//! The clone and mirror commands of issue 4, end to end against a node process: the
+//! contracted names and flags, `--json` and `--wait`, clear refusals, and a kill -9 in the
+//! middle of a copy that the restarted node finishes.
+
+use crate::common::{free_udp_port, init, wait_until, NodeProcess};
+use std::path::Path;
+
+const TRACK_BYTES: u64 = 64 << 10;
+const TRACKS: u64 = 128;
+
+fn json(node: &NodeProcess, certs: &Path, arguments: &[&str]) -> serde_json::Value {
+    let text = node.cli_ok(certs, arguments);
+    serde_json::from_str(&text).unwrap_or_else(|error| panic!("{arguments:?}: {error}: {text}"))
+}
+
+fn refused(node: &NodeProcess, certs: &Path, arguments: &[&str], message: &str) {
+    let output = node.cli(certs, arguments);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{arguments:?} succeeded");
+    assert!(stderr.contains(message), "{arguments:?}: {stderr}");
+}
+
+/// Fills a volume through NBD with a different byte per track.
+fn fill(node: &NodeProcess, volume: &str, salt: u8) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = node::nbd_client::NbdClient::connect(node.nbd, volume)
+            .await
+            .unwrap();
+        for track in 0..TRACKS {
+            let data = vec![(track as u8).wrapping_add(salt); TRACK_BYTES as usize];
+            client
+                .write(track * TRACK_BYTES, &data, false)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        client.flush().await.unwrap().unwrap();
+        client.disconnect().await.unwrap();
+    });
+}
+
+fn read_all(node: &NodeProcess, volume: &str) -> Vec<u8> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = node::nbd_client::NbdClient::connect(node.nbd, volume)
+            .await
+            .unwrap();
+        let mut image = Vec::new();
+        for track in 0..TRACKS {
+            image.extend(
+                client
+                    .read(track * TRACK_BYTES, TRACK_BYTES as u32)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        client.disconnect().await.unwrap();
+        image
+    })
+}
+
+#[test]
+fn clone_and_mirror_commands_through_a_node_process_survive_a_kill_mid_copy() {
+    let directory = tempfile::tempdir().unwrap();
+    let certs = init(directory.path(), "alpha");
+    let data = directory.path().join("data");
+    let port = free_udp_port();
+    let mut node =
+        NodeProcess::start_with(&certs, "alpha", &data, None, port, &["--control-plane"]);
+    node.cli_ok(&certs, &["cluster", "init"]);
+    node.wait_registered(&certs, "alpha");
+    for volume in ["src", "dst", "bcv"] {
+        node.cli_ok(&certs, &["volume", "create", volume, "--size", "8MiB"]);
+    }
+    fill(&node, "src", 1);
+
+    // Clone: create, activate with --wait, list, show, terminate.
+    let created = json(&node, &certs, &["clone", "create", "src", "dst", "--json"]);
+    assert_eq!(created["state"], "created");
+    assert_eq!(created["tracks_remaining"], TRACKS);
+    refused(
+        &node,
+        &certs,
+        &["clone", "terminate", "dst"],
+        "never activated",
+    );
+    let activated = json(
+        &node,
+        &certs,
+        &["clone", "activate", "dst", "--wait", "--json"],
+    );
+    assert_eq!(activated["state"], "copied", "{activated}");
+    assert_eq!(activated["percent"], 100.0);
+    assert_eq!(activated["tracks_copied"], TRACKS);
+    refused(
+        &node,
+        &certs,
+        &["clone", "activate", "dst"],
+        "already active",
+    );
+    let list = json(&node, &certs, &["clone", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["source"], "src");
+    let show = node.cli_ok(&certs, &["clone", "show", "dst"]);
+    assert!(show.contains("clone src -> dst is copied"), "{show}");
+    assert_eq!(read_all(&node, "dst"), read_all(&node, "src"));
+    let ended = json(&node, &certs, &["clone", "terminate", "dst", "--json"]);
+    assert_eq!(ended["ended"], true);
+    refused(&node, &certs, &["clone", "show", "dst"], "no clone session");
+    refused(
+        &node,
+        &certs,
+        &["clone", "create", "src", "nothing"],
+        "does not exist",
+    );
+    refused(
+        &node,
+        &certs,
+        &["clone", "create", "src", "dst", "--extent", "100-200"],
+        "does not fit",
+    );
+
+    // Mirror: an async establish at a slow rate, refused splits while it syncs, and a
+    // kill -9 in the middle of the copy.
+    let established = json(
+        &node,
+        &certs,
+        &[
+            "mirror",
+            "establish",
+            "src",
+            "bcv",
+            "--mode",
+            "async",
+            "--rate",
+            "2",
+            "--json",
+        ],
+    );
+    assert_eq!(established["state"], "syncing");
+    assert_eq!(established["mode"], "async");
+    assert_eq!(established["rate_limit_mebibytes_per_second"], 2);
+    refused(
+        &node,
+        &certs,
+        &["mirror", "split", "bcv"],
+        "not synchronized",
+    );
+    refused(
+        &node,
+        &certs,
+        &["mirror", "establish", "src", "bcv"],
+        "already established",
+    );
+    wait_until(20, "the mirror to copy part of the volume", || {
+        let show = json(&node, &certs, &["mirror", "show", "bcv", "--json"]);
+        show["tracks_copied"].as_u64().unwrap() > 0
+    });
+    node.kill();
+    let mut node =
+        NodeProcess::start_with(&certs, "alpha", &data, None, port, &["--control-plane"]);
+    let resumed = json(&node, &certs, &["mirror", "show", "bcv", "--json"]);
+    assert!(
+        resumed["tracks_remaining"].as_u64().unwrap() < TRACKS,
+        "the restart lost the copy's progress: {resumed}"
+    );
+    assert!(
+        resumed["tracks_remaining"].as_u64().unwrap() > 0,
+        "{resumed}"
+    );
+    // Lift the rate limit while it runs, and wait for the synchronization.
+    let faster = json(
+        &node,
+        &certs,
+        &["mirror", "rate", "bcv", "--rate", "1000", "--json"],
+    );
+    assert_eq!(faster["rate_limit_mebibytes_per_second"], 1000);
+    let split = wait_for_sync_then_split(&node, &certs);
+    assert_eq!(split["state"], "split");
+    assert_eq!(read_all(&node, "bcv"), read_all(&node, "src"));
+    node.cli_ok(&certs, &["mirror", "cancel", "bcv"]);
+    let list = json(&node, &certs, &["mirror", "list", "--json"]);
+    assert_eq!(list, serde_json::json!([]));
+    node.kill();
+}
+
+fn wait_for_sync_then_split(node: &NodeProcess, certs: &Path) -> serde_json::Value {
+    wait_until(60, "the mirror to synchronize", || {
+        json(node, certs, &["mirror", "show", "bcv", "--json"])["state"] == "synchronized"
+    });
+    json(node, certs, &["mirror", "split", "bcv", "--json"])
+}
