@@ -85,6 +85,8 @@ pub enum Error {
         volume: String,
         role: String,
     },
+    #[error("node {node}: {detail}")]
+    Remote { node: String, detail: String },
     #[error("storage engine: {detail}")]
     Engine { detail: String },
     #[error("stored metadata for {what} is unreadable: {detail}")]
@@ -123,6 +125,7 @@ impl Error {
             Error::SessionSlotsExhausted { .. } | Error::TooManyLayers { .. } => {
                 ErrorCode::LimitExceeded
             }
+            Error::Remote { .. } => ErrorCode::Unavailable,
             Error::Corrupt { .. }
             | Error::CopyRejected { .. }
             | Error::Engine { .. }

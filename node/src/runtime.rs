@@ -1,6 +1,7 @@
 //! Starting a node: open the store, bind QUIC, NBD and metrics, serve until dropped.
 
 use crate::config::NodeConfig;
+use crate::copy::remote::TargetLink;
 use crate::copy::Sessions;
 use crate::engine::rocks::RocksEngine;
 use crate::engine::Engine;
@@ -12,6 +13,7 @@ use control_plane::member::ControlPlane;
 use control_plane::network::Faults;
 use protocol::cluster::NodeReport;
 use protocol::messages::{Request, Response};
+use protocol::session::{RemoteVolume, TargetAnswer, TargetOperation};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -73,16 +75,6 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         detail: join_error.to_string(),
     })??;
     let store = Arc::new(store);
-    let sessions = {
-        let store = store.clone();
-        let rate = config.copy_rate_mebibytes_per_second;
-        tokio::task::spawn_blocking(move || Sessions::open(store, rate))
-            .await
-            .map_err(|join_error| Error::Engine {
-                detail: join_error.to_string(),
-            })??
-    };
-    let sessions = Arc::new(sessions);
 
     let nbd_listener = tokio::net::TcpListener::bind(config.nbd)
         .await
@@ -108,6 +100,20 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     };
     let faults = Faults::default();
     let caller = Arc::new(Caller::new(endpoint.clone()));
+    let sessions = {
+        let store = store.clone();
+        let rate = config.copy_rate_mebibytes_per_second;
+        let link: Arc<dyn TargetLink> = Arc::new(QuicTargetLink {
+            caller: caller.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        tokio::task::spawn_blocking(move || Sessions::open(store, rate, Some(link)))
+            .await
+            .map_err(|join_error| Error::Engine {
+                detail: join_error.to_string(),
+            })??
+    };
+    let sessions = Arc::new(sessions);
     let control_plane = if config.control_plane {
         Some(
             ControlPlane::start(
@@ -246,6 +252,40 @@ async fn heartbeat<E: Engine>(service: Arc<Service<E>>, report: NodeReport) {
                 }
                 reported = true;
             }
+        }
+    }
+}
+
+/// Reaches the nodes holding remote session targets over the node's QUIC connections.
+/// Session code runs on blocking threads, so a call blocks on the runtime's handle.
+struct QuicTargetLink {
+    caller: Arc<Caller>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl TargetLink for QuicTargetLink {
+    fn call(&self, remote: &RemoteVolume, operation: TargetOperation) -> Result<TargetAnswer> {
+        let request = Request::Target { operation };
+        let response = self
+            .runtime
+            .block_on(
+                self.caller
+                    .call(&remote.address, Some(&remote.node), &request),
+            )
+            .map_err(|reason| Error::Remote {
+                node: remote.node.clone(),
+                detail: reason,
+            })?;
+        match response {
+            Response::Target(answer) => Ok(answer),
+            Response::Error { message, .. } => Err(Error::Remote {
+                node: remote.node.clone(),
+                detail: message,
+            }),
+            other => Err(Error::Remote {
+                node: remote.node.clone(),
+                detail: format!("unexpected answer {other:?}"),
+            }),
         }
     }
 }

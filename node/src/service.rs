@@ -9,8 +9,9 @@ use crate::{Error, Result};
 use control_plane::caller::Caller;
 use control_plane::member::ControlPlane;
 use control_plane::network::Faults;
-use protocol::cluster::{ClusterRequest, NodeReport, CLUSTER_REQUEST_HOPS_MAX};
+use protocol::cluster::{ClusterRequest, ClusterResponse, NodeReport, CLUSTER_REQUEST_HOPS_MAX};
 use protocol::messages::{ErrorCode, NodeStatus, Request, Response};
+use protocol::session::{RemoteVolume, SessionCommand};
 use protocol::transport::{Peer, PeerRole};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -98,6 +99,27 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                 "volumes are changed through the control plane: use `tandem volume ...`, which sends cluster commands".into(),
             )
         }
+        Request::Target { .. } if !from_node => refuse(
+            ErrorCode::Forbidden,
+            "session targets are driven by the session's source node only".into(),
+        ),
+        Request::Target { operation } => {
+            let sessions = service.sessions.clone();
+            blocking(move || sessions.serve_target(operation).map(Response::Target)).await
+        }
+        Request::Session { command } => {
+            let remote = match remote_target_of(&service, &command).await {
+                Ok(remote) => remote,
+                Err(response) => return response,
+            };
+            let sessions = service.sessions.clone();
+            blocking(move || {
+                sessions
+                    .command_with(command, remote)
+                    .map(Response::Session)
+            })
+            .await
+        }
         storage_request => {
             let sessions = service.sessions.clone();
             let identity = service.identity.clone();
@@ -112,6 +134,74 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
             answer.unwrap_or_else(|error| refuse(error.code(), error.to_string()))
         }
     }
+}
+
+/// Runs store or session work on a blocking thread and turns its error into an answer.
+async fn blocking(work: impl FnOnce() -> Result<Response> + Send + 'static) -> Response {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|join_error| {
+            Err(Error::Engine {
+                detail: format!("request task failed: {join_error}"),
+            })
+        })
+        .unwrap_or_else(|error| refuse(error.code(), error.to_string()))
+}
+
+/// Where the target of a new session lives, when it is not on this node: the catalog
+/// names the volume's node and the node's address.
+async fn remote_target_of<E: Engine>(
+    service: &Service<E>,
+    command: &SessionCommand,
+) -> std::result::Result<Option<RemoteVolume>, Response> {
+    let target = match command {
+        SessionCommand::MirrorEstablish { bcv, .. } => bcv,
+        SessionCommand::CloneCreate { target, .. } => target,
+        _ => return Ok(None),
+    };
+    if service.store.volume(target).is_ok() || service.sessions.has_target(target) {
+        return Ok(None);
+    }
+    let status = match serve_cluster(service, ClusterRequest::Status, 0).await {
+        Response::Cluster(ClusterResponse::Status(status)) => status,
+        Response::Error { code, message } => {
+            return Err(refuse(
+                code,
+                format!("cannot find where volume '{target}' lives: {message}"),
+            ))
+        }
+        other => {
+            return Err(refuse(
+                ErrorCode::Internal,
+                format!("unexpected catalog answer {other:?}"),
+            ))
+        }
+    };
+    let Some(record) = status.volumes.iter().find(|volume| volume.name == *target) else {
+        return Err(refuse(
+            ErrorCode::NotFound,
+            format!("volume '{target}' does not exist (see `tandem volume list`)"),
+        ));
+    };
+    let Some(node) = status
+        .sites
+        .values()
+        .flatten()
+        .find(|node| node.name == record.node)
+    else {
+        return Err(refuse(
+            ErrorCode::Unavailable,
+            format!(
+                "node {} of volume '{target}' is not registered",
+                record.node
+            ),
+        ));
+    };
+    Ok(Some(RemoteVolume {
+        node: node.name.clone(),
+        address: node.address.clone(),
+        volume: target.clone(),
+    }))
 }
 
 async fn serve_cluster<E: Engine>(
@@ -298,6 +388,7 @@ fn request_kind(request: &Request) -> &'static str {
         Request::Heartbeat { .. } => "heartbeat",
         Request::Raft(_) => "raft",
         Request::SetFault { .. } => "set_fault",
+        Request::Target { .. } => "target",
         Request::Session { .. } => "session",
         Request::SessionList { .. } => "session_list",
         Request::SessionShow { .. } => "session_show",

@@ -199,6 +199,10 @@ pub enum Request {
         kind: crate::session::SessionKind,
         target: String,
     },
+    /// From a session's source node to the node holding its target volume.
+    Target {
+        operation: crate::session::TargetOperation,
+    },
     /// Sets (or with the default rule, clears) fault injection towards one peer, by node name.
     SetFault {
         peer: String,
@@ -267,6 +271,7 @@ pub enum Response {
     /// A session after a command (`None`: the command ended it), or as shown.
     Session(Option<crate::session::SessionInfo>),
     Sessions(Vec<crate::session::SessionInfo>),
+    Target(crate::session::TargetAnswer),
     Error {
         code: ErrorCode,
         message: String,

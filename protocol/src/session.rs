@@ -314,6 +314,7 @@ pub enum TargetOperation {
         kind: SessionKind,
         source_node: String,
         source: String,
+        volume: String,
     },
     /// Release the volume at the end of the session.
     Unregister {
@@ -358,6 +359,20 @@ pub enum TargetOperation {
     CountInvalid {
         session: SessionId,
     },
+    /// A split of the session: mark the target's own downstream mirrors (a cascade below
+    /// the BCV) changed on these tracks, or on every track when `None`.
+    MarkDownstream {
+        session: SessionId,
+        tracks: Option<Vec<u64>>,
+    },
+}
+
+/// Where a session's target lives when it is not on the source's node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteVolume {
+    pub node: String,
+    pub address: String,
+    pub volume: String,
 }
 
 /// The target node's answer to a [`TargetOperation`].

@@ -23,16 +23,18 @@
 //! while waiting for another lock.
 
 pub mod core;
+pub mod remote;
 
 use self::core::{Progress, RateLimit, SourceWriteStep};
+use self::remote::{Partner, Registration, TargetLink};
 use crate::engine::{Batch, Durability, Engine, Space};
 use crate::store::{BitChange, Bits, Volume, VolumeStore, WriteMarks};
 use crate::{Error, Result};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use protocol::messages::{Extent, Readiness};
 use protocol::session::{
-    next_state, MirrorMode, SessionCommand, SessionId, SessionInfo, SessionKind, SessionState,
-    Transition, CLONE_EXTENTS_MAX,
+    next_state, MirrorMode, RemoteVolume, SessionCommand, SessionId, SessionInfo, SessionKind,
+    SessionState, TargetOperation, Transition, CLONE_EXTENTS_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -86,6 +88,8 @@ pub struct SessionRecord {
     pub tracks_copied_last: u64,
     pub rate_limit_mebibytes_per_second: Option<u32>,
     pub error: Option<String>,
+    /// Where the target lives when it is on another node.
+    pub remote: Option<RemoteVolume>,
 }
 
 impl SessionRecord {
@@ -181,6 +185,10 @@ pub struct Sessions<E: Engine> {
     locks: TrackLocks,
     epoch: Instant,
     node_limit: Mutex<RateLimit>,
+    /// How this node reaches the nodes holding its sessions' remote targets.
+    link: Option<Arc<dyn TargetLink>>,
+    /// Volumes of this node that are targets of sessions other nodes run.
+    registrations: Mutex<BTreeMap<String, Registration>>,
 }
 
 fn refused(command: &SessionCommand, session: &str, reason: impl Into<String>) -> Error {
@@ -197,7 +205,11 @@ fn mebibytes(rate: u32) -> u64 {
 
 impl<E: Engine> Sessions<E> {
     /// Loads the sessions stored with the volumes; copies resume from their bits.
-    pub fn open(store: Arc<VolumeStore<E>>, node_rate_mebibytes_per_second: u32) -> Result<Self> {
+    pub fn open(
+        store: Arc<VolumeStore<E>>,
+        node_rate_mebibytes_per_second: u32,
+        link: Option<Arc<dyn TargetLink>>,
+    ) -> Result<Self> {
         let mut records = Vec::new();
         let mut failure = None;
         store.engine().scan(
@@ -221,6 +233,10 @@ impl<E: Engine> Sessions<E> {
         if let Some(error) = failure {
             return Err(error);
         }
+        let registrations = remote::load_registrations(store.engine())?
+            .into_iter()
+            .map(|registration| (registration.volume.clone(), registration))
+            .collect();
         let epoch = Instant::now();
         let next_id = records
             .iter()
@@ -243,6 +259,8 @@ impl<E: Engine> Sessions<E> {
                 mebibytes(node_rate_mebibytes_per_second),
                 Duration::ZERO,
             )),
+            link,
+            registrations: Mutex::new(registrations),
         })
     }
 
@@ -282,7 +300,7 @@ impl<E: Engine> Sessions<E> {
     }
 
     /// The sessions a volume takes part in, with the other volume of each.
-    fn related(&self, volume: &Volume) -> Result<Vec<(SessionRecord, Arc<Volume>)>> {
+    fn related(&self, volume: &Volume) -> Result<Vec<(SessionRecord, Partner)>> {
         let records: Vec<SessionRecord> = self
             .table
             .lock()
@@ -295,14 +313,21 @@ impl<E: Engine> Sessions<E> {
             .into_iter()
             .map(|record| {
                 let partner = if record.source == volume.name {
-                    &record.target
+                    self.partner(&record)?
                 } else {
-                    &record.source
+                    Partner::Local(self.store.volume(&record.source)?)
                 };
-                let partner = self.store.volume(partner)?;
                 Ok((record, partner))
             })
             .collect()
+    }
+
+    /// The session's target, here or on another node.
+    fn partner(&self, record: &SessionRecord) -> Result<Partner> {
+        match &record.remote {
+            Some(remote) => Ok(Partner::Remote(remote.clone())),
+            None => Ok(Partner::Local(self.store.volume(&record.target)?)),
+        }
     }
 
     /// Whether an access to `volume` must first pull invalid tracks from `partner` for
@@ -328,14 +353,15 @@ impl<E: Engine> Sessions<E> {
     fn lock_tracks(
         &self,
         volume: &Volume,
-        related: &[(SessionRecord, Arc<Volume>)],
+        related: &[(SessionRecord, Partner)],
         first: u64,
         last: u64,
     ) -> Vec<MutexGuard<'_, ()>> {
         let mut pairs = Vec::new();
         for track in first..=last {
             pairs.push((volume.id, track));
-            for (_, partner) in related {
+            // A remote target is locked by its own node when it stores the track.
+            for partner in related.iter().filter_map(|(_, partner)| partner.local()) {
                 pairs.push((partner.id, track));
             }
         }
@@ -365,7 +391,7 @@ impl<E: Engine> Sessions<E> {
         &self,
         record: &SessionRecord,
         volume: &Volume,
-        partner: &Volume,
+        partner: &Partner,
         first: u64,
         last: u64,
     ) -> Result<()> {
@@ -379,15 +405,22 @@ impl<E: Engine> Sessions<E> {
                 track,
                 set: false,
             }];
-            if record.kind == SessionKind::Clone {
+            if let (SessionKind::Clone, Partner::Local(source)) = (record.kind, partner) {
                 changes.push(BitChange {
-                    volume: partner,
+                    volume: source,
                     bits: Bits::Session(record.slot),
                     track,
                     set: false,
                 });
             }
-            self.copy_track(partner, volume, track, &changes, Durability::Logged)?;
+            self.fetch(
+                record.id,
+                partner,
+                volume,
+                track,
+                &changes,
+                Durability::Logged,
+            )?;
             self.count_copied(record.id, 1, u64::from(volume.track_size_bytes));
         }
         Ok(())
@@ -467,6 +500,9 @@ impl<E: Engine> Sessions<E> {
             if record.kind != SessionKind::Clone || record.source != volume.name {
                 continue;
             }
+            let Some(target) = target.local() else {
+                continue;
+            };
             for track in first..=last {
                 if !record.in_extents(track) {
                     continue;
@@ -521,7 +557,8 @@ impl<E: Engine> Sessions<E> {
                 && record.mode == MirrorMode::Sync
             {
                 for track in first..=last {
-                    self.copy_track(
+                    self.ship(
+                        record.id,
                         volume,
                         bcv,
                         track,
@@ -584,7 +621,7 @@ impl<E: Engine> Sessions<E> {
             }
         };
         let source = self.store.volume(&record.source)?;
-        let target = self.store.volume(&record.target)?;
+        let partner = self.partner(&record)?;
         // Which bits list the work, on which volume.
         let (scan_volume, scan_bits) = match (record.kind, record.state) {
             (SessionKind::Clone, _) => (&source, Bits::Session(record.slot)),
@@ -597,18 +634,29 @@ impl<E: Engine> Sessions<E> {
         let mut outcome = StepOutcome::default();
         for track in &tracks {
             let track = *track;
-            let _tracks = self.locks.lock([(source.id, track), (target.id, track)]);
+            let mut pairs = vec![(source.id, track)];
+            pairs.extend(partner.local().map(|target| (target.id, track)));
+            let _tracks = self.locks.lock(pairs);
             if !self.store.test_bit(scan_volume, scan_bits, track)? {
                 continue;
             }
             let bytes = match (record.kind, record.state) {
+                (SessionKind::Clone, _) if partner.local().is_none() => {
+                    return Err(Error::Config {
+                        detail: format!(
+                            "{} has a remote destination, which clones do not support yet",
+                            record.describe()
+                        ),
+                    });
+                }
                 (SessionKind::Clone, SessionState::Precopying) => {
+                    let target = partner.local().expect("checked above");
                     let precopy_slot = record
                         .precopy_slot
                         .expect("a precopying clone holds a precopy slot");
                     let changes = [
                         BitChange {
-                            volume: &target,
+                            volume: target,
                             bits: Bits::Invalid,
                             track,
                             set: false,
@@ -626,12 +674,13 @@ impl<E: Engine> Sessions<E> {
                             set: true,
                         },
                     ];
-                    self.copy_track(&source, &target, track, &changes, Durability::Logged)?
+                    self.copy_track(&source, target, track, &changes, Durability::Logged)?
                 }
                 (SessionKind::Clone, _) => {
+                    let target = partner.local().expect("checked above");
                     let changes = [
                         BitChange {
-                            volume: &target,
+                            volume: target,
                             bits: Bits::Invalid,
                             track,
                             set: false,
@@ -643,8 +692,8 @@ impl<E: Engine> Sessions<E> {
                             set: false,
                         },
                     ];
-                    if self.store.test_bit(&target, Bits::Invalid, track)? {
-                        self.copy_track(&source, &target, track, &changes, Durability::Logged)?
+                    if self.store.test_bit(target, Bits::Invalid, track)? {
+                        self.copy_track(&source, target, track, &changes, Durability::Logged)?
                     } else {
                         self.store.change_track_bits(&changes, Durability::Logged)?;
                         0
@@ -657,7 +706,14 @@ impl<E: Engine> Sessions<E> {
                         track,
                         set: false,
                     }];
-                    self.copy_track(&target, &source, track, &changes, Durability::Logged)?
+                    self.fetch(
+                        record.id,
+                        &partner,
+                        &source,
+                        track,
+                        &changes,
+                        Durability::Logged,
+                    )?
                 }
                 (SessionKind::Mirror, _) => {
                     // A track a restore has not brought back yet is not the standard's
@@ -671,7 +727,14 @@ impl<E: Engine> Sessions<E> {
                         track,
                         set: false,
                     }];
-                    self.copy_track(&source, &target, track, &changes, Durability::Logged)?
+                    self.ship(
+                        record.id,
+                        &source,
+                        &partner,
+                        track,
+                        &changes,
+                        Durability::Logged,
+                    )?
                 }
             };
             if bytes > 0 {
@@ -933,19 +996,40 @@ impl<E: Engine> Sessions<E> {
     }
 
     /// Whether a volume takes part in any session (a volume in a session cannot be
-    /// deleted).
+    /// deleted), also as the target of a session another node runs.
     pub fn involves(&self, name: &str) -> bool {
+        self.registered(name).is_some()
+            || self
+                .table
+                .lock()
+                .sessions
+                .values()
+                .any(|live| live.record.source == name || live.record.target == name)
+    }
+
+    /// Whether a session of this node has `name` as its target (here or remote).
+    pub fn has_target(&self, name: &str) -> bool {
         self.table
             .lock()
             .sessions
             .values()
-            .any(|live| live.record.source == name || live.record.target == name)
+            .any(|live| live.record.target == name)
     }
 
     /// Carries out a session command: checks it against the state table and the volumes,
     /// then changes bits, marks, readiness and the record, with host IO held off. Returns
     /// the session as it is now, or `None` when the command ended it.
     pub fn command(&self, command: SessionCommand) -> Result<Option<SessionInfo>> {
+        self.command_with(command, None)
+    }
+
+    /// [`Sessions::command`] for a session whose target lives on another node (`remote`,
+    /// which the service resolved through the catalog).
+    pub fn command_with(
+        &self,
+        command: SessionCommand,
+        remote: Option<RemoteVolume>,
+    ) -> Result<Option<SessionInfo>> {
         let _gate = self.gate.write();
         let kind = match command {
             SessionCommand::CloneCreate { .. }
@@ -956,11 +1040,18 @@ impl<E: Engine> Sessions<E> {
         };
         let target = match &command {
             SessionCommand::CloneCreate { target, .. } => {
+                if remote.is_some() {
+                    return Err(refused(
+                        &command,
+                        target,
+                        "clones need the destination on the source's node for now; use a mirror (establish, then split) to copy across nodes",
+                    ));
+                }
                 self.clone_create(&command)?;
                 target.clone()
             }
             SessionCommand::MirrorEstablish { bcv, .. } => {
-                self.mirror_establish(&command)?;
+                self.mirror_establish(&command, remote)?;
                 bcv.clone()
             }
             SessionCommand::MirrorRotate { standard } => self.mirror_rotate(&command, standard)?,
@@ -1080,6 +1171,16 @@ impl<E: Engine> Sessions<E> {
                 format!(
                     "track sizes differ ({} and {} bytes): create the target with --track-size {}",
                     source.track_size_bytes, target.track_size_bytes, source.track_size_bytes
+                ),
+            ));
+        }
+        if let Some(registration) = self.registered(&target.name) {
+            return Err(refused(
+                command,
+                &session,
+                format!(
+                    "'{}' is already the target of a session from node {}",
+                    target.name, registration.source_node
                 ),
             ));
         }
@@ -1220,6 +1321,7 @@ impl<E: Engine> Sessions<E> {
             tracks_copied_last: 0,
             rate_limit_mebibytes_per_second: None,
             error: None,
+            remote: None,
         };
         tracing::info!(session = record.id, source = %record.source, target = %record.target, precopy, "clone created");
         self.replace(record)
@@ -1245,7 +1347,11 @@ impl<E: Engine> Sessions<E> {
             .any(|live| live.record.source == name)
     }
 
-    fn mirror_establish(&self, command: &SessionCommand) -> Result<()> {
+    fn mirror_establish(
+        &self,
+        command: &SessionCommand,
+        remote: Option<RemoteVolume>,
+    ) -> Result<()> {
         let SessionCommand::MirrorEstablish {
             standard,
             bcv,
@@ -1278,25 +1384,76 @@ impl<E: Engine> Sessions<E> {
             return self.replace(record);
         }
         let standard = self.store.volume(standard)?;
-        let bcv = self.store.volume(bcv)?;
-        self.check_pair(command, &standard, &bcv)?;
-        if bcv.track_count() < standard.track_count() {
-            return Err(refused(
+        let id = self.next_id();
+        let (bcv_name, bcv_track_size, bcv_tracks) = match &remote {
+            None => {
+                let bcv = self.store.volume(bcv)?;
+                self.check_pair(command, &standard, &bcv)?;
+                (bcv.name.clone(), bcv.track_size_bytes, bcv.track_count())
+            }
+            Some(remote) => {
+                // The target's node takes the volume for this session first; it refuses
+                // a volume that already is another session's target.
+                let answer = self.remote_call(
+                    remote,
+                    TargetOperation::Register {
+                        session: id,
+                        kind: SessionKind::Mirror,
+                        source_node: String::new(),
+                        source: standard.name.clone(),
+                        volume: remote.volume.clone(),
+                    },
+                )?;
+                let protocol::session::TargetAnswer::Registered {
+                    track_size_bytes,
+                    track_count,
+                } = answer
+                else {
+                    return Err(Error::Engine {
+                        detail: format!(
+                            "node {} answered {answer:?} to a registration",
+                            remote.node
+                        ),
+                    });
+                };
+                (remote.volume.clone(), track_size_bytes, track_count)
+            }
+        };
+        let problem = if bcv_track_size != standard.track_size_bytes {
+            Some(format!(
+                "track sizes differ ({} and {bcv_track_size} bytes): create the BCV with --track-size {}",
+                standard.track_size_bytes, standard.track_size_bytes
+            ))
+        } else if bcv_tracks < standard.track_count() {
+            Some(format!(
+                "the BCV has {bcv_tracks} tracks, fewer than the standard's {}",
+                standard.track_count()
+            ))
+        } else {
+            None
+        };
+        let slot = match problem {
+            Some(problem) => Err(refused(
                 command,
-                &format!("{} -> {}", standard.name, bcv.name),
-                format!(
-                    "the BCV has {} tracks, fewer than the standard's {}",
-                    bcv.track_count(),
-                    standard.track_count()
-                ),
-            ));
-        }
-        let slot = self.store.allocate_session_slot(&standard)?;
+                &format!("{} -> {bcv_name}", standard.name),
+                problem,
+            )),
+            None => self.store.allocate_session_slot(&standard),
+        };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(error) => {
+                if let Some(remote) = &remote {
+                    let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
+                }
+                return Err(error);
+            }
+        };
         let record = SessionRecord {
-            id: self.next_id(),
+            id,
             kind: SessionKind::Mirror,
             source: standard.name.clone(),
-            target: bcv.name.clone(),
+            target: bcv_name,
             state: SessionState::Split,
             mode: *mode,
             slot,
@@ -1309,6 +1466,7 @@ impl<E: Engine> Sessions<E> {
             tracks_copied_last: 0,
             rate_limit_mebibytes_per_second: None,
             error: None,
+            remote,
         };
         // A new pair starts as if split with everything changed: establishing it is then
         // the same path as re-establishing a known pair.
@@ -1372,7 +1530,7 @@ impl<E: Engine> Sessions<E> {
         let next = next_state(record.kind, record.state, transition)
             .map_err(|reason| refused(command, &record.describe(), reason))?;
         let source = self.store.volume(&record.source)?;
-        let target = self.store.volume(&record.target)?;
+        let partner = self.partner(&record)?;
         let whole = source.whole();
         match command {
             SessionCommand::ClonePrecopy { .. } => {
@@ -1389,7 +1547,7 @@ impl<E: Engine> Sessions<E> {
                     self.store
                         .change_bits(&source, Bits::Session(slot), whole, false)?;
                 }
-                self.store.set_readiness(&target.name, Readiness::Ready)?;
+                self.store.set_readiness(&record.target, Readiness::Ready)?;
                 record.tracks_copied_last = 0;
                 record.progress = Progress::restart();
             }
@@ -1410,7 +1568,7 @@ impl<E: Engine> Sessions<E> {
                     .change_bits(&source, Bits::Session(record.slot), whole, true)?;
                 self.store
                     .change_bits(&source, Bits::Pending(record.slot), whole, true)?;
-                self.attach(&source, &target, record.slot, marks)?;
+                self.attach(&record, &source, &partner, marks)?;
                 record.progress = Progress::restart();
                 record.tracks_copied_last = 0;
                 record.split_when_synchronized = false;
@@ -1419,20 +1577,15 @@ impl<E: Engine> Sessions<E> {
                 // Seed 002 FIG. 6: copy what changed on either side. A track the BCV's
                 // hosts changed also counts as changed since the split, so a cascade
                 // below the BCV gets it at the next differential split.
-                let mut bcv_changed = Vec::new();
-                self.store
-                    .for_each_set(&target, Bits::TargetChanged, whole, &mut |track| {
-                        bcv_changed.push(track);
-                        true
-                    })?;
-                for track in bcv_changed {
+                let bcv_changed = self.partner_changed_tracks(record.id, &partner)?;
+                for track in bcv_changed.into_iter().filter(|track| *track <= whole.last) {
                     let one = Extent::new(track, track).expect("a single track");
                     self.store
                         .change_bits(&source, Bits::Session(record.slot), one, true)?;
                 }
                 self.fold_changed_into_pending(&source, record.slot)?;
                 let marks = self.store.write_marks(&source);
-                self.attach(&source, &target, record.slot, marks)?;
+                self.attach(&record, &source, &partner, marks)?;
                 record.progress = Progress::restart();
                 record.tracks_copied_last = 0;
                 record.split_when_synchronized = false;
@@ -1445,8 +1598,8 @@ impl<E: Engine> Sessions<E> {
                         format!("{restoring} is restoring the standard; split once it is done"),
                     ));
                 }
-                self.drain(&record, &source, &target)?;
-                self.split(&record, &source, &target, *differential)?;
+                self.drain(&record, &source, &partner)?;
+                self.split(&record, &source, &partner, *differential)?;
                 let sequence = self
                     .table
                     .lock()
@@ -1460,21 +1613,20 @@ impl<E: Engine> Sessions<E> {
                 record.split_when_synchronized = false;
             }
             SessionCommand::MirrorRestore { incremental, .. } => {
-                self.restore(command, &record, &source, &target, *incremental)?;
+                self.restore(command, &record, &source, &partner, *incremental)?;
                 record.progress = Progress::restart();
                 record.tracks_copied_last = 0;
             }
             SessionCommand::MirrorCancel { .. } => {
-                self.store.free_session_slot(&source, record.slot)?;
-                let mut marks = self.store.write_marks(&target);
-                marks.target_changed = false;
-                self.store.set_write_marks(&target, marks)?;
-                self.store
-                    .change_bits(&target, Bits::TargetChanged, target.whole(), false)?;
+                self.partner_tracking(record.id, &partner, false)?;
                 if record.state == SessionState::Synchronized {
                     // The BCV holds the standard's whole image: give it to its hosts.
-                    self.store.set_readiness(&target.name, Readiness::Ready)?;
+                    self.partner_readiness(record.id, &partner, Readiness::Ready)?;
                 }
+                if let Partner::Remote(remote) = &partner {
+                    self.remote_call(remote, TargetOperation::Unregister { session: record.id })?;
+                }
+                self.store.free_session_slot(&source, record.slot)?;
                 self.forget(record.id)?;
                 self.table.lock().sessions.remove(&record.id);
                 tracing::info!(session = record.id, "mirror cancelled");
@@ -1489,17 +1641,19 @@ impl<E: Engine> Sessions<E> {
 
     /// Connects a BCV to its standard: host writes mark the session pending, the BCV is
     /// not ready to its own hosts, and its own writes are no longer tracked.
-    fn attach(&self, standard: &Volume, bcv: &Volume, slot: u8, marks: WriteMarks) -> Result<()> {
+    fn attach(
+        &self,
+        record: &SessionRecord,
+        standard: &Volume,
+        bcv: &Partner,
+        marks: WriteMarks,
+    ) -> Result<()> {
         let mut marks = marks;
-        marks.changed |= 1 << slot;
-        marks.pending |= 1 << slot;
+        marks.changed |= 1 << record.slot;
+        marks.pending |= 1 << record.slot;
+        self.partner_readiness(record.id, bcv, Readiness::NotReady)?;
+        self.partner_tracking(record.id, bcv, false)?;
         self.store.set_write_marks(standard, marks)?;
-        let mut bcv_marks = self.store.write_marks(bcv);
-        bcv_marks.target_changed = false;
-        self.store.set_write_marks(bcv, bcv_marks)?;
-        self.store
-            .change_bits(bcv, Bits::TargetChanged, bcv.whole(), false)?;
-        self.store.set_readiness(&bcv.name, Readiness::NotReady)?;
         Ok(())
     }
 
@@ -1531,7 +1685,7 @@ impl<E: Engine> Sessions<E> {
 
     /// Copies what an async mirror has not shipped yet, with host IO held off: a split
     /// must give the BCV the standard's image at the instant of the split.
-    fn drain(&self, record: &SessionRecord, standard: &Volume, bcv: &Volume) -> Result<()> {
+    fn drain(&self, record: &SessionRecord, standard: &Volume, bcv: &Partner) -> Result<()> {
         let mut pending = Vec::new();
         self.store.for_each_set(
             standard,
@@ -1543,7 +1697,8 @@ impl<E: Engine> Sessions<E> {
             },
         )?;
         for track in pending {
-            self.copy_track(
+            self.ship(
+                record.id,
                 standard,
                 bcv,
                 track,
@@ -1553,7 +1708,7 @@ impl<E: Engine> Sessions<E> {
                     track,
                     set: false,
                 }],
-                Durability::Logged,
+                Durability::Synced,
             )?;
         }
         self.store.flush()
@@ -1566,69 +1721,25 @@ impl<E: Engine> Sessions<E> {
         &self,
         record: &SessionRecord,
         standard: &Volume,
-        bcv: &Volume,
+        bcv: &Partner,
         differential: bool,
     ) -> Result<()> {
-        let downstream: Vec<SessionRecord> = self
-            .table
-            .lock()
-            .sessions
-            .values()
-            .filter(|live| {
-                live.record.kind == SessionKind::Mirror && live.record.source == bcv.name
-            })
-            .map(|live| live.record.clone())
-            .collect();
-        if !downstream.is_empty() {
+        let tracks = if differential {
             let mut tracks = Vec::new();
-            if differential {
-                self.store.for_each_set(
-                    standard,
-                    Bits::Session(record.slot),
-                    standard.whole(),
-                    &mut |track| {
-                        tracks.push(track);
-                        true
-                    },
-                )?;
-            }
-            for below in &downstream {
-                let attached = self.store.write_marks(bcv).pending & (1 << below.slot) != 0;
-                if differential {
-                    let mut changes = Vec::new();
-                    for track in &tracks {
-                        changes.push(BitChange {
-                            volume: bcv,
-                            bits: Bits::Session(below.slot),
-                            track: *track,
-                            set: true,
-                        });
-                        if attached {
-                            changes.push(BitChange {
-                                volume: bcv,
-                                bits: Bits::Pending(below.slot),
-                                track: *track,
-                                set: true,
-                            });
-                        }
-                    }
-                    for chunk in changes.chunks(4096) {
-                        self.store.change_track_bits(chunk, Durability::Synced)?;
-                    }
-                } else {
-                    self.store
-                        .change_bits(bcv, Bits::Session(below.slot), bcv.whole(), true)?;
-                    if attached {
-                        self.store.change_bits(
-                            bcv,
-                            Bits::Pending(below.slot),
-                            bcv.whole(),
-                            true,
-                        )?;
-                    }
-                }
-            }
-        }
+            self.store.for_each_set(
+                standard,
+                Bits::Session(record.slot),
+                standard.whole(),
+                &mut |track| {
+                    tracks.push(track);
+                    true
+                },
+            )?;
+            Some(tracks)
+        } else {
+            None
+        };
+        self.partner_mark_downstream(record.id, bcv, tracks)?;
         self.store.change_bits(
             standard,
             Bits::Session(record.slot),
@@ -1638,12 +1749,8 @@ impl<E: Engine> Sessions<E> {
         let mut marks = self.store.write_marks(standard);
         marks.pending &= !(1 << record.slot);
         self.store.set_write_marks(standard, marks)?;
-        self.store
-            .change_bits(bcv, Bits::TargetChanged, bcv.whole(), false)?;
-        let mut bcv_marks = self.store.write_marks(bcv);
-        bcv_marks.target_changed = true;
-        self.store.set_write_marks(bcv, bcv_marks)?;
-        self.store.set_readiness(&bcv.name, Readiness::Ready)?;
+        self.partner_tracking(record.id, bcv, true)?;
+        self.partner_readiness(record.id, bcv, Readiness::Ready)?;
         Ok(())
     }
 
@@ -1655,10 +1762,10 @@ impl<E: Engine> Sessions<E> {
         command: &SessionCommand,
         record: &SessionRecord,
         standard: &Volume,
-        bcv: &Volume,
+        bcv: &Partner,
         incremental: bool,
     ) -> Result<()> {
-        let invalid = self.store.count_set(bcv, Bits::Invalid)?;
+        let invalid = self.partner_invalid_count(record.id, bcv)?;
         if invalid > 0 {
             return Err(refused(
                 command,
@@ -1710,12 +1817,11 @@ impl<E: Engine> Sessions<E> {
         let mut tracks = Vec::new();
         if incremental {
             // Seed 002 FIG. 8, steps 202-203: changed on the BCV or on the standard.
-            let mut set = std::collections::BTreeSet::new();
-            self.store
-                .for_each_set(bcv, Bits::TargetChanged, standard.whole(), &mut |track| {
-                    set.insert(track);
-                    true
-                })?;
+            let mut set: std::collections::BTreeSet<u64> = self
+                .partner_changed_tracks(record.id, bcv)?
+                .into_iter()
+                .filter(|track| *track <= standard.whole().last)
+                .collect();
             self.store.for_each_set(
                 standard,
                 Bits::Session(record.slot),
@@ -1792,7 +1898,7 @@ impl<E: Engine> Sessions<E> {
         )?;
         // The BCV goes back to being the standard's mirror: not ready to its own hosts,
         // host writes to the standard reach it once the restore is done.
-        self.attach(standard, bcv, record.slot, standard_marks)?;
+        self.attach(record, standard, bcv, standard_marks)?;
         // The changed bit of this session stays clear after the restore (seed: the
         // restored session is "unchanged"), but host writes during the restore set it.
         Ok(())

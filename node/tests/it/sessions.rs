@@ -17,7 +17,7 @@ use tokio::process::Command as Process;
 
 fn memory_sessions() -> Sessions<MemoryEngine> {
     let store = Arc::new(VolumeStore::open(MemoryEngine::new()).unwrap());
-    Sessions::open(store, 1 << 20).unwrap()
+    Sessions::open(store, 1 << 20, None).unwrap()
 }
 
 fn establish(standard: &str, bcv: &str) -> SessionCommand {
@@ -724,7 +724,7 @@ fn a_copy_interrupted_by_a_restart_resumes_from_its_bits_and_sends_only_what_is_
         let store = Arc::new(
             VolumeStore::open(RocksEngine::open(&directory.path().join("db")).unwrap()).unwrap(),
         );
-        Sessions::open(store, 1 << 20).unwrap()
+        Sessions::open(store, 1 << 20, None).unwrap()
     };
     let sessions = open();
     sessions.store().create("std", TRACKS * 4096, 4096).unwrap();

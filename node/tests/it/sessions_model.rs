@@ -563,7 +563,7 @@ fn run_case(operations: Vec<Operation>, probe: Vec<u64>) -> Result<(), TestCaseE
             .create(name(volume), TRACKS * TRACK_BYTES, TRACK_BYTES as u32)
             .unwrap();
     }
-    let sessions = Sessions::open(store.clone(), 1 << 20).unwrap();
+    let sessions = Sessions::open(store.clone(), 1 << 20, None).unwrap();
     let mut model = Model::new();
     for operation in &operations {
         match *operation {

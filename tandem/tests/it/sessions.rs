@@ -192,3 +192,146 @@ fn wait_for_sync_then_split(node: &NodeProcess, certs: &Path) -> serde_json::Val
     });
     json(node, certs, &["mirror", "split", "bcv", "--json"])
 }
+
+fn write_tracks(node: &NodeProcess, volume: &str, tracks: &[u64], byte: u8) -> Vec<bool> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = node::nbd_client::NbdClient::connect(node.nbd, volume)
+            .await
+            .unwrap();
+        let mut acknowledged = Vec::new();
+        for track in tracks {
+            let data = vec![byte; TRACK_BYTES as usize];
+            let result = client
+                .write(track * TRACK_BYTES, &data, false)
+                .await
+                .unwrap();
+            acknowledged.push(result.is_ok());
+        }
+        let _ = client.disconnect().await;
+        acknowledged
+    })
+}
+
+fn show(node: &NodeProcess, certs: &Path) -> serde_json::Value {
+    json(node, certs, &["mirror", "show", "bcv", "--json"])
+}
+
+#[test]
+fn a_mirror_across_nodes_survives_kill_9_of_either_side_and_keeps_every_acknowledged_sync_write() {
+    let directory = tempfile::tempdir().unwrap();
+    let certs = init(directory.path(), "alpha,beta");
+    let (alpha_data, beta_data) = (
+        directory.path().join("alpha"),
+        directory.path().join("beta"),
+    );
+    let (alpha_port, beta_port) = (free_udp_port(), free_udp_port());
+    let start_alpha = || {
+        NodeProcess::start_with(
+            &certs,
+            "alpha",
+            &alpha_data,
+            None,
+            alpha_port,
+            &["--control-plane"],
+        )
+    };
+    let mut alpha = start_alpha();
+    alpha.cli_ok(&certs, &["cluster", "init"]);
+    alpha.wait_registered(&certs, "alpha");
+    let members = alpha.quic.to_string();
+    let start_beta = || {
+        NodeProcess::start_with(
+            &certs,
+            "beta",
+            &beta_data,
+            None,
+            beta_port,
+            &["--members", &members],
+        )
+    };
+    let mut beta = start_beta();
+    alpha.wait_registered(&certs, "beta");
+    alpha.cli_ok(
+        &certs,
+        &[
+            "volume", "create", "std", "--node", "alpha", "--size", "8MiB",
+        ],
+    );
+    alpha.cli_ok(
+        &certs,
+        &[
+            "volume", "create", "bcv", "--node", "beta", "--size", "8MiB",
+        ],
+    );
+    fill(&alpha, "std", 7);
+
+    // The standard on alpha, its BCV on beta: tracks go over QUIC between the nodes.
+    let established = json(
+        &alpha,
+        &certs,
+        &["mirror", "establish", "std", "bcv", "--rate", "2", "--json"],
+    );
+    assert_eq!(established["state"], "syncing");
+    refused(&beta, &certs, &["volume", "delete", "bcv"], "copy session");
+    wait_until(20, "part of the copy to reach beta", || {
+        show(&alpha, &certs)["tracks_copied"].as_u64().unwrap() > 0
+    });
+    // kill -9 the target mid-copy: the source keeps its bits and retries.
+    beta.kill();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let remaining_while_down = show(&alpha, &certs)["tracks_remaining"].as_u64().unwrap();
+    assert!(remaining_while_down > 0 && remaining_while_down < TRACKS);
+    beta = start_beta();
+    wait_until(30, "the copy to move on after beta came back", || {
+        show(&alpha, &certs)["tracks_remaining"].as_u64().unwrap() < remaining_while_down
+    });
+    // kill -9 the source mid-copy: the bits on alpha's disk say what is still missing.
+    alpha.kill();
+    alpha = start_alpha();
+    let resumed = show(&alpha, &certs);
+    assert!(
+        resumed["tracks_remaining"].as_u64().unwrap() < remaining_while_down,
+        "{resumed}"
+    );
+    json(
+        &alpha,
+        &certs,
+        &["mirror", "rate", "bcv", "--rate", "1000", "--json"],
+    );
+    wait_until(60, "the mirror to synchronize", || {
+        show(&alpha, &certs)["state"] == "synchronized"
+    });
+
+    // Sync mode: every write the host saw acknowledged is on beta, even when beta dies
+    // right after; a write while beta is down is not acknowledged.
+    let acknowledged = write_tracks(&alpha, "std", &[1, 2, 3, 60, 127], 0xa1);
+    assert!(acknowledged.iter().all(|ok| *ok));
+    beta.kill();
+    let while_down = write_tracks(&alpha, "std", &[5], 0xb2);
+    assert_eq!(
+        while_down,
+        vec![false],
+        "a sync mirror acknowledged a write its BCV never got"
+    );
+    beta = start_beta();
+    alpha.wait_registered(&certs, "beta");
+    let split = wait_for_sync_then_split(&alpha, &certs);
+    assert_eq!(split["state"], "split");
+    assert_eq!(
+        read_all(&beta, "bcv"),
+        read_all(&alpha, "std"),
+        "the BCV on beta is not the standard's image at the split"
+    );
+    // Reestablish moves only the tracks changed since the split.
+    write_tracks(&alpha, "std", &[10, 11], 0xc3);
+    alpha.cli_ok(&certs, &["mirror", "reestablish", "bcv"]);
+    wait_until(30, "the reestablish", || {
+        show(&alpha, &certs)["state"] == "synchronized"
+    });
+    assert_eq!(show(&alpha, &certs)["tracks_copied_last"], 2);
+    alpha.cli_ok(&certs, &["mirror", "cancel", "bcv"]);
+    beta.cli_ok(&certs, &["volume", "delete", "bcv"]);
+    alpha.kill();
+    beta.kill();
+}

@@ -1,0 +1,489 @@
+//! Sessions whose target volume lives on another node.
+//!
+//! The source's node runs the session: it holds the slots, the bits and the copier. The
+//! target's node holds the target volume and a registration (the seed's descriptor "with
+//! the target too"), and answers [`TargetOperation`]s: store a track (verifying its
+//! checksums, under its own address), read one back for a restore, switch readiness and
+//! the tracking of its hosts' writes, list those writes, and mark its own downstream
+//! mirrors at a split. A source clears a bit only after the target acknowledged the track.
+
+use super::Sessions;
+use crate::engine::{Batch, Durability, Engine, Space};
+use crate::store::{BitChange, Bits, Volume};
+use crate::{Error, Result};
+use protocol::messages::Readiness;
+use protocol::session::{
+    RemoteVolume, SessionId, SessionKind, TargetAnswer, TargetOperation, TrackImage,
+};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Calls another node's session service; the node runtime implements it over QUIC.
+pub trait TargetLink: Send + Sync {
+    fn call(&self, remote: &RemoteVolume, operation: TargetOperation) -> Result<TargetAnswer>;
+}
+
+/// The other volume of a session, seen from the node that runs it.
+#[derive(Clone)]
+pub enum Partner {
+    Local(Arc<Volume>),
+    Remote(RemoteVolume),
+}
+
+impl Partner {
+    pub fn local(&self) -> Option<&Arc<Volume>> {
+        match self {
+            Partner::Local(volume) => Some(volume),
+            Partner::Remote(_) => None,
+        }
+    }
+}
+
+/// A volume of this node that is the target of a session run by another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub session: SessionId,
+    pub kind: SessionKind,
+    pub source_node: String,
+    pub source: String,
+    pub volume: String,
+}
+
+const REGISTRATION_KEY_PREFIX: &[u8] = b"t/";
+pub(super) const REGISTRATION_KEY_END: &[u8] = b"t0";
+
+fn registration_key(volume: &str) -> Vec<u8> {
+    let mut key = REGISTRATION_KEY_PREFIX.to_vec();
+    key.extend_from_slice(volume.as_bytes());
+    key
+}
+
+pub(super) fn load_registrations<E: Engine>(engine: &E) -> Result<Vec<Registration>> {
+    let mut registrations = Vec::new();
+    let mut failure = None;
+    engine.scan(
+        Space::Meta,
+        REGISTRATION_KEY_PREFIX,
+        REGISTRATION_KEY_END,
+        &mut |key, value| match protocol::codec::decode::<Registration>(value) {
+            Ok(registration) => {
+                registrations.push(registration);
+                true
+            }
+            Err(error) => {
+                failure = Some(Error::Metadata {
+                    what: format!("registration key {key:02x?}"),
+                    detail: error.to_string(),
+                });
+                false
+            }
+        },
+    )?;
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(registrations),
+    }
+}
+
+impl<E: Engine> Sessions<E> {
+    fn link(&self) -> Result<&Arc<dyn TargetLink>> {
+        self.link.as_ref().ok_or_else(|| Error::Config {
+            detail: "this node cannot reach other nodes for copy sessions".to_string(),
+        })
+    }
+
+    pub(super) fn remote_call(
+        &self,
+        remote: &RemoteVolume,
+        operation: TargetOperation,
+    ) -> Result<TargetAnswer> {
+        self.link()?.call(remote, operation)
+    }
+
+    /// Sends a track to the target and, once it is stored there, applies `source_bits`
+    /// here. Returns the bytes sent.
+    pub(super) fn ship(
+        &self,
+        session: SessionId,
+        source: &Volume,
+        target: &Partner,
+        track: u64,
+        source_bits: &[BitChange<'_>],
+        durability: Durability,
+    ) -> Result<u64> {
+        match target {
+            Partner::Local(target) => {
+                self.copy_track(source, target, track, source_bits, durability)
+            }
+            Partner::Remote(remote) => {
+                let image = self.store.read_track_image(source, track)?;
+                let bytes = image.data.len() as u64;
+                let answer = self.remote_call(
+                    remote,
+                    TargetOperation::PutTrack {
+                        session,
+                        image,
+                        only_if_invalid: false,
+                        synced: durability == Durability::Synced,
+                    },
+                )?;
+                if !matches!(answer, TargetAnswer::Stored(true)) {
+                    return Err(unexpected(remote, &answer));
+                }
+                // Only now, with the track acknowledged, may its bits go.
+                self.store.change_track_bits(source_bits, durability)?;
+                metrics::counter!("tandem_copy_tracks_total").increment(1);
+                metrics::counter!("tandem_copy_bytes_total").increment(bytes);
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// Brings a track from the target back into `into` (a restore), with `into_bits`.
+    pub(super) fn fetch(
+        &self,
+        session: SessionId,
+        target: &Partner,
+        into: &Volume,
+        track: u64,
+        into_bits: &[BitChange<'_>],
+        durability: Durability,
+    ) -> Result<u64> {
+        match target {
+            Partner::Local(target) => self.copy_track(target, into, track, into_bits, durability),
+            Partner::Remote(remote) => {
+                let answer =
+                    self.remote_call(remote, TargetOperation::GetTrack { session, track })?;
+                let TargetAnswer::Track(image) = answer else {
+                    return Err(unexpected(remote, &answer));
+                };
+                self.store
+                    .write_track_image(into, &image, into_bits, durability)?;
+                Ok(image.data.len() as u64)
+            }
+        }
+    }
+
+    pub(super) fn partner_readiness(
+        &self,
+        session: SessionId,
+        target: &Partner,
+        readiness: Readiness,
+    ) -> Result<()> {
+        match target {
+            Partner::Local(volume) => self.store.set_readiness(&volume.name, readiness).map(drop),
+            Partner::Remote(remote) => self
+                .remote_call(remote, TargetOperation::SetReadiness { session, readiness })
+                .map(drop),
+        }
+    }
+
+    /// Turns the tracking of the target's host writes on or off, clearing what it held.
+    pub(super) fn partner_tracking(
+        &self,
+        session: SessionId,
+        target: &Partner,
+        tracking: bool,
+    ) -> Result<()> {
+        match target {
+            Partner::Local(volume) => self.track_changes(volume, tracking),
+            Partner::Remote(remote) => self
+                .remote_call(remote, TargetOperation::TrackChanges { session, tracking })
+                .map(drop),
+        }
+    }
+
+    pub(super) fn track_changes(&self, volume: &Volume, tracking: bool) -> Result<()> {
+        let mut marks = self.store.write_marks(volume);
+        marks.target_changed = tracking;
+        self.store.set_write_marks(volume, marks)?;
+        self.store
+            .change_bits(volume, Bits::TargetChanged, volume.whole(), false)
+    }
+
+    pub(super) fn partner_changed_tracks(
+        &self,
+        session: SessionId,
+        target: &Partner,
+    ) -> Result<Vec<u64>> {
+        match target {
+            Partner::Local(volume) => self.changed_tracks(volume),
+            Partner::Remote(remote) => {
+                match self.remote_call(remote, TargetOperation::ChangedTracks { session })? {
+                    TargetAnswer::Tracks(tracks) => Ok(tracks),
+                    answer => Err(unexpected(remote, &answer)),
+                }
+            }
+        }
+    }
+
+    fn changed_tracks(&self, volume: &Volume) -> Result<Vec<u64>> {
+        let mut tracks = Vec::new();
+        self.store
+            .for_each_set(volume, Bits::TargetChanged, volume.whole(), &mut |track| {
+                tracks.push(track);
+                true
+            })?;
+        Ok(tracks)
+    }
+
+    pub(super) fn partner_invalid_count(
+        &self,
+        session: SessionId,
+        target: &Partner,
+    ) -> Result<u64> {
+        match target {
+            Partner::Local(volume) => self.store.count_set(volume, Bits::Invalid),
+            Partner::Remote(remote) => {
+                match self.remote_call(remote, TargetOperation::CountInvalid { session })? {
+                    TargetAnswer::Count(count) => Ok(count),
+                    answer => Err(unexpected(remote, &answer)),
+                }
+            }
+        }
+    }
+
+    pub(super) fn partner_mark_downstream(
+        &self,
+        session: SessionId,
+        target: &Partner,
+        tracks: Option<Vec<u64>>,
+    ) -> Result<()> {
+        match target {
+            Partner::Local(volume) => self.mark_downstream(volume, tracks.as_deref()),
+            Partner::Remote(remote) => self
+                .remote_call(remote, TargetOperation::MarkDownstream { session, tracks })
+                .map(drop),
+        }
+    }
+
+    /// Marks the mirrors whose standard is `volume` changed (and pending, when attached)
+    /// on `tracks`, or on every track: seed 002's BFM bits at a split of `volume`.
+    pub(super) fn mark_downstream(&self, volume: &Volume, tracks: Option<&[u64]>) -> Result<()> {
+        let downstream: Vec<u8> = self
+            .table
+            .lock()
+            .sessions
+            .values()
+            .filter(|live| {
+                live.record.kind == SessionKind::Mirror && live.record.source == volume.name
+            })
+            .map(|live| live.record.slot)
+            .collect();
+        let marks = self.store.write_marks(volume);
+        for slot in downstream {
+            let attached = marks.pending & (1 << slot) != 0;
+            let mut kinds = vec![Bits::Session(slot)];
+            if attached {
+                kinds.push(Bits::Pending(slot));
+            }
+            for bits in kinds {
+                match tracks {
+                    None => self.store.change_bits(volume, bits, volume.whole(), true)?,
+                    Some(tracks) => {
+                        let changes: Vec<BitChange<'_>> = tracks
+                            .iter()
+                            .map(|track| BitChange {
+                                volume,
+                                bits,
+                                track: *track,
+                                set: true,
+                            })
+                            .collect();
+                        for chunk in changes.chunks(4096) {
+                            self.store.change_track_bits(chunk, Durability::Synced)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a volume of this node is registered as a remote session's target.
+    pub(super) fn registered(&self, volume: &str) -> Option<Registration> {
+        self.registrations.lock().get(volume).cloned()
+    }
+
+    /// Serves a session source's request for a volume of this node.
+    pub fn serve_target(&self, operation: TargetOperation) -> Result<TargetAnswer> {
+        if let TargetOperation::Register {
+            session,
+            kind,
+            source_node,
+            source,
+            volume,
+        } = operation
+        {
+            return self.register_target(Registration {
+                session,
+                kind,
+                source_node,
+                source,
+                volume,
+            });
+        }
+        let session = match &operation {
+            TargetOperation::Unregister { session }
+            | TargetOperation::SetPulls { session, .. }
+            | TargetOperation::PutTrack { session, .. }
+            | TargetOperation::GetTrack { session, .. }
+            | TargetOperation::SetReadiness { session, .. }
+            | TargetOperation::TrackChanges { session, .. }
+            | TargetOperation::ChangedTracks { session }
+            | TargetOperation::SetInvalid { session, .. }
+            | TargetOperation::CountInvalid { session }
+            | TargetOperation::MarkDownstream { session, .. } => *session,
+            TargetOperation::Register { .. } => unreachable!("served above"),
+        };
+        let registration = self
+            .registrations
+            .lock()
+            .values()
+            .find(|registration| registration.session == session)
+            .cloned();
+        let Some(registration) = registration else {
+            if matches!(operation, TargetOperation::Unregister { .. }) {
+                return Ok(TargetAnswer::Done);
+            }
+            return Err(Error::SessionNotFound {
+                kind: "remote".to_string(),
+                volume: format!("session {session}"),
+                role: "target on this node".to_string(),
+            });
+        };
+        let volume = self.store.volume(&registration.volume)?;
+        match operation {
+            TargetOperation::PutTrack {
+                image,
+                only_if_invalid,
+                synced,
+                ..
+            } => {
+                let _gate = self.gate.read();
+                let _track = self.locks.lock([(volume.id, image.track)]);
+                let invalid = self.store.test_bit(&volume, Bits::Invalid, image.track)?;
+                if only_if_invalid && !invalid {
+                    return Ok(TargetAnswer::Stored(false));
+                }
+                let durability = if synced {
+                    Durability::Synced
+                } else {
+                    Durability::Logged
+                };
+                let clear_invalid = [BitChange {
+                    volume: &volume,
+                    bits: Bits::Invalid,
+                    track: image.track,
+                    set: false,
+                }];
+                let bits: &[BitChange<'_>] = if invalid { &clear_invalid } else { &[] };
+                self.store
+                    .write_track_image(&volume, &image, bits, durability)?;
+                Ok(TargetAnswer::Stored(true))
+            }
+            TargetOperation::GetTrack { track, .. } => {
+                let _gate = self.gate.read();
+                let image: TrackImage = self.store.read_track_image(&volume, track)?;
+                Ok(TargetAnswer::Track(image))
+            }
+            TargetOperation::SetReadiness { readiness, .. } => {
+                let _gate = self.gate.write();
+                self.store.set_readiness(&volume.name, readiness)?;
+                Ok(TargetAnswer::Done)
+            }
+            TargetOperation::TrackChanges { tracking, .. } => {
+                let _gate = self.gate.write();
+                self.track_changes(&volume, tracking)?;
+                Ok(TargetAnswer::Done)
+            }
+            TargetOperation::ChangedTracks { .. } => {
+                Ok(TargetAnswer::Tracks(self.changed_tracks(&volume)?))
+            }
+            TargetOperation::SetInvalid { extents, .. } => {
+                let _gate = self.gate.write();
+                for extent in extents {
+                    self.store
+                        .change_bits(&volume, Bits::Invalid, extent, true)?;
+                }
+                Ok(TargetAnswer::Done)
+            }
+            TargetOperation::CountInvalid { .. } => Ok(TargetAnswer::Count(
+                self.store.count_set(&volume, Bits::Invalid)?,
+            )),
+            TargetOperation::MarkDownstream { tracks, .. } => {
+                let _gate = self.gate.write();
+                self.mark_downstream(&volume, tracks.as_deref())?;
+                Ok(TargetAnswer::Done)
+            }
+            TargetOperation::SetPulls { .. } => Ok(TargetAnswer::Done),
+            TargetOperation::Unregister { .. } => {
+                let _gate = self.gate.write();
+                let mut batch = Batch::default();
+                batch.delete(Space::Meta, registration_key(&registration.volume));
+                self.store.engine().write(batch, Durability::Synced)?;
+                self.registrations.lock().remove(&registration.volume);
+                tracing::info!(session, volume = %registration.volume, "remote session target released");
+                Ok(TargetAnswer::Done)
+            }
+            TargetOperation::Register { .. } => unreachable!("served above"),
+        }
+    }
+
+    /// Registers `volume` as the target of a session run by another node.
+    pub fn register_target(&self, registration: Registration) -> Result<TargetAnswer> {
+        let _gate = self.gate.write();
+        let volume = self.store.volume(&registration.volume)?;
+        if let Some(existing) = self.registered(&volume.name) {
+            if existing.session != registration.session {
+                return Err(Error::SessionRefused {
+                    command: "register".to_string(),
+                    session: format!("{} from {}", registration.kind, registration.source_node),
+                    reason: format!(
+                        "'{}' is already the target of session {} from {}",
+                        volume.name, existing.session, existing.source_node
+                    ),
+                });
+            }
+        } else if let Some(local) = self
+            .table
+            .lock()
+            .sessions
+            .values()
+            .find(|live| live.record.target == volume.name)
+        {
+            return Err(Error::SessionRefused {
+                command: "register".to_string(),
+                session: format!("{} from {}", registration.kind, registration.source_node),
+                reason: format!(
+                    "'{}' is already the target of {}",
+                    volume.name,
+                    local.record.describe()
+                ),
+            });
+        }
+        let mut batch = Batch::default();
+        batch.put(
+            Space::Meta,
+            registration_key(&volume.name),
+            protocol::codec::encode(&registration)?,
+        );
+        self.store.engine().write(batch, Durability::Synced)?;
+        self.registrations
+            .lock()
+            .insert(volume.name.clone(), registration);
+        Ok(TargetAnswer::Registered {
+            track_size_bytes: volume.track_size_bytes,
+            track_count: volume.track_count(),
+        })
+    }
+}
+
+fn unexpected(remote: &RemoteVolume, answer: &TargetAnswer) -> Error {
+    Error::Engine {
+        detail: format!(
+            "node {} answered {answer:?} for volume {}",
+            remote.node, remote.volume
+        ),
+    }
+}
