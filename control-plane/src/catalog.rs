@@ -8,9 +8,10 @@
 
 use protocol::cluster::{
     CatalogError, CatalogReply, CatalogRequest, CatalogResponse, Command, Health, NodeRecord,
-    NodeReport, RequestId, VolumeRecord, VolumeState,
+    NodeReport, RequestId, SessionEntry, VolumeRecord, VolumeState,
 };
 use protocol::messages::{Readiness, VOLUME_NAME_BYTES_MAX};
+use protocol::session::{next_state, SessionKind, SessionState, Transition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -28,6 +29,8 @@ pub const NAME_BYTES_MAX: usize = 64;
 pub struct Catalog {
     nodes: BTreeMap<String, NodeRecord>,
     volumes: BTreeMap<String, VolumeRecord>,
+    /// Copy sessions by target volume (a volume is the target of one session at most).
+    sessions: BTreeMap<String, SessionEntry>,
     /// Responses of the most recent requests, so a retried request gets the first answer.
     applied: BTreeMap<RequestId, CatalogResponse>,
     /// The same request ids in the order they were applied, oldest first, for eviction.
@@ -55,6 +58,55 @@ impl Catalog {
 
     pub fn volume(&self, name: &str) -> Option<&VolumeRecord> {
         self.volumes.get(name)
+    }
+
+    pub fn sessions(&self) -> impl Iterator<Item = &SessionEntry> {
+        self.sessions.values()
+    }
+
+    /// The session whose target is `target`.
+    pub fn session(&self, target: &str) -> Option<&SessionEntry> {
+        self.sessions.get(target)
+    }
+
+    /// A session `volume` takes part in, as source or target.
+    fn session_of_volume(&self, volume: &str) -> Option<&SessionEntry> {
+        self.sessions
+            .values()
+            .find(|entry| entry.source == volume || entry.target == volume)
+    }
+
+    fn session_record(&mut self, entry: &SessionEntry) -> CatalogResponse {
+        for volume in [&entry.source, &entry.target] {
+            let record = self
+                .volumes
+                .get(volume)
+                .ok_or_else(|| CatalogError::UnknownVolume {
+                    volume: volume.clone(),
+                })?;
+            if record.state != VolumeState::Ready {
+                return Err(illegal(record, "used by a copy session"));
+            }
+        }
+        if let Some(existing) = self.sessions.get(&entry.target) {
+            if existing.source != entry.source || existing.kind != entry.kind {
+                return Err(CatalogError::SessionTargetTaken {
+                    kind: existing.kind,
+                    source_volume: existing.source.clone(),
+                    target: existing.target.clone(),
+                });
+            }
+            if !session_state_reachable(entry.kind, existing.state, entry.state) {
+                return Err(CatalogError::SessionTransition {
+                    kind: entry.kind,
+                    target: entry.target.clone(),
+                    from: existing.state,
+                    to: entry.state,
+                });
+            }
+        }
+        self.sessions.insert(entry.target.clone(), entry.clone());
+        Ok(CatalogReply::Done)
     }
 
     /// The answer a request id already got, if it was applied and is still remembered.
@@ -120,7 +172,20 @@ impl Catalog {
                 self.volumes.remove(name);
                 Ok(CatalogReply::Done)
             }
+            Command::SessionRecord(entry) => self.session_record(entry),
+            Command::SessionForget { target } => {
+                self.sessions.remove(target);
+                Ok(CatalogReply::Done)
+            }
             Command::VolumeDeleteBegin { name } => {
+                if let Some(entry) = self.session_of_volume(name) {
+                    return Err(CatalogError::VolumeInSession {
+                        volume: name.clone(),
+                        kind: entry.kind,
+                        source_volume: entry.source.clone(),
+                        target: entry.target.clone(),
+                    });
+                }
                 let volume = self.volume_mut(name)?;
                 match volume.state {
                     VolumeState::Ready | VolumeState::Deleting => {
@@ -277,4 +342,37 @@ fn validate_name(what: &str, name: &str, bytes_max: usize) -> Result<(), Catalog
         )));
     }
     Ok(())
+}
+
+/// Whether a session can have gone from `from` to `to` by its commands and its copies
+/// finishing, in at most three steps: the source node reports states, and a report can
+/// miss the ones in between (a rotation passes through syncing and synchronized on its
+/// way from split to split).
+pub fn session_state_reachable(kind: SessionKind, from: SessionState, to: SessionState) -> bool {
+    const TRANSITIONS: [Transition; 9] = [
+        Transition::Precopy,
+        Transition::Activate,
+        Transition::Terminate,
+        Transition::Establish,
+        Transition::Split,
+        Transition::Reestablish,
+        Transition::Restore,
+        Transition::Cancel,
+        Transition::CopyDone,
+    ];
+    let mut frontier = vec![from];
+    for _ in 0..=3 {
+        if frontier.contains(&to) {
+            return true;
+        }
+        frontier = frontier
+            .iter()
+            .flat_map(|state| {
+                TRANSITIONS.iter().filter_map(move |transition| {
+                    next_state(kind, *state, *transition).ok().flatten()
+                })
+            })
+            .collect();
+    }
+    frontier.contains(&to)
 }

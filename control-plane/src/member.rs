@@ -20,9 +20,12 @@ use parking_lot::Mutex;
 use protocol::cluster::{
     member_id, CatalogError, CatalogReply, CatalogRequest, CatalogStatus, ClusterRequest,
     ClusterResponse, ClusterStatus, Command, Health, Member, MemberId, MemberStatus, NodeRecord,
-    NodeReport, RequestId, VolumeRecord, VolumeState, CLUSTER_REQUEST_HOPS_MAX,
+    NodeReport, RequestId, SessionEntry, VolumeRecord, VolumeState, CLUSTER_REQUEST_HOPS_MAX,
 };
 use protocol::messages::{ErrorCode, Extent, Request, Response};
+use protocol::session::{
+    next_state, SessionCommand, SessionInfo, SessionKind, SessionState, Transition,
+};
 use protocol::transport::Peer;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -500,6 +503,250 @@ impl ControlPlane {
                 target,
                 extents,
             } => self.snap(&source, &target, extents).await,
+            ClusterRequest::Session {
+                request_id,
+                command,
+            } => self.session_command(request_id, command).await,
+            ClusterRequest::SessionList { kind } => {
+                self.read_barrier().await?;
+                let entries: Vec<SessionEntry> = self.catalog.read(|catalog| {
+                    catalog
+                        .sessions()
+                        .filter(|entry| kind.is_none_or(|kind| entry.kind == kind))
+                        .cloned()
+                        .collect()
+                });
+                let mut infos = Vec::new();
+                for entry in &entries {
+                    infos.push(self.session_live(entry).await);
+                }
+                infos.sort_by_key(|info| (info.source.clone(), info.target.clone()));
+                cluster(ClusterResponse::Sessions(infos))
+            }
+            ClusterRequest::SessionShow { kind, target } => {
+                self.read_barrier().await?;
+                let entry = self.known_session(kind, &target)?;
+                let info = self.session_live(&entry).await;
+                cluster(ClusterResponse::Session(Some(Box::new(info))))
+            }
+        }
+    }
+
+    fn known_session(&self, kind: SessionKind, target: &str) -> Outcome<SessionEntry> {
+        self.catalog
+            .read(|catalog| catalog.session(target).cloned())
+            .filter(|entry| entry.kind == kind)
+            .ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "no {kind} session has '{target}' as its {} (see `tandem {kind} list`)",
+                        match kind {
+                            SessionKind::Clone => "destination",
+                            SessionKind::Mirror => "BCV",
+                        }
+                    ),
+                )
+            })
+    }
+
+    /// A session as its node reports it now, or the catalog's checkpoint when the node
+    /// does not answer.
+    async fn session_live(&self, entry: &SessionEntry) -> SessionInfo {
+        let reason = match self.node_address(&entry.node) {
+            Some(address) => match self
+                .call(
+                    &entry.node,
+                    &address,
+                    Request::SessionShow {
+                        kind: entry.kind,
+                        target: entry.target.clone(),
+                    },
+                )
+                .await
+            {
+                Ok(Response::Session(Some(info))) => return info,
+                Ok(Response::Error { message, .. }) => message,
+                Ok(other) => format!("unexpected answer {other:?}"),
+                Err(reason) => reason,
+            },
+            None => "the node is not registered".to_string(),
+        };
+        let total = entry.tracks_copied + entry.tracks_remaining;
+        SessionInfo {
+            id: entry.id,
+            kind: entry.kind,
+            source: entry.source.clone(),
+            target: entry.target.clone(),
+            state: entry.state,
+            mode: None,
+            slots: entry.slots.clone(),
+            extents: Vec::new(),
+            tracks_total: total,
+            tracks_copied: entry.tracks_copied,
+            tracks_remaining: entry.tracks_remaining,
+            percent: if total == 0 {
+                100.0
+            } else {
+                entry.tracks_copied as f64 * 100.0 / total as f64
+            },
+            rate_bytes_per_second: 0,
+            eta_seconds: None,
+            rate_limit_mebibytes_per_second: None,
+            tracks_copied_last: 0,
+            lag_tracks: 0,
+            lag_seconds: 0,
+            error: Some(format!(
+                "node {} did not answer ({reason}); this is the catalog's last checkpoint",
+                entry.node
+            )),
+            created_unix_seconds: 0,
+            split_sequence: 0,
+        }
+    }
+
+    /// A session command: the catalog refuses an illegal transition of a resting session
+    /// before any node is asked; otherwise the source volume's node carries it out (and
+    /// checks it against its own, newer, state), and the outcome is committed.
+    async fn session_command(
+        &self,
+        request_id: RequestId,
+        command: SessionCommand,
+    ) -> Outcome<Response> {
+        self.read_barrier().await?;
+        let (source, target, entry) = match &command {
+            SessionCommand::CloneCreate { source, target, .. } => {
+                (source.clone(), Some(target.clone()), None)
+            }
+            SessionCommand::MirrorEstablish { standard, bcv, .. } => (
+                standard.clone(),
+                Some(bcv.clone()),
+                self.catalog.read(|catalog| catalog.session(bcv).cloned()),
+            ),
+            SessionCommand::MirrorRotate { standard } => (standard.clone(), None, None),
+            SessionCommand::ClonePrecopy { target }
+            | SessionCommand::CloneActivate { target }
+            | SessionCommand::CloneTerminate { target } => {
+                let entry = self.known_session(SessionKind::Clone, target)?;
+                (entry.source.clone(), Some(target.clone()), Some(entry))
+            }
+            SessionCommand::MirrorSplit { bcv: target, .. }
+            | SessionCommand::MirrorReestablish { bcv: target }
+            | SessionCommand::MirrorRestore { bcv: target, .. }
+            | SessionCommand::MirrorCancel { bcv: target } => {
+                let entry = self.known_session(SessionKind::Mirror, target)?;
+                (entry.source.clone(), Some(target.clone()), Some(entry))
+            }
+            SessionCommand::SetRate { target, .. } => {
+                let entry = self
+                    .catalog
+                    .read(|catalog| catalog.session(target).cloned())
+                    .ok_or_else(|| {
+                        Refusal::new(
+                            ErrorCode::NotFound,
+                            format!("no session has '{target}' as its target"),
+                        )
+                    })?;
+                (entry.source.clone(), Some(target.clone()), Some(entry))
+            }
+        };
+        if let (Some(entry), Some(transition)) = (&entry, transition_of(&command)) {
+            if entry.state.is_resting() {
+                if let Err(reason) = next_state(entry.kind, entry.state, transition) {
+                    return Err(Refusal::new(
+                        ErrorCode::IllegalState,
+                        format!(
+                            "{} refused for {} {} -> {}: {reason}",
+                            command.name(),
+                            entry.kind,
+                            entry.source,
+                            entry.target
+                        ),
+                    ));
+                }
+            }
+        }
+        let volume = self.known_volume(&source)?;
+        if let Some(target) = &target {
+            self.known_volume(target)?;
+        }
+        let address = self.node_address(&volume.node).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::Unavailable,
+                format!("node {} is not registered", volume.node),
+            )
+        })?;
+        let response = self
+            .call(
+                &volume.node,
+                &address,
+                Request::Session {
+                    command: command.clone(),
+                },
+            )
+            .await
+            .map_err(|reason| {
+                Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "node {} of volume '{source}' did not answer: {reason}",
+                        volume.node
+                    ),
+                )
+            })?;
+        let info = match response {
+            Response::Session(info) => info,
+            Response::Error { code, message } => return Err(Refusal::new(code, message)),
+            other => {
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("unexpected answer {other:?}"),
+                ))
+            }
+        };
+        let record = match &info {
+            Some(info) => Command::SessionRecord(entry_of(&volume.node, info)),
+            None => Command::SessionForget {
+                target: target.unwrap_or_default(),
+            },
+        };
+        self.commit(request_id, record).await?;
+        Ok(Response::Cluster(ClusterResponse::Session(
+            info.map(Box::new),
+        )))
+    }
+
+    /// Brings the catalog's record of running copies up to date with their nodes: a copy
+    /// finishes on its node, and the catalog learns it here.
+    async fn refresh_sessions(&self) {
+        let running: Vec<SessionEntry> = self.catalog.read(|catalog| {
+            catalog
+                .sessions()
+                .filter(|entry| {
+                    !entry.state.is_resting() || entry.state == SessionState::Precopying
+                })
+                .cloned()
+                .collect()
+        });
+        for entry in running {
+            let info = self.session_live(&entry).await;
+            if info
+                .error
+                .as_deref()
+                .is_some_and(|error| error.contains("catalog's last checkpoint"))
+            {
+                continue;
+            }
+            let fresh = entry_of(&entry.node, &info);
+            let progressed = fresh.tracks_copied >= entry.tracks_copied + SESSION_CHECKPOINT_TRACKS;
+            if fresh.state != entry.state || progressed || fresh.error != entry.error {
+                if let Err(refusal) = self
+                    .commit(random_request_id(), Command::SessionRecord(fresh))
+                    .await
+                {
+                    tracing::debug!(target = %entry.target, reason = %refusal.message, "session checkpoint not recorded");
+                }
+            }
         }
     }
 
@@ -1086,6 +1333,7 @@ impl ControlPlane {
                 }
             }
         }
+        self.refresh_sessions().await;
         let half_way: Vec<VolumeRecord> = self.catalog.read(|catalog| {
             catalog
                 .volumes()
@@ -1120,6 +1368,42 @@ impl ControlPlane {
                 }
             });
         }
+    }
+}
+
+/// How far a running copy moves between two progress checkpoints in the catalog.
+pub const SESSION_CHECKPOINT_TRACKS: u64 = 4096;
+
+/// The catalog's record of a session as its node reported it.
+fn entry_of(node: &str, info: &SessionInfo) -> SessionEntry {
+    SessionEntry {
+        id: info.id,
+        node: node.to_string(),
+        kind: info.kind,
+        source: info.source.clone(),
+        target: info.target.clone(),
+        state: info.state,
+        slots: info.slots.clone(),
+        tracks_copied: info.tracks_copied,
+        tracks_remaining: info.tracks_remaining,
+        error: info.error.clone(),
+    }
+}
+
+/// The transition a command asks of an existing session.
+fn transition_of(command: &SessionCommand) -> Option<Transition> {
+    match command {
+        SessionCommand::ClonePrecopy { .. } => Some(Transition::Precopy),
+        SessionCommand::CloneActivate { .. } => Some(Transition::Activate),
+        SessionCommand::CloneTerminate { .. } => Some(Transition::Terminate),
+        SessionCommand::MirrorEstablish { .. } => Some(Transition::Establish),
+        SessionCommand::MirrorSplit { .. } => Some(Transition::Split),
+        SessionCommand::MirrorReestablish { .. } => Some(Transition::Reestablish),
+        SessionCommand::MirrorRestore { .. } => Some(Transition::Restore),
+        SessionCommand::MirrorCancel { .. } => Some(Transition::Cancel),
+        SessionCommand::CloneCreate { .. }
+        | SessionCommand::MirrorRotate { .. }
+        | SessionCommand::SetRate { .. } => None,
     }
 }
 

@@ -107,6 +107,10 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
             let sessions = service.sessions.clone();
             blocking(move || sessions.serve_target(operation).map(Response::Target)).await
         }
+        Request::Session { .. } if !from_node => refuse(
+            ErrorCode::Forbidden,
+            "session commands go through the control plane, which records them: use `tandem clone ...` or `tandem mirror ...`".into(),
+        ),
         Request::Session { command } => {
             let remote = match remote_target_of(&service, &command).await {
                 Ok(remote) => remote,

@@ -149,8 +149,34 @@ pub enum Command {
         name: String,
         readiness: Readiness,
     },
+    /// Records a copy session as its source node reports it (created, or changed state).
+    SessionRecord(SessionEntry),
+    /// The session of this target ended (terminated or cancelled).
+    SessionForget {
+        target: String,
+    },
     /// Does nothing but commit; used to measure commit latency and to confirm leadership.
     Noop,
+}
+
+/// A copy session as the catalog records it. The source volume's node runs the session
+/// and keeps its bits; the catalog holds where it is, so a new leader and every member
+/// know which sessions exist, and refuses what would break one (deleting its volumes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEntry {
+    /// The source node's id of the session.
+    pub id: crate::session::SessionId,
+    /// The node that runs it: the node of the source volume.
+    pub node: String,
+    pub kind: crate::session::SessionKind,
+    pub source: String,
+    pub target: String,
+    pub state: crate::session::SessionState,
+    pub slots: Vec<u8>,
+    /// The progress checkpoint: tracks copied so far and still to copy.
+    pub tracks_copied: u64,
+    pub tracks_remaining: u64,
+    pub error: Option<String>,
 }
 
 /// A command as it travels through Raft, with the id that makes retries harmless.
@@ -192,6 +218,26 @@ pub enum CatalogError {
         volume: String,
         state: VolumeState,
         action: String,
+    },
+    #[error("volume '{volume}' takes part in the {kind} session {source_volume} -> {target}; end it first (`tandem clone terminate {target}` or `tandem mirror cancel {target}`)")]
+    VolumeInSession {
+        volume: String,
+        kind: crate::session::SessionKind,
+        source_volume: String,
+        target: String,
+    },
+    #[error("the {kind} session of '{target}' cannot go from {from} to {to}")]
+    SessionTransition {
+        kind: crate::session::SessionKind,
+        target: String,
+        from: crate::session::SessionState,
+        to: crate::session::SessionState,
+    },
+    #[error("'{target}' is already the target of the {kind} session from '{source_volume}'")]
+    SessionTargetTaken {
+        kind: crate::session::SessionKind,
+        source_volume: String,
+        target: String,
     },
     #[error(
         "site '{site}' of node '{node}' cannot change to '{requested}': a node stays in its site"
@@ -284,6 +330,20 @@ pub enum ClusterRequest {
         target: String,
         extents: Vec<Extent>,
     },
+    /// A copy-session command: the leader sends it to the source volume's node and
+    /// records the outcome.
+    Session {
+        request_id: RequestId,
+        command: crate::session::SessionCommand,
+    },
+    /// The sessions in the catalog, with their nodes' live progress when they answer.
+    SessionList {
+        kind: Option<crate::session::SessionKind>,
+    },
+    SessionShow {
+        kind: crate::session::SessionKind,
+        target: String,
+    },
     /// Commits a no-op command; answers once it is applied.
     Noop {
         request_id: RequestId,
@@ -301,7 +361,7 @@ pub struct FaultRule {
     pub delay_milliseconds: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClusterResponse {
     Done,
     ClusterStatus(ClusterStatus),
@@ -316,6 +376,9 @@ pub enum ClusterResponse {
     Deleted {
         name: String,
     },
+    /// A session after a command (`None`: the command ended it), or as shown.
+    Session(Option<Box<crate::session::SessionInfo>>),
+    Sessions(Vec<crate::session::SessionInfo>),
 }
 
 impl CatalogError {
@@ -333,6 +396,9 @@ impl CatalogError {
             // the same request cannot succeed; the user chooses another node.
             CatalogError::NodeDown { .. }
             | CatalogError::IllegalState { .. }
+            | CatalogError::VolumeInSession { .. }
+            | CatalogError::SessionTransition { .. }
+            | CatalogError::SessionTargetTaken { .. }
             | CatalogError::SiteChange { .. } => ErrorCode::IllegalState,
         }
     }

@@ -86,11 +86,16 @@ async fn session(
     connection: &quinn::Connection,
     command: SessionCommand,
 ) -> Result<Option<SessionInfo>> {
-    let response: Response =
-        protocol::transport::call(connection, &Request::Session { command }).await?;
+    let response = request(
+        connection,
+        ClusterRequest::Session {
+            request_id: rand::random(),
+            command,
+        },
+    )
+    .await?;
     match response {
-        Response::Session(info) => Ok(info),
-        Response::Error { code, message } => bail!("{message} [{code}]"),
+        Response::Cluster(ClusterResponse::Session(info)) => Ok(info.map(|info| *info)),
         other => bail!("unexpected answer to a session command: {other:?}"),
     }
 }
@@ -103,17 +108,18 @@ async fn settled(
 ) -> Result<SessionInfo> {
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let response: Response = protocol::transport::call(
+        let response = request(
             connection,
-            &Request::SessionShow {
+            ClusterRequest::SessionShow {
                 kind,
                 target: target.to_string(),
             },
         )
         .await?;
-        let Response::Session(Some(info)) = response else {
+        let Response::Cluster(ClusterResponse::Session(Some(info))) = response else {
             bail!("unexpected answer to a session query: {response:?}");
         };
+        let info = *info;
         if info.state.is_resting() && info.tracks_remaining == 0 {
             return Ok(info);
         }

@@ -727,15 +727,6 @@ impl Session {
         })
     }
 
-    /// Sends one request and turns an error answer into an error.
-    async fn call(&self, request: Request) -> Result<Response> {
-        let response: Response = protocol::transport::call(&self.connection, &request).await?;
-        if let Response::Error { code, message } = response {
-            bail!("{message} [{code}]");
-        }
-        Ok(response)
-    }
-
     /// Sends a cluster request, retrying while the cluster answers "unavailable".
     async fn cluster(&self, request: ClusterRequest) -> Result<Response> {
         // TANDEM_RETRY_SECONDS shortens or lengthens the retrying, e.g. 0 in scripts that

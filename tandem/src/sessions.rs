@@ -4,7 +4,8 @@
 use crate::{Connection, Session};
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use protocol::messages::{Extent, Request, Response};
+use protocol::cluster::{ClusterRequest, ClusterResponse};
+use protocol::messages::{Extent, Response};
 use protocol::session::{MirrorMode, SessionCommand, SessionInfo, SessionKind};
 use std::time::Duration;
 
@@ -287,10 +288,7 @@ async fn run_on(
     kind: SessionKind,
 ) -> Result<()> {
     let name = command.name();
-    let response = session.call(Request::Session { command }).await?;
-    let Response::Session(info) = response else {
-        bail!("unexpected answer from the node: {response:?}");
-    };
+    let info = send(session, command).await?;
     let Some(mut info) = info else {
         if options.json {
             println!("{}", serde_json::json!({ "command": name, "ended": true }));
@@ -300,15 +298,11 @@ async fn run_on(
         return Ok(());
     };
     if let Some(rate) = options.rate {
-        let response = session
-            .call(Request::Session {
-                command: SessionCommand::SetRate {
-                    target: info.target.clone(),
-                    mebibytes_per_second: Some(rate),
-                },
-            })
-            .await?;
-        if let Response::Session(Some(updated)) = response {
+        let command = SessionCommand::SetRate {
+            target: info.target.clone(),
+            mebibytes_per_second: Some(rate),
+        };
+        if let Some(updated) = send(session, command).await? {
             info = updated;
         }
     }
@@ -321,6 +315,34 @@ async fn run_on(
         println!("{name}: {}", describe(&info));
     }
     Ok(())
+}
+
+/// Sends a session command through the cluster: the leader has the source volume's node
+/// carry it out and records the outcome in the catalog.
+async fn send(session: &Session, command: SessionCommand) -> Result<Option<SessionInfo>> {
+    let response = session
+        .cluster(ClusterRequest::Session {
+            request_id: rand::random(),
+            command,
+        })
+        .await?;
+    match response {
+        Response::Cluster(ClusterResponse::Session(info)) => Ok(info.map(|info| *info)),
+        other => bail!("unexpected answer from the cluster: {other:?}"),
+    }
+}
+
+async fn show_through(session: &Session, kind: SessionKind, target: &str) -> Result<SessionInfo> {
+    let response = session
+        .cluster(ClusterRequest::SessionShow {
+            kind,
+            target: target.to_string(),
+        })
+        .await?;
+    match response {
+        Response::Cluster(ClusterResponse::Session(Some(info))) => Ok(*info),
+        other => bail!("unexpected answer from the cluster: {other:?}"),
+    }
 }
 
 /// Polls the session until it rests, with a progress bar on a terminal.
@@ -341,15 +363,7 @@ async fn wait(
             .progress_chars("=> "),
     );
     loop {
-        let response = session
-            .call(Request::SessionShow {
-                kind,
-                target: target.to_string(),
-            })
-            .await?;
-        let Response::Session(Some(info)) = response else {
-            bail!("unexpected answer from the node: {response:?}");
-        };
+        let info = show_through(session, kind, target).await?;
         bar.set_prefix(format!("{} {}", info.target, info.state));
         bar.set_position((info.percent * 10.0) as u64);
         bar.set_message(format!(
@@ -375,9 +389,10 @@ async fn wait(
 }
 
 async fn list(connection: &Connection, kind: SessionKind, json: bool) -> Result<()> {
-    let response = crate::call(connection, Request::SessionList { kind: Some(kind) }).await?;
-    let Response::Sessions(sessions) = response else {
-        bail!("unexpected answer from the node: {response:?}");
+    let response =
+        crate::cluster_call(connection, ClusterRequest::SessionList { kind: Some(kind) }).await?;
+    let Response::Cluster(ClusterResponse::Sessions(sessions)) = response else {
+        bail!("unexpected answer from the cluster: {response:?}");
     };
     if json {
         println!(
@@ -410,17 +425,10 @@ async fn list(connection: &Connection, kind: SessionKind, json: bool) -> Result<
 }
 
 async fn show(connection: &Connection, kind: SessionKind, target: &str, json: bool) -> Result<()> {
-    let response = crate::call(
-        connection,
-        Request::SessionShow {
-            kind,
-            target: target.to_string(),
-        },
-    )
-    .await?;
-    let Response::Session(Some(info)) = response else {
-        bail!("unexpected answer from the node: {response:?}");
-    };
+    let session = Session::open(connection).await?;
+    let info = show_through(&session, kind, target).await;
+    session.close().await;
+    let info = info?;
     if json {
         println!("{}", session_json(&info));
     } else {

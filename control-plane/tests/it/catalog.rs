@@ -415,3 +415,122 @@ proptest! {
         }
     }
 }
+
+fn ready_volume(catalog: &mut Catalog, id: u128, name: &str, node: &str) {
+    apply(catalog, id, create(name, node, GIB)).unwrap();
+    apply(
+        catalog,
+        id + 1,
+        Command::VolumeCreateFinish { name: name.into() },
+    )
+    .unwrap();
+}
+
+fn mirror(state: protocol::session::SessionState) -> protocol::cluster::SessionEntry {
+    protocol::cluster::SessionEntry {
+        id: 7,
+        node: "east-1".into(),
+        kind: protocol::session::SessionKind::Mirror,
+        source: "data".into(),
+        target: "bcv".into(),
+        state,
+        slots: vec![0],
+        tracks_copied: 0,
+        tracks_remaining: 16_384,
+        error: None,
+    }
+}
+
+#[test]
+fn sessions_are_recorded_only_through_reachable_states_and_hold_their_volumes() {
+    use protocol::session::SessionState::*;
+    let mut catalog = populated();
+    ready_volume(&mut catalog, 100, "bcv", "west-1");
+    apply(&mut catalog, 110, Command::SessionRecord(mirror(Syncing))).unwrap();
+    // A copy finishing and a split are reachable; a split mirror cannot be "active".
+    apply(
+        &mut catalog,
+        111,
+        Command::SessionRecord(mirror(Synchronized)),
+    )
+    .unwrap();
+    apply(&mut catalog, 112, Command::SessionRecord(mirror(Split))).unwrap();
+    let before = catalog.clone();
+    let refused = apply(&mut catalog, 113, Command::SessionRecord(mirror(Active)));
+    assert!(
+        matches!(refused, Err(CatalogError::SessionTransition { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(catalog.session("bcv").unwrap().state, Split);
+    // The BCV taken by this session cannot be the target of another source.
+    let mut other = mirror(Syncing);
+    other.source = "bcv".into();
+    let taken = apply(&mut catalog, 114, Command::SessionRecord(other));
+    assert!(
+        matches!(taken, Err(CatalogError::SessionTargetTaken { .. })),
+        "{taken:?}"
+    );
+    // Neither volume of a session can be deleted while it lasts.
+    for (id, volume) in [(115, "data"), (116, "bcv")] {
+        let refused = apply(
+            &mut catalog,
+            id,
+            Command::VolumeDeleteBegin {
+                name: volume.into(),
+            },
+        );
+        assert!(
+            matches!(refused, Err(CatalogError::VolumeInSession { .. })),
+            "{refused:?}"
+        );
+    }
+    // A session of an unknown volume is refused.
+    let mut unknown = mirror(Syncing);
+    unknown.target = "nothing".into();
+    assert!(matches!(
+        apply(&mut catalog, 117, Command::SessionRecord(unknown)),
+        Err(CatalogError::UnknownVolume { .. })
+    ));
+    // Refused commands are remembered by request id but change no record.
+    assert_eq!(catalog.session("bcv"), before.session("bcv"));
+    assert_eq!(catalog.volumes().count(), before.volumes().count());
+    apply(
+        &mut catalog,
+        118,
+        Command::SessionForget {
+            target: "bcv".into(),
+        },
+    )
+    .unwrap();
+    assert!(catalog.session("bcv").is_none());
+    apply(
+        &mut catalog,
+        119,
+        Command::VolumeDeleteBegin { name: "bcv".into() },
+    )
+    .unwrap();
+}
+
+#[test]
+fn every_state_a_session_reaches_by_commands_and_copies_is_reachable_in_the_catalog() {
+    use control_plane::catalog::session_state_reachable;
+    use protocol::session::{SessionKind, SessionState::*};
+    assert!(session_state_reachable(SessionKind::Mirror, Split, Split));
+    assert!(session_state_reachable(SessionKind::Mirror, Syncing, Split));
+    assert!(session_state_reachable(
+        SessionKind::Mirror,
+        Split,
+        Synchronized
+    ));
+    assert!(session_state_reachable(SessionKind::Clone, Created, Copied));
+    assert!(!session_state_reachable(
+        SessionKind::Clone,
+        Copied,
+        Precopying
+    ));
+    assert!(!session_state_reachable(
+        SessionKind::Mirror,
+        Synchronized,
+        Active
+    ));
+}

@@ -273,7 +273,12 @@ fn a_mirror_across_nodes_survives_kill_9_of_either_side_and_keeps_every_acknowle
         &["mirror", "establish", "std", "bcv", "--rate", "2", "--json"],
     );
     assert_eq!(established["state"], "syncing");
-    refused(&beta, &certs, &["volume", "delete", "bcv"], "copy session");
+    refused(
+        &beta,
+        &certs,
+        &["volume", "delete", "bcv"],
+        "takes part in the mirror session",
+    );
     wait_until(20, "part of the copy to reach beta", || {
         show(&alpha, &certs)["tracks_copied"].as_u64().unwrap() > 0
     });
