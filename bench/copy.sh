@@ -45,10 +45,21 @@ start_node() { # name quic nbd metrics extra...
   echo "node $name did not start" >&2; exit 1
 }
 export TANDEM_ENDPOINT=127.0.0.1:18100 TANDEM_CERTS="$work/certs"
+wait_registered() {
+  for _ in $(seq 200); do
+    "$tandem" status --json 2>/dev/null | python3 -c "
+import json, sys
+status = json.load(sys.stdin)
+sys.exit(0 if any(node['name'] == '$1' for nodes in status['sites'].values() for node in nodes) else 1)" && return
+    sleep 0.1
+  done
+  echo "node $1 did not register" >&2; exit 1
+}
 start_node alpha 18100 18800 18900 --control-plane
 "$tandem" cluster init >/dev/null
+wait_registered alpha
 start_node beta 18101 18801 18901 --members 127.0.0.1:18100
-for _ in $(seq 100); do "$tandem" status --json 2>/dev/null | grep -q '"beta"' && break; sleep 0.1; done
+wait_registered beta
 "$tandem" volume create std --node alpha --size "$size_bytes" >/dev/null
 "$tandem" volume create plain --node alpha --size 1GiB >/dev/null
 "$tandem" volume create bcv --node beta --size "$size_bytes" >/dev/null

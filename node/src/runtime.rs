@@ -263,7 +263,60 @@ struct QuicTargetLink {
     runtime: tokio::runtime::Handle,
 }
 
+fn target_answer(
+    remote: &RemoteVolume,
+    response: std::result::Result<Response, String>,
+) -> Result<TargetAnswer> {
+    let response = response.map_err(|reason| Error::Remote {
+        node: remote.node.clone(),
+        detail: reason,
+    })?;
+    match response {
+        Response::Target(answer) => Ok(answer),
+        Response::Error { message, .. } => Err(Error::Remote {
+            node: remote.node.clone(),
+            detail: message,
+        }),
+        other => Err(Error::Remote {
+            node: remote.node.clone(),
+            detail: format!("unexpected answer {other:?}"),
+        }),
+    }
+}
+
 impl TargetLink for QuicTargetLink {
+    fn call_many(
+        &self,
+        remote: &RemoteVolume,
+        operations: Vec<TargetOperation>,
+    ) -> Result<Vec<TargetAnswer>> {
+        let count = operations.len();
+        let caller = self.caller.clone();
+        let remote = remote.clone();
+        self.runtime.block_on(async move {
+            let mut calls = tokio::task::JoinSet::new();
+            for (index, operation) in operations.into_iter().enumerate() {
+                let caller = caller.clone();
+                let remote = remote.clone();
+                calls.spawn(async move {
+                    let request = Request::Target { operation };
+                    let response = caller
+                        .call(&remote.address, Some(&remote.node), &request)
+                        .await;
+                    (index, target_answer(&remote, response))
+                });
+            }
+            let mut answers: Vec<Option<TargetAnswer>> = vec![None; count];
+            while let Some(joined) = calls.join_next().await {
+                let (index, answer) = joined.map_err(|join_error| Error::Engine {
+                    detail: format!("copy call failed: {join_error}"),
+                })?;
+                answers[index] = Some(answer?);
+            }
+            Ok(answers.into_iter().flatten().collect())
+        })
+    }
+
     fn call(&self, remote: &RemoteVolume, operation: TargetOperation) -> Result<TargetAnswer> {
         let request = Request::Target { operation };
         let response = self

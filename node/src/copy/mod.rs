@@ -42,12 +42,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Track lock stripes: enough that unrelated tracks rarely share one.
-const TRACK_LOCK_STRIPES: usize = 4096;
+const TRACK_LOCK_STRIPES: usize = 65_536;
 /// Tracks one copy step moves before it lets commands and other sessions in.
 pub const COPY_STEP_TRACKS_MAX: usize = 16;
+/// Tracks one step sends to a remote target at once, on parallel streams: 4 MiB of
+/// 64 KiB tracks in flight.
+pub const REMOTE_STEP_TRACKS_MAX: usize = 64;
 /// The copy rate of a session without its own limit: fast enough to finish a copy in
 /// reasonable time, slow enough to leave the disk to the hosts (see docs/BENCHMARKS.md).
-pub const COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND: u32 = 256;
+pub const COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND: u32 = 32;
 /// How often a running copy writes its progress checkpoint.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -628,11 +631,75 @@ impl<E: Engine> Sessions<E> {
             (SessionKind::Mirror, SessionState::Restoring) => (&source, Bits::Invalid),
             (SessionKind::Mirror, _) => (&source, Bits::Pending(record.slot)),
         };
+        let remote_forward = match (&partner, record.kind, record.state) {
+            (Partner::Remote(remote), SessionKind::Mirror, state)
+                if state != SessionState::Restoring =>
+            {
+                Some(remote.clone())
+            }
+            _ => None,
+        };
+        let step_tracks = if remote_forward.is_some() {
+            REMOTE_STEP_TRACKS_MAX
+        } else {
+            COPY_STEP_TRACKS_MAX
+        };
         let tracks = self
             .store
-            .next_set(scan_volume, scan_bits, cursor, COPY_STEP_TRACKS_MAX)?;
+            .next_set(scan_volume, scan_bits, cursor, step_tracks)?;
         let mut outcome = StepOutcome::default();
-        for track in &tracks {
+        if let Some(remote) = &remote_forward {
+            // All of the step's tracks go out together, on parallel streams. A synchronized
+            // sync mirror ships host writes itself, so its copier must keep them out for
+            // the round trip (it only retries what a failed sync write left). Otherwise the
+            // copier is the BCV's only writer: the tracks are read under their locks, sent
+            // without them, and a pending bit is cleared only if the track still holds what
+            // was sent; a host write in between leaves it pending for the next pass.
+            let hold =
+                record.state == SessionState::Synchronized && record.mode == MirrorMode::Sync;
+            let mut tracks_guard = Some(
+                self.locks
+                    .lock(tracks.iter().map(|track| (source.id, *track))),
+            );
+            let mut images = Vec::new();
+            for track in &tracks {
+                if self.store.test_bit(&source, scan_bits, *track)?
+                    && !self.store.test_bit(&source, Bits::Invalid, *track)?
+                {
+                    images.push(self.store.read_track_image(&source, *track)?);
+                }
+            }
+            if !hold {
+                tracks_guard = None;
+            }
+            let sent: Vec<(u64, Vec<u8>)> = images
+                .iter()
+                .map(|image| (image.track, image.data.clone()))
+                .collect();
+            outcome.bytes_copied = self.send_images(record.id, remote, images)?;
+            if tracks_guard.is_none() {
+                tracks_guard = Some(
+                    self.locks
+                        .lock(sent.iter().map(|(track, _)| (source.id, *track))),
+                );
+            }
+            let mut changes = Vec::new();
+            for (track, data) in &sent {
+                let track_bytes = u64::from(source.track_size_bytes);
+                if hold || self.store.read(&source, track * track_bytes, track_bytes)? == *data {
+                    changes.push(BitChange {
+                        volume: &source,
+                        bits: Bits::Pending(record.slot),
+                        track: *track,
+                        set: false,
+                    });
+                }
+            }
+            self.store.change_track_bits(&changes, Durability::Logged)?;
+            drop(tracks_guard);
+            outcome.tracks_copied = sent.len() as u64;
+        }
+        for track in tracks.iter().filter(|_| remote_forward.is_none()) {
             let track = *track;
             let mut pairs = vec![(source.id, track)];
             pairs.extend(partner.local().map(|target| (target.id, track)));
