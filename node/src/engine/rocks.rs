@@ -15,6 +15,8 @@ const WRITE_BUFFER_BYTES: usize = 128 << 20;
 const WRITE_BUFFERS_MAX: i32 = 4;
 /// Stored blocks of at least this size live in blob files, outside the LSM tree.
 const BLOB_VALUE_BYTES_MIN: u64 = 1024;
+/// Merge operands of one bitmap chunk the memtable keeps before it folds them.
+const BITMAP_SUCCESSIVE_MERGES_MAX: usize = 16;
 /// Size of one blob file.
 const BLOB_FILE_BYTES: u64 = 256 << 20;
 
@@ -69,6 +71,11 @@ impl RocksEngine {
                         bitmap::partial_merge(operands.iter())
                     },
                 );
+                // Every host write adds an operand to its chunk, and a copier reads the
+                // chunk again and again: without this, each read would apply every operand
+                // since the last flush. With it, the memtable folds a chunk's operands
+                // into a value once there are this many.
+                options.set_max_successive_merges(BITMAP_SUCCESSIVE_MERGES_MAX);
             }
             ColumnFamilyDescriptor::new(space.name(), options)
         });
