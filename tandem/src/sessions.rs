@@ -10,7 +10,7 @@ use protocol::session::{MirrorMode, SessionCommand, SessionInfo, SessionKind};
 use std::time::Duration;
 
 /// How often `--wait` asks for progress.
-const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 #[derive(Subcommand)]
 pub enum CloneCommand {

@@ -340,3 +340,110 @@ fn a_mirror_across_nodes_survives_kill_9_of_either_side_and_keeps_every_acknowle
     alpha.kill();
     beta.kill();
 }
+
+#[test]
+fn a_differential_split_sends_down_a_cascade_on_another_node_only_what_changed() {
+    let directory = tempfile::tempdir().unwrap();
+    let certs = init(directory.path(), "alpha,beta");
+    let alpha = NodeProcess::start_with(
+        &certs,
+        "alpha",
+        &directory.path().join("alpha"),
+        None,
+        0,
+        &["--control-plane"],
+    );
+    alpha.cli_ok(&certs, &["cluster", "init"]);
+    alpha.wait_registered(&certs, "alpha");
+    let members = alpha.quic.to_string();
+    let beta = NodeProcess::start_with(
+        &certs,
+        "beta",
+        &directory.path().join("beta"),
+        None,
+        0,
+        &["--members", &members],
+    );
+    alpha.wait_registered(&certs, "beta");
+    // STD on alpha -> BCV on beta -> BCV2 back on alpha: both hops cross nodes.
+    alpha.cli_ok(
+        &certs,
+        &[
+            "volume", "create", "std", "--node", "alpha", "--size", "8MiB",
+        ],
+    );
+    alpha.cli_ok(
+        &certs,
+        &[
+            "volume", "create", "bcv", "--node", "beta", "--size", "8MiB",
+        ],
+    );
+    alpha.cli_ok(
+        &certs,
+        &[
+            "volume", "create", "bcv2", "--node", "alpha", "--size", "8MiB",
+        ],
+    );
+    fill(&alpha, "std", 11);
+    alpha.cli_ok(
+        &certs,
+        &[
+            "mirror",
+            "establish",
+            "std",
+            "bcv",
+            "--rate",
+            "1000",
+            "--wait",
+        ],
+    );
+    alpha.cli_ok(&certs, &["mirror", "split", "bcv"]);
+    alpha.cli_ok(
+        &certs,
+        &[
+            "mirror",
+            "establish",
+            "bcv",
+            "bcv2",
+            "--rate",
+            "1000",
+            "--wait",
+        ],
+    );
+    let downstream = |node: &NodeProcess| -> u64 {
+        json(node, &certs, &["mirror", "show", "bcv2", "--json"])["tracks_copied"]
+            .as_u64()
+            .unwrap()
+    };
+    let settle = || {
+        wait_until(30, "the cascade to settle", || {
+            let show = json(&alpha, &certs, &["mirror", "show", "bcv2", "--json"]);
+            show["state"] == "synchronized" && show["tracks_remaining"] == 0
+        })
+    };
+    settle();
+
+    // Five tracks change on the standard; a differential split of BCV sends exactly those
+    // five down to BCV2.
+    write_tracks(&alpha, "std", &[2, 3, 17, 30, 127], 0x5d);
+    alpha.cli_ok(&certs, &["mirror", "reestablish", "bcv", "--wait"]);
+    let before = downstream(&alpha);
+    alpha.cli_ok(&certs, &["mirror", "split", "bcv", "--differential"]);
+    settle();
+    assert_eq!(
+        downstream(&alpha) - before,
+        5,
+        "a differential split sent more than what changed"
+    );
+
+    // Three more; a full split sends every track.
+    write_tracks(&alpha, "std", &[4, 5, 6], 0x6e);
+    alpha.cli_ok(&certs, &["mirror", "reestablish", "bcv", "--wait"]);
+    let before = downstream(&alpha);
+    alpha.cli_ok(&certs, &["mirror", "split", "bcv"]);
+    settle();
+    assert_eq!(downstream(&alpha) - before, TRACKS);
+    alpha.cli_ok(&certs, &["mirror", "split", "bcv2"]);
+    assert_eq!(read_all(&alpha, "bcv2"), read_all(&alpha, "std"));
+    assert_eq!(read_all(&beta, "bcv"), read_all(&alpha, "std"));
+}
