@@ -319,26 +319,11 @@ impl TargetLink for QuicTargetLink {
 
     fn call(&self, remote: &RemoteVolume, operation: TargetOperation) -> Result<TargetAnswer> {
         let request = Request::Target { operation };
-        let response = self
-            .runtime
-            .block_on(
-                self.caller
-                    .call(&remote.address, Some(&remote.node), &request),
-            )
-            .map_err(|reason| Error::Remote {
-                node: remote.node.clone(),
-                detail: reason,
-            })?;
-        match response {
-            Response::Target(answer) => Ok(answer),
-            Response::Error { message, .. } => Err(Error::Remote {
-                node: remote.node.clone(),
-                detail: message,
-            }),
-            other => Err(Error::Remote {
-                node: remote.node.clone(),
-                detail: format!("unexpected answer {other:?}"),
-            }),
-        }
+        let response = self.runtime.block_on(self.caller.call(
+            &remote.address,
+            Some(&remote.node),
+            &request,
+        ));
+        target_answer(remote, response)
     }
 }

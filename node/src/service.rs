@@ -417,7 +417,6 @@ fn answer<E: Engine>(
 ) -> Result<Response> {
     let store = sessions.store();
     Ok(match request {
-        Request::Session { command } => Response::Session(sessions.command(command)?),
         Request::SessionList { kind } => Response::Sessions(sessions.list(kind)?),
         Request::SessionShow { kind, target } => {
             Response::Session(Some(sessions.show(kind, &target)?))

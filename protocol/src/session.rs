@@ -320,11 +320,6 @@ pub enum TargetOperation {
     Unregister {
         session: SessionId,
     },
-    /// Whether a clone's destination pulls invalid tracks from the source on first access.
-    SetPulls {
-        session: SessionId,
-        pulls: bool,
-    },
     /// Store a track; with `only_if_invalid`, only while the track is still invalid (a host
     /// may have written it since). Clears the track's invalid bit. Answers whether stored.
     PutTrack {
@@ -350,11 +345,6 @@ pub enum TargetOperation {
     /// The tracks hosts changed since the split.
     ChangedTracks {
         session: SessionId,
-    },
-    /// Mark tracks invalid (a clone's indirect list).
-    SetInvalid {
-        session: SessionId,
-        extents: Vec<crate::messages::Extent>,
     },
     CountInvalid {
         session: SessionId,

@@ -424,13 +424,12 @@ impl<E: Engine> Sessions<E> {
                 &changes,
                 Durability::Logged,
             )?;
-            self.count_copied(record.id, 1, u64::from(volume.track_size_bytes));
+            self.count_copied(record.id, 1);
         }
         Ok(())
     }
 
-    fn count_copied(&self, id: SessionId, tracks: u64, bytes: u64) {
-        let _ = bytes;
+    fn count_copied(&self, id: SessionId, tracks: u64) {
         if let Some(live) = self.table.lock().sessions.get_mut(&id) {
             live.record.progress.copied += tracks;
             live.record.tracks_copied_last += tracks;
@@ -546,7 +545,9 @@ impl<E: Engine> Sessions<E> {
                         )?;
                     }
                     SourceWriteStep::CopyFirst => {
-                        self.copy_clone_track(record, volume, target, track)?;
+                        if self.copy_clone_track(record, volume, target, track)? > 0 {
+                            self.count_copied(record.id, 1);
+                        }
                     }
                 }
             }
@@ -587,7 +588,7 @@ impl<E: Engine> Sessions<E> {
         source: &Volume,
         target: &Volume,
         track: u64,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let changes = [
             BitChange {
                 volume: target,
@@ -603,12 +604,11 @@ impl<E: Engine> Sessions<E> {
             },
         ];
         if self.store.test_bit(target, Bits::Invalid, track)? {
-            let bytes = self.copy_track(source, target, track, &changes, Durability::Logged)?;
-            self.count_copied(record.id, 1, bytes);
+            self.copy_track(source, target, track, &changes, Durability::Logged)
         } else {
             self.store.change_track_bits(&changes, Durability::Logged)?;
+            Ok(0)
         }
-        Ok(())
     }
 
     /// One step of a session's background copy: up to [`COPY_STEP_TRACKS_MAX`] tracks.
@@ -745,26 +745,7 @@ impl<E: Engine> Sessions<E> {
                 }
                 (SessionKind::Clone, _) => {
                     let target = partner.local().expect("checked above");
-                    let changes = [
-                        BitChange {
-                            volume: target,
-                            bits: Bits::Invalid,
-                            track,
-                            set: false,
-                        },
-                        BitChange {
-                            volume: &source,
-                            bits: Bits::Session(record.slot),
-                            track,
-                            set: false,
-                        },
-                    ];
-                    if self.store.test_bit(target, Bits::Invalid, track)? {
-                        self.copy_track(&source, target, track, &changes, Durability::Logged)?
-                    } else {
-                        self.store.change_track_bits(&changes, Durability::Logged)?;
-                        0
-                    }
+                    self.copy_clone_track(&record, &source, target, track)?
                 }
                 (SessionKind::Mirror, SessionState::Restoring) => {
                     let changes = [BitChange {

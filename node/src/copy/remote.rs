@@ -373,13 +373,11 @@ impl<E: Engine> Sessions<E> {
         }
         let session = match &operation {
             TargetOperation::Unregister { session }
-            | TargetOperation::SetPulls { session, .. }
             | TargetOperation::PutTrack { session, .. }
             | TargetOperation::GetTrack { session, .. }
             | TargetOperation::SetReadiness { session, .. }
             | TargetOperation::TrackChanges { session, .. }
             | TargetOperation::ChangedTracks { session }
-            | TargetOperation::SetInvalid { session, .. }
             | TargetOperation::CountInvalid { session }
             | TargetOperation::MarkDownstream { session, .. } => *session,
             TargetOperation::Register { .. } => unreachable!("served above"),
@@ -448,14 +446,6 @@ impl<E: Engine> Sessions<E> {
             TargetOperation::ChangedTracks { .. } => {
                 Ok(TargetAnswer::Tracks(self.changed_tracks(&volume)?))
             }
-            TargetOperation::SetInvalid { extents, .. } => {
-                let _gate = self.gate.write();
-                for extent in extents {
-                    self.store
-                        .change_bits(&volume, Bits::Invalid, extent, true)?;
-                }
-                Ok(TargetAnswer::Done)
-            }
             TargetOperation::CountInvalid { .. } => Ok(TargetAnswer::Count(
                 self.store.count_set(&volume, Bits::Invalid)?,
             )),
@@ -464,7 +454,6 @@ impl<E: Engine> Sessions<E> {
                 self.mark_downstream(&volume, tracks.as_deref())?;
                 Ok(TargetAnswer::Done)
             }
-            TargetOperation::SetPulls { .. } => Ok(TargetAnswer::Done),
             TargetOperation::Unregister { .. } => {
                 let _gate = self.gate.write();
                 let mut batch = Batch::default();
