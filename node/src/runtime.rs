@@ -15,7 +15,7 @@ use protocol::cluster::NodeReport;
 use protocol::messages::{Request, Response};
 use protocol::session::{RemoteVolume, TargetAnswer, TargetOperation};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -29,12 +29,14 @@ pub struct RunningNode {
     pub sessions: Arc<Sessions<RocksEngine>>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
+    copier_stop: Arc<AtomicBool>,
 }
 
 impl RunningNode {
     /// Stops serving: closes QUIC connections and the NBD listener.
     pub fn shutdown(&mut self) {
         self.endpoint.close(0u32.into(), b"node shutting down");
+        self.copier_stop.store(true, Ordering::Relaxed);
         for task in self.tasks.drain(..) {
             task.abort();
         }
@@ -106,6 +108,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         let link: Arc<dyn TargetLink> = Arc::new(QuicTargetLink {
             caller: caller.clone(),
             runtime: tokio::runtime::Handle::current(),
+            node: (config.name.clone(), advertise.clone()),
         });
         tokio::task::spawn_blocking(move || Sessions::open(store, rate, Some(link)))
             .await
@@ -155,9 +158,19 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     };
     let mut tasks = vec![
         tokio::spawn(nbd::serve(nbd_listener, sessions.clone())),
-        tokio::spawn(sessions.clone().run()),
         tokio::spawn(heartbeat(service.clone(), report)),
     ];
+    let copier_stop = Arc::new(AtomicBool::new(false));
+    {
+        let sessions = sessions.clone();
+        let stop = copier_stop.clone();
+        std::thread::Builder::new()
+            .name("tandem-copier".to_string())
+            .spawn(move || {
+                crate::copy::lower_thread_priority();
+                sessions.run_copier(stop);
+            })?;
+    }
     let accept_endpoint = endpoint.clone();
     tasks.push(tokio::spawn(async move {
         while let Some(incoming) = accept_endpoint.accept().await {
@@ -188,6 +201,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         sessions,
         endpoint,
         tasks,
+        copier_stop,
     })
 }
 
@@ -261,6 +275,8 @@ async fn heartbeat<E: Engine>(service: Arc<Service<E>>, report: NodeReport) {
 struct QuicTargetLink {
     caller: Arc<Caller>,
     runtime: tokio::runtime::Handle,
+    /// This node's name and advertised address.
+    node: (String, String),
 }
 
 fn target_answer(
@@ -289,7 +305,7 @@ impl TargetLink for QuicTargetLink {
         &self,
         remote: &RemoteVolume,
         operations: Vec<TargetOperation>,
-    ) -> Result<Vec<TargetAnswer>> {
+    ) -> Vec<Result<TargetAnswer>> {
         let count = operations.len();
         let caller = self.caller.clone();
         let remote = remote.clone();
@@ -306,15 +322,24 @@ impl TargetLink for QuicTargetLink {
                     (index, target_answer(&remote, response))
                 });
             }
-            let mut answers: Vec<Option<TargetAnswer>> = vec![None; count];
+            let mut answers: Vec<Result<TargetAnswer>> = (0..count)
+                .map(|_| {
+                    Err(Error::Engine {
+                        detail: "copy call did not finish".to_string(),
+                    })
+                })
+                .collect();
             while let Some(joined) = calls.join_next().await {
-                let (index, answer) = joined.map_err(|join_error| Error::Engine {
-                    detail: format!("copy call failed: {join_error}"),
-                })?;
-                answers[index] = Some(answer?);
+                if let Ok((index, answer)) = joined {
+                    answers[index] = answer;
+                }
             }
-            Ok(answers.into_iter().flatten().collect())
+            answers
         })
+    }
+
+    fn this_node(&self) -> (String, String) {
+        self.node.clone()
     }
 
     fn call(&self, remote: &RemoteVolume, operation: TargetOperation) -> Result<TargetAnswer> {

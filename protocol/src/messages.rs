@@ -185,7 +185,7 @@ pub enum Request {
         hops: u8,
     },
     /// A Raft message between members, encoded by the control plane.
-    Raft(Vec<u8>),
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A copy-session command for volumes of the node that receives it.
     Session {
         command: crate::session::SessionCommand,
@@ -267,7 +267,7 @@ pub enum Response {
     },
     NodeStatus(NodeStatus),
     Cluster(crate::cluster::ClusterResponse),
-    Raft(Vec<u8>),
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A session after a command (`None`: the command ended it), or as shown.
     Session(Option<crate::session::SessionInfo>),
     Sessions(Vec<crate::session::SessionInfo>),

@@ -300,21 +300,45 @@ pub struct SessionInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackImage {
     pub track: u64,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     pub checksums: Vec<u32>,
 }
 
-/// What a session's source node asks of the node holding the session's target volume.
+/// What a session's source node asks of the node holding the session's target volume,
+/// and (`PullTrack`, `Pulled`) what a clone destination's node asks back of the source's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TargetOperation {
     /// Take the volume as the target of `session` (the seed's descriptor "with the target
-    /// too"): it is refused when the volume already is another session's target.
+    /// too"): it is refused when the volume already is another session's target. The
+    /// source node's name and address let a clone destination pull tracks back.
     Register {
         session: SessionId,
         kind: SessionKind,
         source_node: String,
+        source_address: String,
         source: String,
         volume: String,
+    },
+    /// Mark tracks of the target invalid (seed 001's IND: a clone destination does not
+    /// hold them yet).
+    MarkInvalid {
+        session: SessionId,
+        extents: Vec<Extent>,
+    },
+    /// Sent by a clone destination's node to the source's: the source's point-in-time
+    /// image of a track the destination's host accesses before the copier brought it
+    /// (copy on first access). Answered with the track, or `NothingToPull` when the
+    /// destination already got it.
+    PullTrack {
+        session: SessionId,
+        track: u64,
+    },
+    /// Sent by a clone destination's node once pulled tracks are stored durably: the
+    /// source clears their bits so the copier does not send them again.
+    Pulled {
+        session: SessionId,
+        tracks: Vec<u64>,
     },
     /// Release the volume at the end of the session.
     Unregister {
@@ -373,6 +397,8 @@ pub enum TargetAnswer {
     Track(TrackImage),
     Tracks(Vec<u64>),
     Count(u64),
+    /// The source no longer owes the destination this track.
+    NothingToPull,
     /// The volume's geometry, answered to `Register`.
     Registered {
         track_size_bytes: u32,

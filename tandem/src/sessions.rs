@@ -288,6 +288,9 @@ async fn run_on(
     kind: SessionKind,
 ) -> Result<()> {
     let name = command.name();
+    // A rotation ends split: it reestablishes the oldest BCV and splits it again once
+    // synchronized, so the synchronized state on the way is not where it rests.
+    let until_split = matches!(command, SessionCommand::MirrorRotate { .. });
     let info = send(session, command).await?;
     let Some(mut info) = info else {
         if options.json {
@@ -307,7 +310,7 @@ async fn run_on(
         }
     }
     if options.wait {
-        info = wait(session, kind, &info.target, options.json).await?;
+        info = wait(session, kind, &info.target, options.json, until_split).await?;
     }
     if options.json {
         println!("{}", session_json(&info));
@@ -351,6 +354,7 @@ async fn wait(
     kind: SessionKind,
     target: &str,
     quiet: bool,
+    until_split: bool,
 ) -> Result<SessionInfo> {
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
@@ -380,7 +384,12 @@ async fn wait(
         // A precopy rests while it runs; waiting on it means waiting until it caught up.
         let caught_up =
             info.state != protocol::session::SessionState::Precopying || info.tracks_remaining == 0;
-        if info.state.is_resting() && caught_up {
+        let rests = if until_split {
+            info.state == protocol::session::SessionState::Split
+        } else {
+            info.state.is_resting() && caught_up
+        };
+        if rests {
             bar.finish_and_clear();
             return Ok(info);
         }

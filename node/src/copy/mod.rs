@@ -34,10 +34,11 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 use protocol::messages::{Extent, Readiness};
 use protocol::session::{
     next_state, MirrorMode, RemoteVolume, SessionCommand, SessionId, SessionInfo, SessionKind,
-    SessionState, TargetOperation, Transition, CLONE_EXTENTS_MAX,
+    SessionState, TargetAnswer, TargetOperation, Transition, CLONE_EXTENTS_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -450,8 +451,27 @@ impl<E: Engine> Sessions<E> {
         Ok(())
     }
 
+    /// A destination of a clone run by another node pulls the tracks of a host access it
+    /// does not hold yet, before the access takes the gate and its track locks (see
+    /// [`Sessions::pull_from_source`]). Its invalid bits only clear once it is ready, so
+    /// what was pulled stays valid for the access.
+    fn pull_for_remote_clone(&self, volume: &Volume, offset: u64, length: u64) -> Result<()> {
+        if length == 0 || volume.readiness() == Readiness::NotReady {
+            return Ok(());
+        }
+        let Some(registration) = self
+            .registered(&volume.name)
+            .filter(|registration| registration.kind == SessionKind::Clone)
+        else {
+            return Ok(());
+        };
+        let (first, last) = Self::tracks_of(volume, offset, length);
+        self.pull_from_source(volume, &registration, first, last)
+    }
+
     /// A host read: pulls what the volume does not hold yet, then reads.
     pub fn read(&self, volume: &Arc<Volume>, offset: u64, length: u64) -> Result<Vec<u8>> {
+        self.pull_for_remote_clone(volume, offset, length)?;
         let _gate = self.gate.read();
         Self::check_ready(volume, false)?;
         let related: Vec<_> = self
@@ -479,6 +499,7 @@ impl<E: Engine> Sessions<E> {
         data: Option<&[u8]>,
         durability: Durability,
     ) -> Result<()> {
+        self.pull_for_remote_clone(volume, offset, length)?;
         let _gate = self.gate.read();
         Self::check_ready(volume, true)?;
         let related = self.related(volume)?;
@@ -502,9 +523,6 @@ impl<E: Engine> Sessions<E> {
             if record.kind != SessionKind::Clone || record.source != volume.name {
                 continue;
             }
-            let Some(target) = target.local() else {
-                continue;
-            };
             for track in first..=last {
                 if !record.in_extents(track) {
                     continue;
@@ -518,32 +536,7 @@ impl<E: Engine> Sessions<E> {
                 };
                 match core::clone_source_write(record.state, pending, precopied) {
                     SourceWriteStep::Nothing => {}
-                    SourceWriteStep::Requeue => {
-                        let precopy_slot = record.precopy_slot.expect("precopied implies a slot");
-                        self.store.change_track_bits(
-                            &[
-                                BitChange {
-                                    volume,
-                                    bits: Bits::Session(record.slot),
-                                    track,
-                                    set: true,
-                                },
-                                BitChange {
-                                    volume,
-                                    bits: Bits::Session(precopy_slot),
-                                    track,
-                                    set: false,
-                                },
-                                BitChange {
-                                    volume: target,
-                                    bits: Bits::Invalid,
-                                    track,
-                                    set: true,
-                                },
-                            ],
-                            Durability::Logged,
-                        )?;
-                    }
+                    SourceWriteStep::Requeue => self.requeue(record, volume, target, track)?,
                     SourceWriteStep::CopyFirst => {
                         if self.copy_clone_track(record, volume, target, track)? > 0 {
                             self.count_copied(record.id, 1);
@@ -580,15 +573,95 @@ impl<E: Engine> Sessions<E> {
         Ok(())
     }
 
+    /// Seed 001: a precopied track the host rewrites goes back on the clone list, and the
+    /// destination no longer holds it.
+    fn requeue(
+        &self,
+        record: &SessionRecord,
+        source: &Volume,
+        target: &Partner,
+        track: u64,
+    ) -> Result<()> {
+        let precopy_slot = record.precopy_slot.expect("precopied implies a slot");
+        let mut changes = vec![
+            BitChange {
+                volume: source,
+                bits: Bits::Session(record.slot),
+                track,
+                set: true,
+            },
+            BitChange {
+                volume: source,
+                bits: Bits::Session(precopy_slot),
+                track,
+                set: false,
+            },
+        ];
+        match target {
+            Partner::Local(target) => changes.push(BitChange {
+                volume: target,
+                bits: Bits::Invalid,
+                track,
+                set: true,
+            }),
+            // The destination forgets the track first: a crash between the two leaves
+            // it invalid with the precopied image that still is the source's (the host
+            // write comes after both), which a pull then confirms.
+            Partner::Remote(remote) => {
+                self.remote_call(
+                    remote,
+                    TargetOperation::MarkInvalid {
+                        session: record.id,
+                        extents: vec![Extent::new(track, track).expect("a single track")],
+                    },
+                )?;
+            }
+        }
+        self.store.change_track_bits(&changes, Durability::Logged)
+    }
+
     /// Moves a clone's track to its destination unless a host has written it there since
-    /// (then the destination's data is newer and only the lists are updated).
+    /// (then the destination's data is newer and only the lists are updated). Returns the
+    /// bytes moved.
     fn copy_clone_track(
         &self,
         record: &SessionRecord,
         source: &Volume,
-        target: &Volume,
+        target: &Partner,
         track: u64,
     ) -> Result<u64> {
+        let target = match target {
+            Partner::Local(target) => target,
+            Partner::Remote(remote) => {
+                let image = self.store.read_track_image(source, track)?;
+                let answer = self.remote_call(
+                    remote,
+                    TargetOperation::PutTrack {
+                        session: record.id,
+                        image,
+                        only_if_invalid: true,
+                        synced: false,
+                    },
+                )?;
+                let TargetAnswer::Stored(stored) = answer else {
+                    return Err(remote::unexpected(remote, &answer));
+                };
+                self.store.change_track_bits(
+                    &[BitChange {
+                        volume: source,
+                        bits: Bits::Session(record.slot),
+                        track,
+                        set: false,
+                    }],
+                    Durability::Logged,
+                )?;
+                return Ok(if stored {
+                    u64::from(source.track_size_bytes)
+                } else {
+                    0
+                });
+            }
+        };
         let changes = [
             BitChange {
                 volume: target,
@@ -631,10 +704,10 @@ impl<E: Engine> Sessions<E> {
             (SessionKind::Mirror, SessionState::Restoring) => (&source, Bits::Invalid),
             (SessionKind::Mirror, _) => (&source, Bits::Pending(record.slot)),
         };
+        // Remote targets get a step's tracks at once, on parallel streams; a restore
+        // fetches track by track below.
         let remote_forward = match (&partner, record.kind, record.state) {
-            (Partner::Remote(remote), SessionKind::Mirror, state)
-                if state != SessionState::Restoring =>
-            {
+            (Partner::Remote(remote), _, state) if state != SessionState::Restoring => {
                 Some(remote.clone())
             }
             _ => None,
@@ -649,55 +722,9 @@ impl<E: Engine> Sessions<E> {
             .next_set(scan_volume, scan_bits, cursor, step_tracks)?;
         let mut outcome = StepOutcome::default();
         if let Some(remote) = &remote_forward {
-            // All of the step's tracks go out together, on parallel streams. A synchronized
-            // sync mirror ships host writes itself, so its copier must keep them out for
-            // the round trip (it only retries what a failed sync write left). Otherwise the
-            // copier is the BCV's only writer: the tracks are read under their locks, sent
-            // without them, and a pending bit is cleared only if the track still holds what
-            // was sent; a host write in between leaves it pending for the next pass.
-            let hold =
-                record.state == SessionState::Synchronized && record.mode == MirrorMode::Sync;
-            let mut tracks_guard = Some(
-                self.locks
-                    .lock(tracks.iter().map(|track| (source.id, *track))),
-            );
-            let mut images = Vec::new();
-            for track in &tracks {
-                if self.store.test_bit(&source, scan_bits, *track)?
-                    && !self.store.test_bit(&source, Bits::Invalid, *track)?
-                {
-                    images.push(self.store.read_track_image(&source, *track)?);
-                }
-            }
-            if !hold {
-                tracks_guard = None;
-            }
-            let sent: Vec<(u64, Vec<u8>)> = images
-                .iter()
-                .map(|image| (image.track, image.data.clone()))
-                .collect();
-            outcome.bytes_copied = self.send_images(record.id, remote, images)?;
-            if tracks_guard.is_none() {
-                tracks_guard = Some(
-                    self.locks
-                        .lock(sent.iter().map(|(track, _)| (source.id, *track))),
-                );
-            }
-            let mut changes = Vec::new();
-            for (track, data) in &sent {
-                let track_bytes = u64::from(source.track_size_bytes);
-                if hold || self.store.read(&source, track * track_bytes, track_bytes)? == *data {
-                    changes.push(BitChange {
-                        volume: &source,
-                        bits: Bits::Pending(record.slot),
-                        track: *track,
-                        set: false,
-                    });
-                }
-            }
-            self.store.change_track_bits(&changes, Durability::Logged)?;
-            drop(tracks_guard);
-            outcome.tracks_copied = sent.len() as u64;
+            let (copied, bytes) = self.remote_step(&record, &source, remote, &tracks)?;
+            outcome.tracks_copied = copied;
+            outcome.bytes_copied = bytes;
         }
         for track in tracks.iter().filter(|_| remote_forward.is_none()) {
             let track = *track;
@@ -708,16 +735,8 @@ impl<E: Engine> Sessions<E> {
                 continue;
             }
             let bytes = match (record.kind, record.state) {
-                (SessionKind::Clone, _) if partner.local().is_none() => {
-                    return Err(Error::Config {
-                        detail: format!(
-                            "{} has a remote destination, which clones do not support yet",
-                            record.describe()
-                        ),
-                    });
-                }
                 (SessionKind::Clone, SessionState::Precopying) => {
-                    let target = partner.local().expect("checked above");
+                    let target = partner.local().expect("remote targets are copied above");
                     let precopy_slot = record
                         .precopy_slot
                         .expect("a precopying clone holds a precopy slot");
@@ -744,8 +763,7 @@ impl<E: Engine> Sessions<E> {
                     self.copy_track(&source, target, track, &changes, Durability::Logged)?
                 }
                 (SessionKind::Clone, _) => {
-                    let target = partner.local().expect("checked above");
-                    self.copy_clone_track(&record, &source, target, track)?
+                    self.copy_clone_track(&record, &source, &partner, track)?
                 }
                 (SessionKind::Mirror, SessionState::Restoring) => {
                     let changes = [BitChange {
@@ -848,6 +866,118 @@ impl<E: Engine> Sessions<E> {
         Ok(outcome)
     }
 
+    /// A copy step to a remote target: the step's tracks go out together, on parallel
+    /// streams, and a bit is cleared only for a track the target acknowledged (also when
+    /// another track of the step failed). Returns the tracks and bytes stored there.
+    ///
+    /// A clone holds the source's track locks for the round trip: its bits say the source
+    /// still holds the point-in-time image, and a host write must wait to copy before it
+    /// writes. So does a synchronized sync mirror, whose host writes ship themselves: its
+    /// copier only retries what a failed sync write left. Otherwise a mirror's copier is
+    /// the BCV's only writer: the tracks are read under their locks, sent without them,
+    /// and a pending bit is cleared only if the track still holds what was sent; a host
+    /// write in between leaves it pending for the next pass.
+    fn remote_step(
+        &self,
+        record: &SessionRecord,
+        source: &Volume,
+        remote: &RemoteVolume,
+        tracks: &[u64],
+    ) -> Result<(u64, u64)> {
+        let clone = record.kind == SessionKind::Clone;
+        let hold = clone
+            || (record.state == SessionState::Synchronized && record.mode == MirrorMode::Sync);
+        let work_bits = if clone {
+            Bits::Session(record.slot)
+        } else {
+            Bits::Pending(record.slot)
+        };
+        let mut tracks_guard = Some(
+            self.locks
+                .lock(tracks.iter().map(|track| (source.id, *track))),
+        );
+        let mut images = Vec::new();
+        for track in tracks {
+            // A track a restore has not brought back yet is not the standard's image: it
+            // goes out once the restore has it.
+            if self.store.test_bit(source, work_bits, *track)?
+                && (clone || !self.store.test_bit(source, Bits::Invalid, *track)?)
+            {
+                images.push(self.store.read_track_image(source, *track)?);
+            }
+        }
+        if !hold {
+            tracks_guard = None;
+        }
+        let sent: Vec<(u64, Vec<u8>)> = images
+            .iter()
+            .map(|image| {
+                (
+                    image.track,
+                    if hold { Vec::new() } else { image.data.clone() },
+                )
+            })
+            .collect();
+        // An active clone's destination may have been written by its hosts since (they
+        // pulled the track first): it keeps what it has.
+        let only_if_invalid = clone && record.state != SessionState::Precopying;
+        let answers = self.send_images(record.id, remote, images, only_if_invalid)?;
+        if tracks_guard.is_none() {
+            tracks_guard = Some(
+                self.locks
+                    .lock(sent.iter().map(|(track, _)| (source.id, *track))),
+            );
+        }
+        let track_bytes = u64::from(source.track_size_bytes);
+        let mut changes = Vec::new();
+        let mut failure = None;
+        let (mut copied, mut bytes) = (0, 0);
+        for ((track, data), answer) in sent.iter().zip(answers) {
+            let stored = match answer {
+                Ok(stored) => stored,
+                Err(error) => {
+                    failure.get_or_insert(error);
+                    continue;
+                }
+            };
+            if stored {
+                copied += 1;
+                bytes += track_bytes;
+            }
+            if !hold && self.store.read(source, track * track_bytes, track_bytes)? != *data {
+                continue;
+            }
+            changes.push(BitChange {
+                volume: source,
+                bits: work_bits,
+                track: *track,
+                set: false,
+            });
+            if let (true, SessionState::Precopying, Some(precopy_slot)) =
+                (clone, record.state, record.precopy_slot)
+            {
+                changes.push(BitChange {
+                    volume: source,
+                    bits: Bits::Session(precopy_slot),
+                    track: *track,
+                    set: true,
+                });
+            }
+        }
+        self.store.change_track_bits(&changes, Durability::Logged)?;
+        drop(tracks_guard);
+        metrics::counter!("tandem_copy_tracks_total").increment(copied);
+        metrics::counter!("tandem_copy_bytes_total").increment(bytes);
+        match failure {
+            Some(error) => {
+                // The acknowledged tracks count; the rest stay marked for the next try.
+                self.count_copied(record.id, copied);
+                Err(error)
+            }
+            None => Ok((copied, bytes)),
+        }
+    }
+
     /// The ids of sessions with copy work in their state, and whether a rotation waits
     /// for a split.
     pub fn copying(&self) -> Vec<SessionId> {
@@ -896,39 +1026,31 @@ impl<E: Engine> Sessions<E> {
         }
     }
 
-    /// Runs the copies in the background until the process ends.
-    pub async fn run(self: Arc<Self>) {
-        loop {
+    /// Runs the copies on the calling thread until `stop` is set: the node gives this its
+    /// own thread, at the lowest scheduling priority, so that host IO always gets the
+    /// processor first (see [`lower_thread_priority`]).
+    pub fn run_copier(self: Arc<Self>, stop: Arc<AtomicBool>) {
+        while !stop.load(Ordering::Relaxed) {
             let mut worked = false;
             let mut wait = Duration::ZERO;
             for id in self.copying() {
-                let sessions = self.clone();
-                let outcome = tokio::task::spawn_blocking(move || sessions.copy_step(id)).await;
-                match outcome {
-                    Ok(Ok(outcome)) => {
+                match self.copy_step(id) {
+                    Ok(outcome) => {
                         worked |= !outcome.idle;
                         wait = wait.max(outcome.wait);
                     }
-                    Ok(Err(error)) => {
+                    Err(error) => {
                         tracing::warn!(session = id, %error, "copy step failed; retrying");
                         self.record_error(id, error.to_string());
                         wait = wait.max(Duration::from_millis(500));
                     }
-                    Err(join_error) => {
-                        tracing::error!(session = id, %join_error, "copy step panicked");
-                    }
                 }
             }
             for bcv in self.due_splits() {
-                let sessions = self.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    sessions.command(SessionCommand::MirrorSplit {
-                        bcv,
-                        differential: false,
-                    })
-                })
-                .await;
-                if let Ok(Err(error)) = result {
+                if let Err(error) = self.command(SessionCommand::MirrorSplit {
+                    bcv,
+                    differential: false,
+                }) {
                     tracing::warn!(%error, "rotation split failed");
                 }
             }
@@ -938,9 +1060,7 @@ impl<E: Engine> Sessions<E> {
                 wait.max(Duration::from_millis(20))
             };
             if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            } else {
-                tokio::task::yield_now().await;
+                std::thread::sleep(pause);
             }
         }
     }
@@ -1088,14 +1208,7 @@ impl<E: Engine> Sessions<E> {
         };
         let target = match &command {
             SessionCommand::CloneCreate { target, .. } => {
-                if remote.is_some() {
-                    return Err(refused(
-                        &command,
-                        target,
-                        "clones need the destination on the source's node for now; use a mirror (establish, then split) to copy across nodes",
-                    ));
-                }
-                self.clone_create(&command)?;
+                self.clone_create(&command, remote)?;
                 target.clone()
             }
             SessionCommand::MirrorEstablish { bcv, .. } => {
@@ -1266,7 +1379,7 @@ impl<E: Engine> Sessions<E> {
         self.store.set_write_marks(volume, marks)
     }
 
-    fn clone_create(&self, command: &SessionCommand) -> Result<()> {
+    fn clone_create(&self, command: &SessionCommand, remote: Option<RemoteVolume>) -> Result<()> {
         let SessionCommand::CloneCreate {
             source,
             target,
@@ -1277,9 +1390,7 @@ impl<E: Engine> Sessions<E> {
             unreachable!("called for clone create");
         };
         let source = self.store.volume(source)?;
-        let target = self.store.volume(target)?;
-        let session = format!("{} -> {}", source.name, target.name);
-        self.check_pair(command, &source, &target)?;
+        let session = format!("{} -> {target}", source.name);
         if extents.len() > CLONE_EXTENTS_MAX {
             return Err(refused(
                 command,
@@ -1296,14 +1407,12 @@ impl<E: Engine> Sessions<E> {
             crate::layout::normalize_extents(extents)
         };
         for extent in &extents {
-            for volume in [&source, &target] {
-                if extent.first > extent.last || extent.last >= volume.track_count() {
-                    return Err(Error::ExtentOutOfRange {
-                        name: volume.name.clone(),
-                        extent: *extent,
-                        last_track: volume.track_count() - 1,
-                    });
-                }
+            if extent.first > extent.last || extent.last >= source.track_count() {
+                return Err(Error::ExtentOutOfRange {
+                    name: source.name.clone(),
+                    extent: *extent,
+                    last_track: source.track_count() - 1,
+                });
             }
         }
         if let Some(restoring) = self.restoring(&source.name) {
@@ -1313,24 +1422,71 @@ impl<E: Engine> Sessions<E> {
                 format!("{restoring} is restoring the source; clone it once that is done"),
             ));
         }
-        if self.involves_as_source(&target.name) {
+        if self.involves_as_source(target) {
             return Err(refused(
                 command,
                 &session,
-                format!(
-                    "'{}' is the source of another session and cannot be overwritten",
-                    target.name
-                ),
+                format!("'{target}' is the source of another session and cannot be overwritten"),
             ));
         }
+        let id = self.next_id();
+        let partner = match &remote {
+            None => {
+                let target = self.store.volume(target)?;
+                self.check_pair(command, &source, &target)?;
+                for extent in &extents {
+                    if extent.last >= target.track_count() {
+                        return Err(Error::ExtentOutOfRange {
+                            name: target.name.clone(),
+                            extent: *extent,
+                            last_track: target.track_count() - 1,
+                        });
+                    }
+                }
+                Partner::Local(target)
+            }
+            Some(remote) => {
+                // The destination's node takes the volume for this session first; it
+                // refuses one that already takes part in a session there.
+                let (track_size_bytes, track_count) =
+                    self.register_remote(id, SessionKind::Clone, &source, remote)?;
+                let problem = if track_size_bytes != source.track_size_bytes {
+                    Some(format!(
+                        "track sizes differ ({} and {track_size_bytes} bytes): create the destination with --track-size {}",
+                        source.track_size_bytes, source.track_size_bytes
+                    ))
+                } else {
+                    extents
+                        .iter()
+                        .find(|extent| extent.last >= track_count)
+                        .map(|extent| {
+                            format!(
+                                "the destination has {track_count} tracks; extent {}-{} does not fit",
+                                extent.first, extent.last
+                            )
+                        })
+                };
+                if let Some(problem) = problem {
+                    let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
+                    return Err(refused(command, &session, problem));
+                }
+                Partner::Remote(remote.clone())
+            }
+        };
+        let release = |error: Error| {
+            if let Some(remote) = &remote {
+                let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
+            }
+            error
+        };
         // Slots first: a 17th session fails here, before anything else changes.
-        let slot = self.store.allocate_session_slot(&source)?;
+        let slot = self.store.allocate_session_slot(&source).map_err(release)?;
         let precopy_slot = if *precopy {
             match self.store.allocate_session_slot(&source) {
                 Ok(slot) => Some(slot),
                 Err(error) => {
                     self.store.free_session_slot(&source, slot)?;
-                    return Err(error);
+                    return Err(release(error));
                 }
             }
         } else {
@@ -1340,19 +1496,35 @@ impl<E: Engine> Sessions<E> {
         if let Some(precopy_slot) = precopy_slot {
             self.unmark_slot(&source, precopy_slot)?;
         }
+        // The destination's lists first: a copy must never find a source bit whose
+        // destination track is not marked missing.
+        match &partner {
+            Partner::Local(target) => {
+                for extent in &extents {
+                    self.store
+                        .change_bits(target, Bits::Invalid, *extent, true)?;
+                }
+            }
+            Partner::Remote(remote) => {
+                self.remote_call(
+                    remote,
+                    TargetOperation::MarkInvalid {
+                        session: id,
+                        extents: extents.clone(),
+                    },
+                )?;
+            }
+        }
+        self.partner_readiness(id, &partner, Readiness::NotReady)?;
         for extent in &extents {
             self.store
                 .change_bits(&source, Bits::Session(slot), *extent, true)?;
-            self.store
-                .change_bits(&target, Bits::Invalid, *extent, true)?;
         }
-        self.store
-            .set_readiness(&target.name, Readiness::NotReady)?;
         let record = SessionRecord {
-            id: self.next_id(),
+            id,
             kind: SessionKind::Clone,
             source: source.name.clone(),
-            target: target.name.clone(),
+            target: target.clone(),
             state: if *precopy {
                 SessionState::Precopying
             } else {
@@ -1369,7 +1541,7 @@ impl<E: Engine> Sessions<E> {
             tracks_copied_last: 0,
             rate_limit_mebibytes_per_second: None,
             error: None,
-            remote: None,
+            remote,
         };
         tracing::info!(session = record.id, source = %record.source, target = %record.target, precopy, "clone created");
         self.replace(record)
@@ -1442,28 +1614,8 @@ impl<E: Engine> Sessions<E> {
             Some(remote) => {
                 // The target's node takes the volume for this session first; it refuses
                 // a volume that already is another session's target.
-                let answer = self.remote_call(
-                    remote,
-                    TargetOperation::Register {
-                        session: id,
-                        kind: SessionKind::Mirror,
-                        source_node: String::new(),
-                        source: standard.name.clone(),
-                        volume: remote.volume.clone(),
-                    },
-                )?;
-                let protocol::session::TargetAnswer::Registered {
-                    track_size_bytes,
-                    track_count,
-                } = answer
-                else {
-                    return Err(Error::Engine {
-                        detail: format!(
-                            "node {} answered {answer:?} to a registration",
-                            remote.node
-                        ),
-                    });
-                };
+                let (track_size_bytes, track_count) =
+                    self.register_remote(id, SessionKind::Mirror, &standard, remote)?;
                 (remote.volume.clone(), track_size_bytes, track_count)
             }
         };
@@ -1595,11 +1747,14 @@ impl<E: Engine> Sessions<E> {
                     self.store
                         .change_bits(&source, Bits::Session(slot), whole, false)?;
                 }
-                self.store.set_readiness(&record.target, Readiness::Ready)?;
+                self.partner_readiness(record.id, &partner, Readiness::Ready)?;
                 record.tracks_copied_last = 0;
                 record.progress = Progress::restart();
             }
             SessionCommand::CloneTerminate { .. } => {
+                if let Partner::Remote(remote) = &partner {
+                    self.remote_call(remote, TargetOperation::Unregister { session: record.id })?;
+                }
                 self.store.free_session_slot(&source, record.slot)?;
                 if let Some(slot) = record.precopy_slot {
                     self.store.free_session_slot(&source, slot)?;
@@ -1950,5 +2105,18 @@ impl<E: Engine> Sessions<E> {
         // The changed bit of this session stays clear after the restore (seed: the
         // restored session is "unchanged"), but host writes during the restore set it.
         Ok(())
+    }
+}
+
+/// Gives the calling thread the lowest scheduling priority (nice 19): a copier then runs
+/// in the time host IO leaves, and a host request that wakes up preempts it at once. It
+/// still gets a share under full load, so copies never starve.
+pub fn lower_thread_priority() {
+    let result = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+    if let Err(error) = result {
+        tracing::warn!(
+            %error,
+            "could not lower the copier's priority; copies compete with host IO"
+        );
     }
 }

@@ -24,17 +24,22 @@ pub trait TargetLink: Send + Sync {
 
     /// Several operations at once (a copy step's tracks), answers in the same order. The
     /// QUIC link sends them on parallel streams, so a step costs one round trip, not one
-    /// per track.
+    /// per track. Each answer stands alone: a step whose link broke half-way still
+    /// clears the bits of the tracks that were acknowledged.
     fn call_many(
         &self,
         remote: &RemoteVolume,
         operations: Vec<TargetOperation>,
-    ) -> Result<Vec<TargetAnswer>> {
+    ) -> Vec<Result<TargetAnswer>> {
         operations
             .into_iter()
             .map(|operation| self.call(remote, operation))
             .collect()
     }
+
+    /// This node's name and the address other nodes reach it at, which a clone
+    /// destination's node needs to pull tracks back.
+    fn this_node(&self) -> (String, String);
 }
 
 /// The other volume of a session, seen from the node that runs it.
@@ -59,6 +64,7 @@ pub struct Registration {
     pub session: SessionId,
     pub kind: SessionKind,
     pub source_node: String,
+    pub source_address: String,
     pub source: String,
     pub volume: String,
 }
@@ -114,6 +120,36 @@ impl<E: Engine> Sessions<E> {
         self.link()?.call(remote, operation)
     }
 
+    /// Takes `remote` as the target of a new session of this node; returns its track
+    /// size and track count.
+    pub(super) fn register_remote(
+        &self,
+        session: SessionId,
+        kind: SessionKind,
+        source: &Volume,
+        remote: &RemoteVolume,
+    ) -> Result<(u32, u64)> {
+        let (source_node, source_address) = self.link()?.this_node();
+        let answer = self.remote_call(
+            remote,
+            TargetOperation::Register {
+                session,
+                kind,
+                source_node,
+                source_address,
+                source: source.name.clone(),
+                volume: remote.volume.clone(),
+            },
+        )?;
+        match answer {
+            TargetAnswer::Registered {
+                track_size_bytes,
+                track_count,
+            } => Ok((track_size_bytes, track_count)),
+            answer => Err(unexpected(remote, &answer)),
+        }
+    }
+
     /// Sends a track to the target and, once it is stored there, applies `source_bits`
     /// here. Returns the bytes sent.
     pub(super) fn ship(
@@ -153,38 +189,37 @@ impl<E: Engine> Sessions<E> {
         }
     }
 
-    /// Sends already-read track images to a remote BCV at once and waits until every one
-    /// is acknowledged. Returns the bytes sent.
+    /// Sends already-read track images to a remote target at once and waits for every
+    /// answer. Returns, per image in order, whether the target stored it (`false` when
+    /// `only_if_invalid` found the track already valid there), or the error of that one
+    /// track.
     pub(super) fn send_images(
         &self,
         session: SessionId,
         remote: &RemoteVolume,
         images: Vec<TrackImage>,
-    ) -> Result<u64> {
+        only_if_invalid: bool,
+    ) -> Result<Vec<Result<bool>>> {
         if images.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        let bytes = images.iter().map(|image| image.data.len() as u64).sum();
-        let count = images.len() as u64;
         let operations = images
             .into_iter()
             .map(|image| TargetOperation::PutTrack {
                 session,
                 image,
-                only_if_invalid: false,
+                only_if_invalid,
                 synced: false,
             })
             .collect();
-        let answers = self.link()?.call_many(remote, operations)?;
-        if let Some(answer) = answers
-            .iter()
-            .find(|answer| !matches!(answer, TargetAnswer::Stored(true)))
-        {
-            return Err(unexpected(remote, answer));
-        }
-        metrics::counter!("tandem_copy_tracks_total").increment(count);
-        metrics::counter!("tandem_copy_bytes_total").increment(bytes);
-        Ok(bytes)
+        let answers = self.link()?.call_many(remote, operations);
+        Ok(answers
+            .into_iter()
+            .map(|answer| match answer? {
+                TargetAnswer::Stored(stored) => Ok(stored),
+                answer => Err(unexpected(remote, &answer)),
+            })
+            .collect())
     }
 
     /// Brings a track from the target back into `into` (a restore), with `into_bits`.
@@ -355,21 +390,32 @@ impl<E: Engine> Sessions<E> {
 
     /// Serves a session source's request for a volume of this node.
     pub fn serve_target(&self, operation: TargetOperation) -> Result<TargetAnswer> {
-        if let TargetOperation::Register {
-            session,
-            kind,
-            source_node,
-            source,
-            volume,
-        } = operation
-        {
-            return self.register_target(Registration {
+        match operation {
+            TargetOperation::Register {
                 session,
                 kind,
                 source_node,
+                source_address,
                 source,
                 volume,
-            });
+            } => {
+                return self.register_target(Registration {
+                    session,
+                    kind,
+                    source_node,
+                    source_address,
+                    source,
+                    volume,
+                })
+            }
+            // Asked of the clone source's node by the destination's.
+            TargetOperation::PullTrack { session, track } => {
+                return self.serve_pull(session, track)
+            }
+            TargetOperation::Pulled { session, tracks } => {
+                return self.serve_pulled(session, &tracks)
+            }
+            _ => {}
         }
         let session = match &operation {
             TargetOperation::Unregister { session }
@@ -379,8 +425,11 @@ impl<E: Engine> Sessions<E> {
             | TargetOperation::TrackChanges { session, .. }
             | TargetOperation::ChangedTracks { session }
             | TargetOperation::CountInvalid { session }
+            | TargetOperation::MarkInvalid { session, .. }
             | TargetOperation::MarkDownstream { session, .. } => *session,
-            TargetOperation::Register { .. } => unreachable!("served above"),
+            TargetOperation::Register { .. }
+            | TargetOperation::PullTrack { .. }
+            | TargetOperation::Pulled { .. } => unreachable!("served above"),
         };
         let registration = self
             .registrations
@@ -406,6 +455,7 @@ impl<E: Engine> Sessions<E> {
                 synced,
                 ..
             } => {
+                metrics::counter!("tandem_target_tracks_received_total").increment(1);
                 let _gate = self.gate.read();
                 let _track = self.locks.lock([(volume.id, image.track)]);
                 let invalid = self.store.test_bit(&volume, Bits::Invalid, image.track)?;
@@ -463,8 +513,185 @@ impl<E: Engine> Sessions<E> {
                 tracing::info!(session, volume = %registration.volume, "remote session target released");
                 Ok(TargetAnswer::Done)
             }
-            TargetOperation::Register { .. } => unreachable!("served above"),
+            TargetOperation::MarkInvalid { extents, .. } => {
+                let _gate = self.gate.read();
+                for extent in extents {
+                    if extent.first > extent.last || extent.last >= volume.track_count() {
+                        return Err(Error::ExtentOutOfRange {
+                            name: volume.name.clone(),
+                            extent,
+                            last_track: volume.track_count() - 1,
+                        });
+                    }
+                    self.store
+                        .change_bits(&volume, Bits::Invalid, extent, true)?;
+                }
+                Ok(TargetAnswer::Done)
+            }
+            TargetOperation::Register { .. }
+            | TargetOperation::PullTrack { .. }
+            | TargetOperation::Pulled { .. } => unreachable!("served above"),
         }
+    }
+
+    /// The clone session `session` of this node, whose destination is on another node.
+    fn remote_clone(&self, session: SessionId) -> Result<(super::SessionRecord, Arc<Volume>)> {
+        let record = self
+            .table
+            .lock()
+            .sessions
+            .get(&session)
+            .map(|live| live.record.clone())
+            .filter(|record| record.kind == SessionKind::Clone && record.remote.is_some())
+            .ok_or_else(|| Error::SessionNotFound {
+                kind: "clone".to_string(),
+                volume: format!("session {session}"),
+                role: "source on this node".to_string(),
+            })?;
+        let source = self.store.volume(&record.source)?;
+        Ok((record, source))
+    }
+
+    /// Copy on first access across nodes, the source's half: the point-in-time image of
+    /// a track the destination still lacks. The track's bit stays until the destination
+    /// says it stored the image (`Pulled`); until then a host write here copies first as
+    /// usual, which the destination ignores once it holds the track.
+    fn serve_pull(&self, session: SessionId, track: u64) -> Result<TargetAnswer> {
+        let _gate = self.gate.read();
+        let (record, source) = self.remote_clone(session)?;
+        let _track = self.locks.lock([(source.id, track)]);
+        if track >= source.track_count()
+            || !self
+                .store
+                .test_bit(&source, Bits::Session(record.slot), track)?
+        {
+            return Ok(TargetAnswer::NothingToPull);
+        }
+        Ok(TargetAnswer::Track(
+            self.store.read_track_image(&source, track)?,
+        ))
+    }
+
+    /// The destination stored pulled tracks: they leave the clone list.
+    fn serve_pulled(&self, session: SessionId, tracks: &[u64]) -> Result<TargetAnswer> {
+        let _gate = self.gate.read();
+        let (record, source) = self.remote_clone(session)?;
+        let tracks: Vec<u64> = tracks
+            .iter()
+            .copied()
+            .filter(|track| *track < source.track_count())
+            .collect();
+        let _tracks = self
+            .locks
+            .lock(tracks.iter().map(|track| (source.id, *track)));
+        let mut changes = Vec::new();
+        for track in &tracks {
+            if self
+                .store
+                .test_bit(&source, Bits::Session(record.slot), *track)?
+            {
+                changes.push(BitChange {
+                    volume: &source,
+                    bits: Bits::Session(record.slot),
+                    track: *track,
+                    set: false,
+                });
+            }
+        }
+        self.store.change_track_bits(&changes, Durability::Logged)?;
+        self.count_copied(session, changes.len() as u64);
+        Ok(TargetAnswer::Done)
+    }
+
+    /// Copy on first access across nodes, the destination's half: brings the tracks among
+    /// `first..=last` that `volume` still lacks from the clone source's node.
+    ///
+    /// It holds no track lock of its own while it waits, because the source's node may
+    /// hold its lock on the same track while it copies the track here (a host write there
+    /// copies first). Once pulled, a track is stored under its lock only if still
+    /// invalid: a copy that arrived meanwhile carried the same point-in-time image.
+    pub(super) fn pull_from_source(
+        &self,
+        volume: &Volume,
+        registration: &Registration,
+        first: u64,
+        last: u64,
+    ) -> Result<()> {
+        let mut missing = Vec::new();
+        for track in first..=last {
+            if self.store.test_bit(volume, Bits::Invalid, track)? {
+                missing.push(track);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let source = RemoteVolume {
+            node: registration.source_node.clone(),
+            address: registration.source_address.clone(),
+            volume: registration.source.clone(),
+        };
+        let session = registration.session;
+        let answers = self.link()?.call_many(
+            &source,
+            missing
+                .iter()
+                .map(|track| TargetOperation::PullTrack {
+                    session,
+                    track: *track,
+                })
+                .collect(),
+        );
+        let _tracks = self
+            .locks
+            .lock(missing.iter().map(|track| (volume.id, *track)));
+        let mut stored = Vec::new();
+        for (track, answer) in missing.iter().zip(answers) {
+            let clear_invalid = [BitChange {
+                volume,
+                bits: Bits::Invalid,
+                track: *track,
+                set: false,
+            }];
+            if !self.store.test_bit(volume, Bits::Invalid, *track)? {
+                continue;
+            }
+            match answer? {
+                TargetAnswer::Track(image) if image.track == *track => {
+                    self.store.write_track_image(
+                        volume,
+                        &image,
+                        &clear_invalid,
+                        Durability::Logged,
+                    )?;
+                    metrics::counter!("tandem_clone_pulled_tracks_total").increment(1);
+                    stored.push(*track);
+                }
+                // The source no longer holds a point-in-time image apart from what it
+                // sent: the track here is it.
+                TargetAnswer::NothingToPull => {
+                    self.store
+                        .change_track_bits(&clear_invalid, Durability::Logged)?;
+                }
+                answer => return Err(unexpected(&source, &answer)),
+            }
+        }
+        drop(_tracks);
+        if !stored.is_empty() {
+            // Only saves the source sending these again; the destination already holds
+            // them, so a lost notice costs bandwidth, not data.
+            self.store.flush()?;
+            if let Err(error) = self.remote_call(
+                &source,
+                TargetOperation::Pulled {
+                    session,
+                    tracks: stored,
+                },
+            ) {
+                tracing::warn!(session, %error, "could not tell the clone source about pulled tracks");
+            }
+        }
+        Ok(())
     }
 
     /// Registers `volume` as the target of a session run by another node.
@@ -499,6 +726,16 @@ impl<E: Engine> Sessions<E> {
                 ),
             });
         }
+        if registration.kind == SessionKind::Clone && self.involves_as_source(&volume.name) {
+            return Err(Error::SessionRefused {
+                command: "register".to_string(),
+                session: format!("{} from {}", registration.kind, registration.source_node),
+                reason: format!(
+                    "'{}' is the source of another session and cannot be overwritten",
+                    volume.name
+                ),
+            });
+        }
         let mut batch = Batch::default();
         batch.put(
             Space::Meta,
@@ -516,7 +753,7 @@ impl<E: Engine> Sessions<E> {
     }
 }
 
-fn unexpected(remote: &RemoteVolume, answer: &TargetAnswer) -> Error {
+pub(super) fn unexpected(remote: &RemoteVolume, answer: &TargetAnswer) -> Error {
     Error::Engine {
         detail: format!(
             "node {} answered {answer:?} for volume {}",

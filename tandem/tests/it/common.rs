@@ -37,6 +37,7 @@ pub struct NodeProcess {
     pub child: Child,
     pub quic: SocketAddr,
     pub nbd: SocketAddr,
+    pub metrics: u16,
 }
 
 /// A free loopback UDP port, for a QUIC address that must stay the same across restarts.
@@ -139,8 +140,28 @@ impl NodeProcess {
         NodeProcess {
             quic: words[4].parse().unwrap(),
             nbd: words[6].parse().unwrap(),
+            metrics,
             child,
         }
+    }
+
+    /// A counter of this process from its Prometheus endpoint: the sum over its label
+    /// sets, 0 before it was first incremented.
+    pub fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body.lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     pub fn kill(&mut self) {

@@ -180,6 +180,16 @@ fn clone_and_mirror_commands_through_a_node_process_survive_a_kill_mid_copy() {
     let split = wait_for_sync_then_split(&node, &certs);
     assert_eq!(split["state"], "split");
     assert_eq!(read_all(&node, "bcv"), read_all(&node, "src"));
+    // A rotation re-uses the oldest BCV: `--wait` returns once it is split again, with
+    // the standard's image of that moment.
+    write_tracks(&node, "src", &[9], 0x99);
+    let rotated = json(
+        &node,
+        &certs,
+        &["mirror", "rotate", "src", "--wait", "--json"],
+    );
+    assert_eq!(rotated["state"], "split", "{rotated}");
+    assert_eq!(read_all(&node, "bcv"), read_all(&node, "src"));
     node.cli_ok(&certs, &["mirror", "cancel", "bcv"]);
     let list = json(&node, &certs, &["mirror", "list", "--json"]);
     assert_eq!(list, serde_json::json!([]));
@@ -446,4 +456,201 @@ fn a_differential_split_sends_down_a_cascade_on_another_node_only_what_changed()
     alpha.cli_ok(&certs, &["mirror", "split", "bcv2"]);
     assert_eq!(read_all(&alpha, "bcv2"), read_all(&alpha, "std"));
     assert_eq!(read_all(&beta, "bcv"), read_all(&alpha, "std"));
+}
+
+fn clone_show(node: &NodeProcess, certs: &Path, destination: &str) -> serde_json::Value {
+    json(node, certs, &["clone", "show", destination, "--json"])
+}
+
+fn image_of(node: &NodeProcess, volume: &str) -> Vec<Vec<u8>> {
+    read_all(node, volume)
+        .chunks(TRACK_BYTES as usize)
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+#[test]
+fn a_clone_to_another_node_copies_on_first_access_and_resends_only_missing_tracks_after_kill_9() {
+    let directory = tempfile::tempdir().unwrap();
+    let certs = init(directory.path(), "alpha,beta");
+    let (alpha_data, beta_data) = (
+        directory.path().join("alpha"),
+        directory.path().join("beta"),
+    );
+    let (alpha_port, beta_port) = (free_udp_port(), free_udp_port());
+    let start_alpha = || {
+        NodeProcess::start_with(
+            &certs,
+            "alpha",
+            &alpha_data,
+            None,
+            alpha_port,
+            &["--control-plane"],
+        )
+    };
+    let mut alpha = start_alpha();
+    alpha.cli_ok(&certs, &["cluster", "init"]);
+    alpha.wait_registered(&certs, "alpha");
+    let members = alpha.quic.to_string();
+    let start_beta = || {
+        NodeProcess::start_with(
+            &certs,
+            "beta",
+            &beta_data,
+            None,
+            beta_port,
+            &["--members", &members],
+        )
+    };
+    let mut beta = start_beta();
+    alpha.wait_registered(&certs, "beta");
+    for (volume, node) in [("src", "alpha"), ("dst", "beta"), ("dst2", "beta")] {
+        alpha.cli_ok(
+            &certs,
+            &["volume", "create", volume, "--node", node, "--size", "8MiB"],
+        );
+    }
+    fill(&alpha, "src", 3);
+
+    // A precopy to beta at 2 MiB/s (32 tracks a second), with the source rewritten while
+    // it runs; a rewritten precopied track goes back on the list.
+    let created = json(
+        &alpha,
+        &certs,
+        &[
+            "clone",
+            "create",
+            "src",
+            "dst",
+            "--precopy",
+            "--rate",
+            "2",
+            "--json",
+        ],
+    );
+    assert_eq!(created["state"], "precopying");
+    refused(
+        &alpha,
+        &certs,
+        &["volume", "delete", "dst"],
+        "takes part in",
+    );
+    write_tracks(&alpha, "src", &[0, 1], 0x31);
+
+    // kill -9 the destination's node mid-copy. While it is down the source cannot move
+    // on, so its bits say exactly what is missing; the restarted node receives exactly
+    // that many tracks (the tracks in flight at the kill included), no more.
+    wait_until(20, "part of the precopy to reach beta", || {
+        clone_show(&alpha, &certs, "dst")["tracks_copied"]
+            .as_u64()
+            .unwrap()
+            > 8
+    });
+    beta.kill();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let missing = clone_show(&alpha, &certs, "dst")["tracks_remaining"]
+        .as_u64()
+        .unwrap();
+    assert!(missing > 0 && missing < TRACKS, "{missing} tracks missing");
+    beta = start_beta();
+    wait_until(60, "the precopy to catch up", || {
+        clone_show(&alpha, &certs, "dst")["tracks_remaining"] == 0
+    });
+    assert_eq!(
+        beta.metric("tandem_target_tracks_received_total") as u64,
+        missing,
+        "beta received other tracks than the ones alpha still missed"
+    );
+
+    // Rewrite two precopied tracks, then activate: the destination gets the source's
+    // image of this instant and the activation copies at most the two rewritten tracks
+    // (fewer when the precopy caught up with them first).
+    write_tracks(&alpha, "src", &[40, 41], 0x42);
+    let expected_dst = image_of(&alpha, "src");
+    let activated = json(&alpha, &certs, &["clone", "activate", "dst", "--json"]);
+    assert_eq!(activated["state"], "active");
+    wait_until(30, "the activation's copy", || {
+        clone_show(&alpha, &certs, "dst")["state"] == "copied"
+    });
+    let copied_by_activation = clone_show(&alpha, &certs, "dst")["tracks_copied_last"]
+        .as_u64()
+        .unwrap();
+    assert!(copied_by_activation <= 2, "{copied_by_activation} tracks");
+    assert!(
+        image_of(&beta, "dst") == expected_dst,
+        "dst is not src's image at activation"
+    );
+
+    // A clone without precopy at 1 MiB/s: its copier walks the tracks from 0 at 16 a
+    // second, so tracks near the end are still missing on beta for seconds. Hosts on
+    // both nodes use the volumes at once: a write to the source copies the old track to
+    // beta first, and an access on beta pulls a missing track from alpha.
+    alpha.cli_ok(&certs, &["clone", "create", "src", "dst2", "--rate", "1"]);
+    let mut expected = image_of(&alpha, "src");
+    alpha.cli_ok(&certs, &["clone", "activate", "dst2"]);
+    let pulled_before = beta.metric("tandem_clone_pulled_tracks_total");
+    write_tracks(&alpha, "src", &[100, 101, 102], 0x77);
+    let read_on_beta = {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut client = node::nbd_client::NbdClient::connect(beta.nbd, "dst2")
+                .await
+                .unwrap();
+            let read = client
+                .read(120 * TRACK_BYTES + 512, 4096)
+                .await
+                .unwrap()
+                .unwrap();
+            // Part of a missing track: the rest of it must be the source's old data.
+            client
+                .write(121 * TRACK_BYTES + 4096, &[0xee; 4096], false)
+                .await
+                .unwrap()
+                .unwrap();
+            client.flush().await.unwrap().unwrap();
+            client.disconnect().await.unwrap();
+            read
+        })
+    };
+    assert_eq!(read_on_beta, expected[120][512..512 + 4096].to_vec());
+    expected[121][4096..8192].fill(0xee);
+    assert!(
+        beta.metric("tandem_clone_pulled_tracks_total") - pulled_before >= 2.0,
+        "beta's host access did not pull its tracks from alpha"
+    );
+
+    // kill -9 the source's node mid-copy: the restart goes on from its bits.
+    let before_kill = clone_show(&alpha, &certs, "dst2");
+    assert_eq!(before_kill["state"], "active", "{before_kill}");
+    let received_before = beta.metric("tandem_target_tracks_received_total");
+    alpha.kill();
+    alpha = start_alpha();
+    json(
+        &alpha,
+        &certs,
+        &["clone", "rate", "dst2", "--rate", "1000", "--json"],
+    );
+    wait_until(60, "dst2 to be copied", || {
+        clone_show(&alpha, &certs, "dst2")["state"] == "copied"
+    });
+    let received = beta.metric("tandem_target_tracks_received_total") - received_before;
+    // Everything but the tracks already there: copied before the kill, pulled, or copied
+    // first by the source's host writes; at most the step in flight at the kill again.
+    let copied_before = before_kill["tracks_copied"].as_u64().unwrap();
+    assert!(
+        received as u64 <= TRACKS - copied_before + 64,
+        "beta received {received} tracks after the kill; {copied_before} of {TRACKS} were there"
+    );
+    let dst2 = image_of(&beta, "dst2");
+    for track in 0..TRACKS as usize {
+        assert!(
+            dst2[track] == expected[track],
+            "dst2 track {track} is not the source's image at activation"
+        );
+    }
+    alpha.cli_ok(&certs, &["clone", "terminate", "dst"]);
+    alpha.cli_ok(&certs, &["clone", "terminate", "dst2"]);
+    beta.cli_ok(&certs, &["volume", "delete", "dst2"]);
+    alpha.kill();
+    beta.kill();
 }
