@@ -161,14 +161,14 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         tokio::spawn(heartbeat(service.clone(), report)),
     ];
     let copier_stop = Arc::new(AtomicBool::new(false));
-    {
+    for index in 0..crate::copy::COPIER_THREADS {
         let sessions = sessions.clone();
         let stop = copier_stop.clone();
         std::thread::Builder::new()
-            .name("tandem-copier".to_string())
+            .name(format!("tandem-copier-{index}"))
             .spawn(move || {
                 crate::copy::lower_thread_priority();
-                sessions.run_copier(stop);
+                sessions.run_copier(stop, index == 0);
             })?;
     }
     let accept_endpoint = endpoint.clone();

@@ -100,11 +100,33 @@ impl RateLimit {
 
     /// Takes `bytes` and returns how long the caller must wait before sending more.
     pub fn take(&mut self, bytes: u64, now: Duration) -> Duration {
+        self.refill(now);
+        self.available -= bytes as f64;
+        self.debt_wait()
+    }
+
+    /// How long the caller must wait before it may send anything.
+    pub fn wait(&mut self, now: Duration) -> Duration {
+        self.refill(now);
+        self.debt_wait()
+    }
+
+    /// Returns bytes taken for work that did not happen (a step charges its tracks before
+    /// it moves them, so that parallel copier threads see each other's share).
+    pub fn give_back(&mut self, bytes: u64) {
+        let rate = self.bytes_per_second as f64;
+        self.available = (self.available + bytes as f64).min(rate * RATE_BURST_SECONDS);
+    }
+
+    fn refill(&mut self, now: Duration) {
         let elapsed = now.saturating_sub(self.last).as_secs_f64();
-        self.last = now;
+        self.last = self.last.max(now);
         let rate = self.bytes_per_second as f64;
         self.available = (self.available + elapsed * rate).min(rate * RATE_BURST_SECONDS);
-        self.available -= bytes as f64;
+    }
+
+    fn debt_wait(&self) -> Duration {
+        let rate = self.bytes_per_second as f64;
         if self.available >= 0.0 || rate == 0.0 {
             Duration::ZERO
         } else {
@@ -166,5 +188,22 @@ mod tests {
         // Credit is capped at a quarter second.
         let wait = limit.take(1_000, Duration::from_secs(10));
         assert_eq!(wait, Duration::from_millis(750));
+    }
+
+    #[test]
+    fn a_step_charged_up_front_makes_a_parallel_step_wait_and_unused_bytes_come_back() {
+        let second = Duration::from_secs(1);
+        let mut limit = RateLimit::new(1 << 20, Duration::ZERO);
+        // The first copier thread charges 2 MiB for its step at 1 MiB/s...
+        assert_eq!(limit.take(2 << 20, Duration::ZERO), 2 * second);
+        // ...so the second waits for that debt instead of starting a step of its own.
+        assert_eq!(limit.wait(Duration::ZERO), 2 * second);
+        assert_eq!(limit.wait(second), second);
+        // The step moved only half: the other half comes back.
+        limit.give_back(1 << 20);
+        assert_eq!(limit.wait(second), Duration::ZERO);
+        // Credit never exceeds a quarter second, however much comes back.
+        limit.give_back(100 << 20);
+        assert_eq!(limit.take(1 << 20, second), Duration::from_secs_f64(0.75));
     }
 }

@@ -52,6 +52,9 @@ pub const REMOTE_STEP_TRACKS_MAX: usize = 64;
 /// The copy rate of a session without its own limit: fast enough to finish a copy in
 /// reasonable time, slow enough to leave the disk to the hosts (see docs/BENCHMARKS.md).
 pub const COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND: u32 = 32;
+/// Copier threads of a node: while one waits for a remote target's acknowledgements, the
+/// other reads the next tracks.
+pub const COPIER_THREADS: usize = 2;
 /// How often a running copy writes its progress checkpoint.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -122,6 +125,9 @@ impl SessionRecord {
 struct Live {
     record: SessionRecord,
     cursor: u64,
+    /// Tracks copy steps are moving right now, so that two copier threads never move the
+    /// same track.
+    in_flight: std::collections::BTreeSet<u64>,
     limit: RateLimit,
     copy_started: Instant,
     copied_since_start: u64,
@@ -167,6 +173,23 @@ impl TrackLocks {
             .into_iter()
             .map(|stripe| self.stripes[stripe].lock())
             .collect()
+    }
+}
+
+/// The tracks one copy step took; they are free again when it ends, however it ends.
+struct Reservation<'a, E: Engine> {
+    sessions: &'a Sessions<E>,
+    id: SessionId,
+    tracks: &'a [u64],
+}
+
+impl<E: Engine> Drop for Reservation<'_, E> {
+    fn drop(&mut self) {
+        if let Some(live) = self.sessions.table.lock().sessions.get_mut(&self.id) {
+            for track in self.tracks {
+                live.in_flight.remove(track);
+            }
+        }
     }
 }
 
@@ -276,6 +299,7 @@ impl<E: Engine> Sessions<E> {
             limit: RateLimit::new(mebibytes(rate), epoch.elapsed()),
             record,
             cursor: 0,
+            in_flight: std::collections::BTreeSet::new(),
             copy_started: Instant::now(),
             copied_since_start: 0,
             last_checkpoint: Instant::now(),
@@ -684,8 +708,20 @@ impl<E: Engine> Sessions<E> {
         }
     }
 
-    /// One step of a session's background copy: up to [`COPY_STEP_TRACKS_MAX`] tracks.
+    /// One step of a session's background copy: up to [`COPY_STEP_TRACKS_MAX`] tracks
+    /// (or [`REMOTE_STEP_TRACKS_MAX`] to another node), whatever the rate limits say; the
+    /// outcome tells how long the limits want the caller to wait.
     pub fn copy_step(&self, id: SessionId) -> Result<StepOutcome> {
+        self.step(id, false)
+    }
+
+    /// A copy step that first waits out the session's and the node's rate limits: when
+    /// either is in debt it moves nothing and says how long to wait.
+    fn paced_step(&self, id: SessionId) -> Result<StepOutcome> {
+        self.step(id, true)
+    }
+
+    fn step(&self, id: SessionId, paced: bool) -> Result<StepOutcome> {
         let _gate = self.gate.read();
         let (record, cursor) = match self.table.lock().sessions.get(&id) {
             Some(live) if live.record.copies() => (live.record.clone(), live.cursor),
@@ -717,9 +753,53 @@ impl<E: Engine> Sessions<E> {
         } else {
             COPY_STEP_TRACKS_MAX
         };
-        let tracks = self
+        // Another copier thread may be moving the tracks after the cursor: this step takes
+        // the next ones nobody has taken.
+        let candidates = self
             .store
-            .next_set(scan_volume, scan_bits, cursor, step_tracks)?;
+            .next_set(scan_volume, scan_bits, cursor, step_tracks * 2)?;
+        let track_bytes = u64::from(source.track_size_bytes);
+        let tracks: Vec<u64> = {
+            let mut table = self.table.lock();
+            let Some(live) = table.sessions.get_mut(&id) else {
+                return Ok(StepOutcome {
+                    idle: true,
+                    ..StepOutcome::default()
+                });
+            };
+            let now = self.epoch.elapsed();
+            let mut node_limit = self.node_limit.lock();
+            if paced {
+                let wait = live.limit.wait(now).max(node_limit.wait(now));
+                if !wait.is_zero() {
+                    return Ok(StepOutcome {
+                        wait,
+                        ..StepOutcome::default()
+                    });
+                }
+            }
+            let tracks: Vec<u64> = candidates
+                .into_iter()
+                .filter(|track| !live.in_flight.contains(track))
+                .take(step_tracks)
+                .collect();
+            live.in_flight.extend(tracks.iter().copied());
+            if let Some(last) = tracks.last() {
+                live.cursor = last + 1;
+            }
+            // The step's share is charged before it moves anything, so that a parallel
+            // copier thread sees it; what it does not move comes back at the end.
+            let charge = tracks.len() as u64 * track_bytes;
+            live.limit.take(charge, now);
+            node_limit.take(charge, now);
+            tracks
+        };
+        let charge = tracks.len() as u64 * track_bytes;
+        let _reservation = Reservation {
+            sessions: self,
+            id,
+            tracks: &tracks,
+        };
         let mut outcome = StepOutcome::default();
         if let Some(remote) = &remote_forward {
             let (copied, bytes) = self.remote_step(&record, &source, remote, &tracks)?;
@@ -816,8 +896,16 @@ impl<E: Engine> Sessions<E> {
         live.record.progress.copied += outcome.tracks_copied;
         live.record.tracks_copied_last += outcome.tracks_copied;
         live.copied_since_start += outcome.tracks_copied;
-        live.cursor = tracks.last().map_or(0, |last| last + 1);
-        if tracks.is_empty() {
+        let others_in_flight = live
+            .in_flight
+            .iter()
+            .any(|track| tracks.binary_search(track).is_err());
+        if tracks.is_empty() && others_in_flight {
+            // The rest is in flight on another copier thread, which finishes the pass.
+            live.cursor = 0;
+            outcome.idle = true;
+        } else if tracks.is_empty() {
+            live.cursor = 0;
             outcome.idle = true;
             live.lag_since = None;
             // The copy is done; the session moves to its resting state.
@@ -843,26 +931,23 @@ impl<E: Engine> Sessions<E> {
         } else if live.lag_since.is_none() {
             live.lag_since = Some(Instant::now());
         }
-        if live.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+        let unused = charge.saturating_sub(outcome.bytes_copied);
+        live.limit.give_back(unused);
+        let session_wait = live.limit.wait(now);
+        let checkpoint = (live.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL).then(|| {
             live.last_checkpoint = Instant::now();
-            let record = live.record.clone();
-            drop(table);
-            self.persist(&record)?;
-        } else {
-            let session_wait = live.limit.take(outcome.bytes_copied, now);
-            drop(table);
-            let node_wait = self.node_limit.lock().take(outcome.bytes_copied, now);
-            outcome.wait = session_wait.max(node_wait);
-            return Ok(outcome);
-        }
-        let session_wait = {
-            let mut table = self.table.lock();
-            table.sessions.get_mut(&id).map_or(Duration::ZERO, |live| {
-                live.limit.take(outcome.bytes_copied, now)
-            })
+            live.record.clone()
+        });
+        drop(table);
+        let node_wait = {
+            let mut node_limit = self.node_limit.lock();
+            node_limit.give_back(unused);
+            node_limit.wait(now)
         };
-        let node_wait = self.node_limit.lock().take(outcome.bytes_copied, now);
         outcome.wait = session_wait.max(node_wait);
+        if let Some(record) = checkpoint {
+            self.persist(&record)?;
+        }
         Ok(outcome)
     }
 
@@ -1029,12 +1114,14 @@ impl<E: Engine> Sessions<E> {
     /// Runs the copies on the calling thread until `stop` is set: the node gives this its
     /// own thread, at the lowest scheduling priority, so that host IO always gets the
     /// processor first (see [`lower_thread_priority`]).
-    pub fn run_copier(self: Arc<Self>, stop: Arc<AtomicBool>) {
+    /// Several copier threads may run; the one with `rotations` also carries out the
+    /// splits that rotations wait for.
+    pub fn run_copier(self: Arc<Self>, stop: Arc<AtomicBool>, rotations: bool) {
         while !stop.load(Ordering::Relaxed) {
             let mut worked = false;
             let mut wait = Duration::ZERO;
             for id in self.copying() {
-                match self.copy_step(id) {
+                match self.paced_step(id) {
                     Ok(outcome) => {
                         worked |= !outcome.idle;
                         wait = wait.max(outcome.wait);
@@ -1046,7 +1133,7 @@ impl<E: Engine> Sessions<E> {
                     }
                 }
             }
-            for bcv in self.due_splits() {
+            for bcv in self.due_splits().into_iter().filter(|_| rotations) {
                 if let Err(error) = self.command(SessionCommand::MirrorSplit {
                     bcv,
                     differential: false,

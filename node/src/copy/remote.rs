@@ -456,7 +456,10 @@ impl<E: Engine> Sessions<E> {
                 ..
             } => {
                 metrics::counter!("tandem_target_tracks_received_total").increment(1);
-                let _gate = self.gate.read();
+                // No gate: a copy into a target is atomic under its track lock, and none of
+                // this node's commands depend on it. Waiting for the gate would close a
+                // cycle across nodes: a command here holding the gate waits for the other
+                // node, whose copier waits for this answer while holding its own gate.
                 let _track = self.locks.lock([(volume.id, image.track)]);
                 let invalid = self.store.test_bit(&volume, Bits::Invalid, image.track)?;
                 if only_if_invalid && !invalid {
@@ -479,7 +482,8 @@ impl<E: Engine> Sessions<E> {
                 Ok(TargetAnswer::Stored(true))
             }
             TargetOperation::GetTrack { track, .. } => {
-                let _gate = self.gate.read();
+                // No gate, for the same reason as a copy into the target.
+                let _track = self.locks.lock([(volume.id, track)]);
                 let image: TrackImage = self.store.read_track_image(&volume, track)?;
                 Ok(TargetAnswer::Track(image))
             }
