@@ -2,6 +2,7 @@
 
 use crate::config::NodeConfig;
 use crate::copy::remote::TargetLink;
+use crate::copy::workers::BackgroundWorkers;
 use crate::copy::Sessions;
 use crate::engine::rocks::RocksEngine;
 use crate::engine::Engine;
@@ -135,6 +136,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     let service = Arc::new(Service {
         store: store.clone(),
         sessions: sessions.clone(),
+        background: BackgroundWorkers::start("tandem-store-copy", BACKGROUND_STORE_THREADS)?,
         identity: Identity {
             name: config.name.clone(),
             site: config.site.clone(),
@@ -204,6 +206,10 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         copier_stop,
     })
 }
+
+/// Threads that store the tracks of remote copiers: enough to keep a copy's parallel
+/// streams busy on two cores.
+const BACKGROUND_STORE_THREADS: usize = 4;
 
 /// How often a node tells the control plane it is alive. Well under the leader's
 /// `NODE_DOWN_AFTER_MILLISECONDS`, so a lost heartbeat or two never marks a node down.

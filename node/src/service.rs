@@ -2,6 +2,7 @@
 //! driver: validation lives in the store); cluster requests go to the control plane, in
 //! this process when it hosts a member, else to a member named in the config.
 
+use crate::copy::workers::BackgroundWorkers;
 use crate::copy::Sessions;
 use crate::engine::Engine;
 use crate::store::VolumeStore;
@@ -11,7 +12,7 @@ use control_plane::member::ControlPlane;
 use control_plane::network::Faults;
 use protocol::cluster::{ClusterRequest, ClusterResponse, NodeReport, CLUSTER_REQUEST_HOPS_MAX};
 use protocol::messages::{ErrorCode, NodeStatus, Request, Response};
-use protocol::session::{RemoteVolume, SessionCommand};
+use protocol::session::{RemoteVolume, SessionCommand, TargetOperation};
 use protocol::transport::{Peer, PeerRole};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct Identity {
 pub struct Service<E: Engine> {
     pub store: Arc<VolumeStore<E>>,
     pub sessions: Arc<Sessions<E>>,
+    /// Low-priority threads that store the tracks remote copiers send here.
+    pub background: BackgroundWorkers,
     pub identity: Identity,
     /// The control-plane member this process hosts, when its config says `control_plane = true`.
     pub control_plane: Option<Arc<ControlPlane>>,
@@ -105,7 +108,24 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
         ),
         Request::Target { operation } => {
             let sessions = service.sessions.clone();
-            blocking(move || sessions.serve_target(operation).map(Response::Target)).await
+            let background = matches!(
+                operation,
+                TargetOperation::PutTrack {
+                    background: true,
+                    ..
+                }
+            );
+            if background {
+                // A remote copier's track: stored at low priority, after host IO.
+                service
+                    .background
+                    .run(move || sessions.serve_target(operation))
+                    .await
+                    .map(Response::Target)
+                    .unwrap_or_else(|error| refuse(error.code(), error.to_string()))
+            } else {
+                blocking(move || sessions.serve_target(operation).map(Response::Target)).await
+            }
         }
         Request::Session { .. } if !from_node => refuse(
             ErrorCode::Forbidden,

@@ -351,6 +351,9 @@ pub enum TargetOperation {
         image: TrackImage,
         only_if_invalid: bool,
         synced: bool,
+        /// Sent by a background copy, which the target stores at low priority; `false`
+        /// when a host write or a command waits for the answer.
+        background: bool,
     },
     /// Read a track (a restore brings the BCV's tracks back).
     GetTrack {

@@ -24,6 +24,7 @@
 
 pub mod core;
 pub mod remote;
+pub mod workers;
 
 use self::core::{Progress, RateLimit, SourceWriteStep};
 use self::remote::{Partner, Registration, TargetLink};
@@ -52,6 +53,8 @@ pub const REMOTE_STEP_TRACKS_MAX: usize = 64;
 /// The copy rate of a session without its own limit: fast enough to finish a copy in
 /// reasonable time, slow enough to leave the disk to the hosts (see docs/BENCHMARKS.md).
 pub const COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND: u32 = 32;
+/// A rate-limited copy takes at least this many steps a second, so each is short.
+const COPY_STEPS_PER_SECOND_MIN: u64 = 50;
 /// Copier threads of a node: while one waits for a remote target's acknowledgements, the
 /// other reads the next tracks.
 pub const COPIER_THREADS: usize = 2;
@@ -665,6 +668,7 @@ impl<E: Engine> Sessions<E> {
                         image,
                         only_if_invalid: true,
                         synced: false,
+                        background: false,
                     },
                 )?;
                 let TargetAnswer::Stored(stored) = answer else {
@@ -748,11 +752,23 @@ impl<E: Engine> Sessions<E> {
             }
             _ => None,
         };
-        let step_tracks = if remote_forward.is_some() {
+        let step_tracks_max = if remote_forward.is_some() {
             REMOTE_STEP_TRACKS_MAX
         } else {
             COPY_STEP_TRACKS_MAX
         };
+        // A slow copy moves in small steps, evenly spread: a burst of a whole step's
+        // tracks would hold the processor and the disk from host IO for its length.
+        let rate = mebibytes(
+            record
+                .rate_limit_mebibytes_per_second
+                .unwrap_or(COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND),
+        )
+        .min(self.node_limit.lock().bytes_per_second());
+        let step_tracks =
+            usize::try_from(rate / COPY_STEPS_PER_SECOND_MIN / u64::from(source.track_size_bytes))
+                .unwrap_or(usize::MAX)
+                .clamp(1, step_tracks_max);
         // Another copier thread may be moving the tracks after the cursor: this step takes
         // the next ones nobody has taken.
         let candidates = self

@@ -175,6 +175,7 @@ impl<E: Engine> Sessions<E> {
                         image,
                         only_if_invalid: false,
                         synced: durability == Durability::Synced,
+                        background: false,
                     },
                 )?;
                 if !matches!(answer, TargetAnswer::Stored(true)) {
@@ -210,6 +211,7 @@ impl<E: Engine> Sessions<E> {
                 image,
                 only_if_invalid,
                 synced: false,
+                background: true,
             })
             .collect();
         let answers = self.link()?.call_many(remote, operations);

@@ -41,6 +41,12 @@ impl RocksEngine {
         database_options.set_max_background_jobs(4);
         // Smooth writeback of SST and blob files instead of bursts at sync time.
         database_options.set_bytes_per_sync(1 << 20);
+        // Flushes and compactions are background work: at the lowest CPU priority they run
+        // in the time host IO leaves (and still get a share when it leaves none).
+        let mut environment = rocksdb::Env::new().map_err(engine_error)?;
+        environment.lower_thread_pool_cpu_priority();
+        environment.lower_high_priority_thread_pool_cpu_priority();
+        database_options.set_env(&environment);
         let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
         let descriptors = Space::ALL.map(|space| {
             let mut options = Options::default();
