@@ -23,10 +23,12 @@
 //! while waiting for another lock.
 
 pub mod core;
+pub mod governor;
 pub mod remote;
 pub mod workers;
 
 use self::core::{Progress, RateLimit, SourceWriteStep};
+use self::governor::{Governor, LatencyHistogram, GOVERNOR_WINDOW};
 use self::remote::{Partner, Registration, TargetLink};
 use crate::engine::{Batch, Durability, Engine, Space};
 use crate::store::{BitChange, Bits, Volume, VolumeStore, WriteMarks};
@@ -50,9 +52,6 @@ pub const COPY_STEP_TRACKS_MAX: usize = 16;
 /// Tracks one step sends to a remote target at once, on parallel streams: 4 MiB of
 /// 64 KiB tracks in flight.
 pub const REMOTE_STEP_TRACKS_MAX: usize = 64;
-/// The copy rate of a session without its own limit: fast enough to finish a copy in
-/// reasonable time, slow enough to leave the disk to the hosts (see docs/BENCHMARKS.md).
-pub const COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND: u32 = 32;
 /// A rate-limited copy takes at least this many steps a second, so each is short.
 const COPY_STEPS_PER_SECOND_MIN: u64 = 50;
 /// Copier threads of a node: while one waits for a remote target's acknowledgements, the
@@ -219,6 +218,10 @@ pub struct Sessions<E: Engine> {
     link: Option<Arc<dyn TargetLink>>,
     /// Volumes of this node that are targets of sessions other nodes run.
     registrations: Mutex<BTreeMap<String, Registration>>,
+    /// Host write latencies of the current governor window.
+    host_latency: LatencyHistogram,
+    /// The default QoS: the rate of copies without their own limit.
+    governor: Mutex<Governor>,
 }
 
 fn refused(command: &SessionCommand, session: &str, reason: impl Into<String>) -> Error {
@@ -273,9 +276,10 @@ impl<E: Engine> Sessions<E> {
             .map(|record| record.id + 1)
             .max()
             .unwrap_or(1);
+        let governed_rate = Governor::new(mebibytes(node_rate_mebibytes_per_second)).rate();
         let sessions = records
             .into_iter()
-            .map(|record| (record.id, Self::live(record, epoch)))
+            .map(|record| (record.id, Self::live(record, epoch, governed_rate)))
             .collect();
         Ok(Sessions {
             store,
@@ -291,15 +295,17 @@ impl<E: Engine> Sessions<E> {
             )),
             link,
             registrations: Mutex::new(registrations),
+            host_latency: LatencyHistogram::default(),
+            governor: Mutex::new(Governor::new(mebibytes(node_rate_mebibytes_per_second))),
         })
     }
 
-    fn live(record: SessionRecord, epoch: Instant) -> Live {
+    fn live(record: SessionRecord, epoch: Instant, governed_rate: u64) -> Live {
         let rate = record
             .rate_limit_mebibytes_per_second
-            .unwrap_or(COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND);
+            .map_or(governed_rate, mebibytes);
         Live {
-            limit: RateLimit::new(mebibytes(rate), epoch.elapsed()),
+            limit: RateLimit::new(rate, epoch.elapsed()),
             record,
             cursor: 0,
             in_flight: std::collections::BTreeSet::new(),
@@ -519,6 +525,20 @@ impl<E: Engine> Sessions<E> {
     /// A host write (`data`) or zeroing (`None`), with every rule of the sessions the
     /// volume takes part in applied around it.
     pub fn write(
+        &self,
+        volume: &Arc<Volume>,
+        offset: u64,
+        length: u64,
+        data: Option<&[u8]>,
+        durability: Durability,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let result = self.write_applying_sessions(volume, offset, length, data, durability);
+        self.host_latency.record(started.elapsed());
+        result
+    }
+
+    fn write_applying_sessions(
         &self,
         volume: &Arc<Volume>,
         offset: u64,
@@ -759,16 +779,18 @@ impl<E: Engine> Sessions<E> {
         };
         // A slow copy moves in small steps, evenly spread: a burst of a whole step's
         // tracks would hold the processor and the disk from host IO for its length.
-        let rate = mebibytes(
-            record
-                .rate_limit_mebibytes_per_second
-                .unwrap_or(COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND),
-        )
-        .min(self.node_limit.lock().bytes_per_second());
-        let step_tracks =
+        let rate = record
+            .rate_limit_mebibytes_per_second
+            .map_or_else(|| self.governor.lock().rate(), mebibytes)
+            .min(self.node_limit.lock().bytes_per_second());
+        // Unpaced steps (tests, settle) move as much as a step may.
+        let step_tracks = if paced {
             usize::try_from(rate / COPY_STEPS_PER_SECOND_MIN / u64::from(source.track_size_bytes))
                 .unwrap_or(usize::MAX)
-                .clamp(1, step_tracks_max);
+                .clamp(1, step_tracks_max)
+        } else {
+            step_tracks_max
+        };
         // Another copier thread may be moving the tracks after the cursor: this step takes
         // the next ones nobody has taken.
         let candidates = self
@@ -1133,7 +1155,12 @@ impl<E: Engine> Sessions<E> {
     /// Several copier threads may run; the one with `rotations` also carries out the
     /// splits that rotations wait for.
     pub fn run_copier(self: Arc<Self>, stop: Arc<AtomicBool>, rotations: bool) {
+        let mut window_started = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            if rotations && window_started.elapsed() >= GOVERNOR_WINDOW {
+                window_started = Instant::now();
+                self.govern();
+            }
             let mut worked = false;
             let mut wait = Duration::ZERO;
             for id in self.copying() {
@@ -1164,6 +1191,19 @@ impl<E: Engine> Sessions<E> {
             };
             if !pause.is_zero() {
                 std::thread::sleep(pause);
+            }
+        }
+    }
+
+    /// Ends a governor window: the host write latencies seen in it set the rate of the
+    /// copies without their own limit (see [`governor`]).
+    fn govern(&self) {
+        let window = self.host_latency.take();
+        let rate = self.governor.lock().observe(&window, self.epoch.elapsed());
+        metrics::gauge!("tandem_copy_governed_bytes_per_second").set(rate as f64);
+        for live in self.table.lock().sessions.values_mut() {
+            if live.record.rate_limit_mebibytes_per_second.is_none() {
+                live.limit.set_rate(rate);
             }
         }
     }
@@ -1384,9 +1424,10 @@ impl<E: Engine> Sessions<E> {
                 }
             }
             None => {
+                let governed_rate = self.governor.lock().rate();
                 table
                     .sessions
-                    .insert(record.id, Self::live(record, self.epoch));
+                    .insert(record.id, Self::live(record, self.epoch, governed_rate));
             }
         }
         Ok(())
@@ -1411,9 +1452,8 @@ impl<E: Engine> Sessions<E> {
             });
         }
         live.record.rate_limit_mebibytes_per_second = rate;
-        live.limit.set_rate(mebibytes(
-            rate.unwrap_or(COPY_RATE_DEFAULT_MEBIBYTES_PER_SECOND),
-        ));
+        let governed_rate = self.governor.lock().rate();
+        live.limit.set_rate(rate.map_or(governed_rate, mebibytes));
         let record = live.record.clone();
         drop(table);
         self.persist(&record)
