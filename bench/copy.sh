@@ -7,8 +7,8 @@
 #     against rsync --inplace --no-whole-file of the two images, with wire bytes (tandem:
 #     the loopback interface's transmitted bytes during the resync, headers included;
 #     rsync: its own count of bytes sent and received) against the changed bytes;
-#  3. fio 4k randwrite QD1 p99 on the standard, idle and during a full-speed copy with the
-#     default rate limit;
+#  3. fio 4k randwrite QD1 p99 on the standard, idle and during a copy with the default
+#     QoS (no --rate: the latency governor sets the copy's rate);
 #  4. 4k write latency on a standard with a synchronized sync mirror on the other node,
 #     against the same writes to a volume without a mirror.
 #
@@ -163,7 +163,7 @@ print(f'{percentiles["50.000000"] / 1000:.0f} {percentiles["99.000000"] / 1000:.
 PY
 }
 
-echo "## Host writes during a full-speed copy (default rate limit)"
+echo "## Host writes during a copy with the default QoS (no --rate)"
 echo
 "$tandem" mirror split bcv >/dev/null
 read -r idle_p50 idle_p99 idle_iops < <(fio_p99 "$std_uri")
@@ -173,7 +173,7 @@ copied=$("$tandem" mirror show bcv2 --json | python3 -c "import json,sys; print(
 echo "| standard, 4k randwrite QD1 | p50 µs | p99 µs | IOPS |"
 echo "|---|---|---|---|"
 echo "| idle | $idle_p50 | $idle_p99 | $idle_iops |"
-echo "| during the copy ($copied tracks copied in the 22 s) | $busy_p50 | $busy_p99 | $busy_iops |"
+echo "| during the copy ($copied tracks, $((copied * track_bytes >> 20)) MiB, copied in the 22 s) | $busy_p50 | $busy_p99 | $busy_iops |"
 echo
 echo "p99 during the copy ÷ idle: $(python3 -c "print(f'{$busy_p99 / max($idle_p99, 1):.2f}')") (goal ≤ 1.5)"
 echo
