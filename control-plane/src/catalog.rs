@@ -105,6 +105,21 @@ impl Catalog {
                 });
             }
         }
+        // The readiness column follows what the session set on the target's node: a
+        // clone's destination is taken from its hosts until activated, a BCV while it is
+        // a mirror (attached, synchronized or restoring) rather than a split copy.
+        let readiness = match (entry.kind, entry.state) {
+            (SessionKind::Clone, SessionState::Created | SessionState::Precopying) => {
+                Readiness::NotReady
+            }
+            (SessionKind::Clone, _) | (SessionKind::Mirror, SessionState::Split) => {
+                Readiness::Ready
+            }
+            (SessionKind::Mirror, _) => Readiness::NotReady,
+        };
+        if let Some(target) = self.volumes.get_mut(&entry.target) {
+            target.readiness = readiness;
+        }
         self.sessions.insert(entry.target.clone(), entry.clone());
         Ok(CatalogReply::Done)
     }
@@ -174,7 +189,14 @@ impl Catalog {
             }
             Command::SessionRecord(entry) => self.session_record(entry),
             Command::SessionForget { target } => {
-                self.sessions.remove(target);
+                // A cancelled synchronized mirror gives its BCV, the standard's whole
+                // image, to its hosts; other ends leave the readiness as it was.
+                let ended = self.sessions.remove(target);
+                if ended.is_some_and(|ended| ended.state == SessionState::Synchronized) {
+                    if let Some(volume) = self.volumes.get_mut(target) {
+                        volume.readiness = Readiness::Ready;
+                    }
+                }
                 Ok(CatalogReply::Done)
             }
             Command::VolumeDeleteBegin { name } => {

@@ -446,7 +446,10 @@ fn sessions_are_recorded_only_through_reachable_states_and_hold_their_volumes() 
     use protocol::session::SessionState::*;
     let mut catalog = populated();
     ready_volume(&mut catalog, 100, "bcv", "west-1");
+    let readiness = |catalog: &Catalog| catalog.volume("bcv").unwrap().readiness;
     apply(&mut catalog, 110, Command::SessionRecord(mirror(Syncing))).unwrap();
+    // The BCV's readiness follows the session: taken from its hosts while a mirror...
+    assert_eq!(readiness(&catalog), Readiness::NotReady);
     // A copy finishing and a split are reachable; a split mirror cannot be "active".
     apply(
         &mut catalog,
@@ -454,7 +457,10 @@ fn sessions_are_recorded_only_through_reachable_states_and_hold_their_volumes() 
         Command::SessionRecord(mirror(Synchronized)),
     )
     .unwrap();
+    assert_eq!(readiness(&catalog), Readiness::NotReady);
     apply(&mut catalog, 112, Command::SessionRecord(mirror(Split))).unwrap();
+    // ...and given back at the split.
+    assert_eq!(readiness(&catalog), Readiness::Ready);
     let before = catalog.clone();
     let refused = apply(&mut catalog, 113, Command::SessionRecord(mirror(Active)));
     assert!(
