@@ -67,14 +67,25 @@ fn cluster_roots(identity: &Identity) -> Result<Arc<RootCertStore>> {
     Ok(Arc::new(roots))
 }
 
-/// Idle timeout and keep-alive, shared by both directions of every connection.
+/// The largest UDP payload path MTU discovery tries: a 9000-byte jumbo frame less the
+/// IPv6 and UDP headers.
+pub const UDP_PAYLOAD_BYTES_MAX: u16 = 8_952;
+
+/// Idle timeout, keep-alive and MTU discovery, shared by both directions of every
+/// connection.
 fn transport_config() -> Result<Arc<quinn::TransportConfig>> {
     let idle_timeout = quinn::IdleTimeout::try_from(Duration::from_secs(IDLE_TIMEOUT_SECONDS))
         .map_err(|error| tls_error("the idle timeout is out of range", error))?;
     let mut transport = quinn::TransportConfig::default();
+    // Path MTU discovery may grow packets up to a jumbo frame: a copy moves gigabytes, and
+    // every packet carries its own headers and AEAD tag. Where the path carries only
+    // 1500-byte frames, the probes above it are lost and packets stay at what works.
+    let mut mtu_discovery = quinn::MtuDiscoveryConfig::default();
+    mtu_discovery.upper_bound(UDP_PAYLOAD_BYTES_MAX);
     transport
         .max_idle_timeout(Some(idle_timeout))
-        .keep_alive_interval(Some(Duration::from_secs(KEEP_ALIVE_INTERVAL_SECONDS)));
+        .keep_alive_interval(Some(Duration::from_secs(KEEP_ALIVE_INTERVAL_SECONDS)))
+        .mtu_discovery_config(Some(mtu_discovery));
     Ok(Arc::new(transport))
 }
 
@@ -154,8 +165,27 @@ fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
     config
 }
 
+/// The UDP socket buffers a node asks for (the kernel caps them at `net.core.rmem_max`
+/// and `wmem_max`). The default of about 200 KiB overflows when a copy step's 64 tracks
+/// arrive at once: dropped datagrams cost retransmissions and a congestion window cut.
+pub const UDP_SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+/// A UDP socket bound to `bind` with [`UDP_SOCKET_BUFFER_BYTES`] buffers.
+fn udp_socket(bind: SocketAddr) -> Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: a smaller buffer only costs throughput.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+    socket.bind(&bind.into())?;
+    Ok(socket.into())
+}
+
 pub fn server_endpoint(bind: SocketAddr, identity: &Identity) -> Result<quinn::Endpoint> {
-    let socket = std::net::UdpSocket::bind(bind)?;
+    let socket = udp_socket(bind)?;
     let runtime = quinn::default_runtime().ok_or_else(|| Error::Connection {
         peer: bind.to_string(),
         detail: "no async runtime to run the QUIC endpoint on".into(),
