@@ -325,6 +325,7 @@ async fn execute<E: Engine>(
         Durability::Logged
     };
     let length = u64::from(header.length);
+    let governed = store.clone();
     let outcome = tokio::task::spawn_blocking(move || match header.command {
         Command::Read => store.read(&volume, header.offset, length).map(Some),
         Command::Write => store
@@ -342,8 +343,12 @@ async fn execute<E: Engine>(
             detail: format!("storage task failed: {join_error}"),
         })
     });
+    let latency = started.elapsed();
     metrics::histogram!("tandem_nbd_seconds", "operation" => operation)
-        .record(started.elapsed().as_secs_f64());
+        .record(latency.as_secs_f64());
+    if matches!(header.command, Command::Write | Command::WriteZeroes) {
+        governed.record_host_write(latency);
+    }
     match outcome {
         Ok(data) => {
             metrics::counter!("tandem_nbd_operations_total", "operation" => operation).increment(1);

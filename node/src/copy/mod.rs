@@ -502,6 +502,12 @@ impl<E: Engine> Sessions<E> {
         self.pull_from_source(volume, &registration, first, last)
     }
 
+    /// A host write took `latency` as its host saw it (the NBD driver measures from the
+    /// request to its reply, queueing included): the default QoS watches these.
+    pub fn record_host_write(&self, latency: Duration) {
+        self.host_latency.record(latency);
+    }
+
     /// A host read: pulls what the volume does not hold yet, then reads.
     pub fn read(&self, volume: &Arc<Volume>, offset: u64, length: u64) -> Result<Vec<u8>> {
         self.pull_for_remote_clone(volume, offset, length)?;
@@ -525,20 +531,6 @@ impl<E: Engine> Sessions<E> {
     /// A host write (`data`) or zeroing (`None`), with every rule of the sessions the
     /// volume takes part in applied around it.
     pub fn write(
-        &self,
-        volume: &Arc<Volume>,
-        offset: u64,
-        length: u64,
-        data: Option<&[u8]>,
-        durability: Durability,
-    ) -> Result<()> {
-        let started = Instant::now();
-        let result = self.write_applying_sessions(volume, offset, length, data, durability);
-        self.host_latency.record(started.elapsed());
-        result
-    }
-
-    fn write_applying_sessions(
         &self,
         volume: &Arc<Volume>,
         offset: u64,
