@@ -31,9 +31,19 @@ pub struct RunningNode {
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
     copier_stop: Arc<AtomicBool>,
+    control_plane: Option<Arc<ControlPlane>>,
 }
 
 impl RunningNode {
+    /// Stops the control-plane member this process hosts (so Raft ends its tasks in
+    /// order instead of finding its channels closed), then stops serving.
+    pub async fn stop(&mut self) {
+        if let Some(control_plane) = self.control_plane.take() {
+            control_plane.shutdown().await;
+        }
+        self.shutdown();
+    }
+
     /// Stops serving: closes QUIC connections and the NBD listener.
     pub fn shutdown(&mut self) {
         self.endpoint.close(0u32.into(), b"node shutting down");
@@ -133,6 +143,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     } else {
         None
     };
+    let hosted_control_plane = control_plane.clone();
     let service = Arc::new(Service {
         store: store.clone(),
         sessions: sessions.clone(),
@@ -204,6 +215,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         endpoint,
         tasks,
         copier_stop,
+        control_plane: hosted_control_plane,
     })
 }
 

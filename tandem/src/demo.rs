@@ -428,7 +428,8 @@ pub async fn run() -> Result<()> {
     snapshot.disconnect().await?;
     connection.close(0u32.into(), b"demo done");
     endpoint.wait_idle().await;
-    drop(node);
+    let mut node = node;
+    node.stop().await;
     println!(
         "demo finished in {:.2} s: every check passed",
         started.elapsed().as_secs_f64()

@@ -674,7 +674,7 @@ async fn run_node(arguments: NodeArguments) -> Result<()> {
         _ = terminate.recv() => {}
     }
     tracing::info!("shutting down");
-    running.shutdown();
+    running.stop().await;
     // Make everything acknowledged durable before the process goes.
     running.store.flush()?;
     Ok(())
