@@ -227,39 +227,60 @@ fn show(node: &NodeProcess, certs: &Path) -> serde_json::Value {
     json(node, certs, &["mirror", "show", "bcv", "--json"])
 }
 
-#[test]
-fn a_mirror_across_nodes_survives_kill_9_of_either_side_and_keeps_every_acknowledged_sync_write() {
-    let directory = tempfile::tempdir().unwrap();
-    let certs = init(directory.path(), "alpha,beta");
-    let (alpha_data, beta_data) = (
-        directory.path().join("alpha"),
-        directory.path().join("beta"),
-    );
-    let (alpha_port, beta_port) = (free_udp_port(), free_udp_port());
-    let start_alpha = || {
+/// Node alpha (the cluster's one control-plane member) and node beta, each restartable on
+/// its own data directory and QUIC port, so a restarted node is the same node.
+struct TwoNodes {
+    directory: tempfile::TempDir,
+    certs: std::path::PathBuf,
+    alpha_port: u16,
+    beta_port: u16,
+}
+
+impl TwoNodes {
+    fn new() -> TwoNodes {
+        let directory = tempfile::tempdir().unwrap();
+        let certs = init(directory.path(), "alpha,beta");
+        TwoNodes {
+            directory,
+            certs,
+            alpha_port: free_udp_port(),
+            beta_port: free_udp_port(),
+        }
+    }
+
+    fn start_alpha(&self) -> NodeProcess {
         NodeProcess::start_with(
-            &certs,
+            &self.certs,
             "alpha",
-            &alpha_data,
+            &self.directory.path().join("alpha"),
             None,
-            alpha_port,
+            self.alpha_port,
             &["--control-plane"],
         )
-    };
+    }
+
+    fn start_beta(&self) -> NodeProcess {
+        let members = format!("127.0.0.1:{}", self.alpha_port);
+        NodeProcess::start_with(
+            &self.certs,
+            "beta",
+            &self.directory.path().join("beta"),
+            None,
+            self.beta_port,
+            &["--members", &members],
+        )
+    }
+}
+
+#[test]
+fn a_mirror_across_nodes_survives_kill_9_of_either_side_and_keeps_every_acknowledged_sync_write() {
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let start_alpha = || nodes.start_alpha();
+    let start_beta = || nodes.start_beta();
     let mut alpha = start_alpha();
     alpha.cli_ok(&certs, &["cluster", "init"]);
     alpha.wait_registered(&certs, "alpha");
-    let members = alpha.quic.to_string();
-    let start_beta = || {
-        NodeProcess::start_with(
-            &certs,
-            "beta",
-            &beta_data,
-            None,
-            beta_port,
-            &["--members", &members],
-        )
-    };
     let mut beta = start_beta();
     alpha.wait_registered(&certs, "beta");
     alpha.cli_ok(
@@ -471,37 +492,13 @@ fn image_of(node: &NodeProcess, volume: &str) -> Vec<Vec<u8>> {
 
 #[test]
 fn a_clone_to_another_node_copies_on_first_access_and_resends_only_missing_tracks_after_kill_9() {
-    let directory = tempfile::tempdir().unwrap();
-    let certs = init(directory.path(), "alpha,beta");
-    let (alpha_data, beta_data) = (
-        directory.path().join("alpha"),
-        directory.path().join("beta"),
-    );
-    let (alpha_port, beta_port) = (free_udp_port(), free_udp_port());
-    let start_alpha = || {
-        NodeProcess::start_with(
-            &certs,
-            "alpha",
-            &alpha_data,
-            None,
-            alpha_port,
-            &["--control-plane"],
-        )
-    };
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let start_alpha = || nodes.start_alpha();
+    let start_beta = || nodes.start_beta();
     let mut alpha = start_alpha();
     alpha.cli_ok(&certs, &["cluster", "init"]);
     alpha.wait_registered(&certs, "alpha");
-    let members = alpha.quic.to_string();
-    let start_beta = || {
-        NodeProcess::start_with(
-            &certs,
-            "beta",
-            &beta_data,
-            None,
-            beta_port,
-            &["--members", &members],
-        )
-    };
     let mut beta = start_beta();
     alpha.wait_registered(&certs, "beta");
     for (volume, node) in [("src", "alpha"), ("dst", "beta"), ("dst2", "beta")] {
