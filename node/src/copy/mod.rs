@@ -52,6 +52,8 @@ pub const COPY_STEP_TRACKS_MAX: usize = 16;
 /// Tracks one step sends to a remote target at once, on parallel streams: 4 MiB of
 /// 64 KiB tracks in flight.
 pub const REMOTE_STEP_TRACKS_MAX: usize = 64;
+/// Bit changes one batch carries when a command marks many tracks.
+const BIT_BATCH_TRACKS_MAX: usize = 4096;
 /// A rate-limited copy takes at least this many steps a second, so each is short.
 const COPY_STEPS_PER_SECOND_MIN: u64 = 50;
 /// Copier threads of a node: while one waits for a remote target's acknowledgements, the
@@ -276,10 +278,10 @@ impl<E: Engine> Sessions<E> {
             .map(|record| record.id + 1)
             .max()
             .unwrap_or(1);
-        let governed_rate = Governor::new(mebibytes(node_rate_mebibytes_per_second)).rate();
+        let governor = Governor::new(mebibytes(node_rate_mebibytes_per_second));
         let sessions = records
             .into_iter()
-            .map(|record| (record.id, Self::live(record, epoch, governed_rate)))
+            .map(|record| (record.id, Self::live(record, epoch, governor.rate())))
             .collect();
         Ok(Sessions {
             store,
@@ -296,7 +298,7 @@ impl<E: Engine> Sessions<E> {
             link,
             registrations: Mutex::new(registrations),
             host_latency: LatencyHistogram::default(),
-            governor: Mutex::new(Governor::new(mebibytes(node_rate_mebibytes_per_second))),
+            governor: Mutex::new(governor),
         })
     }
 
@@ -1915,12 +1917,9 @@ impl<E: Engine> Sessions<E> {
                 // Seed 002 FIG. 6: copy what changed on either side. A track the BCV's
                 // hosts changed also counts as changed since the split, so a cascade
                 // below the BCV gets it at the next differential split.
-                let bcv_changed = self.partner_changed_tracks(record.id, &partner)?;
-                for track in bcv_changed.into_iter().filter(|track| *track <= whole.last) {
-                    let one = Extent::new(track, track).expect("a single track");
-                    self.store
-                        .change_bits(&source, Bits::Session(record.slot), one, true)?;
-                }
+                let mut bcv_changed = self.partner_changed_tracks(record.id, &partner)?;
+                bcv_changed.retain(|track| *track <= whole.last);
+                self.set_bits_on(&source, Bits::Session(record.slot), &bcv_changed)?;
                 self.fold_changed_into_pending(&source, record.slot)?;
                 let marks = self.store.write_marks(&source);
                 self.attach(&record, &source, &partner, marks)?;
@@ -1996,27 +1995,35 @@ impl<E: Engine> Sessions<E> {
     }
 
     fn fold_changed_into_pending(&self, standard: &Volume, slot: u8) -> Result<()> {
-        let mut changed = Vec::new();
-        self.store.for_each_set(
-            standard,
-            Bits::Session(slot),
-            standard.whole(),
-            &mut |track| {
-                changed.push(track);
+        let changed = self.tracks_with(standard, Bits::Session(slot))?;
+        self.set_bits_on(standard, Bits::Pending(slot), &changed)
+    }
+
+    /// Every track of `volume` whose chosen bit is set, in order.
+    fn tracks_with(&self, volume: &Volume, bits: Bits) -> Result<Vec<u64>> {
+        let mut tracks = Vec::new();
+        self.store
+            .for_each_set(volume, bits, volume.whole(), &mut |track| {
+                tracks.push(track);
                 true
-            },
-        )?;
-        let changes: Vec<BitChange<'_>> = changed
-            .iter()
-            .map(|track| BitChange {
-                volume: standard,
-                bits: Bits::Pending(slot),
-                track: *track,
-                set: true,
-            })
-            .collect();
-        for chunk in changes.chunks(4096) {
-            self.store.change_track_bits(chunk, Durability::Synced)?;
+            })?;
+        Ok(tracks)
+    }
+
+    /// Sets the chosen bit on each of `tracks`, durably, in batches of at most
+    /// [`BIT_BATCH_TRACKS_MAX`].
+    fn set_bits_on(&self, volume: &Volume, bits: Bits, tracks: &[u64]) -> Result<()> {
+        for batch in tracks.chunks(BIT_BATCH_TRACKS_MAX) {
+            let changes: Vec<BitChange<'_>> = batch
+                .iter()
+                .map(|track| BitChange {
+                    volume,
+                    bits,
+                    track: *track,
+                    set: true,
+                })
+                .collect();
+            self.store.change_track_bits(&changes, Durability::Synced)?;
         }
         Ok(())
     }
@@ -2024,17 +2031,7 @@ impl<E: Engine> Sessions<E> {
     /// Copies what an async mirror has not shipped yet, with host IO held off: a split
     /// must give the BCV the standard's image at the instant of the split.
     fn drain(&self, record: &SessionRecord, standard: &Volume, bcv: &Partner) -> Result<()> {
-        let mut pending = Vec::new();
-        self.store.for_each_set(
-            standard,
-            Bits::Pending(record.slot),
-            standard.whole(),
-            &mut |track| {
-                pending.push(track);
-                true
-            },
-        )?;
-        for track in pending {
+        for track in self.tracks_with(standard, Bits::Pending(record.slot))? {
             self.ship(
                 record.id,
                 standard,
@@ -2063,17 +2060,7 @@ impl<E: Engine> Sessions<E> {
         differential: bool,
     ) -> Result<()> {
         let tracks = if differential {
-            let mut tracks = Vec::new();
-            self.store.for_each_set(
-                standard,
-                Bits::Session(record.slot),
-                standard.whole(),
-                &mut |track| {
-                    tracks.push(track);
-                    true
-                },
-            )?;
-            Some(tracks)
+            Some(self.tracks_with(standard, Bits::Session(record.slot))?)
         } else {
             None
         };
@@ -2160,15 +2147,7 @@ impl<E: Engine> Sessions<E> {
                 .into_iter()
                 .filter(|track| *track <= standard.whole().last)
                 .collect();
-            self.store.for_each_set(
-                standard,
-                Bits::Session(record.slot),
-                standard.whole(),
-                &mut |track| {
-                    set.insert(track);
-                    true
-                },
-            )?;
+            set.extend(self.tracks_with(standard, Bits::Session(record.slot))?);
             tracks.extend(set);
         }
         let standard_marks = self.store.write_marks(standard);
@@ -2225,7 +2204,7 @@ impl<E: Engine> Sessions<E> {
                 }
             }
         }
-        for chunk in changes.chunks(4096) {
+        for chunk in changes.chunks(BIT_BATCH_TRACKS_MAX) {
             self.store.change_track_bits(chunk, Durability::Synced)?;
         }
         self.store.change_bits(

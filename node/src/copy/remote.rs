@@ -303,13 +303,7 @@ impl<E: Engine> Sessions<E> {
     }
 
     fn changed_tracks(&self, volume: &Volume) -> Result<Vec<u64>> {
-        let mut tracks = Vec::new();
-        self.store
-            .for_each_set(volume, Bits::TargetChanged, volume.whole(), &mut |track| {
-                tracks.push(track);
-                true
-            })?;
-        Ok(tracks)
+        self.tracks_with(volume, Bits::TargetChanged)
     }
 
     pub(super) fn partner_invalid_count(
@@ -365,20 +359,7 @@ impl<E: Engine> Sessions<E> {
             for bits in kinds {
                 match tracks {
                     None => self.store.change_bits(volume, bits, volume.whole(), true)?,
-                    Some(tracks) => {
-                        let changes: Vec<BitChange<'_>> = tracks
-                            .iter()
-                            .map(|track| BitChange {
-                                volume,
-                                bits,
-                                track: *track,
-                                set: true,
-                            })
-                            .collect();
-                        for chunk in changes.chunks(4096) {
-                            self.store.change_track_bits(chunk, Durability::Synced)?;
-                        }
-                    }
+                    Some(tracks) => self.set_bits_on(volume, bits, tracks)?,
                 }
             }
         }
@@ -648,7 +629,7 @@ impl<E: Engine> Sessions<E> {
                 })
                 .collect(),
         );
-        let _tracks = self
+        let tracks_guard = self
             .locks
             .lock(missing.iter().map(|track| (volume.id, *track)));
         let mut stored = Vec::new();
@@ -682,7 +663,7 @@ impl<E: Engine> Sessions<E> {
                 answer => return Err(unexpected(&source, &answer)),
             }
         }
-        drop(_tracks);
+        drop(tracks_guard);
         if !stored.is_empty() {
             // Only saves the source sending these again; the destination already holds
             // them, so a lost notice costs bandwidth, not data.
