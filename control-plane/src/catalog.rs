@@ -226,14 +226,64 @@ impl Catalog {
                 Ok(CatalogReply::Done)
             }
             Command::VolumeSetReadiness { name, readiness } => {
+                self.check_readiness(name)?;
                 let volume = self.volume_mut(name)?;
-                if volume.state != VolumeState::Ready {
-                    return Err(illegal(volume, "given a readiness"));
-                }
                 volume.readiness = *readiness;
                 Ok(CatalogReply::Volume(volume.clone()))
             }
+            Command::SessionEnded {
+                target,
+                target_readiness,
+            } => {
+                self.sessions.remove(target);
+                if let Some(volume) = self.volumes.get_mut(target) {
+                    volume.readiness = *target_readiness;
+                }
+                Ok(CatalogReply::Done)
+            }
         }
+    }
+
+    /// Whether a volume's readiness may be set by hand: it must be ready (not being
+    /// created or deleted) and take part in no copy session, whose commands set the
+    /// readiness of their volumes themselves (the node refuses the same; checking here
+    /// too means the leader refuses before anything is asked or committed).
+    pub fn check_readiness(&self, name: &str) -> Result<(), CatalogError> {
+        let volume = self
+            .volumes
+            .get(name)
+            .ok_or_else(|| CatalogError::UnknownVolume {
+                volume: name.to_string(),
+            })?;
+        if volume.state != VolumeState::Ready {
+            return Err(illegal(volume, "given a readiness"));
+        }
+        if let Some(entry) = self.session_of_volume(name) {
+            let advice = match (entry.kind, entry.target == name) {
+                (SessionKind::Clone, true) => {
+                    format!("`tandem clone activate {name}` gives the destination to its hosts")
+                }
+                (SessionKind::Mirror, true) => {
+                    format!("`tandem mirror split {name}` gives the BCV to its hosts")
+                }
+                (kind, _) => format!(
+                    "end the session first (`tandem {kind} {} {}`)",
+                    match kind {
+                        SessionKind::Clone => "terminate",
+                        SessionKind::Mirror => "cancel",
+                    },
+                    entry.target
+                ),
+            };
+            return Err(CatalogError::ReadinessFollowsSession {
+                volume: name.to_string(),
+                kind: entry.kind,
+                source_volume: entry.source.clone(),
+                target: entry.target.clone(),
+                advice,
+            });
+        }
+        Ok(())
     }
 
     fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeRecord, CatalogError> {

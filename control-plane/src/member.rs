@@ -22,7 +22,7 @@ use protocol::cluster::{
     ClusterResponse, ClusterStatus, Command, Health, Member, MemberId, MemberStatus, NodeRecord,
     NodeReport, RequestId, SessionEntry, VolumeRecord, VolumeState, CLUSTER_REQUEST_HOPS_MAX,
 };
-use protocol::messages::{ErrorCode, Extent, Request, Response};
+use protocol::messages::{ErrorCode, Extent, Readiness, Request, Response};
 use protocol::session::{
     next_state, SessionCommand, SessionInfo, SessionKind, SessionState, Transition,
 };
@@ -458,6 +458,35 @@ impl ControlPlane {
                 name,
                 readiness,
             } => {
+                // A retry of a command that was applied gets its first answer without
+                // asking the node again.
+                if let Some(answer) = self
+                    .catalog
+                    .read(|catalog| catalog.applied_response(request_id).cloned())
+                {
+                    return match answer.map_err(Refusal::from)? {
+                        CatalogReply::Volume(record) => cluster(ClusterResponse::Volume(record)),
+                        other => Err(unexpected_reply(&other)),
+                    };
+                }
+                // Validate, then let the node carry it out, then commit: a readiness the
+                // node refuses never reaches the catalog, where the supervisor would push
+                // it back to the node as the truth.
+                let mut record = self
+                    .catalog
+                    .read(|catalog| {
+                        catalog.check_readiness(&name)?;
+                        Ok::<_, CatalogError>(catalog.volume(&name).cloned())
+                    })
+                    .map_err(Refusal::from)?
+                    .ok_or_else(|| {
+                        Refusal::new(
+                            ErrorCode::NotFound,
+                            format!("volume '{name}' does not exist"),
+                        )
+                    })?;
+                record.readiness = readiness;
+                self.push_readiness(&record).await?;
                 let record = match self
                     .commit(
                         request_id,
@@ -471,7 +500,6 @@ impl ControlPlane {
                     CatalogReply::Volume(record) => record,
                     other => return Err(unexpected_reply(&other)),
                 };
-                self.push_readiness(&record).await?;
                 cluster(ClusterResponse::Volume(record))
             }
             ClusterRequest::VolumeList => {
@@ -496,7 +524,16 @@ impl ControlPlane {
                     }
                     None => None,
                 };
-                cluster(ClusterResponse::VolumeDetail { record, node_info })
+                let nbd_address = self.catalog.read(|catalog| {
+                    catalog
+                        .node(&record.node)
+                        .map(|node| node.nbd_address.clone())
+                });
+                cluster(ClusterResponse::VolumeDetail {
+                    record,
+                    node_info,
+                    nbd_address,
+                })
             }
             ClusterRequest::Snap {
                 source,
@@ -706,9 +743,16 @@ impl ControlPlane {
         };
         let record = match &info {
             Some(info) => Command::SessionRecord(entry_of(&volume.node, info)),
-            None => Command::SessionForget {
-                target: target.unwrap_or_default(),
-            },
+            None => {
+                let target = target.unwrap_or_default();
+                match self.node_readiness(&target).await {
+                    Some(target_readiness) => Command::SessionEnded {
+                        target,
+                        target_readiness,
+                    },
+                    None => Command::SessionForget { target },
+                }
+            }
         };
         self.commit(request_id, record).await?;
         Ok(Response::Cluster(ClusterResponse::Session(
@@ -941,6 +985,27 @@ impl ControlPlane {
         }
     }
 
+    /// The readiness a volume's node gives it now, when the node answers.
+    async fn node_readiness(&self, volume: &str) -> Option<Readiness> {
+        let record = self
+            .catalog
+            .read(|catalog| catalog.volume(volume).cloned())?;
+        let address = self.node_address(&record.node)?;
+        match self
+            .call(
+                &record.node,
+                &address,
+                Request::VolumeShow {
+                    name: volume.to_string(),
+                },
+            )
+            .await
+        {
+            Ok(Response::Volume(info)) => Some(info.readiness),
+            _ => None,
+        }
+    }
+
     async fn push_readiness(&self, record: &VolumeRecord) -> Outcome<()> {
         let address = self.node_address(&record.node).unwrap_or_default();
         match self
@@ -956,12 +1021,15 @@ impl ControlPlane {
         {
             Ok(Response::Volume(_)) => Ok(()),
             Ok(Response::Error { code, message }) => Err(Refusal::new(code, message)),
-            Ok(other) => Err(Refusal::new(ErrorCode::Internal, format!("unexpected answer {other:?}"))),
+            Ok(other) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("unexpected answer {other:?}"),
+            )),
             Err(detail) => Err(Refusal::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "readiness {} is recorded for volume '{}', but node '{}' did not answer ({detail}); it applies it when it returns",
-                    record.readiness, record.name, record.node
+                    "node '{}' did not answer ({detail}) when asked to make volume '{}' {}",
+                    record.node, record.name, record.readiness
                 ),
             )),
         }
@@ -1067,13 +1135,19 @@ impl ControlPlane {
     }
 
     async fn add_member(&self, node: &str) -> Outcome<()> {
+        // A node started a moment ago registers with its first heartbeat, so "not yet
+        // registered" is answered as unavailable: the CLI retries (with the same request)
+        // and `add-member` right after starting the node just works.
         let record = self
             .catalog
             .read(|catalog| catalog.node(node).cloned())
             .ok_or_else(|| {
-                Refusal::from(CatalogError::UnknownNode {
-                    node: node.to_string(),
-                })
+                Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "node '{node}' has not registered (yet): start it with this cluster's members in its config (`tandem status` lists the registered nodes)"
+                    ),
+                )
             })?;
         if !record.control_plane {
             return Err(Refusal::new(
@@ -1281,13 +1355,18 @@ impl ControlPlane {
             .await?;
         tracing::info!(node = %name, "node registered or returned");
         if known.is_some_and(|record| record.health == Health::Down) {
-            // A returning node may have missed readiness changes while it was away; the
-            // catalog's readiness is the truth, so it is pushed again. Half-way volumes are
+            // A returning node may hold a readiness the catalog never committed (a command
+            // whose commit failed after the node carried it out); the catalog's readiness
+            // is the truth, so it is pushed again. Half-way volumes are
             // finished by the next supervision round.
             let volumes: Vec<VolumeRecord> = self.catalog.read(|catalog| {
                 catalog
                     .volumes()
-                    .filter(|volume| volume.node == name && volume.state == VolumeState::Ready)
+                    // A volume in a session has the readiness its session gives it on
+                    // the node, which the catalog follows; only the others are pushed.
+                    .filter(|volume| {
+                        volume.node == name && catalog.check_readiness(&volume.name).is_ok()
+                    })
                     .cloned()
                     .collect()
             });

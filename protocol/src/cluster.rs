@@ -157,6 +157,14 @@ pub enum Command {
     },
     /// Does nothing but commit; used to measure commit latency and to confirm leadership.
     Noop,
+    /// The session of this target ended, and its target's node reports this readiness for
+    /// it now. The catalog records what the node did rather than deriving it from the
+    /// session's last recorded state, which can be a poll behind the node (a rotated mirror
+    /// cancelled while its catalog entry still said syncing).
+    SessionEnded {
+        target: String,
+        target_readiness: Readiness,
+    },
 }
 
 /// A copy session as the catalog records it. The source volume's node runs the session
@@ -246,6 +254,14 @@ pub enum CatalogError {
         node: String,
         site: String,
         requested: String,
+    },
+    #[error("the readiness of volume '{volume}' follows the {kind} session {source_volume} -> {target}, so it cannot be set by hand: {advice}")]
+    ReadinessFollowsSession {
+        volume: String,
+        kind: crate::session::SessionKind,
+        source_volume: String,
+        target: String,
+        advice: String,
     },
 }
 
@@ -371,6 +387,8 @@ pub enum ClusterResponse {
     VolumeDetail {
         record: VolumeRecord,
         node_info: Option<VolumeInfo>,
+        /// Where hosts reach the volume: its node's NBD address (`nbd://ADDRESS/NAME`).
+        nbd_address: Option<String>,
     },
     Volumes(Vec<VolumeRecord>),
     Deleted {
@@ -397,6 +415,7 @@ impl CatalogError {
             CatalogError::NodeDown { .. }
             | CatalogError::IllegalState { .. }
             | CatalogError::VolumeInSession { .. }
+            | CatalogError::ReadinessFollowsSession { .. }
             | CatalogError::SessionTransition { .. }
             | CatalogError::SessionTargetTaken { .. }
             | CatalogError::SiteChange { .. } => ErrorCode::IllegalState,

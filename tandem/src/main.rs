@@ -902,18 +902,30 @@ async fn volume(command: VolumeCommand) -> Result<()> {
             connection,
         } => {
             let response = cluster_call(&connection, ClusterRequest::VolumeShow { name }).await?;
-            let Response::Cluster(ClusterResponse::VolumeDetail { record, node_info }) = response
+            let Response::Cluster(ClusterResponse::VolumeDetail {
+                record,
+                node_info,
+                nbd_address,
+            }) = response
             else {
                 bail!("unexpected answer from the cluster: {response:?}");
             };
+            let nbd_url = nbd_address
+                .as_ref()
+                .map(|address| format!("nbd://{address}/{}", record.name));
             if json {
                 let mut value = record_json(&record);
+                value["nbd_address"] = serde_json::json!(nbd_address);
+                value["nbd_url"] = serde_json::json!(nbd_url);
                 value["on_node"] = node_info
                     .as_ref()
                     .map_or(serde_json::Value::Null, volume_json);
                 println!("{value}");
             } else {
                 print_record(&record, false);
+                if let Some(url) = &nbd_url {
+                    println!("nbd:         {url}");
+                }
                 match node_info {
                     Some(info) => {
                         println!("id on node:  {}", info.id);

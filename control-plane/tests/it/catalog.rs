@@ -540,3 +540,60 @@ fn every_state_a_session_reaches_by_commands_and_copies_is_reachable_in_the_cata
         Active
     ));
 }
+
+#[test]
+fn readiness_cannot_be_set_by_hand_on_a_volume_in_a_session_and_an_ended_session_takes_its_nodes_readiness(
+) {
+    use protocol::session::SessionState::*;
+    let mut catalog = populated();
+    ready_volume(&mut catalog, 200, "bcv", "west-1");
+    apply(&mut catalog, 201, Command::SessionRecord(mirror(Syncing))).unwrap();
+    // Neither the standard nor the BCV takes a readiness by hand while the mirror lasts:
+    // the node refuses it too, and a catalog that accepted it would later push it to the
+    // node as the truth.
+    for (id, volume) in [(202, "data"), (203, "bcv")] {
+        let before = catalog.clone();
+        let refused = apply(
+            &mut catalog,
+            id,
+            Command::VolumeSetReadiness {
+                name: volume.into(),
+                readiness: Readiness::ReadOnly,
+            },
+        );
+        assert!(
+            matches!(&refused, Err(CatalogError::ReadinessFollowsSession { volume: named, .. }) if named == volume),
+            "{refused:?}"
+        );
+        assert_eq!(catalog.volume(volume), before.volume(volume));
+    }
+    assert!(catalog.check_readiness("bcv").is_err());
+    // The session ends on its node while the catalog still recorded it syncing (a
+    // rotation that synchronized, then a cancel): the catalog takes the readiness the
+    // BCV's node reports, not one derived from its stale state.
+    apply(
+        &mut catalog,
+        204,
+        Command::SessionEnded {
+            target: "bcv".into(),
+            target_readiness: Readiness::Ready,
+        },
+    )
+    .unwrap();
+    assert!(catalog.session("bcv").is_none());
+    assert_eq!(catalog.volume("bcv").unwrap().readiness, Readiness::Ready);
+    // Out of the session, readiness is the admin's again.
+    apply(
+        &mut catalog,
+        205,
+        Command::VolumeSetReadiness {
+            name: "bcv".into(),
+            readiness: Readiness::ReadOnly,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        catalog.volume("bcv").unwrap().readiness,
+        Readiness::ReadOnly
+    );
+}

@@ -4,4 +4,6 @@ mod cli;
 mod cluster;
 mod common;
 mod crash;
+mod readme;
+mod refusals;
 mod sessions;
