@@ -546,12 +546,12 @@ fn readiness_cannot_be_set_by_hand_on_a_volume_in_a_session_and_an_ended_session
 ) {
     use protocol::session::SessionState::*;
     let mut catalog = populated();
-    ready_volume(&mut catalog, 200, "bcv", "west-1");
-    apply(&mut catalog, 201, Command::SessionRecord(mirror(Syncing))).unwrap();
+    ready_volume(&mut catalog, 9200, "bcv", "west-1");
+    apply(&mut catalog, 9301, Command::SessionRecord(mirror(Syncing))).unwrap();
     // Neither the standard nor the BCV takes a readiness by hand while the mirror lasts:
     // the node refuses it too, and a catalog that accepted it would later push it to the
     // node as the truth.
-    for (id, volume) in [(202, "data"), (203, "bcv")] {
+    for (id, volume) in [(9302, "data"), (9303, "bcv")] {
         let before = catalog.clone();
         let refused = apply(
             &mut catalog,
@@ -573,7 +573,7 @@ fn readiness_cannot_be_set_by_hand_on_a_volume_in_a_session_and_an_ended_session
     // BCV's node reports, not one derived from its stale state.
     apply(
         &mut catalog,
-        204,
+        9304,
         Command::SessionEnded {
             target: "bcv".into(),
             target_readiness: Readiness::Ready,
@@ -585,7 +585,7 @@ fn readiness_cannot_be_set_by_hand_on_a_volume_in_a_session_and_an_ended_session
     // Out of the session, readiness is the admin's again.
     apply(
         &mut catalog,
-        205,
+        9305,
         Command::VolumeSetReadiness {
             name: "bcv".into(),
             readiness: Readiness::ReadOnly,

@@ -91,9 +91,15 @@ const REFUSED: &[Refused] = &[
     ),
     refused(
         &[
-            "volume", "create", "x", "--node", "alpha", "--size", "1000TiB",
+            "volume", "create", "x", "--node", "alpha", "--size", "100TiB",
         ],
         "does not fit",
+    ),
+    refused(
+        &[
+            "volume", "create", "x", "--node", "alpha", "--size", "1000TiB",
+        ],
+        "exceeds the limit",
     ),
     // Volumes that do not exist, or that a session holds.
     refused(&["volume", "show", "nosuch"], "does not exist"),
@@ -143,10 +149,10 @@ const REFUSED: &[Refused] = &[
     // Clones.
     refused(&["clone", "create", "nosuch", "x"], "does not exist"),
     refused(&["clone", "create", "src", "nosuch"], "does not exist"),
-    refused(&["clone", "create", "src", "src"], "itself"),
+    refused(&["clone", "create", "plain", "plain"], "same volume"),
     refused(&["clone", "create", "src", "bcv1"], "bcv1"),
     refused(&["clone", "create", "plain", "cdst"], "cdst"),
-    refused(&["clone", "create", "plain", "small"], "size"),
+    refused(&["clone", "create", "plain", "small"], "does not fit"),
     refused(&["clone", "create", "busy", "spare"], "slot"),
     refused(
         &["clone", "create", "plain", "spare", "--extent", "0-99999"],
@@ -161,8 +167,8 @@ const REFUSED: &[Refused] = &[
     refused(&["mirror", "establish", "std1", "bcv1"], "establish"),
     refused(&["mirror", "establish", "std2", "bcv1"], "bcv1"),
     refused(&["mirror", "establish", "plain", "cdst"], "cdst"),
-    refused(&["mirror", "establish", "plain", "plain"], "itself"),
-    refused(&["mirror", "establish", "plain", "small"], "size"),
+    refused(&["mirror", "establish", "plain", "plain"], "same volume"),
+    refused(&["mirror", "establish", "plain", "small"], "fewer"),
     refused(
         &[
             "mirror",
@@ -202,11 +208,20 @@ fn observed(node: &NodeProcess, certs: &Path) -> serde_json::Value {
             member["lag_entries"] = serde_json::Value::Null;
         }
     }
+    // A session's rate and ETA are measurements of its copy over time, not its state.
+    let sessions = |arguments: &[&str]| {
+        let mut list = json(arguments);
+        for session in list.as_array_mut().unwrap() {
+            session["rate_bytes_per_second"] = serde_json::Value::Null;
+            session["eta_seconds"] = serde_json::Value::Null;
+        }
+        list
+    };
     serde_json::json!({
         "status": status,
         "volumes": json(&["volume", "list", "--json"]),
-        "mirrors": json(&["mirror", "list", "--json"]),
-        "clones": json(&["clone", "list", "--json"]),
+        "mirrors": sessions(&["mirror", "list", "--json"]),
+        "clones": sessions(&["clone", "list", "--json"]),
     })
 }
 
