@@ -385,6 +385,37 @@ fn run_a_session(node: &NodeProcess, certs: &Path) {
     node.cli_ok(certs, &["clone", "terminate", "dst"]);
 }
 
+/// Negotiates `volume` by hand (NBD_OPT_EXPORT_NAME) and sends a request header with a bad
+/// magic, so that the node ends the connection with an error; returns the client's address.
+fn send_a_malformed_request(node: &NodeProcess, volume: &str) -> std::net::SocketAddr {
+    use protocol::nbd::{
+        client, option, ClientFlags, EXPORT_NAME_REPLY_BYTES, REQUEST_HEADER_BYTES,
+        SERVER_GREETING_BYTES,
+    };
+    let mut stream = std::net::TcpStream::connect(node.nbd).unwrap();
+    let mut greeting = [0u8; SERVER_GREETING_BYTES];
+    stream.read_exact(&mut greeting).unwrap();
+    stream
+        .write_all(&client::encode_client_flags(ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: true,
+        }))
+        .unwrap();
+    stream
+        .write_all(&client::encode_option(
+            option::EXPORT_NAME,
+            volume.as_bytes(),
+        ))
+        .unwrap();
+    let mut reply = [0u8; EXPORT_NAME_REPLY_BYTES];
+    stream.read_exact(&mut reply).unwrap();
+    stream.write_all(&[0xff; REQUEST_HEADER_BYTES]).unwrap();
+    let client = stream.local_addr().unwrap();
+    // The node closes the connection.
+    let _ = stream.read(&mut [0u8; 1]);
+    client
+}
+
 #[test]
 fn logs_have_no_colour_off_a_terminal_and_are_json_lines_with_log_format_json() {
     let directory = tempfile::tempdir().unwrap();
@@ -402,6 +433,7 @@ fn logs_have_no_colour_off_a_terminal_and_are_json_lines_with_log_format_json() 
         &text_log,
     );
     run_a_session(&node, &certs);
+    let client = send_a_malformed_request(&node, "src");
     let output = node.cli_env(&certs, &["volume", "show", "nothing"], "RUST_LOG", "debug");
     assert!(!output.status.success());
     let cli_stderr = String::from_utf8_lossy(&output.stderr);
@@ -420,6 +452,13 @@ fn logs_have_no_colour_off_a_terminal_and_are_json_lines_with_log_format_json() 
     assert!(
         !text.contains("openraft"),
         "openraft's info lines by default: {text}"
+    );
+    assert!(
+        text.lines()
+            .any(|line| line.contains("NBD connection closed")
+                && line.contains("volume=\"src\"")
+                && line.contains(&format!("peer={client}"))),
+        "the NBD error does not name the volume and the client {client}: {text}"
     );
     for command in ["clone create", "clone activate", "clone terminate"] {
         assert!(
