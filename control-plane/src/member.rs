@@ -1313,6 +1313,17 @@ impl ControlPlane {
         }
     }
 
+    /// Every registered node's name, site and health in this member's catalog, for the
+    /// node's metrics.
+    pub fn node_health(&self) -> Vec<(String, String, Health)> {
+        self.catalog.read(|catalog| {
+            catalog
+                .nodes()
+                .map(|node| (node.name.clone(), node.site.clone(), node.health))
+                .collect()
+        })
+    }
+
     fn status(&self) -> CatalogStatus {
         let (sites, volumes) = self.catalog.read(|catalog| {
             let mut sites: BTreeMap<String, Vec<NodeRecord>> = BTreeMap::new();

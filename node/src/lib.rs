@@ -15,6 +15,7 @@ pub mod track;
 
 pub use error::{Error, Result};
 pub mod config;
+pub mod metrics;
 pub mod nbd;
 pub mod nbd_client;
 pub mod runtime;

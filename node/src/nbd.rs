@@ -17,6 +17,7 @@ use protocol::nbd::transmission::{self, Command, RequestCheck, RequestHeader};
 use protocol::nbd::{
     command_flag, error_value, CLIENT_FLAGS_BYTES, OPTION_HEADER_BYTES, REQUEST_HEADER_BYTES,
 };
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -81,19 +82,27 @@ pub async fn serve<E: Engine>(listener: TcpListener, store: Arc<Sessions<E>>) {
         };
         let store = store.clone();
         tokio::spawn(async move {
-            metrics::gauge!("tandem_nbd_connections").increment(1.0);
-            match serve_connection(stream, store).await {
-                Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
-                Err(error) => tracing::info!(%peer, %error, "NBD connection closed"),
+            crate::metrics::nbd_connection_opened();
+            let mut export = None;
+            let outcome = serve_connection(stream, store, peer, &mut export).await;
+            // Before the client chose an export there is no volume to name.
+            let volume = export.as_deref().unwrap_or("-");
+            match outcome {
+                Ok(()) => tracing::debug!(%peer, volume, "NBD client disconnected"),
+                Err(error) => tracing::info!(%peer, volume, %error, "NBD connection closed"),
             }
-            metrics::gauge!("tandem_nbd_connections").decrement(1.0);
+            crate::metrics::nbd_connection_closed();
         });
     }
 }
 
+/// Serves one client; `export` names the volume once the client has chosen it, so that
+/// the caller's log line can name it too.
 async fn serve_connection<E: Engine>(
     mut stream: TcpStream,
     store: Arc<Sessions<E>>,
+    peer: SocketAddr,
+    export: &mut Option<String>,
 ) -> Result<(), Error> {
     stream.set_nodelay(true)?;
     let negotiated = tokio::time::timeout(
@@ -110,9 +119,11 @@ async fn serve_connection<E: Engine>(
     let Some(export_name) = negotiated else {
         return Ok(());
     };
+    *export = Some(export_name.clone());
     let volume = store.store().volume(&export_name)?;
-    tracing::debug!(volume = volume.id, export = %export_name, "NBD transmission started");
-    transmit(stream, store, volume).await
+    crate::metrics::nbd_volume_opened(&export_name);
+    tracing::debug!(volume = %export_name, %peer, "NBD transmission started");
+    transmit(stream, store, volume, peer).await
 }
 
 /// Runs the option haggling; returns the export to serve, or `None` when the client left.
@@ -175,6 +186,7 @@ async fn transmit<E: Engine>(
     stream: TcpStream,
     store: Arc<Sessions<E>>,
     volume: Arc<Volume>,
+    peer: SocketAddr,
 ) -> Result<(), Error> {
     let (mut reader, writer) = stream.into_split();
     let (reply_sender, mut reply_receiver) = mpsc::channel::<Reply>(IN_FLIGHT_REQUESTS_MAX);
@@ -231,7 +243,8 @@ async fn transmit<E: Engine>(
         match check {
             RequestCheck::Disconnect => {
                 tracing::info!(
-                    volume = volume.id,
+                    volume = %volume.name,
+                    %peer,
                     length = header.length,
                     "NBD request too long; disconnecting"
                 );
@@ -241,7 +254,12 @@ async fn transmit<E: Engine>(
                 error,
                 discard_payload_bytes,
             } => {
-                metrics::counter!("tandem_nbd_refused_total", "operation" => operation_name(header.command)).increment(1);
+                metrics::counter!(
+                    crate::metrics::NBD_REFUSED_TOTAL,
+                    "operation" => operation_name(header.command),
+                    "volume" => volume.name.clone()
+                )
+                .increment(1);
                 let mut remaining = u64::from(discard_payload_bytes);
                 let mut sink = vec![0u8; (remaining as usize).min(64 << 10)];
                 while remaining > 0 {
@@ -290,7 +308,7 @@ async fn transmit<E: Engine>(
         let volume = volume.clone();
         let reply_sender = reply_sender.clone();
         tokio::spawn(async move {
-            let (header, data) = execute(store, volume, header, payload).await;
+            let (header, data) = execute(store, volume, peer, header, payload).await;
             let reply = Reply {
                 header,
                 data,
@@ -314,6 +332,7 @@ async fn transmit<E: Engine>(
 async fn execute<E: Engine>(
     store: Arc<Sessions<E>>,
     volume: Arc<Volume>,
+    peer: SocketAddr,
     header: RequestHeader,
     payload: Vec<u8>,
 ) -> ([u8; protocol::nbd::SIMPLE_REPLY_BYTES], Option<Vec<u8>>) {
@@ -326,6 +345,7 @@ async fn execute<E: Engine>(
     };
     let length = u64::from(header.length);
     let governed = store.clone();
+    let volume_name = volume.name.clone();
     let outcome = tokio::task::spawn_blocking(move || match header.command {
         Command::Read => store.read(&volume, header.offset, length).map(Some),
         Command::Write => store
@@ -344,23 +364,46 @@ async fn execute<E: Engine>(
         })
     });
     let latency = started.elapsed();
-    metrics::histogram!("tandem_nbd_seconds", "operation" => operation)
+    // Latency by operation only: buckets per volume would multiply the series by ~20.
+    metrics::histogram!(crate::metrics::NBD_SECONDS, "operation" => operation)
         .record(latency.as_secs_f64());
     if matches!(header.command, Command::Write | Command::WriteZeroes) {
         governed.record_host_write(latency);
     }
     match outcome {
         Ok(data) => {
-            metrics::counter!("tandem_nbd_operations_total", "operation" => operation).increment(1);
+            metrics::counter!(
+                crate::metrics::NBD_OPERATIONS_TOTAL,
+                "operation" => operation,
+                "volume" => volume_name.clone()
+            )
+            .increment(1);
             if matches!(header.command, Command::Read | Command::Write) {
-                metrics::counter!("tandem_nbd_bytes_total", "operation" => operation)
-                    .increment(length);
+                metrics::counter!(
+                    crate::metrics::NBD_BYTES_TOTAL,
+                    "operation" => operation,
+                    "volume" => volume_name
+                )
+                .increment(length);
             }
             (transmission::encode_simple_reply(0, header.cookie), data)
         }
         Err(error) => {
-            metrics::counter!("tandem_nbd_errors_total", "operation" => operation).increment(1);
-            tracing::warn!(%error, operation, offset = header.offset, length, "NBD request failed");
+            metrics::counter!(
+                crate::metrics::NBD_ERRORS_TOTAL,
+                "operation" => operation,
+                "volume" => volume_name.clone()
+            )
+            .increment(1);
+            tracing::warn!(
+                volume = %volume_name,
+                %peer,
+                %error,
+                operation,
+                offset = header.offset,
+                length,
+                "NBD request failed"
+            );
             (
                 transmission::encode_simple_reply(error_value_of(&error), header.cookie),
                 None,

@@ -60,14 +60,9 @@ impl Drop for RunningNode {
     }
 }
 
-/// Installs the Prometheus exporter once per process.
+/// Installs the Prometheus exporter once per process (see [`crate::metrics`]).
 pub fn install_metrics(address: SocketAddr) -> Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(address)
-        .install()
-        .map_err(|error| Error::Config {
-            detail: format!("metrics endpoint {address}: {error}"),
-        })
+    crate::metrics::install(address)
 }
 
 pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
@@ -173,6 +168,13 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         tokio::spawn(nbd::serve(nbd_listener, sessions.clone())),
         tokio::spawn(heartbeat(service.clone(), report)),
     ];
+    if config.metrics.is_some() {
+        tasks.push(tokio::spawn(crate::metrics::publish(
+            store.clone(),
+            sessions.clone(),
+            service.control_plane.clone(),
+        )));
+    }
     let copier_stop = Arc::new(AtomicBool::new(false));
     for index in 0..crate::copy::COPIER_THREADS {
         let sessions = sessions.clone();
@@ -194,7 +196,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
                     Err(error) => {
                         // Peers without a certificate from the cluster CA end here.
                         tracing::warn!(%error, "QUIC connection refused");
-                        metrics::counter!("tandem_quic_refused_total").increment(1);
+                        metrics::counter!(crate::metrics::QUIC_REFUSED_TOTAL).increment(1);
                         return;
                     }
                 };

@@ -55,10 +55,11 @@ pub async fn handle<E: Engine>(service: Arc<Service<E>>, peer: Peer, request: Re
     let started = Instant::now();
     let kind = request_kind(&request);
     let response = route(service, &peer, request).await;
-    metrics::histogram!("tandem_requests_seconds", "request" => kind)
+    metrics::histogram!(crate::metrics::REQUESTS_SECONDS, "request" => kind)
         .record(started.elapsed().as_secs_f64());
     if let Response::Error { code, message } = &response {
-        metrics::counter!("tandem_request_errors_total", "request" => kind).increment(1);
+        metrics::counter!(crate::metrics::REQUEST_ERRORS_TOTAL, "request" => kind).increment(1);
+        crate::metrics::count_error(*code);
         tracing::info!(request = kind, caller = %peer.role, %code, %message, "request refused");
     }
     response
@@ -137,12 +138,16 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                 Err(response) => return response,
             };
             let sessions = service.sessions.clone();
-            blocking(move || {
+            let named = sessions.named_session(&command);
+            let logged = command.clone();
+            let response = blocking(move || {
                 sessions
                     .command_with(command, remote)
                     .map(Response::Session)
             })
-            .await
+            .await;
+            log_session_command(&logged, named, &response);
+            response
         }
         storage_request => {
             let sessions = service.sessions.clone();
@@ -157,6 +162,36 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                     });
             answer.unwrap_or_else(|error| refuse(error.code(), error.to_string()))
         }
+    }
+}
+
+/// Logs a session command this node carried out, with the session and its volumes: from
+/// the session as the command left it, or, when the command ended it, as it was before.
+/// (A refused command is logged by [`handle`] with its message.)
+fn log_session_command(
+    command: &SessionCommand,
+    named: Option<(protocol::session::SessionId, String, String)>,
+    response: &Response,
+) {
+    let session = match response {
+        Response::Session(Some(info)) => Some((info.id, info.source.clone(), info.target.clone())),
+        Response::Session(None) => named,
+        _ => return,
+    };
+    match session {
+        Some((id, source, target)) => tracing::info!(
+            command = command.name(),
+            session = id,
+            %source,
+            %target,
+            arguments = ?command,
+            "session command carried out"
+        ),
+        None => tracing::info!(
+            command = command.name(),
+            arguments = ?command,
+            "session command carried out"
+        ),
     }
 }
 

@@ -22,8 +22,49 @@ use std::path::PathBuf;
     about = "Point-in-time copies, mirrors and snapshots of block volumes across sites"
 )]
 struct Cli {
+    /// How log lines on standard error look: `text`, or `json` (one JSON object a line,
+    /// for log collectors). Text is coloured only when standard error is a terminal.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "TANDEM_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What a node logs unless RUST_LOG says otherwise: its own info lines, and from openraft
+/// only warnings (its info level dumps Raft's internal state at every vote and append).
+const NODE_LOG_FILTER_DEFAULT: &str = "info,openraft=warn";
+/// What the other commands log unless RUST_LOG says otherwise.
+const COMMAND_LOG_FILTER_DEFAULT: &str = "warn";
+
+/// Logs to standard error in the chosen format, without colour escapes when standard error
+/// is not a terminal (a file, a pipe, a journal) or NO_COLOR is set.
+fn init_logging(format: LogFormat, default_filter: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+            builder.with_ansi(colour).init();
+        }
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 /// Where the cluster is and how to prove who we are.
@@ -241,16 +282,11 @@ enum VolumeCommand {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
-        Command::Node(_) => "info",
-        _ => "warn",
+        Command::Node(_) => NODE_LOG_FILTER_DEFAULT,
+        _ => COMMAND_LOG_FILTER_DEFAULT,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = cli.log_format;
+    init_logging(log_format, default_filter);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -261,7 +297,12 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // With JSON logs, every line on standard error is JSON, the last one too.
+            if log_format == LogFormat::Json {
+                tracing::error!(error = format!("{error:#}"), "command failed");
+            } else {
+                eprintln!("error: {error:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -24,6 +24,7 @@
 
 pub mod core;
 pub mod governor;
+mod observe;
 pub mod remote;
 pub mod workers;
 
@@ -1194,12 +1195,15 @@ impl<E: Engine> Sessions<E> {
     fn govern(&self) {
         let window = self.host_latency.take();
         let rate = self.governor.lock().observe(&window, self.epoch.elapsed());
-        metrics::gauge!("tandem_copy_governed_bytes_per_second").set(rate as f64);
         for live in self.table.lock().sessions.values_mut() {
             if live.record.rate_limit_mebibytes_per_second.is_none() {
                 live.limit.set_rate(rate);
             }
         }
+        // What the copies are held to, not what the default QoS proposes: sessions with
+        // their own --rate and the node's ceiling limit them too.
+        metrics::gauge!(crate::metrics::COPY_GOVERNED_BYTES_PER_SECOND)
+            .set(self.applied_copy_rate() as f64);
     }
 
     fn record_error(&self, id: SessionId, error: String) {

@@ -168,7 +168,7 @@ fn volume_commands_snap_and_metrics_through_a_node_process() {
     let mut body = String::new();
     stream.read_to_string(&mut body).unwrap();
     assert!(
-        body.contains("tandem_nbd_operations_total{operation=\"write\"}"),
+        body.contains("tandem_nbd_operations_total{operation=\"write\",volume=\"vol1\"}"),
         "{body}"
     );
     assert!(body.contains("tandem_nbd_seconds"), "{body}");
