@@ -91,6 +91,8 @@ enum Command {
         /// Site written into the sample configs.
         #[arg(long, default_value = "site-a")]
         site: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Run a storage node.
     Node(NodeArguments),
@@ -138,18 +140,24 @@ enum Command {
 enum ClusterCommand {
     /// Start a cluster with the node at the endpoint as its first member.
     Init {
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
-    /// Make a registered node (with `control_plane = true`) a member.
+    /// Make a node (with `control_plane = true`) a member; waits for it to register.
     AddMember {
         node: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
     /// Remove a member; the node stays in the cluster as a plain node.
     RemoveMember {
         node: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -265,6 +273,8 @@ enum VolumeCommand {
     /// Delete a volume; snapshots that share its data keep theirs.
     Delete {
         name: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -310,7 +320,12 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Init { dir, nodes, site } => init(dir, nodes, site),
+        Command::Init {
+            dir,
+            nodes,
+            site,
+            json,
+        } => init(dir, nodes, site, json),
         Command::Node(arguments) => run_node(arguments).await,
         Command::Demo => demo::run().await,
         Command::Volume(command) => volume(command).await,
@@ -442,7 +457,7 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn cluster(command: ClusterCommand) -> Result<()> {
     match command {
-        ClusterCommand::Init { connection } => {
+        ClusterCommand::Init { json, connection } => {
             call(
                 &connection,
                 Request::Cluster {
@@ -451,19 +466,35 @@ async fn cluster(command: ClusterCommand) -> Result<()> {
                 },
             )
             .await?;
-            println!(
-                "cluster initialized with the node at {} as its first member; add members with `tandem cluster add-member NODE`",
-                connection.endpoint
-            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "initialized": true, "first_member": connection.endpoint })
+                );
+            } else {
+                println!(
+                    "cluster initialized with the node at {} as its first member; add members with `tandem cluster add-member NODE`",
+                    connection.endpoint
+                );
+            }
         }
-        ClusterCommand::AddMember { node, connection } => {
+        ClusterCommand::AddMember {
+            node,
+            json,
+            connection,
+        } => {
             let request = ClusterRequest::AddMember { node: node.clone() };
-            change_membership(&connection, request, &format!("{node} is a member")).await?;
+            let outcome = format!("{node} is a member");
+            change_membership(&connection, request, &outcome, json).await?;
         }
-        ClusterCommand::RemoveMember { node, connection } => {
+        ClusterCommand::RemoveMember {
+            node,
+            json,
+            connection,
+        } => {
             let request = ClusterRequest::RemoveMember { node: node.clone() };
             let outcome = format!("{node} is no longer a member");
-            change_membership(&connection, request, &outcome).await?;
+            change_membership(&connection, request, &outcome, json).await?;
         }
         ClusterCommand::Status { json, connection } => {
             let status =
@@ -483,10 +514,15 @@ async fn change_membership(
     connection: &Connection,
     request: ClusterRequest,
     outcome: &str,
+    json: bool,
 ) -> Result<()> {
     let status = cluster_status_of(cluster_call(connection, request).await?)?;
-    println!("{outcome}");
-    print_cluster_status(&status);
+    if json {
+        println!("{}", cluster_status_json(&status));
+    } else {
+        println!("{outcome}");
+        print_cluster_status(&status);
+    }
     Ok(())
 }
 
@@ -595,7 +631,7 @@ fn print_status(status: &CatalogStatus, json: bool) {
     print_records(&status.volumes);
 }
 
-fn init(dir: PathBuf, nodes: Vec<String>, site: String) -> Result<()> {
+fn init(dir: PathBuf, nodes: Vec<String>, site: String, json: bool) -> Result<()> {
     let files = protocol::pki::init_cluster(&dir, &nodes)?;
     let certs =
         std::fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
@@ -624,6 +660,24 @@ fn init(dir: PathBuf, nodes: Vec<String>, site: String) -> Result<()> {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config.to_toml()?)
             .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "directory": certs,
+                "ca_certificate": files.ca_certificate,
+                "nodes": files.nodes.iter().map(|node| serde_json::json!({
+                    "name": node.name,
+                    "certificate": node.certificate,
+                    "key": node.key,
+                    "config": certs.join(format!("{}.toml", node.name)),
+                })).collect::<Vec<_>>(),
+                "admin_certificate": files.admin.certificate,
+                "admin_key": files.admin.key,
+            })
+        );
+        return Ok(());
     }
     println!("cluster CA and certificates written to {}", dir.display());
     println!("  CA:    {}", files.ca_certificate.display());
@@ -978,7 +1032,11 @@ async fn volume(command: VolumeCommand) -> Result<()> {
                 }
             }
         }
-        VolumeCommand::Delete { name, connection } => {
+        VolumeCommand::Delete {
+            name,
+            json,
+            connection,
+        } => {
             cluster_call(
                 &connection,
                 ClusterRequest::VolumeDelete {
@@ -987,7 +1045,11 @@ async fn volume(command: VolumeCommand) -> Result<()> {
                 },
             )
             .await?;
-            println!("deleted volume {name}");
+            if json {
+                println!("{}", serde_json::json!({ "deleted": name }));
+            } else {
+                println!("deleted volume {name}");
+            }
         }
         VolumeCommand::Readiness {
             name,

@@ -4,6 +4,7 @@ mod cli;
 mod cluster;
 mod common;
 mod crash;
+mod json;
 mod metrics;
 mod readme;
 mod refusals;
