@@ -276,6 +276,8 @@ impl<E: Engine> Sessions<E> {
         }
         // A record stored before totals were kept gets its total from the count it had
         // then and the bits now (a source that cannot be read now fails `show` itself).
+        // A checkpointed error was the problem of the process that stopped: this one's
+        // copier finds its own (`last_error` keeps the old one).
         let records: Vec<SessionRecord> = records
             .into_iter()
             .map(|(mut record, legacy_copied)| {
@@ -283,6 +285,7 @@ impl<E: Engine> Sessions<E> {
                     let remaining = Self::remaining(&store, &record).unwrap_or(0);
                     record.progress.tracks_total = copied + remaining;
                 }
+                record.error = None;
                 record
             })
             .collect();
