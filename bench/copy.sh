@@ -169,7 +169,7 @@ echo
 read -r idle_p50 idle_p99 idle_iops < <(fio_p99 "$std_uri")
 "$tandem" mirror establish std bcv2 --json >/dev/null
 read -r busy_p50 busy_p99 busy_iops < <(fio_p99 "$std_uri")
-copied=$("$tandem" mirror show bcv2 --json | python3 -c "import json,sys; print(json.load(sys.stdin)['tracks_copied'])")
+copied=$("$tandem" mirror show bcv2 --json | python3 -c "import json,sys; print(json.load(sys.stdin)['tracks_copied_last'])")
 echo "| standard, 4k randwrite QD1 | p50 µs | p99 µs | IOPS |"
 echo "|---|---|---|---|"
 echo "| idle | $idle_p50 | $idle_p99 | $idle_iops |"

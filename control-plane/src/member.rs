@@ -622,11 +622,11 @@ impl ControlPlane {
             tracks_total: total,
             tracks_copied: entry.tracks_copied,
             tracks_remaining: entry.tracks_remaining,
-            percent: if total == 0 {
-                100.0
-            } else {
-                entry.tracks_copied as f64 * 100.0 / total as f64
-            },
+            percent: protocol::session::checkpoint_percent(
+                entry.state,
+                entry.tracks_copied,
+                entry.tracks_remaining,
+            ),
             rate_bytes_per_second: 0,
             eta_seconds: None,
             rate_limit_mebibytes_per_second: None,
@@ -639,6 +639,7 @@ impl ControlPlane {
             )),
             created_unix_seconds: 0,
             split_sequence: 0,
+            last_error: None,
         }
     }
 

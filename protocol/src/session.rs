@@ -274,12 +274,17 @@ pub struct SessionInfo {
     /// The source's session slots this session holds.
     pub slots: Vec<u8>,
     pub extents: Vec<Extent>,
-    /// Tracks the current copy has to move, moved, and still to move.
+    /// One reading of the current copy: its tracks (fixed when the copy starts; it only
+    /// grows when host writes add more work than it had), those no longer to move
+    /// (`tracks_total - tracks_remaining`) and those still to move (the bits now).
     pub tracks_total: u64,
     pub tracks_copied: u64,
     pub tracks_remaining: u64,
-    /// Never decreases within a copy and never exceeds 100.
+    /// Never decreases within a copy (when host writes re-queue tracks it holds the
+    /// highest value reached); 100 exactly when no track remains, at most
+    /// [`PERCENT_UNFINISHED_MAX`] otherwise.
     pub percent: f64,
+    /// The recent copy rate: bytes moved over the last [`RATE_WINDOW_SECONDS`].
     pub rate_bytes_per_second: u64,
     pub eta_seconds: Option<u64>,
     /// The copy rate limit, when one is set for the session.
@@ -289,10 +294,48 @@ pub struct SessionInfo {
     /// Async mirrors: changed tracks not yet on the BCV, and the age of the oldest.
     pub lag_tracks: u64,
     pub lag_seconds: u64,
+    /// The problem the copy has now (it retries): set by a failed copy step, cleared as
+    /// soon as a step makes progress again or a command changes the session.
     pub error: Option<String>,
     pub created_unix_seconds: u64,
     /// Mirrors: the order of their last split (rotate re-uses the oldest).
     pub split_sequence: u64,
+    /// The most recent error the copy met, with its time; kept after it recovered.
+    pub last_error: Option<PastError>,
+}
+
+/// An error a session met, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PastError {
+    pub message: String,
+    pub unix_seconds: u64,
+}
+
+/// Highest percent reported while tracks remain: 100 means done, and only done.
+pub const PERCENT_UNFINISHED_MAX: f64 = 99.9;
+/// The window over which a session's rate is measured.
+pub const RATE_WINDOW_SECONDS: u64 = 10;
+
+/// The percent of a copy with these counts: 100 when nothing remains, otherwise the
+/// fraction copied, at most [`PERCENT_UNFINISHED_MAX`] (a rounded 100 would say done).
+pub fn copy_percent(tracks_copied: u64, tracks_remaining: u64) -> f64 {
+    if tracks_remaining == 0 {
+        return 100.0;
+    }
+    let total = tracks_copied.saturating_add(tracks_remaining) as f64;
+    (tracks_copied as f64 * 100.0 / total).min(PERCENT_UNFINISHED_MAX)
+}
+
+/// The percent of a copy as a stale checkpoint of it says (the catalog's, when the node
+/// does not answer): a copy recorded as still running is not said to be done, whatever
+/// its counts were then.
+pub fn checkpoint_percent(state: SessionState, tracks_copied: u64, tracks_remaining: u64) -> f64 {
+    let percent = copy_percent(tracks_copied, tracks_remaining);
+    if state.is_resting() {
+        percent
+    } else {
+        percent.min(PERCENT_UNFINISHED_MAX)
+    }
 }
 
 /// One track in flight between nodes: its bytes and a CRC-32C per 4 KiB block, computed
@@ -407,4 +450,38 @@ pub enum TargetAnswer {
         track_size_bytes: u32,
         track_count: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_percent_is_100_only_when_no_track_remains() {
+        assert_eq!(copy_percent(0, 0), 100.0);
+        assert_eq!(copy_percent(1024, 0), 100.0);
+        assert_eq!(copy_percent(512, 512), 50.0);
+        assert_eq!(copy_percent(100_000, 1), PERCENT_UNFINISHED_MAX);
+        assert_eq!(copy_percent(0, 7), 0.0);
+    }
+
+    #[test]
+    fn a_checkpoint_of_a_running_copy_never_says_100() {
+        // A rotate's checkpoint taken before the copy counted anything: 0 of 0 tracks.
+        assert_eq!(
+            checkpoint_percent(SessionState::Syncing, 0, 0),
+            PERCENT_UNFINISHED_MAX
+        );
+        assert_eq!(
+            checkpoint_percent(SessionState::Active, 1024, 0),
+            PERCENT_UNFINISHED_MAX
+        );
+        assert_eq!(checkpoint_percent(SessionState::Active, 256, 768), 25.0);
+        assert_eq!(checkpoint_percent(SessionState::Copied, 1024, 0), 100.0);
+        assert_eq!(checkpoint_percent(SessionState::Split, 0, 0), 100.0);
+        assert_eq!(
+            checkpoint_percent(SessionState::Synchronized, 100, 4),
+            100.0 * 100.0 / 104.0
+        );
+    }
 }

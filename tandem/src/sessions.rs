@@ -1,6 +1,8 @@
 //! `tandem clone ...` and `tandem mirror ...`: copy-session commands, listings and the
 //! `--wait` progress bar.
 
+mod wait_view;
+
 use crate::{Connection, Session};
 use anyhow::{bail, Result};
 use clap::Subcommand;
@@ -359,28 +361,17 @@ async fn wait(
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(1000)
+        indicatif::ProgressBar::new_spinner()
     };
+    // The whole line is drawn by `wait_view` (so its width and warnings are tested).
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {percent:>3}% {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
+    let mut view = wait_view::WaitView::default();
     loop {
         let info = show_through(session, kind, target).await?;
-        bar.set_prefix(format!("{} {}", info.target, info.state));
-        bar.set_position((info.percent * 10.0) as u64);
-        bar.set_message(format!(
-            "{}/{} tracks, {}/s, eta {}",
-            info.tracks_copied,
-            info.tracks_total,
-            human_bytes(info.rate_bytes_per_second),
-            info.eta_seconds
-                .map_or_else(|| "?".to_string(), |seconds| format!("{seconds}s"))
-        ));
-        if let Some(error) = &info.error {
-            bar.set_message(format!("retrying after: {error}"));
-        }
+        bar.set_message(view.observe(&info));
         // A precopy rests while it runs; waiting on it means waiting until it caught up.
         let caught_up =
             info.state != protocol::session::SessionState::Precopying || info.tracks_remaining == 0;
@@ -458,7 +449,18 @@ async fn show(connection: &Connection, kind: SessionKind, target: &str, json: bo
             );
         }
         if let Some(error) = &info.error {
-            println!("  last error: {error}");
+            println!("  warning (the copy retries): {error}");
+        }
+        if let Some(past) = &info.last_error {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_secs());
+            println!(
+                "  last error {} s ago (unix time {}): {}",
+                now.saturating_sub(past.unix_seconds),
+                past.unix_seconds,
+                past.message
+            );
         }
     }
     Ok(())
@@ -518,6 +520,10 @@ pub fn session_json(info: &SessionInfo) -> serde_json::Value {
         "lag_tracks": info.lag_tracks,
         "lag_seconds": info.lag_seconds,
         "error": info.error,
+        "last_error": info.last_error.as_ref().map(|past| serde_json::json!({
+            "message": past.message,
+            "unix_seconds": past.unix_seconds,
+        })),
         "split_sequence": info.split_sequence,
     })
 }

@@ -1,8 +1,8 @@
 //! The pure parts of copy sessions: the per-track rules of seed 001 for host writes to a
-//! clone's source, progress that never goes back, and the copy rate limit. No IO, no
-//! clock: time comes in as an argument.
+//! clone's source, progress that never goes back, the recent copy rate and the copy rate
+//! limit. No IO, no clock: time comes in as an argument.
 
-use protocol::session::SessionState;
+use protocol::session::{copy_percent, SessionState, PERCENT_UNFINISHED_MAX, RATE_WINDOW_SECONDS};
 use std::time::Duration;
 
 /// What a host write to a clone's source track requires first (seed 001, FIGS. 6 and 8).
@@ -38,34 +38,124 @@ pub fn clone_target_access_pulls(state: SessionState, indirect: bool) -> bool {
     matches!(state, SessionState::Active | SessionState::Copied) && indirect
 }
 
-/// Progress of one copy, reported so that it never goes back and never passes 100 %:
-/// host writes can add tracks to a running copy (a precopy re-queues rewritten tracks), so
-/// the plain fraction could fall; the reported percent keeps its highest value instead.
+/// Progress of one copy, derived from what cannot lag behind a crash: the copy's total,
+/// fixed when the copy starts (and stored with the session's record before any of its
+/// bits is cleared), and the bits that remain now. Host writes can add tracks to a
+/// running copy (a precopy re-queues rewritten tracks, a mirror's standard keeps
+/// changing), so the plain fraction could fall: the reported percent keeps the highest
+/// value reached, but it is 100 only while nothing remains.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
-    pub copied: u64,
+    pub tracks_total: u64,
     pub reported_percent: f64,
 }
 
-/// Highest percent reported while tracks remain: 100 means done, and only done.
-const PERCENT_UNFINISHED_MAX: f64 = 99.9;
+/// One reading of a copy's progress: the counts and the percent agree with each other.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProgressReading {
+    pub tracks_total: u64,
+    pub tracks_copied: u64,
+    pub tracks_remaining: u64,
+    pub percent: f64,
+}
 
 impl Progress {
-    /// A new copy, starting at zero.
-    pub fn restart() -> Progress {
-        Progress::default()
+    /// A new copy of `tracks_total` tracks, starting at zero.
+    pub fn start(tracks_total: u64) -> Progress {
+        Progress {
+            tracks_total,
+            reported_percent: 0.0,
+        }
     }
 
-    /// The percent to report now, given the tracks still to copy, and remembers it.
-    pub fn percent(&mut self, remaining: u64) -> f64 {
-        let computed = if remaining == 0 {
+    /// Reads the progress given the tracks still to copy now, and remembers the percent
+    /// (and a total that host writes made grow) so that it never goes back.
+    pub fn read(&mut self, tracks_remaining: u64) -> ProgressReading {
+        self.tracks_total = self.tracks_total.max(tracks_remaining);
+        let tracks_copied = self.tracks_total - tracks_remaining;
+        let computed = copy_percent(tracks_copied, tracks_remaining);
+        let percent = if tracks_remaining == 0 {
             100.0
         } else {
-            let total = (self.copied + remaining) as f64;
-            (self.copied as f64 * 100.0 / total).min(PERCENT_UNFINISHED_MAX)
+            self.reported_percent
+                .max(computed)
+                .min(PERCENT_UNFINISHED_MAX)
         };
-        self.reported_percent = self.reported_percent.max(computed);
-        self.reported_percent
+        self.reported_percent = percent;
+        ProgressReading {
+            tracks_total: self.tracks_total,
+            tracks_copied,
+            tracks_remaining,
+            percent,
+        }
+    }
+}
+
+/// The window of [`RecentRate`], as a [`Duration`].
+pub const RATE_WINDOW: Duration = Duration::from_secs(RATE_WINDOW_SECONDS);
+/// The window is kept in buckets of this length, so its rate is exact to a percent.
+const RATE_BUCKET: Duration = Duration::from_millis(100);
+const RATE_BUCKETS: usize = (RATE_WINDOW_SECONDS * 10) as usize;
+
+/// A rate over the last [`RATE_WINDOW`] (a sliding window of 100 ms buckets), with the
+/// time passed in: what a copy moves now, not its average since it started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentRate {
+    started: Duration,
+    /// Units counted per bucket; bucket `index % RATE_BUCKETS` holds bucket `index`.
+    buckets: Vec<u64>,
+    /// The index of the newest bucket written (buckets count from time zero).
+    newest: u64,
+}
+
+impl RecentRate {
+    /// A rate that starts measuring at `now`.
+    pub fn new(now: Duration) -> RecentRate {
+        RecentRate {
+            started: now,
+            buckets: vec![0; RATE_BUCKETS],
+            newest: Self::bucket_of(now),
+        }
+    }
+
+    fn bucket_of(time: Duration) -> u64 {
+        (time.as_nanos() / RATE_BUCKET.as_nanos()) as u64
+    }
+
+    /// Counts `units` moved at `now`.
+    pub fn record(&mut self, units: u64, now: Duration) {
+        let index = Self::bucket_of(now);
+        if index > self.newest {
+            // Buckets between the newest and this one saw nothing: clear them for reuse.
+            let cleared = (index - self.newest).min(RATE_BUCKETS as u64);
+            for step in 1..=cleared {
+                self.buckets[((self.newest + step) % RATE_BUCKETS as u64) as usize] = 0;
+            }
+            self.newest = index;
+        }
+        // Copier threads race: a count older than the newest bucket goes to its own bucket,
+        // or to the oldest one still in the window.
+        let index = index.clamp(
+            self.newest.saturating_sub(RATE_BUCKETS as u64 - 1),
+            self.newest,
+        );
+        self.buckets[(index % RATE_BUCKETS as u64) as usize] += units;
+    }
+
+    /// Units per second over the window that ends at `now` (or since the start, when
+    /// that is shorter; at least one bucket long).
+    pub fn per_second(&self, now: Duration) -> f64 {
+        let index = Self::bucket_of(now);
+        let oldest = index.saturating_sub(RATE_BUCKETS as u64 - 1);
+        let units: u64 = (0..RATE_BUCKETS as u64)
+            .filter_map(|age| self.newest.checked_sub(age))
+            .filter(|bucket| *bucket >= oldest && *bucket <= index)
+            .map(|bucket| self.buckets[(bucket % RATE_BUCKETS as u64) as usize])
+            .sum();
+        let measured = now
+            .saturating_sub(self.started)
+            .clamp(RATE_BUCKET, RATE_WINDOW);
+        units as f64 / measured.as_secs_f64()
     }
 }
 
@@ -169,14 +259,91 @@ mod tests {
 
     #[test]
     fn progress_never_falls_and_reaches_100_only_when_done() {
-        let mut progress = Progress::restart();
-        progress.copied = 50;
-        assert_eq!(progress.percent(50), 50.0);
+        let mut progress = Progress::start(100);
+        let reading = progress.read(50);
+        assert_eq!(reading.percent, 50.0);
+        assert_eq!((reading.tracks_total, reading.tracks_copied), (100, 50));
         // Host writes re-queue tracks: the fraction falls, the report does not.
-        assert_eq!(progress.percent(200), 50.0);
-        progress.copied = 999;
-        assert_eq!(progress.percent(1), PERCENT_UNFINISHED_MAX);
-        assert_eq!(progress.percent(0), 100.0);
+        let reading = progress.read(80);
+        assert_eq!(reading.percent, 50.0);
+        assert_eq!((reading.tracks_total, reading.tracks_copied), (100, 20));
+        // More work than the copy had: the total grows, it never shrinks again.
+        assert_eq!(progress.read(150).tracks_total, 150);
+        assert_eq!(progress.read(10).tracks_total, 150);
+        // One track of a thousand left rounds to 100.0, but is not done.
+        let mut progress = Progress::start(1000);
+        assert_eq!(progress.read(1).percent, PERCENT_UNFINISHED_MAX);
+        assert_eq!(progress.read(0).percent, 100.0);
+        // A caught-up precopy said 100; a host write re-queues a track: no longer 100.
+        let reading = progress.read(3);
+        assert_eq!(reading.percent, PERCENT_UNFINISHED_MAX);
+        assert_eq!(reading.tracks_copied + reading.tracks_remaining, 1000);
+        // A copy with nothing to move is done at once.
+        assert_eq!(Progress::start(0).read(0).percent, 100.0);
+    }
+
+    #[test]
+    fn progress_read_again_after_a_restart_is_never_below_what_was_shown() {
+        // Shown before a crash; the checkpointed record holds an older percent.
+        let mut shown = Progress::start(1024);
+        let before = shown.read(800);
+        let mut checkpoint = Progress::start(1024);
+        checkpoint.read(900);
+        // The restarted node reads its checkpoint and the bits now (at most as many as
+        // were left when the percent was shown: cleared bits stay cleared).
+        let after = checkpoint.read(790);
+        assert_eq!(after.tracks_total, before.tracks_total);
+        assert!(after.percent >= before.percent, "{after:?} {before:?}");
+    }
+
+    #[test]
+    fn every_percent_below_100_has_tracks_remaining_and_never_falls() {
+        let mut progress = Progress::start(37);
+        let mut previous = 0.0;
+        // Remaining falls, rises again (host writes), and finally reaches zero.
+        for remaining in [37, 30, 12, 1, 5, 36, 2, 1, 0] {
+            let reading = progress.read(remaining);
+            assert_eq!(reading.percent == 100.0, remaining == 0, "{reading:?}");
+            assert!(reading.percent >= previous, "{reading:?} after {previous}");
+            assert_eq!(reading.tracks_copied + remaining, reading.tracks_total);
+            previous = reading.percent;
+        }
+    }
+
+    #[test]
+    fn the_rate_is_the_last_ten_seconds_not_the_lifetime_average() {
+        let seconds = Duration::from_secs;
+        let mut rate = RecentRate::new(Duration::ZERO);
+        // 100 units a second for 20 s...
+        for tenth in 0..200 {
+            rate.record(10, Duration::from_millis(tenth * 100 + 50));
+        }
+        let fast = rate.per_second(seconds(20));
+        assert!((fast - 100.0).abs() < 2.0, "{fast}");
+        // ...then 10 a second for 10 s: the lifetime average would be 70.
+        for tenth in 200..300 {
+            rate.record(1, Duration::from_millis(tenth * 100 + 50));
+        }
+        let slow = rate.per_second(seconds(30));
+        assert!((slow - 10.0).abs() < 1.0, "{slow}");
+        // Nothing for 10 s: the rate falls to zero.
+        assert_eq!(rate.per_second(seconds(41)), 0.0);
+        // Half way through a quiet spell only the recent half counts.
+        rate.record(500, seconds(45));
+        assert!((rate.per_second(seconds(50)) - 50.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn a_rate_just_started_divides_by_the_time_since_it_started() {
+        let start = Duration::from_secs(100);
+        let mut rate = RecentRate::new(start);
+        rate.record(40, start + Duration::from_millis(500));
+        let measured = rate.per_second(start + Duration::from_secs(2));
+        assert!((measured - 20.0).abs() < 0.01, "{measured}");
+        // A count reported late by another thread still lands in the window.
+        rate.record(40, start + Duration::from_millis(100));
+        let measured = rate.per_second(start + Duration::from_secs(2));
+        assert!((measured - 40.0).abs() < 0.01, "{measured}");
     }
 
     #[test]

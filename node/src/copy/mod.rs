@@ -25,10 +25,11 @@
 pub mod core;
 pub mod governor;
 mod observe;
+mod record;
 pub mod remote;
 pub mod workers;
 
-use self::core::{Progress, RateLimit, SourceWriteStep};
+use self::core::{Progress, RateLimit, RecentRate, SourceWriteStep};
 use self::governor::{Governor, LatencyHistogram, GOVERNOR_WINDOW};
 use self::remote::{Partner, Registration, TargetLink};
 use crate::engine::{Batch, Durability, Engine, Space};
@@ -37,8 +38,8 @@ use crate::{Error, Result};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use protocol::messages::{Extent, Readiness};
 use protocol::session::{
-    next_state, MirrorMode, RemoteVolume, SessionCommand, SessionId, SessionInfo, SessionKind,
-    SessionState, TargetAnswer, TargetOperation, Transition, CLONE_EXTENTS_MAX,
+    next_state, MirrorMode, PastError, RemoteVolume, SessionCommand, SessionId, SessionInfo,
+    SessionKind, SessionState, TargetAnswer, TargetOperation, Transition, CLONE_EXTENTS_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -96,12 +97,17 @@ pub struct SessionRecord {
     pub split_sequence: u64,
     /// Set by rotate: split again as soon as the reestablish has synchronized.
     pub split_when_synchronized: bool,
+    /// The current copy's total, stored (synced) before any of its bits is cleared, and
+    /// the highest percent reported; the bits say what remains.
     pub progress: Progress,
     pub tracks_copied_last: u64,
     pub rate_limit_mebibytes_per_second: Option<u32>,
+    /// The copy's current problem; cleared when it makes progress again.
     pub error: Option<String>,
     /// Where the target lives when it is on another node.
     pub remote: Option<RemoteVolume>,
+    /// The last error the copy met, with its time, kept after it recovered.
+    pub last_error: Option<PastError>,
 }
 
 impl SessionRecord {
@@ -134,8 +140,8 @@ struct Live {
     /// same track.
     in_flight: std::collections::BTreeSet<u64>,
     limit: RateLimit,
-    copy_started: Instant,
-    copied_since_start: u64,
+    /// Tracks moved over the last seconds, for the reported rate.
+    rate: RecentRate,
     last_checkpoint: Instant,
     lag_since: Option<Instant>,
 }
@@ -253,7 +259,7 @@ impl<E: Engine> Sessions<E> {
             SESSION_KEY_PREFIX,
             SESSION_KEY_END,
             &mut |key, value| {
-                match protocol::codec::decode::<SessionRecord>(value) {
+                match record::decode(value) {
                     Ok(record) => records.push(record),
                     Err(error) => {
                         failure = Some(Error::Metadata {
@@ -269,6 +275,21 @@ impl<E: Engine> Sessions<E> {
         if let Some(error) = failure {
             return Err(error);
         }
+        // A record stored before totals were kept gets its total from the count it had
+        // then and the bits now (a source that cannot be read now fails `show` itself).
+        // A checkpointed error was the problem of the process that stopped: this one's
+        // copier finds its own (`last_error` keeps the old one).
+        let records: Vec<SessionRecord> = records
+            .into_iter()
+            .map(|(mut record, legacy_copied)| {
+                if let Some(copied) = legacy_copied {
+                    let remaining = Self::remaining(&store, &record).unwrap_or(0);
+                    record.progress.tracks_total = copied + remaining;
+                }
+                record.error = None;
+                record
+            })
+            .collect();
         let registrations = remote::load_registrations(store.engine())?
             .into_iter()
             .map(|registration| (registration.volume.clone(), registration))
@@ -312,8 +333,7 @@ impl<E: Engine> Sessions<E> {
             record,
             cursor: 0,
             in_flight: std::collections::BTreeSet::new(),
-            copy_started: Instant::now(),
-            copied_since_start: 0,
+            rate: RecentRate::new(epoch.elapsed()),
             last_checkpoint: Instant::now(),
             lag_since: None,
         }
@@ -325,11 +345,7 @@ impl<E: Engine> Sessions<E> {
 
     fn persist(&self, record: &SessionRecord) -> Result<()> {
         let mut batch = Batch::default();
-        batch.put(
-            Space::Meta,
-            session_key(record.id),
-            protocol::codec::encode(record)?,
-        );
+        batch.put(Space::Meta, session_key(record.id), record::encode(record)?);
         self.store.engine().write(batch, Durability::Synced)
     }
 
@@ -467,10 +483,10 @@ impl<E: Engine> Sessions<E> {
     }
 
     fn count_copied(&self, id: SessionId, tracks: u64) {
+        let now = self.epoch.elapsed();
         if let Some(live) = self.table.lock().sessions.get_mut(&id) {
-            live.record.progress.copied += tracks;
             live.record.tracks_copied_last += tracks;
-            live.copied_since_start += tracks;
+            live.rate.record(tracks, now);
         }
     }
 
@@ -926,9 +942,12 @@ impl<E: Engine> Sessions<E> {
         let Some(live) = table.sessions.get_mut(&id) else {
             return Ok(outcome);
         };
-        live.record.progress.copied += outcome.tracks_copied;
         live.record.tracks_copied_last += outcome.tracks_copied;
-        live.copied_since_start += outcome.tracks_copied;
+        live.rate.record(outcome.tracks_copied, now);
+        if !tracks.is_empty() {
+            // The copy moves again: a problem it had is past (`last_error` keeps it).
+            live.record.error = None;
+        }
         let others_in_flight = live
             .in_flight
             .iter()
@@ -954,7 +973,7 @@ impl<E: Engine> Sessions<E> {
                 // writes made during its restore), so this step does not count as idle.
                 outcome.idle = false;
                 live.record.state = next;
-                live.record.progress.percent(0);
+                live.record.error = None;
                 let record = live.record.clone();
                 drop(table);
                 tracing::info!(session = record.id, state = %record.state, "copy finished");
@@ -1208,31 +1227,40 @@ impl<E: Engine> Sessions<E> {
 
     fn record_error(&self, id: SessionId, error: String) {
         if let Some(live) = self.table.lock().sessions.get_mut(&id) {
+            live.record.last_error = Some(PastError {
+                message: error.clone(),
+                unix_seconds: now_unix_seconds(),
+            });
             live.record.error = Some(error);
         }
     }
 
-    /// Reports one session as `list` and `show` print it.
-    fn info(&self, live: &mut Live) -> Result<SessionInfo> {
-        let record = &live.record;
-        let source = self.store.volume(&record.source)?;
-        let remaining = match (record.kind, record.state) {
+    /// The tracks the session's current copy still has to move: its bits now.
+    fn remaining(store: &VolumeStore<E>, record: &SessionRecord) -> Result<u64> {
+        let source = store.volume(&record.source)?;
+        Ok(match (record.kind, record.state) {
             (
                 SessionKind::Clone,
                 SessionState::Created | SessionState::Precopying | SessionState::Active,
-            ) => self.store.count_set(&source, Bits::Session(record.slot))?,
+            ) => store.count_set(&source, Bits::Session(record.slot))?,
             (SessionKind::Mirror, SessionState::Restoring) => {
-                self.store.count_set(&source, Bits::Invalid)?
+                store.count_set(&source, Bits::Invalid)?
             }
             (SessionKind::Mirror, SessionState::Syncing | SessionState::Synchronized) => {
-                self.store.count_set(&source, Bits::Pending(record.slot))?
+                store.count_set(&source, Bits::Pending(record.slot))?
             }
             _ => 0,
-        };
-        let percent = live.record.progress.percent(remaining);
-        let elapsed = live.copy_started.elapsed().as_secs_f64().max(0.001);
+        })
+    }
+
+    /// Reports one session as `list` and `show` print it.
+    fn info(&self, live: &mut Live) -> Result<SessionInfo> {
+        let source = self.store.volume(&live.record.source)?;
+        // One reading: the counts and the percent all come from the bits counted here.
+        let remaining = Self::remaining(&self.store, &live.record)?;
+        let reading = live.record.progress.read(remaining);
         let track_bytes = u64::from(source.track_size_bytes);
-        let rate = (live.copied_since_start as f64 * track_bytes as f64 / elapsed) as u64;
+        let rate = (live.rate.per_second(self.epoch.elapsed()) * track_bytes as f64) as u64;
         let record = &live.record;
         let eta_seconds = if remaining == 0 {
             Some(0)
@@ -1253,10 +1281,10 @@ impl<E: Engine> Sessions<E> {
                 .chain(record.precopy_slot)
                 .collect(),
             extents: record.extents.clone(),
-            tracks_total: record.progress.copied + remaining,
-            tracks_copied: record.progress.copied,
-            tracks_remaining: remaining,
-            percent,
+            tracks_total: reading.tracks_total,
+            tracks_copied: reading.tracks_copied,
+            tracks_remaining: reading.tracks_remaining,
+            percent: reading.percent,
             rate_bytes_per_second: rate,
             eta_seconds,
             rate_limit_mebibytes_per_second: record.rate_limit_mebibytes_per_second,
@@ -1270,6 +1298,7 @@ impl<E: Engine> Sessions<E> {
             error: record.error.clone(),
             created_unix_seconds: record.created_unix_seconds,
             split_sequence: record.split_sequence,
+            last_error: record.last_error.clone(),
         })
     }
 
@@ -1412,12 +1441,10 @@ impl<E: Engine> Sessions<E> {
         let mut table = self.table.lock();
         match table.sessions.get_mut(&record.id) {
             Some(live) => {
-                let restarted = live.record.progress.copied > record.progress.copied
-                    || live.record.state != record.state;
+                let restarted = live.record.state != record.state;
                 live.record = record;
                 if restarted {
-                    live.copy_started = Instant::now();
-                    live.copied_since_start = 0;
+                    live.rate = RecentRate::new(self.epoch.elapsed());
                     live.cursor = 0;
                 }
             }
@@ -1661,6 +1688,10 @@ impl<E: Engine> Sessions<E> {
             self.store
                 .change_bits(&source, Bits::Session(slot), *extent, true)?;
         }
+        let tracks_total = extents
+            .iter()
+            .map(|extent| extent.last - extent.first + 1)
+            .sum();
         let record = SessionRecord {
             id,
             kind: SessionKind::Clone,
@@ -1678,11 +1709,12 @@ impl<E: Engine> Sessions<E> {
             created_unix_seconds: now_unix_seconds(),
             split_sequence: 0,
             split_when_synchronized: false,
-            progress: Progress::restart(),
+            progress: Progress::start(tracks_total),
             tracks_copied_last: 0,
             rate_limit_mebibytes_per_second: None,
             error: None,
             remote,
+            last_error: None,
         };
         tracing::info!(session = record.id, source = %record.source, target = %record.target, precopy, "clone created");
         self.replace(record)
@@ -1803,11 +1835,12 @@ impl<E: Engine> Sessions<E> {
             created_unix_seconds: now_unix_seconds(),
             split_sequence: 0,
             split_when_synchronized: false,
-            progress: Progress::restart(),
+            progress: Progress::default(),
             tracks_copied_last: 0,
             rate_limit_mebibytes_per_second: None,
             error: None,
             remote,
+            last_error: None,
         };
         // A new pair starts as if split with everything changed: establishing it is then
         // the same path as re-establishing a known pair.
@@ -1880,7 +1913,7 @@ impl<E: Engine> Sessions<E> {
                     self.unmark_slot(&source, slot)?;
                     record.precopy_slot = Some(slot);
                 }
-                record.progress = Progress::restart();
+                // The clone's total stays: a precopy moves the tracks it counted.
             }
             SessionCommand::CloneActivate { .. } => {
                 // Seed 001 FIG. 8: a precopied track needs no further copy.
@@ -1890,7 +1923,7 @@ impl<E: Engine> Sessions<E> {
                 }
                 self.partner_readiness(record.id, &partner, Readiness::Ready)?;
                 record.tracks_copied_last = 0;
-                record.progress = Progress::restart();
+                // The clone's total stays: what the precopy moved counts as copied.
             }
             SessionCommand::CloneTerminate { .. } => {
                 if let Partner::Remote(remote) = &partner {
@@ -1913,7 +1946,7 @@ impl<E: Engine> Sessions<E> {
                 self.store
                     .change_bits(&source, Bits::Pending(record.slot), whole, true)?;
                 self.attach(&record, &source, &partner, marks)?;
-                record.progress = Progress::restart();
+                record.progress = Progress::start(source.track_count());
                 record.tracks_copied_last = 0;
                 record.split_when_synchronized = false;
             }
@@ -1927,7 +1960,9 @@ impl<E: Engine> Sessions<E> {
                 self.fold_changed_into_pending(&source, record.slot)?;
                 let marks = self.store.write_marks(&source);
                 self.attach(&record, &source, &partner, marks)?;
-                record.progress = Progress::restart();
+                // Host IO is held off: these are exactly the tracks this copy moves.
+                let total = self.store.count_set(&source, Bits::Pending(record.slot))?;
+                record.progress = Progress::start(total);
                 record.tracks_copied_last = 0;
                 record.split_when_synchronized = false;
             }
@@ -1955,7 +1990,8 @@ impl<E: Engine> Sessions<E> {
             }
             SessionCommand::MirrorRestore { incremental, .. } => {
                 self.restore(command, &record, &source, &partner, *incremental)?;
-                record.progress = Progress::restart();
+                let total = self.store.count_set(&source, Bits::Invalid)?;
+                record.progress = Progress::start(total);
                 record.tracks_copied_last = 0;
             }
             SessionCommand::MirrorCancel { .. } => {

@@ -3,6 +3,7 @@
 mod bitmaps;
 mod common;
 mod nbd;
+mod progress;
 mod sessions;
 mod sessions_model;
 mod snapshots;

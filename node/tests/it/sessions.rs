@@ -339,9 +339,10 @@ fn seed_001_example_activate_after_a_caught_up_precopy_copies_only_the_tracks_re
     assert_eq!(caught_up.state, SessionState::Precopying);
     assert_eq!(caught_up.tracks_remaining, 0);
     assert!(
-        caught_up.tracks_copied > TRACKS,
+        caught_up.tracks_copied_last > TRACKS,
         "rewritten tracks were copied again: {caught_up:?}"
     );
+    assert_eq!(caught_up.tracks_total, TRACKS);
     // Since the precopy's last pass the host rewrote 37 of the hot tracks.
     let rewritten: Vec<u64> = (0..37).map(|index| index * 10).collect();
     for &track in &rewritten {
@@ -748,13 +749,17 @@ fn a_copy_interrupted_by_a_restart_resumes_from_its_bits_and_sends_only_what_is_
         TRACKS - 32,
         "the bits survived the restart"
     );
-    assert!(resumed.percent >= 0.0 && resumed.percent <= 100.0);
-    let copied_before = resumed.tracks_copied;
+    // Progress comes from the total stored when the copy started and the bits now: the
+    // restart changes neither.
+    assert_eq!(resumed.tracks_total, before.tracks_total);
+    assert_eq!(resumed.tracks_copied, before.tracks_copied);
+    assert!(resumed.percent >= before.percent, "{resumed:?} {before:?}");
+    let moved_before = resumed.tracks_copied_last;
     sessions.settle().unwrap();
     let after = sessions.show(SessionKind::Mirror, "bcv").unwrap();
     assert_eq!(after.state, SessionState::Synchronized);
     assert_eq!(
-        after.tracks_copied - copied_before,
+        after.tracks_copied_last - moved_before,
         TRACKS - 32,
         "only the missing tracks were sent after the restart"
     );
@@ -787,7 +792,7 @@ fn a_differential_split_sends_down_a_cascade_only_what_changed_since_the_last_sp
         sessions
             .show(SessionKind::Mirror, "bcv2")
             .unwrap()
-            .tracks_copied
+            .tracks_copied_last
     };
 
     // Five tracks change on the standard; the BCV is refreshed and split differentially:

@@ -6,6 +6,7 @@ mod common;
 mod crash;
 mod json;
 mod metrics;
+mod progress;
 mod readme;
 mod refusals;
 mod sessions;

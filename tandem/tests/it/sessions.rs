@@ -442,7 +442,7 @@ fn a_differential_split_sends_down_a_cascade_on_another_node_only_what_changed()
         ],
     );
     let downstream = |node: &NodeProcess| -> u64 {
-        json(node, &certs, &["mirror", "show", "bcv2", "--json"])["tracks_copied"]
+        json(node, &certs, &["mirror", "show", "bcv2", "--json"])["tracks_copied_last"]
             .as_u64()
             .unwrap()
     };
