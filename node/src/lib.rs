@@ -17,5 +17,6 @@ pub use error::{Error, Result};
 pub mod config;
 pub mod nbd;
 pub mod nbd_client;
+pub mod nbd_hosts;
 pub mod runtime;
 pub mod service;

@@ -9,6 +9,7 @@
 
 use crate::copy::Sessions;
 use crate::engine::{Durability, Engine};
+use crate::nbd_hosts::OpenConnection;
 use crate::store::{Volume, VolumeStore};
 use crate::Error;
 use protocol::messages::Readiness;
@@ -82,7 +83,7 @@ pub async fn serve<E: Engine>(listener: TcpListener, store: Arc<Sessions<E>>) {
         let store = store.clone();
         tokio::spawn(async move {
             metrics::gauge!("tandem_nbd_connections").increment(1.0);
-            match serve_connection(stream, store).await {
+            match serve_connection(stream, peer, store).await {
                 Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
                 Err(error) => tracing::info!(%peer, %error, "NBD connection closed"),
             }
@@ -93,6 +94,7 @@ pub async fn serve<E: Engine>(listener: TcpListener, store: Arc<Sessions<E>>) {
 
 async fn serve_connection<E: Engine>(
     mut stream: TcpStream,
+    peer: std::net::SocketAddr,
     store: Arc<Sessions<E>>,
 ) -> Result<(), Error> {
     stream.set_nodelay(true)?;
@@ -111,8 +113,13 @@ async fn serve_connection<E: Engine>(
         return Ok(());
     };
     let volume = store.store().volume(&export_name)?;
+    // Registered so that a delete can name this client, and close it cleanly.
+    let Some(connection) = store.store().hosts().open(volume.id, peer) else {
+        tracing::info!(%peer, export = %export_name, "NBD client refused: the volume is being deleted");
+        return Ok(());
+    };
     tracing::debug!(volume = volume.id, export = %export_name, "NBD transmission started");
-    transmit(stream, store, volume).await
+    transmit(stream, store, volume, connection).await
 }
 
 /// Runs the option haggling; returns the export to serve, or `None` when the client left.
@@ -175,6 +182,7 @@ async fn transmit<E: Engine>(
     stream: TcpStream,
     store: Arc<Sessions<E>>,
     volume: Arc<Volume>,
+    connection: OpenConnection,
 ) -> Result<(), Error> {
     let (mut reader, writer) = stream.into_split();
     let (reply_sender, mut reply_receiver) = mpsc::channel::<Reply>(IN_FLIGHT_REQUESTS_MAX);
@@ -199,7 +207,17 @@ async fn transmit<E: Engine>(
 
     let result = 'requests: loop {
         let mut header_bytes = [0u8; REQUEST_HEADER_BYTES];
-        match reader.read_exact(&mut header_bytes).await {
+        // A delete closes the connection between requests: those in flight are answered
+        // below before the socket closes.
+        let header_read = tokio::select! {
+            biased;
+            () = connection.close_requested() => {
+                tracing::info!(volume = volume.id, "NBD connection closed: the volume is being deleted");
+                break 'requests Ok(());
+            }
+            read = reader.read_exact(&mut header_bytes) => read,
+        };
+        match header_read {
             Ok(_) => {}
             Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(error) => break Err(error.into()),
