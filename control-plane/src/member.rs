@@ -444,7 +444,16 @@ impl ControlPlane {
                     .await?;
                 cluster(ClusterResponse::Volume(record))
             }
-            ClusterRequest::VolumeDelete { request_id, name } => {
+            ClusterRequest::VolumeDelete {
+                request_id,
+                name,
+                force,
+            } => {
+                // Asked before anything is recorded, so a refused delete changes nothing;
+                // once `deleting` is recorded the node closes any connection first.
+                if !force {
+                    self.refuse_open_volume(&name).await?;
+                }
                 self.commit(
                     request_id,
                     Command::VolumeDeleteBegin { name: name.clone() },
@@ -539,7 +548,8 @@ impl ControlPlane {
                 source,
                 target,
                 extents,
-            } => self.snap(&source, &target, extents).await,
+                overwrite,
+            } => self.snap(&source, &target, extents, overwrite).await,
             ClusterRequest::Session {
                 request_id,
                 command,
@@ -664,7 +674,8 @@ impl ControlPlane {
             SessionCommand::MirrorRotate { standard } => (standard.clone(), None, None),
             SessionCommand::ClonePrecopy { target }
             | SessionCommand::CloneActivate { target }
-            | SessionCommand::CloneTerminate { target } => {
+            | SessionCommand::CloneTerminate { target }
+            | SessionCommand::CloneCancel { target } => {
                 let entry = self.known_session(SessionKind::Clone, target)?;
                 (entry.source.clone(), Some(target.clone()), Some(entry))
             }
@@ -961,6 +972,80 @@ impl ControlPlane {
         }
     }
 
+    /// Refuses to delete a volume that hosts have open over NBD: their next IO would fail.
+    /// The volume's node is asked before the catalog records anything, so the refusal
+    /// changes nothing. A volume the catalog does not know, or whose delete is already
+    /// under way, is left to the catalog's own checks.
+    async fn refuse_open_volume(&self, name: &str) -> Outcome<()> {
+        self.read_barrier().await?;
+        let Some(record) = self.catalog.read(|catalog| catalog.volume(name).cloned()) else {
+            return Ok(());
+        };
+        if record.state != VolumeState::Ready {
+            return Ok(());
+        }
+        let node = self
+            .catalog
+            .read(|catalog| catalog.node(&record.node).cloned());
+        let Some(node) = node else {
+            return Ok(());
+        };
+        if node.health == Health::Down {
+            return Err(Refusal::new(
+                ErrorCode::IllegalState,
+                format!(
+                    "node '{}' of volume '{name}' is down, so whether hosts have the volume open cannot be checked; pass --force to delete it anyway (the node deletes it when it returns)",
+                    record.node
+                ),
+            ));
+        }
+        let answer = self
+            .call(
+                &record.node,
+                &node.address,
+                Request::VolumeClients {
+                    name: name.to_string(),
+                },
+            )
+            .await;
+        match answer {
+            Ok(Response::VolumeClients { clients, .. }) if clients.is_empty() => Ok(()),
+            Ok(Response::VolumeClients { clients, .. }) => Err(Refusal::new(
+                ErrorCode::IllegalState,
+                format!(
+                    "volume '{name}' is open by {} NBD connection{} ({}): disconnect {} first, or pass --force to close {} and delete the volume",
+                    clients.len(),
+                    if clients.len() == 1 { "" } else { "s" },
+                    clients.join(", "),
+                    if clients.len() == 1 { "that host" } else { "those hosts" },
+                    if clients.len() == 1 { "the connection" } else { "the connections" },
+                ),
+            )),
+            // The node never got the volume (a create it did not finish): no host has it.
+            Ok(Response::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }) => Ok(()),
+            Ok(Response::Error { code, message }) => Err(Refusal::new(
+                code,
+                format!(
+                    "cannot check whether hosts have volume '{name}' open: {message}; pass --force to delete it anyway"
+                ),
+            )),
+            Ok(other) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("unexpected answer {other:?}"),
+            )),
+            Err(detail) => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "node '{}' did not answer whether hosts have volume '{name}' open ({detail}); retry, or pass --force to delete it anyway",
+                    record.node
+                ),
+            )),
+        }
+    }
+
     /// The node already has a volume of this name: from an earlier attempt whose answer was
     /// lost, when its geometry matches; else something the catalog never asked for.
     async fn confirm_existing(&self, address: &str, record: &VolumeRecord) -> Outcome<()> {
@@ -1036,7 +1121,13 @@ impl ControlPlane {
         }
     }
 
-    async fn snap(&self, source: &str, target: &str, extents: Vec<Extent>) -> Outcome<Response> {
+    async fn snap(
+        &self,
+        source: &str,
+        target: &str,
+        extents: Vec<Extent>,
+        overwrite: bool,
+    ) -> Outcome<Response> {
         let source_record = self.known_volume(source)?;
         if source_record.state != VolumeState::Ready {
             return Err(CatalogError::IllegalState {
@@ -1099,6 +1190,8 @@ impl ControlPlane {
                     source: source.to_string(),
                     target: target.to_string(),
                     extents,
+                    // A target made for this snap above is empty: nothing to lose.
+                    overwrite: overwrite || created_target,
                 },
             )
             .await;
@@ -1487,6 +1580,7 @@ fn transition_of(command: &SessionCommand) -> Option<Transition> {
         SessionCommand::ClonePrecopy { .. } => Some(Transition::Precopy),
         SessionCommand::CloneActivate { .. } => Some(Transition::Activate),
         SessionCommand::CloneTerminate { .. } => Some(Transition::Terminate),
+        SessionCommand::CloneCancel { .. } => Some(Transition::Cancel),
         SessionCommand::MirrorEstablish { .. } => Some(Transition::Establish),
         SessionCommand::MirrorSplit { .. } => Some(Transition::Split),
         SessionCommand::MirrorReestablish { .. } => Some(Transition::Reestablish),

@@ -54,6 +54,12 @@ pub enum Error {
         target: String,
         reason: String,
     },
+    #[error("volume '{target}' already exists: it is {what}; a snap of '{source_name}' would replace its data: pass --overwrite to replace it, or snap to a new name (a snap creates its target)")]
+    SnapTargetExists {
+        source_name: String,
+        target: String,
+        what: String,
+    },
     #[error("volume '{name}' would reference {references} layers, more than the {references_max} allowed; copy it to a fresh volume instead")]
     TooManyLayers {
         name: String,
@@ -113,7 +119,7 @@ impl Error {
             Error::SessionRefused { .. }
             | Error::VolumeNotReady { .. }
             | Error::VolumeInSession { .. } => ErrorCode::IllegalState,
-            Error::VolumeExists { .. } => ErrorCode::AlreadyExists,
+            Error::VolumeExists { .. } | Error::SnapTargetExists { .. } => ErrorCode::AlreadyExists,
             Error::VolumeNameInvalid { .. }
             | Error::VolumeSizeInvalid { .. }
             | Error::Unaligned { .. }

@@ -18,5 +18,6 @@ pub mod config;
 pub mod metrics;
 pub mod nbd;
 pub mod nbd_client;
+pub mod nbd_hosts;
 pub mod runtime;
 pub mod service;

@@ -9,6 +9,7 @@
 
 use crate::copy::Sessions;
 use crate::engine::{Durability, Engine};
+use crate::nbd_hosts::OpenConnection;
 use crate::store::{Volume, VolumeStore};
 use crate::Error;
 use protocol::messages::Readiness;
@@ -121,9 +122,14 @@ async fn serve_connection<E: Engine>(
     };
     *export = Some(export_name.clone());
     let volume = store.store().volume(&export_name)?;
+    // Registered so that a delete can name this client, and close it cleanly.
+    let Some(connection) = store.store().hosts().open(volume.id, peer) else {
+        tracing::info!(%peer, volume = %export_name, "NBD client refused: the volume is being deleted");
+        return Ok(());
+    };
     crate::metrics::nbd_volume_opened(&export_name);
     tracing::debug!(volume = %export_name, %peer, "NBD transmission started");
-    transmit(stream, store, volume, peer).await
+    transmit(stream, store, volume, peer, connection).await
 }
 
 /// Runs the option haggling; returns the export to serve, or `None` when the client left.
@@ -187,6 +193,7 @@ async fn transmit<E: Engine>(
     store: Arc<Sessions<E>>,
     volume: Arc<Volume>,
     peer: SocketAddr,
+    connection: OpenConnection,
 ) -> Result<(), Error> {
     let (mut reader, writer) = stream.into_split();
     let (reply_sender, mut reply_receiver) = mpsc::channel::<Reply>(IN_FLIGHT_REQUESTS_MAX);
@@ -211,7 +218,17 @@ async fn transmit<E: Engine>(
 
     let result = 'requests: loop {
         let mut header_bytes = [0u8; REQUEST_HEADER_BYTES];
-        match reader.read_exact(&mut header_bytes).await {
+        // A delete closes the connection between requests: those in flight are answered
+        // below before the socket closes.
+        let header_read = tokio::select! {
+            biased;
+            () = connection.close_requested() => {
+                tracing::info!(volume = %volume.name, %peer, "NBD connection closed: the volume is being deleted");
+                break 'requests Ok(());
+            }
+            read = reader.read_exact(&mut header_bytes) => read,
+        };
+        match header_read {
             Ok(_) => {}
             Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(error) => break Err(error.into()),

@@ -451,6 +451,7 @@ fn request_kind(request: &Request) -> &'static str {
         Request::Session { .. } => "session",
         Request::SessionList { .. } => "session_list",
         Request::SessionShow { .. } => "session_show",
+        Request::VolumeClients { .. } => "volume_clients",
     }
 }
 
@@ -463,6 +464,29 @@ fn check_not_in_session<E: Engine>(sessions: &Sessions<E>, name: &str, what: &st
         });
     }
     Ok(())
+}
+
+/// Deletes a volume after closing the NBD connections hosts have open to it. The
+/// control plane asks this only once the catalog records the delete (it refuses a delete
+/// of an open volume before that unless forced), so the hosts are disconnected cleanly:
+/// their requests in flight are answered and the connection closes, instead of their next
+/// read failing with EIO.
+fn delete_closing_hosts<E: Engine>(store: &VolumeStore<E>, name: &str) -> Result<()> {
+    let volume = store.volume(name)?;
+    let hosts = store.hosts();
+    let (asked, still_open) = hosts.close_volume(
+        volume.id,
+        Duration::from_millis(crate::nbd_hosts::DISCONNECT_WAIT_MILLISECONDS),
+    );
+    if !asked.is_empty() {
+        tracing::info!(volume = %name, clients = ?asked, "closed the hosts' NBD connections before the delete");
+    }
+    if !still_open.is_empty() {
+        tracing::warn!(volume = %name, clients = ?still_open, "NBD connections still open after the wait; their requests fail once the volume is gone");
+    }
+    let deleted = store.delete(name);
+    hosts.reopen(volume.id);
+    deleted
 }
 
 fn answer<E: Engine>(
@@ -485,8 +509,16 @@ fn answer<E: Engine>(
         Request::VolumeShow { name } => Response::Volume(store.volume(&name)?.info()),
         Request::VolumeDelete { name } => {
             check_not_in_session(sessions, &name, "deleted")?;
-            store.delete(&name)?;
+            delete_closing_hosts(store, &name)?;
             Response::Deleted { name }
+        }
+        Request::VolumeClients { name } => {
+            let volume = store.volume(&name)?;
+            let clients = store.hosts().clients(volume.id);
+            Response::VolumeClients {
+                name,
+                clients: clients.iter().map(ToString::to_string).collect(),
+            }
         }
         Request::VolumeSetReadiness { name, readiness } => {
             check_not_in_session(sessions, &name, "given another readiness")?;
@@ -496,10 +528,12 @@ fn answer<E: Engine>(
             source,
             target,
             extents,
+            overwrite,
         } => {
             check_not_in_session(sessions, &target, "overwritten by a snap")?;
             let started = Instant::now();
-            let (target_volume, _created) = store.snap(&source, &target, &extents)?;
+            let (target_volume, _created) =
+                store.snap_guarded(&source, &target, &extents, overwrite)?;
             Response::Snapped {
                 source,
                 target,

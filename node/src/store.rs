@@ -10,6 +10,7 @@
 use crate::bitmap::{self, BitmapKind, SESSION_SLOTS_MAX, TRACKS_PER_CHUNK};
 use crate::engine::{Batch, Durability, Engine, Space};
 use crate::layout::{self, LayerReference, ReferenceKind, VIEW_REFERENCES_MAX};
+use crate::nbd_hosts::HostConnections;
 use crate::track::{self, BlockAddress, BlockContent, BLOCK_BYTES};
 use crate::{Error, Result};
 use parking_lot::{Mutex, RwLock};
@@ -45,6 +46,18 @@ fn volume_key(id: u64) -> Vec<u8> {
     key.extend_from_slice(&id.to_be_bytes());
     key
 }
+
+/// The key under which a snap target records its source: the volume ids of the pair, so
+/// that a later snap of the same source may refresh it without `--overwrite`. Ids are never
+/// reused, so a source deleted and created again is another volume.
+fn snapshot_origin_key(target: u64) -> Vec<u8> {
+    let mut key = SNAPSHOT_ORIGIN_KEY_PREFIX.to_vec();
+    key.extend_from_slice(&target.to_be_bytes());
+    key
+}
+
+const SNAPSHOT_ORIGIN_KEY_PREFIX: &[u8] = b"o/";
+const SNAPSHOT_ORIGIN_KEY_END: &[u8] = b"o0";
 
 fn name_key(name: &str) -> Vec<u8> {
     let mut key = b"n/".to_vec();
@@ -269,6 +282,9 @@ struct Catalog {
     by_name: HashMap<String, Arc<Volume>>,
     next_volume: u64,
     next_layer: u64,
+    /// For each volume that is the target of a snap: the id of the volume it was snapped
+    /// from last.
+    snapshot_origins: HashMap<u64, u64>,
 }
 
 impl Catalog {
@@ -287,6 +303,8 @@ pub struct VolumeStore<E: Engine> {
     engine: E,
     catalog: Mutex<Catalog>,
     generations: GenerationClock,
+    /// The NBD connections hosts have open to these volumes.
+    hosts: Arc<HostConnections>,
 }
 
 fn now_unix_seconds() -> u64 {
@@ -306,6 +324,40 @@ fn decode_u64(bytes: Option<Vec<u8>>, what: &str) -> Result<Option<u64>> {
             })?;
             Ok(Some(u64::from_be_bytes(array)))
         }
+    }
+}
+
+/// Which volume each snap target was snapped from, as stored by [`VolumeStore::snap`].
+fn load_snapshot_origins<E: Engine>(engine: &E) -> Result<HashMap<u64, u64>> {
+    let mut origins = HashMap::new();
+    let mut failure = None;
+    engine.scan(
+        Space::Meta,
+        SNAPSHOT_ORIGIN_KEY_PREFIX,
+        SNAPSHOT_ORIGIN_KEY_END,
+        &mut |key, value| {
+            let target = key
+                .get(SNAPSHOT_ORIGIN_KEY_PREFIX.len()..)
+                .and_then(|id| <[u8; 8]>::try_from(id).ok());
+            let source = <[u8; 8]>::try_from(value).ok();
+            match (target, source) {
+                (Some(target), Some(source)) => {
+                    origins.insert(u64::from_be_bytes(target), u64::from_be_bytes(source));
+                    true
+                }
+                _ => {
+                    failure = Some(Error::Metadata {
+                        what: format!("snapshot origin key {key:02x?}"),
+                        detail: format!("{} bytes of value instead of 8", value.len()),
+                    });
+                    false
+                }
+            }
+        },
+    )?;
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(origins),
     }
 }
 
@@ -366,6 +418,7 @@ impl<E: Engine> VolumeStore<E> {
         if let Some(error) = failure {
             return Err(error);
         }
+        let snapshot_origins = load_snapshot_origins(&engine)?;
         let next_volume =
             decode_u64(engine.get(Space::Meta, KEY_NEXT_VOLUME)?, "next volume id")?.unwrap_or(1);
         let next_layer =
@@ -410,12 +463,33 @@ impl<E: Engine> VolumeStore<E> {
                 by_name,
                 next_volume,
                 next_layer,
+                snapshot_origins,
             }),
             generations: GenerationClock {
                 next: AtomicU64::new(generation),
                 reserved_until: Mutex::new(reserved_until),
             },
+            hosts: Arc::new(HostConnections::default()),
         })
+    }
+
+    /// The NBD connections hosts have open to this node's volumes.
+    pub fn hosts(&self) -> &Arc<HostConnections> {
+        &self.hosts
+    }
+
+    /// Forgets which volume `volume` was snapped from: its data is being replaced by
+    /// something else (a copy session), so a later snap onto it needs `--overwrite` again.
+    pub fn forget_snapshot_origin(&self, volume: &Volume) -> Result<()> {
+        let mut catalog = self.catalog.lock();
+        if !catalog.snapshot_origins.contains_key(&volume.id) {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        batch.delete(Space::Meta, snapshot_origin_key(volume.id));
+        self.engine.write(batch, Durability::Synced)?;
+        catalog.snapshot_origins.remove(&volume.id);
+        Ok(())
     }
 
     pub fn engine(&self) -> &E {
@@ -570,11 +644,13 @@ impl<E: Engine> VolumeStore<E> {
         let released = Self::release_layers(&mut batch, &others, &[state.view.as_slice()], &[]);
         batch.delete(Space::Meta, volume_key(volume.id));
         batch.delete(Space::Meta, name_key(name));
+        batch.delete(Space::Meta, snapshot_origin_key(volume.id));
         let (from, to) = bitmap::volume_key_range(volume.id);
         batch.delete_range(Space::Bitmaps, from.to_vec(), to.to_vec());
         self.engine.write(batch, Durability::Synced)?;
         volume.deleted.store(true, Ordering::Release);
         catalog.by_name.remove(name);
+        catalog.snapshot_origins.remove(&volume.id);
         tracing::info!(
             volume = volume.id,
             name,
@@ -604,12 +680,25 @@ impl<E: Engine> VolumeStore<E> {
 
     /// Takes a pointer snapshot of `source` into `target`, creating `target` with the
     /// source's geometry when it does not exist. Without extents the whole volume is
-    /// snapped. Returns the target and whether it was created.
+    /// snapped. Returns the target and whether it was created. An existing target's data
+    /// is replaced whatever it holds (see [`VolumeStore::snap_guarded`]).
     pub fn snap(
         &self,
         source: &str,
         target: &str,
         extents: &[Extent],
+    ) -> Result<(Arc<Volume>, bool)> {
+        self.snap_guarded(source, target, extents, true)
+    }
+
+    /// [`VolumeStore::snap`], which without `overwrite` refuses an existing target that
+    /// is not a snapshot of `source` (it would silently lose its data).
+    pub fn snap_guarded(
+        &self,
+        source: &str,
+        target: &str,
+        extents: &[Extent],
+        overwrite: bool,
     ) -> Result<(Arc<Volume>, bool)> {
         let refuse = |reason: String| Error::SnapRefused {
             source_name: source.to_string(),
@@ -641,6 +730,31 @@ impl<E: Engine> VolumeStore<E> {
             source_volume.check_extent(*extent)?;
             if let Some(target_volume) = &existing_target {
                 target_volume.check_extent(*extent)?;
+            }
+        }
+        // Checked once the pair is known to fit: a snap onto an existing volume replaces
+        // its data, which is what a refresh of the source's own snapshot is for, and a
+        // mistake otherwise.
+        if let Some(target_volume) = &existing_target {
+            let origin = catalog.snapshot_origins.get(&target_volume.id).copied();
+            if !overwrite && origin != Some(source_volume.id) {
+                let origin_name = origin.and_then(|origin| {
+                    catalog
+                        .by_name
+                        .values()
+                        .find(|volume| volume.id == origin)
+                        .map(|volume| volume.name.clone())
+                });
+                let what = match (origin, origin_name) {
+                    (None, _) => "a volume of its own, not a snapshot".to_string(),
+                    (Some(_), Some(name)) => format!("a snapshot of '{name}'"),
+                    (Some(_), None) => "a snapshot of a volume deleted since".to_string(),
+                };
+                return Err(Error::SnapTargetExists {
+                    source_name: source.to_string(),
+                    target: target.to_string(),
+                    what: format!("{what}, of {} bytes", target_volume.size_bytes),
+                });
             }
         }
         let extents = if extents.is_empty() {
@@ -742,11 +856,19 @@ impl<E: Engine> VolumeStore<E> {
             KEY_NEXT_LAYER,
             next_layer.to_be_bytes().to_vec(),
         );
+        batch.put(
+            Space::Meta,
+            snapshot_origin_key(target_volume.id),
+            source_volume.id.to_be_bytes().to_vec(),
+        );
         if let Err(error) = self.engine.write(batch, Durability::Synced) {
             restore(&mut source_state, &mut target_state);
             return Err(error);
         }
         catalog.next_layer = next_layer;
+        catalog
+            .snapshot_origins
+            .insert(target_volume.id, source_volume.id);
         if created {
             catalog.next_volume = target_volume.id + 1;
             catalog

@@ -331,6 +331,8 @@ pub enum ClusterRequest {
     VolumeDelete {
         request_id: RequestId,
         name: String,
+        /// Disconnect hosts that have the volume open instead of refusing the delete.
+        force: bool,
     },
     VolumeSetReadiness {
         request_id: RequestId,
@@ -345,6 +347,8 @@ pub enum ClusterRequest {
         source: String,
         target: String,
         extents: Vec<Extent>,
+        /// Replace the data of an existing target that is not a snapshot of `source`.
+        overwrite: bool,
     },
     /// A copy-session command: the leader sends it to the source volume's node and
     /// records the outcome.

@@ -105,6 +105,7 @@ mod tests {
                     last: 20,
                 },
             ],
+            overwrite: false,
         };
         assert_eq!(
             decode::<Request>(&encode(&request).unwrap()).unwrap(),

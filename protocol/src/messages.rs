@@ -168,6 +168,9 @@ pub enum Request {
         source: String,
         target: String,
         extents: Vec<Extent>,
+        /// Replace the data of an existing target that is not a snapshot of `source`;
+        /// without it such a snap is refused.
+        overwrite: bool,
     },
     NodeStatus,
     /// A command for the cluster. A node that is no member passes it to a member; a member
@@ -207,6 +210,10 @@ pub enum Request {
     SetFault {
         peer: String,
         rule: crate::cluster::FaultRule,
+    },
+    /// The NBD clients that have a volume open now (read-only; asked before a delete).
+    VolumeClients {
+        name: String,
     },
 }
 
@@ -272,6 +279,11 @@ pub enum Response {
     Session(Option<crate::session::SessionInfo>),
     Sessions(Vec<crate::session::SessionInfo>),
     Target(crate::session::TargetAnswer),
+    /// The addresses of the NBD clients that have `name` open.
+    VolumeClients {
+        name: String,
+        clients: Vec<String>,
+    },
     Error {
         code: ErrorCode,
         message: String,

@@ -136,6 +136,11 @@ pub enum SessionCommand {
     CloneTerminate {
         target: String,
     },
+    /// Undoes a clone that was never activated (created or precopying): frees the
+    /// source's slots and leaves the destination not-ready with partial contents.
+    CloneCancel {
+        target: String,
+    },
     MirrorEstablish {
         standard: String,
         bcv: String,
@@ -173,6 +178,7 @@ impl SessionCommand {
             SessionCommand::ClonePrecopy { .. } => "clone precopy",
             SessionCommand::CloneActivate { .. } => "clone activate",
             SessionCommand::CloneTerminate { .. } => "clone terminate",
+            SessionCommand::CloneCancel { .. } => "clone cancel",
             SessionCommand::MirrorEstablish { .. } => "mirror establish",
             SessionCommand::MirrorSplit { .. } => "mirror split",
             SessionCommand::MirrorReestablish { .. } => "mirror reestablish",
@@ -227,6 +233,17 @@ pub fn next_state(
         ),
         (SessionKind::Clone, T::Terminate, _) => Err(
             "the clone was never activated: activate it and let it copy before terminating"
+                .to_string(),
+        ),
+        // A clone that was never activated can be undone: its destination was never given
+        // to hosts. Once activated, the destination is the point-in-time image in use.
+        (SessionKind::Clone, T::Cancel, S::Created | S::Precopying) => Ok(None),
+        (SessionKind::Clone, T::Cancel, S::Active) => Err(
+            "the clone is active: its destination is already the point-in-time image its hosts use, so it cannot be undone; terminate it once the copy completes (see `tandem clone show`)"
+                .to_string(),
+        ),
+        (SessionKind::Clone, T::Cancel, _) => Err(
+            "every track is copied and the destination holds the complete image: end the session with `tandem clone terminate`"
                 .to_string(),
         ),
         (SessionKind::Clone, T::CopyDone, S::Active) => Ok(Some(S::Copied)),
@@ -386,6 +403,12 @@ pub enum TargetOperation {
     /// Release the volume at the end of the session.
     Unregister {
         session: SessionId,
+    },
+    /// A cancelled clone: the destination's tracks stop being invalid (they are no longer
+    /// owed by any source), so no later session mistakes them for a clone's missing ones.
+    ClearInvalid {
+        session: SessionId,
+        extents: Vec<Extent>,
     },
     /// Store a track; with `only_if_invalid`, only while the track is still invalid (a host
     /// may have written it since). Clears the track's invalid bit. Answers whether stored.

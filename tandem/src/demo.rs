@@ -365,6 +365,7 @@ pub async fn run() -> Result<()> {
             source: VOLUME.to_string(),
             target: SNAPSHOT.to_string(),
             extents: Vec::new(),
+            overwrite: false,
         },
     )
     .await?

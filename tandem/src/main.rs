@@ -101,20 +101,24 @@ enum Command {
     /// Create, list, show and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// Take a pointer snapshot of SRC into DST (created if missing).
+    /// Take a pointer snapshot of SRC into DST (created if missing). An existing DST
+    /// that is not an earlier snapshot of SRC is refused unless --overwrite is given.
     Snap {
         source: String,
         target: String,
         /// Tracks FIRST-LAST to snap; repeat for several. Default: the whole volume.
         #[arg(long = "extent")]
         extents: Vec<Extent>,
+        /// Replace the data of an existing DST that is not a snapshot of SRC.
+        #[arg(long)]
+        overwrite: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         connection: Connection,
     },
     /// Clone sessions: point-in-time copies of a volume (create, precopy, activate,
-    /// terminate).
+    /// terminate, cancel).
     #[command(subcommand)]
     Clone(sessions::CloneCommand),
     /// Mirror sessions: BCVs of a standard volume (establish, split, reestablish,
@@ -270,9 +274,13 @@ enum VolumeCommand {
         #[command(flatten)]
         connection: Connection,
     },
-    /// Delete a volume; snapshots that share its data keep theirs.
+    /// Delete a volume; snapshots that share its data keep theirs. Refused while hosts
+    /// have it open over NBD unless --force is given.
     Delete {
         name: String,
+        /// Close the NBD connections hosts have open to the volume, then delete it.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -333,6 +341,7 @@ async fn run(cli: Cli) -> Result<()> {
             source,
             target,
             extents,
+            overwrite,
             json,
             connection,
         } => {
@@ -342,6 +351,7 @@ async fn run(cli: Cli) -> Result<()> {
                     source,
                     target,
                     extents,
+                    overwrite,
                 },
             )
             .await?;
@@ -1034,6 +1044,7 @@ async fn volume(command: VolumeCommand) -> Result<()> {
         }
         VolumeCommand::Delete {
             name,
+            force,
             json,
             connection,
         } => {
@@ -1042,6 +1053,7 @@ async fn volume(command: VolumeCommand) -> Result<()> {
                 ClusterRequest::VolumeDelete {
                     request_id: rand::random(),
                     name: name.clone(),
+                    force,
                 },
             )
             .await?;

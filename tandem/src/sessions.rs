@@ -49,6 +49,16 @@ pub enum CloneCommand {
         #[command(flatten)]
         options: CommandOptions,
     },
+    /// Undo a clone that was never activated (created or precopying): SRC's session slots
+    /// are freed and DST stays not-ready with partial contents until it is overwritten
+    /// (for example by a new clone) or deleted.
+    Cancel {
+        target: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Change the copy rate limit of a running clone, in MiB/s.
     Rate {
         target: String,
@@ -223,6 +233,11 @@ pub async fn clone(command: CloneCommand) -> Result<()> {
             (SessionCommand::CloneTerminate { target }, options)
         }
         CloneCommand::Rate { target, rate } => rate.into_command(target),
+        CloneCommand::Cancel {
+            target,
+            json,
+            connection,
+        } => return clone_cancel(&connection, target, json).await,
     };
     run_command(command, options, SessionKind::Clone).await
 }
@@ -270,6 +285,52 @@ pub async fn mirror(command: MirrorCommand) -> Result<()> {
         MirrorCommand::Rate { bcv, rate } => rate.into_command(bcv),
     };
     run_command(command, options, SessionKind::Mirror).await
+}
+
+/// `tandem clone cancel DST`: ends the session and says what DST holds now.
+async fn clone_cancel(connection: &Connection, target: String, json: bool) -> Result<()> {
+    let session = Session::open(connection).await?;
+    let result = async {
+        // The source is named in the answer; the cancel itself refuses an unknown session.
+        let source = show_through(&session, SessionKind::Clone, &target)
+            .await
+            .ok()
+            .map(|info| info.source);
+        let ended = send(
+            &session,
+            SessionCommand::CloneCancel {
+                target: target.clone(),
+            },
+        )
+        .await?;
+        if let Some(info) = ended {
+            bail!("unexpected answer: the session goes on as {}", describe(&info));
+        }
+        let source_text = source
+            .as_deref()
+            .map_or_else(|| "the source".to_string(), |source| format!("'{source}'"));
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "command": "clone cancel",
+                    "ended": true,
+                    "source": source,
+                    "target": target,
+                    "target_readiness": "not-ready",
+                    "target_contents": "partial",
+                })
+            );
+        } else {
+            println!(
+                "clone cancel: the clone of {source_text} into '{target}' is cancelled and its session slots on {source_text} are free; '{target}' holds partial contents and stays not-ready until it is overwritten (for example by a new clone) or deleted"
+            );
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    session.close().await;
+    result
 }
 
 async fn run_command(

@@ -1373,7 +1373,8 @@ impl<E: Engine> Sessions<E> {
             SessionCommand::CloneCreate { .. }
             | SessionCommand::ClonePrecopy { .. }
             | SessionCommand::CloneActivate { .. }
-            | SessionCommand::CloneTerminate { .. } => SessionKind::Clone,
+            | SessionCommand::CloneTerminate { .. }
+            | SessionCommand::CloneCancel { .. } => SessionKind::Clone,
             _ => SessionKind::Mirror,
         };
         let target = match &command {
@@ -1396,6 +1397,7 @@ impl<E: Engine> Sessions<E> {
             SessionCommand::ClonePrecopy { target }
             | SessionCommand::CloneActivate { target }
             | SessionCommand::CloneTerminate { target }
+            | SessionCommand::CloneCancel { target }
             | SessionCommand::MirrorSplit { bcv: target, .. }
             | SessionCommand::MirrorReestablish { bcv: target }
             | SessionCommand::MirrorRestore { bcv: target, .. }
@@ -1716,6 +1718,10 @@ impl<E: Engine> Sessions<E> {
             remote,
             last_error: None,
         };
+        if let Partner::Local(target) = &partner {
+            // The clone replaces the destination's data: it is no longer a snapshot.
+            self.store.forget_snapshot_origin(target)?;
+        }
         tracing::info!(session = record.id, source = %record.source, target = %record.target, precopy, "clone created");
         self.replace(record)
     }
@@ -1847,6 +1853,11 @@ impl<E: Engine> Sessions<E> {
         let record = self
             .change(command, record)?
             .expect("establish keeps the session");
+        if record.remote.is_none() {
+            // The mirror replaces the BCV's data: it is no longer a snapshot.
+            let bcv = self.store.volume(&record.target)?;
+            self.store.forget_snapshot_origin(&bcv)?;
+        }
         tracing::info!(session = record.id, standard = %record.source, bcv = %record.target, "mirror established");
         self.replace(record)
     }
@@ -1892,6 +1903,7 @@ impl<E: Engine> Sessions<E> {
             SessionCommand::ClonePrecopy { .. } => Transition::Precopy,
             SessionCommand::CloneActivate { .. } => Transition::Activate,
             SessionCommand::CloneTerminate { .. } => Transition::Terminate,
+            SessionCommand::CloneCancel { .. } => Transition::Cancel,
             SessionCommand::MirrorEstablish { .. } => Transition::Establish,
             SessionCommand::MirrorSplit { .. } => Transition::Split,
             SessionCommand::MirrorReestablish { .. } => Transition::Reestablish,
@@ -1936,6 +1948,10 @@ impl<E: Engine> Sessions<E> {
                 self.forget(record.id)?;
                 self.table.lock().sessions.remove(&record.id);
                 tracing::info!(session = record.id, "clone terminated");
+                return Ok(None);
+            }
+            SessionCommand::CloneCancel { .. } => {
+                self.cancel_clone(&record, &source, &partner)?;
                 return Ok(None);
             }
             SessionCommand::MirrorEstablish { .. } => {
@@ -2014,6 +2030,46 @@ impl<E: Engine> Sessions<E> {
         record.state = next.expect("only terminate and cancel end a session");
         record.error = None;
         Ok(Some(record))
+    }
+
+    /// Undoes a clone that was never activated: its destination never went to hosts, so
+    /// nothing depends on what it holds. The destination's invalid bits stood for tracks
+    /// this clone owed it; owed by nobody now, they are cleared, so no later session takes
+    /// them for a clone's missing tracks. The destination stays not-ready with partial
+    /// contents until something overwrites it or it is deleted; the source's slots (and
+    /// their bits) are freed.
+    fn cancel_clone(
+        &self,
+        record: &SessionRecord,
+        source: &Volume,
+        destination: &Partner,
+    ) -> Result<()> {
+        match destination {
+            Partner::Local(destination) => {
+                for extent in &record.extents {
+                    self.store
+                        .change_bits(destination, Bits::Invalid, *extent, false)?;
+                }
+            }
+            Partner::Remote(remote) => {
+                self.remote_call(
+                    remote,
+                    TargetOperation::ClearInvalid {
+                        session: record.id,
+                        extents: record.extents.clone(),
+                    },
+                )?;
+                self.remote_call(remote, TargetOperation::Unregister { session: record.id })?;
+            }
+        }
+        self.store.free_session_slot(source, record.slot)?;
+        if let Some(slot) = record.precopy_slot {
+            self.store.free_session_slot(source, slot)?;
+        }
+        self.forget(record.id)?;
+        self.table.lock().sessions.remove(&record.id);
+        tracing::info!(session = record.id, source = %record.source, target = %record.target, "clone cancelled; the destination stays not-ready with partial contents");
+        Ok(())
     }
 
     /// Connects a BCV to its standard: host writes mark the session pending, the BCV is

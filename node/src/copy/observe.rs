@@ -49,6 +49,7 @@ impl<E: Engine> Sessions<E> {
             SessionCommand::ClonePrecopy { target }
             | SessionCommand::CloneActivate { target }
             | SessionCommand::CloneTerminate { target }
+            | SessionCommand::CloneCancel { target }
             | SessionCommand::SetRate { target, .. }
             | SessionCommand::MirrorSplit { bcv: target, .. }
             | SessionCommand::MirrorReestablish { bcv: target }

@@ -409,6 +409,7 @@ impl<E: Engine> Sessions<E> {
             | TargetOperation::ChangedTracks { session }
             | TargetOperation::CountInvalid { session }
             | TargetOperation::MarkInvalid { session, .. }
+            | TargetOperation::ClearInvalid { session, .. }
             | TargetOperation::MarkDownstream { session, .. } => *session,
             TargetOperation::Register { .. }
             | TargetOperation::PullTrack { .. }
@@ -498,6 +499,21 @@ impl<E: Engine> Sessions<E> {
                 self.store.engine().write(batch, Durability::Synced)?;
                 self.registrations.lock().remove(&registration.volume);
                 tracing::info!(session, volume = %registration.volume, "remote session target released");
+                Ok(TargetAnswer::Done)
+            }
+            TargetOperation::ClearInvalid { extents, .. } => {
+                let _gate = self.gate.read();
+                for extent in extents {
+                    if extent.first > extent.last || extent.last >= volume.track_count() {
+                        return Err(Error::ExtentOutOfRange {
+                            name: volume.name.clone(),
+                            extent,
+                            last_track: volume.track_count() - 1,
+                        });
+                    }
+                    self.store
+                        .change_bits(&volume, Bits::Invalid, extent, false)?;
+                }
                 Ok(TargetAnswer::Done)
             }
             TargetOperation::MarkInvalid { extents, .. } => {
@@ -730,6 +746,8 @@ impl<E: Engine> Sessions<E> {
             protocol::codec::encode(&registration)?,
         );
         self.store.engine().write(batch, Durability::Synced)?;
+        // The session replaces the volume's data: it is no longer a snapshot of anything.
+        self.store.forget_snapshot_origin(&volume)?;
         self.registrations
             .lock()
             .insert(volume.name.clone(), registration);

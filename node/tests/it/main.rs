@@ -2,6 +2,7 @@
 
 mod bitmaps;
 mod common;
+mod guards;
 mod nbd;
 mod progress;
 mod sessions;

@@ -919,6 +919,7 @@ fn fuzz_seed_corpus_is_committed_and_current() {
                 source: "disk".to_owned(),
                 target: "disk-copy".to_owned(),
                 extents: vec![Extent { first: 0, last: 7 }, Extent { first: 9, last: 9 }],
+                overwrite: false,
             },
         ),
     ];

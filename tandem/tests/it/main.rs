@@ -4,6 +4,7 @@ mod cli;
 mod cluster;
 mod common;
 mod crash;
+mod guards;
 mod json;
 mod metrics;
 mod progress;

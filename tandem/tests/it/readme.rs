@@ -20,7 +20,7 @@ fn sh_block_after(markdown: &str, heading: &str) -> String {
 }
 
 /// Commands an admin meets on day one: the block must show each of them.
-const COMMANDS_SHOWN: [&str; 26] = [
+const COMMANDS_SHOWN: [&str; 27] = [
     "tandem init ",
     "tandem node ",
     "tandem cluster init",
@@ -38,6 +38,7 @@ const COMMANDS_SHOWN: [&str; 26] = [
     "tandem clone activate ",
     "tandem clone show ",
     "tandem clone terminate ",
+    "tandem clone cancel ",
     "tandem clone list",
     "tandem mirror establish ",
     "tandem mirror rate ",

@@ -5,15 +5,15 @@
 use crate::common::{free_udp_port, init, wait_until, NodeProcess};
 use std::path::Path;
 
-const TRACK_BYTES: u64 = 64 << 10;
-const TRACKS: u64 = 128;
+pub(crate) const TRACK_BYTES: u64 = 64 << 10;
+pub(crate) const TRACKS: u64 = 128;
 
-fn json(node: &NodeProcess, certs: &Path, arguments: &[&str]) -> serde_json::Value {
+pub(crate) fn json(node: &NodeProcess, certs: &Path, arguments: &[&str]) -> serde_json::Value {
     let text = node.cli_ok(certs, arguments);
     serde_json::from_str(&text).unwrap_or_else(|error| panic!("{arguments:?}: {error}: {text}"))
 }
 
-fn refused(node: &NodeProcess, certs: &Path, arguments: &[&str], message: &str) {
+pub(crate) fn refused(node: &NodeProcess, certs: &Path, arguments: &[&str], message: &str) {
     let output = node.cli(certs, arguments);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{arguments:?} succeeded");
@@ -21,7 +21,7 @@ fn refused(node: &NodeProcess, certs: &Path, arguments: &[&str], message: &str) 
 }
 
 /// Fills a volume through NBD with a different byte per track.
-fn fill(node: &NodeProcess, volume: &str, salt: u8) {
+pub(crate) fn fill(node: &NodeProcess, volume: &str, salt: u8) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = node::nbd_client::NbdClient::connect(node.nbd, volume)
@@ -40,7 +40,7 @@ fn fill(node: &NodeProcess, volume: &str, salt: u8) {
     });
 }
 
-fn read_all(node: &NodeProcess, volume: &str) -> Vec<u8> {
+pub(crate) fn read_all(node: &NodeProcess, volume: &str) -> Vec<u8> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = node::nbd_client::NbdClient::connect(node.nbd, volume)
@@ -229,15 +229,15 @@ fn show(node: &NodeProcess, certs: &Path) -> serde_json::Value {
 
 /// Node alpha (the cluster's one control-plane member) and node beta, each restartable on
 /// its own data directory and QUIC port, so a restarted node is the same node.
-struct TwoNodes {
+pub(crate) struct TwoNodes {
     directory: tempfile::TempDir,
-    certs: std::path::PathBuf,
+    pub(crate) certs: std::path::PathBuf,
     alpha_port: u16,
     beta_port: u16,
 }
 
 impl TwoNodes {
-    fn new() -> TwoNodes {
+    pub(crate) fn new() -> TwoNodes {
         let directory = tempfile::tempdir().unwrap();
         let certs = init(directory.path(), "alpha,beta");
         TwoNodes {
@@ -248,7 +248,7 @@ impl TwoNodes {
         }
     }
 
-    fn start_alpha(&self) -> NodeProcess {
+    pub(crate) fn start_alpha(&self) -> NodeProcess {
         NodeProcess::start_with(
             &self.certs,
             "alpha",
@@ -259,7 +259,7 @@ impl TwoNodes {
         )
     }
 
-    fn start_beta(&self) -> NodeProcess {
+    pub(crate) fn start_beta(&self) -> NodeProcess {
         let members = format!("127.0.0.1:{}", self.alpha_port);
         NodeProcess::start_with(
             &self.certs,
