@@ -160,6 +160,24 @@ impl Catalog {
                     .get_mut(node)
                     .ok_or(CatalogError::UnknownNode { node: node.clone() })?;
                 record.health = *health;
+                if *health == Health::Up {
+                    record.down_since_unix_seconds = None;
+                }
+                Ok(CatalogReply::Node(record.clone()))
+            }
+            Command::NodeDown {
+                node,
+                since_unix_seconds,
+            } => {
+                let record = self
+                    .nodes
+                    .get_mut(node)
+                    .ok_or(CatalogError::UnknownNode { node: node.clone() })?;
+                // A node already down keeps the time it went down.
+                if record.health == Health::Up || record.down_since_unix_seconds.is_none() {
+                    record.down_since_unix_seconds = Some(*since_unix_seconds);
+                }
+                record.health = Health::Down;
                 Ok(CatalogReply::Node(record.clone()))
             }
             Command::VolumeCreateBegin {
@@ -320,6 +338,7 @@ impl Catalog {
             capacity_bytes: report.capacity_bytes,
             control_plane: report.control_plane,
             health: Health::Up,
+            down_since_unix_seconds: None,
         };
         self.nodes.insert(report.name.clone(), record.clone());
         Ok(CatalogReply::Node(record))

@@ -9,6 +9,7 @@
 //! - [`caller`]: calls to nodes and members over reused QUIC connections.
 //! - [`member`]: a member's Raft instance and its leader's duties (the IO shell).
 
+pub mod advice;
 pub mod caller;
 pub mod catalog;
 pub mod error;

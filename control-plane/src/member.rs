@@ -9,6 +9,7 @@
 //!
 //! The control plane never touches volume bytes: it asks owning nodes over QUIC.
 
+use crate::advice;
 use crate::caller::Caller;
 use crate::error::Error;
 use crate::network::{self, Faults, QuicNetworkFactory};
@@ -28,9 +29,9 @@ use protocol::session::{
 };
 use protocol::transport::Peer;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often the leader sends heartbeats (empty appends) to followers. openraft also uses
 /// it as the time one append may take, connecting included, so it must exceed the round
@@ -110,6 +111,11 @@ pub struct ControlPlane {
     volume_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Volumes the supervisor is reconciling now.
     reconciling: Mutex<HashSet<String>>,
+    /// The node's data directory, where a removed member leaves its marker.
+    data_directory: PathBuf,
+    /// Set once this member learned that it was removed from the control plane: its Raft
+    /// is stopped and the node serves on as a plain node.
+    removed: Mutex<Option<Removal>>,
 }
 
 /// Takes a volume out of the reconciling set when its reconciliation ends, however it ends.
@@ -143,6 +149,7 @@ impl ControlPlane {
         faults: Faults,
         compact_after_entries: Option<u64>,
     ) -> Result<Arc<ControlPlane>, Error> {
+        retire_removed_store(data_directory)?;
         let (log_store, state_machine) = storage::open(&data_directory.join("control-plane"))?;
         let catalog = state_machine.catalog_view();
         let config = Config {
@@ -187,8 +194,11 @@ impl ControlPlane {
             last_seen: Mutex::new(HashMap::new()),
             volume_locks: Mutex::new(HashMap::new()),
             reconciling: Mutex::new(HashSet::new()),
+            data_directory: data_directory.to_path_buf(),
+            removed: Mutex::new(None),
         });
         tokio::spawn(supervise(Arc::downgrade(&control_plane)));
+        tokio::spawn(watch_removal(Arc::downgrade(&control_plane)));
         Ok(control_plane)
     }
 
@@ -201,6 +211,9 @@ impl ControlPlane {
 
     /// Serves a Raft message from another member.
     pub async fn serve_raft(&self, peer: &Peer, bytes: &[u8]) -> Response {
+        if let Some(refusal) = self.removed_refusal() {
+            return refusal.into_response();
+        }
         network::serve(&self.raft, &self.faults, peer, bytes).await
     }
 
@@ -218,7 +231,7 @@ impl ControlPlane {
 
     /// Whether this member knows a leader, i.e. it is part of a cluster that has one.
     pub fn knows_leader(&self) -> bool {
-        self.leader().is_some()
+        self.removed.lock().is_none() && self.leader().is_some()
     }
 
     fn is_leader(&self) -> bool {
@@ -236,6 +249,9 @@ impl ControlPlane {
     /// Serves a cluster request: here when this member leads (or the request is `Init`),
     /// else passed to the leader when the hop budget allows.
     pub async fn serve_cluster(&self, request: ClusterRequest, hops: u8) -> Response {
+        if let Some(refusal) = self.outside_cluster(&request) {
+            return refusal.into_response();
+        }
         if request == ClusterRequest::Init {
             return self.init().await.map_or_else(Refusal::into_response, |()| {
                 Response::Cluster(ClusterResponse::Done)
@@ -265,6 +281,9 @@ impl ControlPlane {
 
     /// Serves a node's heartbeat: the leader records it, others pass it on.
     pub async fn serve_heartbeat(&self, report: NodeReport, hops: u8) -> Response {
+        if let Some(refusal) = self.outside_cluster(&ClusterRequest::Status) {
+            return refusal.into_response();
+        }
         if !self.is_leader() {
             return self
                 .forward(
@@ -339,12 +358,9 @@ impl ControlPlane {
         match self.raft.initialize(members).await {
             Ok(()) => {
                 tracing::info!(member = %self.name, "control plane initialized with this member");
-                Ok(())
+                self.wait_until_registered().await
             }
-            Err(RaftError::APIError(error)) => Err(Refusal::new(
-                ErrorCode::IllegalState,
-                format!("member {} is already part of a cluster: {error}", self.name),
-            )),
+            Err(RaftError::APIError(_)) => Err(self.already_initialized()),
             Err(error) => Err(Refusal::new(ErrorCode::Internal, error.to_string())),
         }
     }
@@ -450,8 +466,11 @@ impl ControlPlane {
                 force,
             } => {
                 // Asked before anything is recorded, so a refused delete changes nothing;
-                // once `deleting` is recorded the node closes any connection first.
+                // once `deleting` is recorded the node closes any connection first. With
+                // --force the delete is recorded even while the node is down, and the node
+                // finishes it when it returns.
                 if !force {
+                    self.ensure_volume_node_up(&name)?;
                     self.refuse_open_volume(&name).await?;
                 }
                 self.commit(
@@ -467,6 +486,7 @@ impl ControlPlane {
                 name,
                 readiness,
             } => {
+                self.ensure_volume_node_up(&name)?;
                 // A retry of a command that was applied gets its first answer without
                 // asking the node again.
                 if let Some(answer) = self
@@ -522,7 +542,7 @@ impl ControlPlane {
                 self.read_barrier().await?;
                 let record = self.known_volume(&name)?;
                 let node_info = match self.node_address(&record.node) {
-                    Some(address) => {
+                    Some(address) if self.ensure_node_up(&record.node).is_ok() => {
                         match self
                             .call(&record.node, &address, Request::VolumeShow { name })
                             .await
@@ -531,7 +551,7 @@ impl ControlPlane {
                             _ => None,
                         }
                     }
-                    None => None,
+                    _ => None,
                 };
                 let nbd_address = self.catalog.read(|catalog| {
                     catalog
@@ -600,8 +620,12 @@ impl ControlPlane {
     /// A session as its node reports it now, or the catalog's checkpoint when the node
     /// does not answer.
     async fn session_live(&self, entry: &SessionEntry) -> SessionInfo {
-        let reason = match self.node_address(&entry.node) {
-            Some(address) => match self
+        let reason = match (
+            self.node_address(&entry.node),
+            self.ensure_node_up(&entry.node),
+        ) {
+            (Some(_), Err(down)) => down.message,
+            (Some(address), Ok(())) => match self
                 .call(
                     &entry.node,
                     &address,
@@ -617,7 +641,7 @@ impl ControlPlane {
                 Ok(other) => format!("unexpected answer {other:?}"),
                 Err(reason) => reason,
             },
-            None => "the node is not registered".to_string(),
+            (None, _) => "the node is not registered".to_string(),
         };
         let total = entry.tracks_copied + entry.tracks_remaining;
         SessionInfo {
@@ -662,6 +686,7 @@ impl ControlPlane {
         command: SessionCommand,
     ) -> Outcome<Response> {
         self.read_barrier().await?;
+        self.refuse_taken_target(&command).await?;
         let (source, target, entry) = match &command {
             SessionCommand::CloneCreate { source, target, .. } => {
                 (source.clone(), Some(target.clone()), None)
@@ -719,6 +744,7 @@ impl ControlPlane {
         if let Some(target) = &target {
             self.known_volume(target)?;
         }
+        self.ensure_node_up(&volume.node)?;
         let address = self.node_address(&volume.node).ok_or_else(|| {
             Refusal::new(
                 ErrorCode::Unavailable,
@@ -1129,6 +1155,7 @@ impl ControlPlane {
         overwrite: bool,
     ) -> Outcome<Response> {
         let source_record = self.known_volume(source)?;
+        self.ensure_node_up(&source_record.node)?;
         if source_record.state != VolumeState::Ready {
             return Err(CatalogError::IllegalState {
                 volume: source.to_string(),
@@ -1229,6 +1256,7 @@ impl ControlPlane {
     }
 
     async fn add_member(&self, node: &str) -> Outcome<()> {
+        self.refuse_stopped_member(node).await?;
         // A node started a moment ago registers with its first heartbeat, so "not yet
         // registered" is answered as unavailable: the CLI retries (with the same request)
         // and `add-member` right after starting the node just works.
@@ -1506,9 +1534,9 @@ impl ControlPlane {
                 if let Err(refusal) = self
                     .commit(
                         random_request_id(),
-                        Command::SetNodeHealth {
+                        Command::NodeDown {
                             node: node.name.clone(),
-                            health: Health::Down,
+                            since_unix_seconds: now_unix_seconds(),
                         },
                     )
                     .await
@@ -1608,5 +1636,336 @@ async fn supervise(control_plane: std::sync::Weak<ControlPlane>) {
             return;
         };
         control_plane.supervise_once().await;
+    }
+}
+
+/// How long `cluster init` waits for the member's own node to register, so that a command
+/// naming that node right after init finds it.
+pub const INIT_REGISTRATION_TIMEOUT_SECONDS: u64 = 10;
+const INIT_REGISTRATION_POLL_MILLISECONDS: u64 = 10;
+
+/// A member that knows no leader for this long asks the other members whether it was
+/// removed: longer than an election takes.
+pub const REMOVAL_CHECK_AFTER_LEADERLESS_MILLISECONDS: u64 = 1_000;
+pub const REMOVAL_CHECK_INTERVAL_MILLISECONDS: u64 = 500;
+
+/// The file a removed member leaves in the node's data directory: at its next start the
+/// node sets its old control-plane store aside and starts a fresh member, which the leader
+/// can add again.
+pub const REMOVED_MARKER_FILE: &str = "control-plane.removed";
+
+/// What a member learned when it found itself removed.
+#[derive(Debug, Clone)]
+struct Removal {
+    /// The leader whose membership no longer lists this member, and its term.
+    leader: String,
+    leader_term: u64,
+    /// This member's own term when its Raft stopped.
+    own_term: u64,
+}
+
+fn now_unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Sets a removed member's store aside, so that the node starts a fresh member.
+fn retire_removed_store(data_directory: &Path) -> Result<(), Error> {
+    let marker = data_directory.join(REMOVED_MARKER_FILE);
+    if !marker.exists() {
+        return Ok(());
+    }
+    let store = data_directory.join("control-plane");
+    let retired = data_directory.join(format!("control-plane.removed-{}", now_unix_seconds()));
+    let storage_error = |detail: String| Error::Storage {
+        path: store.display().to_string(),
+        detail,
+    };
+    if store.exists() {
+        std::fs::rename(&store, &retired).map_err(|error| {
+            storage_error(format!(
+                "this member was removed from the control plane, but its old store cannot be set aside as {}: {error}",
+                retired.display()
+            ))
+        })?;
+    }
+    std::fs::remove_file(&marker)
+        .map_err(|error| storage_error(format!("cannot remove {}: {error}", marker.display())))?;
+    tracing::info!(
+        retired = %retired.display(),
+        "this node was removed from the control plane before it restarted; it starts a fresh member that `tandem cluster add-member` can add again"
+    );
+    Ok(())
+}
+
+impl ControlPlane {
+    /// Whether this member was never initialized and never added to a cluster: its
+    /// membership is empty.
+    pub fn is_uninitialized(&self) -> bool {
+        if self.removed.lock().is_some() {
+            return false;
+        }
+        let metrics = self.raft.metrics();
+        let empty = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .next()
+            .is_none();
+        empty
+    }
+
+    /// Whether this member found itself removed from the control plane.
+    pub fn is_removed(&self) -> bool {
+        self.removed.lock().is_some()
+    }
+
+    fn removed_refusal(&self) -> Option<Refusal> {
+        let removal = self.removed.lock().clone()?;
+        Some(Refusal::new(
+            ErrorCode::NotMember,
+            format!(
+                "node {} is not a control-plane member: it was removed from the control plane (leader {}, term {}) and its Raft stopped at term {}; it serves on as a plain node. To make it a member again, restart it (it then starts a fresh member) and run `tandem cluster add-member {}`",
+                self.name, removal.leader, removal.leader_term, removal.own_term, self.name
+            ),
+        ))
+    }
+
+    /// The refusal of a request this member cannot serve because it is in no cluster: it
+    /// was removed, or it was never initialized (then only `Init` and `ClusterStatus`, which
+    /// shows the empty membership, are served).
+    fn outside_cluster(&self, request: &ClusterRequest) -> Option<Refusal> {
+        if let Some(refusal) = self.removed_refusal() {
+            return Some(refusal);
+        }
+        let served_anyway = matches!(
+            request,
+            ClusterRequest::Init | ClusterRequest::ClusterStatus
+        );
+        (!served_anyway && self.is_uninitialized()).then(|| {
+            Refusal::new(
+                ErrorCode::NotInitialized,
+                advice::NOT_INITIALIZED_MESSAGE.to_string(),
+            )
+        })
+    }
+
+    /// Returns once this member knows a leader (at once when it does now).
+    pub async fn leader_known(&self) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if self.knows_leader() {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                // Raft stopped: no leader will be known again.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn already_initialized(&self) -> Refusal {
+        let status = self.cluster_status();
+        Refusal::new(
+            ErrorCode::IllegalState,
+            format!(
+                "member {} is already initialized (leader {}, term {}); a cluster is initialized once: add members with `tandem cluster add-member NODE`",
+                self.name,
+                status.leader.as_deref().unwrap_or("none at the moment"),
+                status.term
+            ),
+        )
+    }
+
+    /// Waits until this member's own node is registered in the catalog, so that a
+    /// command naming it right after `cluster init` finds it.
+    async fn wait_until_registered(&self) -> Outcome<()> {
+        let deadline = Instant::now() + Duration::from_secs(INIT_REGISTRATION_TIMEOUT_SECONDS);
+        loop {
+            let registered = self.catalog.read(|catalog| {
+                catalog
+                    .node(&self.name)
+                    .is_some_and(|node| node.health == Health::Up)
+            });
+            if registered {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the control plane is initialized, but node {} did not register with it within {INIT_REGISTRATION_TIMEOUT_SECONDS} s; commands that name it fail until it does (see its log and `tandem status`)",
+                        self.name
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(INIT_REGISTRATION_POLL_MILLISECONDS)).await;
+        }
+    }
+
+    /// Refuses a command for a node the catalog marks down, at once: calling it would only
+    /// wait for connection timeouts.
+    fn ensure_node_up(&self, node: &str) -> Outcome<()> {
+        let record = self.catalog.read(|catalog| catalog.node(node).cloned());
+        match record {
+            Some(record) if record.health == Health::Down => Err(Refusal::new(
+                ErrorCode::IllegalState,
+                advice::node_down(node, record.down_since_unix_seconds, now_unix_seconds()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::ensure_node_up`] for the node of a volume, when the volume exists.
+    fn ensure_volume_node_up(&self, volume: &str) -> Outcome<()> {
+        let node = self
+            .catalog
+            .read(|catalog| catalog.volume(volume).map(|record| record.node.clone()));
+        node.map_or(Ok(()), |node| self.ensure_node_up(&node))
+    }
+
+    /// Refuses a new session whose target already is another session's target, saying
+    /// what the volume is and what to do, before any node is asked.
+    async fn refuse_taken_target(&self, command: &SessionCommand) -> Outcome<()> {
+        let target = match command {
+            SessionCommand::CloneCreate { target, .. } => target,
+            SessionCommand::MirrorEstablish { bcv, .. } => bcv,
+            _ => return Ok(()),
+        };
+        let Some(mut existing) = self
+            .catalog
+            .read(|catalog| catalog.session(target).cloned())
+        else {
+            return Ok(());
+        };
+        if advice::target_taken(command, &existing).is_none() {
+            return Ok(());
+        }
+        // The catalog's state is a checkpoint (a copy may have finished since); the
+        // session's node knows the state now, and the checkpoint stands when it is down.
+        existing.state = self.session_live(&existing).await.state;
+        match advice::target_taken(command, &existing) {
+            Some(message) => Err(Refusal::new(ErrorCode::IllegalState, message)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses to add a node whose member was removed and stopped: it would never answer
+    /// Raft again until the node restarts with a fresh member.
+    async fn refuse_stopped_member(&self, node: &str) -> Outcome<()> {
+        let Some(address) = self.node_address(node) else {
+            return Ok(());
+        };
+        let request = Request::Cluster {
+            request: ClusterRequest::ClusterStatus,
+            hops: CLUSTER_REQUEST_HOPS_MAX,
+        };
+        match self.call(node, &address, request).await {
+            Ok(Response::Error {
+                code: ErrorCode::NotMember,
+                ..
+            }) => Err(Refusal::new(
+                ErrorCode::IllegalState,
+                format!(
+                    "node '{node}' was removed from the control plane earlier and its member is stopped; restart the node (it then starts a fresh member) and run `tandem cluster add-member {node}` again"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Asks the other members of this member's last known membership whether their leader
+    /// still counts this member in. Only a leader's own answer counts, and only from a term
+    /// at least as new as the entries this member applied, so a stale leader cut off
+    /// before this member joined cannot make it stop.
+    async fn confirm_removal(&self) -> Option<Removal> {
+        let (peers, applied_term, own_term) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let peers: Vec<Member> = metrics
+                .membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(_, member)| member.clone())
+                .collect();
+            let applied_term = metrics
+                .last_applied
+                .map_or(0, |log_id| log_id.leader_id.get_term());
+            (peers, applied_term, metrics.current_term)
+        };
+        for peer in peers {
+            let request = Request::Cluster {
+                request: ClusterRequest::ClusterStatus,
+                hops: CLUSTER_REQUEST_HOPS_MAX,
+            };
+            let Ok(Response::Cluster(ClusterResponse::ClusterStatus(status))) =
+                self.call(&peer.name, &peer.address, request).await
+            else {
+                continue;
+            };
+            let leads = status.leader.as_deref() == Some(status.answered_by.as_str());
+            let counts_me = status.members.iter().any(|member| member.name == self.name)
+                || status.learners.contains(&self.name);
+            if leads && status.term >= applied_term && !counts_me {
+                return Some(Removal {
+                    leader: status.answered_by,
+                    leader_term: status.term,
+                    own_term,
+                });
+            }
+        }
+        None
+    }
+
+    /// Stops this removed member's Raft (so it no longer campaigns) and leaves the marker
+    /// that gives the node a fresh member at its next start.
+    async fn stop_as_removed(&self, removal: Removal) {
+        let marker = self.data_directory.join(REMOVED_MARKER_FILE);
+        if let Err(error) = std::fs::write(&marker, format!("{removal:?}\n")) {
+            tracing::warn!(%error, marker = %marker.display(), "cannot leave the removed-member marker; delete the control-plane directory before restarting this node");
+        }
+        tracing::warn!(
+            member = %self.name,
+            leader = %removal.leader,
+            term = removal.leader_term,
+            "this node was removed from the control plane: its Raft member stops and the node serves on as a plain node; restart it to let `tandem cluster add-member {}` add it again",
+            self.name
+        );
+        *self.removed.lock() = Some(removal);
+        self.shutdown().await;
+    }
+}
+
+/// Watches for this member's removal from the control plane. A removed member never
+/// receives the membership that leaves it out (the leader stops replicating to it first),
+/// so it would campaign for ever; it asks the others once it has been leaderless a while.
+async fn watch_removal(control_plane: std::sync::Weak<ControlPlane>) {
+    let mut ticker =
+        tokio::time::interval(Duration::from_millis(REMOVAL_CHECK_INTERVAL_MILLISECONDS));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leaderless_since: Option<Instant> = None;
+    loop {
+        ticker.tick().await;
+        let Some(control_plane) = control_plane.upgrade() else {
+            return;
+        };
+        if control_plane.is_removed() {
+            return;
+        }
+        if control_plane.knows_leader() || control_plane.is_uninitialized() {
+            leaderless_since = None;
+            continue;
+        }
+        let since = *leaderless_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < Duration::from_millis(REMOVAL_CHECK_AFTER_LEADERLESS_MILLISECONDS) {
+            continue;
+        }
+        if let Some(removal) = control_plane.confirm_removal().await {
+            control_plane.stop_as_removed(removal).await;
+            return;
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod copy;
 pub mod engine;
 pub mod error;
 pub mod layout;
+pub mod log_limit;
 pub mod store;
 pub mod track;
 

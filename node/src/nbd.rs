@@ -61,6 +61,15 @@ impl<E: Engine> ExportCatalog for StoreCatalog<'_, E> {
             .and_then(|volume| export_of(&volume))
     }
 
+    fn unavailable_reason(&self, name: &str) -> Option<String> {
+        let volume = self.store.volume(name).ok()?;
+        (!volume.is_deleted() && volume.readiness() == Readiness::NotReady).then(|| {
+            format!(
+                "volume '{name}' exists but is not ready (readiness not-ready): a clone destination becomes ready when it is activated, a BCV when it is split; see `tandem volume show {name}`"
+            )
+        })
+    }
+
     fn names(&self) -> Vec<String> {
         self.store
             .list()

@@ -190,12 +190,20 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     tasks.push(tokio::spawn(async move {
         while let Some(incoming) = accept_endpoint.accept().await {
             let service = service.clone();
+            let peer_address = incoming.remote_address().to_string();
             tokio::spawn(async move {
                 let connection = match incoming.await {
-                    Ok(connection) => connection,
+                    Ok(connection) => {
+                        crate::log_limit::peer_recovered(REFUSED_HANDSHAKE, &peer_address);
+                        connection
+                    }
                     Err(error) => {
                         // Peers without a certificate from the cluster CA end here.
-                        tracing::warn!(%error, "QUIC connection refused");
+                        crate::log_limit::warn_peer(
+                            REFUSED_HANDSHAKE,
+                            &peer_address,
+                            &format!("{error} (a peer needs a certificate from this cluster's CA, made by `tandem init`)"),
+                        );
                         metrics::counter!(crate::metrics::QUIC_REFUSED_TOTAL).increment(1);
                         return;
                     }
@@ -220,6 +228,9 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         control_plane: hosted_control_plane,
     })
 }
+
+/// What the log says of a peer whose QUIC handshake failed.
+const REFUSED_HANDSHAKE: &str = "refused a QUIC handshake from";
 
 /// Threads that store the tracks of remote copiers: enough to keep a copy's parallel
 /// streams busy on two cores.
@@ -270,13 +281,29 @@ async fn heartbeat<E: Engine>(service: Arc<Service<E>>, report: NodeReport) {
                     report: report.clone(),
                     hops: 0,
                 };
-                service::to_members(&service, request, HEARTBEAT_PATIENCE).await
+                let to_members = service::to_members(&service, request, HEARTBEAT_PATIENCE);
+                match &service.control_plane {
+                    // A member that learns its leader meanwhile (`cluster init` here) stops
+                    // waiting for the configured members, so it registers at once.
+                    Some(control_plane) => tokio::select! {
+                        response = to_members => response,
+                        () = control_plane.leader_known() => {
+                            control_plane.serve_heartbeat(report.clone(), 0).await
+                        }
+                    },
+                    None => to_members.await,
+                }
             }
         };
         match response {
             Response::Error { code, message } => {
                 if reported {
                     tracing::warn!(%code, %message, "heartbeat not accepted; will keep trying");
+                } else {
+                    crate::log_limit::info_once_per_interval(
+                        "heartbeat",
+                        &format!("not registered with the control plane yet ({code}): {message}; will keep trying"),
+                    );
                 }
                 reported = false;
             }

@@ -7,6 +7,7 @@ use crate::copy::Sessions;
 use crate::engine::Engine;
 use crate::store::VolumeStore;
 use crate::{Error, Result};
+use control_plane::advice::NOT_INITIALIZED_MESSAGE;
 use control_plane::caller::Caller;
 use control_plane::member::ControlPlane;
 use control_plane::network::Faults;
@@ -363,13 +364,24 @@ fn route_to<E: Engine>(service: &Service<E>, hops: u8, local_only: bool) -> Rout
     match &service.control_plane {
         // A member that knows its leader, or a request that must be served here.
         Some(control_plane)
-            if local_only || control_plane.knows_leader() || service.members.is_empty() =>
+            if local_only
+                || control_plane.knows_leader()
+                || service
+                    .members
+                    .iter()
+                    .all(|member| *member == service.own_address) =>
         {
             Route::Local(control_plane)
         }
         // A node that is no member, or a member not yet in any cluster (before
         // `cluster add-member`), asks the configured members, within the hop budget.
         _ if hops < CLUSTER_REQUEST_HOPS_MAX => Route::Members,
+        // At the end of the hop budget a member in no cluster says so, so that the node
+        // that asked can tell "no cluster yet" from "no leader now".
+        Some(control_plane) if control_plane.is_uninitialized() => Route::Refuse(Box::new(refuse(
+            ErrorCode::NotInitialized,
+            NOT_INITIALIZED_MESSAGE.to_string(),
+        ))),
         _ => Route::Refuse(Box::new(refuse(
             ErrorCode::Unavailable,
             format!(
@@ -379,6 +391,9 @@ fn route_to<E: Engine>(service: &Service<E>, hops: u8, local_only: bool) -> Rout
         ))),
     }
 }
+
+/// What the log says of a configured member that cannot be reached.
+const UNREACHABLE_MEMBER: &str = "cannot reach control-plane member";
 
 /// Passes a request to the configured members, starting with the one that answered last
 /// and moving on while they answer "unavailable" (dead, or no leader known), so that one
@@ -407,6 +422,7 @@ pub async fn to_members<E: Engine>(
     }
     let start = service.preferred_member.load(Ordering::Relaxed) % members.len();
     let mut failures = Vec::new();
+    let mut not_initialized = 0;
     for offset in 0..members.len() {
         let index = (start + offset) % members.len();
         let member = members[index];
@@ -415,15 +431,36 @@ pub async fn to_members<E: Engine>(
             .unwrap_or_else(|_| Err(format!("no answer within {} ms", patience.as_millis())));
         match answer {
             Ok(Response::Error {
-                code: ErrorCode::Unavailable,
+                code:
+                    code @ (ErrorCode::Unavailable | ErrorCode::NotInitialized | ErrorCode::NotMember),
                 message,
-            }) => failures.push(format!("{member}: {message}")),
+            }) => {
+                crate::log_limit::peer_recovered(UNREACHABLE_MEMBER, member);
+                not_initialized += usize::from(code == ErrorCode::NotInitialized);
+                failures.push(format!("{member}: {message}"));
+            }
             Ok(response) => {
+                crate::log_limit::peer_recovered(UNREACHABLE_MEMBER, member);
                 service.preferred_member.store(index, Ordering::Relaxed);
                 return response;
             }
-            Err(detail) => failures.push(format!("{member}: {detail}")),
+            Err(detail) => {
+                crate::log_limit::warn_peer(UNREACHABLE_MEMBER, member, &detail);
+                failures.push(format!("{member}: {detail}"));
+            }
         }
+    }
+    // Only when every member says it is in no cluster, and so is this node's own member,
+    // is there no control plane: a member that does not answer may be the one that is.
+    let own_uninitialized = service
+        .control_plane
+        .as_ref()
+        .is_none_or(|control_plane| control_plane.is_uninitialized());
+    if not_initialized == members.len() && own_uninitialized {
+        return refuse(
+            ErrorCode::NotInitialized,
+            NOT_INITIALIZED_MESSAGE.to_string(),
+        );
     }
     refuse(
         ErrorCode::Unavailable,

@@ -84,6 +84,9 @@ pub struct NodeRecord {
     pub capacity_bytes: u64,
     pub control_plane: bool,
     pub health: Health,
+    /// When the leader marked the node down (Unix seconds, by the leader's clock); `None`
+    /// while it is up.
+    pub down_since_unix_seconds: Option<u64>,
 }
 
 /// Where a volume is in its life. `Creating` and `Deleting` are the half-way states of a
@@ -164,6 +167,12 @@ pub enum Command {
     SessionEnded {
         target: String,
         target_readiness: Readiness,
+    },
+    /// Marks a node down as of `since_unix_seconds`, the leader's clock when it gave up
+    /// waiting for heartbeats: time enters the catalog only as data in a command.
+    NodeDown {
+        node: String,
+        since_unix_seconds: u64,
     },
 }
 

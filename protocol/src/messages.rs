@@ -240,6 +240,11 @@ pub enum ErrorCode {
     Unavailable,
     /// The caller's certificate does not allow this request.
     Forbidden,
+    /// No control plane exists yet: the member asked (and every configured member) was
+    /// never initialized. Retrying cannot help until `tandem cluster init` runs.
+    NotInitialized,
+    /// The node asked was removed from the control plane and no longer serves as a member.
+    NotMember,
 }
 
 impl fmt::Display for ErrorCode {
@@ -253,6 +258,8 @@ impl fmt::Display for ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotInitialized => "not-initialized",
+            ErrorCode::NotMember => "not-member",
         })
     }
 }

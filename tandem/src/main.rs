@@ -252,8 +252,8 @@ enum VolumeCommand {
         #[arg(long, value_parser = size::parse_size)]
         size: u64,
         /// Track size, a power of two from 4KiB to 1MiB.
-        #[arg(long, value_parser = size::parse_size, default_value = "64KiB")]
-        track_size: u64,
+        #[arg(long, value_parser = size::parse_track_size, default_value = "64KiB")]
+        track_size: u32,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -970,8 +970,7 @@ async fn volume(command: VolumeCommand) -> Result<()> {
             json,
             connection,
         } => {
-            let track_size_bytes =
-                u32::try_from(track_size).context("track size is too large: at most 1MiB")?;
+            let track_size_bytes = track_size;
             let record = volume_of(
                 cluster_call(
                     &connection,

@@ -156,7 +156,7 @@ pub enum MirrorCommand {
 #[derive(clap::Args)]
 pub struct RateOptions {
     /// The new limit in MiB/s.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), required_unless_present = "default")]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), required_unless_present = "default", conflicts_with = "default")]
     rate: Option<u32>,
     /// Go back to the node's default rate for sessions.
     #[arg(long)]

@@ -1525,9 +1525,10 @@ impl<E: Engine> Sessions<E> {
                 command,
                 &session,
                 format!(
-                    "'{}' is already the target of {}",
+                    "'{}' is already the target of {} (state {}): end that session first or choose another volume",
                     target.name,
-                    other.record.describe()
+                    other.record.describe(),
+                    other.record.state
                 ),
             ));
         }
@@ -1771,8 +1772,8 @@ impl<E: Engine> Sessions<E> {
                     command,
                     &record.describe(),
                     format!(
-                        "'{bcv}' is the BCV of '{}', not of '{standard}'",
-                        record.source
+                        "'{bcv}' is already the BCV of a mirror of '{}' (state {}): cancel that mirror first (`tandem mirror cancel {bcv}`) or choose another volume as the BCV",
+                        record.source, record.state
                     ),
                 ));
             }

@@ -48,6 +48,12 @@ pub trait ExportCatalog {
     fn lookup(&self, name: &str) -> Option<ExportInfo>;
     /// The names of every export offered right now, for `NBD_OPT_LIST`.
     fn names(&self) -> Vec<String>;
+    /// Why an export that [`ExportCatalog::lookup`] does not offer exists but cannot be
+    /// used now, in words for the user; `None` when there is no export of that name. The
+    /// client then sees the reason (with `NBD_REP_ERR_POLICY`) instead of "no export".
+    fn unavailable_reason(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// What the driver does after writing an option's reply.
@@ -269,7 +275,12 @@ fn answer_info_or_go(code: u32, data: &[u8], catalog: &dyn ExportCatalog) -> Opt
         Err(detail) => return error_reply(code, reply::ERROR_INVALID, detail),
     };
     let Some(export) = catalog.lookup(request.name) else {
-        return error_reply(code, reply::ERROR_UNKNOWN, "no export with that name");
+        // An export that exists but is not offered now is refused by policy, with the
+        // reason; qemu and libnbd show the message, so the user learns what to do.
+        return match catalog.unavailable_reason(request.name) {
+            Some(reason) => error_reply(code, reply::ERROR_POLICY, &reason),
+            None => error_reply(code, reply::ERROR_UNKNOWN, "no export with that name"),
+        };
     };
 
     let mut reply = Vec::new();

@@ -40,6 +40,10 @@ impl ExportCatalog for FakeCatalog {
     fn names(&self) -> Vec<String> {
         self.exports.keys().cloned().collect()
     }
+
+    fn unavailable_reason(&self, name: &str) -> Option<String> {
+        (name == "resting").then(|| "volume 'resting' exists but is not ready".to_owned())
+    }
 }
 
 /// Runs the opening exchange and returns the flags the server parsed.
@@ -180,6 +184,22 @@ fn go_on_unknown_export_is_error_unknown_and_continues() {
     assert_eq!(replies[0].0.option, option::GO);
     assert_eq!(replies[0].0.reply_type, reply::ERROR_UNKNOWN);
     assert!(replies[0].0.is_error());
+}
+
+#[test]
+fn go_on_an_export_that_is_not_offered_now_is_refused_with_the_reason() {
+    let client_flags = open_session(true);
+    for encoded in [encode_go("resting"), encode_info("resting")] {
+        let outcome = send_option(client_flags, &encoded);
+        assert_eq!(outcome.next, NextStep::Continue);
+        let replies = parse_replies(&outcome.reply);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].0.reply_type, reply::ERROR_POLICY);
+        assert_eq!(
+            String::from_utf8_lossy(&replies[0].1),
+            "volume 'resting' exists but is not ready"
+        );
+    }
 }
 
 #[test]

@@ -106,6 +106,44 @@ impl NodeProcess {
         quic_port: u16,
         extra: &[&str],
     ) -> NodeProcess {
+        Self::spawn(
+            certs,
+            name,
+            data_dir,
+            metrics,
+            quic_port,
+            extra,
+            Stdio::null(),
+        )
+    }
+
+    /// [`NodeProcess::start_with`], with the node's log (its standard error) appended to
+    /// the file `log`.
+    pub fn start_logging(
+        certs: &Path,
+        name: &str,
+        data_dir: &Path,
+        quic_port: u16,
+        extra: &[&str],
+        log: &Path,
+    ) -> NodeProcess {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        Self::spawn(certs, name, data_dir, None, quic_port, extra, file.into())
+    }
+
+    fn spawn(
+        certs: &Path,
+        name: &str,
+        data_dir: &Path,
+        metrics: Option<u16>,
+        quic_port: u16,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> NodeProcess {
         let config = certs.join(format!("{name}.toml"));
         let listen = format!("127.0.0.1:{quic_port}");
         let mut command = tandem();
@@ -125,7 +163,7 @@ impl NodeProcess {
         command.args(["--metrics", &format!("127.0.0.1:{metrics}")]);
         let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();

@@ -6,6 +6,7 @@ mod common;
 mod crash;
 mod guards;
 mod json;
+mod messages;
 mod metrics;
 mod progress;
 mod readme;
