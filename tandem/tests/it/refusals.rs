@@ -146,6 +146,9 @@ const REFUSED: &[Refused] = &[
     refused(&["snap", "plain", "x", "--extent", "9-2"], "extent"),
     refused(&["snap", "plain", "bcv1"], "one node"),
     refused(&["snap", "plain", "std1"], "session"),
+    // A snap onto a volume that is not the source's snapshot needs --overwrite.
+    refused(&["snap", "plain", "spare"], "--overwrite"),
+    refused(&["snap", "std2", "plain-snap"], "--overwrite"),
     // Clones.
     refused(&["clone", "create", "nosuch", "x"], "does not exist"),
     refused(&["clone", "create", "src", "nosuch"], "does not exist"),
@@ -186,6 +189,12 @@ const REFUSED: &[Refused] = &[
     refused(&["mirror", "restore", "bcv1"], "restore"),
     refused(&["mirror", "cancel", "cdst"], "no mirror session"),
     refused(&["mirror", "rotate", "plain"], "plain"),
+    refused(
+        &["mirror", "rate", "bcv1", "--rate", "5", "--default"],
+        "cannot be used with",
+    ),
+    refused(&["clone", "cancel", "bcv1"], "no clone session"),
+    refused(&["clone", "cancel", "nosuch"], "no clone session"),
     // The control plane.
     refused(&["cluster", "remove-member", "beta"], "beta"),
     refused(&["cluster", "add-member", "nosuch"], "nosuch"),
