@@ -1,0 +1,126 @@
+//! Refusals the leader gives before it asks any node or commits anything: a node that is
+//! down, a session target that is taken, a volume hosts have open. Each says what the
+//! volume or node is and what to do.
+
+use super::*;
+
+impl ControlPlane {
+    /// Refuses to delete a volume that hosts have open over NBD: their next IO would fail.
+    /// The volume's node is asked before the catalog records anything, so the refusal
+    /// changes nothing. A volume the catalog does not know, or whose delete is already
+    /// under way, is left to the catalog's own checks.
+    pub(super) async fn refuse_open_volume(&self, name: &str) -> Outcome<()> {
+        self.read_barrier().await?;
+        let Some(record) = self.catalog.read(|catalog| catalog.volume(name).cloned()) else {
+            return Ok(());
+        };
+        if record.state != VolumeState::Ready {
+            return Ok(());
+        }
+        let node = self
+            .catalog
+            .read(|catalog| catalog.node(&record.node).cloned());
+        let Some(node) = node else {
+            return Ok(());
+        };
+        if node.health == Health::Down {
+            return Err(Refusal::new(
+                ErrorCode::IllegalState,
+                format!(
+                    "node '{}' of volume '{name}' is down, so whether hosts have the volume open cannot be checked; pass --force to delete it anyway (the node deletes it when it returns)",
+                    record.node
+                ),
+            ));
+        }
+        let answer = self
+            .call(
+                &record.node,
+                &node.address,
+                Request::VolumeClients {
+                    name: name.to_string(),
+                },
+            )
+            .await;
+        match answer {
+            Ok(Response::VolumeClients { clients, .. }) if clients.is_empty() => Ok(()),
+            Ok(Response::VolumeClients { clients, .. }) => Err(Refusal::new(
+                ErrorCode::IllegalState,
+                format!(
+                    "volume '{name}' is open by {} NBD connection{} ({}): disconnect {} first, or pass --force to close {} and delete the volume",
+                    clients.len(),
+                    if clients.len() == 1 { "" } else { "s" },
+                    clients.join(", "),
+                    if clients.len() == 1 { "that host" } else { "those hosts" },
+                    if clients.len() == 1 { "the connection" } else { "the connections" },
+                ),
+            )),
+            // The node never got the volume (a create it did not finish): no host has it.
+            Ok(Response::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }) => Ok(()),
+            Ok(Response::Error { code, message }) => Err(Refusal::new(
+                code,
+                format!(
+                    "cannot check whether hosts have volume '{name}' open: {message}; pass --force to delete it anyway"
+                ),
+            )),
+            Ok(other) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("unexpected answer {other:?}"),
+            )),
+            Err(detail) => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "node '{}' did not answer whether hosts have volume '{name}' open ({detail}); retry, or pass --force to delete it anyway",
+                    record.node
+                ),
+            )),
+        }
+    }
+
+    /// Refuses a command for a node the catalog marks down, at once: calling it would only
+    /// wait for connection timeouts.
+    pub(super) fn ensure_node_up(&self, node: &str) -> Outcome<()> {
+        let record = self.catalog.read(|catalog| catalog.node(node).cloned());
+        match record {
+            Some(record) if record.health == Health::Down => Err(Refusal::new(
+                ErrorCode::IllegalState,
+                advice::node_down(node, record.down_since_unix_seconds, now_unix_seconds()),
+            )),
+            _ => Ok(()),
+        }
+    }
+    /// [`Self::ensure_node_up`] for the node of a volume, when the volume exists.
+    pub(super) fn ensure_volume_node_up(&self, volume: &str) -> Outcome<()> {
+        let node = self
+            .catalog
+            .read(|catalog| catalog.volume(volume).map(|record| record.node.clone()));
+        node.map_or(Ok(()), |node| self.ensure_node_up(&node))
+    }
+    /// Refuses a new session whose target already is another session's target, saying
+    /// what the volume is and what to do, before any node is asked.
+    pub(super) async fn refuse_taken_target(&self, command: &SessionCommand) -> Outcome<()> {
+        let target = match command {
+            SessionCommand::CloneCreate { target, .. } => target,
+            SessionCommand::MirrorEstablish { bcv, .. } => bcv,
+            _ => return Ok(()),
+        };
+        let Some(mut existing) = self
+            .catalog
+            .read(|catalog| catalog.session(target).cloned())
+        else {
+            return Ok(());
+        };
+        if advice::target_taken(command, &existing).is_none() {
+            return Ok(());
+        }
+        // The catalog's state is a checkpoint (a copy may have finished since); the
+        // session's node knows the state now, and the checkpoint stands when it is down.
+        existing.state = self.session_live(&existing).await.state;
+        match advice::target_taken(command, &existing) {
+            Some(message) => Err(Refusal::new(ErrorCode::IllegalState, message)),
+            None => Ok(()),
+        }
+    }
+}
