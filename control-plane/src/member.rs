@@ -478,7 +478,15 @@ impl ControlPlane {
                 // --force the delete is recorded even while the node is down, and the node
                 // finishes it when it returns.
                 if !force {
-                    self.ensure_volume_node_up(&name)?;
+                    self.ensure_volume_node_up(&name).map_err(|refusal| {
+                        Refusal::new(
+                            refusal.code,
+                            format!(
+                                "{}; or pass --force to delete it anyway (the node deletes it when it returns)",
+                                refusal.message
+                            ),
+                        )
+                    })?;
                     self.refuse_open_volume(&name).await?;
                 }
                 self.commit(

@@ -23,15 +23,6 @@ impl ControlPlane {
         let Some(node) = node else {
             return Ok(());
         };
-        if node.health == Health::Down {
-            return Err(Refusal::new(
-                ErrorCode::IllegalState,
-                format!(
-                    "node '{}' of volume '{name}' is down, so whether hosts have the volume open cannot be checked; pass --force to delete it anyway (the node deletes it when it returns)",
-                    record.node
-                ),
-            ));
-        }
         let answer = self
             .call(
                 &record.node,

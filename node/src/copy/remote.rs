@@ -11,7 +11,7 @@ use super::Sessions;
 use crate::engine::{Batch, Durability, Engine, Space};
 use crate::store::{BitChange, Bits, Volume};
 use crate::{Error, Result};
-use protocol::messages::Readiness;
+use protocol::messages::{Extent, Readiness};
 use protocol::session::{
     RemoteVolume, SessionId, SessionKind, TargetAnswer, TargetOperation, TrackImage,
 };
@@ -501,35 +501,13 @@ impl<E: Engine> Sessions<E> {
                 tracing::info!(session, volume = %registration.volume, "remote session target released");
                 Ok(TargetAnswer::Done)
             }
-            TargetOperation::ClearInvalid { extents, .. } => {
-                let _gate = self.gate.read();
-                for extent in extents {
-                    if extent.first > extent.last || extent.last >= volume.track_count() {
-                        return Err(Error::ExtentOutOfRange {
-                            name: volume.name.clone(),
-                            extent,
-                            last_track: volume.track_count() - 1,
-                        });
-                    }
-                    self.store
-                        .change_bits(&volume, Bits::Invalid, extent, false)?;
-                }
-                Ok(TargetAnswer::Done)
-            }
+            // A clone destination's invalid bits: marked when a clone is created (seed
+            // 001's IND), cleared when a clone that was never activated is cancelled.
             TargetOperation::MarkInvalid { extents, .. } => {
-                let _gate = self.gate.read();
-                for extent in extents {
-                    if extent.first > extent.last || extent.last >= volume.track_count() {
-                        return Err(Error::ExtentOutOfRange {
-                            name: volume.name.clone(),
-                            extent,
-                            last_track: volume.track_count() - 1,
-                        });
-                    }
-                    self.store
-                        .change_bits(&volume, Bits::Invalid, extent, true)?;
-                }
-                Ok(TargetAnswer::Done)
+                self.change_invalid(&volume, extents, true)
+            }
+            TargetOperation::ClearInvalid { extents, .. } => {
+                self.change_invalid(&volume, extents, false)
             }
             TargetOperation::Register { .. }
             | TargetOperation::PullTrack { .. }
@@ -538,6 +516,31 @@ impl<E: Engine> Sessions<E> {
     }
 
     /// The clone session `session` of this node, whose destination is on another node.
+    /// Sets or clears a target volume's invalid bits over `extents`, after checking every
+    /// extent against the volume, under the command gate's read side.
+    fn change_invalid(
+        &self,
+        volume: &Volume,
+        extents: Vec<Extent>,
+        set: bool,
+    ) -> Result<TargetAnswer> {
+        let _gate = self.gate.read();
+        if let Some(extent) = extents
+            .iter()
+            .find(|extent| extent.first > extent.last || extent.last >= volume.track_count())
+        {
+            return Err(Error::ExtentOutOfRange {
+                name: volume.name.clone(),
+                extent: *extent,
+                last_track: volume.track_count() - 1,
+            });
+        }
+        for extent in extents {
+            self.store.change_bits(volume, Bits::Invalid, extent, set)?;
+        }
+        Ok(TargetAnswer::Done)
+    }
+
     fn remote_clone(&self, session: SessionId) -> Result<(super::SessionRecord, Arc<Volume>)> {
         let record = self
             .table
