@@ -5,6 +5,8 @@ use protocol::messages::{ErrorCode, Extent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("stopped at fail point {name} (a crash test set it)")]
+    FailPoint { name: String },
     #[error("volume '{name}' does not exist (see `tandem volume list`)")]
     VolumeNotFound { name: String },
     #[error("volume '{name}' already exists; pick another name or delete it first")]
@@ -133,6 +135,7 @@ impl Error {
             }
             Error::Remote { .. } => ErrorCode::Unavailable,
             Error::Corrupt { .. }
+            | Error::FailPoint { .. }
             | Error::CopyRejected { .. }
             | Error::Engine { .. }
             | Error::Metadata { .. }

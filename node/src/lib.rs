@@ -9,6 +9,7 @@ pub mod bitmap;
 pub mod copy;
 pub mod engine;
 pub mod error;
+pub mod failpoints;
 pub mod layout;
 pub mod log_limit;
 pub mod store;

@@ -7,6 +7,9 @@
 //! by reads and writes, exclusive for a snapshot, which so waits for in-flight writes and
 //! holds new ones for its instant).
 
+mod changes;
+pub use changes::VolumeChanges;
+
 use crate::bitmap::{self, BitmapKind, SESSION_SLOTS_MAX, TRACKS_PER_CHUNK};
 use crate::engine::{Batch, Durability, Engine, Space};
 use crate::layout::{self, LayerReference, ReferenceKind, VIEW_REFERENCES_MAX};
@@ -269,6 +272,25 @@ fn readiness_code(readiness: Readiness) -> u8 {
         Readiness::Ready => 0,
         Readiness::ReadOnly => 1,
         Readiness::NotReady => 2,
+    }
+}
+
+/// Adds to `batch` the merge operands that set or clear one bitmap's `mask` bits over
+/// `first_track..=last_track` of a volume.
+fn add_bit_changes(
+    batch: &mut Batch,
+    volume: u64,
+    kind: BitmapKind,
+    mask: u16,
+    first_track: u64,
+    last_track: u64,
+    set: bool,
+) {
+    for (chunk, change) in bitmap::changes_by_chunk(first_track, last_track, set, mask) {
+        batch.merge_bitmap(
+            bitmap::chunk_key(volume, kind, chunk).to_vec(),
+            bitmap::encode_changes(&[change]),
+        );
     }
 }
 
@@ -1230,7 +1252,7 @@ impl<E: Engine> VolumeStore<E> {
         last_track: u64,
     ) {
         if marks.changed != 0 {
-            Self::add_bit_changes(
+            add_bit_changes(
                 batch,
                 volume,
                 BitmapKind::Sessions,
@@ -1241,7 +1263,7 @@ impl<E: Engine> VolumeStore<E> {
             );
         }
         if marks.pending != 0 {
-            Self::add_bit_changes(
+            add_bit_changes(
                 batch,
                 volume,
                 BitmapKind::Pending,
@@ -1252,7 +1274,7 @@ impl<E: Engine> VolumeStore<E> {
             );
         }
         if marks.target_changed {
-            Self::add_bit_changes(
+            add_bit_changes(
                 batch,
                 volume,
                 BitmapKind::TargetChanged,
@@ -1260,23 +1282,6 @@ impl<E: Engine> VolumeStore<E> {
                 first_track,
                 last_track,
                 true,
-            );
-        }
-    }
-
-    fn add_bit_changes(
-        batch: &mut Batch,
-        volume: u64,
-        kind: BitmapKind,
-        mask: u16,
-        first_track: u64,
-        last_track: u64,
-        set: bool,
-    ) {
-        for (chunk, change) in bitmap::changes_by_chunk(first_track, last_track, set, mask) {
-            batch.merge_bitmap(
-                bitmap::chunk_key(volume, kind, chunk).to_vec(),
-                bitmap::encode_changes(&[change]),
             );
         }
     }
@@ -1291,7 +1296,7 @@ impl<E: Engine> VolumeStore<E> {
                 Self::check_slot(change.volume, &change.volume.state.read(), slot)?;
             }
             let (kind, mask) = change.bits.kind_and_mask();
-            Self::add_bit_changes(
+            add_bit_changes(
                 batch,
                 change.volume.id,
                 kind,
@@ -1436,6 +1441,11 @@ impl<E: Engine> VolumeStore<E> {
         self.engine.sync()
     }
 
+    /// The session slots of `volume` in use, one bit each.
+    pub fn session_slots(&self, volume: &Volume) -> u16 {
+        volume.state.read().session_slots
+    }
+
     /// Takes a free session slot of `volume` (the 17th is refused). Its bits start clear.
     pub fn allocate_session_slot(&self, volume: &Volume) -> Result<u8> {
         let mut state = volume.state.write();
@@ -1471,7 +1481,7 @@ impl<E: Engine> VolumeStore<E> {
     ) -> Result<()> {
         let mut batch = Batch::default();
         for kind in [BitmapKind::Sessions, BitmapKind::Pending] {
-            Self::add_bit_changes(
+            add_bit_changes(
                 &mut batch,
                 volume.id,
                 kind,
@@ -1569,7 +1579,7 @@ impl<E: Engine> VolumeStore<E> {
         }
         let (kind, mask) = bits.kind_and_mask();
         let mut batch = Batch::default();
-        Self::add_bit_changes(
+        add_bit_changes(
             &mut batch,
             volume.id,
             kind,

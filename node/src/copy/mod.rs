@@ -16,13 +16,17 @@
 //!   its M4b bits; the standard's invalid bits mark the tracks a restore has yet to bring
 //!   back from the BCV.
 //!
-//! Locks, always in this order: the command gate (commands exclusive; host IO and copy
-//! steps shared, so a command is atomic with respect to both), then the track locks of
+//! Locks, always in this order: the command gates of the volumes involved (one per volume,
+//! see [`gates`]: commands exclusive on their session's volumes of this node; host IO
+//! shared on its own volume and copy steps on their session's, so a command is atomic
+//! with respect to both; taken together, in volume id order), then the track locks of
 //! every volume a step may touch (taken together, sorted, so two steps never deadlock),
 //! then the store's own locks. The session table's mutex is held only briefly and never
 //! while waiting for another lock.
 
+mod commands;
 pub mod core;
+mod gates;
 pub mod governor;
 mod observe;
 mod record;
@@ -33,9 +37,9 @@ use self::core::{Progress, RateLimit, RecentRate, SourceWriteStep};
 use self::governor::{Governor, LatencyHistogram, GOVERNOR_WINDOW};
 use self::remote::{Partner, Registration, TargetLink};
 use crate::engine::{Batch, Durability, Engine, Space};
-use crate::store::{BitChange, Bits, Volume, VolumeStore, WriteMarks};
+use crate::store::{BitChange, Bits, Volume, VolumeStore};
 use crate::{Error, Result};
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, MutexGuard};
 use protocol::messages::{Extent, Readiness};
 use protocol::session::{
     next_state, MirrorMode, PastError, RemoteVolume, SessionCommand, SessionId, SessionInfo,
@@ -54,13 +58,15 @@ pub const COPY_STEP_TRACKS_MAX: usize = 16;
 /// Tracks one step sends to a remote target at once, on parallel streams: 4 MiB of
 /// 64 KiB tracks in flight.
 pub const REMOTE_STEP_TRACKS_MAX: usize = 64;
-/// Bit changes one batch carries when a command marks many tracks.
-const BIT_BATCH_TRACKS_MAX: usize = 4096;
 /// A rate-limited copy takes at least this many steps a second, so each is short.
 const COPY_STEPS_PER_SECOND_MIN: u64 = 50;
 /// Copier threads of a node: while one waits for a remote target's acknowledgements, the
 /// other reads the next tracks.
 pub const COPIER_THREADS: usize = 2;
+/// How often a command looks again for the volumes it must hold, should they change while
+/// it waits for their gates; the last round goes ahead with what it holds, which the
+/// command's own checks then judge.
+const COMMAND_GATE_ROUNDS_MAX: usize = 4;
 /// How often a running copy writes its progress checkpoint.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -146,6 +152,13 @@ struct Live {
     lag_since: Option<Instant>,
 }
 
+/// What `list` and `show` need of a session, taken under the table's mutex.
+struct Glance {
+    record: SessionRecord,
+    tracks_per_second: f64,
+    lag_since: Option<Instant>,
+}
+
 struct Table {
     sessions: BTreeMap<SessionId, Live>,
     next_id: SessionId,
@@ -218,7 +231,7 @@ pub struct StepOutcome {
 /// The copy sessions of one node.
 pub struct Sessions<E: Engine> {
     store: Arc<VolumeStore<E>>,
-    gate: RwLock<()>,
+    gates: gates::Gates,
     table: Mutex<Table>,
     locks: TrackLocks,
     epoch: Instant,
@@ -238,6 +251,19 @@ fn refused(command: &SessionCommand, session: &str, reason: impl Into<String>) -
         command: command.name().to_string(),
         session: session.to_string(),
         reason: reason.into(),
+    }
+}
+
+/// The kind of session a command is for (a rate change names its session by target and
+/// is looked up among both kinds).
+fn command_kind(command: &SessionCommand) -> SessionKind {
+    match command {
+        SessionCommand::CloneCreate { .. }
+        | SessionCommand::ClonePrecopy { .. }
+        | SessionCommand::CloneActivate { .. }
+        | SessionCommand::CloneTerminate { .. }
+        | SessionCommand::CloneCancel { .. } => SessionKind::Clone,
+        _ => SessionKind::Mirror,
     }
 }
 
@@ -290,6 +316,7 @@ impl<E: Engine> Sessions<E> {
                 record
             })
             .collect();
+        reconcile_slots(&store, &records)?;
         let registrations = remote::load_registrations(store.engine())?
             .into_iter()
             .map(|registration| (registration.volume.clone(), registration))
@@ -307,7 +334,7 @@ impl<E: Engine> Sessions<E> {
             .collect();
         Ok(Sessions {
             store,
-            gate: RwLock::new(()),
+            gates: gates::Gates::default(),
             table: Mutex::new(Table { sessions, next_id }),
             locks: TrackLocks {
                 stripes: (0..TRACK_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
@@ -346,12 +373,6 @@ impl<E: Engine> Sessions<E> {
     fn persist(&self, record: &SessionRecord) -> Result<()> {
         let mut batch = Batch::default();
         batch.put(Space::Meta, session_key(record.id), record::encode(record)?);
-        self.store.engine().write(batch, Durability::Synced)
-    }
-
-    fn forget(&self, id: SessionId) -> Result<()> {
-        let mut batch = Batch::default();
-        batch.delete(Space::Meta, session_key(id));
         self.store.engine().write(batch, Durability::Synced)
     }
 
@@ -530,7 +551,7 @@ impl<E: Engine> Sessions<E> {
     /// A host read: pulls what the volume does not hold yet, then reads.
     pub fn read(&self, volume: &Arc<Volume>, offset: u64, length: u64) -> Result<Vec<u8>> {
         self.pull_for_remote_clone(volume, offset, length)?;
-        let _gate = self.gate.read();
+        let _gate = self.gates.shared([volume.id]);
         Self::check_ready(volume, false)?;
         let related: Vec<_> = self
             .related(volume)?
@@ -558,7 +579,7 @@ impl<E: Engine> Sessions<E> {
         durability: Durability,
     ) -> Result<()> {
         self.pull_for_remote_clone(volume, offset, length)?;
-        let _gate = self.gate.read();
+        let _gate = self.gates.shared([volume.id]);
         Self::check_ready(volume, true)?;
         let related = self.related(volume)?;
         let store_write = || match data {
@@ -757,18 +778,24 @@ impl<E: Engine> Sessions<E> {
     }
 
     fn step(&self, id: SessionId, paced: bool) -> Result<StepOutcome> {
-        let _gate = self.gate.read();
-        let (record, cursor) = match self.table.lock().sessions.get(&id) {
-            Some(live) if live.record.copies() => (live.record.clone(), live.cursor),
-            _ => {
-                return Ok(StepOutcome {
-                    idle: true,
-                    ..StepOutcome::default()
-                })
-            }
+        let idle = StepOutcome {
+            idle: true,
+            ..StepOutcome::default()
         };
+        let Some(record) = self.copying_record(id) else {
+            return Ok(idle);
+        };
+        // The session's volumes here, then the session as it is under their gates: a
+        // command may have changed it while this step waited.
         let source = self.store.volume(&record.source)?;
         let partner = self.partner(&record)?;
+        let _gates = self
+            .gates
+            .shared(std::iter::once(source.id).chain(partner.local().map(|target| target.id)));
+        let (record, cursor) = match self.table.lock().sessions.get(&id) {
+            Some(live) if live.record.copies() => (live.record.clone(), live.cursor),
+            _ => return Ok(idle),
+        };
         // Which bits list the work, on which volume.
         let (scan_volume, scan_bits) = match (record.kind, record.state) {
             (SessionKind::Clone, _) => (&source, Bits::Session(record.slot)),
@@ -1115,6 +1142,16 @@ impl<E: Engine> Sessions<E> {
         }
     }
 
+    /// The record of session `id` if its state has copy work.
+    fn copying_record(&self, id: SessionId) -> Option<SessionRecord> {
+        self.table
+            .lock()
+            .sessions
+            .get(&id)
+            .filter(|live| live.record.copies())
+            .map(|live| live.record.clone())
+    }
+
     /// The ids of sessions with copy work in their state, and whether a rotation waits
     /// for a split.
     pub fn copying(&self) -> Vec<SessionId> {
@@ -1254,14 +1291,22 @@ impl<E: Engine> Sessions<E> {
     }
 
     /// Reports one session as `list` and `show` print it.
-    fn info(&self, live: &mut Live) -> Result<SessionInfo> {
-        let source = self.store.volume(&live.record.source)?;
+    ///
+    /// It counts bits, so it runs on a [`Glance`] taken under the table's mutex and
+    /// released: host IO needs that mutex, and must not wait for a bitmap scan.
+    fn info(&self, glance: Glance) -> Result<SessionInfo> {
+        let Glance {
+            mut record,
+            tracks_per_second,
+            lag_since,
+        } = glance;
+        let source = self.store.volume(&record.source)?;
         // One reading: the counts and the percent all come from the bits counted here.
-        let remaining = Self::remaining(&self.store, &live.record)?;
-        let reading = live.record.progress.read(remaining);
+        let remaining = Self::remaining(&self.store, &record)?;
+        let reading = record.progress.read(remaining);
         let track_bytes = u64::from(source.track_size_bytes);
-        let rate = (live.rate.per_second(self.epoch.elapsed()) * track_bytes as f64) as u64;
-        let record = &live.record;
+        let rate = (tracks_per_second * track_bytes as f64) as u64;
+        let record = &record;
         let eta_seconds = if remaining == 0 {
             Some(0)
         } else {
@@ -1291,7 +1336,7 @@ impl<E: Engine> Sessions<E> {
             tracks_copied_last: record.tracks_copied_last,
             lag_tracks: if lag { remaining } else { 0 },
             lag_seconds: if lag {
-                live.lag_since.map_or(0, |since| since.elapsed().as_secs())
+                lag_since.map_or(0, |since| since.elapsed().as_secs())
             } else {
                 0
             },
@@ -1304,23 +1349,36 @@ impl<E: Engine> Sessions<E> {
 
     /// Every session of one kind (or all), in id order.
     pub fn list(&self, kind: Option<SessionKind>) -> Result<Vec<SessionInfo>> {
-        let mut table = self.table.lock();
-        let mut infos = Vec::new();
-        for live in table.sessions.values_mut() {
-            if kind.is_none_or(|kind| live.record.kind == kind) {
-                infos.push(self.info(live)?);
-            }
+        let glances: Vec<Glance> = {
+            let table = self.table.lock();
+            table
+                .sessions
+                .values()
+                .filter(|live| kind.is_none_or(|kind| live.record.kind == kind))
+                .map(|live| self.glance(live))
+                .collect()
+        };
+        glances
+            .into_iter()
+            .map(|glance| self.info(glance))
+            .collect()
+    }
+
+    fn glance(&self, live: &Live) -> Glance {
+        Glance {
+            record: live.record.clone(),
+            tracks_per_second: live.rate.per_second(self.epoch.elapsed()),
+            lag_since: live.lag_since,
         }
-        Ok(infos)
     }
 
     /// The session of `kind` whose target (destination or BCV) is `target`.
     pub fn show(&self, kind: SessionKind, target: &str) -> Result<SessionInfo> {
-        let mut table = self.table.lock();
-        let live = table
-            .sessions
-            .values_mut()
-            .find(|live| live.record.kind == kind && live.record.target == target)
+        let glance = self
+            .table
+            .lock()
+            .find_by_target(kind, target)
+            .map(|live| self.glance(live))
             .ok_or_else(|| Error::SessionNotFound {
                 kind: kind.to_string(),
                 volume: target.to_string(),
@@ -1330,7 +1388,7 @@ impl<E: Engine> Sessions<E> {
                 }
                 .to_string(),
             })?;
-        self.info(live)
+        self.info(glance)
     }
 
     /// Whether a volume takes part in any session (a volume in a session cannot be
@@ -1353,970 +1411,34 @@ impl<E: Engine> Sessions<E> {
             .values()
             .any(|live| live.record.target == name)
     }
+}
 
-    /// Carries out a session command: checks it against the state table and the volumes,
-    /// then changes bits, marks, readiness and the record, with host IO held off. Returns
-    /// the session as it is now, or `None` when the command ended it.
-    pub fn command(&self, command: SessionCommand) -> Result<Option<SessionInfo>> {
-        self.command_with(command, None)
-    }
-
-    /// [`Sessions::command`] for a session whose target lives on another node (`remote`,
-    /// which the service resolved through the catalog).
-    pub fn command_with(
-        &self,
-        command: SessionCommand,
-        remote: Option<RemoteVolume>,
-    ) -> Result<Option<SessionInfo>> {
-        let _gate = self.gate.write();
-        let kind = match command {
-            SessionCommand::CloneCreate { .. }
-            | SessionCommand::ClonePrecopy { .. }
-            | SessionCommand::CloneActivate { .. }
-            | SessionCommand::CloneTerminate { .. }
-            | SessionCommand::CloneCancel { .. } => SessionKind::Clone,
-            _ => SessionKind::Mirror,
-        };
-        let target = match &command {
-            SessionCommand::CloneCreate { target, .. } => {
-                self.clone_create(&command, remote)?;
-                target.clone()
-            }
-            SessionCommand::MirrorEstablish { bcv, .. } => {
-                self.mirror_establish(&command, remote)?;
-                bcv.clone()
-            }
-            SessionCommand::MirrorRotate { standard } => self.mirror_rotate(&command, standard)?,
-            SessionCommand::SetRate {
-                target,
-                mebibytes_per_second,
-            } => {
-                self.set_rate(target, *mebibytes_per_second)?;
-                target.clone()
-            }
-            SessionCommand::ClonePrecopy { target }
-            | SessionCommand::CloneActivate { target }
-            | SessionCommand::CloneTerminate { target }
-            | SessionCommand::CloneCancel { target }
-            | SessionCommand::MirrorSplit { bcv: target, .. }
-            | SessionCommand::MirrorReestablish { bcv: target }
-            | SessionCommand::MirrorRestore { bcv: target, .. }
-            | SessionCommand::MirrorCancel { bcv: target } => {
-                let record = self
-                    .table
-                    .lock()
-                    .find_by_target(kind, target)
-                    .map(|live| live.record.clone())
-                    .ok_or_else(|| Error::SessionNotFound {
-                        kind: kind.to_string(),
-                        volume: target.clone(),
-                        role: match kind {
-                            SessionKind::Clone => "destination",
-                            SessionKind::Mirror => "BCV",
-                        }
-                        .to_string(),
-                    })?;
-                match self.change(&command, record)? {
-                    Some(record) => self.replace(record)?,
-                    None => return Ok(None),
-                }
-                target.clone()
-            }
-        };
-        let kind = match command {
-            SessionCommand::SetRate { ref target, .. } => {
-                let table = self.table.lock();
-                table
-                    .sessions
-                    .values()
-                    .find(|live| live.record.target == *target)
-                    .map_or(kind, |live| live.record.kind)
-            }
-            _ => kind,
-        };
-        self.show(kind, &target).map(Some)
-    }
-
-    /// Stores a changed record and puts it in the table; a new copy restarts its meter.
-    fn replace(&self, record: SessionRecord) -> Result<()> {
-        self.persist(&record)?;
-        let mut table = self.table.lock();
-        match table.sessions.get_mut(&record.id) {
-            Some(live) => {
-                let restarted = live.record.state != record.state;
-                live.record = record;
-                if restarted {
-                    live.rate = RecentRate::new(self.epoch.elapsed());
-                    live.cursor = 0;
-                }
-            }
-            None => {
-                let governed_rate = self.governor.lock().rate();
-                table
-                    .sessions
-                    .insert(record.id, Self::live(record, self.epoch, governed_rate));
-            }
-        }
-        Ok(())
-    }
-
-    fn set_rate(&self, target: &str, rate: Option<u32>) -> Result<()> {
-        let mut table = self.table.lock();
-        let live = table
-            .sessions
-            .values_mut()
-            .find(|live| live.record.target == target)
-            .ok_or_else(|| Error::SessionNotFound {
-                kind: "clone or mirror".to_string(),
-                volume: target.to_string(),
-                role: "target".to_string(),
-            })?;
-        if rate == Some(0) {
-            return Err(Error::SessionRefused {
-                command: "set rate".to_string(),
-                session: live.record.describe(),
-                reason: "a rate of 0 MiB/s would stop the copy; give a positive rate".to_string(),
-            });
-        }
-        live.record.rate_limit_mebibytes_per_second = rate;
-        let governed_rate = self.governor.lock().rate();
-        live.limit.set_rate(rate.map_or(governed_rate, mebibytes));
-        let record = live.record.clone();
-        drop(table);
-        self.persist(&record)
-    }
-
-    fn check_pair(&self, command: &SessionCommand, source: &Volume, target: &Volume) -> Result<()> {
-        let session = format!("{} -> {}", source.name, target.name);
-        if source.name == target.name {
-            return Err(refused(
-                command,
-                &session,
-                "source and target are the same volume",
-            ));
-        }
-        if source.track_size_bytes != target.track_size_bytes {
-            return Err(refused(
-                command,
-                &session,
-                format!(
-                    "track sizes differ ({} and {} bytes): create the target with --track-size {}",
-                    source.track_size_bytes, target.track_size_bytes, source.track_size_bytes
-                ),
-            ));
-        }
-        if let Some(registration) = self.registered(&target.name) {
-            return Err(refused(
-                command,
-                &session,
-                format!(
-                    "'{}' is already the target of a session from node {}",
-                    target.name, registration.source_node
-                ),
-            ));
-        }
-        let table = self.table.lock();
-        if let Some(other) = table
-            .sessions
-            .values()
-            .find(|live| live.record.target == target.name)
-        {
-            return Err(refused(
-                command,
-                &session,
-                format!(
-                    "'{}' is already the target of {} (state {}): end that session first or choose another volume",
-                    target.name,
-                    other.record.describe(),
-                    other.record.state
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    fn next_id(&self) -> SessionId {
-        let mut table = self.table.lock();
-        let id = table.next_id;
-        table.next_id += 1;
-        id
-    }
-
-    /// Turns off host-write marking for a clone's slots (its driver moves those bits).
-    fn unmark_slot(&self, volume: &Volume, slot: u8) -> Result<()> {
-        let mut marks = self.store.write_marks(volume);
-        marks.changed &= !(1 << slot);
-        marks.pending &= !(1 << slot);
-        self.store.set_write_marks(volume, marks)
-    }
-
-    fn clone_create(&self, command: &SessionCommand, remote: Option<RemoteVolume>) -> Result<()> {
-        let SessionCommand::CloneCreate {
-            source,
-            target,
-            precopy,
-            extents,
-        } = command
-        else {
-            unreachable!("called for clone create");
-        };
-        let source = self.store.volume(source)?;
-        let session = format!("{} -> {target}", source.name);
-        if extents.len() > CLONE_EXTENTS_MAX {
-            return Err(refused(
-                command,
-                &session,
-                format!(
-                    "{} extents given; at most {CLONE_EXTENTS_MAX} are allowed",
-                    extents.len()
-                ),
-            ));
-        }
-        let extents = if extents.is_empty() {
-            vec![source.whole()]
-        } else {
-            crate::layout::normalize_extents(extents)
-        };
-        for extent in &extents {
-            if extent.first > extent.last || extent.last >= source.track_count() {
-                return Err(Error::ExtentOutOfRange {
-                    name: source.name.clone(),
-                    extent: *extent,
-                    last_track: source.track_count() - 1,
-                });
-            }
-        }
-        if let Some(restoring) = self.restoring(&source.name) {
-            return Err(refused(
-                command,
-                &session,
-                format!("{restoring} is restoring the source; clone it once that is done"),
-            ));
-        }
-        if self.involves_as_source(target) {
-            return Err(refused(
-                command,
-                &session,
-                format!("'{target}' is the source of another session and cannot be overwritten"),
-            ));
-        }
-        let id = self.next_id();
-        let partner = match &remote {
-            None => {
-                let target = self.store.volume(target)?;
-                self.check_pair(command, &source, &target)?;
-                for extent in &extents {
-                    if extent.last >= target.track_count() {
-                        return Err(Error::ExtentOutOfRange {
-                            name: target.name.clone(),
-                            extent: *extent,
-                            last_track: target.track_count() - 1,
-                        });
-                    }
-                }
-                Partner::Local(target)
-            }
-            Some(remote) => {
-                // The destination's node takes the volume for this session first; it
-                // refuses one that already takes part in a session there.
-                let (track_size_bytes, track_count) =
-                    self.register_remote(id, SessionKind::Clone, &source, remote)?;
-                let problem = if track_size_bytes != source.track_size_bytes {
-                    Some(format!(
-                        "track sizes differ ({} and {track_size_bytes} bytes): create the destination with --track-size {}",
-                        source.track_size_bytes, source.track_size_bytes
-                    ))
-                } else {
-                    extents
-                        .iter()
-                        .find(|extent| extent.last >= track_count)
-                        .map(|extent| {
-                            format!(
-                                "the destination has {track_count} tracks; extent {}-{} does not fit",
-                                extent.first, extent.last
-                            )
-                        })
-                };
-                if let Some(problem) = problem {
-                    let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
-                    return Err(refused(command, &session, problem));
-                }
-                Partner::Remote(remote.clone())
-            }
-        };
-        let release = |error: Error| {
-            if let Some(remote) = &remote {
-                let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
-            }
-            error
-        };
-        // Slots first: a 17th session fails here, before anything else changes.
-        let slot = self.store.allocate_session_slot(&source).map_err(release)?;
-        let precopy_slot = if *precopy {
-            match self.store.allocate_session_slot(&source) {
-                Ok(slot) => Some(slot),
-                Err(error) => {
-                    self.store.free_session_slot(&source, slot)?;
-                    return Err(release(error));
-                }
-            }
-        } else {
-            None
-        };
-        self.unmark_slot(&source, slot)?;
-        if let Some(precopy_slot) = precopy_slot {
-            self.unmark_slot(&source, precopy_slot)?;
-        }
-        // The destination's lists first: a copy must never find a source bit whose
-        // destination track is not marked missing.
-        match &partner {
-            Partner::Local(target) => {
-                for extent in &extents {
-                    self.store
-                        .change_bits(target, Bits::Invalid, *extent, true)?;
-                }
-            }
-            Partner::Remote(remote) => {
-                self.remote_call(
-                    remote,
-                    TargetOperation::MarkInvalid {
-                        session: id,
-                        extents: extents.clone(),
-                    },
-                )?;
-            }
-        }
-        self.partner_readiness(id, &partner, Readiness::NotReady)?;
-        for extent in &extents {
-            self.store
-                .change_bits(&source, Bits::Session(slot), *extent, true)?;
-        }
-        let tracks_total = extents
+/// Frees the session slots no stored session holds. A command's slots and its session's
+/// record are written in one batch, so this finds none unless a node of an older version
+/// stopped in the middle of a command; such a slot would otherwise be lost for good (a
+/// volume has 16).
+fn reconcile_slots<E: Engine>(store: &VolumeStore<E>, records: &[SessionRecord]) -> Result<()> {
+    for info in store.list() {
+        let volume = store.volume(&info.name)?;
+        let held = records
             .iter()
-            .map(|extent| extent.last - extent.first + 1)
-            .sum();
-        let record = SessionRecord {
-            id,
-            kind: SessionKind::Clone,
-            source: source.name.clone(),
-            target: target.clone(),
-            state: if *precopy {
-                SessionState::Precopying
-            } else {
-                SessionState::Created
-            },
-            mode: MirrorMode::default(),
-            slot,
-            precopy_slot,
-            extents,
-            created_unix_seconds: now_unix_seconds(),
-            split_sequence: 0,
-            split_when_synchronized: false,
-            progress: Progress::start(tracks_total),
-            tracks_copied_last: 0,
-            rate_limit_mebibytes_per_second: None,
-            error: None,
-            remote,
-            last_error: None,
-        };
-        if let Partner::Local(target) = &partner {
-            // The clone replaces the destination's data: it is no longer a snapshot.
-            self.store.forget_snapshot_origin(target)?;
+            .filter(|record| record.source == volume.name)
+            .flat_map(|record| std::iter::once(record.slot).chain(record.precopy_slot))
+            .fold(0u16, |slots, slot| slots | (1 << slot));
+        let orphans = store.session_slots(&volume) & !held;
+        if orphans == 0 {
+            continue;
         }
-        tracing::info!(session = record.id, source = %record.source, target = %record.target, precopy, "clone created");
-        self.replace(record)
-    }
-
-    /// The session restoring `standard`, if one is.
-    fn restoring(&self, standard: &str) -> Option<String> {
-        self.table
-            .lock()
-            .sessions
-            .values()
-            .find(|live| {
-                live.record.source == standard && live.record.state == SessionState::Restoring
-            })
-            .map(|live| live.record.describe())
-    }
-
-    fn involves_as_source(&self, name: &str) -> bool {
-        self.table
-            .lock()
-            .sessions
-            .values()
-            .any(|live| live.record.source == name)
-    }
-
-    fn mirror_establish(
-        &self,
-        command: &SessionCommand,
-        remote: Option<RemoteVolume>,
-    ) -> Result<()> {
-        let SessionCommand::MirrorEstablish {
-            standard,
-            bcv,
-            mode,
-        } = command
-        else {
-            unreachable!("called for mirror establish");
-        };
-        let existing = self
-            .table
-            .lock()
-            .find_by_target(SessionKind::Mirror, bcv)
-            .map(|live| live.record.clone());
-        if let Some(mut record) = existing {
-            // Seed 002: an establish of a known pair reuses its session.
-            if record.source != *standard {
-                return Err(refused(
-                    command,
-                    &record.describe(),
-                    format!(
-                        "'{bcv}' is already the BCV of a mirror of '{}' (state {}): cancel that mirror first (`tandem mirror cancel {bcv}`) or choose another volume as the BCV",
-                        record.source, record.state
-                    ),
-                ));
-            }
-            record.mode = *mode;
-            let record = self
-                .change(command, record)?
-                .expect("establish keeps the session");
-            return self.replace(record);
-        }
-        let standard = self.store.volume(standard)?;
-        let id = self.next_id();
-        let (bcv_name, bcv_track_size, bcv_tracks) = match &remote {
-            None => {
-                let bcv = self.store.volume(bcv)?;
-                self.check_pair(command, &standard, &bcv)?;
-                (bcv.name.clone(), bcv.track_size_bytes, bcv.track_count())
-            }
-            Some(remote) => {
-                // The target's node takes the volume for this session first; it refuses
-                // a volume that already is another session's target.
-                let (track_size_bytes, track_count) =
-                    self.register_remote(id, SessionKind::Mirror, &standard, remote)?;
-                (remote.volume.clone(), track_size_bytes, track_count)
-            }
-        };
-        let problem = if bcv_track_size != standard.track_size_bytes {
-            Some(format!(
-                "track sizes differ ({} and {bcv_track_size} bytes): create the BCV with --track-size {}",
-                standard.track_size_bytes, standard.track_size_bytes
-            ))
-        } else if bcv_tracks < standard.track_count() {
-            Some(format!(
-                "the BCV has {bcv_tracks} tracks, fewer than the standard's {}",
-                standard.track_count()
-            ))
-        } else {
-            None
-        };
-        let slot = match problem {
-            Some(problem) => Err(refused(
-                command,
-                &format!("{} -> {bcv_name}", standard.name),
-                problem,
-            )),
-            None => self.store.allocate_session_slot(&standard),
-        };
-        let slot = match slot {
-            Ok(slot) => slot,
-            Err(error) => {
-                if let Some(remote) = &remote {
-                    let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
-                }
-                return Err(error);
-            }
-        };
-        let record = SessionRecord {
-            id,
-            kind: SessionKind::Mirror,
-            source: standard.name.clone(),
-            target: bcv_name,
-            state: SessionState::Split,
-            mode: *mode,
-            slot,
-            precopy_slot: None,
-            extents: vec![standard.whole()],
-            created_unix_seconds: now_unix_seconds(),
-            split_sequence: 0,
-            split_when_synchronized: false,
-            progress: Progress::default(),
-            tracks_copied_last: 0,
-            rate_limit_mebibytes_per_second: None,
-            error: None,
-            remote,
-            last_error: None,
-        };
-        // A new pair starts as if split with everything changed: establishing it is then
-        // the same path as re-establishing a known pair.
-        let record = self
-            .change(command, record)?
-            .expect("establish keeps the session");
-        if record.remote.is_none() {
-            // The mirror replaces the BCV's data: it is no longer a snapshot.
-            let bcv = self.store.volume(&record.target)?;
-            self.store.forget_snapshot_origin(&bcv)?;
-        }
-        tracing::info!(session = record.id, standard = %record.source, bcv = %record.target, "mirror established");
-        self.replace(record)
-    }
-
-    fn mirror_rotate(&self, command: &SessionCommand, standard: &str) -> Result<String> {
-        self.store.volume(standard)?;
-        let oldest = self
-            .table
-            .lock()
-            .sessions
-            .values()
-            .filter(|live| {
-                live.record.kind == SessionKind::Mirror
-                    && live.record.source == standard
-                    && live.record.state == SessionState::Split
-            })
-            .min_by_key(|live| live.record.split_sequence)
-            .map(|live| live.record.clone());
-        let Some(record) = oldest else {
-            return Err(refused(
-                command,
-                standard,
-                format!("'{standard}' has no split BCV to rotate: establish and split one first"),
-            ));
-        };
-        let bcv = record.target.clone();
-        let reestablish = SessionCommand::MirrorReestablish { bcv: bcv.clone() };
-        let mut record = self
-            .change(&reestablish, record)?
-            .expect("reestablish keeps the session");
-        record.split_when_synchronized = true;
-        self.replace(record)?;
-        Ok(bcv)
-    }
-
-    /// The effects of a command on an existing session; `None` when it ends the session.
-    fn change(
-        &self,
-        command: &SessionCommand,
-        mut record: SessionRecord,
-    ) -> Result<Option<SessionRecord>> {
-        let transition = match command {
-            SessionCommand::ClonePrecopy { .. } => Transition::Precopy,
-            SessionCommand::CloneActivate { .. } => Transition::Activate,
-            SessionCommand::CloneTerminate { .. } => Transition::Terminate,
-            SessionCommand::CloneCancel { .. } => Transition::Cancel,
-            SessionCommand::MirrorEstablish { .. } => Transition::Establish,
-            SessionCommand::MirrorSplit { .. } => Transition::Split,
-            SessionCommand::MirrorReestablish { .. } => Transition::Reestablish,
-            SessionCommand::MirrorRestore { .. } => Transition::Restore,
-            SessionCommand::MirrorCancel { .. } => Transition::Cancel,
-            SessionCommand::CloneCreate { .. }
-            | SessionCommand::MirrorRotate { .. }
-            | SessionCommand::SetRate { .. } => unreachable!("handled by command"),
-        };
-        let next = next_state(record.kind, record.state, transition)
-            .map_err(|reason| refused(command, &record.describe(), reason))?;
-        let source = self.store.volume(&record.source)?;
-        let partner = self.partner(&record)?;
-        let whole = source.whole();
-        match command {
-            SessionCommand::ClonePrecopy { .. } => {
-                if record.precopy_slot.is_none() {
-                    let slot = self.store.allocate_session_slot(&source)?;
-                    self.unmark_slot(&source, slot)?;
-                    record.precopy_slot = Some(slot);
-                }
-                // The clone's total stays: a precopy moves the tracks it counted.
-            }
-            SessionCommand::CloneActivate { .. } => {
-                // Seed 001 FIG. 8: a precopied track needs no further copy.
-                if let Some(slot) = record.precopy_slot {
-                    self.store
-                        .change_bits(&source, Bits::Session(slot), whole, false)?;
-                }
-                self.partner_readiness(record.id, &partner, Readiness::Ready)?;
-                record.tracks_copied_last = 0;
-                // The clone's total stays: what the precopy moved counts as copied.
-            }
-            SessionCommand::CloneTerminate { .. } => {
-                if let Partner::Remote(remote) = &partner {
-                    self.remote_call(remote, TargetOperation::Unregister { session: record.id })?;
-                }
-                self.store.free_session_slot(&source, record.slot)?;
-                if let Some(slot) = record.precopy_slot {
-                    self.store.free_session_slot(&source, slot)?;
-                }
-                self.forget(record.id)?;
-                self.table.lock().sessions.remove(&record.id);
-                tracing::info!(session = record.id, "clone terminated");
-                return Ok(None);
-            }
-            SessionCommand::CloneCancel { .. } => {
-                self.cancel_clone(&record, &source, &partner)?;
-                return Ok(None);
-            }
-            SessionCommand::MirrorEstablish { .. } => {
-                // Seed 002 step 114: every track changed; step 110: every track to copy.
-                let marks = self.store.write_marks(&source);
-                self.store
-                    .change_bits(&source, Bits::Session(record.slot), whole, true)?;
-                self.store
-                    .change_bits(&source, Bits::Pending(record.slot), whole, true)?;
-                self.attach(&record, &source, &partner, marks)?;
-                record.progress = Progress::start(source.track_count());
-                record.tracks_copied_last = 0;
-                record.split_when_synchronized = false;
-            }
-            SessionCommand::MirrorReestablish { .. } => {
-                // Seed 002 FIG. 6: copy what changed on either side. A track the BCV's
-                // hosts changed also counts as changed since the split, so a cascade
-                // below the BCV gets it at the next differential split.
-                let mut bcv_changed = self.partner_changed_tracks(record.id, &partner)?;
-                bcv_changed.retain(|track| *track <= whole.last);
-                self.set_bits_on(&source, Bits::Session(record.slot), &bcv_changed)?;
-                self.fold_changed_into_pending(&source, record.slot)?;
-                let marks = self.store.write_marks(&source);
-                self.attach(&record, &source, &partner, marks)?;
-                // Host IO is held off: these are exactly the tracks this copy moves.
-                let total = self.store.count_set(&source, Bits::Pending(record.slot))?;
-                record.progress = Progress::start(total);
-                record.tracks_copied_last = 0;
-                record.split_when_synchronized = false;
-            }
-            SessionCommand::MirrorSplit { differential, .. } => {
-                if let Some(restoring) = self.restoring(&record.source) {
-                    return Err(refused(
-                        command,
-                        &record.describe(),
-                        format!("{restoring} is restoring the standard; split once it is done"),
-                    ));
-                }
-                self.drain(&record, &source, &partner)?;
-                self.split(&record, &source, &partner, *differential)?;
-                let sequence = self
-                    .table
-                    .lock()
-                    .sessions
-                    .values()
-                    .map(|live| live.record.split_sequence)
-                    .max()
-                    .unwrap_or(0)
-                    + 1;
-                record.split_sequence = sequence;
-                record.split_when_synchronized = false;
-            }
-            SessionCommand::MirrorRestore { incremental, .. } => {
-                self.restore(command, &record, &source, &partner, *incremental)?;
-                let total = self.store.count_set(&source, Bits::Invalid)?;
-                record.progress = Progress::start(total);
-                record.tracks_copied_last = 0;
-            }
-            SessionCommand::MirrorCancel { .. } => {
-                self.partner_tracking(record.id, &partner, false)?;
-                if record.state == SessionState::Synchronized {
-                    // The BCV holds the standard's whole image: give it to its hosts.
-                    self.partner_readiness(record.id, &partner, Readiness::Ready)?;
-                }
-                if let Partner::Remote(remote) = &partner {
-                    self.remote_call(remote, TargetOperation::Unregister { session: record.id })?;
-                }
-                self.store.free_session_slot(&source, record.slot)?;
-                self.forget(record.id)?;
-                self.table.lock().sessions.remove(&record.id);
-                tracing::info!(session = record.id, "mirror cancelled");
-                return Ok(None);
-            }
-            _ => unreachable!("handled above"),
-        }
-        record.state = next.expect("only terminate and cancel end a session");
-        record.error = None;
-        Ok(Some(record))
-    }
-
-    /// Undoes a clone that was never activated: its destination never went to hosts, so
-    /// nothing depends on what it holds. The destination's invalid bits stood for tracks
-    /// this clone owed it; owed by nobody now, they are cleared, so no later session takes
-    /// them for a clone's missing tracks. The destination stays not-ready with partial
-    /// contents until something overwrites it or it is deleted; the source's slots (and
-    /// their bits) are freed.
-    fn cancel_clone(
-        &self,
-        record: &SessionRecord,
-        source: &Volume,
-        destination: &Partner,
-    ) -> Result<()> {
-        match destination {
-            Partner::Local(destination) => {
-                for extent in &record.extents {
-                    self.store
-                        .change_bits(destination, Bits::Invalid, *extent, false)?;
-                }
-            }
-            Partner::Remote(remote) => {
-                self.remote_call(
-                    remote,
-                    TargetOperation::ClearInvalid {
-                        session: record.id,
-                        extents: record.extents.clone(),
-                    },
-                )?;
-                self.remote_call(remote, TargetOperation::Unregister { session: record.id })?;
-            }
-        }
-        self.store.free_session_slot(source, record.slot)?;
-        if let Some(slot) = record.precopy_slot {
-            self.store.free_session_slot(source, slot)?;
-        }
-        self.forget(record.id)?;
-        self.table.lock().sessions.remove(&record.id);
-        tracing::info!(session = record.id, source = %record.source, target = %record.target, "clone cancelled; the destination stays not-ready with partial contents");
-        Ok(())
-    }
-
-    /// Connects a BCV to its standard: host writes mark the session pending, the BCV is
-    /// not ready to its own hosts, and its own writes are no longer tracked.
-    fn attach(
-        &self,
-        record: &SessionRecord,
-        standard: &Volume,
-        bcv: &Partner,
-        marks: WriteMarks,
-    ) -> Result<()> {
-        let mut marks = marks;
-        marks.changed |= 1 << record.slot;
-        marks.pending |= 1 << record.slot;
-        self.partner_readiness(record.id, bcv, Readiness::NotReady)?;
-        self.partner_tracking(record.id, bcv, false)?;
-        self.store.set_write_marks(standard, marks)?;
-        Ok(())
-    }
-
-    fn fold_changed_into_pending(&self, standard: &Volume, slot: u8) -> Result<()> {
-        let changed = self.tracks_with(standard, Bits::Session(slot))?;
-        self.set_bits_on(standard, Bits::Pending(slot), &changed)
-    }
-
-    /// Every track of `volume` whose chosen bit is set, in order.
-    fn tracks_with(&self, volume: &Volume, bits: Bits) -> Result<Vec<u64>> {
-        let mut tracks = Vec::new();
-        self.store
-            .for_each_set(volume, bits, volume.whole(), &mut |track| {
-                tracks.push(track);
-                true
-            })?;
-        Ok(tracks)
-    }
-
-    /// Sets the chosen bit on each of `tracks`, durably, in batches of at most
-    /// [`BIT_BATCH_TRACKS_MAX`].
-    fn set_bits_on(&self, volume: &Volume, bits: Bits, tracks: &[u64]) -> Result<()> {
-        for batch in tracks.chunks(BIT_BATCH_TRACKS_MAX) {
-            let changes: Vec<BitChange<'_>> = batch
-                .iter()
-                .map(|track| BitChange {
-                    volume,
-                    bits,
-                    track: *track,
-                    set: true,
-                })
-                .collect();
-            self.store.change_track_bits(&changes, Durability::Synced)?;
-        }
-        Ok(())
-    }
-
-    /// Copies what an async mirror has not shipped yet, with host IO held off: a split
-    /// must give the BCV the standard's image at the instant of the split.
-    fn drain(&self, record: &SessionRecord, standard: &Volume, bcv: &Partner) -> Result<()> {
-        for track in self.tracks_with(standard, Bits::Pending(record.slot))? {
-            self.ship(
-                record.id,
-                standard,
-                bcv,
-                track,
-                &[BitChange {
-                    volume: standard,
-                    bits: Bits::Pending(record.slot),
-                    track,
-                    set: false,
-                }],
-                Durability::Synced,
-            )?;
-        }
-        self.store.flush()
-    }
-
-    /// Seed 002 FIG. 5: detach the BCV with the image of this instant, mark its own
-    /// downstream sessions (all tracks, or with `differential` those changed since the
-    /// last split), clear the session's changed bits and give the BCV to its hosts.
-    fn split(
-        &self,
-        record: &SessionRecord,
-        standard: &Volume,
-        bcv: &Partner,
-        differential: bool,
-    ) -> Result<()> {
-        let tracks = if differential {
-            Some(self.tracks_with(standard, Bits::Session(record.slot))?)
-        } else {
-            None
-        };
-        self.partner_mark_downstream(record.id, bcv, tracks)?;
-        self.store.change_bits(
-            standard,
-            Bits::Session(record.slot),
-            standard.whole(),
-            false,
-        )?;
-        let mut marks = self.store.write_marks(standard);
-        marks.pending &= !(1 << record.slot);
-        self.store.set_write_marks(standard, marks)?;
-        self.partner_tracking(record.id, bcv, true)?;
-        self.partner_readiness(record.id, bcv, Readiness::Ready)?;
-        Ok(())
-    }
-
-    /// Seed 002 FIGS. 7 and 8: the standard's tracks to restore become invalid (a host
-    /// access pulls them from the BCV first), this session's changed bits clear, and every
-    /// other mirror of the standard gets the restored tracks marked changed.
-    fn restore(
-        &self,
-        command: &SessionCommand,
-        record: &SessionRecord,
-        standard: &Volume,
-        bcv: &Partner,
-        incremental: bool,
-    ) -> Result<()> {
-        let invalid = self.partner_invalid_count(record.id, bcv)?;
-        if invalid > 0 {
-            return Err(refused(
-                command,
-                &record.describe(),
-                format!("the BCV has {invalid} invalid tracks (it is still being filled by a clone); restore from a complete BCV"),
-            ));
-        }
-        if standard.readiness() == Readiness::NotReady {
-            return Err(refused(
-                command,
-                &record.describe(),
-                "the standard volume is not ready; make it ready first",
-            ));
-        }
-        let others: Vec<SessionRecord> = self
-            .table
-            .lock()
-            .sessions
-            .values()
-            .filter(|live| live.record.source == standard.name && live.record.id != record.id)
-            .map(|live| live.record.clone())
-            .collect();
-        if let Some(clone) = others
-            .iter()
-            .find(|other| other.kind == SessionKind::Clone && other.state != SessionState::Copied)
+        let mut changes = crate::store::VolumeChanges::new();
+        for slot in
+            (0..crate::bitmap::SESSION_SLOTS_MAX as u8).filter(|slot| orphans & (1 << slot) != 0)
         {
-            return Err(refused(
-                command,
-                &record.describe(),
-                format!(
-                    "the standard is the source of {}, which still needs its point-in-time data; let it finish first",
-                    clone.describe()
-                ),
-            ));
+            tracing::warn!(volume = %volume.name, slot, "freeing a session slot that no session holds (left by a command interrupted before this version)");
+            changes.free_slot(&volume, slot)?;
         }
-        if let Some(restoring) = others
-            .iter()
-            .find(|other| other.state == SessionState::Restoring)
-        {
-            return Err(refused(
-                command,
-                &record.describe(),
-                format!(
-                    "the standard is already being restored by {}",
-                    restoring.describe()
-                ),
-            ));
-        }
-        let mut tracks = Vec::new();
-        if incremental {
-            // Seed 002 FIG. 8, steps 202-203: changed on the BCV or on the standard.
-            let mut set: std::collections::BTreeSet<u64> = self
-                .partner_changed_tracks(record.id, bcv)?
-                .into_iter()
-                .filter(|track| *track <= standard.whole().last)
-                .collect();
-            set.extend(self.tracks_with(standard, Bits::Session(record.slot))?);
-            tracks.extend(set);
-        }
-        let standard_marks = self.store.write_marks(standard);
-        let mut changes = Vec::new();
-        if incremental {
-            for track in &tracks {
-                changes.push(BitChange {
-                    volume: standard,
-                    bits: Bits::Invalid,
-                    track: *track,
-                    set: true,
-                });
-            }
-        } else {
-            self.store
-                .change_bits(standard, Bits::Invalid, standard.whole(), true)?;
-        }
-        for other in others
-            .iter()
-            .filter(|other| other.kind == SessionKind::Mirror)
-        {
-            let attached = standard_marks.pending & (1 << other.slot) != 0;
-            if incremental {
-                for track in &tracks {
-                    changes.push(BitChange {
-                        volume: standard,
-                        bits: Bits::Session(other.slot),
-                        track: *track,
-                        set: true,
-                    });
-                    if attached {
-                        changes.push(BitChange {
-                            volume: standard,
-                            bits: Bits::Pending(other.slot),
-                            track: *track,
-                            set: true,
-                        });
-                    }
-                }
-            } else {
-                self.store.change_bits(
-                    standard,
-                    Bits::Session(other.slot),
-                    standard.whole(),
-                    true,
-                )?;
-                if attached {
-                    self.store.change_bits(
-                        standard,
-                        Bits::Pending(other.slot),
-                        standard.whole(),
-                        true,
-                    )?;
-                }
-            }
-        }
-        for chunk in changes.chunks(BIT_BATCH_TRACKS_MAX) {
-            self.store.change_track_bits(chunk, Durability::Synced)?;
-        }
-        self.store.change_bits(
-            standard,
-            Bits::Session(record.slot),
-            standard.whole(),
-            false,
-        )?;
-        // The BCV goes back to being the standard's mirror: not ready to its own hosts,
-        // host writes to the standard reach it once the restore is done.
-        self.attach(record, standard, bcv, standard_marks)?;
-        // The changed bit of this session stays clear after the restore (seed: the
-        // restored session is "unchanged"), but host writes during the restore set it.
-        Ok(())
+        store.commit(changes)?;
     }
+    Ok(())
 }
 
 /// Gives the calling thread the lowest scheduling priority (nice 19): a copier then runs

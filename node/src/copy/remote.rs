@@ -9,9 +9,9 @@
 
 use super::Sessions;
 use crate::engine::{Batch, Durability, Engine, Space};
-use crate::store::{BitChange, Bits, Volume};
+use crate::store::{BitChange, Bits, Volume, VolumeChanges};
 use crate::{Error, Result};
-use protocol::messages::{Extent, Readiness};
+use protocol::messages::Extent;
 use protocol::session::{
     RemoteVolume, SessionId, SessionKind, TargetAnswer, TargetOperation, TrackImage,
 };
@@ -249,43 +249,6 @@ impl<E: Engine> Sessions<E> {
         }
     }
 
-    pub(super) fn partner_readiness(
-        &self,
-        session: SessionId,
-        target: &Partner,
-        readiness: Readiness,
-    ) -> Result<()> {
-        match target {
-            Partner::Local(volume) => self.store.set_readiness(&volume.name, readiness).map(drop),
-            Partner::Remote(remote) => self
-                .remote_call(remote, TargetOperation::SetReadiness { session, readiness })
-                .map(drop),
-        }
-    }
-
-    /// Turns the tracking of the target's host writes on or off, clearing what it held.
-    pub(super) fn partner_tracking(
-        &self,
-        session: SessionId,
-        target: &Partner,
-        tracking: bool,
-    ) -> Result<()> {
-        match target {
-            Partner::Local(volume) => self.track_changes(volume, tracking),
-            Partner::Remote(remote) => self
-                .remote_call(remote, TargetOperation::TrackChanges { session, tracking })
-                .map(drop),
-        }
-    }
-
-    pub(super) fn track_changes(&self, volume: &Volume, tracking: bool) -> Result<()> {
-        let mut marks = self.store.write_marks(volume);
-        marks.target_changed = tracking;
-        self.store.set_write_marks(volume, marks)?;
-        self.store
-            .change_bits(volume, Bits::TargetChanged, volume.whole(), false)
-    }
-
     pub(super) fn partner_changed_tracks(
         &self,
         session: SessionId,
@@ -322,51 +285,6 @@ impl<E: Engine> Sessions<E> {
         }
     }
 
-    pub(super) fn partner_mark_downstream(
-        &self,
-        session: SessionId,
-        target: &Partner,
-        tracks: Option<Vec<u64>>,
-    ) -> Result<()> {
-        match target {
-            Partner::Local(volume) => self.mark_downstream(volume, tracks.as_deref()),
-            Partner::Remote(remote) => self
-                .remote_call(remote, TargetOperation::MarkDownstream { session, tracks })
-                .map(drop),
-        }
-    }
-
-    /// Marks the mirrors whose standard is `volume` changed (and pending, when attached)
-    /// on `tracks`, or on every track: seed 002's BFM bits at a split of `volume`.
-    pub(super) fn mark_downstream(&self, volume: &Volume, tracks: Option<&[u64]>) -> Result<()> {
-        let downstream: Vec<u8> = self
-            .table
-            .lock()
-            .sessions
-            .values()
-            .filter(|live| {
-                live.record.kind == SessionKind::Mirror && live.record.source == volume.name
-            })
-            .map(|live| live.record.slot)
-            .collect();
-        let marks = self.store.write_marks(volume);
-        for slot in downstream {
-            let attached = marks.pending & (1 << slot) != 0;
-            let mut kinds = vec![Bits::Session(slot)];
-            if attached {
-                kinds.push(Bits::Pending(slot));
-            }
-            for bits in kinds {
-                match tracks {
-                    None => self.store.change_bits(volume, bits, volume.whole(), true)?,
-                    Some(tracks) => self.set_bits_on(volume, bits, tracks)?,
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether a volume of this node is registered as a remote session's target.
     pub(super) fn registered(&self, volume: &str) -> Option<Registration> {
         self.registrations.lock().get(volume).cloned()
     }
@@ -472,13 +390,15 @@ impl<E: Engine> Sessions<E> {
                 Ok(TargetAnswer::Track(image))
             }
             TargetOperation::SetReadiness { readiness, .. } => {
-                let _gate = self.gate.write();
+                let _gate = self.gates.exclusive([volume.id]);
                 self.store.set_readiness(&volume.name, readiness)?;
                 Ok(TargetAnswer::Done)
             }
             TargetOperation::TrackChanges { tracking, .. } => {
-                let _gate = self.gate.write();
-                self.track_changes(&volume, tracking)?;
+                let _gate = self.gates.exclusive([volume.id]);
+                let mut changes = VolumeChanges::new();
+                changes.set_target_tracking(&volume, tracking)?;
+                self.store.commit(changes)?;
                 Ok(TargetAnswer::Done)
             }
             TargetOperation::ChangedTracks { .. } => {
@@ -488,12 +408,14 @@ impl<E: Engine> Sessions<E> {
                 self.store.count_set(&volume, Bits::Invalid)?,
             )),
             TargetOperation::MarkDownstream { tracks, .. } => {
-                let _gate = self.gate.write();
-                self.mark_downstream(&volume, tracks.as_deref())?;
+                let _gate = self.gates.exclusive([volume.id]);
+                let mut changes = VolumeChanges::new();
+                self.mark_downstream_into(&mut changes, &volume, tracks.as_deref())?;
+                self.store.commit(changes)?;
                 Ok(TargetAnswer::Done)
             }
             TargetOperation::Unregister { .. } => {
-                let _gate = self.gate.write();
+                let _gate = self.gates.exclusive([volume.id]);
                 let mut batch = Batch::default();
                 batch.delete(Space::Meta, registration_key(&registration.volume));
                 self.store.engine().write(batch, Durability::Synced)?;
@@ -517,14 +439,14 @@ impl<E: Engine> Sessions<E> {
 
     /// The clone session `session` of this node, whose destination is on another node.
     /// Sets or clears a target volume's invalid bits over `extents`, after checking every
-    /// extent against the volume, under the command gate's read side.
+    /// extent against the volume, under the volume's gate, shared.
     fn change_invalid(
         &self,
         volume: &Volume,
         extents: Vec<Extent>,
         set: bool,
     ) -> Result<TargetAnswer> {
-        let _gate = self.gate.read();
+        let _gate = self.gates.shared([volume.id]);
         if let Some(extent) = extents
             .iter()
             .find(|extent| extent.first > extent.last || extent.last >= volume.track_count())
@@ -563,8 +485,8 @@ impl<E: Engine> Sessions<E> {
     /// says it stored the image (`Pulled`); until then a host write here copies first as
     /// usual, which the destination ignores once it holds the track.
     fn serve_pull(&self, session: SessionId, track: u64) -> Result<TargetAnswer> {
-        let _gate = self.gate.read();
         let (record, source) = self.remote_clone(session)?;
+        let _gate = self.gates.shared([source.id]);
         let _track = self.locks.lock([(source.id, track)]);
         if track >= source.track_count()
             || !self
@@ -580,8 +502,8 @@ impl<E: Engine> Sessions<E> {
 
     /// The destination stored pulled tracks: they leave the clone list.
     fn serve_pulled(&self, session: SessionId, tracks: &[u64]) -> Result<TargetAnswer> {
-        let _gate = self.gate.read();
         let (record, source) = self.remote_clone(session)?;
+        let _gate = self.gates.shared([source.id]);
         let tracks: Vec<u64> = tracks
             .iter()
             .copied()
@@ -702,8 +624,8 @@ impl<E: Engine> Sessions<E> {
 
     /// Registers `volume` as the target of a session run by another node.
     pub fn register_target(&self, registration: Registration) -> Result<TargetAnswer> {
-        let _gate = self.gate.write();
         let volume = self.store.volume(&registration.volume)?;
+        let _gate = self.gates.exclusive([volume.id]);
         if let Some(existing) = self.registered(&volume.name) {
             if existing.session != registration.session {
                 return Err(Error::SessionRefused {

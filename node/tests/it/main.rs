@@ -2,7 +2,9 @@
 
 mod bitmaps;
 mod common;
+mod crashes;
 mod guards;
+mod locking;
 mod nbd;
 mod progress;
 mod sessions;
