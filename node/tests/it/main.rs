@@ -5,6 +5,7 @@ mod common;
 mod guards;
 mod nbd;
 mod progress;
+mod requests;
 mod sessions;
 mod sessions_model;
 mod snapshots;
