@@ -37,7 +37,10 @@ pub fn setup() -> FailPoints {
 /// name, so that only a split ends the process).
 pub fn exit_point(place: &str, context: &str) {
     fail::fail_point!(place, |only: Option<String>| {
-        if only.as_deref().is_none_or(|only| only.is_empty() || only == context) {
+        if only
+            .as_deref()
+            .is_none_or(|only| only.is_empty() || only == context)
+        {
             tracing::error!(%place, %context, "fail point reached: ending the process");
             std::process::exit(EXIT_STATUS);
         }

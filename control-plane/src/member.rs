@@ -20,10 +20,6 @@ use crate::network::{self, QuicNetworkFactory};
 use crate::storage::{self, CatalogView};
 use crate::types::Raft;
 use lifecycle::{now_unix_seconds, retire_removed_store, watch_removal, Removal};
-use sessions::{checkpoint_info, session_lock_key, session_response, target_of, NodeSession};
-pub use sessions::{
-    RESTING_SESSION_RECONCILE_INTERVAL_MILLISECONDS, SESSION_GONE_GRACE_MILLISECONDS,
-};
 pub use lifecycle::{
     INIT_REGISTRATION_TIMEOUT_SECONDS, REMOVAL_CHECK_AFTER_LEADERLESS_MILLISECONDS,
     REMOVAL_CHECK_INTERVAL_MILLISECONDS, REMOVED_MARKER_FILE,
@@ -41,6 +37,10 @@ use protocol::session::{
     next_state, SessionCommand, SessionInfo, SessionKind, SessionState, Transition,
 };
 use protocol::transport::Peer;
+use sessions::{checkpoint_info, session_lock_key, session_response, target_of, NodeSession};
+pub use sessions::{
+    RESTING_SESSION_RECONCILE_INTERVAL_MILLISECONDS, SESSION_GONE_GRACE_MILLISECONDS,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -649,7 +649,7 @@ impl ControlPlane {
     /// does not answer.
     async fn session_live(&self, entry: &SessionEntry) -> SessionInfo {
         match self.node_session(entry).await {
-            NodeSession::Live(info) => info,
+            NodeSession::Live(info) => *info,
             NodeSession::Gone(reason) | NodeSession::Silent(reason) => checkpoint_info(
                 entry,
                 Some(format!(
@@ -683,8 +683,7 @@ impl ControlPlane {
         // One command or reconciliation of a session at a time on this leader.
         let lock = self.session_lock(&session_lock_key(&command));
         let _one_at_a_time = lock.lock().await;
-        let (node, address, source, target) = match self.session_command_checks(&command).await
-        {
+        let (node, address, source, target) = match self.session_command_checks(&command).await {
             Ok(checked) => checked,
             Err(refusal) if refusal.code == ErrorCode::IllegalState => {
                 // The catalog may trail the node: a command the node carried out whose
@@ -728,10 +727,7 @@ impl ControlPlane {
         };
         // Tests end the process here to play a leader that dies after the node carried a
         // command out and before the catalog recorded it.
-        crate::fail_points::exit_point(
-            "control-plane::session::after-node-call",
-            command.name(),
-        );
+        crate::fail_points::exit_point("control-plane::session::after-node-call", command.name());
         self.record_session_outcome(request_id, &node, target, info)
             .await
     }

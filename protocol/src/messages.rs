@@ -199,7 +199,9 @@ pub enum Request {
     },
     /// The answer the node gave to the session command with this request id, if it carried
     /// one out and still remembers it; `not-found` otherwise. Changes nothing.
-    SessionAnswer { request_id: crate::cluster::RequestId },
+    SessionAnswer {
+        request_id: crate::cluster::RequestId,
+    },
     /// The node's sessions, of one kind or all.
     SessionList {
         kind: Option<crate::session::SessionKind>,

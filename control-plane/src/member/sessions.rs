@@ -21,7 +21,7 @@ const SESSION_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a session's node says of it.
 pub(super) enum NodeSession {
     /// The node runs it and reports it so.
-    Live(SessionInfo),
+    Live(Box<SessionInfo>),
     /// The node answered that it has no such session.
     Gone(String),
     /// The node did not answer (down, unreachable, not registered), for this reason.
@@ -179,7 +179,7 @@ impl ControlPlane {
             )
             .await;
         match answer {
-            Ok(Response::Session(Some(info))) => NodeSession::Live(info),
+            Ok(Response::Session(Some(info))) => NodeSession::Live(Box::new(info)),
             Ok(Response::Error {
                 code: ErrorCode::NotFound,
                 message,
@@ -229,7 +229,9 @@ impl ControlPlane {
                 continue;
             };
             // Read again under the lock: a command may have just recorded a new state.
-            let Some(entry) = self.catalog.read(|catalog| catalog.session(&target).cloned())
+            let Some(entry) = self
+                .catalog
+                .read(|catalog| catalog.session(&target).cloned())
             else {
                 continue;
             };

@@ -38,8 +38,7 @@ fn carry_out<E: Engine>(
 }
 
 #[test]
-fn a_split_retried_with_its_request_id_is_carried_out_once_and_answers_the_same_across_a_restart(
-) {
+fn a_split_retried_with_its_request_id_is_carried_out_once_and_answers_the_same_across_a_restart() {
     let directory = tempfile::tempdir().unwrap();
     let open = || {
         let store = Arc::new(
@@ -69,7 +68,11 @@ fn a_split_retried_with_its_request_id_is_carried_out_once_and_answers_the_same_
     // The retry (a new leader asking again) gets the first answer, and nothing happens.
     let retried = carry_out(&requests, &sessions, &carried_out, 2, split()).unwrap();
     assert_eq!(retried.as_ref(), Some(&first));
-    assert_eq!(carried_out.load(Ordering::SeqCst), 2, "the retry was carried out");
+    assert_eq!(
+        carried_out.load(Ordering::SeqCst),
+        2,
+        "the retry was carried out"
+    );
     let now = sessions.show(SessionKind::Mirror, "bcv").unwrap();
     assert_eq!(now.split_sequence, first.split_sequence);
     assert_eq!(requests.answer(2), Some(Some(first.clone())));
@@ -77,7 +80,11 @@ fn a_split_retried_with_its_request_id_is_carried_out_once_and_answers_the_same_
     // Another request id is a new command and meets the node's state as it always did.
     let error = carry_out(&requests, &sessions, &carried_out, 3, split()).unwrap_err();
     assert_eq!(error.code(), ErrorCode::IllegalState, "{error}");
-    assert_eq!(requests.answer(3), None, "a refused command is not remembered");
+    assert_eq!(
+        requests.answer(3),
+        None,
+        "a refused command is not remembered"
+    );
 
     // The next command works, and a late retry of the split still changes nothing.
     let reestablish = SessionCommand::MirrorReestablish {
@@ -153,7 +160,9 @@ fn the_remembered_answers_are_bounded_and_the_oldest_goes_first() {
         bcv: "bcv".to_string(),
     };
     for request_id in 0..=SESSION_REQUESTS_REMEMBERED_MAX as u128 {
-        requests.carry_out(request_id, &command, || Ok(None)).unwrap();
+        requests
+            .carry_out(request_id, &command, || Ok(None))
+            .unwrap();
     }
     assert_eq!(requests.remembered_count(), SESSION_REQUESTS_REMEMBERED_MAX);
     assert_eq!(requests.answer(0), None, "the oldest answer was kept");
@@ -166,7 +175,10 @@ fn the_remembered_answers_are_bounded_and_the_oldest_goes_first() {
             true
         })
         .unwrap();
-    assert_eq!(stored, SESSION_REQUESTS_REMEMBERED_MAX, "evicted answers stay on disk");
+    assert_eq!(
+        stored, SESSION_REQUESTS_REMEMBERED_MAX,
+        "evicted answers stay on disk"
+    );
     // Reopened, the node knows the same answers.
     let reopened = SessionRequests::open(store.clone()).unwrap();
     assert_eq!(reopened.remembered_count(), SESSION_REQUESTS_REMEMBERED_MAX);

@@ -155,7 +155,16 @@ impl NodeProcess {
             .append(true)
             .open(log)
             .unwrap();
-        Self::spawn(certs, name, data_dir, None, quic_port, extra, file.into(), &[])
+        Self::spawn(
+            certs,
+            name,
+            data_dir,
+            None,
+            quic_port,
+            extra,
+            file.into(),
+            &[],
+        )
     }
 
     #[allow(clippy::too_many_arguments)]

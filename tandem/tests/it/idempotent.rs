@@ -161,7 +161,10 @@ fn a_split_whose_leader_died_before_recording_it_answers_its_first_answer_on_ret
     assert_eq!(shown["state"], "split", "{shown}");
     assert_eq!(shown["split_sequence"], split["split_sequence"]);
     assert_eq!(trio.catalog_volume("bcv")["readiness"], "ready");
-    assert_eq!(read_all(trio.storage(), "bcv"), read_all(trio.storage(), "std"));
+    assert_eq!(
+        read_all(trio.storage(), "bcv"),
+        read_all(trio.storage(), "std")
+    );
     // The next command is judged against a catalog that agrees with the node.
     trio.storage()
         .cli_ok(&trio.certs, &["mirror", "reestablish", "bcv"]);
@@ -183,7 +186,11 @@ fn a_restore_whose_leader_died_before_recording_it_answers_its_first_answer_on_r
         "{restore}"
     );
     trio.wait_for_state("mirror", "bcv", "synchronized");
-    assert_eq!(read_all(trio.storage(), "std"), image, "the restore brought back the BCV");
+    assert_eq!(
+        read_all(trio.storage(), "std"),
+        image,
+        "the restore brought back the BCV"
+    );
     assert_eq!(trio.catalog_volume("bcv")["readiness"], "not-ready");
     // The next command works: the catalog knows the mirror is synchronized.
     let again = trio.cli_json(&["mirror", "split", "bcv", "--json"]);
@@ -209,7 +216,10 @@ fn an_activate_whose_leader_died_before_recording_it_answers_its_first_answer_on
     trio.wait_for_state("clone", "dst", "copied");
     trio.storage()
         .cli_ok(&trio.certs, &["clone", "terminate", "dst"]);
-    assert_eq!(read_all(trio.storage(), "dst"), read_all(trio.storage(), "src"));
+    assert_eq!(
+        read_all(trio.storage(), "dst"),
+        read_all(trio.storage(), "src")
+    );
     let listed = trio.cli_json(&["clone", "list", "--json"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
 }

@@ -41,7 +41,15 @@ fn an_async_mirror_stops_while_a_fault_rule_partitions_its_bcv_node_and_resumes_
     json(
         &alpha,
         &certs,
-        &["mirror", "establish", "std", "bcv", "--mode", "async", "--json"],
+        &[
+            "mirror",
+            "establish",
+            "std",
+            "bcv",
+            "--mode",
+            "async",
+            "--json",
+        ],
     );
     let show = || json(&alpha, &certs, &["mirror", "show", "bcv", "--json"]);
     wait_until(60, "the mirror to synchronize", || {
@@ -71,5 +79,8 @@ fn an_async_mirror_stops_while_a_fault_rule_partitions_its_bcv_node_and_resumes_
     let split = json(&alpha, &certs, &["mirror", "split", "bcv", "--json"]);
     assert_eq!(split["state"], "split");
     assert_eq!(read_all(&beta, "bcv"), read_all(&alpha, "std"));
-    assert_eq!(read_all(&alpha, "std").len() as u64, TRACKS * crate::sessions::TRACK_BYTES);
+    assert_eq!(
+        read_all(&alpha, "std").len() as u64,
+        TRACKS * crate::sessions::TRACK_BYTES
+    );
 }
