@@ -5,14 +5,17 @@
 //! - [`catalog`]: the pure catalog state machine (no IO).
 //! - [`types`]: the Raft type configuration.
 //! - [`storage`]: the Raft log and state machine on RocksDB.
-//! - [`network`]: Raft messages over QUIC, authorization by member identity, fault injection.
-//! - [`caller`]: calls to nodes and members over reused QUIC connections.
+//! - [`network`]: Raft messages over QUIC, authorization by member identity.
+//! - [`caller`]: calls to nodes and members over reused QUIC connections, and the fault
+//!   rules (drop, delay per peer) every call between nodes obeys.
+//! - [`fail_points`]: named places where a test can end the process (feature `failpoints`).
 //! - [`member`]: a member's Raft instance and its leader's duties (the IO shell).
 
 pub mod advice;
 pub mod caller;
 pub mod catalog;
 pub mod error;
+pub mod fail_points;
 pub mod member;
 pub mod network;
 pub mod storage;

@@ -12,10 +12,11 @@
 use crate::advice;
 mod checks;
 mod lifecycle;
+mod sessions;
 
 use crate::caller::Caller;
 use crate::error::Error;
-use crate::network::{self, Faults, QuicNetworkFactory};
+use crate::network::{self, QuicNetworkFactory};
 use crate::storage::{self, CatalogView};
 use crate::types::Raft;
 use lifecycle::{now_unix_seconds, retire_removed_store, watch_removal, Removal};
@@ -36,6 +37,10 @@ use protocol::session::{
     next_state, SessionCommand, SessionInfo, SessionKind, SessionState, Transition,
 };
 use protocol::transport::Peer;
+use sessions::{checkpoint_info, session_lock_key, session_response, target_of, NodeSession};
+pub use sessions::{
+    RESTING_SESSION_RECONCILE_INTERVAL_MILLISECONDS, SESSION_GONE_GRACE_MILLISECONDS,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -109,7 +114,6 @@ pub struct ControlPlane {
     id: MemberId,
     raft: Raft,
     catalog: CatalogView,
-    faults: Faults,
     caller: Arc<Caller>,
     /// When the leader last heard from each node. Volatile: a new leader starts counting
     /// afresh, which gives every node a full timeout of grace after a leader change.
@@ -119,6 +123,14 @@ pub struct ControlPlane {
     volume_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Volumes the supervisor is reconciling now.
     reconciling: Mutex<HashSet<String>>,
+    /// One lock per session (by target volume), so a command and the supervisor's
+    /// reconciliation never act on one session at once.
+    session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// When the supervisor last compared resting sessions with their nodes.
+    resting_sessions_reconciled: Mutex<Option<Instant>>,
+    /// Sessions whose node said it no longer has them, since when (see
+    /// [`sessions::SESSION_GONE_GRACE_MILLISECONDS`]).
+    gone_sessions: Mutex<HashMap<String, Instant>>,
     /// The node's data directory, where a removed member leaves its marker.
     data_directory: PathBuf,
     /// Set once this member learned that it was removed from the control plane: its Raft
@@ -154,7 +166,6 @@ impl ControlPlane {
         address: &str,
         data_directory: &Path,
         caller: Arc<Caller>,
-        faults: Faults,
         compact_after_entries: Option<u64>,
     ) -> Result<Arc<ControlPlane>, Error> {
         retire_removed_store(data_directory)?;
@@ -184,7 +195,6 @@ impl ControlPlane {
         let id = member_id(name);
         let network = QuicNetworkFactory {
             caller: caller.clone(),
-            faults: faults.clone(),
         };
         let raft = Raft::new(id, Arc::new(config), network, log_store, state_machine)
             .await
@@ -197,11 +207,13 @@ impl ControlPlane {
             id,
             raft,
             catalog,
-            faults,
             caller,
             last_seen: Mutex::new(HashMap::new()),
             volume_locks: Mutex::new(HashMap::new()),
             reconciling: Mutex::new(HashSet::new()),
+            session_locks: Mutex::new(HashMap::new()),
+            resting_sessions_reconciled: Mutex::new(None),
+            gone_sessions: Mutex::new(HashMap::new()),
             data_directory: data_directory.to_path_buf(),
             removed: Mutex::new(None),
         });
@@ -222,7 +234,7 @@ impl ControlPlane {
         if let Some(refusal) = self.removed_refusal() {
             return refusal.into_response();
         }
-        network::serve(&self.raft, &self.faults, peer, bytes).await
+        network::serve(&self.raft, peer, bytes).await
     }
 
     fn leader(&self) -> Option<(MemberId, Member)> {
@@ -636,74 +648,98 @@ impl ControlPlane {
     /// A session as its node reports it now, or the catalog's checkpoint when the node
     /// does not answer.
     async fn session_live(&self, entry: &SessionEntry) -> SessionInfo {
-        let reason = match (
-            self.node_address(&entry.node),
-            self.ensure_node_up(&entry.node),
-        ) {
-            (Some(_), Err(down)) => down.message,
-            (Some(address), Ok(())) => match self
-                .call(
-                    &entry.node,
-                    &address,
-                    Request::SessionShow {
-                        kind: entry.kind,
-                        target: entry.target.clone(),
-                    },
-                )
-                .await
-            {
-                Ok(Response::Session(Some(info))) => return info,
-                Ok(Response::Error { message, .. }) => message,
-                Ok(other) => format!("unexpected answer {other:?}"),
-                Err(reason) => reason,
-            },
-            (None, _) => "the node is not registered".to_string(),
-        };
-        let total = entry.tracks_copied + entry.tracks_remaining;
-        SessionInfo {
-            id: entry.id,
-            kind: entry.kind,
-            source: entry.source.clone(),
-            target: entry.target.clone(),
-            state: entry.state,
-            mode: None,
-            slots: entry.slots.clone(),
-            extents: Vec::new(),
-            tracks_total: total,
-            tracks_copied: entry.tracks_copied,
-            tracks_remaining: entry.tracks_remaining,
-            percent: protocol::session::checkpoint_percent(
-                entry.state,
-                entry.tracks_copied,
-                entry.tracks_remaining,
+        match self.node_session(entry).await {
+            NodeSession::Live(info) => *info,
+            NodeSession::Gone(reason) | NodeSession::Silent(reason) => checkpoint_info(
+                entry,
+                Some(format!(
+                    "node {} did not answer ({reason}); this is the catalog's last checkpoint",
+                    entry.node
+                )),
             ),
-            rate_bytes_per_second: 0,
-            eta_seconds: None,
-            rate_limit_mebibytes_per_second: None,
-            tracks_copied_last: 0,
-            lag_tracks: 0,
-            lag_seconds: 0,
-            error: Some(format!(
-                "node {} did not answer ({reason}); this is the catalog's last checkpoint",
-                entry.node
-            )),
-            created_unix_seconds: 0,
-            split_sequence: 0,
-            last_error: None,
         }
     }
 
     /// A session command: the catalog refuses an illegal transition of a resting session
     /// before any node is asked; otherwise the source volume's node carries it out (and
     /// checks it against its own, newer, state), and the outcome is committed.
+    ///
+    /// Retries are harmless: a request the catalog recorded gets its first answer from the
+    /// catalog, calling no node; the node is called with the request id and answers a
+    /// request it carried out before with its first answer, without carrying it out again.
     async fn session_command(
         &self,
         request_id: RequestId,
         command: SessionCommand,
     ) -> Outcome<Response> {
         self.read_barrier().await?;
-        self.refuse_taken_target(&command).await?;
-        let (source, target, entry) = match &command {
+        if let Some(applied) = self
+            .catalog
+            .read(|catalog| catalog.applied_response(request_id).cloned())
+        {
+            applied.map_err(Refusal::from)?;
+            return Ok(session_response(self.recorded_session(&command)));
+        }
+        // One command or reconciliation of a session at a time on this leader.
+        let lock = self.session_lock(&session_lock_key(&command));
+        let _one_at_a_time = lock.lock().await;
+        let (node, address, source, target) = match self.session_command_checks(&command).await {
+            Ok(checked) => checked,
+            Err(refusal) if refusal.code == ErrorCode::IllegalState => {
+                // The catalog may trail the node: a command the node carried out whose
+                // recording was lost with its leader, and that the supervisor has recorded
+                // since. The node then still knows this request id and its first answer.
+                return match self.replayed_answer(request_id, &command).await {
+                    Some((node, info)) => {
+                        self.record_session_outcome(request_id, &node, target_of(&command), info)
+                            .await
+                    }
+                    None => Err(refusal),
+                };
+            }
+            Err(refusal) => return Err(refusal),
+        };
+        let response = self
+            .call(
+                &node,
+                &address,
+                Request::Session {
+                    request_id,
+                    command: command.clone(),
+                },
+            )
+            .await
+            .map_err(|reason| {
+                Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!("node {node} of volume '{source}' did not answer: {reason}"),
+                )
+            })?;
+        let info = match response {
+            Response::Session(info) => info,
+            Response::Error { code, message } => return Err(Refusal::new(code, message)),
+            other => {
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("unexpected answer {other:?}"),
+                ))
+            }
+        };
+        // Tests end the process here to play a leader that dies after the node carried a
+        // command out and before the catalog recorded it.
+        crate::fail_points::exit_point("control-plane::session::after-node-call", command.name());
+        self.record_session_outcome(request_id, &node, target, info)
+            .await
+    }
+
+    /// The checks before a session command reaches its node, and where it goes: the
+    /// source volume's node, its address, the source and the target.
+    async fn session_command_checks(
+        &self,
+        command: &SessionCommand,
+    ) -> Outcome<(String, String, String, Option<String>)> {
+        self.refuse_taken_target(command).await?;
+        let (source, target, entry) = match command {
             SessionCommand::CloneCreate { source, target, .. } => {
                 (source.clone(), Some(target.clone()), None)
             }
@@ -740,7 +776,7 @@ impl ControlPlane {
                 (entry.source.clone(), Some(target.clone()), Some(entry))
             }
         };
-        if let (Some(entry), Some(transition)) = (&entry, transition_of(&command)) {
+        if let (Some(entry), Some(transition)) = (&entry, transition_of(command)) {
             if entry.state.is_resting() {
                 if let Err(reason) = next_state(entry.kind, entry.state, transition) {
                     return Err(Refusal::new(
@@ -767,84 +803,35 @@ impl ControlPlane {
                 format!("node {} is not registered", volume.node),
             )
         })?;
-        let response = self
-            .call(
-                &volume.node,
-                &address,
-                Request::Session {
-                    command: command.clone(),
-                },
-            )
-            .await
-            .map_err(|reason| {
-                Refusal::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "node {} of volume '{source}' did not answer: {reason}",
-                        volume.node
-                    ),
-                )
-            })?;
-        let info = match response {
-            Response::Session(info) => info,
-            Response::Error { code, message } => return Err(Refusal::new(code, message)),
-            other => {
-                return Err(Refusal::new(
-                    ErrorCode::Internal,
-                    format!("unexpected answer {other:?}"),
-                ))
-            }
-        };
-        let record = match &info {
-            Some(info) => Command::SessionRecord(entry_of(&volume.node, info)),
-            None => {
-                let target = target.unwrap_or_default();
-                match self.node_readiness(&target).await {
-                    Some(target_readiness) => Command::SessionEnded {
-                        target,
-                        target_readiness,
-                    },
-                    None => Command::SessionForget { target },
-                }
-            }
-        };
-        self.commit(request_id, record).await?;
-        Ok(Response::Cluster(ClusterResponse::Session(
-            info.map(Box::new),
-        )))
+        Ok((volume.node, address, source, target))
     }
 
-    /// Brings the catalog's record of running copies up to date with their nodes: a copy
-    /// finishes on its node, and the catalog learns it here.
-    async fn refresh_sessions(&self) {
-        let running: Vec<SessionEntry> = self.catalog.read(|catalog| {
-            catalog
-                .sessions()
-                .filter(|entry| {
-                    !entry.state.is_resting() || entry.state == SessionState::Precopying
-                })
-                .cloned()
-                .collect()
-        });
-        for entry in running {
-            let info = self.session_live(&entry).await;
-            if info
-                .error
-                .as_deref()
-                .is_some_and(|error| error.contains("catalog's last checkpoint"))
-            {
-                continue;
-            }
-            let fresh = entry_of(&entry.node, &info);
-            let progressed = fresh.tracks_copied >= entry.tracks_copied + SESSION_CHECKPOINT_TRACKS;
-            if fresh.state != entry.state || progressed || fresh.error != entry.error {
-                if let Err(refusal) = self
-                    .commit(random_request_id(), Command::SessionRecord(fresh))
-                    .await
-                {
-                    tracing::debug!(target = %entry.target, reason = %refusal.message, "session checkpoint not recorded");
-                }
-            }
+    /// Commits what a node answered to a session command, under the command's request id,
+    /// and answers with it.
+    async fn record_session_outcome(
+        &self,
+        request_id: RequestId,
+        node: &str,
+        target: Option<String>,
+        info: Option<SessionInfo>,
+    ) -> Outcome<Response> {
+        let record = match &info {
+            Some(info) => Command::SessionRecord(entry_of(node, info)),
+            None => self.session_ended(target.unwrap_or_default()).await,
+        };
+        self.commit(request_id, record).await?;
+        Ok(session_response(info))
+    }
+
+    /// The command that records the end of the session of `target`: with the readiness
+    /// the target's node reports now, or, when it does not answer, as it stands.
+    async fn session_ended(&self, target: String) -> Command {
+        match self.node_readiness(&target).await {
+            Some(target_readiness) => Command::SessionEnded {
+                target,
+                target_readiness,
+            },
+            None => Command::SessionForget { target },
         }
     }
 

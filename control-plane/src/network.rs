@@ -1,6 +1,6 @@
 //! Raft messages between members, over the same QUIC transport (mutual TLS) as every
-//! other tandem message, with fault injection in our own code because the kernel here
-//! has no netem.
+//! other tandem message; the fault rules of the process's [`Caller`] (drop, delay per
+//! peer) apply to them as to every call between nodes.
 //!
 //! A member accepts a Raft message only from a peer whose certificate names a member of
 //! its current membership, and only when the message claims to come from that member:
@@ -15,12 +15,10 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::AnyError;
-use parking_lot::RwLock;
-use protocol::cluster::{member_id, FaultRule, Member, MemberId};
+use protocol::cluster::{member_id, Member, MemberId};
 use protocol::messages::{ErrorCode, Request, Response};
 use protocol::transport::{Peer, PeerRole};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,35 +40,11 @@ pub enum RaftAnswer {
     ),
 }
 
-/// Fault rules by peer node name, shared by the sending and the receiving side of one
-/// process. Rules are set at run time by the admin (`tandem debug fault`) on nodes that
-/// allow it, so tests can cut a minority off without touching the kernel.
-#[derive(Debug, Clone, Default)]
-pub struct Faults {
-    rules: Arc<RwLock<HashMap<String, FaultRule>>>,
-}
-
-impl Faults {
-    pub fn rule(&self, peer: &str) -> FaultRule {
-        self.rules.read().get(peer).cloned().unwrap_or_default()
-    }
-
-    /// Sets the rule for one peer; the default rule (no drop, no delay) removes it.
-    pub fn set(&self, peer: &str, rule: FaultRule) {
-        let mut rules = self.rules.write();
-        if rule == FaultRule::default() {
-            rules.remove(peer);
-        } else {
-            rules.insert(peer.to_string(), rule);
-        }
-    }
-}
-
-/// Makes one [`QuicNetwork`] per target member; they share the endpoint and the fault rules.
+/// Makes one [`QuicNetwork`] per target member; they share the endpoint, its connections
+/// and its fault rules.
 #[derive(Clone)]
 pub struct QuicNetworkFactory {
     pub caller: Arc<Caller>,
-    pub faults: Faults,
 }
 
 impl RaftNetworkFactory<TypeConfig> for QuicNetworkFactory {
@@ -79,7 +53,6 @@ impl RaftNetworkFactory<TypeConfig> for QuicNetworkFactory {
     async fn new_client(&mut self, target: MemberId, node: &Member) -> QuicNetwork {
         QuicNetwork {
             caller: self.caller.clone(),
-            faults: self.faults.clone(),
             target,
             member: node.clone(),
         }
@@ -89,7 +62,6 @@ impl RaftNetworkFactory<TypeConfig> for QuicNetworkFactory {
 /// The link to one member, over the process's shared connections: one stream per message.
 pub struct QuicNetwork {
     caller: Arc<Caller>,
-    faults: Faults,
     target: MemberId,
     member: Member,
 }
@@ -105,22 +77,17 @@ impl QuicNetwork {
         message: RaftMessage,
         option: &RPCOption,
     ) -> Result<RaftAnswer, String> {
-        let rule = self.faults.rule(&self.member.name);
-        if rule.drop {
-            return Err(format!(
-                "message to {} dropped by fault injection",
-                self.member
-            ));
-        }
-        if rule.delay_milliseconds > 0 {
-            tokio::time::sleep(Duration::from_millis(rule.delay_milliseconds)).await;
-        }
         let bytes = protocol::codec::encode(&message).map_err(|error| error.to_string())?;
         // The callee must prove it is the member: Raft messages go to no one else.
         let request = Request::Raft(bytes);
-        let exchange = self
-            .caller
-            .call(&self.member.address, Some(&self.member.name), &request);
+        // The caller applies the fault rules for the member (drop, delay), as for every
+        // other call between nodes.
+        let exchange = self.caller.call_within(
+            &self.member.address,
+            Some(&self.member.name),
+            &request,
+            option.hard_ttl(),
+        );
         let response = tokio::time::timeout(option.hard_ttl(), exchange)
             .await
             .map_err(|_| {
@@ -226,8 +193,9 @@ fn refuse(code: ErrorCode, message: String) -> Response {
     Response::Error { code, message }
 }
 
-/// Serves one Raft message from `peer` after checking who sent it.
-pub async fn serve(raft: &Raft, faults: &Faults, peer: &Peer, bytes: &[u8]) -> Response {
+/// Serves one Raft message from `peer` after checking who sent it. (The node's service
+/// has already applied the fault rules for the peer, as for every call it serves.)
+pub async fn serve(raft: &Raft, peer: &Peer, bytes: &[u8]) -> Response {
     let name = match &peer.role {
         PeerRole::Node(name) => name,
         PeerRole::Admin => {
@@ -237,12 +205,6 @@ pub async fn serve(raft: &Raft, faults: &Faults, peer: &Peer, bytes: &[u8]) -> R
             )
         }
     };
-    if faults.rule(name).drop {
-        return refuse(
-            ErrorCode::Unavailable,
-            format!("message from {name} dropped by fault injection"),
-        );
-    }
     let message = match protocol::codec::decode::<RaftMessage>(bytes) {
         Ok(message) => message,
         Err(error) => {

@@ -93,6 +93,14 @@ pub enum Error {
         volume: String,
         role: String,
     },
+    #[error("request {request_id} was a {first} command and cannot be reused for a {now} command; send a new request id")]
+    SessionRequestReused {
+        request_id: String,
+        first: String,
+        now: String,
+    },
+    #[error("no session command with request id {request_id} was carried out here, or it is no longer remembered")]
+    SessionRequestUnknown { request_id: String },
     #[error("node {node}: {detail}")]
     Remote { node: String, detail: String },
     #[error("storage engine: {detail}")]
@@ -117,7 +125,8 @@ impl Error {
         match self {
             Error::VolumeNotFound { .. }
             | Error::VolumeDeleted { .. }
-            | Error::SessionNotFound { .. } => ErrorCode::NotFound,
+            | Error::SessionNotFound { .. }
+            | Error::SessionRequestUnknown { .. } => ErrorCode::NotFound,
             Error::SessionRefused { .. }
             | Error::VolumeNotReady { .. }
             | Error::VolumeInSession { .. } => ErrorCode::IllegalState,
@@ -129,6 +138,7 @@ impl Error {
             | Error::ExtentOutOfRange { .. }
             | Error::SessionSlotNotAllocated { .. }
             | Error::SnapRefused { .. }
+            | Error::SessionRequestReused { .. }
             | Error::Config { .. } => ErrorCode::InvalidArgument,
             Error::SessionSlotsExhausted { .. } | Error::TooManyLayers { .. } => {
                 ErrorCode::LimitExceeded

@@ -2,6 +2,7 @@
 
 use crate::config::NodeConfig;
 use crate::copy::remote::TargetLink;
+use crate::copy::requests::SessionRequests;
 use crate::copy::workers::BackgroundWorkers;
 use crate::copy::Sessions;
 use crate::engine::rocks::RocksEngine;
@@ -11,7 +12,6 @@ use crate::store::VolumeStore;
 use crate::{nbd, Error, Result};
 use control_plane::caller::Caller;
 use control_plane::member::ControlPlane;
-use control_plane::network::Faults;
 use protocol::cluster::NodeReport;
 use protocol::messages::{Request, Response};
 use protocol::session::{RemoteVolume, TargetAnswer, TargetOperation};
@@ -106,7 +106,6 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
             ),
         })?,
     };
-    let faults = Faults::default();
     let caller = Arc::new(Caller::new(endpoint.clone()));
     let sessions = {
         let store = store.clone();
@@ -123,6 +122,14 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
             })??
     };
     let sessions = Arc::new(sessions);
+    let requests = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || SessionRequests::open(store))
+            .await
+            .map_err(|join_error| Error::Engine {
+                detail: join_error.to_string(),
+            })??
+    };
     let control_plane = if config.control_plane {
         Some(
             ControlPlane::start(
@@ -130,7 +137,6 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
                 &advertise,
                 &config.data_dir,
                 caller.clone(),
-                faults.clone(),
                 config.raft_compact_after_entries,
             )
             .await?,
@@ -142,6 +148,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     let service = Arc::new(Service {
         store: store.clone(),
         sessions: sessions.clone(),
+        requests: Arc::new(requests),
         background: BackgroundWorkers::start("tandem-store-copy", BACKGROUND_STORE_THREADS)?,
         identity: Identity {
             name: config.name.clone(),
@@ -151,7 +158,6 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
         control_plane,
         members: config.members.clone(),
         caller,
-        faults,
         fault_injection: config.fault_injection,
         own_address: advertise.clone(),
         preferred_member: AtomicUsize::new(0),

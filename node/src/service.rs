@@ -2,6 +2,7 @@
 //! driver: validation lives in the store); cluster requests go to the control plane, in
 //! this process when it hosts a member, else to a member named in the config.
 
+use crate::copy::requests::SessionRequests;
 use crate::copy::workers::BackgroundWorkers;
 use crate::copy::Sessions;
 use crate::engine::Engine;
@@ -10,7 +11,6 @@ use crate::{Error, Result};
 use control_plane::advice::NOT_INITIALIZED_MESSAGE;
 use control_plane::caller::Caller;
 use control_plane::member::ControlPlane;
-use control_plane::network::Faults;
 use protocol::cluster::{ClusterRequest, ClusterResponse, NodeReport, CLUSTER_REQUEST_HOPS_MAX};
 use protocol::messages::{ErrorCode, NodeStatus, Request, Response};
 use protocol::session::{RemoteVolume, SessionCommand, TargetOperation};
@@ -31,6 +31,9 @@ pub struct Identity {
 pub struct Service<E: Engine> {
     pub store: Arc<VolumeStore<E>>,
     pub sessions: Arc<Sessions<E>>,
+    /// The answers given to session commands, by request id, so a retry is not carried
+    /// out twice.
+    pub requests: Arc<SessionRequests<E>>,
     /// Low-priority threads that store the tracks remote copiers send here.
     pub background: BackgroundWorkers,
     pub identity: Identity,
@@ -38,8 +41,8 @@ pub struct Service<E: Engine> {
     pub control_plane: Option<Arc<ControlPlane>>,
     /// The control-plane members this node reports to, `HOST:PORT` each.
     pub members: Vec<String>,
+    /// The process's connection pool; its fault rules apply to the calls served here too.
     pub caller: Arc<Caller>,
-    pub faults: Faults,
     /// Whether the admin may set fault rules on this node; off unless the config enables it.
     pub fault_injection: bool,
     /// The address other nodes reach this one at; skipped in `members`.
@@ -47,6 +50,13 @@ pub struct Service<E: Engine> {
     /// The index (among the other members) of the member that answered last.
     pub preferred_member: AtomicUsize,
 }
+
+/// How long a call from a peer whose calls are dropped is held without an answer: the
+/// ordinary call timeout, after which the caller has given up (one with more patience,
+/// like a forwarded cluster request, then gets "unavailable" and moves on as after a
+/// lost connection).
+const DROPPED_CALL_HOLD: Duration =
+    Duration::from_secs(control_plane::caller::CALL_TIMEOUT_SECONDS);
 
 fn refuse(code: ErrorCode, message: String) -> Response {
     Response::Error { code, message }
@@ -68,6 +78,16 @@ pub async fn handle<E: Engine>(service: Arc<Service<E>>, peer: Peer, request: Re
 
 async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Request) -> Response {
     let from_node = matches!(peer.role, PeerRole::Node(_));
+    if let PeerRole::Node(name) = &peer.role {
+        if service.caller.faults().drops(name) {
+            // A partition answers nothing: the caller gives up after its own timeout.
+            tokio::time::sleep(DROPPED_CALL_HOLD).await;
+            return refuse(
+                ErrorCode::Unavailable,
+                format!("call from {name} dropped by fault injection"),
+            );
+        }
+    }
     match request {
         Request::Raft(bytes) => match &service.control_plane {
             Some(control_plane) => control_plane.serve_raft(peer, &bytes).await,
@@ -89,7 +109,7 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                 );
             }
             tracing::warn!(peer = %target, ?rule, "fault injection rule set");
-            service.faults.set(&target, rule);
+            service.caller.faults().set(&target, rule);
             Response::Deleted { name: target }
         }
         Request::VolumeCreate { .. }
@@ -133,23 +153,49 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
             ErrorCode::Forbidden,
             "session commands go through the control plane, which records them: use `tandem clone ...` or `tandem mirror ...`".into(),
         ),
-        Request::Session { command } => {
-            let remote = match remote_target_of(&service, &command).await {
-                Ok(remote) => remote,
-                Err(response) => return response,
+        Request::Session {
+            request_id,
+            command,
+        } => {
+            // A retry of a command carried out before is answered from memory, so where its
+            // target lives need not be looked up again.
+            let remote = if service.requests.answer(request_id).is_some() {
+                None
+            } else {
+                match remote_target_of(&service, &command).await {
+                    Ok(remote) => remote,
+                    Err(response) => return response,
+                }
             };
             let sessions = service.sessions.clone();
+            let requests = service.requests.clone();
             let named = sessions.named_session(&command);
             let logged = command.clone();
             let response = blocking(move || {
-                sessions
-                    .command_with(command, remote)
+                requests
+                    .carry_out(request_id, &command, || {
+                        sessions.command_with(command.clone(), remote)
+                    })
                     .map(Response::Session)
             })
             .await;
             log_session_command(&logged, named, &response);
             response
         }
+        Request::SessionAnswer { .. } if !from_node => refuse(
+            ErrorCode::Forbidden,
+            "the answers to session commands are for the control plane's leader".into(),
+        ),
+        Request::SessionAnswer { request_id } => match service.requests.answer(request_id) {
+            Some(answer) => Response::Session(answer),
+            None => refuse(
+                ErrorCode::NotFound,
+                Error::SessionRequestUnknown {
+                    request_id: format!("{request_id:032x}"),
+                }
+                .to_string(),
+            ),
+        },
         storage_request => {
             let sessions = service.sessions.clone();
             let identity = service.identity.clone();
@@ -486,6 +532,7 @@ fn request_kind(request: &Request) -> &'static str {
         Request::SetFault { .. } => "set_fault",
         Request::Target { .. } => "target",
         Request::Session { .. } => "session",
+        Request::SessionAnswer { .. } => "session_answer",
         Request::SessionList { .. } => "session_list",
         Request::SessionShow { .. } => "session_show",
         Request::VolumeClients { .. } => "volume_clients",

@@ -379,14 +379,15 @@ pub enum ClusterRequest {
     },
 }
 
-/// Fault injection in our own network layer, per peer address: the kernel here has no
+/// Fault injection in our own network layer, per peer node: the kernel here has no
 /// netem. Accepted only by nodes started with fault injection enabled, and only from the
-/// admin certificate.
+/// admin certificate. The rule covers every call between this node and the peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultRule {
-    /// Drop every Raft message to and from this peer (named by its node name).
+    /// Drop every call to and from this peer (named by its node name), as a partition
+    /// would: no answer, so the caller waits out its own timeout.
     pub drop: bool,
-    /// Delay every control-plane message to this peer by this long.
+    /// Delay every call to this peer by this long.
     pub delay_milliseconds: u64,
 }
 

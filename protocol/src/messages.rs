@@ -189,9 +189,18 @@ pub enum Request {
     },
     /// A Raft message between members, encoded by the control plane.
     Raft(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// A copy-session command for volumes of the node that receives it.
+    /// A copy-session command for volumes of the node that receives it. `request_id` is
+    /// the id of the cluster request the leader carries out: the node remembers the answer
+    /// it gave to each id and answers a retry with it, without carrying the command out
+    /// again (a leader that died before committing is followed by one that asks again).
     Session {
+        request_id: crate::cluster::RequestId,
         command: crate::session::SessionCommand,
+    },
+    /// The answer the node gave to the session command with this request id, if it carried
+    /// one out and still remembers it; `not-found` otherwise. Changes nothing.
+    SessionAnswer {
+        request_id: crate::cluster::RequestId,
     },
     /// The node's sessions, of one kind or all.
     SessionList {
@@ -206,7 +215,9 @@ pub enum Request {
     Target {
         operation: crate::session::TargetOperation,
     },
-    /// Sets (or with the default rule, clears) fault injection towards one peer, by node name.
+    /// Sets (or with the default rule, clears) fault injection towards one peer, by node
+    /// name: it applies to every call between the two nodes (Raft, cluster requests and
+    /// heartbeats, the leader's node calls, copy traffic).
     SetFault {
         peer: String,
         rule: crate::cluster::FaultRule,

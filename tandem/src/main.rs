@@ -176,15 +176,16 @@ enum ClusterCommand {
 
 #[derive(Subcommand)]
 enum DebugCommand {
-    /// Drop or delay Raft messages between the node at the endpoint and PEER.
+    /// Drop or delay every call between the node at the endpoint and PEER (Raft, cluster
+    /// requests, heartbeats, session commands, copy traffic); no flags clear the rule.
     Fault {
         /// The peer's node name.
         #[arg(long)]
         peer: String,
-        /// Drop every message to and from the peer.
+        /// Drop every call to and from the peer, as a partition would (no answer).
         #[arg(long)]
         drop: bool,
-        /// Delay every message to the peer by this many milliseconds.
+        /// Delay every call to the peer by this many milliseconds.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
         #[command(flatten)]
@@ -298,6 +299,9 @@ enum VolumeCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    // Tests arm named places to end the process at through FAILPOINTS; a build without the
+    // `failpoints` feature (every `cargo build`) ignores it.
+    let _fail_points = control_plane::fail_points::setup();
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Node(_) => NODE_LOG_FILTER_DEFAULT,

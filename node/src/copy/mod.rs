@@ -31,6 +31,7 @@ pub mod governor;
 mod observe;
 mod record;
 pub mod remote;
+pub mod requests;
 pub mod workers;
 
 use self::core::{Progress, RateLimit, RecentRate, SourceWriteStep};

@@ -114,6 +114,29 @@ impl NodeProcess {
             quic_port,
             extra,
             Stdio::null(),
+            &[],
+        )
+    }
+
+    /// [`NodeProcess::start_with`] with environment variables set for the node process
+    /// (`FAILPOINTS`, for one).
+    pub fn start_with_environment(
+        certs: &Path,
+        name: &str,
+        data_dir: &Path,
+        quic_port: u16,
+        extra: &[&str],
+        environment: &[(&str, &str)],
+    ) -> NodeProcess {
+        Self::spawn(
+            certs,
+            name,
+            data_dir,
+            None,
+            quic_port,
+            extra,
+            Stdio::null(),
+            environment,
         )
     }
 
@@ -132,9 +155,19 @@ impl NodeProcess {
             .append(true)
             .open(log)
             .unwrap();
-        Self::spawn(certs, name, data_dir, None, quic_port, extra, file.into())
+        Self::spawn(
+            certs,
+            name,
+            data_dir,
+            None,
+            quic_port,
+            extra,
+            file.into(),
+            &[],
+        )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         certs: &Path,
         name: &str,
@@ -143,6 +176,7 @@ impl NodeProcess {
         quic_port: u16,
         extra: &[&str],
         stderr: Stdio,
+        environment: &[(&str, &str)],
     ) -> NodeProcess {
         let config = certs.join(format!("{name}.toml"));
         let listen = format!("127.0.0.1:{quic_port}");
@@ -159,6 +193,7 @@ impl NodeProcess {
             data_dir.to_str().unwrap(),
         ]);
         command.args(extra);
+        command.envs(environment.iter().copied());
         let metrics = metrics.unwrap_or_else(free_port);
         command.args(["--metrics", &format!("127.0.0.1:{metrics}")]);
         let mut child = command

@@ -1,0 +1,295 @@
+//! How the leader keeps the catalog's sessions and their nodes on one state: retried
+//! commands answered with their first answer (from the catalog, or from the node that
+//! remembers the request id), and a supervisor that makes the catalog follow the node
+//! for every session, resting ones included.
+
+use super::*;
+
+/// How often the supervisor compares resting sessions (created, copied, synchronized,
+/// split) with their nodes. Running copies are compared at every supervision round; a
+/// resting session differs from its node only after a command whose recording was lost,
+/// so a slower pace spares nodes a bitmap scan per session twice a second.
+pub const RESTING_SESSION_RECONCILE_INTERVAL_MILLISECONDS: u64 = 2_000;
+/// How long a session must be missing from its node, as seen by the supervisor, before
+/// the catalog forgets it. A command that ended it and lost its leader is retried by the
+/// CLI within a second or two of the new election; that retry, finding the session still
+/// in the catalog, gets the node's first answer instead of "no such session".
+pub const SESSION_GONE_GRACE_MILLISECONDS: u64 = 5_000;
+/// How long the leader waits for a node to say what it answered to a request id.
+const SESSION_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a session's node says of it.
+pub(super) enum NodeSession {
+    /// The node runs it and reports it so.
+    Live(Box<SessionInfo>),
+    /// The node answered that it has no such session.
+    Gone(String),
+    /// The node did not answer (down, unreachable, not registered), for this reason.
+    Silent(String),
+}
+
+/// The volume a command's session is known by: its target, or for a rotation the
+/// standard (whose split BCV the node picks).
+pub(super) fn session_lock_key(command: &SessionCommand) -> String {
+    match command {
+        SessionCommand::MirrorRotate { standard } => standard.clone(),
+        _ => target_of(command).unwrap_or_default(),
+    }
+}
+
+/// The target volume a command names, if it names one.
+pub(super) fn target_of(command: &SessionCommand) -> Option<String> {
+    match command {
+        SessionCommand::CloneCreate { target, .. }
+        | SessionCommand::ClonePrecopy { target }
+        | SessionCommand::CloneActivate { target }
+        | SessionCommand::CloneTerminate { target }
+        | SessionCommand::CloneCancel { target }
+        | SessionCommand::SetRate { target, .. } => Some(target.clone()),
+        SessionCommand::MirrorEstablish { bcv, .. }
+        | SessionCommand::MirrorSplit { bcv, .. }
+        | SessionCommand::MirrorReestablish { bcv }
+        | SessionCommand::MirrorRestore { bcv, .. }
+        | SessionCommand::MirrorCancel { bcv } => Some(bcv.clone()),
+        SessionCommand::MirrorRotate { .. } => None,
+    }
+}
+
+pub(super) fn session_response(info: Option<SessionInfo>) -> Response {
+    Response::Cluster(ClusterResponse::Session(info.map(Box::new)))
+}
+
+/// A session as the catalog last recorded it, with `error` saying why it is shown so.
+pub(super) fn checkpoint_info(entry: &SessionEntry, error: Option<String>) -> SessionInfo {
+    let total = entry.tracks_copied + entry.tracks_remaining;
+    SessionInfo {
+        id: entry.id,
+        kind: entry.kind,
+        source: entry.source.clone(),
+        target: entry.target.clone(),
+        state: entry.state,
+        mode: None,
+        slots: entry.slots.clone(),
+        extents: Vec::new(),
+        tracks_total: total,
+        tracks_copied: entry.tracks_copied,
+        tracks_remaining: entry.tracks_remaining,
+        percent: protocol::session::checkpoint_percent(
+            entry.state,
+            entry.tracks_copied,
+            entry.tracks_remaining,
+        ),
+        rate_bytes_per_second: 0,
+        eta_seconds: None,
+        rate_limit_mebibytes_per_second: None,
+        tracks_copied_last: 0,
+        lag_tracks: 0,
+        lag_seconds: 0,
+        error,
+        created_unix_seconds: 0,
+        split_sequence: 0,
+        last_error: None,
+    }
+}
+
+impl ControlPlane {
+    pub(super) fn session_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.session_locks
+            .lock()
+            .entry(key.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The answer to a retried command the catalog recorded: the session as recorded, or
+    /// none when the command ended it.
+    pub(super) fn recorded_session(&self, command: &SessionCommand) -> Option<SessionInfo> {
+        self.catalog
+            .read(|catalog| match command {
+                SessionCommand::MirrorRotate { standard } => catalog
+                    .sessions()
+                    .find(|entry| entry.kind == SessionKind::Mirror && entry.source == *standard)
+                    .cloned(),
+                _ => target_of(command).and_then(|target| catalog.session(&target).cloned()),
+            })
+            .map(|entry| checkpoint_info(&entry, entry.error.clone()))
+    }
+
+    /// What the node of a command's source volume answered to `request_id`, when it
+    /// carried such a command out and still remembers it: the node and its answer.
+    pub(super) async fn replayed_answer(
+        &self,
+        request_id: RequestId,
+        command: &SessionCommand,
+    ) -> Option<(String, Option<SessionInfo>)> {
+        let source = match command {
+            SessionCommand::CloneCreate { source, .. } => source.clone(),
+            SessionCommand::MirrorEstablish { standard, .. }
+            | SessionCommand::MirrorRotate { standard } => standard.clone(),
+            _ => {
+                let target = target_of(command)?;
+                self.catalog
+                    .read(|catalog| catalog.session(&target).map(|entry| entry.source.clone()))?
+            }
+        };
+        let node = self
+            .catalog
+            .read(|catalog| catalog.volume(&source).map(|volume| volume.node.clone()))?;
+        self.ensure_node_up(&node).ok()?;
+        let address = self.node_address(&node)?;
+        let answer = self
+            .caller
+            .call_within(
+                &address,
+                Some(&node),
+                &Request::SessionAnswer { request_id },
+                SESSION_ANSWER_TIMEOUT,
+            )
+            .await;
+        match answer {
+            Ok(Response::Session(info)) => {
+                tracing::info!(
+                    request = %format!("{request_id:032x}"),
+                    command = command.name(),
+                    %node,
+                    "the node carried this request out before; recording its first answer"
+                );
+                Some((node, info))
+            }
+            _ => None,
+        }
+    }
+
+    /// Asks a session's node for the session.
+    pub(super) async fn node_session(&self, entry: &SessionEntry) -> NodeSession {
+        let Some(address) = self.node_address(&entry.node) else {
+            return NodeSession::Silent("the node is not registered".to_string());
+        };
+        if let Err(down) = self.ensure_node_up(&entry.node) {
+            return NodeSession::Silent(down.message);
+        }
+        let answer = self
+            .call(
+                &entry.node,
+                &address,
+                Request::SessionShow {
+                    kind: entry.kind,
+                    target: entry.target.clone(),
+                },
+            )
+            .await;
+        match answer {
+            Ok(Response::Session(Some(info))) => NodeSession::Live(Box::new(info)),
+            Ok(Response::Error {
+                code: ErrorCode::NotFound,
+                message,
+            }) => NodeSession::Gone(message),
+            Ok(Response::Error { message, .. }) => NodeSession::Silent(message),
+            Ok(other) => NodeSession::Silent(format!("unexpected answer {other:?}")),
+            Err(reason) => NodeSession::Silent(reason),
+        }
+    }
+
+    /// Brings the catalog's sessions to their nodes' state: a copy finishes on its node
+    /// and the catalog learns it here; a command the node carried out whose recording was
+    /// lost (its leader died in between) is recorded here; a session the node no longer
+    /// has leaves the catalog. Resting sessions are compared every
+    /// [`RESTING_SESSION_RECONCILE_INTERVAL_MILLISECONDS`], running copies every round.
+    pub(super) async fn refresh_sessions(&self) {
+        let now = Instant::now();
+        let resting_due = {
+            let mut reconciled = self.resting_sessions_reconciled.lock();
+            let due = reconciled.is_none_or(|at| {
+                now.duration_since(at)
+                    >= Duration::from_millis(RESTING_SESSION_RECONCILE_INTERVAL_MILLISECONDS)
+            });
+            if due {
+                *reconciled = Some(now);
+            }
+            due
+        };
+        let targets: Vec<String> = self.catalog.read(|catalog| {
+            catalog
+                .sessions()
+                .filter(|entry| {
+                    resting_due
+                        || !entry.state.is_resting()
+                        || entry.state == SessionState::Precopying
+                })
+                .map(|entry| entry.target.clone())
+                .collect()
+        });
+        self.gone_sessions
+            .lock()
+            .retain(|target, _| targets.contains(target) || !resting_due);
+        for target in targets {
+            let lock = self.session_lock(&target);
+            // A command on the session is under way: it records its own outcome.
+            let Ok(_one_at_a_time) = lock.try_lock() else {
+                continue;
+            };
+            // Read again under the lock: a command may have just recorded a new state.
+            let Some(entry) = self
+                .catalog
+                .read(|catalog| catalog.session(&target).cloned())
+            else {
+                continue;
+            };
+            match self.node_session(&entry).await {
+                NodeSession::Silent(_) => {}
+                NodeSession::Gone(reason) => self.forget_gone_session(&entry, &reason).await,
+                NodeSession::Live(info) => {
+                    self.gone_sessions.lock().remove(&target);
+                    let fresh = entry_of(&entry.node, &info);
+                    let progressed =
+                        fresh.tracks_copied >= entry.tracks_copied + SESSION_CHECKPOINT_TRACKS;
+                    if fresh.state != entry.state && entry.state.is_resting() {
+                        tracing::warn!(
+                            target = %entry.target,
+                            node = %entry.node,
+                            catalog = %entry.state,
+                            node_state = %fresh.state,
+                            "the catalog's session differs from its node's; the catalog follows the node"
+                        );
+                    }
+                    if fresh.state != entry.state || progressed || fresh.error != entry.error {
+                        if let Err(refusal) = self
+                            .commit(random_request_id(), Command::SessionRecord(fresh))
+                            .await
+                        {
+                            tracing::debug!(target = %entry.target, reason = %refusal.message, "session checkpoint not recorded");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A session its node says it does not have: once that has lasted
+    /// [`SESSION_GONE_GRACE_MILLISECONDS`], the catalog records its end.
+    async fn forget_gone_session(&self, entry: &SessionEntry, reason: &str) {
+        let first_seen = *self
+            .gone_sessions
+            .lock()
+            .entry(entry.target.clone())
+            .or_insert_with(Instant::now);
+        if first_seen.elapsed() < Duration::from_millis(SESSION_GONE_GRACE_MILLISECONDS) {
+            return;
+        }
+        tracing::warn!(
+            target = %entry.target,
+            node = %entry.node,
+            %reason,
+            "the session's node no longer has it; the catalog records its end"
+        );
+        let ended = self.session_ended(entry.target.clone()).await;
+        match self.commit(random_request_id(), ended).await {
+            Ok(_) => {
+                self.gone_sessions.lock().remove(&entry.target);
+            }
+            Err(refusal) => {
+                tracing::debug!(target = %entry.target, reason = %refusal.message, "session end not recorded")
+            }
+        }
+    }
+}

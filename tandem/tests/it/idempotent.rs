@@ -1,0 +1,225 @@
+//! Retried session commands (issue 11, item 6): the leader dies right after the source
+//! node carried out a split, a restore or an activate (a fail point ends its process
+//! before the catalog records it), the CLI retries under the same request id through a
+//! new leader, and gets the first answer; catalog and node agree and the next command
+//! works. Also: the binary these tests run really has its fail points.
+
+use crate::common::{free_udp_port, init, tandem, wait_until, NodeProcess};
+use crate::sessions::{fill, json, read_all};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+const MEMBERS: [&str; 3] = ["member-a", "member-b", "member-c"];
+/// The member that leads first, and dies at the fail point.
+const LEADER: &str = MEMBERS[0];
+/// The member that holds the volumes (so their node survives the leader) and that the
+/// CLI talks to (it forwards to whichever member leads).
+const STORAGE: &str = MEMBERS[2];
+const FAIL_POINT: &str = "control-plane::session::after-node-call";
+const EXIT_STATUS: i32 = 137;
+
+#[test]
+fn the_binary_the_tests_spawn_has_fail_points() {
+    let armed = tandem()
+        .arg("--version")
+        .env("FAILPOINTS", "control-plane::fail-points::setup=return")
+        .output()
+        .unwrap();
+    assert_eq!(
+        armed.status.code(),
+        Some(EXIT_STATUS),
+        "the tandem binary under test ignored FAILPOINTS: it was built without the control-plane \
+         crate's `failpoints` feature, which the tandem crate's dev-dependencies turn on"
+    );
+    let unarmed = tandem().arg("--version").output().unwrap();
+    assert!(unarmed.status.success());
+}
+
+/// Three members on fixed ports; the first leads and has the fail point armed for one
+/// command (`return(COMMAND)`).
+struct Trio {
+    _directory: tempfile::TempDir,
+    certs: PathBuf,
+    nodes: BTreeMap<&'static str, NodeProcess>,
+}
+
+impl Trio {
+    fn start(dying_command: &str) -> Trio {
+        let directory = tempfile::tempdir().unwrap();
+        let certs = init(directory.path(), &MEMBERS.join(","));
+        let ports: Vec<u16> = MEMBERS.iter().map(|_| free_udp_port()).collect();
+        let members = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let fail_points = format!("{FAIL_POINT}=return({dying_command})");
+        let mut nodes = BTreeMap::new();
+        for (name, port) in MEMBERS.iter().zip(&ports) {
+            let environment: Vec<(&str, &str)> = if *name == LEADER {
+                vec![("FAILPOINTS", fail_points.as_str())]
+            } else {
+                Vec::new()
+            };
+            let node = NodeProcess::start_with_environment(
+                &certs,
+                name,
+                &directory.path().join(name),
+                *port,
+                &["--control-plane", "--members", &members],
+                &environment,
+            );
+            nodes.insert(*name, node);
+            if *name == LEADER {
+                nodes[LEADER].cli_ok(&certs, &["cluster", "init"]);
+                nodes[LEADER].wait_registered(&certs, LEADER);
+            }
+        }
+        for name in &MEMBERS[1..] {
+            nodes[LEADER].wait_registered(&certs, name);
+            nodes[LEADER].cli_ok(&certs, &["cluster", "add-member", name]);
+        }
+        Trio {
+            _directory: directory,
+            certs,
+            nodes,
+        }
+    }
+
+    fn storage(&self) -> &NodeProcess {
+        &self.nodes[STORAGE]
+    }
+
+    fn cli_json(&self, arguments: &[&str]) -> serde_json::Value {
+        json(self.storage(), &self.certs, arguments)
+    }
+
+    fn create_volumes(&self, names: &[&str]) {
+        for name in names {
+            self.storage().cli_ok(
+                &self.certs,
+                &[
+                    "volume", "create", name, "--node", STORAGE, "--size", "8MiB",
+                ],
+            );
+        }
+    }
+
+    /// Runs a session command through the storage member while the leader dies at the
+    /// fail point; the CLI's retries carry it to the next leader. Returns its answer.
+    fn command_killing_the_leader(&mut self, arguments: &[&str]) -> serde_json::Value {
+        let answer = self.cli_json(arguments);
+        let leader = self.nodes.get_mut(LEADER).unwrap();
+        let mut status = None;
+        wait_until(10, "the leader to end at the fail point", || {
+            status = leader.child.try_wait().unwrap();
+            status.is_some()
+        });
+        assert_eq!(
+            status.unwrap().code(),
+            Some(EXIT_STATUS),
+            "the leader ended otherwise than at the fail point"
+        );
+        answer
+    }
+
+    /// The catalog's record of a volume (not the node's view).
+    fn catalog_volume(&self, name: &str) -> serde_json::Value {
+        let volumes = self.cli_json(&["volume", "list", "--json"]);
+        volumes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|volume| volume["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not in {volumes}"))
+            .clone()
+    }
+
+    fn wait_for_state(&self, kind: &str, target: &str, state: &str) {
+        wait_until(60, &format!("the {kind} of {target} to be {state}"), || {
+            self.cli_json(&[kind, "show", target, "--json"])["state"] == state
+        });
+    }
+}
+
+/// A synchronized mirror std -> bcv on the storage member, std holding data.
+fn synchronized_mirror(trio: &Trio) {
+    trio.create_volumes(&["std", "bcv"]);
+    fill(trio.storage(), "std", 11);
+    trio.cli_json(&["mirror", "establish", "std", "bcv", "--json"]);
+    trio.wait_for_state("mirror", "bcv", "synchronized");
+}
+
+#[test]
+fn a_split_whose_leader_died_before_recording_it_answers_its_first_answer_on_retry() {
+    let mut trio = Trio::start("mirror split");
+    synchronized_mirror(&trio);
+    let split = trio.command_killing_the_leader(&["mirror", "split", "bcv", "--json"]);
+    assert_eq!(split["state"], "split", "{split}");
+    // The node split once, and the catalog records it: the BCV went to its hosts.
+    let shown = trio.cli_json(&["mirror", "show", "bcv", "--json"]);
+    assert_eq!(shown["state"], "split", "{shown}");
+    assert_eq!(shown["split_sequence"], split["split_sequence"]);
+    assert_eq!(trio.catalog_volume("bcv")["readiness"], "ready");
+    assert_eq!(
+        read_all(trio.storage(), "bcv"),
+        read_all(trio.storage(), "std")
+    );
+    // The next command is judged against a catalog that agrees with the node.
+    trio.storage()
+        .cli_ok(&trio.certs, &["mirror", "reestablish", "bcv"]);
+    trio.wait_for_state("mirror", "bcv", "synchronized");
+    assert_eq!(trio.catalog_volume("bcv")["readiness"], "not-ready");
+}
+
+#[test]
+fn a_restore_whose_leader_died_before_recording_it_answers_its_first_answer_on_retry() {
+    let mut trio = Trio::start("mirror restore");
+    synchronized_mirror(&trio);
+    let split = trio.cli_json(&["mirror", "split", "bcv", "--json"]);
+    assert_eq!(split["state"], "split");
+    let image = read_all(trio.storage(), "bcv");
+    fill(trio.storage(), "std", 99);
+    let restore = trio.command_killing_the_leader(&["mirror", "restore", "bcv", "--json"]);
+    assert!(
+        restore["state"] == "restoring" || restore["state"] == "synchronized",
+        "{restore}"
+    );
+    trio.wait_for_state("mirror", "bcv", "synchronized");
+    assert_eq!(
+        read_all(trio.storage(), "std"),
+        image,
+        "the restore brought back the BCV"
+    );
+    assert_eq!(trio.catalog_volume("bcv")["readiness"], "not-ready");
+    // The next command works: the catalog knows the mirror is synchronized.
+    let again = trio.cli_json(&["mirror", "split", "bcv", "--json"]);
+    assert_eq!(again["state"], "split", "{again}");
+    assert_eq!(trio.catalog_volume("bcv")["readiness"], "ready");
+}
+
+#[test]
+fn an_activate_whose_leader_died_before_recording_it_answers_its_first_answer_on_retry() {
+    let mut trio = Trio::start("clone activate");
+    trio.create_volumes(&["src", "dst"]);
+    fill(trio.storage(), "src", 23);
+    let created = trio.cli_json(&["clone", "create", "src", "dst", "--json"]);
+    assert_eq!(created["state"], "created");
+    assert_eq!(trio.catalog_volume("dst")["readiness"], "not-ready");
+    let activated = trio.command_killing_the_leader(&["clone", "activate", "dst", "--json"]);
+    assert!(
+        activated["state"] == "active" || activated["state"] == "copied",
+        "{activated}"
+    );
+    // The destination went to its hosts on the node, and in the catalog.
+    assert_eq!(trio.catalog_volume("dst")["readiness"], "ready");
+    trio.wait_for_state("clone", "dst", "copied");
+    trio.storage()
+        .cli_ok(&trio.certs, &["clone", "terminate", "dst"]);
+    assert_eq!(
+        read_all(trio.storage(), "dst"),
+        read_all(trio.storage(), "src")
+    );
+    let listed = trio.cli_json(&["clone", "list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+}
