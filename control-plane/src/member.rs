@@ -690,6 +690,8 @@ impl ControlPlane {
             created_unix_seconds: 0,
             split_sequence: 0,
             last_error: None,
+            strict: false,
+            target_timeout_milliseconds: 0,
         }
     }
 
@@ -797,16 +799,7 @@ impl ControlPlane {
         };
         let record = match &info {
             Some(info) => Command::SessionRecord(entry_of(&volume.node, info)),
-            None => {
-                let target = target.unwrap_or_default();
-                match self.node_readiness(&target).await {
-                    Some(target_readiness) => Command::SessionEnded {
-                        target,
-                        target_readiness,
-                    },
-                    None => Command::SessionForget { target },
-                }
-            }
+            None => self.session_end_record(target.unwrap_or_default()).await,
         };
         self.commit(request_id, record).await?;
         Ok(Response::Cluster(ClusterResponse::Session(
@@ -820,8 +813,12 @@ impl ControlPlane {
         let running: Vec<SessionEntry> = self.catalog.read(|catalog| {
             catalog
                 .sessions()
+                // A synchronized mirror is asked too: its node suspends it by itself when
+                // its BCV's node stops answering, and resumes it.
                 .filter(|entry| {
-                    !entry.state.is_resting() || entry.state == SessionState::Precopying
+                    !entry.state.is_resting()
+                        || entry.state == SessionState::Precopying
+                        || entry.state == SessionState::Synchronized
                 })
                 .cloned()
                 .collect()

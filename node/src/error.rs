@@ -93,6 +93,12 @@ pub enum Error {
     },
     #[error("node {node}: {detail}")]
     Remote { node: String, detail: String },
+    #[error("node {node} holding '{volume}' did not answer within {timeout_milliseconds} ms")]
+    TargetUnanswered {
+        node: String,
+        volume: String,
+        timeout_milliseconds: u64,
+    },
     #[error("storage engine: {detail}")]
     Engine { detail: String },
     #[error("stored metadata for {what} is unreadable: {detail}")]
@@ -131,7 +137,7 @@ impl Error {
             Error::SessionSlotsExhausted { .. } | Error::TooManyLayers { .. } => {
                 ErrorCode::LimitExceeded
             }
-            Error::Remote { .. } => ErrorCode::Unavailable,
+            Error::Remote { .. } | Error::TargetUnanswered { .. } => ErrorCode::Unavailable,
             Error::Corrupt { .. }
             | Error::CopyRejected { .. }
             | Error::Engine { .. }

@@ -27,6 +27,7 @@ pub mod governor;
 mod observe;
 mod record;
 pub mod remote;
+pub mod suspend;
 pub mod workers;
 
 use self::core::{Progress, RateLimit, RecentRate, SourceWriteStep};
@@ -40,6 +41,7 @@ use protocol::messages::{Extent, Readiness};
 use protocol::session::{
     next_state, MirrorMode, PastError, RemoteVolume, SessionCommand, SessionId, SessionInfo,
     SessionKind, SessionState, TargetAnswer, TargetOperation, Transition, CLONE_EXTENTS_MAX,
+    TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -108,6 +110,13 @@ pub struct SessionRecord {
     pub remote: Option<RemoteVolume>,
     /// The last error the copy met, with its time, kept after it recovered.
     pub last_error: Option<PastError>,
+    /// Sync mirrors: a host write fails when the BCV does not answer, rather than the
+    /// session being suspended.
+    pub strict: bool,
+    /// How long the remote target may take to answer before the session is suspended.
+    pub target_timeout_milliseconds: u64,
+    /// A suspended session's state when it was suspended, which it resumes from.
+    pub resume_state: Option<SessionState>,
 }
 
 impl SessionRecord {
@@ -117,6 +126,15 @@ impl SessionRecord {
 
     fn in_extents(&self, track: u64) -> bool {
         self.extents.iter().any(|extent| extent.contains(track))
+    }
+
+    /// The state whose rules a host write follows: a suspended session keeps those of
+    /// the state it was suspended in (its copy stops, its bits go on being kept).
+    fn acting_state(&self) -> SessionState {
+        match (self.state, self.resume_state) {
+            (SessionState::Suspended, Some(state)) => state,
+            (state, _) => state,
+        }
     }
 
     /// Whether the copier has work in this state.
@@ -239,6 +257,49 @@ fn refused(command: &SessionCommand, session: &str, reason: impl Into<String>) -
         session: session.to_string(),
         reason: reason.into(),
     }
+}
+
+/// A host write to a suspended clone's source that would have to send the point-in-time
+/// image (or re-queue a precopied track) to a destination that does not answer: it fails
+/// at once rather than wait for the destination on every write.
+fn suspended_clone_write(record: &SessionRecord, track: u64) -> Error {
+    Error::SessionRefused {
+        command: "host write".to_string(),
+        session: record.describe(),
+        reason: format!(
+            "track {track} must reach the clone's destination first, whose node does not answer (the clone is suspended); retry once it answers"
+        ),
+    }
+}
+
+/// Refuses a mirror's options that cannot work together, before anything changes.
+fn check_mirror_options(
+    command: &SessionCommand,
+    session: &str,
+    mode: MirrorMode,
+    strict: bool,
+    target_timeout_milliseconds: u64,
+) -> Result<()> {
+    use protocol::session::{TARGET_TIMEOUT_MILLISECONDS_MAX, TARGET_TIMEOUT_MILLISECONDS_MIN};
+    if strict && mode != MirrorMode::Sync {
+        return Err(refused(
+            command,
+            session,
+            "--strict applies to sync mirrors only (an async mirror never makes a host write wait for its BCV): drop --strict or use --mode sync",
+        ));
+    }
+    if !(TARGET_TIMEOUT_MILLISECONDS_MIN..=TARGET_TIMEOUT_MILLISECONDS_MAX)
+        .contains(&target_timeout_milliseconds)
+    {
+        return Err(refused(
+            command,
+            session,
+            format!(
+                "a target timeout of {target_timeout_milliseconds} ms is outside {TARGET_TIMEOUT_MILLISECONDS_MIN} ms to {TARGET_TIMEOUT_MILLISECONDS_MAX} ms: give one within, for example 2s"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn mebibytes(rate: u32) -> u64 {
@@ -592,7 +653,11 @@ impl<E: Engine> Sessions<E> {
                     Some(slot) => self.store.test_bit(volume, Bits::Session(slot), track)?,
                     None => false,
                 };
-                match core::clone_source_write(record.state, pending, precopied) {
+                let step = core::clone_source_write(record.acting_state(), pending, precopied);
+                if step != SourceWriteStep::Nothing && record.state == SessionState::Suspended {
+                    return Err(suspended_clone_write(record, track));
+                }
+                match step {
                     SourceWriteStep::Nothing => {}
                     SourceWriteStep::Requeue => self.requeue(record, volume, target, track)?,
                     SourceWriteStep::CopyFirst => {
@@ -604,28 +669,15 @@ impl<E: Engine> Sessions<E> {
             }
         }
         store_write()?;
-        // Synchronized sync mirrors: the BCV has the write before the host hears of it.
+        // Synchronized sync mirrors: the BCV has the write before the host hears of it
+        // (or the session is suspended; see `suspend.rs`).
         for (record, bcv) in &related {
             if record.kind == SessionKind::Mirror
                 && record.source == volume.name
                 && record.state == SessionState::Synchronized
                 && record.mode == MirrorMode::Sync
             {
-                for track in first..=last {
-                    self.ship(
-                        record.id,
-                        volume,
-                        bcv,
-                        track,
-                        &[BitChange {
-                            volume,
-                            bits: Bits::Pending(record.slot),
-                            track,
-                            set: false,
-                        }],
-                        durability,
-                    )?;
-                }
+                self.ship_host_write(record.id, volume, bcv, first, last, durability)?;
             }
         }
         Ok(())
@@ -666,7 +718,8 @@ impl<E: Engine> Sessions<E> {
             // it invalid with the precopied image that still is the source's (the host
             // write comes after both), which a pull then confirms.
             Partner::Remote(remote) => {
-                self.remote_call(
+                self.remote_call_for(
+                    record.id,
                     remote,
                     TargetOperation::MarkInvalid {
                         session: record.id,
@@ -692,7 +745,9 @@ impl<E: Engine> Sessions<E> {
             Partner::Local(target) => target,
             Partner::Remote(remote) => {
                 let image = self.store.read_track_image(source, track)?;
-                let answer = self.remote_call(
+                // A host write waits for this: bounded by the session's target timeout.
+                let answer = self.remote_call_for(
+                    record.id,
                     remote,
                     TargetOperation::PutTrack {
                         session: record.id,
@@ -747,7 +802,11 @@ impl<E: Engine> Sessions<E> {
     /// (or [`REMOTE_STEP_TRACKS_MAX`] to another node), whatever the rate limits say; the
     /// outcome tells how long the limits want the caller to wait.
     pub fn copy_step(&self, id: SessionId) -> Result<StepOutcome> {
-        self.step(id, false)
+        let outcome = self.step(id, false);
+        if let Err(error) = &outcome {
+            self.suspend_after_step(id, error);
+        }
+        outcome
     }
 
     /// A copy step that first waits out the session's and the node's rate limits: when
@@ -1058,7 +1117,10 @@ impl<E: Engine> Sessions<E> {
         // An active clone's destination may have been written by its hosts since (they
         // pulled the track first): it keeps what it has.
         let only_if_invalid = clone && record.state != SessionState::Precopying;
-        let answers = self.send_images(record.id, remote, images, only_if_invalid)?;
+        // Host writes wait on the held track locks: the round trip is bounded by the
+        // session's target timeout then. A background copy gets the link's own bound.
+        let timeout = hold.then(|| self.target_timeout(record.id));
+        let answers = self.send_images(record.id, remote, images, only_if_invalid, timeout)?;
         if tracks_guard.is_none() {
             tracks_guard = Some(
                 self.locks
@@ -1170,10 +1232,17 @@ impl<E: Engine> Sessions<E> {
     /// splits that rotations wait for.
     pub fn run_copier(self: Arc<Self>, stop: Arc<AtomicBool>, rotations: bool) {
         let mut window_started = Instant::now();
+        let mut probed = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             if rotations && window_started.elapsed() >= GOVERNOR_WINDOW {
                 window_started = Instant::now();
                 self.govern();
+            }
+            if rotations && probed.elapsed() >= suspend::PROBE_INTERVAL {
+                if let Err(error) = self.probe_targets() {
+                    tracing::warn!(%error, "probing the targets of suspended sessions failed");
+                }
+                probed = Instant::now();
             }
             let mut worked = false;
             let mut wait = Duration::ZERO;
@@ -1186,6 +1255,7 @@ impl<E: Engine> Sessions<E> {
                     Err(error) => {
                         tracing::warn!(session = id, %error, "copy step failed; retrying");
                         self.record_error(id, error.to_string());
+                        self.suspend_after_step(id, &error);
                         wait = wait.max(Duration::from_millis(500));
                     }
                 }
@@ -1238,7 +1308,7 @@ impl<E: Engine> Sessions<E> {
     /// The tracks the session's current copy still has to move: its bits now.
     fn remaining(store: &VolumeStore<E>, record: &SessionRecord) -> Result<u64> {
         let source = store.volume(&record.source)?;
-        Ok(match (record.kind, record.state) {
+        Ok(match (record.kind, record.acting_state()) {
             (
                 SessionKind::Clone,
                 SessionState::Created | SessionState::Precopying | SessionState::Active,
@@ -1299,6 +1369,8 @@ impl<E: Engine> Sessions<E> {
             created_unix_seconds: record.created_unix_seconds,
             split_sequence: record.split_sequence,
             last_error: record.last_error.clone(),
+            strict: record.strict,
+            target_timeout_milliseconds: record.target_timeout_milliseconds,
         })
     }
 
@@ -1718,6 +1790,9 @@ impl<E: Engine> Sessions<E> {
             error: None,
             remote,
             last_error: None,
+            strict: false,
+            target_timeout_milliseconds: TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
+            resume_state: None,
         };
         if let Partner::Local(target) = &partner {
             // The clone replaces the destination's data: it is no longer a snapshot.
@@ -1756,10 +1831,21 @@ impl<E: Engine> Sessions<E> {
             standard,
             bcv,
             mode,
+            strict,
+            target_timeout_milliseconds,
         } = command
         else {
             unreachable!("called for mirror establish");
         };
+        let target_timeout_milliseconds =
+            target_timeout_milliseconds.unwrap_or(TARGET_TIMEOUT_MILLISECONDS_DEFAULT);
+        check_mirror_options(
+            command,
+            &format!("{standard} -> {bcv}"),
+            *mode,
+            *strict,
+            target_timeout_milliseconds,
+        )?;
         let existing = self
             .table
             .lock()
@@ -1778,6 +1864,8 @@ impl<E: Engine> Sessions<E> {
                 ));
             }
             record.mode = *mode;
+            record.strict = *strict;
+            record.target_timeout_milliseconds = target_timeout_milliseconds;
             let record = self
                 .change(command, record)?
                 .expect("establish keeps the session");
@@ -1848,6 +1936,9 @@ impl<E: Engine> Sessions<E> {
             error: None,
             remote,
             last_error: None,
+            strict: *strict,
+            target_timeout_milliseconds,
+            resume_state: None,
         };
         // A new pair starts as if split with everything changed: establishing it is then
         // the same path as re-establishing a known pair.
@@ -2012,6 +2103,9 @@ impl<E: Engine> Sessions<E> {
                 record.tracks_copied_last = 0;
             }
             SessionCommand::MirrorCancel { .. } => {
+                if self.cancel_unanswered(&record, &source)? {
+                    return Ok(None);
+                }
                 self.partner_tracking(record.id, &partner, false)?;
                 if record.state == SessionState::Synchronized {
                     // The BCV holds the standard's whole image: give it to its hosts.

@@ -9,3 +9,4 @@ mod sessions;
 mod sessions_model;
 mod snapshots;
 mod store;
+mod suspend;

@@ -12,3 +12,4 @@ mod progress;
 mod readme;
 mod refusals;
 mod sessions;
+mod suspend;
