@@ -441,11 +441,15 @@ impl TargetLink for QuicTargetLink {
         timeout: std::time::Duration,
     ) -> Result<TargetAnswer> {
         let request = Request::Target { operation };
-        let response = self.runtime.block_on(tokio::time::timeout(
-            timeout,
-            self.caller
-                .call(&remote.address, Some(&remote.node), &request),
-        ));
+        // The timer is made inside the runtime: copier threads are not in its context.
+        let response = self.runtime.block_on(async {
+            tokio::time::timeout(
+                timeout,
+                self.caller
+                    .call(&remote.address, Some(&remote.node), &request),
+            )
+            .await
+        });
         match response {
             Ok(response) => target_answer(remote, response),
             Err(_) => Err(unanswered(remote, timeout)),

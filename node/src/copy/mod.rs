@@ -347,7 +347,10 @@ impl<E: Engine> Sessions<E> {
                     let remaining = Self::remaining(&store, &record).unwrap_or(0);
                     record.progress.tracks_total = copied + remaining;
                 }
-                record.error = None;
+                // A suspended session keeps its reason until it resumes.
+                if record.state != SessionState::Suspended {
+                    record.error = None;
+                }
                 record
             })
             .collect();
