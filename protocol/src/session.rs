@@ -567,7 +567,10 @@ mod tests {
             (Clone, S::Copied),
             (Mirror, S::Suspended),
         ] {
-            assert!(next_state(kind, state, T::Suspend).is_err(), "{kind} {state}");
+            assert!(
+                next_state(kind, state, T::Suspend).is_err(),
+                "{kind} {state}"
+            );
         }
         // A mirror resynchronizes first, whatever it was; a clone goes on as it was.
         assert_eq!(

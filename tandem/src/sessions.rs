@@ -644,7 +644,10 @@ mod duration_tests {
         assert_eq!(parse_milliseconds("500ms"), Ok(500));
         for wrong in ["2", "ms", "1.5s", "-1s", "2 minutes"] {
             let error = parse_milliseconds(wrong).unwrap_err();
-            assert!(error.contains("for example 500ms or 2s"), "{wrong}: {error}");
+            assert!(
+                error.contains("for example 500ms or 2s"),
+                "{wrong}: {error}"
+            );
         }
     }
 }

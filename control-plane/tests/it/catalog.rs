@@ -540,7 +540,11 @@ fn every_state_a_session_reaches_by_commands_and_copies_is_reachable_in_the_cata
         Suspended,
         Synchronized
     ));
-    assert!(session_state_reachable(SessionKind::Clone, Suspended, Copied));
+    assert!(session_state_reachable(
+        SessionKind::Clone,
+        Suspended,
+        Copied
+    ));
     assert!(!session_state_reachable(
         SessionKind::Clone,
         Copied,

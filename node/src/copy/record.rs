@@ -255,7 +255,10 @@ mod tests {
             remote: None,
             last_error: None,
         };
-        let mut bytes = vec![RECORD_FORMAT_MARKER, RECORD_FORMAT_VERSION_WITHOUT_SUSPENSION];
+        let mut bytes = vec![
+            RECORD_FORMAT_MARKER,
+            RECORD_FORMAT_VERSION_WITHOUT_SUSPENSION,
+        ];
         bytes.extend(protocol::codec::encode(&old).unwrap());
         let (read, copied) = decode(&bytes).unwrap();
         assert_eq!(copied, None);
@@ -263,7 +266,11 @@ mod tests {
         assert_eq!(read.split_sequence, 4);
         assert_eq!(read.progress.tracks_total, 1024);
         assert_eq!(
-            (read.strict, read.target_timeout_milliseconds, read.resume_state),
+            (
+                read.strict,
+                read.target_timeout_milliseconds,
+                read.resume_state
+            ),
             (false, TARGET_TIMEOUT_MILLISECONDS_DEFAULT, None)
         );
         let mut suspended = read;

@@ -444,7 +444,8 @@ impl<E: Engine> Sessions<E> {
             _ => {}
         }
         let session = match &operation {
-            TargetOperation::Probe { session } | TargetOperation::Unregister { session }
+            TargetOperation::Probe { session }
+            | TargetOperation::Unregister { session }
             | TargetOperation::PutTrack { session, .. }
             | TargetOperation::GetTrack { session, .. }
             | TargetOperation::SetReadiness { session, .. }

@@ -50,14 +50,10 @@ pub(super) fn target_unanswered(error: &Error) -> bool {
 impl<E: Engine> Sessions<E> {
     /// How long the session's target may take to answer.
     pub(super) fn target_timeout(&self, id: SessionId) -> Duration {
-        let milliseconds = self
-            .table
-            .lock()
-            .sessions
-            .get(&id)
-            .map_or(protocol::session::TARGET_TIMEOUT_MILLISECONDS_DEFAULT, |live| {
-                live.record.target_timeout_milliseconds
-            });
+        let milliseconds = self.table.lock().sessions.get(&id).map_or(
+            protocol::session::TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
+            |live| live.record.target_timeout_milliseconds,
+        );
         Duration::from_millis(milliseconds)
     }
 
@@ -240,9 +236,7 @@ impl<E: Engine> Sessions<E> {
             .expect("a resume keeps the session");
         if record.kind == SessionKind::Mirror {
             let source = self.store.volume(&record.source)?;
-            let total = self
-                .store
-                .count_set(&source, Bits::Pending(record.slot))?;
+            let total = self.store.count_set(&source, Bits::Pending(record.slot))?;
             record.progress = super::core::Progress::start(total);
             record.tracks_copied_last = 0;
         }

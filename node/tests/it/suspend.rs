@@ -10,8 +10,8 @@ use node::engine::memory::MemoryEngine;
 use node::engine::Durability;
 use node::store::VolumeStore;
 use protocol::session::{
-    MirrorMode, RemoteVolume, SessionCommand, SessionInfo, SessionKind, SessionState,
-    TargetAnswer, TargetOperation,
+    MirrorMode, RemoteVolume, SessionCommand, SessionInfo, SessionKind, SessionState, TargetAnswer,
+    TargetOperation,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -158,7 +158,10 @@ fn image(sessions: &Sessions<MemoryEngine>, volume: &str) -> Vec<u8> {
 fn a_sync_mirror_whose_bcv_stops_answering_is_suspended_once_and_resyncs_what_was_written() {
     let pair = pair();
     let established = establish(&pair, MirrorMode::Sync, false);
-    assert_eq!(established.target_timeout_milliseconds, TIMEOUT_MILLISECONDS);
+    assert_eq!(
+        established.target_timeout_milliseconds,
+        TIMEOUT_MILLISECONDS
+    );
     assert!(!established.strict);
     write(&pair.source, 1, 0x11).unwrap();
     assert_eq!(image(&pair.target, "bcv"), image(&pair.source, "std"));
@@ -172,11 +175,17 @@ fn a_sync_mirror_whose_bcv_stops_answering_is_suspended_once_and_resyncs_what_wa
         first >= Duration::from_millis(TIMEOUT_MILLISECONDS),
         "the write did not wait for the BCV: {first:?}"
     );
-    assert!(first < Duration::from_millis(TIMEOUT_MILLISECONDS * 3), "{first:?}");
+    assert!(
+        first < Duration::from_millis(TIMEOUT_MILLISECONDS * 3),
+        "{first:?}"
+    );
     let suspended = show(&pair);
     assert_eq!(suspended.state, SessionState::Suspended);
     let reason = suspended.error.clone().expect("the reason is shown");
-    assert!(reason.contains("node beta") && reason.contains("did not answer"), "{reason}");
+    assert!(
+        reason.contains("node beta") && reason.contains("did not answer"),
+        "{reason}"
+    );
     assert_eq!(suspended.last_error.unwrap().message, reason);
     // Later writes do not wait: they only mark the session's bits.
     let started = Instant::now();
@@ -200,7 +209,10 @@ fn a_sync_mirror_whose_bcv_stops_answering_is_suspended_once_and_resyncs_what_wa
         })
         .unwrap_err()
         .to_string();
-    assert!(refusal.contains("suspended") && refusal.contains("tandem mirror cancel"), "{refusal}");
+    assert!(
+        refusal.contains("suspended") && refusal.contains("tandem mirror cancel"),
+        "{refusal}"
+    );
     assert_eq!(pair.source.probe_targets().unwrap(), Vec::<u64>::new());
     assert_eq!(show(&pair).state, SessionState::Suspended);
 
@@ -262,7 +274,10 @@ fn a_strict_sync_mirror_fails_writes_while_its_bcv_does_not_answer() {
         )
         .unwrap_err()
         .to_string();
-    assert!(refusal.contains("--strict applies to sync mirrors only"), "{refusal}");
+    assert!(
+        refusal.contains("--strict applies to sync mirrors only"),
+        "{refusal}"
+    );
 }
 
 #[test]
@@ -283,12 +298,18 @@ fn a_mirror_cancelled_while_its_bcv_does_not_answer_ends_at_once_and_the_bcv_is_
     assert!(pair.source.show(SessionKind::Mirror, "bcv").is_err());
     assert_eq!(standard.info().session_slots_used, 0, "the slot is free");
     assert_eq!(pair.source.pending_unregisters().unwrap().len(), 1);
-    assert!(pair.target.involves("bcv"), "beta has not heard of the cancel");
+    assert!(
+        pair.target.involves("bcv"),
+        "beta has not heard of the cancel"
+    );
 
     // Beta answers again: the release is delivered, once.
     pair.link.silent.store(false, Ordering::SeqCst);
     pair.source.probe_targets().unwrap();
-    assert!(!pair.target.involves("bcv"), "beta still holds the registration");
+    assert!(
+        !pair.target.involves("bcv"),
+        "beta still holds the registration"
+    );
     assert!(pair.source.pending_unregisters().unwrap().is_empty());
     // The BCV serves a new session.
     establish(&pair, MirrorMode::Sync, false);
@@ -354,10 +375,16 @@ fn async_mirrors_and_clones_whose_target_stops_answering_report_suspended_and_re
     let cloned = pair.source.show(SessionKind::Clone, "dst").unwrap();
     for info in [&mirror, &cloned] {
         assert_eq!(info.state, SessionState::Suspended, "{info:?}");
-        assert!(info.error.as_deref().unwrap().contains("node beta"), "{info:?}");
+        assert!(
+            info.error.as_deref().unwrap().contains("node beta"),
+            "{info:?}"
+        );
         assert_eq!(info.tracks_remaining, TRACKS, "{info:?}");
     }
-    assert!(pair.source.copying().is_empty(), "a suspended copy does not step");
+    assert!(
+        pair.source.copying().is_empty(),
+        "a suspended copy does not step"
+    );
     // A suspended clone cannot be activated: its destination's node would not hear it.
     let refusal = pair
         .source

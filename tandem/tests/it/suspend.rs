@@ -159,7 +159,11 @@ fn a_mirror_cancelled_while_the_bcvs_node_is_down_frees_its_slot_and_the_node_re
         "the cancel took {:?}",
         started.elapsed()
     );
-    assert_eq!(slots(&alpha), 0, "the cancelled mirror's slot is still taken");
+    assert_eq!(
+        slots(&alpha),
+        0,
+        "the cancelled mirror's slot is still taken"
+    );
     assert_eq!(
         json(&alpha, &certs, &["mirror", "list", "--json"]),
         serde_json::json!([])
@@ -175,7 +179,11 @@ fn a_mirror_cancelled_while_the_bcvs_node_is_down_frees_its_slot_and_the_node_re
             .status
             .success()
     });
-    json(&alpha, &certs, &["mirror", "establish", "std", "bcv", "--json"]);
+    json(
+        &alpha,
+        &certs,
+        &["mirror", "establish", "std", "bcv", "--json"],
+    );
     wait_until(60, "the new mirror to synchronize", || {
         mirror_show(&alpha, &certs)["state"] == "synchronized"
     });
