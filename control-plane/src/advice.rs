@@ -139,6 +139,8 @@ mod tests {
             standard: standard.into(),
             bcv: bcv.into(),
             mode: MirrorMode::Sync,
+            strict: false,
+            target_timeout_milliseconds: None,
         };
         let bcv = entry(
             SessionKind::Mirror,

@@ -108,16 +108,19 @@ impl Catalog {
         // The readiness column follows what the session set on the target's node: a
         // clone's destination is taken from its hosts until activated, a BCV while it is
         // a mirror (attached, synchronized or restoring) rather than a split copy.
+        // A suspended session keeps the readiness it had: the target's node is not asked
+        // while it does not answer, and the session resumes in the state it left.
         let readiness = match (entry.kind, entry.state) {
+            (_, SessionState::Suspended) => None,
             (SessionKind::Clone, SessionState::Created | SessionState::Precopying) => {
-                Readiness::NotReady
+                Some(Readiness::NotReady)
             }
             (SessionKind::Clone, _) | (SessionKind::Mirror, SessionState::Split) => {
-                Readiness::Ready
+                Some(Readiness::Ready)
             }
-            (SessionKind::Mirror, _) => Readiness::NotReady,
+            (SessionKind::Mirror, _) => Some(Readiness::NotReady),
         };
-        if let Some(target) = self.volumes.get_mut(&entry.target) {
+        if let (Some(target), Some(readiness)) = (self.volumes.get_mut(&entry.target), readiness) {
             target.readiness = readiness;
         }
         self.sessions.insert(entry.target.clone(), entry.clone());
@@ -440,7 +443,7 @@ fn validate_name(what: &str, name: &str, bytes_max: usize) -> Result<(), Catalog
 /// miss the ones in between (a rotation passes through syncing and synchronized on its
 /// way from split to split).
 pub fn session_state_reachable(kind: SessionKind, from: SessionState, to: SessionState) -> bool {
-    const TRANSITIONS: [Transition; 9] = [
+    const TRANSITIONS: [Transition; 13] = [
         Transition::Precopy,
         Transition::Activate,
         Transition::Terminate,
@@ -450,6 +453,10 @@ pub fn session_state_reachable(kind: SessionKind, from: SessionState, to: Sessio
         Transition::Restore,
         Transition::Cancel,
         Transition::CopyDone,
+        Transition::Suspend,
+        Transition::Resume(SessionState::Syncing),
+        Transition::Resume(SessionState::Precopying),
+        Transition::Resume(SessionState::Active),
     ];
     let mut frontier = vec![from];
     for _ in 0..=3 {

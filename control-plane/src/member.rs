@@ -817,22 +817,10 @@ impl ControlPlane {
     ) -> Outcome<Response> {
         let record = match &info {
             Some(info) => Command::SessionRecord(entry_of(node, info)),
-            None => self.session_ended(target.unwrap_or_default()).await,
+            None => self.session_end_record(target.unwrap_or_default()).await,
         };
         self.commit(request_id, record).await?;
         Ok(session_response(info))
-    }
-
-    /// The command that records the end of the session of `target`: with the readiness
-    /// the target's node reports now, or, when it does not answer, as it stands.
-    async fn session_ended(&self, target: String) -> Command {
-        match self.node_readiness(&target).await {
-            Some(target_readiness) => Command::SessionEnded {
-                target,
-                target_readiness,
-            },
-            None => Command::SessionForget { target },
-        }
     }
 
     fn known_volume(&self, name: &str) -> Outcome<VolumeRecord> {

@@ -103,6 +103,12 @@ pub enum Error {
     SessionRequestUnknown { request_id: String },
     #[error("node {node}: {detail}")]
     Remote { node: String, detail: String },
+    #[error("node {node} holding '{volume}' did not answer within {timeout_milliseconds} ms")]
+    TargetUnanswered {
+        node: String,
+        volume: String,
+        timeout_milliseconds: u64,
+    },
     #[error("storage engine: {detail}")]
     Engine { detail: String },
     #[error("stored metadata for {what} is unreadable: {detail}")]
@@ -143,7 +149,7 @@ impl Error {
             Error::SessionSlotsExhausted { .. } | Error::TooManyLayers { .. } => {
                 ErrorCode::LimitExceeded
             }
-            Error::Remote { .. } => ErrorCode::Unavailable,
+            Error::Remote { .. } | Error::TargetUnanswered { .. } => ErrorCode::Unavailable,
             Error::Corrupt { .. }
             | Error::FailPoint { .. }
             | Error::CopyRejected { .. }

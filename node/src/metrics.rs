@@ -108,17 +108,19 @@ const ERROR_CODES: [ErrorCode; 10] = [
 
 /// The states a session of each kind can be in, so that the state gauge shows 0 for the
 /// states a session is not in (the usual Prometheus form of an enumeration).
-const CLONE_STATES: [SessionState; 4] = [
+const CLONE_STATES: [SessionState; 5] = [
     SessionState::Created,
     SessionState::Precopying,
     SessionState::Active,
     SessionState::Copied,
+    SessionState::Suspended,
 ];
-const MIRROR_STATES: [SessionState; 4] = [
+const MIRROR_STATES: [SessionState; 5] = [
     SessionState::Syncing,
     SessionState::Synchronized,
     SessionState::Split,
     SessionState::Restoring,
+    SessionState::Suspended,
 ];
 
 /// NBD connections open now, counted here so that the gauge can be set absolutely.

@@ -353,11 +353,24 @@ fn target_answer(
     }
 }
 
-impl TargetLink for QuicTargetLink {
-    fn call_many(
+/// The error of a call that got no answer within its bound.
+fn unanswered(remote: &RemoteVolume, timeout: std::time::Duration) -> Error {
+    Error::TargetUnanswered {
+        node: remote.node.clone(),
+        volume: remote.volume.clone(),
+        timeout_milliseconds: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+impl QuicTargetLink {
+    /// Several calls at once on parallel streams; with `timeout`, the answers still
+    /// missing when it passes are [`Error::TargetUnanswered`] (the caller's own bounds,
+    /// 2 s to connect and 10 s a call, apply otherwise).
+    fn call_many_bounded(
         &self,
         remote: &RemoteVolume,
         operations: Vec<TargetOperation>,
+        timeout: Option<std::time::Duration>,
     ) -> Vec<Result<TargetAnswer>> {
         let count = operations.len();
         let caller = self.caller.clone();
@@ -382,13 +395,71 @@ impl TargetLink for QuicTargetLink {
                     })
                 })
                 .collect();
-            while let Some(joined) = calls.join_next().await {
-                if let Ok((index, answer)) = joined {
-                    answers[index] = answer;
+            let collect = async {
+                while let Some(joined) = calls.join_next().await {
+                    if let Ok((index, answer)) = joined {
+                        answers[index] = answer;
+                    }
+                }
+            };
+            let complete = match timeout {
+                Some(timeout) => tokio::time::timeout(timeout, collect).await.is_ok(),
+                None => {
+                    collect.await;
+                    true
+                }
+            };
+            if let (false, Some(timeout)) = (complete, timeout) {
+                // The calls still out are dropped with the set; their answers are lost.
+                for answer in answers.iter_mut() {
+                    if matches!(answer, Err(Error::Engine { .. })) {
+                        *answer = Err(unanswered(&remote, timeout));
+                    }
                 }
             }
             answers
         })
+    }
+}
+
+impl TargetLink for QuicTargetLink {
+    fn call_many(
+        &self,
+        remote: &RemoteVolume,
+        operations: Vec<TargetOperation>,
+    ) -> Vec<Result<TargetAnswer>> {
+        self.call_many_bounded(remote, operations, None)
+    }
+
+    fn call_many_within(
+        &self,
+        remote: &RemoteVolume,
+        operations: Vec<TargetOperation>,
+        timeout: std::time::Duration,
+    ) -> Vec<Result<TargetAnswer>> {
+        self.call_many_bounded(remote, operations, Some(timeout))
+    }
+
+    fn call_within(
+        &self,
+        remote: &RemoteVolume,
+        operation: TargetOperation,
+        timeout: std::time::Duration,
+    ) -> Result<TargetAnswer> {
+        let request = Request::Target { operation };
+        // The timer is made inside the runtime: copier threads are not in its context.
+        let response = self.runtime.block_on(async {
+            tokio::time::timeout(
+                timeout,
+                self.caller
+                    .call(&remote.address, Some(&remote.node), &request),
+            )
+            .await
+        });
+        match response {
+            Ok(response) => target_answer(remote, response),
+            Err(_) => Err(unanswered(remote, timeout)),
+        }
     }
 
     fn this_node(&self) -> (String, String) {

@@ -13,6 +13,14 @@ use std::fmt;
 pub const SESSIONS_PER_VOLUME_MAX: usize = 16;
 /// Extents one clone may name; each is checked before anything is set up.
 pub const CLONE_EXTENTS_MAX: usize = 256;
+/// How long a session's source waits for its remote target before the session is
+/// suspended (a strict sync mirror fails the write instead), unless the mirror was
+/// established with another `--target-timeout`.
+pub const TARGET_TIMEOUT_MILLISECONDS_DEFAULT: u64 = 2_000;
+/// The shortest `--target-timeout`: below it a busy but healthy link would suspend.
+pub const TARGET_TIMEOUT_MILLISECONDS_MIN: u64 = 100;
+/// The longest `--target-timeout`: a host write waits at most this once.
+pub const TARGET_TIMEOUT_MILLISECONDS_MAX: u64 = 60_000;
 
 pub type SessionId = u64;
 
@@ -54,6 +62,12 @@ pub enum SessionState {
     Split,
     /// Mirror: the standard is being restored from the BCV. Ends in `Synchronized`.
     Restoring,
+    /// Any session whose remote target did not answer within the session's target
+    /// timeout (a strict sync mirror never suspends). Host writes are acknowledged
+    /// locally and only mark the session's bits; the source probes the target and, when
+    /// it answers, the session resumes by itself (a mirror resynchronizes the tracks
+    /// written meanwhile, then is synchronized again). Ends by itself.
+    Suspended,
 }
 
 impl SessionState {
@@ -81,6 +95,7 @@ impl fmt::Display for SessionState {
             SessionState::Synchronized => "synchronized",
             SessionState::Split => "split",
             SessionState::Restoring => "restoring",
+            SessionState::Suspended => "suspended",
         })
     }
 }
@@ -145,6 +160,12 @@ pub enum SessionCommand {
         standard: String,
         bcv: String,
         mode: MirrorMode,
+        /// Sync mirrors only: a host write fails when the BCV does not answer, instead of
+        /// the mirror being suspended (SRDF's domino mode).
+        strict: bool,
+        /// How long the BCV's node may take to answer before the mirror is suspended (or,
+        /// strict, the write fails); `None` is [`TARGET_TIMEOUT_MILLISECONDS_DEFAULT`].
+        target_timeout_milliseconds: Option<u64>,
     },
     MirrorSplit {
         bcv: String,
@@ -203,7 +224,14 @@ pub enum Transition {
     Cancel,
     /// The session's copy finished (no pending track is left).
     CopyDone,
+    /// The session's remote target did not answer within the target timeout.
+    Suspend,
+    /// The target of a suspended session answers again; the state it was suspended in.
+    Resume(SessionState),
 }
+
+/// The reason a split of a suspended mirror is refused, offering the way out.
+pub const SPLIT_SUSPENDED_REASON: &str = "the mirror is suspended: its BCV's node does not answer, so the BCV lacks the writes made since and cannot take the standard's image; wait until the mirror resumes by itself and synchronizes, or end it with `tandem mirror cancel` (the BCV keeps its older image and stays not-ready)";
 
 /// Where a session goes on a transition, or why it may not: the seeds' error checks.
 /// `None` as the result of `Terminate` or `Cancel` means the session ends.
@@ -215,6 +243,34 @@ pub fn next_state(
     use SessionState as S;
     use Transition as T;
     match (kind, transition, state) {
+        // Losing the target: only states whose copy runs towards the target suspend. A
+        // restore is not suspended: the standard depends on the BCV for the tracks it has
+        // not brought back yet.
+        (SessionKind::Mirror, T::Suspend, S::Syncing | S::Synchronized)
+        | (SessionKind::Clone, T::Suspend, S::Precopying | S::Active) => Ok(Some(S::Suspended)),
+        (_, T::Suspend, S::Suspended) => Err(format!("the {kind} is already suspended")),
+        (_, T::Suspend, _) => Err(format!(
+            "a {kind} that is {state} does not depend on its target answering"
+        )),
+        // A mirror resynchronizes what hosts wrote meanwhile and is synchronized again; a
+        // clone goes on where it was.
+        (SessionKind::Mirror, T::Resume(S::Syncing | S::Synchronized), S::Suspended) => {
+            Ok(Some(S::Syncing))
+        }
+        (SessionKind::Clone, T::Resume(resumed @ (S::Precopying | S::Active)), S::Suspended) => {
+            Ok(Some(resumed))
+        }
+        (_, T::Resume(resumed), S::Suspended) => Err(format!(
+            "a {kind} is never suspended while {resumed}, so it cannot resume to it"
+        )),
+        (_, T::Resume(_), _) => Err(format!("the {kind} is {state}, not suspended")),
+        (SessionKind::Mirror, T::Split, S::Suspended) => Err(SPLIT_SUSPENDED_REASON.to_string()),
+        (SessionKind::Clone, T::Precopy | T::Activate, S::Suspended) => Err(
+            "the clone is suspended: its destination's node does not answer; it resumes by itself when that node answers again".to_string(),
+        ),
+        (SessionKind::Clone, T::Terminate | T::Cancel, S::Suspended) => Err(
+            "the clone is suspended: its destination's node does not answer; wait until it resumes by itself (see `tandem clone show`)".to_string(),
+        ),
         (SessionKind::Clone, T::Precopy, S::Created) => Ok(Some(S::Precopying)),
         (SessionKind::Clone, T::Precopy, S::Precopying) => {
             Err("the precopy is already running".to_string())
@@ -319,6 +375,12 @@ pub struct SessionInfo {
     pub split_sequence: u64,
     /// The most recent error the copy met, with its time; kept after it recovered.
     pub last_error: Option<PastError>,
+    /// Sync mirrors established with `--strict`: writes fail rather than diverge.
+    #[serde(default)]
+    pub strict: bool,
+    /// How long the target may take to answer before the session is suspended.
+    #[serde(default)]
+    pub target_timeout_milliseconds: u64,
 }
 
 /// An error a session met, and when.
@@ -400,6 +462,11 @@ pub enum TargetOperation {
         session: SessionId,
         tracks: Vec<u64>,
     },
+    /// Whether the target's node answers and still holds the session's registration:
+    /// the source of a suspended session asks this until it answers `Done`.
+    Probe {
+        session: SessionId,
+    },
     /// Release the volume at the end of the session.
     Unregister {
         session: SessionId,
@@ -478,6 +545,71 @@ pub enum TargetAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_whose_target_stops_answering_suspends_and_resumes_by_the_table() {
+        use SessionKind::{Clone, Mirror};
+        use SessionState as S;
+        use Transition as T;
+        for (kind, state) in [
+            (Mirror, S::Syncing),
+            (Mirror, S::Synchronized),
+            (Clone, S::Precopying),
+            (Clone, S::Active),
+        ] {
+            assert_eq!(next_state(kind, state, T::Suspend), Ok(Some(S::Suspended)));
+        }
+        // A restore depends on the BCV; resting sessions without a copy do not suspend.
+        for (kind, state) in [
+            (Mirror, S::Restoring),
+            (Mirror, S::Split),
+            (Clone, S::Created),
+            (Clone, S::Copied),
+            (Mirror, S::Suspended),
+        ] {
+            assert!(
+                next_state(kind, state, T::Suspend).is_err(),
+                "{kind} {state}"
+            );
+        }
+        // A mirror resynchronizes first, whatever it was; a clone goes on as it was.
+        assert_eq!(
+            next_state(Mirror, S::Suspended, T::Resume(S::Synchronized)),
+            Ok(Some(S::Syncing))
+        );
+        assert_eq!(
+            next_state(Mirror, S::Suspended, T::Resume(S::Syncing)),
+            Ok(Some(S::Syncing))
+        );
+        assert_eq!(
+            next_state(Clone, S::Suspended, T::Resume(S::Active)),
+            Ok(Some(S::Active))
+        );
+        assert_eq!(
+            next_state(Clone, S::Suspended, T::Resume(S::Precopying)),
+            Ok(Some(S::Precopying))
+        );
+        assert!(next_state(Mirror, S::Suspended, T::Resume(S::Split)).is_err());
+        assert!(next_state(Mirror, S::Synchronized, T::Resume(S::Synchronized)).is_err());
+        // Commands: a suspended mirror can be cancelled, not split (the refusal says why
+        // and offers cancel), and nothing else moves it.
+        assert_eq!(next_state(Mirror, S::Suspended, T::Cancel), Ok(None));
+        let split = next_state(Mirror, S::Suspended, T::Split).unwrap_err();
+        assert!(split.contains("does not answer"), "{split}");
+        assert!(split.contains("tandem mirror cancel"), "{split}");
+        for transition in [T::Establish, T::Reestablish, T::Restore] {
+            assert!(next_state(Mirror, S::Suspended, transition).is_err());
+        }
+        assert_eq!(
+            next_state(Mirror, S::Suspended, T::CopyDone),
+            Ok(Some(S::Suspended))
+        );
+        for transition in [T::Precopy, T::Activate, T::Terminate, T::Cancel] {
+            assert!(next_state(Clone, S::Suspended, transition).is_err());
+        }
+        assert!(!S::Suspended.is_resting(), "it ends by itself");
+        assert_eq!(S::Suspended.to_string(), "suspended");
+    }
 
     #[test]
     fn a_percent_is_100_only_when_no_track_remains() {

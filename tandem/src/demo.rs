@@ -210,6 +210,8 @@ async fn sessions_demo(
             standard: VOLUME.to_string(),
             bcv: BCV.to_string(),
             mode: MirrorMode::Sync,
+            strict: false,
+            target_timeout_milliseconds: None,
         },
     )
     .await?;

@@ -90,8 +90,19 @@ pub enum MirrorCommand {
         standard: String,
         bcv: String,
         /// sync: a write is acknowledged after BCV has it; async: shipped in the background.
+        /// A sync mirror whose BCV's node does not answer within --target-timeout is
+        /// suspended: writes are acknowledged locally and resynchronized when it answers.
         #[arg(long, default_value = "sync")]
         mode: MirrorMode,
+        /// With --mode sync: host writes fail while the BCV's node does not answer, rather
+        /// than the mirror being suspended (writes fail rather than diverge, like SRDF's
+        /// domino mode).
+        #[arg(long)]
+        strict: bool,
+        /// How long the BCV's node may take to answer before the mirror is suspended (or,
+        /// with --strict, the write fails), for example 2s or 500ms.
+        #[arg(long, value_parser = parse_milliseconds, default_value = "2s")]
+        target_timeout: u64,
         #[command(flatten)]
         options: CommandOptions,
     },
@@ -256,15 +267,24 @@ pub async fn mirror(command: MirrorCommand) -> Result<()> {
             standard,
             bcv,
             mode,
+            strict,
+            target_timeout,
             options,
-        } => (
-            SessionCommand::MirrorEstablish {
-                standard,
-                bcv,
-                mode,
-            },
-            options,
-        ),
+        } => {
+            if strict && mode != MirrorMode::Sync {
+                bail!("--strict applies to sync mirrors only (an async mirror never makes a host write wait for its BCV): drop --strict or use --mode sync");
+            }
+            (
+                SessionCommand::MirrorEstablish {
+                    standard,
+                    bcv,
+                    mode,
+                    strict,
+                    target_timeout_milliseconds: Some(target_timeout),
+                },
+                options,
+            )
+        }
         MirrorCommand::Split {
             bcv,
             differential,
@@ -505,12 +525,19 @@ async fn show(connection: &Connection, kind: SessionKind, target: &str, json: bo
         );
         if let Some(mode) = info.mode {
             println!(
-                "  mode {mode}, lag {} tracks / {} s",
-                info.lag_tracks, info.lag_seconds
+                "  mode {mode}{}, target timeout {} ms, lag {} tracks / {} s",
+                if info.strict { " (strict)" } else { "" },
+                info.target_timeout_milliseconds,
+                info.lag_tracks,
+                info.lag_seconds
             );
         }
-        if let Some(error) = &info.error {
-            println!("  warning (the copy retries): {error}");
+        match &info.error {
+            Some(error) if info.state == protocol::session::SessionState::Suspended => {
+                println!("  {error}")
+            }
+            Some(error) => println!("  warning (the copy retries): {error}"),
+            None => {}
         }
         if let Some(past) = &info.last_error {
             let now = std::time::SystemTime::now()
@@ -586,5 +613,41 @@ pub fn session_json(info: &SessionInfo) -> serde_json::Value {
             "unix_seconds": past.unix_seconds,
         })),
         "split_sequence": info.split_sequence,
+        "strict": info.strict,
+        "target_timeout_milliseconds": info.target_timeout_milliseconds,
     })
+}
+
+/// A duration given as whole milliseconds (`500ms`) or seconds (`2s`), in milliseconds.
+fn parse_milliseconds(text: &str) -> std::result::Result<u64, String> {
+    let invalid = || {
+        format!("'{text}' is not a duration: give whole milliseconds or seconds, for example 500ms or 2s")
+    };
+    let (number, factor) = if let Some(number) = text.strip_suffix("ms") {
+        (number, 1)
+    } else if let Some(number) = text.strip_suffix('s') {
+        (number, 1000)
+    } else {
+        return Err(invalid());
+    };
+    let value: u64 = number.trim().parse().map_err(|_| invalid())?;
+    value.checked_mul(factor).ok_or_else(invalid)
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_milliseconds;
+
+    #[test]
+    fn a_target_timeout_is_read_in_milliseconds_or_seconds() {
+        assert_eq!(parse_milliseconds("2s"), Ok(2000));
+        assert_eq!(parse_milliseconds("500ms"), Ok(500));
+        for wrong in ["2", "ms", "1.5s", "-1s", "2 minutes"] {
+            let error = parse_milliseconds(wrong).unwrap_err();
+            assert!(
+                error.contains("for example 500ms or 2s"),
+                "{wrong}: {error}"
+            );
+        }
+    }
 }

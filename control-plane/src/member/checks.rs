@@ -4,7 +4,40 @@
 
 use super::*;
 
+/// How long the leader waits for the target's node to say what readiness a session left
+/// on its volume; a node that does not answer was not reached by the end either.
+const TARGET_READINESS_TIMEOUT_SECONDS: u64 = 2;
+
 impl ControlPlane {
+    /// What the catalog records when a session ended on its source's node: the readiness
+    /// the target's node reports now. A target whose node is down or does not answer was
+    /// ended without it (a mirror cancelled while its BCV's node is lost): that volume
+    /// keeps the not-ready it had as a BCV, and its node releases it when it returns.
+    pub(super) async fn session_end_record(&self, target: String) -> Command {
+        if self.ensure_volume_node_up(&target).is_err() {
+            return Command::SessionEnded {
+                target,
+                target_readiness: Readiness::NotReady,
+            };
+        }
+        match tokio::time::timeout(
+            Duration::from_secs(TARGET_READINESS_TIMEOUT_SECONDS),
+            self.node_readiness(&target),
+        )
+        .await
+        {
+            Ok(Some(target_readiness)) => Command::SessionEnded {
+                target,
+                target_readiness,
+            },
+            Ok(None) => Command::SessionForget { target },
+            Err(_) => Command::SessionEnded {
+                target,
+                target_readiness: Readiness::NotReady,
+            },
+        }
+    }
+
     /// Refuses to delete a volume that hosts have open over NBD: their next IO would fail.
     /// The volume's node is asked before the catalog records anything, so the refusal
     /// changes nothing. A volume the catalog does not know, or whose delete is already

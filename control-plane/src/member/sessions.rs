@@ -89,6 +89,8 @@ pub(super) fn checkpoint_info(entry: &SessionEntry, error: Option<String>) -> Se
         created_unix_seconds: 0,
         split_sequence: 0,
         last_error: None,
+        strict: false,
+        target_timeout_milliseconds: 0,
     }
 }
 
@@ -282,7 +284,7 @@ impl ControlPlane {
             %reason,
             "the session's node no longer has it; the catalog records its end"
         );
-        let ended = self.session_ended(entry.target.clone()).await;
+        let ended = self.session_end_record(entry.target.clone()).await;
         match self.commit(random_request_id(), ended).await {
             Ok(_) => {
                 self.gone_sessions.lock().remove(&entry.target);

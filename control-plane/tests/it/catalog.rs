@@ -529,6 +529,22 @@ fn every_state_a_session_reaches_by_commands_and_copies_is_reachable_in_the_cata
         Synchronized
     ));
     assert!(session_state_reachable(SessionKind::Clone, Created, Copied));
+    // A target that stops answering suspends a session; it resumes by itself.
+    assert!(session_state_reachable(
+        SessionKind::Mirror,
+        Synchronized,
+        Suspended
+    ));
+    assert!(session_state_reachable(
+        SessionKind::Mirror,
+        Suspended,
+        Synchronized
+    ));
+    assert!(session_state_reachable(
+        SessionKind::Clone,
+        Suspended,
+        Copied
+    ));
     assert!(!session_state_reachable(
         SessionKind::Clone,
         Copied,

@@ -178,7 +178,7 @@ impl<E: Engine> Sessions<E> {
     }
 
     /// Puts a stored record in the table; a new copy restarts its meter.
-    fn install(&self, record: SessionRecord) {
+    pub(super) fn install(&self, record: SessionRecord) {
         let mut table = self.table.lock();
         match table.sessions.get_mut(&record.id) {
             Some(live) => {
@@ -452,6 +452,9 @@ impl<E: Engine> Sessions<E> {
             error: None,
             remote: remote.clone(),
             last_error: None,
+            strict: false,
+            target_timeout_milliseconds: TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
+            resume_state: None,
         };
         self.commit(changes, id, Some(&record)).map_err(release)?;
         tracing::info!(session = record.id, source = %record.source, target = %record.target, precopy, "clone created");
@@ -487,10 +490,21 @@ impl<E: Engine> Sessions<E> {
             standard,
             bcv,
             mode,
+            strict,
+            target_timeout_milliseconds,
         } = command
         else {
             unreachable!("called for mirror establish");
         };
+        let target_timeout_milliseconds =
+            target_timeout_milliseconds.unwrap_or(TARGET_TIMEOUT_MILLISECONDS_DEFAULT);
+        check_mirror_options(
+            command,
+            &format!("{standard} -> {bcv}"),
+            *mode,
+            *strict,
+            target_timeout_milliseconds,
+        )?;
         let existing = self
             .table
             .lock()
@@ -509,6 +523,8 @@ impl<E: Engine> Sessions<E> {
                 ));
             }
             record.mode = *mode;
+            record.strict = *strict;
+            record.target_timeout_milliseconds = target_timeout_milliseconds;
             self.carry_out(command, record)?;
             return Ok(());
         }
@@ -579,6 +595,9 @@ impl<E: Engine> Sessions<E> {
             error: None,
             remote: remote.clone(),
             last_error: None,
+            strict: *strict,
+            target_timeout_milliseconds,
+            resume_state: None,
         };
         if let Partner::Local(bcv) = &partner {
             // The mirror replaces the BCV's data: it is no longer a snapshot.
@@ -771,6 +790,9 @@ impl<E: Engine> Sessions<E> {
                 record.tracks_copied_last = 0;
             }
             SessionCommand::MirrorCancel { .. } => {
+                if self.cancel_unanswered(changes, &record, source)? {
+                    return Ok(None);
+                }
                 self.target_tracking(changes, record.id, partner, false)?;
                 if record.state == SessionState::Synchronized {
                     // The BCV holds the standard's whole image: give it to its hosts.

@@ -32,6 +32,7 @@ mod observe;
 mod record;
 pub mod remote;
 pub mod requests;
+pub mod suspend;
 pub mod workers;
 
 use self::core::{Progress, RateLimit, RecentRate, SourceWriteStep};
@@ -45,6 +46,7 @@ use protocol::messages::{Extent, Readiness};
 use protocol::session::{
     next_state, MirrorMode, PastError, RemoteVolume, SessionCommand, SessionId, SessionInfo,
     SessionKind, SessionState, TargetAnswer, TargetOperation, Transition, CLONE_EXTENTS_MAX,
+    TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -115,6 +117,13 @@ pub struct SessionRecord {
     pub remote: Option<RemoteVolume>,
     /// The last error the copy met, with its time, kept after it recovered.
     pub last_error: Option<PastError>,
+    /// Sync mirrors: a host write fails when the BCV does not answer, rather than the
+    /// session being suspended.
+    pub strict: bool,
+    /// How long the remote target may take to answer before the session is suspended.
+    pub target_timeout_milliseconds: u64,
+    /// A suspended session's state when it was suspended, which it resumes from.
+    pub resume_state: Option<SessionState>,
 }
 
 impl SessionRecord {
@@ -124,6 +133,15 @@ impl SessionRecord {
 
     fn in_extents(&self, track: u64) -> bool {
         self.extents.iter().any(|extent| extent.contains(track))
+    }
+
+    /// The state whose rules a host write follows: a suspended session keeps those of
+    /// the state it was suspended in (its copy stops, its bits go on being kept).
+    fn acting_state(&self) -> SessionState {
+        match (self.state, self.resume_state) {
+            (SessionState::Suspended, Some(state)) => state,
+            (state, _) => state,
+        }
     }
 
     /// Whether the copier has work in this state.
@@ -268,6 +286,49 @@ fn command_kind(command: &SessionCommand) -> SessionKind {
     }
 }
 
+/// A host write to a suspended clone's source that would have to send the point-in-time
+/// image (or re-queue a precopied track) to a destination that does not answer: it fails
+/// at once rather than wait for the destination on every write.
+fn suspended_clone_write(record: &SessionRecord, track: u64) -> Error {
+    Error::SessionRefused {
+        command: "host write".to_string(),
+        session: record.describe(),
+        reason: format!(
+            "track {track} must reach the clone's destination first, whose node does not answer (the clone is suspended); retry once it answers"
+        ),
+    }
+}
+
+/// Refuses a mirror's options that cannot work together, before anything changes.
+fn check_mirror_options(
+    command: &SessionCommand,
+    session: &str,
+    mode: MirrorMode,
+    strict: bool,
+    target_timeout_milliseconds: u64,
+) -> Result<()> {
+    use protocol::session::{TARGET_TIMEOUT_MILLISECONDS_MAX, TARGET_TIMEOUT_MILLISECONDS_MIN};
+    if strict && mode != MirrorMode::Sync {
+        return Err(refused(
+            command,
+            session,
+            "--strict applies to sync mirrors only (an async mirror never makes a host write wait for its BCV): drop --strict or use --mode sync",
+        ));
+    }
+    if !(TARGET_TIMEOUT_MILLISECONDS_MIN..=TARGET_TIMEOUT_MILLISECONDS_MAX)
+        .contains(&target_timeout_milliseconds)
+    {
+        return Err(refused(
+            command,
+            session,
+            format!(
+                "a target timeout of {target_timeout_milliseconds} ms is outside {TARGET_TIMEOUT_MILLISECONDS_MIN} ms to {TARGET_TIMEOUT_MILLISECONDS_MAX} ms: give one within, for example 2s"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn mebibytes(rate: u32) -> u64 {
     u64::from(rate) << 20
 }
@@ -313,7 +374,10 @@ impl<E: Engine> Sessions<E> {
                     let remaining = Self::remaining(&store, &record).unwrap_or(0);
                     record.progress.tracks_total = copied + remaining;
                 }
-                record.error = None;
+                // A suspended session keeps its reason until it resumes.
+                if record.state != SessionState::Suspended {
+                    record.error = None;
+                }
                 record
             })
             .collect();
@@ -614,7 +678,11 @@ impl<E: Engine> Sessions<E> {
                     Some(slot) => self.store.test_bit(volume, Bits::Session(slot), track)?,
                     None => false,
                 };
-                match core::clone_source_write(record.state, pending, precopied) {
+                let step = core::clone_source_write(record.acting_state(), pending, precopied);
+                if step != SourceWriteStep::Nothing && record.state == SessionState::Suspended {
+                    return Err(suspended_clone_write(record, track));
+                }
+                match step {
                     SourceWriteStep::Nothing => {}
                     SourceWriteStep::Requeue => self.requeue(record, volume, target, track)?,
                     SourceWriteStep::CopyFirst => {
@@ -626,28 +694,15 @@ impl<E: Engine> Sessions<E> {
             }
         }
         store_write()?;
-        // Synchronized sync mirrors: the BCV has the write before the host hears of it.
+        // Synchronized sync mirrors: the BCV has the write before the host hears of it
+        // (or the session is suspended; see `suspend.rs`).
         for (record, bcv) in &related {
             if record.kind == SessionKind::Mirror
                 && record.source == volume.name
                 && record.state == SessionState::Synchronized
                 && record.mode == MirrorMode::Sync
             {
-                for track in first..=last {
-                    self.ship(
-                        record.id,
-                        volume,
-                        bcv,
-                        track,
-                        &[BitChange {
-                            volume,
-                            bits: Bits::Pending(record.slot),
-                            track,
-                            set: false,
-                        }],
-                        durability,
-                    )?;
-                }
+                self.ship_host_write(record.id, volume, bcv, first, last, durability)?;
             }
         }
         Ok(())
@@ -688,7 +743,8 @@ impl<E: Engine> Sessions<E> {
             // it invalid with the precopied image that still is the source's (the host
             // write comes after both), which a pull then confirms.
             Partner::Remote(remote) => {
-                self.remote_call(
+                self.remote_call_for(
+                    record.id,
                     remote,
                     TargetOperation::MarkInvalid {
                         session: record.id,
@@ -714,7 +770,9 @@ impl<E: Engine> Sessions<E> {
             Partner::Local(target) => target,
             Partner::Remote(remote) => {
                 let image = self.store.read_track_image(source, track)?;
-                let answer = self.remote_call(
+                // A host write waits for this: bounded by the session's target timeout.
+                let answer = self.remote_call_for(
+                    record.id,
                     remote,
                     TargetOperation::PutTrack {
                         session: record.id,
@@ -769,7 +827,11 @@ impl<E: Engine> Sessions<E> {
     /// (or [`REMOTE_STEP_TRACKS_MAX`] to another node), whatever the rate limits say; the
     /// outcome tells how long the limits want the caller to wait.
     pub fn copy_step(&self, id: SessionId) -> Result<StepOutcome> {
-        self.step(id, false)
+        let outcome = self.step(id, false);
+        if let Err(error) = &outcome {
+            self.suspend_after_step(id, error);
+        }
+        outcome
     }
 
     /// A copy step that first waits out the session's and the node's rate limits: when
@@ -1086,7 +1148,10 @@ impl<E: Engine> Sessions<E> {
         // An active clone's destination may have been written by its hosts since (they
         // pulled the track first): it keeps what it has.
         let only_if_invalid = clone && record.state != SessionState::Precopying;
-        let answers = self.send_images(record.id, remote, images, only_if_invalid)?;
+        // Host writes wait on the held track locks: the round trip is bounded by the
+        // session's target timeout then. A background copy gets the link's own bound.
+        let timeout = hold.then(|| self.target_timeout(record.id));
+        let answers = self.send_images(record.id, remote, images, only_if_invalid, timeout)?;
         if tracks_guard.is_none() {
             tracks_guard = Some(
                 self.locks
@@ -1141,6 +1206,23 @@ impl<E: Engine> Sessions<E> {
             }
             None => Ok((copied, bytes)),
         }
+    }
+
+    /// The gates of session `id`'s volumes on this node, exclusive: for the changes of
+    /// state the copier makes by itself (suspend, resume) with host IO held off.
+    fn session_gates(&self, id: SessionId) -> gates::Held {
+        let names: Vec<String> = self
+            .table
+            .lock()
+            .sessions
+            .get(&id)
+            .map(|live| vec![live.record.source.clone(), live.record.target.clone()])
+            .unwrap_or_default();
+        let local = names
+            .iter()
+            .filter_map(|name| self.store.volume(name).ok())
+            .map(|volume| volume.id);
+        self.gates.exclusive(local.collect::<Vec<_>>())
     }
 
     /// The record of session `id` if its state has copy work.
@@ -1208,10 +1290,17 @@ impl<E: Engine> Sessions<E> {
     /// splits that rotations wait for.
     pub fn run_copier(self: Arc<Self>, stop: Arc<AtomicBool>, rotations: bool) {
         let mut window_started = Instant::now();
+        let mut probed = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             if rotations && window_started.elapsed() >= GOVERNOR_WINDOW {
                 window_started = Instant::now();
                 self.govern();
+            }
+            if rotations && probed.elapsed() >= suspend::PROBE_INTERVAL {
+                if let Err(error) = self.probe_targets() {
+                    tracing::warn!(%error, "probing the targets of suspended sessions failed");
+                }
+                probed = Instant::now();
             }
             let mut worked = false;
             let mut wait = Duration::ZERO;
@@ -1224,6 +1313,7 @@ impl<E: Engine> Sessions<E> {
                     Err(error) => {
                         tracing::warn!(session = id, %error, "copy step failed; retrying");
                         self.record_error(id, error.to_string());
+                        self.suspend_after_step(id, &error);
                         wait = wait.max(Duration::from_millis(500));
                     }
                 }
@@ -1276,7 +1366,7 @@ impl<E: Engine> Sessions<E> {
     /// The tracks the session's current copy still has to move: its bits now.
     fn remaining(store: &VolumeStore<E>, record: &SessionRecord) -> Result<u64> {
         let source = store.volume(&record.source)?;
-        Ok(match (record.kind, record.state) {
+        Ok(match (record.kind, record.acting_state()) {
             (
                 SessionKind::Clone,
                 SessionState::Created | SessionState::Precopying | SessionState::Active,
@@ -1345,6 +1435,8 @@ impl<E: Engine> Sessions<E> {
             created_unix_seconds: record.created_unix_seconds,
             split_sequence: record.split_sequence,
             last_error: record.last_error.clone(),
+            strict: record.strict,
+            target_timeout_milliseconds: record.target_timeout_milliseconds,
         })
     }
 

@@ -104,6 +104,8 @@ mod tests {
                     standard: "std".into(),
                     bcv: bcv.into(),
                     mode: MirrorMode::Async,
+                    strict: false,
+                    target_timeout_milliseconds: None,
                 })
                 .unwrap();
         }

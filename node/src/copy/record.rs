@@ -2,13 +2,18 @@
 //!
 //! Records written before issue 10 carry no marker; they counted the tracks a copy had
 //! moved instead of its total and had no past error. They are still read: the session
-//! then gets its total from that count and its bits (see `Sessions::open`).
+//! then gets its total from that count and its bits (see `Sessions::open`). Records of
+//! version 2 (issue 10) have no target timeout, strict flag or resume state; they are read
+//! with the default timeout, not strict, and not suspended.
 
 use super::core::Progress;
 use super::SessionRecord;
 use crate::{Error, Result};
 use protocol::messages::Extent;
-use protocol::session::{MirrorMode, RemoteVolume, SessionId, SessionKind, SessionState};
+use protocol::session::{
+    MirrorMode, PastError, RemoteVolume, SessionId, SessionKind, SessionState,
+    TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
+};
 use serde::{Deserialize, Serialize};
 
 /// The first byte of a versioned record. No unversioned record starts with it: those
@@ -16,7 +21,9 @@ use serde::{Deserialize, Serialize};
 /// with 255 (bincode reserves it).
 const RECORD_FORMAT_MARKER: u8 = 0xff;
 /// The version of the record's layout after the marker.
-const RECORD_FORMAT_VERSION: u8 = 2;
+const RECORD_FORMAT_VERSION: u8 = 3;
+/// The layout of issue 10, before sessions could be suspended.
+const RECORD_FORMAT_VERSION_WITHOUT_SUSPENSION: u8 = 2;
 
 pub(super) fn encode(record: &SessionRecord) -> Result<Vec<u8>> {
     let mut bytes = vec![RECORD_FORMAT_MARKER, RECORD_FORMAT_VERSION];
@@ -30,6 +37,10 @@ pub(super) fn decode(bytes: &[u8]) -> Result<(SessionRecord, Option<u64>)> {
     match bytes {
         [RECORD_FORMAT_MARKER, RECORD_FORMAT_VERSION, rest @ ..] => {
             Ok((protocol::codec::decode(rest)?, None))
+        }
+        [RECORD_FORMAT_MARKER, RECORD_FORMAT_VERSION_WITHOUT_SUSPENSION, rest @ ..] => {
+            let record: RecordWithoutSuspension = protocol::codec::decode(rest)?;
+            Ok((record.into_record(), None))
         }
         [RECORD_FORMAT_MARKER, version, ..] => Err(Error::Metadata {
             what: "session record".to_string(),
@@ -74,6 +85,57 @@ struct LegacyRecord {
     remote: Option<RemoteVolume>,
 }
 
+/// The layout of version 2 (issue 10), field for field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RecordWithoutSuspension {
+    id: SessionId,
+    kind: SessionKind,
+    source: String,
+    target: String,
+    state: SessionState,
+    mode: MirrorMode,
+    slot: u8,
+    precopy_slot: Option<u8>,
+    extents: Vec<Extent>,
+    created_unix_seconds: u64,
+    split_sequence: u64,
+    split_when_synchronized: bool,
+    progress: Progress,
+    tracks_copied_last: u64,
+    rate_limit_mebibytes_per_second: Option<u32>,
+    error: Option<String>,
+    remote: Option<RemoteVolume>,
+    last_error: Option<PastError>,
+}
+
+impl RecordWithoutSuspension {
+    fn into_record(self) -> SessionRecord {
+        SessionRecord {
+            id: self.id,
+            kind: self.kind,
+            source: self.source,
+            target: self.target,
+            state: self.state,
+            mode: self.mode,
+            slot: self.slot,
+            precopy_slot: self.precopy_slot,
+            extents: self.extents,
+            created_unix_seconds: self.created_unix_seconds,
+            split_sequence: self.split_sequence,
+            split_when_synchronized: self.split_when_synchronized,
+            progress: self.progress,
+            tracks_copied_last: self.tracks_copied_last,
+            rate_limit_mebibytes_per_second: self.rate_limit_mebibytes_per_second,
+            error: self.error,
+            remote: self.remote,
+            last_error: self.last_error,
+            strict: false,
+            target_timeout_milliseconds: TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
+            resume_state: None,
+        }
+    }
+}
+
 impl LegacyRecord {
     fn into_record(self) -> SessionRecord {
         SessionRecord {
@@ -98,6 +160,9 @@ impl LegacyRecord {
             error: self.error,
             remote: self.remote,
             last_error: None,
+            strict: false,
+            target_timeout_milliseconds: TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
+            resume_state: None,
         }
     }
 }
@@ -105,7 +170,6 @@ impl LegacyRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::session::PastError;
 
     fn legacy() -> LegacyRecord {
         LegacyRecord {
@@ -163,5 +227,59 @@ mod tests {
         let mut newer = bytes.clone();
         newer[1] = RECORD_FORMAT_VERSION + 1;
         assert!(decode(&newer).is_err());
+    }
+
+    #[test]
+    fn a_record_of_version_2_is_read_with_the_default_timeout_and_a_suspended_one_round_trips() {
+        let record = legacy().into_record();
+        let old = RecordWithoutSuspension {
+            id: record.id,
+            kind: record.kind,
+            source: record.source.clone(),
+            target: record.target.clone(),
+            state: SessionState::Synchronized,
+            mode: MirrorMode::Sync,
+            slot: record.slot,
+            precopy_slot: None,
+            extents: record.extents.clone(),
+            created_unix_seconds: record.created_unix_seconds,
+            split_sequence: 4,
+            split_when_synchronized: false,
+            progress: Progress {
+                tracks_total: 1024,
+                reported_percent: 100.0,
+            },
+            tracks_copied_last: 7,
+            rate_limit_mebibytes_per_second: None,
+            error: None,
+            remote: None,
+            last_error: None,
+        };
+        let mut bytes = vec![
+            RECORD_FORMAT_MARKER,
+            RECORD_FORMAT_VERSION_WITHOUT_SUSPENSION,
+        ];
+        bytes.extend(protocol::codec::encode(&old).unwrap());
+        let (read, copied) = decode(&bytes).unwrap();
+        assert_eq!(copied, None);
+        assert_eq!(read.state, SessionState::Synchronized);
+        assert_eq!(read.split_sequence, 4);
+        assert_eq!(read.progress.tracks_total, 1024);
+        assert_eq!(
+            (
+                read.strict,
+                read.target_timeout_milliseconds,
+                read.resume_state
+            ),
+            (false, TARGET_TIMEOUT_MILLISECONDS_DEFAULT, None)
+        );
+        let mut suspended = read;
+        suspended.state = SessionState::Suspended;
+        suspended.resume_state = Some(SessionState::Synchronized);
+        suspended.strict = false;
+        suspended.target_timeout_milliseconds = 500;
+        let bytes = encode(&suspended).unwrap();
+        assert_eq!(bytes[1], RECORD_FORMAT_VERSION);
+        assert_eq!(decode(&bytes).unwrap(), (suspended, None));
     }
 }

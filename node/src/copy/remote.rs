@@ -17,6 +17,7 @@ use protocol::session::{
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Calls another node's session service; the node runtime implements it over QUIC.
 pub trait TargetLink: Send + Sync {
@@ -40,6 +41,31 @@ pub trait TargetLink: Send + Sync {
     /// This node's name and the address other nodes reach it at, which a clone
     /// destination's node needs to pull tracks back.
     fn this_node(&self) -> (String, String);
+
+    /// [`TargetLink::call`] that gives up after `timeout` with
+    /// [`Error::TargetUnanswered`]: what a host write, a probe or a held track lock waits
+    /// for. The default waits as `call` does (test doubles answer or fail at once).
+    fn call_within(
+        &self,
+        remote: &RemoteVolume,
+        operation: TargetOperation,
+        timeout: Duration,
+    ) -> Result<TargetAnswer> {
+        let _ = timeout;
+        self.call(remote, operation)
+    }
+
+    /// [`TargetLink::call_many`] that gives up on the answers still missing after
+    /// `timeout`.
+    fn call_many_within(
+        &self,
+        remote: &RemoteVolume,
+        operations: Vec<TargetOperation>,
+        timeout: Duration,
+    ) -> Vec<Result<TargetAnswer>> {
+        let _ = timeout;
+        self.call_many(remote, operations)
+    }
 }
 
 /// The other volume of a session, seen from the node that runs it.
@@ -106,7 +132,7 @@ pub(super) fn load_registrations<E: Engine>(engine: &E) -> Result<Vec<Registrati
 }
 
 impl<E: Engine> Sessions<E> {
-    fn link(&self) -> Result<&Arc<dyn TargetLink>> {
+    pub(super) fn link(&self) -> Result<&Arc<dyn TargetLink>> {
         self.link.as_ref().ok_or_else(|| Error::Config {
             detail: "this node cannot reach other nodes for copy sessions".to_string(),
         })
@@ -118,6 +144,18 @@ impl<E: Engine> Sessions<E> {
         operation: TargetOperation,
     ) -> Result<TargetAnswer> {
         self.link()?.call(remote, operation)
+    }
+
+    /// A call a host write (or a held track lock) waits for: bounded by the session's
+    /// target timeout.
+    pub(super) fn remote_call_for(
+        &self,
+        session: SessionId,
+        remote: &RemoteVolume,
+        operation: TargetOperation,
+    ) -> Result<TargetAnswer> {
+        let timeout = self.target_timeout(session);
+        self.link()?.call_within(remote, operation, timeout)
     }
 
     /// Takes `remote` as the target of a new session of this node; returns its track
@@ -168,7 +206,8 @@ impl<E: Engine> Sessions<E> {
             Partner::Remote(remote) => {
                 let image = self.store.read_track_image(source, track)?;
                 let bytes = image.data.len() as u64;
-                let answer = self.remote_call(
+                let answer = self.remote_call_for(
+                    session,
                     remote,
                     TargetOperation::PutTrack {
                         session,
@@ -200,6 +239,7 @@ impl<E: Engine> Sessions<E> {
         remote: &RemoteVolume,
         images: Vec<TrackImage>,
         only_if_invalid: bool,
+        timeout: Option<Duration>,
     ) -> Result<Vec<Result<bool>>> {
         if images.is_empty() {
             return Ok(Vec::new());
@@ -214,7 +254,10 @@ impl<E: Engine> Sessions<E> {
                 background: true,
             })
             .collect();
-        let answers = self.link()?.call_many(remote, operations);
+        let answers = match timeout {
+            Some(timeout) => self.link()?.call_many_within(remote, operations, timeout),
+            None => self.link()?.call_many(remote, operations),
+        };
         Ok(answers
             .into_iter()
             .map(|answer| match answer? {
@@ -319,7 +362,8 @@ impl<E: Engine> Sessions<E> {
             _ => {}
         }
         let session = match &operation {
-            TargetOperation::Unregister { session }
+            TargetOperation::Probe { session }
+            | TargetOperation::Unregister { session }
             | TargetOperation::PutTrack { session, .. }
             | TargetOperation::GetTrack { session, .. }
             | TargetOperation::SetReadiness { session, .. }
@@ -351,6 +395,8 @@ impl<E: Engine> Sessions<E> {
         };
         let volume = self.store.volume(&registration.volume)?;
         match operation {
+            // The registration is here and the volume readable: the session can resume.
+            TargetOperation::Probe { .. } => Ok(TargetAnswer::Done),
             TargetOperation::PutTrack {
                 image,
                 only_if_invalid,
@@ -627,7 +673,15 @@ impl<E: Engine> Sessions<E> {
         let volume = self.store.volume(&registration.volume)?;
         let _gate = self.gates.exclusive([volume.id]);
         if let Some(existing) = self.registered(&volume.name) {
-            if existing.session != registration.session {
+            // The same source node registering a new session for the volume has ended the
+            // old one (it refuses a second session into one target itself): its release
+            // was lost, for example a cancel while this node was down.
+            let replaced = existing.session != registration.session
+                && existing.source_node == registration.source_node;
+            if replaced {
+                tracing::info!(old = existing.session, new = registration.session, volume = %volume.name, source_node = %registration.source_node, "registration replaced by a new session of the same source node");
+            }
+            if existing.session != registration.session && !replaced {
                 return Err(Error::SessionRefused {
                     command: "register".to_string(),
                     session: format!("{} from {}", registration.kind, registration.source_node),

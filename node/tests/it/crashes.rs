@@ -136,6 +136,8 @@ fn establish() -> SessionCommand {
         standard: "std".into(),
         bcv: "dst".into(),
         mode: MirrorMode::Sync,
+        strict: false,
+        target_timeout_milliseconds: None,
     }
 }
 

@@ -97,6 +97,8 @@ fn establish(standard: &str, bcv: &str, mode: MirrorMode) -> SessionCommand {
         standard: standard.to_string(),
         bcv: bcv.to_string(),
         mode,
+        strict: false,
+        target_timeout_milliseconds: None,
     }
 }
 

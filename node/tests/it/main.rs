@@ -12,3 +12,4 @@ mod sessions;
 mod sessions_model;
 mod snapshots;
 mod store;
+mod suspend;

@@ -172,6 +172,8 @@ fn a_rotate_reports_the_tracks_it_resynchronizes_and_keeps_them_through_its_spli
                 standard: "std".into(),
                 bcv: bcv.into(),
                 mode: MirrorMode::Sync,
+                strict: false,
+                target_timeout_milliseconds: None,
             },
         );
         let syncing = show(&sessions, SessionKind::Mirror, bcv);
@@ -275,6 +277,8 @@ fn a_transient_copy_error_clears_when_the_copy_moves_again_and_stays_as_the_last
                 standard: "std".into(),
                 bcv: "bcv".into(),
                 mode: MirrorMode::Async,
+                strict: false,
+                target_timeout_milliseconds: None,
             },
             Some(remote),
         )

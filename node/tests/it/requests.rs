@@ -55,6 +55,8 @@ fn a_split_retried_with_its_request_id_is_carried_out_once_and_answers_the_same_
         standard: "std".to_string(),
         bcv: "bcv".to_string(),
         mode: MirrorMode::Async,
+        strict: false,
+        target_timeout_milliseconds: None,
     };
     carry_out(&requests, &sessions, &carried_out, 1, establish).unwrap();
     sessions.settle().unwrap();

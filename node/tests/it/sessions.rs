@@ -25,6 +25,8 @@ fn establish(standard: &str, bcv: &str) -> SessionCommand {
         standard: standard.to_string(),
         bcv: bcv.to_string(),
         mode: MirrorMode::Sync,
+        strict: false,
+        target_timeout_milliseconds: None,
     }
 }
 

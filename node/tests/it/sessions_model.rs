@@ -435,6 +435,8 @@ fn to_command(operation: &Operation) -> SessionCommand {
             standard: STANDARD.to_string(),
             bcv: target(index),
             mode: MirrorMode::Sync,
+            strict: false,
+            target_timeout_milliseconds: None,
         },
         Operation::Split {
             target: index,

@@ -178,6 +178,8 @@ mod tests {
             created_unix_seconds: 0,
             split_sequence: 0,
             last_error: None,
+            strict: false,
+            target_timeout_milliseconds: 0,
         }
     }
 

@@ -14,3 +14,4 @@ mod progress;
 mod readme;
 mod refusals;
 mod sessions;
+mod suspend;

@@ -298,12 +298,24 @@ fn a_mirror_across_nodes_survives_kill_9_of_either_side_and_keeps_every_acknowle
     fill(&alpha, "std", 7);
 
     // The standard on alpha, its BCV on beta: tracks go over QUIC between the nodes.
+    // Strict: a write the BCV does not get fails rather than diverge (without --strict
+    // the mirror would be suspended instead; see suspend.rs).
     let established = json(
         &alpha,
         &certs,
-        &["mirror", "establish", "std", "bcv", "--rate", "2", "--json"],
+        &[
+            "mirror",
+            "establish",
+            "std",
+            "bcv",
+            "--strict",
+            "--rate",
+            "2",
+            "--json",
+        ],
     );
     assert_eq!(established["state"], "syncing");
+    assert_eq!(established["strict"], true);
     refused(
         &beta,
         &certs,
@@ -339,8 +351,8 @@ fn a_mirror_across_nodes_survives_kill_9_of_either_side_and_keeps_every_acknowle
         show(&alpha, &certs)["state"] == "synchronized"
     });
 
-    // Sync mode: every write the host saw acknowledged is on beta, even when beta dies
-    // right after; a write while beta is down is not acknowledged.
+    // Strict sync mode: every write the host saw acknowledged is on beta, even when beta
+    // dies right after; a write while beta is down is not acknowledged.
     let acknowledged = write_tracks(&alpha, "std", &[1, 2, 3, 60, 127], 0xa1);
     assert!(acknowledged.iter().all(|ok| *ok));
     beta.kill();
