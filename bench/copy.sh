@@ -106,22 +106,24 @@ nbdcopy "$work/source.raw" "$std_uri"
 head -c $((1 << 30)) "$work/source.raw" | nbdcopy - "$plain_uri"
 
 # The mirror std -> bcv in the given mode, established (a full copy) if it is not yet;
-# prints the seconds the establish took, or nothing.
+# sets established_seconds to the seconds the establish took, or to nothing.
 bcv_mode=none
 mirror_bcv() { # mode
+  established_seconds=
   [ "$bcv_mode" = "$1" ] && return
   [ "$bcv_mode" != none ] && "$tandem" mirror cancel bcv >/dev/null
   local start
   start=$(seconds)
   "$tandem" mirror establish std bcv --mode "$1" --rate 100000 --wait --json >/dev/null
   bcv_mode=$1
-  elapsed "$start" "$(seconds)"
+  established_seconds=$(elapsed "$start" "$(seconds)")
 }
 
 if wants full; then
   echo "## Full copy of $size_gib GiB to another node"
   echo
-  tandem_seconds=$(mirror_bcv async)
+  mirror_bcv async
+  tandem_seconds=$established_seconds
 
   truncate -s "$size_bytes" "$work/qemu-target.raw"
   qemu-nbd -f raw --cache=writeback --aio=threads --shared=4 --persistent -x src -b 127.0.0.1 -p 18810 "$work/source.raw" & pids+=($!)
@@ -161,7 +163,7 @@ if wants resync; then
   echo "## Incremental resync after 1 % of the tracks changed"
   echo
   [ -f "$work/local-copy.raw" ] || cp "$work/source.raw" "$work/local-copy.raw"
-  mirror_bcv async >/dev/null
+  mirror_bcv async
   "$tandem" mirror split bcv >/dev/null
   changed_tracks=$((size_bytes / track_bytes / 100))
   # The same random 64 KiB writes (same seed) to the standard and to the raw image.
@@ -219,7 +221,7 @@ tracks_copied() { # bcv
 if wants qos; then
   echo "## Host writes during a copy with the default QoS (no --rate)"
   echo
-  mirror_bcv async >/dev/null
+  mirror_bcv async
   window_seconds=$((fio_seconds + ramp_seconds))
   echo "Each round, back to back: fio on a volume without a session; fio on the standard with"
   echo "its async mirror synchronized (idle); fio on the standard while a full copy to a second"
@@ -271,7 +273,8 @@ fi
 if wants sync; then
   echo "## Sync mirror write latency"
   echo
-  sync_seconds=$(mirror_bcv sync)
+  mirror_bcv sync
+  sync_seconds=$established_seconds
   [ -n "$sync_seconds" ] && echo "(the sync mirror's establish, a full copy of $size_gib GiB: $sync_seconds s, $(mib_per_second "$size_bytes" "$sync_seconds") MiB/s)" && echo
   read -r mirror_p50 mirror_p99 mirror_iops < <(fio_p99 "$std_uri")
   read -r plain_p50 plain_p99 plain_iops < <(fio_p99 "$plain_uri")
@@ -287,7 +290,7 @@ fi
 if wants loss; then
   echo "## Sync mirror writes while the BCV's node is lost"
   echo
-  mirror_bcv sync >/dev/null
+  mirror_bcv sync
   before_seconds=5 loss_seconds=10 after_seconds=10
   # Every write's completion time and latency (fio logs the writes that succeeded);
   # failed writes are counted by fio, which goes on after them.
