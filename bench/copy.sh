@@ -251,7 +251,7 @@ if wants qos; then
   median_ratio() { python3 -c "import statistics, sys; print(f'{statistics.median(float(v) for v in sys.argv[1:]):.2f}')" "$@"; }
   echo
   echo "Medians over $rounds rounds: p99 no session $(median "${none_p99s[@]}") µs, mirror idle $(median "${idle_p99s[@]}") µs, during the copy $(median "${busy_p99s[@]}") µs;"
-  echo "p99 during the copy ÷ mirror idle **$(median_ratio "${p99_ratios[@]}")** (goal ≤ 1.5); mirror idle ÷ no session $(python3 -c "import statistics; print(f'{statistics.median([${idle_p99s[*]// /,}]) / max(statistics.median([${none_p99s[*]// /,}]), 1):.2f}')");"
+  echo "p99 during the copy ÷ mirror idle **$(median_ratio "${p99_ratios[@]}")** (goal ≤ 1.5); mirror idle ÷ no session $(ratio "$(median "${idle_p99s[@]}")" "$(median "${none_p99s[@]}")");"
   echo "copy with fio $(median "${busy_mibs[@]}") MiB, host idle $(median "${quiet_mibs[@]}") MiB in $window_seconds s: **$(median_ratio "${copy_ratios[@]}")** (goal ≥ 0.25)"
   echo
   if [ -n "${QOS_RATES:-}" ]; then
