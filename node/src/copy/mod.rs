@@ -1394,7 +1394,12 @@ impl<E: Engine> Sessions<E> {
         let source = self.store.volume(&record.source)?;
         // One reading: the counts and the percent all come from the bits counted here.
         let remaining = Self::remaining(&self.store, &record)?;
-        let reading = record.progress.read(remaining);
+        // The highest percent reported is kept in the live record, so that the next
+        // reading never falls below it; the table's mutex is held just for that.
+        let reading = match self.table.lock().sessions.get_mut(&record.id) {
+            Some(live) => live.record.progress.read(remaining),
+            None => record.progress.read(remaining),
+        };
         let track_bytes = u64::from(source.track_size_bytes);
         let rate = (tracks_per_second * track_bytes as f64) as u64;
         let record = &record;
