@@ -1,12 +1,15 @@
-//! Session commands: each checks the state table and the volumes, then changes slots,
-//! write marks, readiness, bits and the session's record in one engine batch
-//! ([`VolumeChanges`]), so a crash leaves it done or not done. Calls to a target on another
-//! node come first (they are idempotent, and a registration nobody uses is released when
-//! the command fails); the command's gates are held throughout.
+//! Session commands, the driver's half: each checks the volumes, reads the facts the
+//! session core needs under the gates of the session's volumes, asks the core
+//! ([`session_core`]) what the command does, and carries out its effects — the source's
+//! slots, marks and bits and the session's record in one engine batch
+//! ([`VolumeChanges`]), so a crash leaves it done or not done; the target's operations
+//! through the session's [`Target`] (into the same batch when it is on this node; on its
+//! node first otherwise: they are idempotent, and a registration nobody uses is released
+//! when the command fails). The command's gates are held throughout.
 
+use super::session_core::{self, Effect};
 use super::*;
 use crate::store::VolumeChanges;
-use std::collections::BTreeSet;
 
 impl<E: Engine> Sessions<E> {
     /// Carries out a session command: checks it against the state table and the volumes,
@@ -331,154 +334,86 @@ impl<E: Engine> Sessions<E> {
             ));
         }
         let id = self.next_id();
-        let partner = match &remote {
+        let (track_size_bytes, track_count) = match &remote {
             None => {
                 let target = self.store.volume(target)?;
                 self.check_pair(command, &source, &target)?;
-                for extent in &extents {
-                    if extent.last >= target.track_count() {
-                        return Err(Error::ExtentOutOfRange {
-                            name: target.name.clone(),
-                            extent: *extent,
-                            last_track: target.track_count() - 1,
-                        });
-                    }
-                }
-                Partner::Local(target)
+                (target.track_size_bytes, target.track_count())
             }
-            Some(remote) => {
-                // The destination's node takes the volume for this session first; it
-                // refuses one that already takes part in a session there.
-                let (track_size_bytes, track_count) =
-                    self.register_remote(id, SessionKind::Clone, &source, remote)?;
-                let problem = if track_size_bytes != source.track_size_bytes {
-                    Some(format!(
-                        "track sizes differ ({} and {track_size_bytes} bytes): create the destination with --track-size {}",
-                        source.track_size_bytes, source.track_size_bytes
-                    ))
-                } else {
-                    extents
-                        .iter()
-                        .find(|extent| extent.last >= track_count)
-                        .map(|extent| {
-                            format!(
-                                "the destination has {track_count} tracks; extent {}-{} does not fit",
-                                extent.first, extent.last
-                            )
-                        })
-                };
-                if let Some(problem) = problem {
-                    let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
-                    return Err(refused(command, &session, problem));
-                }
-                Partner::Remote(remote.clone())
-            }
+            // The destination's node takes the volume for this session first; it refuses
+            // one that already takes part in a session there.
+            Some(remote) => self.register_remote(id, SessionKind::Clone, &source, remote)?,
         };
-        let release = |error: Error| {
-            if let Some(remote) = &remote {
-                let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
-            }
-            error
-        };
-        let mut changes = VolumeChanges::new();
-        // Slots first: a 17th session fails here, before anything else changes. A clone's
-        // slots are not marked by host writes: its driver moves their bits itself.
-        let slot = changes.allocate_slot(&source).map_err(release)?;
-        let precopy_slot = if *precopy {
-            Some(changes.allocate_slot(&source).map_err(release)?)
+        let release = |error: Error| self.release_registration(id, remote.as_ref(), error);
+        let problem = if track_size_bytes != source.track_size_bytes {
+            Some(format!(
+                "track sizes differ ({} and {track_size_bytes} bytes): create the destination with --track-size {}",
+                source.track_size_bytes, source.track_size_bytes
+            ))
         } else {
-            None
+            extents
+                .iter()
+                .find(|extent| extent.last >= track_count)
+                .map(|extent| {
+                    format!(
+                        "the destination has {track_count} tracks; extent {}-{} does not fit",
+                        extent.first, extent.last
+                    )
+                })
         };
-        // The destination's lists before the source's: a copy must never find a source
-        // bit whose destination track is not marked missing. Here that holds by the one
-        // batch; a destination on another node marks them before the batch is written.
-        match &partner {
-            Partner::Local(target) => {
-                for extent in &extents {
-                    changes.change_bits(target, Bits::Invalid, *extent, true)?;
-                }
-                changes.set_readiness(target, Readiness::NotReady)?;
-                // The clone replaces the destination's data: it is no longer a snapshot.
-                changes.forget_snapshot_origin(target)?;
-            }
-            Partner::Remote(remote) => {
-                crate::failpoints::hit("node::clone-create::before-mark-invalid")
-                    .map_err(release)?;
-                self.remote_call(
-                    remote,
-                    TargetOperation::MarkInvalid {
-                        session: id,
-                        extents: extents.clone(),
-                    },
-                )
-                .map_err(release)?;
-                self.remote_call(
-                    remote,
-                    TargetOperation::SetReadiness {
-                        session: id,
-                        readiness: Readiness::NotReady,
-                    },
-                )
-                .map_err(release)?;
-            }
+        if let Some(problem) = problem {
+            return Err(release(refused(command, &session, problem)));
         }
-        for extent in &extents {
-            changes.change_bits(&source, Bits::Session(slot), *extent, true)?;
-        }
-        let tracks_total = extents
-            .iter()
-            .map(|extent| extent.last - extent.first + 1)
-            .sum();
-        let record = SessionRecord {
+        let facts = self.base_facts(&source);
+        let decision = session_core::create_clone(
             id,
-            kind: SessionKind::Clone,
-            source: source.name.clone(),
-            target: target.clone(),
-            state: if *precopy {
-                SessionState::Precopying
-            } else {
-                SessionState::Created
-            },
-            mode: MirrorMode::default(),
-            slot,
-            precopy_slot,
+            &source.name,
+            target,
             extents,
-            created_unix_seconds: now_unix_seconds(),
-            split_sequence: 0,
-            split_when_synchronized: false,
-            progress: Progress::start(tracks_total),
-            tracks_copied_last: 0,
-            rate_limit_mebibytes_per_second: None,
-            error: None,
-            remote: remote.clone(),
-            last_error: None,
-            strict: false,
-            target_timeout_milliseconds: TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
-            resume_state: None,
-        };
-        self.commit(changes, id, Some(&record)).map_err(release)?;
+            *precopy,
+            remote.clone(),
+            &facts,
+            now_unix_seconds(),
+        )
+        .map_err(|refusal| release(self.refusal(command, &session, &source, refusal)))?;
+        let record = decision.record.clone().expect("a new session");
+        let target = self.target_of(&record).map_err(release)?;
+        self.execute(id, decision, &source, &*target)
+            .map_err(release)?;
         tracing::info!(session = record.id, source = %record.source, target = %record.target, precopy, "clone created");
         Ok(())
     }
 
-    /// The session restoring `standard`, if one is.
-    pub(super) fn restoring(&self, standard: &str) -> Option<String> {
-        self.table
-            .lock()
-            .sessions
-            .values()
-            .find(|live| {
-                live.record.source == standard && live.record.state == SessionState::Restoring
-            })
-            .map(|live| live.record.describe())
+    /// A new session's command failed after its target on another node registered it:
+    /// the registration nobody uses is released (best effort: the target's node also lets
+    /// this node replace it with its next session there).
+    fn release_registration(
+        &self,
+        id: SessionId,
+        remote: Option<&RemoteVolume>,
+        error: Error,
+    ) -> Error {
+        if let Some(remote) = remote {
+            let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
+        }
+        error
     }
 
-    pub(super) fn involves_as_source(&self, name: &str) -> bool {
-        self.table
-            .lock()
-            .sessions
-            .values()
-            .any(|live| live.record.source == name)
+    /// A refusal of the session core as this crate's error.
+    fn refusal(
+        &self,
+        command: &SessionCommand,
+        session: &str,
+        source: &Volume,
+        refusal: session_core::Refusal,
+    ) -> Error {
+        match refusal {
+            session_core::Refusal::Reason(reason) => refused(command, session, reason),
+            session_core::Refusal::SlotsExhausted => Error::SessionSlotsExhausted {
+                name: source.name.clone(),
+                slots_max: crate::bitmap::SESSION_SLOTS_MAX,
+            },
+        }
     }
 
     fn mirror_establish(
@@ -510,7 +445,7 @@ impl<E: Engine> Sessions<E> {
             .lock()
             .find_by_target(SessionKind::Mirror, bcv)
             .map(|live| live.record.clone());
-        if let Some(mut record) = existing {
+        if let Some(record) = existing {
             // Seed 002: an establish of a known pair reuses its session.
             if record.source != *standard {
                 return Err(refused(
@@ -522,10 +457,12 @@ impl<E: Engine> Sessions<E> {
                     ),
                 ));
             }
-            record.mode = *mode;
-            record.strict = *strict;
-            record.target_timeout_milliseconds = target_timeout_milliseconds;
-            self.carry_out(command, record)?;
+            let (mode, strict) = (*mode, *strict);
+            self.carry_out_adjusted(command, record, |record| {
+                record.mode = mode;
+                record.strict = strict;
+                record.target_timeout_milliseconds = target_timeout_milliseconds;
+            })?;
             return Ok(());
         }
         let standard = self.store.volume(standard)?;
@@ -544,6 +481,8 @@ impl<E: Engine> Sessions<E> {
                 (remote.volume.clone(), track_size_bytes, track_count)
             }
         };
+        let release = |error: Error| self.release_registration(id, remote.as_ref(), error);
+        let session = format!("{} -> {bcv_name}", standard.name);
         let problem = if bcv_track_size != standard.track_size_bytes {
             Some(format!(
                 "track sizes differ ({} and {bcv_track_size} bytes): create the BCV with --track-size {}",
@@ -557,59 +496,27 @@ impl<E: Engine> Sessions<E> {
         } else {
             None
         };
-        let release = |error: Error| {
-            if let Some(remote) = &remote {
-                let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
-            }
-            error
-        };
         if let Some(problem) = problem {
-            return Err(release(refused(
-                command,
-                &format!("{} -> {bcv_name}", standard.name),
-                problem,
-            )));
+            return Err(release(refused(command, &session, problem)));
         }
-        let partner = match &remote {
-            None => Partner::Local(self.store.volume(bcv)?),
-            Some(remote) => Partner::Remote(remote.clone()),
-        };
-        let mut changes = VolumeChanges::new();
-        let slot = changes.allocate_slot(&standard).map_err(release)?;
-        let record = SessionRecord {
+        let facts = self.base_facts(&standard);
+        let decision = session_core::establish_pair(
             id,
-            kind: SessionKind::Mirror,
-            source: standard.name.clone(),
-            target: bcv_name,
-            state: SessionState::Split,
-            mode: *mode,
-            slot,
-            precopy_slot: None,
-            extents: vec![standard.whole()],
-            created_unix_seconds: now_unix_seconds(),
-            split_sequence: 0,
-            split_when_synchronized: false,
-            progress: Progress::default(),
-            tracks_copied_last: 0,
-            rate_limit_mebibytes_per_second: None,
-            error: None,
-            remote: remote.clone(),
-            last_error: None,
-            strict: *strict,
+            command,
+            &standard.name,
+            &bcv_name,
+            *mode,
+            *strict,
             target_timeout_milliseconds,
-            resume_state: None,
-        };
-        if let Partner::Local(bcv) = &partner {
-            // The mirror replaces the BCV's data: it is no longer a snapshot.
-            changes.forget_snapshot_origin(bcv)?;
-        }
-        // A new pair starts as if split with everything changed: establishing it is then
-        // the same path as re-establishing a known pair.
-        let record = self
-            .change(&mut changes, command, record, &standard, &partner)
-            .map_err(release)?
-            .expect("establish keeps the session");
-        self.commit(changes, id, Some(&record)).map_err(release)?;
+            remote.clone(),
+            &facts,
+            now_unix_seconds(),
+        )
+        .map_err(|refusal| release(self.refusal(command, &session, &standard, refusal)))?;
+        let record = decision.record.clone().expect("a new session");
+        let target = self.target_of(&record).map_err(release)?;
+        self.execute(id, decision, &standard, &*target)
+            .map_err(release)?;
         tracing::info!(session = record.id, standard = %record.source, bcv = %record.target, "mirror established");
         Ok(())
     }
@@ -637,14 +544,9 @@ impl<E: Engine> Sessions<E> {
         };
         let bcv = record.target.clone();
         let reestablish = SessionCommand::MirrorReestablish { bcv: bcv.clone() };
-        let source = self.store.volume(&record.source)?;
-        let partner = self.partner(&record)?;
-        let mut changes = VolumeChanges::new();
-        let mut record = self
-            .change(&mut changes, &reestablish, record, &source, &partner)?
-            .expect("reestablish keeps the session");
-        record.split_when_synchronized = true;
-        self.commit(changes, record.id, Some(&record))?;
+        self.carry_out_adjusted(&reestablish, record, |record| {
+            record.split_when_synchronized = true;
+        })?;
         Ok(bcv)
     }
 
@@ -656,249 +558,212 @@ impl<E: Engine> Sessions<E> {
         command: &SessionCommand,
         record: SessionRecord,
     ) -> Result<Option<SessionRecord>> {
+        self.carry_out_adjusted(command, record, |_| {})
+    }
+
+    /// [`Sessions::carry_out`] with a change of the record the command itself does not
+    /// make (an establish's new options, a rotation's split to come).
+    fn carry_out_adjusted(
+        &self,
+        command: &SessionCommand,
+        record: SessionRecord,
+        adjust: impl FnOnce(&mut SessionRecord),
+    ) -> Result<Option<SessionRecord>> {
         let id = record.id;
         let source = self.store.volume(&record.source)?;
-        let partner = self.partner(&record)?;
-        let mut changes = VolumeChanges::new();
-        let outcome = self.change(&mut changes, command, record, &source, &partner)?;
-        self.commit(changes, id, outcome.as_ref())?;
+        let target = self.target_of(&record)?;
+        let facts = self.facts(command, &record, &source, &*target)?;
+        let describe = record.describe();
+        let mut decision = session_core::decide(command, record, &facts)
+            .map_err(|refusal| self.refusal(command, &describe, &source, refusal))?;
+        if let Some(record) = decision.record.as_mut() {
+            adjust(record);
+        }
+        let outcome = decision.record.clone();
+        self.execute(id, decision, &source, &*target)?;
+        if outcome.is_none() {
+            tracing::info!(session = id, command = command.name(), "session ended");
+        }
         Ok(outcome)
     }
 
-    /// The effects of a command on an existing session, added to `changes` (a target on
-    /// another node is told first); `None` when it ends the session.
-    fn change<'a>(
+    /// The facts every command needs: the source's extent, slots and marks.
+    fn base_facts(&self, source: &Volume) -> session_core::Facts {
+        let slots_all = (1u32 << crate::bitmap::SESSION_SLOTS_MAX) - 1;
+        let marks = VolumeChanges::new()
+            .marks(source)
+            .map(|marks| marks.pending)
+            .unwrap_or(0);
+        session_core::Facts {
+            free_slots: !self.store.session_slots(source) & slots_all as u16,
+            attached_slots: marks,
+            source_ready: source.readiness() != Readiness::NotReady,
+            ..session_core::Facts::new(source.whole())
+        }
+    }
+
+    /// What the session core needs to decide `command`, read under the session's gates:
+    /// only the bitmaps and target queries the command uses.
+    fn facts(
         &self,
-        changes: &mut VolumeChanges<'a>,
         command: &SessionCommand,
-        mut record: SessionRecord,
-        source: &'a Volume,
-        partner: &'a Partner,
-    ) -> Result<Option<SessionRecord>> {
-        let transition = match command {
-            SessionCommand::ClonePrecopy { .. } => Transition::Precopy,
-            SessionCommand::CloneActivate { .. } => Transition::Activate,
-            SessionCommand::CloneTerminate { .. } => Transition::Terminate,
-            SessionCommand::CloneCancel { .. } => Transition::Cancel,
-            SessionCommand::MirrorEstablish { .. } => Transition::Establish,
-            SessionCommand::MirrorSplit { .. } => Transition::Split,
-            SessionCommand::MirrorReestablish { .. } => Transition::Reestablish,
-            SessionCommand::MirrorRestore { .. } => Transition::Restore,
-            SessionCommand::MirrorCancel { .. } => Transition::Cancel,
-            SessionCommand::CloneCreate { .. }
-            | SessionCommand::MirrorRotate { .. }
-            | SessionCommand::SetRate { .. } => unreachable!("handled by command"),
-        };
-        let next = next_state(record.kind, record.state, transition)
-            .map_err(|reason| refused(command, &record.describe(), reason))?;
-        let whole = source.whole();
+        record: &SessionRecord,
+        source: &Volume,
+        target: &dyn Target,
+    ) -> Result<session_core::Facts> {
+        let needs = session_core::needs(command);
+        let mut facts = self.base_facts(source);
+        if needs.changed {
+            facts.changed = self.tracks_with(source, Bits::Session(record.slot))?;
+        }
+        if needs.pending {
+            facts.pending = self.tracks_with(source, Bits::Pending(record.slot))?;
+        }
+        let mut scratch = VolumeChanges::new();
+        if needs.target_changed {
+            let answer = target.apply(
+                &mut scratch,
+                TargetOperation::ChangedTracks { session: record.id },
+            )?;
+            facts.target_changed = target::tracks_answer(target, answer)?;
+        }
+        if needs.target_invalid {
+            let answer = target.apply(
+                &mut scratch,
+                TargetOperation::CountInvalid { session: record.id },
+            )?;
+            facts.target_invalid = target::count_answer(target, answer)?;
+        }
+        if needs.target_answers {
+            // A suspended session's target did not answer; the others are asked, no
+            // longer than the session's target timeout.
+            facts.target_answers = record.state != SessionState::Suspended
+                && target.answers(Duration::from_millis(record.target_timeout_milliseconds));
+        }
+        let table = self.table.lock();
+        facts.others = table
+            .sessions
+            .values()
+            .filter(|live| live.record.source == record.source && live.record.id != record.id)
+            .map(|live| live.record.clone())
+            .collect();
+        facts.split_sequence_max = table
+            .sessions
+            .values()
+            .map(|live| live.record.split_sequence)
+            .max()
+            .unwrap_or(0);
+        Ok(facts)
+    }
+
+    /// Carries out the session core's decision: the effects in order — a change of the
+    /// source into one batch, an operation of the target through the session's
+    /// [`Target`] — then the batch with the session's new record (or its removal).
+    fn execute(
+        &self,
+        id: SessionId,
+        decision: session_core::Decision,
+        source: &Volume,
+        target: &dyn Target,
+    ) -> Result<()> {
         crate::failpoints::hit("node::session::change")?;
-        match command {
-            SessionCommand::ClonePrecopy { .. } => {
-                if record.precopy_slot.is_none() {
-                    record.precopy_slot = Some(changes.allocate_slot(source)?);
+        let mut changes = VolumeChanges::new();
+        for effect in decision.effects {
+            match effect {
+                Effect::Drain => self.drain(id, source, target)?,
+                Effect::TakeSlot(slot) => changes.take_slot(source, slot)?,
+                Effect::FreeSlot(slot) => changes.free_slot(source, slot)?,
+                Effect::SourceBits { bits, extents, set } => {
+                    for extent in extents {
+                        changes.change_bits(source, bits, extent, set)?;
+                    }
                 }
-                // The clone's total stays: a precopy moves the tracks it counted.
+                Effect::SourceMarks {
+                    slot,
+                    changed,
+                    pending,
+                } => {
+                    let mut marks = changes.marks(source)?;
+                    for (mark, value) in
+                        [(&mut marks.changed, changed), (&mut marks.pending, pending)]
+                    {
+                        match value {
+                            Some(true) => *mark |= 1 << slot,
+                            Some(false) => *mark &= !(1 << slot),
+                            None => {}
+                        }
+                    }
+                    changes.set_marks(source, marks)?;
+                }
+                Effect::TargetTakeOver => target.take_over(&mut changes)?,
+                Effect::Target(operation) => {
+                    target.apply(&mut changes, operation)?;
+                }
+                Effect::ReleaseLater(remote) => {
+                    // The release owed to the target's node goes in the batch that ends
+                    // the session; the copier delivers it when that node answers.
+                    changes.put(
+                        Space::Meta,
+                        suspend::unregister_key(id),
+                        protocol::codec::encode(&remote)?,
+                    );
+                    tracing::warn!(session = id, node = %remote.node, volume = %remote.volume, "session ended while its target's node does not answer; that node releases the volume when it answers again");
+                }
             }
-            SessionCommand::CloneActivate { .. } => {
-                // Seed 001 FIG. 8: a precopied track needs no further copy.
-                if let Some(slot) = record.precopy_slot {
-                    changes.change_bits(source, Bits::Session(slot), whole, false)?;
-                }
-                self.target_readiness(changes, record.id, partner, Readiness::Ready)?;
-                record.tracks_copied_last = 0;
-                // The clone's total stays: what the precopy moved counts as copied.
-            }
-            SessionCommand::CloneTerminate { .. } => {
-                if let Partner::Remote(remote) = partner {
-                    self.remote_call(remote, TargetOperation::Unregister { session: record.id })?;
-                }
-                changes.free_slot(source, record.slot)?;
-                if let Some(slot) = record.precopy_slot {
-                    changes.free_slot(source, slot)?;
-                }
-                tracing::info!(session = record.id, "clone terminated");
-                return Ok(None);
-            }
-            SessionCommand::CloneCancel { .. } => {
-                self.cancel_clone(changes, &record, source, partner)?;
-                return Ok(None);
-            }
-            SessionCommand::MirrorEstablish { .. } => {
-                // Seed 002 step 114: every track changed; step 110: every track to copy.
-                changes.change_bits(source, Bits::Session(record.slot), whole, true)?;
-                changes.change_bits(source, Bits::Pending(record.slot), whole, true)?;
-                self.attach(changes, &record, source, partner)?;
-                record.progress = Progress::start(source.track_count());
-                record.tracks_copied_last = 0;
-                record.split_when_synchronized = false;
-            }
-            SessionCommand::MirrorReestablish { .. } => {
-                // Seed 002 FIG. 6: copy what changed on either side. A track the BCV's
-                // hosts changed also counts as changed since the split, so a cascade
-                // below the BCV gets it at the next differential split.
-                let mut bcv_changed = self.partner_changed_tracks(record.id, partner)?;
-                bcv_changed.retain(|track| *track <= whole.last);
-                let changed: BTreeSet<u64> = self
-                    .tracks_with(source, Bits::Session(record.slot))?
-                    .into_iter()
-                    .chain(bcv_changed.iter().copied())
-                    .collect();
-                let pending: BTreeSet<u64> = self
-                    .tracks_with(source, Bits::Pending(record.slot))?
-                    .into_iter()
-                    .chain(changed.iter().copied())
-                    .collect();
-                for run in runs(&bcv_changed) {
-                    changes.change_bits(source, Bits::Session(record.slot), run, true)?;
-                }
-                for run in runs(&changed.iter().copied().collect::<Vec<_>>()) {
-                    changes.change_bits(source, Bits::Pending(record.slot), run, true)?;
-                }
-                self.attach(changes, &record, source, partner)?;
-                // Host IO is held off: these are exactly the tracks this copy moves.
-                record.progress = Progress::start(pending.len() as u64);
-                record.tracks_copied_last = 0;
-                record.split_when_synchronized = false;
-            }
-            SessionCommand::MirrorSplit { differential, .. } => {
-                if let Some(restoring) = self.restoring(&record.source) {
-                    return Err(refused(
-                        command,
-                        &record.describe(),
-                        format!("{restoring} is restoring the standard; split once it is done"),
-                    ));
-                }
-                self.drain(&record, source, partner)?;
-                self.split(changes, &record, source, partner, *differential)?;
-                let sequence = self
-                    .table
-                    .lock()
-                    .sessions
-                    .values()
-                    .map(|live| live.record.split_sequence)
-                    .max()
-                    .unwrap_or(0)
-                    + 1;
-                record.split_sequence = sequence;
-                record.split_when_synchronized = false;
-            }
-            SessionCommand::MirrorRestore { incremental, .. } => {
-                let total =
-                    self.restore(changes, command, &record, source, partner, *incremental)?;
-                record.progress = Progress::start(total);
-                record.tracks_copied_last = 0;
-            }
-            SessionCommand::MirrorCancel { .. } => {
-                if self.cancel_unanswered(changes, &record, source)? {
-                    return Ok(None);
-                }
-                self.target_tracking(changes, record.id, partner, false)?;
-                if record.state == SessionState::Synchronized {
-                    // The BCV holds the standard's whole image: give it to its hosts.
-                    self.target_readiness(changes, record.id, partner, Readiness::Ready)?;
-                }
-                if let Partner::Remote(remote) = partner {
-                    self.remote_call(remote, TargetOperation::Unregister { session: record.id })?;
-                }
-                changes.free_slot(source, record.slot)?;
-                tracing::info!(session = record.id, "mirror cancelled");
-                return Ok(None);
-            }
-            _ => unreachable!("handled above"),
         }
-        record.state = next.expect("only terminate and cancel end a session");
-        record.error = None;
-        Ok(Some(record))
+        self.commit(changes, id, decision.record.as_ref())
     }
 
-    /// The target's readiness: in the command's batch when the target is here, at once
-    /// on its node otherwise.
-    fn target_readiness<'a>(
-        &self,
-        changes: &mut VolumeChanges<'a>,
-        session: SessionId,
-        target: &'a Partner,
-        readiness: Readiness,
-    ) -> Result<()> {
-        match target {
-            Partner::Local(volume) => changes.set_readiness(volume, readiness),
-            Partner::Remote(remote) => self
-                .remote_call(remote, TargetOperation::SetReadiness { session, readiness })
-                .map(drop),
+    /// Copies what an async mirror has not shipped yet, with host IO held off: a split
+    /// must give the BCV the standard's image at the instant of the split.
+    fn drain(&self, id: SessionId, standard: &Volume, bcv: &dyn Target) -> Result<()> {
+        let slot = self
+            .table
+            .lock()
+            .sessions
+            .get(&id)
+            .map(|live| live.record.slot)
+            .ok_or_else(|| Error::SessionNotFound {
+                kind: "mirror".to_string(),
+                volume: format!("session {id}"),
+                role: "BCV".to_string(),
+            })?;
+        for track in self.tracks_with(standard, Bits::Pending(slot))? {
+            self.ship(
+                id,
+                standard,
+                bcv,
+                track,
+                &[BitChange {
+                    volume: standard,
+                    bits: Bits::Pending(slot),
+                    track,
+                    set: false,
+                }],
+                Durability::Synced,
+            )?;
         }
+        self.store.flush()
     }
 
-    /// Turns the tracking of the target's host writes on or off, clearing what it held:
-    /// in the command's batch when the target is here, at once on its node otherwise.
-    fn target_tracking<'a>(
-        &self,
-        changes: &mut VolumeChanges<'a>,
-        session: SessionId,
-        target: &'a Partner,
-        tracking: bool,
-    ) -> Result<()> {
-        match target {
-            Partner::Local(volume) => changes.set_target_tracking(volume, tracking),
-            Partner::Remote(remote) => self
-                .remote_call(remote, TargetOperation::TrackChanges { session, tracking })
-                .map(drop),
-        }
+    /// The session restoring `standard`, if one is.
+    pub(super) fn restoring(&self, standard: &str) -> Option<String> {
+        self.table
+            .lock()
+            .sessions
+            .values()
+            .find(|live| {
+                live.record.source == standard && live.record.state == SessionState::Restoring
+            })
+            .map(|live| live.record.describe())
     }
 
-    /// Undoes a clone that was never activated: its destination never went to hosts, so
-    /// nothing depends on what it holds. The destination's invalid bits stood for tracks
-    /// this clone owed it; owed by nobody now, they are cleared, so no later session takes
-    /// them for a clone's missing tracks. The destination stays not-ready with partial
-    /// contents until something overwrites it or it is deleted; the source's slots (and
-    /// their bits) are freed.
-    fn cancel_clone<'a>(
-        &self,
-        changes: &mut VolumeChanges<'a>,
-        record: &SessionRecord,
-        source: &'a Volume,
-        destination: &'a Partner,
-    ) -> Result<()> {
-        match destination {
-            Partner::Local(destination) => {
-                for extent in &record.extents {
-                    changes.change_bits(destination, Bits::Invalid, *extent, false)?;
-                }
-            }
-            Partner::Remote(remote) => {
-                self.remote_call(
-                    remote,
-                    TargetOperation::ClearInvalid {
-                        session: record.id,
-                        extents: record.extents.clone(),
-                    },
-                )?;
-                self.remote_call(remote, TargetOperation::Unregister { session: record.id })?;
-            }
-        }
-        changes.free_slot(source, record.slot)?;
-        if let Some(slot) = record.precopy_slot {
-            changes.free_slot(source, slot)?;
-        }
-        tracing::info!(session = record.id, source = %record.source, target = %record.target, "clone cancelled; the destination stays not-ready with partial contents");
-        Ok(())
-    }
-
-    /// Connects a BCV to its standard: host writes mark the session changed and pending,
-    /// the BCV is not ready to its own hosts, and its own writes are no longer tracked.
-    fn attach<'a>(
-        &self,
-        changes: &mut VolumeChanges<'a>,
-        record: &SessionRecord,
-        standard: &'a Volume,
-        bcv: &'a Partner,
-    ) -> Result<()> {
-        let mut marks = changes.marks(standard)?;
-        marks.changed |= 1 << record.slot;
-        marks.pending |= 1 << record.slot;
-        self.target_readiness(changes, record.id, bcv, Readiness::NotReady)?;
-        self.target_tracking(changes, record.id, bcv, false)?;
-        changes.set_marks(standard, marks)
+    pub(super) fn involves_as_source(&self, name: &str) -> bool {
+        self.table
+            .lock()
+            .sessions
+            .values()
+            .any(|live| live.record.source == name)
     }
 
     /// Every track of `volume` whose chosen bit is set, in order.
@@ -910,71 +775,6 @@ impl<E: Engine> Sessions<E> {
                 true
             })?;
         Ok(tracks)
-    }
-
-    /// Copies what an async mirror has not shipped yet, with host IO held off: a split
-    /// must give the BCV the standard's image at the instant of the split.
-    fn drain(&self, record: &SessionRecord, standard: &Volume, bcv: &Partner) -> Result<()> {
-        for track in self.tracks_with(standard, Bits::Pending(record.slot))? {
-            self.ship(
-                record.id,
-                standard,
-                bcv,
-                track,
-                &[BitChange {
-                    volume: standard,
-                    bits: Bits::Pending(record.slot),
-                    track,
-                    set: false,
-                }],
-                Durability::Synced,
-            )?;
-        }
-        self.store.flush()
-    }
-
-    /// Seed 002 FIG. 5: detach the BCV with the image of this instant, mark its own
-    /// downstream sessions (all tracks, or with `differential` those changed since the
-    /// last split), clear the session's changed bits and give the BCV to its hosts.
-    fn split<'a>(
-        &self,
-        changes: &mut VolumeChanges<'a>,
-        record: &SessionRecord,
-        standard: &'a Volume,
-        bcv: &'a Partner,
-        differential: bool,
-    ) -> Result<()> {
-        let tracks = if differential {
-            Some(self.tracks_with(standard, Bits::Session(record.slot))?)
-        } else {
-            None
-        };
-        match bcv {
-            Partner::Local(volume) => {
-                self.mark_downstream_into(changes, volume, tracks.as_deref())?
-            }
-            Partner::Remote(remote) => {
-                self.remote_call(
-                    remote,
-                    TargetOperation::MarkDownstream {
-                        session: record.id,
-                        tracks,
-                    },
-                )?;
-            }
-        }
-        changes.change_bits(
-            standard,
-            Bits::Session(record.slot),
-            standard.whole(),
-            false,
-        )?;
-        let mut marks = changes.marks(standard)?;
-        marks.pending &= !(1 << record.slot);
-        changes.set_marks(standard, marks)?;
-        self.target_tracking(changes, record.id, bcv, true)?;
-        self.target_readiness(changes, record.id, bcv, Readiness::Ready)?;
-        Ok(())
     }
 
     /// Marks the mirrors whose standard is `volume` changed (and pending, when attached)
@@ -998,7 +798,7 @@ impl<E: Engine> Sessions<E> {
         let marks = changes.marks(volume)?;
         let extents = match tracks {
             None => vec![volume.whole()],
-            Some(tracks) => runs(tracks),
+            Some(tracks) => session_core::runs(tracks),
         };
         for slot in downstream {
             let attached = marks.pending & (1 << slot) != 0;
@@ -1010,146 +810,5 @@ impl<E: Engine> Sessions<E> {
             }
         }
         Ok(())
-    }
-
-    /// Seed 002 FIGS. 7 and 8: the standard's tracks to restore become invalid (a host
-    /// access pulls them from the BCV first), this session's changed bits clear, and every
-    /// other mirror of the standard gets the restored tracks marked changed. Returns the
-    /// number of tracks to restore.
-    fn restore<'a>(
-        &self,
-        changes: &mut VolumeChanges<'a>,
-        command: &SessionCommand,
-        record: &SessionRecord,
-        standard: &'a Volume,
-        bcv: &'a Partner,
-        incremental: bool,
-    ) -> Result<u64> {
-        let invalid = self.partner_invalid_count(record.id, bcv)?;
-        if invalid > 0 {
-            return Err(refused(
-                command,
-                &record.describe(),
-                format!("the BCV has {invalid} invalid tracks (it is still being filled by a clone); restore from a complete BCV"),
-            ));
-        }
-        if standard.readiness() == Readiness::NotReady {
-            return Err(refused(
-                command,
-                &record.describe(),
-                "the standard volume is not ready; make it ready first",
-            ));
-        }
-        let others: Vec<SessionRecord> = self
-            .table
-            .lock()
-            .sessions
-            .values()
-            .filter(|live| live.record.source == standard.name && live.record.id != record.id)
-            .map(|live| live.record.clone())
-            .collect();
-        if let Some(clone) = others
-            .iter()
-            .find(|other| other.kind == SessionKind::Clone && other.state != SessionState::Copied)
-        {
-            return Err(refused(
-                command,
-                &record.describe(),
-                format!(
-                    "the standard is the source of {}, which still needs its point-in-time data; let it finish first",
-                    clone.describe()
-                ),
-            ));
-        }
-        if let Some(restoring) = others
-            .iter()
-            .find(|other| other.state == SessionState::Restoring)
-        {
-            return Err(refused(
-                command,
-                &record.describe(),
-                format!(
-                    "the standard is already being restored by {}",
-                    restoring.describe()
-                ),
-            ));
-        }
-        let extents = if incremental {
-            // Seed 002 FIG. 8, steps 202-203: changed on the BCV or on the standard.
-            let mut tracks: BTreeSet<u64> = self
-                .partner_changed_tracks(record.id, bcv)?
-                .into_iter()
-                .filter(|track| *track <= standard.whole().last)
-                .collect();
-            tracks.extend(self.tracks_with(standard, Bits::Session(record.slot))?);
-            runs(&tracks.into_iter().collect::<Vec<_>>())
-        } else {
-            vec![standard.whole()]
-        };
-        // No track of a ready standard is invalid, so these are the tracks to restore.
-        let total = extents
-            .iter()
-            .map(|extent| extent.last - extent.first + 1)
-            .sum();
-        let standard_marks = changes.marks(standard)?;
-        for extent in &extents {
-            changes.change_bits(standard, Bits::Invalid, *extent, true)?;
-        }
-        for other in others
-            .iter()
-            .filter(|other| other.kind == SessionKind::Mirror)
-        {
-            let attached = standard_marks.pending & (1 << other.slot) != 0;
-            for extent in &extents {
-                changes.change_bits(standard, Bits::Session(other.slot), *extent, true)?;
-                if attached {
-                    changes.change_bits(standard, Bits::Pending(other.slot), *extent, true)?;
-                }
-            }
-        }
-        // The changed bit of this session stays clear after the restore (seed: the
-        // restored session is "unchanged"), but host writes during the restore set it.
-        changes.change_bits(
-            standard,
-            Bits::Session(record.slot),
-            standard.whole(),
-            false,
-        )?;
-        // The BCV goes back to being the standard's mirror: not ready to its own hosts,
-        // host writes to the standard reach it once the restore is done.
-        self.attach(changes, record, standard, bcv)?;
-        Ok(total)
-    }
-}
-
-/// The runs of consecutive tracks in `tracks` (sorted, without repeats), as extents: a
-/// command marks a run with one bitmap operand per chunk instead of one per track.
-fn runs(tracks: &[u64]) -> Vec<Extent> {
-    let mut extents: Vec<Extent> = Vec::new();
-    for track in tracks {
-        match extents.last_mut() {
-            Some(run) if run.last + 1 == *track => run.last = *track,
-            _ => extents.push(Extent {
-                first: *track,
-                last: *track,
-            }),
-        }
-    }
-    extents
-}
-
-#[cfg(test)]
-mod tests {
-    use super::runs;
-    use protocol::messages::Extent;
-
-    #[test]
-    fn runs_join_consecutive_tracks() {
-        let extent = |first, last| Extent { first, last };
-        assert_eq!(runs(&[]), Vec::<Extent>::new());
-        assert_eq!(
-            runs(&[1, 2, 3, 7, 9, 10]),
-            vec![extent(1, 3), extent(7, 7), extent(9, 10)]
-        );
     }
 }

@@ -32,12 +32,15 @@ mod observe;
 mod record;
 pub mod remote;
 pub mod requests;
+pub mod session_core;
 pub mod suspend;
+pub mod target;
 pub mod workers;
 
 use self::core::{Progress, RateLimit, RecentRate, SourceWriteStep};
 use self::governor::{Governor, LatencyHistogram, GOVERNOR_WINDOW};
-use self::remote::{Partner, Registration, TargetLink};
+use self::remote::{Registration, TargetLink};
+use self::target::{LocalTarget, RemoteTarget, StoreOptions, Target};
 use crate::engine::{Batch, Durability, Engine, Space};
 use crate::store::{BitChange, Bits, Volume, VolumeStore};
 use crate::{Error, Result};
@@ -45,7 +48,7 @@ use parking_lot::{Mutex, MutexGuard};
 use protocol::messages::{Extent, Readiness};
 use protocol::session::{
     next_state, MirrorMode, PastError, RemoteVolume, SessionCommand, SessionId, SessionInfo,
-    SessionKind, SessionState, TargetAnswer, TargetOperation, Transition, CLONE_EXTENTS_MAX,
+    SessionKind, SessionState, TargetOperation, Transition, CLONE_EXTENTS_MAX,
     TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
 };
 use serde::{Deserialize, Serialize};
@@ -146,14 +149,7 @@ impl SessionRecord {
 
     /// Whether the copier has work in this state.
     fn copies(&self) -> bool {
-        matches!(
-            self.state,
-            SessionState::Precopying
-                | SessionState::Active
-                | SessionState::Syncing
-                | SessionState::Restoring
-                | SessionState::Synchronized
-        )
+        session_core::copies(self)
     }
 }
 
@@ -441,8 +437,10 @@ impl<E: Engine> Sessions<E> {
         self.store.engine().write(batch, Durability::Synced)
     }
 
-    /// The sessions a volume takes part in, with the other volume of each.
-    fn related(&self, volume: &Volume) -> Result<Vec<(SessionRecord, Partner)>> {
+    /// The sessions a volume takes part in, with the other side of each: the session's
+    /// target when the volume is its source, the source (here) when it is its target.
+    #[allow(clippy::type_complexity)]
+    fn related(&self, volume: &Volume) -> Result<Vec<(SessionRecord, Box<dyn Target + '_>)>> {
         let records: Vec<SessionRecord> = self
             .table
             .lock()
@@ -454,22 +452,34 @@ impl<E: Engine> Sessions<E> {
         records
             .into_iter()
             .map(|record| {
-                let partner = if record.source == volume.name {
-                    self.partner(&record)?
+                let other = if record.source == volume.name {
+                    self.target_of(&record)?
                 } else {
-                    Partner::Local(self.store.volume(&record.source)?)
+                    self.local_target(self.store.volume(&record.source)?)
                 };
-                Ok((record, partner))
+                Ok((record, other))
             })
             .collect()
     }
 
-    /// The session's target, here or on another node.
-    fn partner(&self, record: &SessionRecord) -> Result<Partner> {
-        match &record.remote {
-            Some(remote) => Ok(Partner::Remote(remote.clone())),
-            None => Ok(Partner::Local(self.store.volume(&record.target)?)),
-        }
+    /// The session's target, here or on another node: the one place that tells them
+    /// apart.
+    fn target_of(&self, record: &SessionRecord) -> Result<Box<dyn Target + '_>> {
+        Ok(match &record.remote {
+            Some(remote) => Box::new(RemoteTarget {
+                sessions: self,
+                remote: remote.clone(),
+                session: record.id,
+            }),
+            None => self.local_target(self.store.volume(&record.target)?),
+        })
+    }
+
+    fn local_target(&self, volume: Arc<Volume>) -> Box<dyn Target + '_> {
+        Box::new(LocalTarget {
+            sessions: self,
+            volume,
+        })
     }
 
     /// Whether an access to `volume` must first pull invalid tracks from `partner` for
@@ -495,7 +505,7 @@ impl<E: Engine> Sessions<E> {
     fn lock_tracks(
         &self,
         volume: &Volume,
-        related: &[(SessionRecord, Partner)],
+        related: &[(SessionRecord, Box<dyn Target + '_>)],
         first: u64,
         last: u64,
     ) -> Vec<MutexGuard<'_, ()>> {
@@ -503,37 +513,21 @@ impl<E: Engine> Sessions<E> {
         for track in first..=last {
             pairs.push((volume.id, track));
             // A remote target is locked by its own node when it stores the track.
-            for partner in related.iter().filter_map(|(_, partner)| partner.local()) {
-                pairs.push((partner.id, track));
+            for other in related.iter().filter_map(|(_, other)| other.here()) {
+                pairs.push((other.id, track));
             }
         }
         self.locks.lock(pairs)
     }
 
-    /// Copies one track from `from` to `to` with `bit_changes` in the target's batch.
-    fn copy_track(
-        &self,
-        from: &Volume,
-        to: &Volume,
-        track: u64,
-        bit_changes: &[BitChange<'_>],
-        durability: Durability,
-    ) -> Result<u64> {
-        let image = self.store.read_track_image(from, track)?;
-        self.store
-            .write_track_image(to, &image, bit_changes, durability)?;
-        metrics::counter!("tandem_copy_tracks_total").increment(1);
-        metrics::counter!("tandem_copy_bytes_total").increment(image.data.len() as u64);
-        Ok(image.data.len() as u64)
-    }
-
-    /// Pulls the invalid tracks among `first..=last` of `volume` from `partner` (copy on
-    /// first access, and a restore's reads). Track locks must be held.
+    /// Pulls the invalid tracks among `first..=last` of `volume` from `other` (copy on
+    /// first access from a clone's source, and a restore's reads from the BCV). Track
+    /// locks must be held.
     fn pull_invalid(
         &self,
         record: &SessionRecord,
         volume: &Volume,
-        partner: &Partner,
+        other: &dyn Target,
         first: u64,
         last: u64,
     ) -> Result<()> {
@@ -547,7 +541,9 @@ impl<E: Engine> Sessions<E> {
                 track,
                 set: false,
             }];
-            if let (SessionKind::Clone, Partner::Local(source)) = (record.kind, partner) {
+            // A clone's destination pulls from its source here: the track leaves the
+            // clone's to-copy list in the same write.
+            if let (SessionKind::Clone, Some(source)) = (record.kind, other.here()) {
                 changes.push(BitChange {
                     volume: source,
                     bits: Bits::Session(record.slot),
@@ -555,14 +551,11 @@ impl<E: Engine> Sessions<E> {
                     set: false,
                 });
             }
-            self.fetch(
-                record.id,
-                partner,
-                volume,
-                track,
-                &changes,
-                Durability::Logged,
-            )?;
+            let image = other.read(track)?;
+            self.store
+                .write_track_image(volume, &image, &changes, Durability::Logged)?;
+            metrics::counter!("tandem_copy_tracks_total").increment(1);
+            metrics::counter!("tandem_copy_bytes_total").increment(image.data.len() as u64);
             self.count_copied(record.id, 1);
         }
         Ok(())
@@ -626,8 +619,8 @@ impl<E: Engine> Sessions<E> {
         if !related.is_empty() && length > 0 {
             let (first, last) = Self::tracks_of(volume, offset, length);
             let _tracks = self.lock_tracks(volume, &related, first, last);
-            for (record, partner) in &related {
-                self.pull_invalid(record, volume, partner, first, last)?;
+            for (record, other) in &related {
+                self.pull_invalid(record, volume, &**other, first, last)?;
             }
         }
         self.store.read(volume, offset, length)
@@ -657,9 +650,9 @@ impl<E: Engine> Sessions<E> {
         let (first, last) = Self::tracks_of(volume, offset, length);
         let _tracks = self.lock_tracks(volume, &related, first, last);
         // The volume's own tracks must be valid before part of them is overwritten.
-        for (record, partner) in &related {
+        for (record, other) in &related {
             if Self::pulls_for(record, volume) {
-                self.pull_invalid(record, volume, partner, first, last)?;
+                self.pull_invalid(record, volume, &**other, first, last)?;
             }
         }
         // Clone sources: seed 001's rules for a write to a source track.
@@ -684,9 +677,9 @@ impl<E: Engine> Sessions<E> {
                 }
                 match step {
                     SourceWriteStep::Nothing => {}
-                    SourceWriteStep::Requeue => self.requeue(record, volume, target, track)?,
+                    SourceWriteStep::Requeue => self.requeue(record, volume, &**target, track)?,
                     SourceWriteStep::CopyFirst => {
-                        if self.copy_clone_track(record, volume, target, track)? > 0 {
+                        if self.copy_clone_track(record, volume, &**target, track)? {
                             self.count_copied(record.id, 1);
                         }
                     }
@@ -702,125 +695,70 @@ impl<E: Engine> Sessions<E> {
                 && record.state == SessionState::Synchronized
                 && record.mode == MirrorMode::Sync
             {
-                self.ship_host_write(record.id, volume, bcv, first, last, durability)?;
+                self.ship_host_write(record.id, volume, &**bcv, first, last, durability)?;
             }
         }
         Ok(())
     }
 
     /// Seed 001: a precopied track the host rewrites goes back on the clone list, and the
-    /// destination no longer holds it.
+    /// destination no longer holds it. A destination on another node forgets the track
+    /// first: a crash between the two leaves it invalid with the precopied image that
+    /// still is the source's (the host write comes after both), which a pull then
+    /// confirms.
     fn requeue(
         &self,
         record: &SessionRecord,
         source: &Volume,
-        target: &Partner,
+        target: &dyn Target,
         track: u64,
     ) -> Result<()> {
         let precopy_slot = record.precopy_slot.expect("precopied implies a slot");
-        let mut changes = vec![
-            BitChange {
-                volume: source,
-                bits: Bits::Session(record.slot),
-                track,
-                set: true,
+        let mut changes = crate::store::VolumeChanges::new();
+        target.apply(
+            &mut changes,
+            TargetOperation::MarkInvalid {
+                session: record.id,
+                extents: vec![Extent::new(track, track).expect("a single track")],
             },
-            BitChange {
-                volume: source,
-                bits: Bits::Session(precopy_slot),
-                track,
-                set: false,
-            },
-        ];
-        match target {
-            Partner::Local(target) => changes.push(BitChange {
-                volume: target,
-                bits: Bits::Invalid,
-                track,
-                set: true,
-            }),
-            // The destination forgets the track first: a crash between the two leaves
-            // it invalid with the precopied image that still is the source's (the host
-            // write comes after both), which a pull then confirms.
-            Partner::Remote(remote) => {
-                self.remote_call_for(
-                    record.id,
-                    remote,
-                    TargetOperation::MarkInvalid {
-                        session: record.id,
-                        extents: vec![Extent::new(track, track).expect("a single track")],
-                    },
-                )?;
-            }
-        }
-        self.store.change_track_bits(&changes, Durability::Logged)
+        )?;
+        let track_extent = Extent::new(track, track).expect("a single track");
+        changes.change_bits(source, Bits::Session(record.slot), track_extent, true)?;
+        changes.change_bits(source, Bits::Session(precopy_slot), track_extent, false)?;
+        self.store.commit_with(changes, Durability::Logged)
     }
 
-    /// Moves a clone's track to its destination unless a host has written it there since
-    /// (then the destination's data is newer and only the lists are updated). Returns the
-    /// bytes moved.
+    /// Copy before write: moves a clone's track to its destination unless a host has
+    /// written it there since (then the destination's data is newer and only the lists
+    /// are updated). Returns whether the track was stored. A host write waits for this:
+    /// bounded by the session's target timeout.
     fn copy_clone_track(
         &self,
         record: &SessionRecord,
         source: &Volume,
-        target: &Partner,
+        target: &dyn Target,
         track: u64,
-    ) -> Result<u64> {
-        let target = match target {
-            Partner::Local(target) => target,
-            Partner::Remote(remote) => {
-                let image = self.store.read_track_image(source, track)?;
-                // A host write waits for this: bounded by the session's target timeout.
-                let answer = self.remote_call_for(
-                    record.id,
-                    remote,
-                    TargetOperation::PutTrack {
-                        session: record.id,
-                        image,
-                        only_if_invalid: true,
-                        synced: false,
-                        background: false,
-                    },
-                )?;
-                let TargetAnswer::Stored(stored) = answer else {
-                    return Err(remote::unexpected(remote, &answer));
-                };
-                self.store.change_track_bits(
-                    &[BitChange {
-                        volume: source,
-                        bits: Bits::Session(record.slot),
-                        track,
-                        set: false,
-                    }],
-                    Durability::Logged,
-                )?;
-                return Ok(if stored {
-                    u64::from(source.track_size_bytes)
-                } else {
-                    0
-                });
-            }
-        };
-        let changes = [
-            BitChange {
-                volume: target,
-                bits: Bits::Invalid,
-                track,
-                set: false,
-            },
-            BitChange {
+    ) -> Result<bool> {
+        let image = self.store.read_track_image(source, track)?;
+        let bits = session_core::moved(record)
+            .into_iter()
+            .map(|(bits, set)| BitChange {
                 volume: source,
-                bits: Bits::Session(record.slot),
+                bits,
                 track,
-                set: false,
-            },
-        ];
-        if self.store.test_bit(target, Bits::Invalid, track)? {
-            self.copy_track(source, target, track, &changes, Durability::Logged)
-        } else {
-            self.store.change_track_bits(&changes, Durability::Logged)?;
-            Ok(0)
-        }
+                set,
+            })
+            .collect();
+        let options = StoreOptions {
+            only_if_invalid: true,
+            durability: Durability::Logged,
+            background: false,
+            timeout: Some(self.target_timeout(record.id)),
+        };
+        target
+            .store(vec![image], vec![bits], options)
+            .pop()
+            .expect("one answer per image")
     }
 
     /// One step of a session's background copy: up to [`COPY_STEP_TRACKS_MAX`] tracks
@@ -851,32 +789,22 @@ impl<E: Engine> Sessions<E> {
         // The session's volumes here, then the session as it is under their gates: a
         // command may have changed it while this step waited.
         let source = self.store.volume(&record.source)?;
-        let partner = self.partner(&record)?;
+        let target = self.target_of(&record)?;
         let _gates = self
             .gates
-            .shared(std::iter::once(source.id).chain(partner.local().map(|target| target.id)));
+            .shared(std::iter::once(source.id).chain(target.here().map(|target| target.id)));
         let (record, cursor) = match self.table.lock().sessions.get(&id) {
             Some(live) if live.record.copies() => (live.record.clone(), live.cursor),
             _ => return Ok(idle),
         };
-        // Which bits list the work, on which volume.
-        let (scan_volume, scan_bits) = match (record.kind, record.state) {
-            (SessionKind::Clone, _) => (&source, Bits::Session(record.slot)),
-            (SessionKind::Mirror, SessionState::Restoring) => (&source, Bits::Invalid),
-            (SessionKind::Mirror, _) => (&source, Bits::Pending(record.slot)),
+        // Which bits list the work, and which way it moves.
+        let Some((work_bits, direction)) = session_core::work(&record) else {
+            return Ok(idle);
         };
-        // Remote targets get a step's tracks at once, on parallel streams; a restore
-        // fetches track by track below.
-        let remote_forward = match (&partner, record.kind, record.state) {
-            (Partner::Remote(remote), _, state) if state != SessionState::Restoring => {
-                Some(remote.clone())
-            }
-            _ => None,
-        };
-        let step_tracks_max = if remote_forward.is_some() {
-            REMOTE_STEP_TRACKS_MAX
-        } else {
-            COPY_STEP_TRACKS_MAX
+        // A restore fetches track by track.
+        let step_tracks_max = match direction {
+            session_core::Direction::ToTarget => target.step_tracks_max(),
+            session_core::Direction::FromTarget => COPY_STEP_TRACKS_MAX,
         };
         // A slow copy moves in small steps, evenly spread: a burst of a whole step's
         // tracks would hold the processor and the disk from host IO for its length.
@@ -896,7 +824,7 @@ impl<E: Engine> Sessions<E> {
         // the next ones nobody has taken.
         let candidates = self
             .store
-            .next_set(scan_volume, scan_bits, cursor, step_tracks * 2)?;
+            .next_set(&source, work_bits, cursor, step_tracks * 2)?;
         let track_bytes = u64::from(source.track_size_bytes);
         let tracks: Vec<u64> = {
             let mut table = self.table.lock();
@@ -939,94 +867,19 @@ impl<E: Engine> Sessions<E> {
             id,
             tracks: &tracks,
         };
-        let mut outcome = StepOutcome::default();
-        if let Some(remote) = &remote_forward {
-            let (copied, bytes) = self.remote_step(&record, &source, remote, &tracks)?;
-            outcome.tracks_copied = copied;
-            outcome.bytes_copied = bytes;
-        }
-        for track in tracks.iter().filter(|_| remote_forward.is_none()) {
-            let track = *track;
-            let mut pairs = vec![(source.id, track)];
-            pairs.extend(partner.local().map(|target| (target.id, track)));
-            let _tracks = self.locks.lock(pairs);
-            if !self.store.test_bit(scan_volume, scan_bits, track)? {
-                continue;
+        let (tracks_copied, bytes_copied) = match direction {
+            session_core::Direction::ToTarget => {
+                self.send_step(&record, &source, &*target, work_bits, &tracks)?
             }
-            let bytes = match (record.kind, record.state) {
-                (SessionKind::Clone, SessionState::Precopying) => {
-                    let target = partner.local().expect("remote targets are copied above");
-                    let precopy_slot = record
-                        .precopy_slot
-                        .expect("a precopying clone holds a precopy slot");
-                    let changes = [
-                        BitChange {
-                            volume: target,
-                            bits: Bits::Invalid,
-                            track,
-                            set: false,
-                        },
-                        BitChange {
-                            volume: &source,
-                            bits: Bits::Session(record.slot),
-                            track,
-                            set: false,
-                        },
-                        BitChange {
-                            volume: &source,
-                            bits: Bits::Session(precopy_slot),
-                            track,
-                            set: true,
-                        },
-                    ];
-                    self.copy_track(&source, target, track, &changes, Durability::Logged)?
-                }
-                (SessionKind::Clone, _) => {
-                    self.copy_clone_track(&record, &source, &partner, track)?
-                }
-                (SessionKind::Mirror, SessionState::Restoring) => {
-                    let changes = [BitChange {
-                        volume: &source,
-                        bits: Bits::Invalid,
-                        track,
-                        set: false,
-                    }];
-                    self.fetch(
-                        record.id,
-                        &partner,
-                        &source,
-                        track,
-                        &changes,
-                        Durability::Logged,
-                    )?
-                }
-                (SessionKind::Mirror, _) => {
-                    // A track a restore has not brought back yet is not the standard's
-                    // image: it goes out once the restore has it.
-                    if self.store.test_bit(&source, Bits::Invalid, track)? {
-                        continue;
-                    }
-                    let changes = [BitChange {
-                        volume: &source,
-                        bits: Bits::Pending(record.slot),
-                        track,
-                        set: false,
-                    }];
-                    self.ship(
-                        record.id,
-                        &source,
-                        &partner,
-                        track,
-                        &changes,
-                        Durability::Logged,
-                    )?
-                }
-            };
-            if bytes > 0 {
-                outcome.tracks_copied += 1;
-                outcome.bytes_copied += bytes;
+            session_core::Direction::FromTarget => {
+                self.fetch_step(&record, &source, &*target, &tracks)?
             }
-        }
+        };
+        let mut outcome = StepOutcome {
+            tracks_copied,
+            bytes_copied,
+            ..StepOutcome::default()
+        };
         let now = self.epoch.elapsed();
         let mut table = self.table.lock();
         let Some(live) = table.sessions.get_mut(&id) else {
@@ -1093,42 +946,76 @@ impl<E: Engine> Sessions<E> {
         Ok(outcome)
     }
 
-    /// A copy step to a remote target: the step's tracks go out together, on parallel
-    /// streams, and a bit is cleared only for a track the target acknowledged (also when
-    /// another track of the step failed). Returns the tracks and bytes stored there.
-    ///
-    /// A clone holds the source's track locks for the round trip: its bits say the source
-    /// still holds the point-in-time image, and a host write must wait to copy before it
-    /// writes. So does a synchronized sync mirror, whose host writes ship themselves: its
-    /// copier only retries what a failed sync write left. Otherwise a mirror's copier is
-    /// the BCV's only writer: the tracks are read under their locks, sent without them,
-    /// and a pending bit is cleared only if the track still holds what was sent; a host
-    /// write in between leaves it pending for the next pass.
-    fn remote_step(
+    /// A restore's step: brings the standard's invalid tracks back from the BCV, one by
+    /// one under the tracks' locks (a host access pulls the same way).
+    fn fetch_step(
         &self,
         record: &SessionRecord,
         source: &Volume,
-        remote: &RemoteVolume,
+        target: &dyn Target,
         tracks: &[u64],
     ) -> Result<(u64, u64)> {
-        let clone = record.kind == SessionKind::Clone;
-        let hold = clone
-            || (record.state == SessionState::Synchronized && record.mode == MirrorMode::Sync);
-        let work_bits = if clone {
-            Bits::Session(record.slot)
-        } else {
-            Bits::Pending(record.slot)
+        let (mut copied, mut bytes) = (0, 0);
+        for track in tracks {
+            let mut pairs = vec![(source.id, *track)];
+            pairs.extend(target.here().map(|target| (target.id, *track)));
+            let _tracks = self.locks.lock(pairs);
+            if !self.store.test_bit(source, Bits::Invalid, *track)? {
+                continue;
+            }
+            let image = target.read(*track)?;
+            let changes: Vec<BitChange<'_>> = session_core::moved(record)
+                .into_iter()
+                .map(|(bits, set)| BitChange {
+                    volume: source,
+                    bits,
+                    track: *track,
+                    set,
+                })
+                .collect();
+            self.store
+                .write_track_image(source, &image, &changes, Durability::Logged)?;
+            metrics::counter!("tandem_copy_tracks_total").increment(1);
+            metrics::counter!("tandem_copy_bytes_total").increment(image.data.len() as u64);
+            copied += 1;
+            bytes += image.data.len() as u64;
+        }
+        Ok((copied, bytes))
+    }
+
+    /// A copy step towards the target: the step's tracks go out together (on parallel
+    /// streams to another node), and a track's bits change only once the target stored
+    /// it (also when another track of the step failed). Returns the tracks and bytes
+    /// stored there.
+    ///
+    /// When the session's rules say so ([`session_core::send`]) or the target is here, the
+    /// source's track locks are held until the target answered. Otherwise the copier is
+    /// the target's only writer: the tracks are read under their locks, sent without
+    /// them, and a bit is cleared only if the track still holds what was sent; a host
+    /// write in between leaves it pending for the next pass.
+    fn send_step(
+        &self,
+        record: &SessionRecord,
+        source: &Volume,
+        target: &dyn Target,
+        work_bits: Bits,
+        tracks: &[u64],
+    ) -> Result<(u64, u64)> {
+        let send = session_core::send(record);
+        let hold = send.holds_track_locks || target.here().is_some();
+        let lock_pairs = |tracks: &mut dyn Iterator<Item = u64>| {
+            let mut pairs = Vec::new();
+            for track in tracks {
+                pairs.push((source.id, track));
+                pairs.extend(target.here().map(|target| (target.id, track)));
+            }
+            pairs
         };
-        let mut tracks_guard = Some(
-            self.locks
-                .lock(tracks.iter().map(|track| (source.id, *track))),
-        );
+        let mut tracks_guard = Some(self.locks.lock(lock_pairs(&mut tracks.iter().copied())));
         let mut images = Vec::new();
         for track in tracks {
-            // A track a restore has not brought back yet is not the standard's image: it
-            // goes out once the restore has it.
             if self.store.test_bit(source, work_bits, *track)?
-                && (clone || !self.store.test_bit(source, Bits::Invalid, *track)?)
+                && !session_core::skips(record, self.store.test_bit(source, Bits::Invalid, *track)?)
             {
                 images.push(self.store.read_track_image(source, *track)?);
             }
@@ -1145,21 +1032,40 @@ impl<E: Engine> Sessions<E> {
                 )
             })
             .collect();
-        // An active clone's destination may have been written by its hosts since (they
-        // pulled the track first): it keeps what it has.
-        let only_if_invalid = clone && record.state != SessionState::Precopying;
-        // Host writes wait on the held track locks: the round trip is bounded by the
-        // session's target timeout then. A background copy gets the link's own bound.
-        let timeout = hold.then(|| self.target_timeout(record.id));
-        let answers = self.send_images(record.id, remote, images, only_if_invalid, timeout)?;
+        let moved = session_core::moved(record);
+        let bits_of = |track: u64| -> Vec<BitChange<'_>> {
+            moved
+                .iter()
+                .map(|(bits, set)| BitChange {
+                    volume: source,
+                    bits: *bits,
+                    track,
+                    set: *set,
+                })
+                .collect()
+        };
+        // Held bits change with the store; otherwise they wait for the check below.
+        let source_bits = sent
+            .iter()
+            .map(|(track, _)| if hold { bits_of(*track) } else { Vec::new() })
+            .collect();
+        let options = StoreOptions {
+            only_if_invalid: send.only_if_invalid,
+            durability: Durability::Logged,
+            background: true,
+            // Host writes wait on held track locks: the round trip is bounded by the
+            // session's target timeout then. A background copy gets the link's own bound.
+            timeout: hold.then(|| self.target_timeout(record.id)),
+        };
+        let answers = target.store(images, source_bits, options);
         if tracks_guard.is_none() {
             tracks_guard = Some(
                 self.locks
-                    .lock(sent.iter().map(|(track, _)| (source.id, *track))),
+                    .lock(lock_pairs(&mut sent.iter().map(|(track, _)| *track))),
             );
         }
         let track_bytes = u64::from(source.track_size_bytes);
-        let mut changes = Vec::new();
+        let mut unheld_changes = Vec::new();
         let mut failure = None;
         let (mut copied, mut bytes) = (0, 0);
         for ((track, data), answer) in sent.iter().zip(answers) {
@@ -1174,30 +1080,13 @@ impl<E: Engine> Sessions<E> {
                 copied += 1;
                 bytes += track_bytes;
             }
-            if !hold && self.store.read(source, track * track_bytes, track_bytes)? != *data {
-                continue;
-            }
-            changes.push(BitChange {
-                volume: source,
-                bits: work_bits,
-                track: *track,
-                set: false,
-            });
-            if let (true, SessionState::Precopying, Some(precopy_slot)) =
-                (clone, record.state, record.precopy_slot)
-            {
-                changes.push(BitChange {
-                    volume: source,
-                    bits: Bits::Session(precopy_slot),
-                    track: *track,
-                    set: true,
-                });
+            if !hold && self.store.read(source, track * track_bytes, track_bytes)? == *data {
+                unheld_changes.extend(bits_of(*track));
             }
         }
-        self.store.change_track_bits(&changes, Durability::Logged)?;
+        self.store
+            .change_track_bits(&unheld_changes, Durability::Logged)?;
         drop(tracks_guard);
-        metrics::counter!("tandem_copy_tracks_total").increment(copied);
-        metrics::counter!("tandem_copy_bytes_total").increment(bytes);
         match failure {
             Some(error) => {
                 // The acknowledged tracks count; the rest stay marked for the next try.
@@ -1366,19 +1255,10 @@ impl<E: Engine> Sessions<E> {
     /// The tracks the session's current copy still has to move: its bits now.
     fn remaining(store: &VolumeStore<E>, record: &SessionRecord) -> Result<u64> {
         let source = store.volume(&record.source)?;
-        Ok(match (record.kind, record.acting_state()) {
-            (
-                SessionKind::Clone,
-                SessionState::Created | SessionState::Precopying | SessionState::Active,
-            ) => store.count_set(&source, Bits::Session(record.slot))?,
-            (SessionKind::Mirror, SessionState::Restoring) => {
-                store.count_set(&source, Bits::Invalid)?
-            }
-            (SessionKind::Mirror, SessionState::Syncing | SessionState::Synchronized) => {
-                store.count_set(&source, Bits::Pending(record.slot))?
-            }
-            _ => 0,
-        })
+        match session_core::work(record) {
+            Some((bits, _)) => store.count_set(&source, bits),
+            None => Ok(0),
+        }
     }
 
     /// Reports one session as `list` and `show` print it.

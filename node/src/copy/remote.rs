@@ -7,14 +7,12 @@
 //! the tracking of its hosts' writes, list those writes, and mark its own downstream
 //! mirrors at a split. A source clears a bit only after the target acknowledged the track.
 
+use super::target::{LocalTarget, StoreOptions, Target};
 use super::Sessions;
 use crate::engine::{Batch, Durability, Engine, Space};
 use crate::store::{BitChange, Bits, Volume, VolumeChanges};
 use crate::{Error, Result};
-use protocol::messages::Extent;
-use protocol::session::{
-    RemoteVolume, SessionId, SessionKind, TargetAnswer, TargetOperation, TrackImage,
-};
+use protocol::session::{RemoteVolume, SessionId, SessionKind, TargetAnswer, TargetOperation};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,31 +54,22 @@ pub trait TargetLink: Send + Sync {
     }
 
     /// [`TargetLink::call_many`] that gives up on the answers still missing after
-    /// `timeout`.
+    /// `timeout`. The default asks one operation after the other, each within what is
+    /// left of `timeout`.
     fn call_many_within(
         &self,
         remote: &RemoteVolume,
         operations: Vec<TargetOperation>,
         timeout: Duration,
     ) -> Vec<Result<TargetAnswer>> {
-        let _ = timeout;
-        self.call_many(remote, operations)
-    }
-}
-
-/// The other volume of a session, seen from the node that runs it.
-#[derive(Clone)]
-pub enum Partner {
-    Local(Arc<Volume>),
-    Remote(RemoteVolume),
-}
-
-impl Partner {
-    pub fn local(&self) -> Option<&Arc<Volume>> {
-        match self {
-            Partner::Local(volume) => Some(volume),
-            Partner::Remote(_) => None,
-        }
+        let deadline = std::time::Instant::now() + timeout;
+        operations
+            .into_iter()
+            .map(|operation| {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                self.call_within(remote, operation, left)
+            })
+            .collect()
     }
 }
 
@@ -146,18 +135,6 @@ impl<E: Engine> Sessions<E> {
         self.link()?.call(remote, operation)
     }
 
-    /// A call a host write (or a held track lock) waits for: bounded by the session's
-    /// target timeout.
-    pub(super) fn remote_call_for(
-        &self,
-        session: SessionId,
-        remote: &RemoteVolume,
-        operation: TargetOperation,
-    ) -> Result<TargetAnswer> {
-        let timeout = self.target_timeout(session);
-        self.link()?.call_within(remote, operation, timeout)
-    }
-
     /// Takes `remote` as the target of a new session of this node; returns its track
     /// size and track count.
     pub(super) fn register_remote(
@@ -188,144 +165,32 @@ impl<E: Engine> Sessions<E> {
         }
     }
 
-    /// Sends a track to the target and, once it is stored there, applies `source_bits`
-    /// here. Returns the bytes sent.
+    /// Sends a track to the target and applies `source_bits` with it (in the same write
+    /// when the target is here, once it acknowledged otherwise). Returns the bytes sent.
+    /// Something waits on this (a host write, a split's drain): bounded by the session's
+    /// target timeout.
     pub(super) fn ship(
         &self,
         session: SessionId,
         source: &Volume,
-        target: &Partner,
+        target: &dyn Target,
         track: u64,
         source_bits: &[BitChange<'_>],
         durability: Durability,
     ) -> Result<u64> {
-        match target {
-            Partner::Local(target) => {
-                self.copy_track(source, target, track, source_bits, durability)
-            }
-            Partner::Remote(remote) => {
-                let image = self.store.read_track_image(source, track)?;
-                let bytes = image.data.len() as u64;
-                let answer = self.remote_call_for(
-                    session,
-                    remote,
-                    TargetOperation::PutTrack {
-                        session,
-                        image,
-                        only_if_invalid: false,
-                        synced: durability == Durability::Synced,
-                        background: false,
-                    },
-                )?;
-                if !matches!(answer, TargetAnswer::Stored(true)) {
-                    return Err(unexpected(remote, &answer));
-                }
-                // Only now, with the track acknowledged, may its bits go.
-                self.store.change_track_bits(source_bits, durability)?;
-                metrics::counter!("tandem_copy_tracks_total").increment(1);
-                metrics::counter!("tandem_copy_bytes_total").increment(bytes);
-                Ok(bytes)
-            }
-        }
-    }
-
-    /// Sends already-read track images to a remote target at once and waits for every
-    /// answer. Returns, per image in order, whether the target stored it (`false` when
-    /// `only_if_invalid` found the track already valid there), or the error of that one
-    /// track.
-    pub(super) fn send_images(
-        &self,
-        session: SessionId,
-        remote: &RemoteVolume,
-        images: Vec<TrackImage>,
-        only_if_invalid: bool,
-        timeout: Option<Duration>,
-    ) -> Result<Vec<Result<bool>>> {
-        if images.is_empty() {
-            return Ok(Vec::new());
-        }
-        let operations = images
-            .into_iter()
-            .map(|image| TargetOperation::PutTrack {
-                session,
-                image,
-                only_if_invalid,
-                synced: false,
-                background: true,
-            })
-            .collect();
-        let answers = match timeout {
-            Some(timeout) => self.link()?.call_many_within(remote, operations, timeout),
-            None => self.link()?.call_many(remote, operations),
+        let image = self.store.read_track_image(source, track)?;
+        let bytes = image.data.len() as u64;
+        let options = StoreOptions {
+            only_if_invalid: false,
+            durability,
+            background: false,
+            timeout: Some(self.target_timeout(session)),
         };
-        Ok(answers
-            .into_iter()
-            .map(|answer| match answer? {
-                TargetAnswer::Stored(stored) => Ok(stored),
-                answer => Err(unexpected(remote, &answer)),
-            })
-            .collect())
-    }
-
-    /// Brings a track from the target back into `into` (a restore), with `into_bits`.
-    pub(super) fn fetch(
-        &self,
-        session: SessionId,
-        target: &Partner,
-        into: &Volume,
-        track: u64,
-        into_bits: &[BitChange<'_>],
-        durability: Durability,
-    ) -> Result<u64> {
-        match target {
-            Partner::Local(target) => self.copy_track(target, into, track, into_bits, durability),
-            Partner::Remote(remote) => {
-                let answer =
-                    self.remote_call(remote, TargetOperation::GetTrack { session, track })?;
-                let TargetAnswer::Track(image) = answer else {
-                    return Err(unexpected(remote, &answer));
-                };
-                self.store
-                    .write_track_image(into, &image, into_bits, durability)?;
-                Ok(image.data.len() as u64)
-            }
-        }
-    }
-
-    pub(super) fn partner_changed_tracks(
-        &self,
-        session: SessionId,
-        target: &Partner,
-    ) -> Result<Vec<u64>> {
-        match target {
-            Partner::Local(volume) => self.changed_tracks(volume),
-            Partner::Remote(remote) => {
-                match self.remote_call(remote, TargetOperation::ChangedTracks { session })? {
-                    TargetAnswer::Tracks(tracks) => Ok(tracks),
-                    answer => Err(unexpected(remote, &answer)),
-                }
-            }
-        }
-    }
-
-    fn changed_tracks(&self, volume: &Volume) -> Result<Vec<u64>> {
-        self.tracks_with(volume, Bits::TargetChanged)
-    }
-
-    pub(super) fn partner_invalid_count(
-        &self,
-        session: SessionId,
-        target: &Partner,
-    ) -> Result<u64> {
-        match target {
-            Partner::Local(volume) => self.store.count_set(volume, Bits::Invalid),
-            Partner::Remote(remote) => {
-                match self.remote_call(remote, TargetOperation::CountInvalid { session })? {
-                    TargetAnswer::Count(count) => Ok(count),
-                    answer => Err(unexpected(remote, &answer)),
-                }
-            }
-        }
+        target
+            .store(vec![image], vec![source_bits.to_vec()], options)
+            .pop()
+            .expect("one answer per image")?;
+        Ok(bytes)
     }
 
     pub(super) fn registered(&self, volume: &str) -> Option<Registration> {
@@ -394,6 +259,11 @@ impl<E: Engine> Sessions<E> {
             });
         };
         let volume = self.store.volume(&registration.volume)?;
+        // The same code as a session whose target is on its own node: a `LocalTarget`.
+        let target = LocalTarget {
+            sessions: self,
+            volume: volume.clone(),
+        };
         match operation {
             // The registration is here and the volume readable: the session can resume.
             TargetOperation::Probe { .. } => Ok(TargetAnswer::Done),
@@ -409,56 +279,26 @@ impl<E: Engine> Sessions<E> {
                 // cycle across nodes: a command here holding the gate waits for the other
                 // node, whose copier waits for this answer while holding its own gate.
                 let _track = self.locks.lock([(volume.id, image.track)]);
-                let invalid = self.store.test_bit(&volume, Bits::Invalid, image.track)?;
-                if only_if_invalid && !invalid {
-                    return Ok(TargetAnswer::Stored(false));
-                }
-                let durability = if synced {
-                    Durability::Synced
-                } else {
-                    Durability::Logged
+                let options = StoreOptions {
+                    only_if_invalid,
+                    durability: if synced {
+                        Durability::Synced
+                    } else {
+                        Durability::Logged
+                    },
+                    background: true,
+                    timeout: None,
                 };
-                let clear_invalid = [BitChange {
-                    volume: &volume,
-                    bits: Bits::Invalid,
-                    track: image.track,
-                    set: false,
-                }];
-                let bits: &[BitChange<'_>] = if invalid { &clear_invalid } else { &[] };
-                self.store
-                    .write_track_image(&volume, &image, bits, durability)?;
-                Ok(TargetAnswer::Stored(true))
+                let stored = target
+                    .store(vec![image], Vec::new(), options)
+                    .pop()
+                    .expect("one answer per image")?;
+                Ok(TargetAnswer::Stored(stored))
             }
             TargetOperation::GetTrack { track, .. } => {
                 // No gate, for the same reason as a copy into the target.
                 let _track = self.locks.lock([(volume.id, track)]);
-                let image: TrackImage = self.store.read_track_image(&volume, track)?;
-                Ok(TargetAnswer::Track(image))
-            }
-            TargetOperation::SetReadiness { readiness, .. } => {
-                let _gate = self.gates.exclusive([volume.id]);
-                self.store.set_readiness(&volume.name, readiness)?;
-                Ok(TargetAnswer::Done)
-            }
-            TargetOperation::TrackChanges { tracking, .. } => {
-                let _gate = self.gates.exclusive([volume.id]);
-                let mut changes = VolumeChanges::new();
-                changes.set_target_tracking(&volume, tracking)?;
-                self.store.commit(changes)?;
-                Ok(TargetAnswer::Done)
-            }
-            TargetOperation::ChangedTracks { .. } => {
-                Ok(TargetAnswer::Tracks(self.changed_tracks(&volume)?))
-            }
-            TargetOperation::CountInvalid { .. } => Ok(TargetAnswer::Count(
-                self.store.count_set(&volume, Bits::Invalid)?,
-            )),
-            TargetOperation::MarkDownstream { tracks, .. } => {
-                let _gate = self.gates.exclusive([volume.id]);
-                let mut changes = VolumeChanges::new();
-                self.mark_downstream_into(&mut changes, &volume, tracks.as_deref())?;
-                self.store.commit(changes)?;
-                Ok(TargetAnswer::Done)
+                Ok(TargetAnswer::Track(target.read(track)?))
             }
             TargetOperation::Unregister { .. } => {
                 let _gate = self.gates.exclusive([volume.id]);
@@ -469,44 +309,16 @@ impl<E: Engine> Sessions<E> {
                 tracing::info!(session, volume = %registration.volume, "remote session target released");
                 Ok(TargetAnswer::Done)
             }
-            // A clone destination's invalid bits: marked when a clone is created (seed
-            // 001's IND), cleared when a clone that was never activated is cancelled.
-            TargetOperation::MarkInvalid { extents, .. } => {
-                self.change_invalid(&volume, extents, true)
+            // A command's operation: carried out and committed under the volume's gate,
+            // as a command of this node would.
+            operation => {
+                let _gate = self.gates.exclusive([volume.id]);
+                let mut changes = VolumeChanges::new();
+                let answer = target.apply(&mut changes, operation)?;
+                self.store.commit(changes)?;
+                Ok(answer)
             }
-            TargetOperation::ClearInvalid { extents, .. } => {
-                self.change_invalid(&volume, extents, false)
-            }
-            TargetOperation::Register { .. }
-            | TargetOperation::PullTrack { .. }
-            | TargetOperation::Pulled { .. } => unreachable!("served above"),
         }
-    }
-
-    /// The clone session `session` of this node, whose destination is on another node.
-    /// Sets or clears a target volume's invalid bits over `extents`, after checking every
-    /// extent against the volume, under the volume's gate, shared.
-    fn change_invalid(
-        &self,
-        volume: &Volume,
-        extents: Vec<Extent>,
-        set: bool,
-    ) -> Result<TargetAnswer> {
-        let _gate = self.gates.shared([volume.id]);
-        if let Some(extent) = extents
-            .iter()
-            .find(|extent| extent.first > extent.last || extent.last >= volume.track_count())
-        {
-            return Err(Error::ExtentOutOfRange {
-                name: volume.name.clone(),
-                extent: *extent,
-                last_track: volume.track_count() - 1,
-            });
-        }
-        for extent in extents {
-            self.store.change_bits(volume, Bits::Invalid, extent, set)?;
-        }
-        Ok(TargetAnswer::Done)
     }
 
     fn remote_clone(&self, session: SessionId) -> Result<(super::SessionRecord, Arc<Volume>)> {

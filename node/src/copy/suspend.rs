@@ -21,8 +21,7 @@ use crate::engine::{Batch, Durability, Engine, Space};
 use crate::store::{BitChange, Bits, Volume};
 use crate::{Error, Result};
 use protocol::session::{
-    next_state, MirrorMode, PastError, RemoteVolume, SessionId, SessionKind, SessionState,
-    TargetAnswer, TargetOperation, Transition,
+    MirrorMode, RemoteVolume, SessionId, SessionKind, SessionState, TargetAnswer, TargetOperation,
 };
 use std::time::Duration;
 
@@ -35,7 +34,7 @@ pub const PROBE_TIMEOUT_MILLISECONDS_MAX: u64 = 500;
 const UNREGISTER_KEY_PREFIX: &[u8] = b"u/";
 const UNREGISTER_KEY_END: &[u8] = b"u0";
 
-fn unregister_key(session: SessionId) -> Vec<u8> {
+pub(super) fn unregister_key(session: SessionId) -> Vec<u8> {
     let mut key = UNREGISTER_KEY_PREFIX.to_vec();
     key.extend_from_slice(&session.to_be_bytes());
     key
@@ -65,7 +64,7 @@ impl<E: Engine> Sessions<E> {
         &self,
         id: SessionId,
         volume: &Volume,
-        bcv: &super::Partner,
+        bcv: &dyn super::target::Target,
         first: u64,
         last: u64,
         durability: Durability,
@@ -99,10 +98,7 @@ impl<E: Engine> Sessions<E> {
             match shipped {
                 Ok(_) => {}
                 Err(error)
-                    if !strict
-                        && bcv.local().is_none()
-                        && target_unanswered(&error)
-                        && self.suspend_live(id, &error) =>
+                    if !strict && target_unanswered(&error) && self.suspend_live(id, &error) =>
                 {
                     // The write is stored here and its pending bit set: the resync
                     // brings it to the BCV.
@@ -133,27 +129,18 @@ impl<E: Engine> Sessions<E> {
         if live.record.state == SessionState::Suspended {
             return true;
         }
-        let Some(remote) = live.record.remote.clone() else {
+        let Some(record) = super::session_core::suspend(
+            &live.record,
+            &error.to_string(),
+            super::now_unix_seconds(),
+        ) else {
             return false;
         };
-        if live.record.strict {
-            return false;
-        }
-        let Ok(Some(next)) = next_state(live.record.kind, live.record.state, Transition::Suspend)
-        else {
-            return false;
-        };
-        let reason = format!(
-            "suspended: node {} holding '{}' did not answer ({error}); host writes are kept here and marked, and the {} resumes by itself when that node answers",
-            remote.node, remote.volume, live.record.kind
-        );
-        live.record.resume_state = Some(live.record.state);
-        live.record.state = next;
-        live.record.error = Some(reason.clone());
-        live.record.last_error = Some(PastError {
-            message: reason.clone(),
-            unix_seconds: super::now_unix_seconds(),
-        });
+        let remote = record
+            .remote
+            .clone()
+            .expect("only a remote target suspends");
+        live.record = record;
         let record = live.record.clone();
         drop(table);
         tracing::warn!(session = id, node = %remote.node, volume = %remote.volume, %error, "session suspended: its target does not answer");
@@ -213,7 +200,7 @@ impl<E: Engine> Sessions<E> {
     /// IO held off, so a mirror's resync counts exactly the tracks hosts wrote meanwhile.
     fn resume(&self, id: SessionId) -> Result<bool> {
         let _gates = self.session_gates(id);
-        let Some(mut record) = self
+        let Some(record) = self
             .table
             .lock()
             .sessions
@@ -223,66 +210,24 @@ impl<E: Engine> Sessions<E> {
         else {
             return Ok(false);
         };
-        let was = record.resume_state.unwrap_or(match record.kind {
-            SessionKind::Mirror => SessionState::Syncing,
-            SessionKind::Clone => SessionState::Active,
-        });
-        let next = next_state(record.kind, record.state, Transition::Resume(was))
-            .map_err(|reason| Error::SessionRefused {
+        // A mirror resynchronizes exactly what its pending bits list now.
+        let pending = match record.kind {
+            SessionKind::Mirror => {
+                let source = self.store.volume(&record.source)?;
+                self.store.count_set(&source, Bits::Pending(record.slot))?
+            }
+            SessionKind::Clone => 0,
+        };
+        let record = super::session_core::resume(&record, pending).map_err(|reason| {
+            Error::SessionRefused {
                 command: "resume".to_string(),
                 session: record.describe(),
                 reason,
-            })?
-            .expect("a resume keeps the session");
-        if record.kind == SessionKind::Mirror {
-            let source = self.store.volume(&record.source)?;
-            let total = self.store.count_set(&source, Bits::Pending(record.slot))?;
-            record.progress = super::core::Progress::start(total);
-            record.tracks_copied_last = 0;
-        }
-        record.state = next;
-        record.resume_state = None;
-        record.error = None;
+            }
+        })?;
         tracing::info!(session = id, state = %record.state, tracks = record.progress.tracks_total, "target answers again; session resumed");
         self.persist(&record)?;
         self.install(record);
-        Ok(true)
-    }
-
-    /// Cancels a mirror whose BCV is on a node that does not answer: the session ends
-    /// here (its record dropped and the release of the BCV stored, in one batch; then its
-    /// slot freed), and the BCV's node releases the volume when it answers again. The BCV
-    /// keeps the image it had and stays not-ready: it lacks the writes since the loss.
-    /// Returns `false`, changing nothing, when the target answers: the ordinary cancel
-    /// goes on.
-    pub(super) fn cancel_unanswered<'a>(
-        &self,
-        changes: &mut crate::store::VolumeChanges<'a>,
-        record: &super::SessionRecord,
-        source: &'a Volume,
-    ) -> Result<bool> {
-        let Some(remote) = &record.remote else {
-            return Ok(false);
-        };
-        if record.state != SessionState::Suspended {
-            let timeout = Duration::from_millis(record.target_timeout_milliseconds);
-            let probe = self.link()?.call_within(
-                remote,
-                TargetOperation::Probe { session: record.id },
-                timeout,
-            );
-            if probe.is_ok() {
-                return Ok(false);
-            }
-        }
-        // The release owed to the BCV's node goes in the batch that ends the session.
-        changes.put(
-            Space::Meta,
-            unregister_key(record.id),
-            protocol::codec::encode(remote)?,
-        );
-        changes.free_slot(source, record.slot)?;
-        tracing::warn!(session = record.id, node = %remote.node, bcv = %remote.volume, "mirror cancelled while its BCV's node does not answer; that node releases the BCV when it answers again");
         Ok(true)
     }
 

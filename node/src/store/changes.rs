@@ -94,6 +94,23 @@ impl<'a> VolumeChanges<'a> {
         Ok(slot)
     }
 
+    /// Takes the session slot `slot` of `volume`, which must be free, with its bits
+    /// cleared (the session core chose it from the free slots the driver read).
+    pub fn take_slot(&mut self, volume: &'a Volume, slot: u8) -> Result<()> {
+        let edit = self.edit(volume)?;
+        if slot as usize >= SESSION_SLOTS_MAX || edit.slots & (1 << slot) != 0 {
+            return Err(Error::Metadata {
+                what: format!("volume {}", volume.name),
+                detail: format!("session slot {slot} is not free"),
+            });
+        }
+        edit.slots |= 1 << slot;
+        edit.marks.changed &= !(1 << slot);
+        edit.marks.pending &= !(1 << slot);
+        self.clear_slot_bits(volume, slot);
+        Ok(())
+    }
+
     /// Returns a session slot of `volume`, clearing its bits and marks.
     pub fn free_slot(&mut self, volume: &'a Volume, slot: u8) -> Result<()> {
         let edit = self.edit(volume)?;
@@ -215,6 +232,12 @@ impl<E: Engine> VolumeStore<E> {
     /// landed. Refused, changing nothing, when a volume's slots changed since the
     /// changes named it or it was deleted.
     pub fn commit(&self, changes: VolumeChanges<'_>) -> Result<()> {
+        self.commit_with(changes, Durability::Synced)
+    }
+
+    /// [`VolumeStore::commit`] with the given durability: a host write's own changes of
+    /// bits (a precopied track re-queued) are logged like the write, not synced apart.
+    pub fn commit_with(&self, changes: VolumeChanges<'_>, durability: Durability) -> Result<()> {
         let VolumeChanges {
             mut batch,
             mut edits,
@@ -255,7 +278,7 @@ impl<E: Engine> VolumeStore<E> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.engine.write(batch, Durability::Synced)?;
+        self.engine.write(batch, durability)?;
         for (edit, state) in edits.iter().zip(states.iter_mut()) {
             state.session_slots = edit.slots;
             state.marks = edit.marks;
