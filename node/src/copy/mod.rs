@@ -482,17 +482,9 @@ impl<E: Engine> Sessions<E> {
         })
     }
 
-    /// Whether an access to `volume` must first pull invalid tracks from `partner` for
-    /// this session: a clone's ready destination, or a standard being restored.
+    /// Whether an access to `volume` must first pull invalid tracks for this session.
     fn pulls_for(record: &SessionRecord, volume: &Volume) -> bool {
-        match record.kind {
-            SessionKind::Clone => {
-                record.target == volume.name && core::clone_target_access_pulls(record.state, true)
-            }
-            SessionKind::Mirror => {
-                record.source == volume.name && record.state == SessionState::Restoring
-            }
-        }
+        session_core::access_pulls(record, record.source == volume.name)
     }
 
     fn tracks_of(volume: &Volume, offset: u64, length: u64) -> (u64, u64) {
@@ -690,11 +682,7 @@ impl<E: Engine> Sessions<E> {
         // Synchronized sync mirrors: the BCV has the write before the host hears of it
         // (or the session is suspended; see `suspend.rs`).
         for (record, bcv) in &related {
-            if record.kind == SessionKind::Mirror
-                && record.source == volume.name
-                && record.state == SessionState::Synchronized
-                && record.mode == MirrorMode::Sync
-            {
+            if record.source == volume.name && session_core::host_write_ships(record) {
                 self.ship_host_write(record.id, volume, &**bcv, first, last, durability)?;
             }
         }

@@ -629,6 +629,26 @@ fn restore(
     Ok(total)
 }
 
+/// Whether a host access to a volume of the session (its source when `on_source`) must
+/// first pull the volume's invalid tracks: a clone's destination once it is ready (copy
+/// on first access, seed 001), a standard being restored (seed 002 FIG. 7).
+pub fn access_pulls(record: &SessionRecord, on_source: bool) -> bool {
+    match record.kind {
+        SessionKind::Clone => {
+            !on_source && super::core::clone_target_access_pulls(record.state, true)
+        }
+        SessionKind::Mirror => on_source && record.state == SessionState::Restoring,
+    }
+}
+
+/// Whether a host write to the session's source reaches the target before the host
+/// hears of it: a synchronized sync mirror's.
+pub fn host_write_ships(record: &SessionRecord) -> bool {
+    record.kind == SessionKind::Mirror
+        && record.state == SessionState::Synchronized
+        && record.mode == MirrorMode::Sync
+}
+
 /// Which way a session's copy moves tracks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -1380,6 +1400,41 @@ mod tests {
         assert!(skips(&sync, true));
         assert!(!skips(&sync, false));
         assert!(!skips(&clone, true));
+    }
+
+    #[test]
+    fn host_accesses_pull_and_ship_in_the_states_of_the_seeds() {
+        assert!(access_pulls(&session(SessionKind::Clone, S::Active), false));
+        assert!(access_pulls(&session(SessionKind::Clone, S::Copied), false));
+        assert!(!access_pulls(
+            &session(SessionKind::Clone, S::Precopying),
+            false
+        ));
+        assert!(!access_pulls(&session(SessionKind::Clone, S::Active), true));
+        assert!(access_pulls(
+            &session(SessionKind::Mirror, S::Restoring),
+            true
+        ));
+        assert!(!access_pulls(
+            &session(SessionKind::Mirror, S::Restoring),
+            false
+        ));
+        assert!(!access_pulls(
+            &session(SessionKind::Mirror, S::Synchronized),
+            true
+        ));
+        assert!(host_write_ships(&session(
+            SessionKind::Mirror,
+            S::Synchronized
+        )));
+        let mut asynchronous = session(SessionKind::Mirror, S::Synchronized);
+        asynchronous.mode = MirrorMode::Async;
+        assert!(!host_write_ships(&asynchronous));
+        assert!(!host_write_ships(&session(SessionKind::Mirror, S::Syncing)));
+        assert!(!host_write_ships(&session(
+            SessionKind::Mirror,
+            S::Suspended
+        )));
     }
 
     #[test]
