@@ -11,6 +11,31 @@ use super::session_core::{self, Effect};
 use super::*;
 use crate::store::VolumeChanges;
 
+/// What a command read of its session's target on another node before taking its gates
+/// (see [`Sessions::prepare`]).
+struct Prepared {
+    id: SessionId,
+    state: SessionState,
+    target_changed: Option<Vec<u64>>,
+    target_invalid: Option<u64>,
+    target_answers: Option<bool>,
+}
+
+/// The target a command on an existing session names.
+fn command_target(command: &SessionCommand) -> Option<&str> {
+    match command {
+        SessionCommand::ClonePrecopy { target }
+        | SessionCommand::CloneActivate { target }
+        | SessionCommand::CloneTerminate { target }
+        | SessionCommand::CloneCancel { target }
+        | SessionCommand::MirrorSplit { bcv: target, .. }
+        | SessionCommand::MirrorReestablish { bcv: target }
+        | SessionCommand::MirrorRestore { bcv: target, .. }
+        | SessionCommand::MirrorCancel { bcv: target } => Some(target),
+        _ => None,
+    }
+}
+
 impl<E: Engine> Sessions<E> {
     /// Carries out a session command: checks it against the state table and the volumes,
     /// then changes bits, marks, readiness and the record, with host IO held off. Returns
@@ -26,6 +51,8 @@ impl<E: Engine> Sessions<E> {
         command: SessionCommand,
         remote: Option<RemoteVolume>,
     ) -> Result<Option<SessionInfo>> {
+        // What the command must ask the target's node, asked before the gates are held.
+        let prepared = self.prepare(&command);
         // The gates of the volumes the command changes. Which those are is read before
         // the gates are held, so it is read again under them: a command that ended the
         // session or began another on the same volumes meanwhile means another round.
@@ -38,7 +65,63 @@ impl<E: Engine> Sessions<E> {
                 break gates;
             }
         };
-        self.command_under_gates(command, remote)
+        self.command_under_gates(command, remote, prepared.as_ref())
+    }
+
+    /// Reads what a command on an existing session needs of a target on another node —
+    /// its hosts' changed tracks, its invalid count, whether it answers — before the
+    /// command takes its gates: host IO on the session's volumes does not wait for these
+    /// round trips. Under the gates they are used only if the session is still in the
+    /// state they were read in (otherwise they are read again there). A target's answers
+    /// could change between the read and the command in either case: its own hosts are
+    /// not held off by this node's gates.
+    fn prepare(&self, command: &SessionCommand) -> Option<Prepared> {
+        let needs = session_core::needs(command);
+        if !(needs.target_changed || needs.target_invalid || needs.target_answers) {
+            return None;
+        }
+        let target_name = command_target(command)?;
+        let record = self
+            .table
+            .lock()
+            .find_by_target(command_kind(command), target_name)
+            .map(|live| live.record.clone())?;
+        record.remote.as_ref()?;
+        let target = self.target_of(&record).ok()?;
+        let mut scratch = VolumeChanges::new();
+        let mut query = |operation| {
+            target
+                .apply(&mut scratch, operation)
+                .inspect_err(|error| tracing::debug!(session = record.id, %error, "a target query before the command's gates failed; it is asked again under them"))
+                .ok()
+        };
+        let target_changed = needs
+            .target_changed
+            .then(|| query(TargetOperation::ChangedTracks { session: record.id }))
+            .flatten()
+            .and_then(|answer| target::tracks_answer(&*target, answer).ok());
+        let target_invalid = needs
+            .target_invalid
+            .then(|| query(TargetOperation::CountInvalid { session: record.id }))
+            .flatten()
+            .and_then(|answer| target::count_answer(&*target, answer).ok());
+        let target_answers = needs
+            .target_answers
+            .then(|| self.target_answers(&record, &*target));
+        Some(Prepared {
+            id: record.id,
+            state: record.state,
+            target_changed,
+            target_invalid,
+            target_answers,
+        })
+    }
+
+    /// Whether a session's target answers: a suspended session's did not; the others are
+    /// asked, no longer than the session's target timeout.
+    fn target_answers(&self, record: &SessionRecord, target: &dyn Target) -> bool {
+        record.state != SessionState::Suspended
+            && target.answers(Duration::from_millis(record.target_timeout_milliseconds))
     }
 
     /// The ids of the volumes of this node a command changes, sorted: its session's
@@ -94,6 +177,7 @@ impl<E: Engine> Sessions<E> {
         &self,
         command: SessionCommand,
         remote: Option<RemoteVolume>,
+        prepared: Option<&Prepared>,
     ) -> Result<Option<SessionInfo>> {
         let kind = command_kind(&command);
         let target = match &command {
@@ -135,7 +219,10 @@ impl<E: Engine> Sessions<E> {
                         }
                         .to_string(),
                     })?;
-                if self.carry_out(&command, record)?.is_none() {
+                if self
+                    .carry_out_adjusted(&command, record, |_| {}, prepared)?
+                    .is_none()
+                {
                     return Ok(None);
                 }
                 target.clone()
@@ -458,11 +545,16 @@ impl<E: Engine> Sessions<E> {
                 ));
             }
             let (mode, strict) = (*mode, *strict);
-            self.carry_out_adjusted(command, record, |record| {
-                record.mode = mode;
-                record.strict = strict;
-                record.target_timeout_milliseconds = target_timeout_milliseconds;
-            })?;
+            self.carry_out_adjusted(
+                command,
+                record,
+                |record| {
+                    record.mode = mode;
+                    record.strict = strict;
+                    record.target_timeout_milliseconds = target_timeout_milliseconds;
+                },
+                None,
+            )?;
             return Ok(());
         }
         let standard = self.store.volume(standard)?;
@@ -544,35 +636,35 @@ impl<E: Engine> Sessions<E> {
         };
         let bcv = record.target.clone();
         let reestablish = SessionCommand::MirrorReestablish { bcv: bcv.clone() };
-        self.carry_out_adjusted(&reestablish, record, |record| {
-            record.split_when_synchronized = true;
-        })?;
+        self.carry_out_adjusted(
+            &reestablish,
+            record,
+            |record| {
+                record.split_when_synchronized = true;
+            },
+            None,
+        )?;
         Ok(bcv)
     }
 
     /// Carries out a command on an existing session: its changes and its new record (or
-    /// the record's removal) in one batch. Returns the record as stored, `None` when the
-    /// command ended the session.
-    pub(super) fn carry_out(
-        &self,
-        command: &SessionCommand,
-        record: SessionRecord,
-    ) -> Result<Option<SessionRecord>> {
-        self.carry_out_adjusted(command, record, |_| {})
-    }
-
-    /// [`Sessions::carry_out`] with a change of the record the command itself does not
-    /// make (an establish's new options, a rotation's split to come).
+    /// the record's removal) in one batch, with a change of the record the command itself
+    /// does not make (an establish's new options, a rotation's split to come). Returns
+    /// the record as stored, `None` when the command ended the session.
     fn carry_out_adjusted(
         &self,
         command: &SessionCommand,
         record: SessionRecord,
         adjust: impl FnOnce(&mut SessionRecord),
+        prepared: Option<&Prepared>,
     ) -> Result<Option<SessionRecord>> {
         let id = record.id;
         let source = self.store.volume(&record.source)?;
         let target = self.target_of(&record)?;
-        let facts = self.facts(command, &record, &source, &*target)?;
+        // What was read before the gates holds only for the session as it was then.
+        let prepared =
+            prepared.filter(|prepared| prepared.id == id && prepared.state == record.state);
+        let facts = self.facts(command, &record, &source, &*target, prepared)?;
         let describe = record.describe();
         let mut decision = session_core::decide(command, record, &facts)
             .map_err(|refusal| self.refusal(command, &describe, &source, refusal))?;
@@ -610,6 +702,7 @@ impl<E: Engine> Sessions<E> {
         record: &SessionRecord,
         source: &Volume,
         target: &dyn Target,
+        prepared: Option<&Prepared>,
     ) -> Result<session_core::Facts> {
         let needs = session_core::needs(command);
         let mut facts = self.base_facts(source);
@@ -620,14 +713,21 @@ impl<E: Engine> Sessions<E> {
             facts.pending = self.tracks_with(source, Bits::Pending(record.slot))?;
         }
         let mut scratch = VolumeChanges::new();
-        if needs.target_changed {
+        let prepared_changed = prepared.and_then(|prepared| prepared.target_changed.clone());
+        let prepared_invalid = prepared.and_then(|prepared| prepared.target_invalid);
+        let prepared_answers = prepared.and_then(|prepared| prepared.target_answers);
+        if let (true, Some(tracks)) = (needs.target_changed, prepared_changed) {
+            facts.target_changed = tracks;
+        } else if needs.target_changed {
             let answer = target.apply(
                 &mut scratch,
                 TargetOperation::ChangedTracks { session: record.id },
             )?;
             facts.target_changed = target::tracks_answer(target, answer)?;
         }
-        if needs.target_invalid {
+        if let (true, Some(count)) = (needs.target_invalid, prepared_invalid) {
+            facts.target_invalid = count;
+        } else if needs.target_invalid {
             let answer = target.apply(
                 &mut scratch,
                 TargetOperation::CountInvalid { session: record.id },
@@ -635,10 +735,8 @@ impl<E: Engine> Sessions<E> {
             facts.target_invalid = target::count_answer(target, answer)?;
         }
         if needs.target_answers {
-            // A suspended session's target did not answer; the others are asked, no
-            // longer than the session's target timeout.
-            facts.target_answers = record.state != SessionState::Suspended
-                && target.answers(Duration::from_millis(record.target_timeout_milliseconds));
+            facts.target_answers =
+                prepared_answers.unwrap_or_else(|| self.target_answers(record, target));
         }
         let table = self.table.lock();
         facts.others = table

@@ -470,6 +470,7 @@ impl<E: Engine> Sessions<E> {
                 sessions: self,
                 remote: remote.clone(),
                 session: record.id,
+                timeout: Duration::from_millis(record.target_timeout_milliseconds),
             }),
             None => self.local_target(self.store.volume(&record.target)?),
         })

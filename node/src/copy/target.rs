@@ -235,6 +235,9 @@ pub struct RemoteTarget<'s, E: Engine> {
     pub(super) sessions: &'s Sessions<E>,
     pub(super) remote: RemoteVolume,
     pub(super) session: SessionId,
+    /// How long a command's operation may take: the session's target timeout, so that a
+    /// command on a session whose target's node is lost returns within it.
+    pub(super) timeout: Duration,
 }
 
 impl<E: Engine> RemoteTarget<'_, E> {
@@ -262,7 +265,8 @@ impl<E: Engine> Target for RemoteTarget<'_, E> {
         operation: TargetOperation,
     ) -> Result<TargetAnswer> {
         crate::failpoints::hit("node::session::target-operation")?;
-        self.link()?.call(&self.remote, operation)
+        self.link()?
+            .call_within(&self.remote, operation, self.timeout)
     }
 
     fn take_over<'a>(&'a self, _changes: &mut VolumeChanges<'a>) -> Result<()> {

@@ -410,3 +410,43 @@ fn async_mirrors_and_clones_whose_target_stops_answering_report_suspended_and_re
     let precopied = pair.source.show(SessionKind::Clone, "dst").unwrap();
     assert_eq!(precopied.tracks_remaining, 0, "{precopied:?}");
 }
+
+#[test]
+fn host_writes_to_the_standard_do_not_wait_for_a_cancel_asking_whether_its_bcv_answers() {
+    let pair = Arc::new(pair());
+    establish(&pair, MirrorMode::Async, false);
+    let standard = pair.source.store().volume("std").unwrap();
+    // The BCV's node stops answering before any write notices: the mirror is still
+    // synchronized, so the cancel must ask the BCV's node, which takes one target
+    // timeout.
+    pair.link.silent.store(true, Ordering::SeqCst);
+    assert_eq!(show(&pair).state, SessionState::Synchronized);
+    let cancelling = {
+        let pair = pair.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let ended = pair
+                .source
+                .command(SessionCommand::MirrorCancel { bcv: "bcv".into() });
+            (ended, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(TIMEOUT_MILLISECONDS / 3));
+    // The cancel asks before it takes the standard's gate: a host write meanwhile goes
+    // through at once (an async mirror's write only marks its bits).
+    let started = Instant::now();
+    write(&pair.source, 6, 0x66).unwrap();
+    let waited = started.elapsed();
+    let (ended, took) = cancelling.join().unwrap();
+    assert_eq!(ended.unwrap(), None, "the cancel ends the mirror");
+    assert!(
+        took >= Duration::from_millis(TIMEOUT_MILLISECONDS),
+        "the cancel asked the BCV's node: {took:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(TIMEOUT_MILLISECONDS / 2),
+        "a host write waited {waited:?} for a cancel asking the network"
+    );
+    assert_eq!(standard.info().session_slots_used, 0, "the slot is free");
+    assert_eq!(pair.source.pending_unregisters().unwrap().len(), 1);
+}
