@@ -463,12 +463,17 @@ impl<E: Engine> Sessions<E> {
             now_unix_seconds(),
         )
         .map_err(|refusal| release(self.refusal(command, &session, &source, refusal)))?;
-        let record = decision.record.clone().expect("a new session");
-        let target = self.target_of(&record).map_err(release)?;
-        self.execute(id, decision, &source, &*target)
-            .map_err(release)?;
+        let record = self.begin(decision, &source).map_err(release)?;
         tracing::info!(session = record.id, source = %record.source, target = %record.target, precopy, "clone created");
         Ok(())
+    }
+
+    /// Carries out the core's decision for a new session; returns its record.
+    fn begin(&self, decision: session_core::Decision, source: &Volume) -> Result<SessionRecord> {
+        let record = decision.record.clone().expect("a new session");
+        let target = self.target_of(&record)?;
+        self.execute(record.id, decision, source, &*target)?;
+        Ok(record)
     }
 
     /// A new session's command failed after its target on another node registered it:
@@ -605,10 +610,7 @@ impl<E: Engine> Sessions<E> {
             now_unix_seconds(),
         )
         .map_err(|refusal| release(self.refusal(command, &session, &standard, refusal)))?;
-        let record = decision.record.clone().expect("a new session");
-        let target = self.target_of(&record).map_err(release)?;
-        self.execute(id, decision, &standard, &*target)
-            .map_err(release)?;
+        let record = self.begin(decision, &standard).map_err(release)?;
         tracing::info!(session = record.id, standard = %record.source, bcv = %record.target, "mirror established");
         Ok(())
     }
