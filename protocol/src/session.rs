@@ -13,6 +13,9 @@ use std::fmt;
 pub const SESSIONS_PER_VOLUME_MAX: usize = 16;
 /// Extents one clone may name; each is checked before anything is set up.
 pub const CLONE_EXTENTS_MAX: usize = 256;
+/// Extents one operation of a target carries (1 MiB of them); a longer list, such as the
+/// tracks a precopied clone still owes, goes in several operations.
+pub const OPERATION_EXTENTS_MAX: usize = 65_536;
 /// How long a session's source waits for its remote target before the session is
 /// suspended (a strict sync mirror fails the write instead), unless the mirror was
 /// established with another `--target-timeout`.
@@ -467,15 +470,17 @@ pub enum TargetOperation {
     Probe {
         session: SessionId,
     },
-    /// Release the volume at the end of the session.
-    Unregister {
+    /// End the session on the target, in one write: host writes stop being tracked (and
+    /// the tracks they changed are forgotten),
+    /// `clear_invalid` stops being invalid (a cancelled clone's tracks, no longer owed by
+    /// any source, so no later session mistakes them for a clone's missing ones), the
+    /// volume gets `readiness` when there is one, and the registration goes. One
+    /// operation, so a release whose answer was lost can be sent again: a target that
+    /// no longer holds the session answers `Done`, having done all of it already.
+    Release {
         session: SessionId,
-    },
-    /// A cancelled clone: the destination's tracks stop being invalid (they are no longer
-    /// owed by any source), so no later session mistakes them for a clone's missing ones.
-    ClearInvalid {
-        session: SessionId,
-        extents: Vec<Extent>,
+        clear_invalid: Vec<Extent>,
+        readiness: Option<crate::messages::Readiness>,
     },
     /// Store a track; with `only_if_invalid`, only while the track is still invalid (a host
     /// may have written it since). Clears the track's invalid bit. Answers whether stored.
@@ -497,13 +502,21 @@ pub enum TargetOperation {
         session: SessionId,
         readiness: crate::messages::Readiness,
     },
-    /// Turn tracking of host writes (target-changed bits) on or off; clears the bits.
+    /// Turn tracking of host writes (target-changed bits) on or off. Turning it on clears
+    /// the bits; turning it off keeps them, so the source can read them again when the
+    /// command that turned it off has to be retried (its answer lost).
     TrackChanges {
         session: SessionId,
         tracking: bool,
     },
     /// The tracks hosts changed since the split.
     ChangedTracks {
+        session: SessionId,
+    },
+    /// The source has taken over the tracks the target's hosts changed (a re-establish
+    /// or restore is committed): clear them. Sent after the source's commit, so that a
+    /// command whose answer was lost reads them again when it is retried.
+    ForgetChanges {
         session: SessionId,
     },
     CountInvalid {
@@ -515,6 +528,19 @@ pub enum TargetOperation {
         session: SessionId,
         tracks: Option<Vec<u64>>,
     },
+}
+
+impl TargetOperation {
+    /// The release of a session's target that changes nothing else of the volume: a
+    /// session that failed to begin, or one cancelled while its target did not answer
+    /// (the volume stays not ready: it lacks the writes since).
+    pub fn release(session: SessionId) -> TargetOperation {
+        TargetOperation::Release {
+            session,
+            clear_invalid: Vec::new(),
+            readiness: None,
+        }
+    }
 }
 
 /// Where a session's target lives when it is not on the source's node.

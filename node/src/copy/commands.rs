@@ -12,7 +12,8 @@ use super::*;
 use crate::store::VolumeChanges;
 
 /// What a command read of its session's target on another node before taking its gates
-/// (see [`Sessions::prepare`]).
+/// (see [`Sessions::prepare`]). Changed tracks are read only after the BCV was taken
+/// from its hosts ([`session_core::detach`]), so with them that is done too.
 struct Prepared {
     id: SessionId,
     state: SessionState,
@@ -88,26 +89,37 @@ impl<E: Engine> Sessions<E> {
             .map(|live| live.record.clone())?;
         record.remote.as_ref()?;
         let target = self.target_of(&record).ok()?;
+        let source = self.store.volume(&record.source).ok()?;
         let mut scratch = VolumeChanges::new();
-        let mut query = |operation| {
-            target
-                .apply(&mut scratch, operation)
-                .inspect_err(|error| tracing::debug!(session = record.id, %error, "a target query before the command's gates failed; it is asked again under them"))
-                .ok()
-        };
-        let target_changed = needs
-            .target_changed
-            .then(|| query(TargetOperation::ChangedTracks { session: record.id }))
-            .flatten()
-            .and_then(|answer| target::tracks_answer(&*target, answer).ok());
         let target_invalid = needs
             .target_invalid
-            .then(|| query(TargetOperation::CountInvalid { session: record.id }))
-            .flatten()
-            .and_then(|answer| target::count_answer(&*target, answer).ok());
+            .then(|| {
+                target
+                    .apply(
+                        &mut scratch,
+                        TargetOperation::CountInvalid { session: record.id },
+                    )
+                    .and_then(|answer| target::count_answer(&*target, answer))
+                    .inspect_err(|error| tracing::debug!(session = record.id, %error, "a target query before the command's gates failed; it is asked again under them"))
+                    .ok()
+            })
+            .flatten();
         let target_answers = needs
             .target_answers
             .then(|| self.target_answers(&record, &*target));
+        // The changed tracks only with every other fact the core refuses on: the reading
+        // takes the BCV from its hosts, which a refused command must not have done.
+        let target_changed = (needs.target_changed
+            && (target_invalid.is_some() || !needs.target_invalid))
+            .then(|| {
+                let mut facts = self.base_facts(&source);
+                facts.target_invalid = target_invalid.unwrap_or(0);
+                self.table_facts(&record, &mut facts);
+                self.target_changed(command, &record, &facts, &source, &*target)
+                    .inspect_err(|error| tracing::debug!(session = record.id, %error, "reading the target's changed tracks before the command's gates failed; they are read again under them"))
+                    .ok()
+            })
+            .flatten();
         Some(Prepared {
             id: record.id,
             state: record.state,
@@ -486,7 +498,7 @@ impl<E: Engine> Sessions<E> {
         error: Error,
     ) -> Error {
         if let Some(remote) = remote {
-            let _ = self.remote_call(remote, TargetOperation::Unregister { session: id });
+            let _ = self.remote_call(remote, TargetOperation::release(id));
         }
         error
     }
@@ -668,8 +680,16 @@ impl<E: Engine> Sessions<E> {
             prepared.filter(|prepared| prepared.id == id && prepared.state == record.state);
         let facts = self.facts(command, &record, &source, &*target, prepared)?;
         let describe = record.describe();
+        let detached = session_core::detach(&record);
         let mut decision = session_core::decide(command, record, &facts)
             .map_err(|refusal| self.refusal(command, &describe, &source, refusal))?;
+        // A remote BCV taken from its hosts before the gates (to read its changed tracks)
+        // need not be asked again under them: no round trip holds host IO off.
+        if prepared.is_some_and(|prepared| prepared.target_changed.is_some()) {
+            decision.effects.retain(|effect| {
+                !matches!(effect, Effect::Target(operation) if detached.contains(operation))
+            });
+        }
         if let Some(record) = decision.record.as_mut() {
             adjust(record);
         }
@@ -718,15 +738,6 @@ impl<E: Engine> Sessions<E> {
         let prepared_changed = prepared.and_then(|prepared| prepared.target_changed.clone());
         let prepared_invalid = prepared.and_then(|prepared| prepared.target_invalid);
         let prepared_answers = prepared.and_then(|prepared| prepared.target_answers);
-        if let (true, Some(tracks)) = (needs.target_changed, prepared_changed) {
-            facts.target_changed = tracks;
-        } else if needs.target_changed {
-            let answer = target.apply(
-                &mut scratch,
-                TargetOperation::ChangedTracks { session: record.id },
-            )?;
-            facts.target_changed = target::tracks_answer(target, answer)?;
-        }
         if let (true, Some(count)) = (needs.target_invalid, prepared_invalid) {
             facts.target_invalid = count;
         } else if needs.target_invalid {
@@ -740,6 +751,20 @@ impl<E: Engine> Sessions<E> {
             facts.target_answers =
                 prepared_answers.unwrap_or_else(|| self.target_answers(record, target));
         }
+        self.table_facts(record, &mut facts);
+        // Last: the reading may first take the target from its hosts, which it does only
+        // once the core accepted the command on every other fact.
+        if let (true, Some(tracks)) = (needs.target_changed, prepared_changed) {
+            facts.target_changed = tracks;
+        } else if needs.target_changed {
+            facts.target_changed = self.target_changed(command, record, &facts, source, target)?;
+        }
+        Ok(facts)
+    }
+
+    /// The facts the session table holds: the other sessions of the source, and the
+    /// highest split sequence.
+    fn table_facts(&self, record: &SessionRecord, facts: &mut session_core::Facts) {
         let table = self.table.lock();
         facts.others = table
             .sessions
@@ -753,7 +778,36 @@ impl<E: Engine> Sessions<E> {
             .map(|live| live.record.split_sequence)
             .max()
             .unwrap_or(0);
-        Ok(facts)
+    }
+
+    /// The tracks the hosts of the session's target changed since the split. A target on
+    /// another node is first taken from its hosts ([`session_core::detach`]): this
+    /// node's gates do not hold them off, and a write landing after the reading would be
+    /// missing from the resync. That happens only once the core accepts the command on
+    /// the other facts (no refusal depends on the changed tracks), so a refused command
+    /// changes nothing. A target here needs no such step: the command's gates hold its
+    /// hosts off.
+    fn target_changed(
+        &self,
+        command: &SessionCommand,
+        record: &SessionRecord,
+        facts: &session_core::Facts,
+        source: &Volume,
+        target: &dyn Target,
+    ) -> Result<Vec<u64>> {
+        let mut scratch = VolumeChanges::new();
+        if target.remote().is_some() {
+            session_core::decide(command, record.clone(), facts)
+                .map_err(|refusal| self.refusal(command, &record.describe(), source, refusal))?;
+            for operation in session_core::detach(record) {
+                target.apply(&mut scratch, operation)?;
+            }
+        }
+        let answer = target.apply(
+            &mut scratch,
+            TargetOperation::ChangedTracks { session: record.id },
+        )?;
+        target::tracks_answer(target, answer)
     }
 
     /// Carries out the session core's decision: the effects in order — a change of the
@@ -768,8 +822,10 @@ impl<E: Engine> Sessions<E> {
     ) -> Result<()> {
         crate::failpoints::hit("node::session::change")?;
         let mut changes = VolumeChanges::new();
+        let mut after_commit = Vec::new();
         for effect in decision.effects {
             match effect {
+                Effect::TargetAfterCommit(operation) => after_commit.push(operation),
                 Effect::Drain => self.drain(id, source, target)?,
                 Effect::TakeSlot(slot) => changes.take_slot(source, slot)?,
                 Effect::FreeSlot(slot) => changes.free_slot(source, slot)?,
@@ -811,7 +867,19 @@ impl<E: Engine> Sessions<E> {
                 }
             }
         }
-        self.commit(changes, id, decision.record.as_ref())
+        self.commit(changes, id, decision.record.as_ref())?;
+        for operation in after_commit {
+            // The command is done; what is left over does no harm but looks stale (the
+            // next split clears a BCV's changed tracks anyway).
+            let mut changes = VolumeChanges::new();
+            let outcome = target
+                .apply(&mut changes, operation.clone())
+                .and_then(|_| self.store.commit(changes));
+            if let Err(error) = outcome {
+                tracing::warn!(session = id, %error, ?operation, "a target's operation after the command's commit failed; the command is done");
+            }
+        }
+        Ok(())
     }
 
     /// Copies what an async mirror has not shipped yet, with host IO held off: a split

@@ -228,15 +228,15 @@ impl<E: Engine> Sessions<E> {
         }
         let session = match &operation {
             TargetOperation::Probe { session }
-            | TargetOperation::Unregister { session }
+            | TargetOperation::Release { session, .. }
             | TargetOperation::PutTrack { session, .. }
             | TargetOperation::GetTrack { session, .. }
             | TargetOperation::SetReadiness { session, .. }
             | TargetOperation::TrackChanges { session, .. }
             | TargetOperation::ChangedTracks { session }
+            | TargetOperation::ForgetChanges { session }
             | TargetOperation::CountInvalid { session }
             | TargetOperation::MarkInvalid { session, .. }
-            | TargetOperation::ClearInvalid { session, .. }
             | TargetOperation::MarkDownstream { session, .. } => *session,
             TargetOperation::Register { .. }
             | TargetOperation::PullTrack { .. }
@@ -249,7 +249,8 @@ impl<E: Engine> Sessions<E> {
             .find(|registration| registration.session == session)
             .cloned();
         let Some(registration) = registration else {
-            if matches!(operation, TargetOperation::Unregister { .. }) {
+            // A release whose answer was lost, sent again: it was carried out whole.
+            if matches!(operation, TargetOperation::Release { .. }) {
                 return Ok(TargetAnswer::Done);
             }
             return Err(Error::SessionNotFound {
@@ -300,11 +301,14 @@ impl<E: Engine> Sessions<E> {
                 let _track = self.locks.lock([(volume.id, track)]);
                 Ok(TargetAnswer::Track(target.read(track)?))
             }
-            TargetOperation::Unregister { .. } => {
+            // The session's end on the target and the registration's removal in one
+            // write: a crash leaves either the session whole or the release whole.
+            operation @ TargetOperation::Release { .. } => {
                 let _gate = self.gates.exclusive([volume.id]);
-                let mut batch = Batch::default();
-                batch.delete(Space::Meta, registration_key(&registration.volume));
-                self.store.engine().write(batch, Durability::Synced)?;
+                let mut changes = VolumeChanges::new();
+                target.apply(&mut changes, operation)?;
+                changes.delete(Space::Meta, registration_key(&registration.volume));
+                self.store.commit(changes)?;
                 self.registrations.lock().remove(&registration.volume);
                 tracing::info!(session, volume = %registration.volume, "remote session target released");
                 Ok(TargetAnswer::Done)

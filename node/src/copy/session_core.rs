@@ -25,7 +25,7 @@ use crate::store::Bits;
 use protocol::messages::{Extent, Readiness};
 use protocol::session::{
     next_state, MirrorMode, RemoteVolume, SessionCommand, SessionId, SessionKind, SessionState,
-    TargetOperation, Transition, TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
+    TargetOperation, Transition, OPERATION_EXTENTS_MAX, TARGET_TIMEOUT_MILLISECONDS_DEFAULT,
 };
 use std::collections::BTreeSet;
 
@@ -57,6 +57,10 @@ pub enum Effect {
     TargetTakeOver,
     /// An operation of the target (mark, readiness, tracking, downstream, release).
     Target(TargetOperation),
+    /// An operation of the target once the command is committed, that may fail without
+    /// undoing it: forgetting what the command took over from the target, which a
+    /// retried command must still find when the command's answer was lost.
+    TargetAfterCommit(TargetOperation),
     /// The target does not answer: its release is stored with the command and delivered
     /// when it answers again.
     ReleaseLater(RemoteVolume),
@@ -164,6 +168,10 @@ pub struct Needs {
 
 pub fn needs(command: &SessionCommand) -> Needs {
     match command {
+        SessionCommand::CloneActivate { .. } => Needs {
+            changed: true,
+            ..Needs::default()
+        },
         SessionCommand::MirrorReestablish { .. } => Needs {
             changed: true,
             pending: true,
@@ -335,25 +343,40 @@ pub fn establish_pair(
 /// A mirror attaches its BCV: host writes to the standard mark the session changed and
 /// pending, the BCV is not ready to its own hosts, and its own writes are not tracked.
 fn attach(effects: &mut Vec<Effect>, record: &SessionRecord) {
-    effects.extend([
-        Effect::SourceMarks {
-            slot: record.slot,
-            changed: Some(true),
-            pending: Some(true),
-        },
-        Effect::Target(TargetOperation::SetReadiness {
+    effects.push(Effect::SourceMarks {
+        slot: record.slot,
+        changed: Some(true),
+        pending: Some(true),
+    });
+    effects.extend(detach(record).map(Effect::Target));
+    // The tracks the BCV's hosts changed are the source's to copy now (a re-establish
+    // and a restore read them); a new pair does not need those of an earlier one.
+    effects.push(Effect::TargetAfterCommit(TargetOperation::ForgetChanges {
+        session: record.id,
+    }));
+}
+
+/// The target operations that take a BCV from its hosts: not ready, its writes no longer
+/// tracked. A re-establish or incremental restore whose BCV is on another node carries
+/// them out before it reads the tracks the BCV's hosts changed (this node's gates do not
+/// hold those hosts off), so that no host write lands after the reading; they come again
+/// in the command's effects, where repeating them changes nothing.
+pub fn detach(record: &SessionRecord) -> [TargetOperation; 2] {
+    [
+        TargetOperation::SetReadiness {
             session: record.id,
             readiness: Readiness::NotReady,
-        }),
-        Effect::Target(TargetOperation::TrackChanges {
+        },
+        TargetOperation::TrackChanges {
             session: record.id,
             tracking: false,
-        }),
-    ]);
+        },
+    ]
 }
 
 /// A command on an existing session: checks it against the state table and the facts,
-/// and says what it does.
+/// and says what it does. No refusal depends on `facts.target_changed`: the driver asks
+/// once without them before it takes a remote BCV from its hosts to read them.
 pub fn decide(
     command: &SessionCommand,
     mut record: SessionRecord,
@@ -374,6 +397,20 @@ pub fn decide(
             // The clone's total stays: a precopy moves the tracks it counted.
         }
         SessionCommand::CloneActivate { .. } => {
+            if record.precopy_slot.is_some() {
+                // A precopy's store whose answer never came (lost, or this node crashed
+                // before it) may have cleared the destination's invalid bit of a track
+                // still on the clone's list, and a host write to that track since found
+                // it not precopied and did not re-queue it. The tracks still owed are
+                // marked missing again: the copy after activation stores only missing
+                // tracks, and would otherwise leave the stale image.
+                for extents in runs(&facts.changed).chunks(OPERATION_EXTENTS_MAX) {
+                    effects.push(Effect::Target(TargetOperation::MarkInvalid {
+                        session: id,
+                        extents: extents.to_vec(),
+                    }));
+                }
+            }
             // Seed 001 FIG. 8: a precopied track needs no further copy.
             if let Some(slot) = record.precopy_slot {
                 effects.push(Effect::SourceBits {
@@ -389,16 +426,19 @@ pub fn decide(
             record.tracks_copied_last = 0;
         }
         SessionCommand::CloneTerminate { .. } | SessionCommand::CloneCancel { .. } => {
-            if matches!(command, SessionCommand::CloneCancel { .. }) {
-                // A clone never activated: its destination never went to hosts. Its
-                // invalid bits stood for tracks this clone owed it; owed by nobody now,
-                // they are cleared, so no later session takes them for missing tracks.
-                effects.push(Effect::Target(TargetOperation::ClearInvalid {
-                    session: id,
-                    extents: record.extents.clone(),
-                }));
-            }
-            effects.push(Effect::Target(TargetOperation::Unregister { session: id }));
+            // A cancel ends a clone never activated: its destination never went to
+            // hosts. Its invalid bits stood for tracks this clone owed it; owed by nobody
+            // now, they are cleared, so no later session takes them for missing tracks.
+            let cancel = matches!(command, SessionCommand::CloneCancel { .. });
+            effects.push(Effect::Target(TargetOperation::Release {
+                session: id,
+                clear_invalid: if cancel {
+                    record.extents.clone()
+                } else {
+                    Vec::new()
+                },
+                readiness: None,
+            }));
             effects.push(Effect::FreeSlot(record.slot));
             effects.extend(record.precopy_slot.map(Effect::FreeSlot));
             return Ok(Decision {
@@ -505,18 +545,14 @@ pub fn decide(
                     effects.push(Effect::ReleaseLater(remote.clone()));
                 }
                 _ => {
-                    effects.push(Effect::Target(TargetOperation::TrackChanges {
+                    // A synchronized BCV holds the standard's whole image: it goes to its
+                    // hosts. Otherwise it keeps the readiness it has.
+                    let synchronized = record.state == SessionState::Synchronized;
+                    effects.push(Effect::Target(TargetOperation::Release {
                         session: id,
-                        tracking: false,
+                        clear_invalid: Vec::new(),
+                        readiness: synchronized.then_some(Readiness::Ready),
                     }));
-                    if record.state == SessionState::Synchronized {
-                        // The BCV holds the standard's whole image: give it to its hosts.
-                        effects.push(Effect::Target(TargetOperation::SetReadiness {
-                            session: id,
-                            readiness: Readiness::Ready,
-                        }));
-                    }
-                    effects.push(Effect::Target(TargetOperation::Unregister { session: id }));
                 }
             }
             effects.push(Effect::FreeSlot(record.slot));
@@ -921,6 +957,7 @@ mod tests {
             },
             readiness(Readiness::NotReady),
             tracking(false),
+            Effect::TargetAfterCommit(TargetOperation::ForgetChanges { session: SESSION }),
         ]
     }
 
@@ -942,6 +979,18 @@ mod tests {
                     let transition = transition_of(&command).unwrap();
                     let table = next_state(kind, state, transition);
                     let decided = decide(&command, session(kind, state), &facts());
+                    // The driver takes a remote BCV from its hosts once the command is
+                    // accepted without its changed tracks: with them, it must be too.
+                    let with_changed = Facts {
+                        target_changed: vec![1, 5],
+                        ..facts()
+                    };
+                    assert_eq!(
+                        decide(&command, session(kind, state), &with_changed).is_ok(),
+                        decided.is_ok(),
+                        "{kind} {state} {}",
+                        command.name()
+                    );
                     match (&table, &decided) {
                         (Err(reason), Err(Refusal::Reason(refused))) => {
                             assert_eq!(reason, refused, "{kind} {state} {}", command.name())
@@ -1021,19 +1070,28 @@ mod tests {
     }
 
     #[test]
-    fn activating_a_precopied_clone_drops_the_precopied_list_and_readies_the_destination() {
+    fn activating_a_precopied_clone_marks_what_it_still_owes_drops_the_precopied_list_and_readies_the_destination(
+    ) {
         let activate = SessionCommand::CloneActivate {
             target: "bcv".into(),
+        };
+        let owing = Facts {
+            changed: vec![1, 2, 3, 6],
+            ..facts()
         };
         let decision = decide(
             &activate,
             session(SessionKind::Clone, S::Precopying),
-            &facts(),
+            &owing,
         )
         .unwrap();
         assert_eq!(
             decision.effects,
             vec![
+                target(TargetOperation::MarkInvalid {
+                    session: SESSION,
+                    extents: vec![extent(1, 3), extent(6, 6)],
+                }),
                 bits(Bits::Session(3), vec![whole()], false),
                 readiness(Readiness::Ready),
             ]
@@ -1067,23 +1125,24 @@ mod tests {
         };
         let decision =
             decide(&terminate, session(SessionKind::Clone, S::Copied), &facts()).unwrap();
-        let release = vec![
-            target(TargetOperation::Unregister { session: SESSION }),
-            Effect::FreeSlot(2),
-            Effect::FreeSlot(3),
-        ];
-        assert_eq!(decision.effects, release);
+        let release = |clear_invalid: Vec<Extent>| {
+            vec![
+                target(TargetOperation::Release {
+                    session: SESSION,
+                    clear_invalid,
+                    readiness: None,
+                }),
+                Effect::FreeSlot(2),
+                Effect::FreeSlot(3),
+            ]
+        };
+        assert_eq!(decision.effects, release(Vec::new()));
         assert_eq!(decision.record, None);
         let cancel = SessionCommand::CloneCancel {
             target: "bcv".into(),
         };
         let decision = decide(&cancel, session(SessionKind::Clone, S::Created), &facts()).unwrap();
-        let mut expected = vec![target(TargetOperation::ClearInvalid {
-            session: SESSION,
-            extents: vec![whole()],
-        })];
-        expected.extend(release);
-        assert_eq!(decision.effects, expected);
+        assert_eq!(decision.effects, release(vec![whole()]));
     }
 
     #[test]
@@ -1276,9 +1335,11 @@ mod tests {
         assert_eq!(
             decision.effects,
             vec![
-                tracking(false),
-                readiness(Readiness::Ready),
-                target(TargetOperation::Unregister { session: SESSION }),
+                target(TargetOperation::Release {
+                    session: SESSION,
+                    clear_invalid: Vec::new(),
+                    readiness: Some(Readiness::Ready),
+                }),
                 Effect::FreeSlot(2),
             ]
         );
@@ -1287,8 +1348,11 @@ mod tests {
         assert_eq!(
             decision.effects,
             vec![
-                tracking(false),
-                target(TargetOperation::Unregister { session: SESSION }),
+                target(TargetOperation::Release {
+                    session: SESSION,
+                    clear_invalid: Vec::new(),
+                    readiness: None,
+                }),
                 Effect::FreeSlot(2),
             ]
         );

@@ -283,7 +283,7 @@ impl<E: Engine> Sessions<E> {
         };
         for (session, remote) in pending {
             let timeout = Duration::from_millis(PROBE_TIMEOUT_MILLISECONDS_MAX);
-            match link.call_within(&remote, TargetOperation::Unregister { session }, timeout) {
+            match link.call_within(&remote, TargetOperation::release(session), timeout) {
                 Ok(_) => {
                     let mut batch = Batch::default();
                     batch.delete(Space::Meta, unregister_key(session));

@@ -137,8 +137,19 @@ impl<E: Engine> Target for LocalTarget<'_, E> {
             TargetOperation::MarkInvalid { extents, .. } => {
                 change_invalid(changes, volume, extents, true)?
             }
-            TargetOperation::ClearInvalid { extents, .. } => {
-                change_invalid(changes, volume, extents, false)?
+            // The end of the session. A target here holds no registration: a session of
+            // this node ends with its record, in this batch.
+            TargetOperation::Release {
+                clear_invalid,
+                readiness,
+                ..
+            } => {
+                changes.set_target_tracking(volume, false)?;
+                changes.forget_target_changes(volume)?;
+                change_invalid(changes, volume, clear_invalid, false)?;
+                if let Some(readiness) = readiness {
+                    changes.set_readiness(volume, readiness)?;
+                }
             }
             TargetOperation::SetReadiness { readiness, .. } => {
                 changes.set_readiness(volume, readiness)?
@@ -150,6 +161,7 @@ impl<E: Engine> Target for LocalTarget<'_, E> {
                 self.sessions
                     .mark_downstream_into(changes, volume, tracks.as_deref())?
             }
+            TargetOperation::ForgetChanges { .. } => changes.forget_target_changes(volume)?,
             TargetOperation::ChangedTracks { .. } => {
                 return Ok(TargetAnswer::Tracks(
                     self.sessions.tracks_with(volume, Bits::TargetChanged)?,
@@ -160,9 +172,7 @@ impl<E: Engine> Target for LocalTarget<'_, E> {
                     self.sessions.store.count_set(volume, Bits::Invalid)?,
                 ))
             }
-            // A target here holds no registration: a session of this node ends with its
-            // record.
-            TargetOperation::Unregister { .. } | TargetOperation::Probe { .. } => {}
+            TargetOperation::Probe { .. } => {}
             operation @ (TargetOperation::Register { .. }
             | TargetOperation::PullTrack { .. }
             | TargetOperation::Pulled { .. }

@@ -160,12 +160,23 @@ impl<'a> VolumeChanges<'a> {
         Ok(())
     }
 
-    /// Turns the marking of target-changed bits by host writes on or off, clearing what
-    /// it held (seed 002's M4b bits of a BCV).
+    /// Turns the marking of target-changed bits by host writes (seed 002's M4b bits of
+    /// a BCV) on, starting from none, or off, keeping what they hold: the source of a
+    /// re-establish or restore that turned them off reads them, and when its command did
+    /// not hear the answer it reads them again on the retry.
     pub fn set_target_tracking(&mut self, volume: &'a Volume, tracking: bool) -> Result<()> {
         let mut marks = self.marks(volume)?;
         marks.target_changed = tracking;
         self.set_marks(volume, marks)?;
+        if tracking {
+            self.change_bits(volume, Bits::TargetChanged, volume.whole(), false)?;
+        }
+        Ok(())
+    }
+
+    /// Clears the target-changed bits: the tracks the volume's hosts changed have been
+    /// taken over by its session's source, or the session ended.
+    pub fn forget_target_changes(&mut self, volume: &'a Volume) -> Result<()> {
         self.change_bits(volume, Bits::TargetChanged, volume.whole(), false)
     }
 

@@ -7,6 +7,7 @@ mod guards;
 mod locking;
 mod nbd;
 mod progress;
+mod remote_commands;
 mod requests;
 mod sessions;
 mod sessions_model;
