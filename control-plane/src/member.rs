@@ -37,7 +37,9 @@ use protocol::session::{
     next_state, SessionCommand, SessionInfo, SessionKind, SessionState, Transition,
 };
 use protocol::transport::Peer;
-use sessions::{checkpoint_info, session_lock_key, session_response, target_of, NodeSession};
+use sessions::{
+    checkpoint_info, session_lock_key, session_response, target_of, NodeSession, Replayed,
+};
 pub use sessions::{
     RESTING_SESSION_RECONCILE_INTERVAL_MILLISECONDS, SESSION_GONE_GRACE_MILLISECONDS,
 };
@@ -690,11 +692,20 @@ impl ControlPlane {
                 // recording was lost with its leader, and that the supervisor has recorded
                 // since. The node then still knows this request id and its first answer.
                 return match self.replayed_answer(request_id, &command).await {
-                    Some((node, info)) => {
+                    Replayed::Answered(node, info) => {
                         self.record_session_outcome(request_id, &node, target_of(&command), info)
                             .await
                     }
-                    None => Err(refusal),
+                    Replayed::NotCarriedOut => Err(refusal),
+                    // Refusing now could refuse a retry of a command that was carried out:
+                    // the CLI retries an unavailable cluster, and the node may answer then.
+                    Replayed::Unknown(reason) => Err(Refusal::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "{} — unless this is a retry of a command the node already carried out, which could not be asked ({reason})",
+                            refusal.message
+                        ),
+                    )),
                 };
             }
             Err(refusal) => return Err(refusal),

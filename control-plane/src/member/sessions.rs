@@ -18,6 +18,16 @@ pub const SESSION_GONE_GRACE_MILLISECONDS: u64 = 5_000;
 /// How long the leader waits for a node to say what it answered to a request id.
 const SESSION_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Whether a node carried out a request before (a retry after its leader died).
+pub(super) enum Replayed {
+    /// It did: its node and its first answer.
+    Answered(String, Option<SessionInfo>),
+    /// It did not (or its node is known to be down, and is not waited for).
+    NotCarriedOut,
+    /// Its node could not be asked; the command can be retried.
+    Unknown(String),
+}
+
 /// What a session's node says of it.
 pub(super) enum NodeSession {
     /// The node runs it and reports it so.
@@ -118,27 +128,35 @@ impl ControlPlane {
     }
 
     /// What the node of a command's source volume answered to `request_id`, when it
-    /// carried such a command out and still remembers it: the node and its answer.
+    /// carried such a command out and still remembers it; whether it did not; or that it
+    /// could not be asked.
     pub(super) async fn replayed_answer(
         &self,
         request_id: RequestId,
         command: &SessionCommand,
-    ) -> Option<(String, Option<SessionInfo>)> {
+    ) -> Replayed {
         let source = match command {
-            SessionCommand::CloneCreate { source, .. } => source.clone(),
+            SessionCommand::CloneCreate { source, .. } => Some(source.clone()),
             SessionCommand::MirrorEstablish { standard, .. }
-            | SessionCommand::MirrorRotate { standard } => standard.clone(),
-            _ => {
-                let target = target_of(command)?;
+            | SessionCommand::MirrorRotate { standard } => Some(standard.clone()),
+            _ => target_of(command).and_then(|target| {
                 self.catalog
-                    .read(|catalog| catalog.session(&target).map(|entry| entry.source.clone()))?
-            }
+                    .read(|catalog| catalog.session(&target).map(|entry| entry.source.clone()))
+            }),
         };
-        let node = self
-            .catalog
-            .read(|catalog| catalog.volume(&source).map(|volume| volume.node.clone()))?;
-        self.ensure_node_up(&node).ok()?;
-        let address = self.node_address(&node)?;
+        let Some(node) = source.and_then(|source| {
+            self.catalog
+                .read(|catalog| catalog.volume(&source).map(|volume| volume.node.clone()))
+        }) else {
+            return Replayed::NotCarriedOut;
+        };
+        // A node known to be down is not waited for: the refusal stands.
+        if self.ensure_node_up(&node).is_err() {
+            return Replayed::NotCarriedOut;
+        }
+        let Some(address) = self.node_address(&node) else {
+            return Replayed::NotCarriedOut;
+        };
         let answer = self
             .caller
             .call_within(
@@ -156,9 +174,14 @@ impl ControlPlane {
                     %node,
                     "the node carried this request out before; recording its first answer"
                 );
-                Some((node, info))
+                Replayed::Answered(node, info)
             }
-            _ => None,
+            Ok(Response::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }) => Replayed::NotCarriedOut,
+            Ok(other) => Replayed::Unknown(format!("node {node} answered {other:?}")),
+            Err(reason) => Replayed::Unknown(format!("node {node} did not answer: {reason}")),
         }
     }
 
