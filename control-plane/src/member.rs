@@ -693,6 +693,7 @@ impl ControlPlane {
                 // since. The node then still knows this request id and its first answer.
                 return match self.replayed_answer(request_id, &command).await {
                     Replayed::Answered(node, info) => {
+                        let info = info.map(|info| *info);
                         self.record_session_outcome(request_id, &node, target_of(&command), info)
                             .await
                     }

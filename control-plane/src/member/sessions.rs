@@ -21,7 +21,7 @@ const SESSION_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Whether a node carried out a request before (a retry after its leader died).
 pub(super) enum Replayed {
     /// It did: its node and its first answer.
-    Answered(String, Option<SessionInfo>),
+    Answered(String, Option<Box<SessionInfo>>),
     /// It did not (or its node is known to be down, and is not waited for).
     NotCarriedOut,
     /// Its node could not be asked; the command can be retried.
@@ -174,7 +174,7 @@ impl ControlPlane {
                     %node,
                     "the node carried this request out before; recording its first answer"
                 );
-                Replayed::Answered(node, info)
+                Replayed::Answered(node, info.map(Box::new))
             }
             Ok(Response::Error {
                 code: ErrorCode::NotFound,
