@@ -8,6 +8,7 @@ mod locking;
 mod nbd;
 mod progress;
 mod requests;
+mod seed_model;
 mod sessions;
 mod sessions_model;
 mod snapshots;
