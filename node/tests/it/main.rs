@@ -11,6 +11,7 @@ mod requests;
 mod seed_model;
 mod sessions;
 mod sessions_model;
+mod sessions_model_remote;
 mod snapshots;
 mod store;
 mod suspend;
