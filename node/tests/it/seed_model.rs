@@ -25,6 +25,13 @@ pub enum Operation {
         track: u64,
         byte: u8,
     },
+    /// One host write over several tracks (`first..=last`), all filled with `byte`.
+    WriteRange {
+        volume: usize,
+        first: u64,
+        last: u64,
+        byte: u8,
+    },
     Read {
         volume: usize,
         track: u64,
@@ -76,26 +83,14 @@ pub enum Operation {
     Probe,
 }
 
-impl Operation {
-    /// Whether this is a session command (the rest is host IO, copy steps and probes).
-    pub fn is_command(&self) -> bool {
-        !matches!(
-            self,
-            Operation::Write { .. }
-                | Operation::Read { .. }
-                | Operation::Step { .. }
-                | Operation::Probe
-        )
-    }
-}
-
 /// Which operations a test draws.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Repertoire {
     /// The operations of the test with every target on the standard's node.
     Local,
-    /// Those, and also clone cancels, async mirrors and probes of suspended sessions,
-    /// which only matter when a target can stop answering.
+    /// Those, and also clone cancels, async mirrors, writes over several tracks and probes
+    /// of suspended sessions. A write over many tracks is likely to meet the one track a
+    /// lost answer left in an odd state, which a single track rarely is.
     Remote,
 }
 
@@ -128,6 +123,15 @@ pub fn operation(tracks: u64, repertoire: Repertoire) -> BoxedStrategy<Operation
         Repertoire::Remote => prop_oneof![
             28 => common,
             1 => target.clone().prop_map(|target| Operation::CloneCancel { target }),
+            // More host writes to the standard: every session reads from it, so that is
+            // where a write meets a copy in every state.
+            3 => (0..tracks, 1u8..=255).prop_map(|(track, byte)| Operation::Write { volume: 0, track, byte }),
+            2 => (0usize..VOLUMES, 0..tracks, 0..tracks, 1u8..=255).prop_map(|(volume, a, b, byte)| {
+                Operation::WriteRange { volume, first: a.min(b), last: a.max(b), byte }
+            }),
+            2 => (0..tracks, 0..tracks, 1u8..=255).prop_map(|(a, b, byte)| {
+                Operation::WriteRange { volume: 0, first: a.min(b), last: a.max(b), byte }
+            }),
             1 => target.prop_map(|target| Operation::Establish { target, asynchronous: true }),
             2 => Just(Operation::Probe),
         ]
@@ -429,6 +433,7 @@ impl Model {
                 true
             }
             Operation::Write { .. }
+            | Operation::WriteRange { .. }
             | Operation::Read { .. }
             | Operation::Step { .. }
             | Operation::Probe => {
@@ -486,6 +491,7 @@ pub fn target_volume(operation: &Operation) -> Option<usize> {
         | Operation::Cancel { target } => Some(target + 1),
         Operation::Rotate
         | Operation::Write { .. }
+        | Operation::WriteRange { .. }
         | Operation::Read { .. }
         | Operation::Step { .. }
         | Operation::Probe => None,
@@ -555,6 +561,7 @@ pub fn to_command(operation: &Operation) -> SessionCommand {
             standard: STANDARD.to_string(),
         },
         Operation::Write { .. }
+        | Operation::WriteRange { .. }
         | Operation::Read { .. }
         | Operation::Step { .. }
         | Operation::Probe => {

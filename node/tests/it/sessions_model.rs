@@ -160,7 +160,9 @@ fn run_case(operations: Vec<Operation>, probe: Vec<u64>) -> Result<(), TestCaseE
                 }
                 check(&sessions, &model, &probe, false)?;
             }
-            Operation::Probe => unreachable!("the local repertoire has no probes"),
+            Operation::Probe | Operation::WriteRange { .. } => {
+                unreachable!("not in the local repertoire")
+            }
             _ => {
                 sessions.settle().unwrap();
                 let accepted = model.command(operation);

@@ -6,10 +6,11 @@
 //! session; `beta` holds `bcv1`..`bcv3`, the sessions' targets, and serves alpha's target
 //! operations (`serve_target`); beta's hosts pull a clone's missing tracks back from alpha
 //! the same way. Each direction goes through a [`FaultyLink`] driven by a schedule that is
-//! part of the test's input. Per call the link either answers normally, or refuses (the
+//! part of the test's input. Per call (each operation of a many-operation call, such as a
+//! copy step's tracks, counts as one) the link either answers normally, or refuses (the
 //! operation never reaches the other node, and the caller gets the error of a node that
 //! does not answer), or loses the answer (the other node carries the operation out, and the
-//! caller gets the same error). About one call in twenty meets a fault, so sessions still
+//! caller gets the same error). About one call in twelve meets a fault, so sessions still
 //! make progress; a faulty call returns at once, so no case waits for a timeout.
 //!
 //! What the system around the node does is modelled as well. A session command that fails
@@ -18,7 +19,9 @@
 //! applies the command once, when it succeeds, and a command the seeds refuse must be
 //! refused both times. A host IO that fails because of a fault, or because a session whose
 //! target did not answer is suspended, is retried the same way, as a host retries an IO
-//! error.
+//! error. A mirror cancel that met a fault when it asked whether the BCV's node answers
+//! ends the session without the BCV, by design: the model then takes the BCV's readiness
+//! and tracking from beta (see [`adopt_abandoned_bcv`]).
 //!
 //! Suspension: the mirrors are not strict, so a session whose target does not answer goes
 //! to `suspended` (clones and async mirrors do so whatever `--strict` says, so a strict
@@ -28,13 +31,21 @@
 //! (with the link healthy). Until then the checks take `suspended` for a state on its way
 //! to the one the model holds.
 //!
+//! Before every command the copies finish with the link healthy, as in `sessions_model.rs`,
+//! except that a clone's precopy is often left half done: the model's outcome of a clone
+//! does not depend on it, and a precopy interrupted by a lost answer, a host write and an
+//! activation is where a track must not be taken for copied. Host writes over several
+//! tracks make it likely that a write meets the one track a lost answer left behind.
+//!
 //! The checks after every operation are those of `sessions_model.rs`: every host read
 //! returns the model's image, every volume has the model's readiness, every mirror's
-//! changed bits and every BCV's target-changed bits are the model's. At rest (before every
-//! command and at the end, the copies finished with the link healthy) every synchronized
-//! BCV holds its standard's image, every session is in the model's state, no slot of the
-//! standard is held by no session, and beta holds a registration (and invalid tracks) only
-//! for volumes in a session.
+//! changed bits and every BCV's target-changed bits are the model's, and no slot of the
+//! standard is held by no session. At rest (before every command and at the end) every
+//! session is in the model's state, every synchronized BCV holds its standard's image, and
+//! beta holds a registration (and invalid tracks) only for volumes in a session.
+//!
+//! Deterministic cases at the end lose one answer placed by hand, for the bugs the
+//! property found.
 
 use crate::seed_model::{
     holds, name, operation, target_volume, to_command, track_bytes, Model, ModelKind, Operation,
@@ -83,10 +94,11 @@ struct ScheduledFault {
 }
 
 fn scheduled_fault() -> impl Strategy<Value = ScheduledFault> {
-    // One call in about twenty meets a fault: a copy step of 64 tracks meets a few, and
-    // the tracks acknowledged around them still count, so copies progress.
+    // About one call in twelve meets a fault (half of the entries come close together): a
+    // copy step of 64 tracks meets a few, and the tracks acknowledged around them still
+    // count, so copies progress.
     (
-        0u16..40,
+        prop_oneof![0u16..8, 0u16..40],
         prop_oneof![Just(Fault::Refuse), Just(Fault::LoseAnswer)],
     )
         .prop_map(|(calls_before, fault)| ScheduledFault {
@@ -113,6 +125,7 @@ struct LinkState {
     /// Calls answered normally since the last scheduled fault.
     answered_since_fault: u16,
     trap: Option<Trap>,
+    /// Every call so far, faulty or not: fault descriptions give their call's number.
     calls: u64,
     /// Every fault injected, described for failure messages; its length tells whether an
     /// operation of the test met a fault.
@@ -226,36 +239,38 @@ impl FaultyLink {
         peer.serve_target(operation)
     }
 
-    /// Carries out a call with its fault, if it meets one; `unanswered` is the error a
+    /// Carries out a call with its fault, if it meets one; `unanswered` makes the error a
     /// caller gets from a node that does not answer.
     fn carry_out(
         &self,
         operation: TargetOperation,
-        unanswered: node::Error,
+        unanswered: impl FnOnce() -> node::Error,
     ) -> node::Result<TargetAnswer> {
         match self.fault_for(&operation) {
             None => self.serve(operation),
-            Some(Fault::Refuse) => Err(unanswered),
+            Some(Fault::Refuse) => Err(unanswered()),
             Some(Fault::LoseAnswer) => {
                 // Whatever the other node answered, the caller does not hear it.
                 let _ = self.serve(operation);
-                Err(unanswered)
+                Err(unanswered())
             }
         }
     }
 }
 
+/// `call_many` and `call_many_within` keep the trait's own versions, which make one call
+/// per operation: each operation of a copy step meets its own fault, as each stream of the
+/// QUIC link can.
 impl TargetLink for FaultyLink {
     fn call(
         &self,
         remote: &RemoteVolume,
         operation: TargetOperation,
     ) -> node::Result<TargetAnswer> {
-        let unanswered = node::Error::Remote {
+        self.carry_out(operation, || node::Error::Remote {
             node: remote.node.clone(),
             detail: "the connection broke (an injected fault)".to_string(),
-        };
-        self.carry_out(operation, unanswered)
+        })
     }
 
     /// A fault returns at once instead of after `timeout`: the test takes the answer that
@@ -266,12 +281,11 @@ impl TargetLink for FaultyLink {
         operation: TargetOperation,
         timeout: Duration,
     ) -> node::Result<TargetAnswer> {
-        let unanswered = node::Error::TargetUnanswered {
+        self.carry_out(operation, || node::Error::TargetUnanswered {
             node: remote.node.clone(),
             volume: remote.volume.clone(),
             timeout_milliseconds: timeout.as_millis() as u64,
-        };
-        self.carry_out(operation, unanswered)
+        })
     }
 
     fn this_node(&self) -> (String, String) {
@@ -372,12 +386,33 @@ impl Cluster {
     }
 
     /// Lets every copy finish with the network healed, as the seeds' commands are issued
-    /// against resting sessions.
-    fn rest(&self) -> Result<(), TestCaseError> {
+    /// against resting sessions; with `precopies` false, precopies go on where they are
+    /// (their clone's outcome does not depend on how far they went).
+    fn rest(&self, precopies: bool) -> Result<(), TestCaseError> {
         self.probe_healed();
-        let settled = self.alpha.settle();
-        prop_assert!(settled.is_ok(), "copies did not finish: {:?}", settled);
-        Ok(())
+        if precopies {
+            let settled = self.alpha.settle();
+            prop_assert!(settled.is_ok(), "copies did not finish: {:?}", settled);
+            return Ok(());
+        }
+        // `settle` without the precopies; no rotation waits for its split here (a
+        // rotation is let finish with everything else).
+        loop {
+            let mut worked = false;
+            for info in self.alpha.list(None).unwrap() {
+                if info.state == SessionState::Precopying
+                    || !self.alpha.copying().contains(&info.id)
+                {
+                    continue;
+                }
+                let stepped = self.alpha.copy_step(info.id);
+                prop_assert!(stepped.is_ok(), "copies did not finish: {:?}", stepped);
+                worked |= !stepped.unwrap().idle;
+            }
+            if !worked {
+                return Ok(());
+            }
+        }
     }
 
     /// Host IO with the network faulty; a failure met because of a fault, or because a
@@ -435,6 +470,7 @@ impl Cluster {
         self.faults(true);
         let result = self.alpha.copy_step(*id);
         self.faults(false);
+
         prop_assert!(
             result.is_ok() || self.injected() > injected,
             "a copy step failed without a fault: {:?}",
@@ -555,8 +591,12 @@ fn check(
             }
         }
         if settled {
-            // A created clone copies nothing until a precopy or its activation.
-            if session.state != SessionState::Created {
+            // A created clone copies nothing until a precopy or its activation, and a
+            // precopy may be left half done.
+            if !matches!(
+                session.state,
+                SessionState::Created | SessionState::Precopying
+            ) {
                 prop_assert_eq!(info.tracks_remaining, 0, "{} settled", name(session.target));
             }
             // A synchronized BCV holds its standard's image, though its hosts cannot read
@@ -626,39 +666,94 @@ fn adopt_abandoned_bcv(cluster: &Cluster, model: &mut Model, volume: usize) {
     }
 }
 
-/// One operation of a case, and how many copy steps come between a command's failure
-/// and its retry.
-type Step = (Operation, u8);
+/// One host write of tracks `first..=last` of a volume, all filled with `byte`: it lands
+/// whole or not at all.
+fn host_write(
+    cluster: &Cluster,
+    model: &mut Model,
+    volume: usize,
+    first: u64,
+    last: u64,
+    byte: u8,
+) -> Result<(), TestCaseError> {
+    let node = cluster.node(volume);
+    let handle = node.store().volume(name(volume)).unwrap();
+    let mut accepted = true;
+    for track in first..=last {
+        accepted &= model.write(volume, track, byte);
+    }
+    let tracks = last - first + 1;
+    let data = vec![byte; (tracks * TRACK_BYTES) as usize];
+    let result = cluster.host_io(|| {
+        node.write(
+            &handle,
+            first * TRACK_BYTES,
+            tracks * TRACK_BYTES,
+            Some(&data),
+            Durability::Logged,
+        )
+    });
+    prop_assert_eq!(
+        result.is_ok(),
+        accepted,
+        "write of {} tracks {}..={}: {:?}",
+        name(volume),
+        first,
+        last,
+        result
+    );
+    Ok(())
+}
 
-fn drive(cluster: &Cluster, operations: &[Step], probe: &[u64]) -> Result<(), TestCaseError> {
+/// One operation of a case, with how the test carries out a command.
+#[derive(Debug, Clone)]
+struct Turn {
+    operation: Operation,
+    /// Whether precopies finish too when the copies finish before a command. The model
+    /// gives a clone's outcome whatever its precopy did, and a precopy left half done is
+    /// where a track it sent and a host rewrote must not be taken for copied at the
+    /// activation.
+    finish_precopies: bool,
+    /// How many copy steps come between a command's failure and its retry.
+    steps_before_retry: u8,
+}
+
+fn turn() -> impl Strategy<Value = Turn> {
+    // Precopies are left half done three times in four.
+    let finish_precopies = prop_oneof![1 => Just(true), 3 => Just(false)];
+    (
+        operation(TRACKS, Repertoire::Remote),
+        finish_precopies,
+        0u8..3,
+    )
+        .prop_map(|(operation, finish_precopies, steps_before_retry)| Turn {
+            operation,
+            finish_precopies,
+            steps_before_retry,
+        })
+}
+
+fn drive(cluster: &Cluster, turns: &[Turn], probe: &[u64]) -> Result<(), TestCaseError> {
     let mut model = Model::new(TRACKS);
-    for (operation, steps_before_retry) in operations {
+    for turn in turns {
+        let operation = &turn.operation;
         match *operation {
             Operation::Write {
                 volume,
                 track,
                 byte,
             } => {
-                let node = cluster.node(volume);
-                let handle = node.store().volume(name(volume)).unwrap();
-                let accepted = model.write(volume, track, byte);
-                let result = cluster.host_io(|| {
-                    node.write(
-                        &handle,
-                        track * TRACK_BYTES,
-                        TRACK_BYTES,
-                        Some(&track_bytes(byte)),
-                        Durability::Logged,
-                    )
-                });
-                prop_assert_eq!(
-                    result.is_ok(),
-                    accepted,
-                    "write {:?}: {:?}",
-                    operation,
-                    result
-                );
+                host_write(cluster, &mut model, volume, track, track, byte)?;
                 check(cluster, &model, &[track], false)?;
+            }
+            Operation::WriteRange {
+                volume,
+                first,
+                last,
+                byte,
+            } => {
+                host_write(cluster, &mut model, volume, first, last, byte)?;
+                check(cluster, &model, &[first, last], false)?;
             }
             Operation::Read { volume, track } => {
                 let node = cluster.node(volume);
@@ -695,7 +790,7 @@ fn drive(cluster: &Cluster, operations: &[Step], probe: &[u64]) -> Result<(), Te
                 check(cluster, &model, probe, false)?;
             }
             _ => {
-                cluster.rest()?;
+                cluster.rest(turn.finish_precopies)?;
                 check(cluster, &model, probe, true)?;
                 // A cancel that finds the BCV's node not answering owes it a release.
                 let cancelled = match operation {
@@ -706,7 +801,7 @@ fn drive(cluster: &Cluster, operations: &[Step], probe: &[u64]) -> Result<(), Te
                         .map(|info| info.id),
                     _ => None,
                 };
-                let result = cluster.command(operation, *steps_before_retry);
+                let result = cluster.command(operation, turn.steps_before_retry);
                 let accepted = model.command(operation);
                 prop_assert_eq!(
                     result.is_ok(),
@@ -727,7 +822,7 @@ fn drive(cluster: &Cluster, operations: &[Step], probe: &[u64]) -> Result<(), Te
                 // copy steps to meet.
                 let settled = matches!(operation, Operation::Rotate);
                 if settled {
-                    cluster.rest()?;
+                    cluster.rest(true)?;
                 }
                 // Reading a track pulls it, so checking every track here would copy the
                 // whole clone at once and leave nothing for host writes to race with.
@@ -735,19 +830,19 @@ fn drive(cluster: &Cluster, operations: &[Step], probe: &[u64]) -> Result<(), Te
             }
         }
     }
-    cluster.rest()?;
+    cluster.rest(true)?;
     let all: Vec<u64> = (0..TRACKS).collect();
     check(cluster, &model, &all, true)
 }
 
 fn run_case(
-    operations: Vec<Step>,
+    turns: Vec<Turn>,
     probe: Vec<u64>,
     to_beta: Vec<ScheduledFault>,
     to_alpha: Vec<ScheduledFault>,
 ) -> Result<(), TestCaseError> {
     let cluster = Cluster::new(to_beta, to_alpha);
-    drive(&cluster, &operations, &probe).map_err(|error| match error {
+    drive(&cluster, &turns, &probe).map_err(|error| match error {
         TestCaseError::Fail(reason) => TestCaseError::fail(format!(
             "{}\nfaults injected:\n{}",
             reason.message(),
@@ -769,15 +864,12 @@ proptest! {
 
     #[test]
     fn remote_sessions_follow_the_seeds_rules_through_a_faulty_link(
-        operations in proptest::collection::vec(
-            (operation(TRACKS, Repertoire::Remote), 0u8..3),
-            1..40,
-        ),
+        turns in proptest::collection::vec(turn(), 1..40),
         probe in proptest::collection::vec(0..TRACKS, 3),
         to_beta in proptest::collection::vec(scheduled_fault(), 0..16),
         to_alpha in proptest::collection::vec(scheduled_fault(), 0..4),
     ) {
-        run_case(operations, probe, to_beta, to_alpha)?;
+        run_case(turns, probe, to_beta, to_alpha)?;
     }
 }
 
@@ -1007,4 +1099,48 @@ fn a_precopied_track_whose_answer_was_lost_reaches_the_clone_as_hosts_rewrote_it
         difference, None,
         "the clone differs from the standard at its point in time at this track"
     );
+}
+
+#[test]
+fn a_new_session_into_a_remote_volume_another_session_of_this_node_holds_is_refused() {
+    let cluster = Cluster::new(Vec::new(), Vec::new());
+    fill_standard(&cluster, 0x11);
+    let clone = Operation::CloneCreate {
+        target: 0,
+        precopy: false,
+        extent: None,
+    };
+    let mirror = Operation::Establish {
+        target: 1,
+        asynchronous: false,
+    };
+    command(&cluster, &clone).unwrap();
+    command(&cluster, &mirror).unwrap();
+    cluster.alpha.settle().unwrap();
+    // Each target is taken: a second session into it must be refused, as it is when the
+    // target is on alpha, and not take the volume's registration on beta from the first.
+    let second_sessions = [
+        clone.clone(),
+        Operation::Establish {
+            target: 0,
+            asynchronous: false,
+        },
+        Operation::CloneCreate {
+            target: 1,
+            precopy: false,
+            extent: None,
+        },
+    ];
+    for operation in second_sessions {
+        let outcome = command(&cluster, &operation);
+        assert!(
+            outcome.is_err(),
+            "{operation:?} was accepted into a volume another session holds: {outcome:?}"
+        );
+    }
+    assert_eq!(cluster.alpha.list(None).unwrap().len(), 2);
+    // The first sessions still own their targets on beta.
+    command(&cluster, &Operation::CloneCancel { target: 0 }).unwrap();
+    command(&cluster, &Operation::Cancel { target: 1 }).unwrap();
+    assert!(!cluster.beta.involves(name(1)) && !cluster.beta.involves(name(2)));
 }
