@@ -885,7 +885,8 @@ fn releases_the_target(operation: &TargetOperation) -> bool {
 /// The operation that stops a BCV tracking its hosts' writes (and clears what it
 /// tracked).
 fn stops_tracking(operation: &TargetOperation) -> bool {
-    operation_name(operation) == "TrackChanges" && format!("{operation:?}").contains("false")
+    operation_name(operation) == "TrackChanges"
+        && format!("{operation:?}").contains("tracking: false")
 }
 
 /// The operation that stores a copied track on the target.
@@ -910,6 +911,7 @@ fn fill_standard(cluster: &Cluster, byte: u8) {
     }
 }
 
+/// A host write of one track of a volume, with the network healthy.
 fn write_track(cluster: &Cluster, volume: usize, track: u64, byte: u8) {
     let node = cluster.node(volume);
     let handle = node.store().volume(name(volume)).unwrap();
