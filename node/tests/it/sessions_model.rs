@@ -4,470 +4,27 @@
 //! target-changed bits, every volume's readiness, and which commands are refused).
 //!
 //! The configuration is seed 002's FIG. 9: one standard volume (`std`) and three others
-//! that may become its clones or BCVs. Before a command the copies are allowed to finish
-//! (the seeds' commands are issued against resting sessions); after it, host IO
-//! interleaves with partial copy steps, which is where copy before write, copy on first
-//! access and pulls of restored tracks must keep every host's view exact.
+//! that may become its clones or BCVs, all on one node; the model itself is in
+//! `seed_model.rs`, shared with `sessions_model_remote.rs`. Before a command the copies
+//! are allowed to finish (the seeds' commands are issued against resting sessions); after
+//! it, host IO interleaves with partial copy steps, which is where copy before write, copy
+//! on first access and pulls of restored tracks must keep every host's view exact.
 
+use crate::seed_model::{
+    holds, name, operation, to_command, track_bytes, Model, ModelKind, Operation, Repertoire,
+    STANDARD, TRACK_BYTES, VOLUMES,
+};
 use node::copy::Sessions;
 use node::engine::memory::MemoryEngine;
 use node::engine::Durability;
 use node::store::{Bits, VolumeStore};
 use proptest::prelude::*;
-use protocol::messages::{Extent, Readiness};
-use protocol::session::{MirrorMode, SessionCommand, SessionKind, SessionState};
+use protocol::messages::Readiness;
+use protocol::session::{SessionKind, SessionState};
 use std::sync::Arc;
 
-const TRACK_BYTES: u64 = 4096;
 /// More tracks than one copy step moves, so steps leave copies half done.
 const TRACKS: u64 = 40;
-const TARGETS: [&str; 3] = ["bcv1", "bcv2", "bcv3"];
-const STANDARD: &str = "std";
-
-#[derive(Debug, Clone)]
-enum Operation {
-    Write {
-        volume: usize,
-        track: u64,
-        byte: u8,
-    },
-    Read {
-        volume: usize,
-        track: u64,
-    },
-    Step {
-        session: usize,
-    },
-    CloneCreate {
-        target: usize,
-        precopy: bool,
-        extent: Option<(u64, u64)>,
-    },
-    ClonePrecopy {
-        target: usize,
-    },
-    CloneActivate {
-        target: usize,
-    },
-    CloneTerminate {
-        target: usize,
-    },
-    Establish {
-        target: usize,
-    },
-    Split {
-        target: usize,
-        differential: bool,
-    },
-    Reestablish {
-        target: usize,
-    },
-    Restore {
-        target: usize,
-        incremental: bool,
-    },
-    Cancel {
-        target: usize,
-    },
-    Rotate,
-}
-
-fn operation() -> impl Strategy<Value = Operation> {
-    // Volume 0 is the standard; 1..=3 the targets.
-    let volume = 0usize..4;
-    let target = 0usize..3;
-    prop_oneof![
-        6 => (volume.clone(), 0..TRACKS, 1u8..=255).prop_map(|(volume, track, byte)| Operation::Write { volume, track, byte }),
-        3 => (volume, 0..TRACKS).prop_map(|(volume, track)| Operation::Read { volume, track }),
-        4 => (0usize..3).prop_map(|session| Operation::Step { session }),
-        2 => (target.clone(), any::<bool>(), proptest::option::of((0..TRACKS, 0..TRACKS)))
-            .prop_map(|(target, precopy, extent)| Operation::CloneCreate {
-                target,
-                precopy,
-                extent: extent.map(|(a, b)| (a.min(b), a.max(b))),
-            }),
-        1 => target.clone().prop_map(|target| Operation::ClonePrecopy { target }),
-        2 => target.clone().prop_map(|target| Operation::CloneActivate { target }),
-        1 => target.clone().prop_map(|target| Operation::CloneTerminate { target }),
-        2 => target.clone().prop_map(|target| Operation::Establish { target }),
-        2 => (target.clone(), any::<bool>()).prop_map(|(target, differential)| Operation::Split { target, differential }),
-        2 => target.clone().prop_map(|target| Operation::Reestablish { target }),
-        1 => (target.clone(), any::<bool>()).prop_map(|(target, incremental)| Operation::Restore { target, incremental }),
-        1 => target.prop_map(|target| Operation::Cancel { target }),
-        1 => Just(Operation::Rotate),
-    ]
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum ModelKind {
-    Clone,
-    Mirror,
-}
-
-#[derive(Debug, Clone)]
-struct ModelSession {
-    kind: ModelKind,
-    target: usize,
-    state: SessionState,
-    extent: (u64, u64),
-    /// Mirror: seed 002's PB column, "changed since the last split".
-    changed: Vec<bool>,
-    split_sequence: u64,
-}
-
-/// The seeds' rules over plain vectors.
-struct Model {
-    /// What a host reading each volume must see, track by track (one fill byte a track).
-    images: [Vec<u8>; 4],
-    readiness: [Readiness; 4],
-    /// BCV target-changed bits (seed 002's M4b), per volume.
-    target_changed: [Vec<bool>; 4],
-    sessions: Vec<ModelSession>,
-    split_counter: u64,
-}
-
-impl Model {
-    fn new() -> Model {
-        Model {
-            images: std::array::from_fn(|_| vec![0; TRACKS as usize]),
-            readiness: [Readiness::Ready; 4],
-            target_changed: std::array::from_fn(|_| vec![false; TRACKS as usize]),
-            sessions: Vec::new(),
-            split_counter: 0,
-        }
-    }
-
-    fn session_of(&self, target: usize, kind: ModelKind) -> Option<usize> {
-        self.sessions
-            .iter()
-            .position(|session| session.target == target && session.kind == kind)
-    }
-
-    fn any_session_of(&self, target: usize) -> Option<usize> {
-        self.sessions
-            .iter()
-            .position(|session| session.target == target)
-    }
-
-    fn split_tracked(&self, volume: usize) -> bool {
-        self.sessions.iter().any(|session| {
-            session.kind == ModelKind::Mirror
-                && session.target == volume
-                && session.state == SessionState::Split
-        })
-    }
-
-    /// A host write: refused on a volume that is not ready, otherwise it lands and marks
-    /// every mirror of the standard changed (FIG. 10, event 230) or the split BCV's
-    /// target-changed bit (event 231).
-    fn write(&mut self, volume: usize, track: u64, byte: u8) -> bool {
-        if self.readiness[volume] != Readiness::Ready {
-            return false;
-        }
-        self.images[volume][track as usize] = byte;
-        if volume == 0 {
-            for session in &mut self.sessions {
-                if session.kind == ModelKind::Mirror {
-                    session.changed[track as usize] = true;
-                }
-            }
-        } else if self.split_tracked(volume) {
-            self.target_changed[volume][track as usize] = true;
-        }
-        true
-    }
-
-    /// Applies a command; false when the seeds refuse it (nothing changes then).
-    fn command(&mut self, operation: &Operation) -> bool {
-        let volume_of = |target: usize| target + 1;
-        match *operation {
-            Operation::CloneCreate {
-                target,
-                precopy,
-                extent,
-            } => {
-                let volume = volume_of(target);
-                if self.any_session_of(volume).is_some() {
-                    return false;
-                }
-                self.readiness[volume] = Readiness::NotReady;
-                self.sessions.push(ModelSession {
-                    kind: ModelKind::Clone,
-                    target: volume,
-                    state: if precopy {
-                        SessionState::Precopying
-                    } else {
-                        SessionState::Created
-                    },
-                    extent: extent.unwrap_or((0, TRACKS - 1)),
-                    changed: vec![false; TRACKS as usize],
-                    split_sequence: 0,
-                });
-                true
-            }
-            Operation::ClonePrecopy { target } => {
-                let Some(index) = self.session_of(volume_of(target), ModelKind::Clone) else {
-                    return false;
-                };
-                if self.sessions[index].state != SessionState::Created {
-                    return false;
-                }
-                self.sessions[index].state = SessionState::Precopying;
-                true
-            }
-            Operation::CloneActivate { target } => {
-                let volume = volume_of(target);
-                let Some(index) = self.session_of(volume, ModelKind::Clone) else {
-                    return false;
-                };
-                let session = &mut self.sessions[index];
-                if !matches!(
-                    session.state,
-                    SessionState::Created | SessionState::Precopying
-                ) {
-                    return false;
-                }
-                // The point in time is now; the copy finishes before the next command.
-                session.state = SessionState::Copied;
-                let (first, last) = session.extent;
-                for track in first..=last {
-                    self.images[volume][track as usize] = self.images[0][track as usize];
-                }
-                self.readiness[volume] = Readiness::Ready;
-                true
-            }
-            Operation::CloneTerminate { target } => {
-                let Some(index) = self.session_of(volume_of(target), ModelKind::Clone) else {
-                    return false;
-                };
-                if self.sessions[index].state != SessionState::Copied {
-                    return false;
-                }
-                self.sessions.remove(index);
-                true
-            }
-            Operation::Establish { target } => {
-                let volume = volume_of(target);
-                match self.any_session_of(volume) {
-                    Some(index) => {
-                        let session = &mut self.sessions[index];
-                        if session.kind != ModelKind::Mirror || session.state != SessionState::Split
-                        {
-                            return false;
-                        }
-                        session.state = SessionState::Synchronized;
-                        session.changed = vec![true; TRACKS as usize];
-                    }
-                    None => self.sessions.push(ModelSession {
-                        kind: ModelKind::Mirror,
-                        target: volume,
-                        state: SessionState::Synchronized,
-                        extent: (0, TRACKS - 1),
-                        changed: vec![true; TRACKS as usize],
-                        split_sequence: 0,
-                    }),
-                }
-                self.readiness[volume] = Readiness::NotReady;
-                self.target_changed[volume] = vec![false; TRACKS as usize];
-                true
-            }
-            Operation::Split { target, .. } => {
-                let volume = volume_of(target);
-                let Some(index) = self.session_of(volume, ModelKind::Mirror) else {
-                    return false;
-                };
-                if self.sessions[index].state != SessionState::Synchronized {
-                    return false;
-                }
-                self.split(index);
-                true
-            }
-            Operation::Reestablish { target } => {
-                let volume = volume_of(target);
-                let Some(index) = self.session_of(volume, ModelKind::Mirror) else {
-                    return false;
-                };
-                if self.sessions[index].state != SessionState::Split {
-                    return false;
-                }
-                self.reestablish(index);
-                true
-            }
-            Operation::Restore {
-                target,
-                incremental: _,
-            } => {
-                let volume = volume_of(target);
-                let Some(index) = self.session_of(volume, ModelKind::Mirror) else {
-                    return false;
-                };
-                if self.sessions[index].state != SessionState::Split {
-                    return false;
-                }
-                if self.sessions.iter().any(|session| {
-                    session.kind == ModelKind::Clone && session.state != SessionState::Copied
-                }) {
-                    return false;
-                }
-                // Full and incremental restores leave the same image: a track neither side
-                // changed since the split is already equal (seed 002, FIG. 8).
-                let restored: Vec<bool> = (0..TRACKS as usize)
-                    .map(|track| {
-                        self.images[0][track] != self.images[volume][track]
-                            || self.sessions[index].changed[track]
-                            || self.target_changed[volume][track]
-                    })
-                    .collect();
-                let Operation::Restore { incremental, .. } = *operation else {
-                    unreachable!()
-                };
-                self.images[0] = self.images[volume].clone();
-                for (other_index, other) in self.sessions.iter_mut().enumerate() {
-                    if other_index != index && other.kind == ModelKind::Mirror {
-                        for (changed, restored) in other.changed.iter_mut().zip(&restored) {
-                            if !incremental || *restored {
-                                *changed = true;
-                            }
-                        }
-                    }
-                }
-                let session = &mut self.sessions[index];
-                session.changed = vec![false; TRACKS as usize];
-                session.state = SessionState::Synchronized;
-                self.readiness[volume] = Readiness::NotReady;
-                self.target_changed[volume] = vec![false; TRACKS as usize];
-                true
-            }
-            Operation::Cancel { target } => {
-                let volume = volume_of(target);
-                let Some(index) = self.session_of(volume, ModelKind::Mirror) else {
-                    return false;
-                };
-                if self.sessions[index].state == SessionState::Synchronized {
-                    self.images[volume] = self.images[0].clone();
-                    self.readiness[volume] = Readiness::Ready;
-                }
-                self.target_changed[volume] = vec![false; TRACKS as usize];
-                self.sessions.remove(index);
-                true
-            }
-            Operation::Rotate => {
-                let Some(index) = self
-                    .sessions
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, session)| {
-                        session.kind == ModelKind::Mirror && session.state == SessionState::Split
-                    })
-                    .min_by_key(|(_, session)| session.split_sequence)
-                    .map(|(index, _)| index)
-                else {
-                    return false;
-                };
-                self.reestablish(index);
-                self.split(index);
-                true
-            }
-            Operation::Write { .. } | Operation::Read { .. } | Operation::Step { .. } => {
-                unreachable!("not a command")
-            }
-        }
-    }
-
-    fn reestablish(&mut self, index: usize) {
-        let volume = self.sessions[index].target;
-        for track in 0..TRACKS as usize {
-            if self.target_changed[volume][track] {
-                self.sessions[index].changed[track] = true;
-            }
-        }
-        self.target_changed[volume] = vec![false; TRACKS as usize];
-        self.sessions[index].state = SessionState::Synchronized;
-        self.readiness[volume] = Readiness::NotReady;
-    }
-
-    fn split(&mut self, index: usize) {
-        let volume = self.sessions[index].target;
-        self.images[volume] = self.images[0].clone();
-        self.split_counter += 1;
-        let session = &mut self.sessions[index];
-        session.changed = vec![false; TRACKS as usize];
-        session.state = SessionState::Split;
-        session.split_sequence = self.split_counter;
-        self.readiness[volume] = Readiness::Ready;
-        self.target_changed[volume] = vec![false; TRACKS as usize];
-    }
-}
-
-fn name(volume: usize) -> &'static str {
-    if volume == 0 {
-        STANDARD
-    } else {
-        TARGETS[volume - 1]
-    }
-}
-
-fn to_command(operation: &Operation) -> SessionCommand {
-    let target = |index: usize| TARGETS[index].to_string();
-    match *operation {
-        Operation::CloneCreate {
-            target: index,
-            precopy,
-            extent,
-        } => SessionCommand::CloneCreate {
-            source: STANDARD.to_string(),
-            target: target(index),
-            precopy,
-            extents: extent
-                .map(|(first, last)| vec![Extent { first, last }])
-                .unwrap_or_default(),
-        },
-        Operation::ClonePrecopy { target: index } => SessionCommand::ClonePrecopy {
-            target: target(index),
-        },
-        Operation::CloneActivate { target: index } => SessionCommand::CloneActivate {
-            target: target(index),
-        },
-        Operation::CloneTerminate { target: index } => SessionCommand::CloneTerminate {
-            target: target(index),
-        },
-        Operation::Establish { target: index } => SessionCommand::MirrorEstablish {
-            standard: STANDARD.to_string(),
-            bcv: target(index),
-            mode: MirrorMode::Sync,
-            strict: false,
-            target_timeout_milliseconds: None,
-        },
-        Operation::Split {
-            target: index,
-            differential,
-        } => SessionCommand::MirrorSplit {
-            bcv: target(index),
-            differential,
-        },
-        Operation::Reestablish { target: index } => {
-            SessionCommand::MirrorReestablish { bcv: target(index) }
-        }
-        Operation::Restore {
-            target: index,
-            incremental,
-        } => SessionCommand::MirrorRestore {
-            bcv: target(index),
-            incremental,
-        },
-        Operation::Cancel { target: index } => SessionCommand::MirrorCancel { bcv: target(index) },
-        Operation::Rotate => SessionCommand::MirrorRotate {
-            standard: STANDARD.to_string(),
-        },
-        Operation::Write { .. } | Operation::Read { .. } | Operation::Step { .. } => {
-            unreachable!("not a command")
-        }
-    }
-}
-
-fn track_bytes(byte: u8) -> Vec<u8> {
-    vec![byte; TRACK_BYTES as usize]
-}
 
 /// Compares everything the model predicts with the real sessions and store.
 fn check(
@@ -477,7 +34,7 @@ fn check(
     settled: bool,
 ) -> Result<(), TestCaseError> {
     let store = sessions.store();
-    for volume in 0..4 {
+    for volume in 0..VOLUMES {
         let handle = store.volume(name(volume)).unwrap();
         prop_assert_eq!(
             handle.readiness(),
@@ -492,8 +49,8 @@ fn check(
                     .unwrap();
                 let expected = model.images[volume][track as usize];
                 prop_assert!(
-                    read.iter().all(|byte| *byte == expected),
-                    "{} track {} holds {:#04x}.., not {:#04x}",
+                    holds(expected, &read),
+                    "{} track {} holds {:#04x}.., not {:02x?}",
                     name(volume),
                     track,
                     read[0],
@@ -560,13 +117,13 @@ fn check(
 
 fn run_case(operations: Vec<Operation>, probe: Vec<u64>) -> Result<(), TestCaseError> {
     let store = Arc::new(VolumeStore::open(MemoryEngine::new()).unwrap());
-    for volume in 0..4 {
+    for volume in 0..VOLUMES {
         store
             .create(name(volume), TRACKS * TRACK_BYTES, TRACK_BYTES as u32)
             .unwrap();
     }
     let sessions = Sessions::open(store.clone(), 1 << 20, None).unwrap();
-    let mut model = Model::new();
+    let mut model = Model::new(TRACKS);
     for operation in &operations {
         match *operation {
             Operation::Write {
@@ -602,6 +159,9 @@ fn run_case(operations: Vec<Operation>, probe: Vec<u64>) -> Result<(), TestCaseE
                     sessions.copy_step(*id).unwrap();
                 }
                 check(&sessions, &model, &probe, false)?;
+            }
+            Operation::Probe | Operation::WriteRange { .. } => {
+                unreachable!("not in the local repertoire")
             }
             _ => {
                 sessions.settle().unwrap();
@@ -644,7 +204,7 @@ proptest! {
 
     #[test]
     fn sessions_follow_the_seeds_rules_under_any_interleaving(
-        operations in proptest::collection::vec(operation(), 1..40),
+        operations in proptest::collection::vec(operation(TRACKS, Repertoire::Local), 1..40),
         probe in proptest::collection::vec(0..TRACKS, 3),
     ) {
         run_case(operations, probe)?;
