@@ -375,6 +375,39 @@ impl<E: Engine> Sessions<E> {
         Ok(())
     }
 
+    /// Refuses a new session into a volume of another node that a session of this node
+    /// already targets. The target's node cannot tell: it lets this node replace its own
+    /// registration there (one whose release was lost), which would take the volume from
+    /// the live session.
+    fn check_remote_target(
+        &self,
+        command: &SessionCommand,
+        source: &Volume,
+        remote: &RemoteVolume,
+    ) -> Result<()> {
+        let table = self.table.lock();
+        let other = table.sessions.values().find(|live| {
+            live.record
+                .remote
+                .as_ref()
+                .is_some_and(|other| other.node == remote.node && other.volume == remote.volume)
+        });
+        match other {
+            Some(other) => Err(refused(
+                command,
+                &format!("{} -> {}", source.name, remote.volume),
+                format!(
+                    "'{}' on node {} is already the target of {} (state {}): end that session first or choose another volume",
+                    remote.volume,
+                    remote.node,
+                    other.record.describe(),
+                    other.record.state
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn next_id(&self) -> SessionId {
         let mut table = self.table.lock();
         let id = table.next_id;
@@ -441,7 +474,10 @@ impl<E: Engine> Sessions<E> {
             }
             // The destination's node takes the volume for this session first; it refuses
             // one that already takes part in a session there.
-            Some(remote) => self.register_remote(id, SessionKind::Clone, &source, remote)?,
+            Some(remote) => {
+                self.check_remote_target(command, &source, remote)?;
+                self.register_remote(id, SessionKind::Clone, &source, remote)?
+            }
         };
         let release = |error: Error| self.release_registration(id, remote.as_ref(), error);
         let problem = if track_size_bytes != source.track_size_bytes {
@@ -585,6 +621,7 @@ impl<E: Engine> Sessions<E> {
             Some(remote) => {
                 // The target's node takes the volume for this session first; it refuses
                 // a volume that already is another session's target.
+                self.check_remote_target(command, &standard, remote)?;
                 let (track_size_bytes, track_count) =
                     self.register_remote(id, SessionKind::Mirror, &standard, remote)?;
                 (remote.volume.clone(), track_size_bytes, track_count)

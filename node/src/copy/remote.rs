@@ -346,9 +346,26 @@ impl<E: Engine> Sessions<E> {
     /// a track the destination still lacks. The track's bit stays until the destination
     /// says it stored the image (`Pulled`); until then a host write here copies first as
     /// usual, which the destination ignores once it holds the track.
+    ///
+    /// Only once the clone is activated: before, the source has no point-in-time image to
+    /// give (a host write here does not copy first yet). A destination that is ready
+    /// before its activation committed (the answer to making it ready was lost, and the
+    /// activation is retried) gets a refusal instead of a track older than the instant.
     fn serve_pull(&self, session: SessionId, track: u64) -> Result<TargetAnswer> {
-        let (record, source) = self.remote_clone(session)?;
+        let (_, source) = self.remote_clone(session)?;
         let _gate = self.gates.shared([source.id]);
+        // Read again under the gate, which an activation holds while it commits.
+        let (record, _) = self.remote_clone(session)?;
+        if !super::core::clone_target_access_pulls(record.acting_state(), true) {
+            return Err(Error::SessionRefused {
+                command: "pull".to_string(),
+                session: record.describe(),
+                reason: format!(
+                    "the clone is {}, not activated: its destination has no point-in-time image before the activation",
+                    record.acting_state()
+                ),
+            });
+        }
         let _track = self.locks.lock([(source.id, track)]);
         if track >= source.track_count()
             || !self

@@ -383,7 +383,16 @@ pub fn decide(
     facts: &Facts,
 ) -> Result<Decision, Refusal> {
     let transition = transition_of(command).expect("a command on an existing session");
-    let next = next_state(record.kind, record.state, transition)?;
+    // A clone suspended before its activation can still be undone: it is judged on the
+    // state it was suspended in. Its release must reach the destination's node (the
+    // command fails while that node does not answer, and can be retried); a release whose
+    // answer was lost finds nothing left to release there, so the retry ends the clone
+    // even though the copier, meeting a destination that no longer holds it, suspended it.
+    let judged = match (record.kind, transition, record.state) {
+        (SessionKind::Clone, Transition::Cancel, SessionState::Suspended) => record.acting_state(),
+        _ => record.state,
+    };
+    let next = next_state(record.kind, judged, transition)?;
     let whole = facts.source_whole;
     let id = record.id;
     let mut effects = Vec::new();
@@ -977,7 +986,13 @@ mod tests {
             ] {
                 for command in commands() {
                     let transition = transition_of(&command).unwrap();
-                    let table = next_state(kind, state, transition);
+                    let record = session(kind, state);
+                    // A suspended clone's cancel is judged on the state it was suspended in.
+                    let judged = match (kind, transition) {
+                        (SessionKind::Clone, Transition::Cancel) => record.acting_state(),
+                        _ => state,
+                    };
+                    let table = next_state(kind, judged, transition);
                     let decided = decide(&command, session(kind, state), &facts());
                     // The driver takes a remote BCV from its hosts once the command is
                     // accepted without its changed tracks: with them, it must be too.
@@ -1143,6 +1158,31 @@ mod tests {
         };
         let decision = decide(&cancel, session(SessionKind::Clone, S::Created), &facts()).unwrap();
         assert_eq!(decision.effects, release(vec![whole()]));
+    }
+
+    #[test]
+    fn a_clone_suspended_before_its_activation_can_be_cancelled_and_one_suspended_after_cannot() {
+        let cancel = SessionCommand::CloneCancel {
+            target: "bcv".into(),
+        };
+        let mut precopying = session(SessionKind::Clone, S::Suspended);
+        precopying.resume_state = Some(S::Precopying);
+        let decision = decide(&cancel, precopying, &facts()).unwrap();
+        assert_eq!(decision.record, None);
+        assert_eq!(
+            decision.effects[0],
+            target(TargetOperation::Release {
+                session: SESSION,
+                clear_invalid: vec![whole()],
+                readiness: None,
+            })
+        );
+        let active = session(SessionKind::Clone, S::Suspended);
+        assert_eq!(active.resume_state, Some(S::Active));
+        assert!(matches!(
+            decide(&cancel, active, &facts()),
+            Err(Refusal::Reason(reason)) if reason.contains("the clone is active")
+        ));
     }
 
     #[test]

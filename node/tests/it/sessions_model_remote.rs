@@ -315,6 +315,9 @@ struct Cluster {
     beta: Arc<Node>,
     to_beta: Arc<FaultyLink>,
     to_alpha: Arc<FaultyLink>,
+    /// Mirrors cancelled while their BCV's node did not answer: the BCV (by index) and
+    /// the session whose release alpha owes beta.
+    owed_releases: std::sync::Mutex<Vec<(usize, u64)>>,
 }
 
 impl Cluster {
@@ -334,6 +337,7 @@ impl Cluster {
             beta,
             to_beta,
             to_alpha,
+            owed_releases: std::sync::Mutex::default(),
         };
         for volume in 0..VOLUMES {
             cluster
@@ -362,6 +366,17 @@ impl Cluster {
     /// How many faults both links have injected so far.
     fn injected(&self) -> usize {
         self.to_beta.state().injected.len() + self.to_alpha.state().injected.len()
+    }
+
+    /// How many faults calls of the named operation met so far.
+    fn faults_met_by(&self, operation: &str) -> usize {
+        let needle = format!(": {operation} ");
+        self.to_beta
+            .state()
+            .injected
+            .iter()
+            .filter(|entry| entry.contains(&needle))
+            .count()
     }
 
     fn fault_log(&self) -> String {
@@ -666,6 +681,36 @@ fn adopt_abandoned_bcv(cluster: &Cluster, model: &mut Model, volume: usize) {
     }
 }
 
+/// Lets the copier's probe deliver the releases alpha owes beta, before the next turn:
+/// a delivered release ends the tracking of the BCV's hosts and forgets what they
+/// changed, as a cancel that reached the BCV does.
+fn deliver_owed_releases(cluster: &Cluster, model: &mut Model) {
+    let mut owed = cluster.owed_releases.lock().unwrap();
+    if owed.is_empty() {
+        return;
+    }
+    cluster.probe_healed();
+    let pending = cluster.alpha.pending_unregisters().unwrap();
+    owed.retain(|(volume, id)| {
+        let delivered = !pending.iter().any(|(session, _)| session == id);
+        if delivered {
+            model.tracking[*volume] = false;
+            model.target_changed[*volume].fill(false);
+        }
+        !delivered
+    });
+}
+
+/// The BCV's target-changed bits as beta holds them (see the caller).
+fn adopt_target_changed(cluster: &Cluster, model: &mut Model, volume: usize) {
+    let store = cluster.beta.store();
+    let handle = store.volume(name(volume)).unwrap();
+    for track in 0..TRACKS {
+        model.target_changed[volume][track as usize] =
+            store.test_bit(&handle, Bits::TargetChanged, track).unwrap();
+    }
+}
+
 /// One host write of tracks `first..=last` of a volume, all filled with `byte`: it lands
 /// whole or not at all.
 fn host_write(
@@ -736,6 +781,7 @@ fn turn() -> impl Strategy<Value = Turn> {
 fn drive(cluster: &Cluster, turns: &[Turn], probe: &[u64]) -> Result<(), TestCaseError> {
     let mut model = Model::new(TRACKS);
     for turn in turns {
+        deliver_owed_releases(cluster, &mut model);
         let operation = &turn.operation;
         match *operation {
             Operation::Write {
@@ -801,6 +847,7 @@ fn drive(cluster: &Cluster, turns: &[Turn], probe: &[u64]) -> Result<(), TestCas
                         .map(|info| info.id),
                     _ => None,
                 };
+                let forgets_failed = cluster.faults_met_by("ForgetChanges");
                 let result = cluster.command(operation, turn.steps_before_retry);
                 let accepted = model.command(operation);
                 prop_assert_eq!(
@@ -815,6 +862,18 @@ fn drive(cluster: &Cluster, turns: &[Turn], probe: &[u64]) -> Result<(), TestCas
                     if owed.iter().any(|(session, _)| *session == id) {
                         let volume = target_volume(operation).expect("a cancel names its BCV");
                         adopt_abandoned_bcv(cluster, &mut model, volume);
+                        cluster.owed_releases.lock().unwrap().push((volume, id));
+                    }
+                }
+                // Forgetting the BCV's changed tracks comes after the command's commit
+                // and may fail without undoing it: they stay until the next split clears
+                // them, and nothing reads them before that.
+                if accepted && cluster.faults_met_by("ForgetChanges") > forgets_failed {
+                    // The BCVs whose hosts are not tracked: a rotation names none.
+                    for volume in 1..=TARGETS.len() {
+                        if !model.tracking[volume] {
+                            adopt_target_changed(cluster, &mut model, volume);
+                        }
                     }
                 }
                 // A rotation splits once its reestablish has synchronized, so it is let
