@@ -1205,3 +1205,57 @@ fn a_new_session_into_a_remote_volume_another_session_of_this_node_holds_is_refu
     command(&cluster, &Operation::Cancel { target: 1 }).unwrap();
     assert!(!cluster.beta.involves(name(1)) && !cluster.beta.involves(name(2)));
 }
+
+fn makes_ready(operation: &TargetOperation) -> bool {
+    matches!(
+        operation,
+        TargetOperation::SetReadiness {
+            readiness: Readiness::Ready,
+            ..
+        }
+    )
+}
+
+#[test]
+fn a_destination_readied_by_an_activation_whose_answer_was_lost_gives_hosts_nothing_older_than_the_instant(
+) {
+    let cluster = Cluster::new(Vec::new(), Vec::new());
+    fill_standard(&cluster, 0x11);
+    command(
+        &cluster,
+        &Operation::CloneCreate {
+            target: 0,
+            precopy: false,
+            extent: None,
+        },
+    )
+    .unwrap();
+    // Beta makes the destination ready, alpha does not hear it and does not commit the
+    // activation: the destination is ready before the point in time.
+    let activate = Operation::CloneActivate { target: 0 };
+    cluster.to_beta.set_trap(Trap {
+        selects: makes_ready,
+        fault: Fault::LoseAnswer,
+    });
+    assert!(cluster
+        .alpha
+        .command_with(to_command(&activate), Some(on_beta(1)))
+        .is_err());
+    assert!(cluster.to_beta.trap_sprung(), "adapt `makes_ready`");
+    // A host of the destination reads a track the clone has not copied: there is no
+    // point-in-time image to pull yet, so the read fails rather than give today's.
+    let destination = cluster.beta.store().volume(name(1)).unwrap();
+    let read = cluster
+        .beta
+        .read(&destination, 3 * TRACK_BYTES, TRACK_BYTES);
+    assert!(read.is_err(), "a pull before the activation gave {read:?}");
+    // The standard is rewritten, then the activation is retried: that is the instant.
+    fill_standard(&cluster, 0x22);
+    command(&cluster, &activate).unwrap();
+    cluster.alpha.settle().unwrap();
+    let difference = first_difference(&stored_image(&cluster, 1), &stored_image(&cluster, 0));
+    assert_eq!(
+        difference, None,
+        "the clone differs from the standard at this track"
+    );
+}
