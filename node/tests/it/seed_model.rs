@@ -579,3 +579,49 @@ pub fn track_bytes(byte: u8) -> Vec<u8> {
 pub fn holds(expected: Option<u8>, read: &[u8]) -> bool {
     expected.is_none_or(|expected| read.iter().all(|byte| *byte == expected))
 }
+
+/// Compares one volume of a node with the model: its readiness, what a host reads of
+/// `tracks` when it is ready, and their target-changed bits.
+pub fn check_volume(
+    sessions: &node::copy::Sessions<node::engine::memory::MemoryEngine>,
+    model: &Model,
+    volume: usize,
+    tracks: &[u64],
+) -> Result<(), TestCaseError> {
+    let store = sessions.store();
+    let handle = store.volume(name(volume)).unwrap();
+    prop_assert_eq!(
+        handle.readiness(),
+        model.readiness[volume],
+        "readiness of {}",
+        name(volume)
+    );
+    if model.readiness[volume] != Readiness::NotReady {
+        for &track in tracks {
+            let read = sessions.read(&handle, track * TRACK_BYTES, TRACK_BYTES);
+            prop_assert!(read.is_ok(), "{} track {}: {:?}", name(volume), track, read);
+            let read = read.unwrap();
+            let expected = model.images[volume][track as usize];
+            prop_assert!(
+                holds(expected, &read),
+                "{} track {} holds {:#04x}.., not {:02x?}",
+                name(volume),
+                track,
+                read[0],
+                expected
+            );
+        }
+    }
+    for &track in tracks {
+        prop_assert_eq!(
+            store
+                .test_bit(&handle, node::store::Bits::TargetChanged, track)
+                .unwrap(),
+            model.target_changed[volume][track as usize],
+            "target-changed bit of {} track {}",
+            name(volume),
+            track
+        );
+    }
+    Ok(())
+}

@@ -11,15 +11,14 @@
 //! on first access and pulls of restored tracks must keep every host's view exact.
 
 use crate::seed_model::{
-    holds, name, operation, to_command, track_bytes, Model, ModelKind, Operation, Repertoire,
-    STANDARD, TRACK_BYTES, VOLUMES,
+    check_volume, name, operation, to_command, track_bytes, Model, ModelKind, Operation,
+    Repertoire, STANDARD, TRACK_BYTES, VOLUMES,
 };
 use node::copy::Sessions;
 use node::engine::memory::MemoryEngine;
 use node::engine::Durability;
 use node::store::{Bits, VolumeStore};
 use proptest::prelude::*;
-use protocol::messages::Readiness;
 use protocol::session::{SessionKind, SessionState};
 use std::sync::Arc;
 
@@ -35,38 +34,7 @@ fn check(
 ) -> Result<(), TestCaseError> {
     let store = sessions.store();
     for volume in 0..VOLUMES {
-        let handle = store.volume(name(volume)).unwrap();
-        prop_assert_eq!(
-            handle.readiness(),
-            model.readiness[volume],
-            "readiness of {}",
-            name(volume)
-        );
-        if model.readiness[volume] != Readiness::NotReady {
-            for &track in tracks {
-                let read = sessions
-                    .read(&handle, track * TRACK_BYTES, TRACK_BYTES)
-                    .unwrap();
-                let expected = model.images[volume][track as usize];
-                prop_assert!(
-                    holds(expected, &read),
-                    "{} track {} holds {:#04x}.., not {:02x?}",
-                    name(volume),
-                    track,
-                    read[0],
-                    expected
-                );
-            }
-        }
-        for &track in tracks {
-            prop_assert_eq!(
-                store.test_bit(&handle, Bits::TargetChanged, track).unwrap(),
-                model.target_changed[volume][track as usize],
-                "target-changed bit of {} track {}",
-                name(volume),
-                track
-            );
-        }
+        check_volume(sessions, model, volume, tracks)?;
     }
     let standard = store.volume(STANDARD).unwrap();
     let real = sessions.list(None).unwrap();

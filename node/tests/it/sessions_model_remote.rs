@@ -48,8 +48,8 @@
 //! property found.
 
 use crate::seed_model::{
-    holds, name, operation, target_volume, to_command, track_bytes, Model, ModelKind, Operation,
-    Repertoire, STANDARD, TARGETS, TRACK_BYTES, VOLUMES,
+    check_volume, holds, name, operation, target_volume, to_command, track_bytes, Model, ModelKind,
+    Operation, Repertoire, STANDARD, TARGETS, TRACK_BYTES, VOLUMES,
 };
 use node::copy::remote::TargetLink;
 use node::copy::Sessions;
@@ -517,39 +517,7 @@ fn check(
     cluster.faults(false);
     for volume in 0..VOLUMES {
         let node = cluster.node(volume);
-        let store = node.store();
-        let handle = store.volume(name(volume)).unwrap();
-        prop_assert_eq!(
-            handle.readiness(),
-            model.readiness[volume],
-            "readiness of {}",
-            name(volume)
-        );
-        if model.readiness[volume] != Readiness::NotReady {
-            for &track in tracks {
-                let read = node.read(&handle, track * TRACK_BYTES, TRACK_BYTES);
-                prop_assert!(read.is_ok(), "{} track {}: {:?}", name(volume), track, read);
-                let read = read.unwrap();
-                let expected = model.images[volume][track as usize];
-                prop_assert!(
-                    holds(expected, &read),
-                    "{} track {} holds {:#04x}.., not {:02x?}",
-                    name(volume),
-                    track,
-                    read[0],
-                    expected
-                );
-            }
-        }
-        for &track in tracks {
-            prop_assert_eq!(
-                store.test_bit(&handle, Bits::TargetChanged, track).unwrap(),
-                model.target_changed[volume][track as usize],
-                "target-changed bit of {} track {}",
-                name(volume),
-                track
-            );
-        }
+        check_volume(node, model, volume, tracks)?;
     }
     let alpha = &cluster.alpha;
     let standard = alpha.store().volume(STANDARD).unwrap();
