@@ -355,57 +355,40 @@ impl<E: Engine> Sessions<E> {
                 ),
             ));
         }
-        let table = self.table.lock();
-        if let Some(other) = table
-            .sessions
-            .values()
-            .find(|live| live.record.target == target.name)
-        {
-            return Err(refused(
-                command,
-                &session,
-                format!(
-                    "'{}' is already the target of {} (state {}): end that session first or choose another volume",
-                    target.name,
-                    other.record.describe(),
-                    other.record.state
-                ),
-            ));
-        }
-        Ok(())
+        self.refuse_taken_target(command, &session, None, &target.name)
     }
 
-    /// Refuses a new session into a volume of another node that a session of this node
-    /// already targets. The target's node cannot tell: it lets this node replace its own
-    /// registration there (one whose release was lost), which would take the volume from
-    /// the live session.
-    fn check_remote_target(
+    /// Refuses a new session into a volume a session of this node already targets: a
+    /// volume here (`node` is `None`), or one of another node. The other node cannot
+    /// tell: it lets this node replace its own registration there (one whose release was
+    /// lost), which would take the volume from the live session.
+    fn refuse_taken_target(
         &self,
         command: &SessionCommand,
-        source: &Volume,
-        remote: &RemoteVolume,
+        session: &str,
+        node: Option<&str>,
+        volume: &str,
     ) -> Result<()> {
         let table = self.table.lock();
-        let other = table.sessions.values().find(|live| {
-            live.record
-                .remote
-                .as_ref()
-                .is_some_and(|other| other.node == remote.node && other.volume == remote.volume)
-        });
-        match other {
-            Some(other) => Err(refused(
-                command,
-                &format!("{} -> {}", source.name, remote.volume),
-                format!(
-                    "'{}' on node {} is already the target of {} (state {}): end that session first or choose another volume",
-                    remote.volume,
-                    remote.node,
-                    other.record.describe(),
-                    other.record.state
-                ),
-            )),
-            None => Ok(()),
-        }
+        let Some(other) = table.sessions.values().find(|live| {
+            let record = &live.record;
+            match &record.remote {
+                Some(remote) => node == Some(remote.node.as_str()) && remote.volume == volume,
+                None => node.is_none() && record.target == volume,
+            }
+        }) else {
+            return Ok(());
+        };
+        let place = node.map_or_else(String::new, |node| format!(" on node {node}"));
+        Err(refused(
+            command,
+            session,
+            format!(
+                "'{volume}'{place} is already the target of {} (state {}): end that session first or choose another volume",
+                other.record.describe(),
+                other.record.state
+            ),
+        ))
     }
 
     fn next_id(&self) -> SessionId {
@@ -475,7 +458,8 @@ impl<E: Engine> Sessions<E> {
             // The destination's node takes the volume for this session first; it refuses
             // one that already takes part in a session there.
             Some(remote) => {
-                self.check_remote_target(command, &source, remote)?;
+                let session = format!("{} -> {}", source.name, remote.volume);
+                self.refuse_taken_target(command, &session, Some(&remote.node), &remote.volume)?;
                 self.register_remote(id, SessionKind::Clone, &source, remote)?
             }
         };
@@ -621,7 +605,8 @@ impl<E: Engine> Sessions<E> {
             Some(remote) => {
                 // The target's node takes the volume for this session first; it refuses
                 // a volume that already is another session's target.
-                self.check_remote_target(command, &standard, remote)?;
+                let session = format!("{} -> {}", standard.name, remote.volume);
+                self.refuse_taken_target(command, &session, Some(&remote.node), &remote.volume)?;
                 let (track_size_bytes, track_count) =
                     self.register_remote(id, SessionKind::Mirror, &standard, remote)?;
                 (remote.volume.clone(), track_size_bytes, track_count)
