@@ -21,7 +21,7 @@ pub const SESSION_CHUNK_BYTES: usize = TRACKS_PER_CHUNK as usize * 2;
 pub const TARGET_CHUNK_BYTES: usize = TRACKS_PER_CHUNK as usize / 8;
 
 /// Which of a volume's bitmaps a chunk belongs to; the key's kind byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BitmapKind {
     /// A changed bit per slot per track (seed 002's PB table; seed 001's clone lists).
     Sessions,
@@ -187,6 +187,39 @@ pub fn test_bit(kind: BitmapKind, chunk: &[u8], track_in_chunk: usize, slot: u8)
     }
 }
 
+/// Where a chunk key points: its volume, kind and chunk index; `None` for a key this
+/// module did not make.
+pub fn parse_chunk_key(key: &[u8]) -> Option<(u64, BitmapKind, u64)> {
+    if key.len() != 17 {
+        return None;
+    }
+    let kind = kind_of_key(key)?;
+    let volume = u64::from_be_bytes(key[..8].try_into().ok()?);
+    let chunk = u64::from_be_bytes(key[9..].try_into().ok()?);
+    Some((volume, kind, chunk))
+}
+
+/// Set bits per slot in one stored chunk (a single-bit kind counts in slot 0). A chunk of
+/// the wrong size counts as empty: the merge refuses to produce one.
+pub fn count_chunk(kind: BitmapKind, chunk: &[u8]) -> [u32; SESSION_SLOTS_MAX] {
+    let mut counts = [0u32; SESSION_SLOTS_MAX];
+    if chunk.len() != kind.chunk_bytes() {
+        return counts;
+    }
+    if kind.per_slot() {
+        for pair in chunk.chunks_exact(2) {
+            let mut word = u16::from_le_bytes([pair[0], pair[1]]);
+            while word != 0 {
+                counts[word.trailing_zeros() as usize] += 1;
+                word &= word - 1;
+            }
+        }
+    } else {
+        counts[0] = chunk.iter().map(|byte| byte.count_ones()).sum();
+    }
+    counts
+}
+
 /// Splits the inclusive track range `first..=last` into per-chunk changes.
 pub fn changes_by_chunk(first: u64, last: u64, set: bool, mask: u16) -> Vec<(u64, ChunkChange)> {
     let mut changes = Vec::new();
@@ -263,6 +296,49 @@ mod tests {
         assert_eq!((changes[0].1.first, changes[0].1.last), (4090, 4095));
         assert_eq!((changes[1].1.first, changes[1].1.last), (0, 4095));
         assert_eq!((changes[2].1.first, changes[2].1.last), (0, 8));
+    }
+
+    #[test]
+    fn a_chunk_counts_each_slots_bits_and_a_key_reads_back() {
+        let key = chunk_key(42, BitmapKind::Pending, 3);
+        assert_eq!(parse_chunk_key(&key), Some((42, BitmapKind::Pending, 3)));
+        assert_eq!(parse_chunk_key(b"short"), None);
+        let operand = encode_changes(&[
+            ChunkChange {
+                set: true,
+                first: 0,
+                last: 99,
+                mask: 0b101,
+            },
+            ChunkChange {
+                set: false,
+                first: 10,
+                last: 19,
+                mask: 0b1,
+            },
+            ChunkChange {
+                set: true,
+                first: 4095,
+                last: 4095,
+                mask: 1 << 15,
+            },
+        ]);
+        let chunk = full_merge(&key, None, [operand.as_slice()]).unwrap();
+        let counts = count_chunk(BitmapKind::Pending, &chunk);
+        assert_eq!(
+            (counts[0], counts[1], counts[2], counts[15]),
+            (90, 0, 100, 1)
+        );
+        let single = chunk_key(42, BitmapKind::Invalid, 0);
+        let operand = encode_changes(&[ChunkChange {
+            set: true,
+            first: 7,
+            last: 4000,
+            mask: 1,
+        }]);
+        let chunk = full_merge(&single, None, [operand.as_slice()]).unwrap();
+        assert_eq!(count_chunk(BitmapKind::Invalid, &chunk)[0], 3994);
+        assert_eq!(count_chunk(BitmapKind::Invalid, &[1, 2, 3])[0], 0);
     }
 
     #[test]

@@ -84,8 +84,8 @@ pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
 ];
 
 /// How often [`publish`] reads the node's sessions, volumes and Raft state. A session's
-/// counts come from the same bitmap scans `mirror show` does, so once a second keeps that
-/// work small next to host IO.
+/// counts are the kept counts `mirror show` reads (only chunks changed since are read
+/// again), so once a second costs little next to host IO.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A gauge not set for this long leaves the output: ten publishing intervals, so a late
@@ -415,7 +415,7 @@ struct SessionReading {
     rate_limit_bytes_per_second: u64,
 }
 
-/// Reads every session once (the same scans `list` does), with the numbers that need the
+/// Reads every session once (the same counts `list` reads), with the numbers that need the
 /// store: a session's bytes are its tracks times its source's track size.
 fn read_sessions<E: Engine>(
     store: &VolumeStore<E>,

@@ -8,6 +8,7 @@
 //! holds new ones for its instant).
 
 mod changes;
+mod counts;
 pub use changes::VolumeChanges;
 
 use crate::bitmap::{self, BitmapKind, SESSION_SLOTS_MAX, TRACKS_PER_CHUNK};
@@ -327,6 +328,8 @@ pub struct VolumeStore<E: Engine> {
     generations: GenerationClock,
     /// The NBD connections hosts have open to these volumes.
     hosts: Arc<HostConnections>,
+    /// How many bits each bitmap has set, re-counted only where batches changed them.
+    counts: counts::BitCounts,
 }
 
 fn now_unix_seconds() -> u64 {
@@ -492,6 +495,7 @@ impl<E: Engine> VolumeStore<E> {
                 reserved_until: Mutex::new(reserved_until),
             },
             hosts: Arc::new(HostConnections::default()),
+            counts: counts::BitCounts::default(),
         })
     }
 
@@ -509,9 +513,19 @@ impl<E: Engine> VolumeStore<E> {
         }
         let mut batch = Batch::default();
         batch.delete(Space::Meta, snapshot_origin_key(volume.id));
-        self.engine.write(batch, Durability::Synced)?;
+        self.write_batch(batch, Durability::Synced)?;
         catalog.snapshot_origins.remove(&volume.id);
         Ok(())
+    }
+
+    /// Writes a batch, then marks the bitmap chunks it changed for the counts to
+    /// re-count. Every batch of this store that may carry bitmap operands goes through
+    /// here (the operands are made only in this module).
+    fn write_batch(&self, batch: Batch, durability: Durability) -> Result<()> {
+        let chunks = counts::BitCounts::chunks_of(&batch);
+        let written = self.engine.write(batch, durability);
+        self.counts.touched(&chunks);
+        written
     }
 
     pub fn engine(&self) -> &E {
@@ -529,7 +543,7 @@ impl<E: Engine> VolumeStore<E> {
                 KEY_GENERATION,
                 new_reservation.to_be_bytes().to_vec(),
             );
-            self.engine.write(batch, Durability::Synced)?;
+            self.write_batch(batch, Durability::Synced)?;
             *reserved_until = new_reservation;
         }
         Ok(generation)
@@ -600,7 +614,7 @@ impl<E: Engine> VolumeStore<E> {
             KEY_NEXT_LAYER,
             (top + 1).to_be_bytes().to_vec(),
         );
-        self.engine.write(batch, Durability::Synced)?;
+        self.write_batch(batch, Durability::Synced)?;
         catalog.next_volume = id + 1;
         catalog.next_layer = top + 1;
         catalog.by_name.insert(name.to_string(), volume.clone());
@@ -669,8 +683,9 @@ impl<E: Engine> VolumeStore<E> {
         batch.delete(Space::Meta, snapshot_origin_key(volume.id));
         let (from, to) = bitmap::volume_key_range(volume.id);
         batch.delete_range(Space::Bitmaps, from.to_vec(), to.to_vec());
-        self.engine.write(batch, Durability::Synced)?;
+        self.write_batch(batch, Durability::Synced)?;
         volume.deleted.store(true, Ordering::Release);
+        self.counts.forget(volume.id);
         catalog.by_name.remove(name);
         catalog.snapshot_origins.remove(&volume.id);
         tracing::info!(
@@ -691,7 +706,7 @@ impl<E: Engine> VolumeStore<E> {
             .swap(readiness_code(readiness), Ordering::AcqRel);
         let mut batch = Batch::default();
         self.put_record(&mut batch, &volume, &state)?;
-        if let Err(error) = self.engine.write(batch, Durability::Synced) {
+        if let Err(error) = self.write_batch(batch, Durability::Synced) {
             volume.readiness.store(previous, Ordering::Release);
             return Err(error);
         }
@@ -883,7 +898,7 @@ impl<E: Engine> VolumeStore<E> {
             snapshot_origin_key(target_volume.id),
             source_volume.id.to_be_bytes().to_vec(),
         );
-        if let Err(error) = self.engine.write(batch, Durability::Synced) {
+        if let Err(error) = self.write_batch(batch, Durability::Synced) {
             restore(&mut source_state, &mut target_state);
             return Err(error);
         }
@@ -1240,7 +1255,7 @@ impl<E: Engine> VolumeStore<E> {
             Self::add_write_marks(&mut batch, volume.id, state.marks, first_track, last_track);
         }
         batch.operations.append(&mut bits_batch.operations);
-        self.engine.write(batch, durability)?;
+        self.write_batch(batch, durability)?;
         Ok(())
     }
 
@@ -1320,7 +1335,7 @@ impl<E: Engine> VolumeStore<E> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.engine.write(batch, durability)
+        self.write_batch(batch, durability)
     }
 
     /// Reads one whole track for a copy: its bytes and, per 4 KiB block, the data checksum
@@ -1393,6 +1408,21 @@ impl<E: Engine> VolumeStore<E> {
 
     /// Counts the tracks whose chosen bit is set.
     pub fn count_set(&self, volume: &Volume, bits: Bits) -> Result<u64> {
+        let slot = match bits.slot() {
+            Some(slot) => {
+                Self::check_slot(volume, &volume.state.read(), slot)?;
+                slot
+            }
+            None => 0,
+        };
+        let (kind, _) = bits.kind_and_mask();
+        self.counts
+            .count(&self.engine, volume.id, volume.track_count(), kind, slot)
+    }
+
+    /// [`VolumeStore::count_set`] by a scan of the whole bitmap, which tests compare the
+    /// kept counts with.
+    pub fn count_set_by_scan(&self, volume: &Volume, bits: Bits) -> Result<u64> {
         let mut count = 0;
         self.for_each_set(volume, bits, volume.whole(), &mut |_| {
             count += 1;
@@ -1502,7 +1532,7 @@ impl<E: Engine> VolumeStore<E> {
         }
         let written = self
             .put_record(&mut batch, volume, state)
-            .and_then(|()| self.engine.write(batch, Durability::Synced));
+            .and_then(|()| self.write_batch(batch, Durability::Synced));
         if written.is_err() {
             (state.session_slots, state.marks) = previous;
         }
@@ -1555,7 +1585,7 @@ impl<E: Engine> VolumeStore<E> {
         let mut batch = Batch::default();
         if let Err(error) = self
             .put_record(&mut batch, volume, &state)
-            .and_then(|()| self.engine.write(batch, Durability::Synced))
+            .and_then(|()| self.write_batch(batch, Durability::Synced))
         {
             state.marks = previous;
             return Err(error);
@@ -1588,7 +1618,7 @@ impl<E: Engine> VolumeStore<E> {
             extent.last,
             set,
         );
-        self.engine.write(batch, Durability::Synced)
+        self.write_batch(batch, Durability::Synced)
     }
 
     /// Marks every track of the volume in the chosen bits.

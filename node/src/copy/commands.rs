@@ -8,6 +8,7 @@
 //! when the command fails). The command's gates are held throughout.
 
 use super::session_core::{self, Effect};
+use super::suspend::ReleasesInHand;
 use super::*;
 use crate::store::VolumeChanges;
 
@@ -66,7 +67,12 @@ impl<E: Engine> Sessions<E> {
                 break gates;
             }
         };
-        self.command_under_gates(command, remote, prepared.as_ref())
+        let (answer, releases) = self.command_under_gates(command, remote, prepared.as_ref())?;
+        // A session ended on a target of another node is released there with the gates
+        // released: host IO on the session's volumes never waits for that round trip.
+        drop(_gates);
+        releases.deliver();
+        Ok(answer)
     }
 
     /// Reads what a command on an existing session needs of a target on another node —
@@ -185,12 +191,14 @@ impl<E: Engine> Sessions<E> {
         ids
     }
 
+    /// Carries out a command with its gates held; returns its answer and the releases it
+    /// owes a target on another node.
     fn command_under_gates(
         &self,
         command: SessionCommand,
         remote: Option<RemoteVolume>,
         prepared: Option<&Prepared>,
-    ) -> Result<Option<SessionInfo>> {
+    ) -> Result<(Option<SessionInfo>, ReleasesInHand<'_, E>)> {
         let kind = command_kind(&command);
         let target = match &command {
             SessionCommand::CloneCreate { target, .. } => {
@@ -231,11 +239,10 @@ impl<E: Engine> Sessions<E> {
                         }
                         .to_string(),
                     })?;
-                if self
-                    .carry_out_adjusted(&command, record, |_| {}, prepared)?
-                    .is_none()
-                {
-                    return Ok(None);
+                let (outcome, releases) =
+                    self.carry_out_adjusted(&command, record, |_| {}, prepared)?;
+                if outcome.is_none() {
+                    return Ok((None, releases));
                 }
                 target.clone()
             }
@@ -251,7 +258,7 @@ impl<E: Engine> Sessions<E> {
             }
             _ => kind,
         };
-        self.show(kind, &target).map(Some)
+        Ok((Some(self.show(kind, &target)?), ReleasesInHand::new(self)))
     }
 
     /// Commits a command's changes with the session's new record (or, with `None`, the
@@ -504,7 +511,8 @@ impl<E: Engine> Sessions<E> {
     fn begin(&self, decision: session_core::Decision, source: &Volume) -> Result<SessionRecord> {
         let record = decision.record.clone().expect("a new session");
         let target = self.target_of(&record)?;
-        self.execute(record.id, decision, source, &*target)?;
+        // A new session owes no target a release.
+        drop(self.execute(record.id, decision, source, &*target)?);
         Ok(record)
     }
 
@@ -582,7 +590,8 @@ impl<E: Engine> Sessions<E> {
                 ));
             }
             let (mode, strict) = (*mode, *strict);
-            self.carry_out_adjusted(
+            // An establish never ends its session: it owes no release.
+            drop(self.carry_out_adjusted(
                 command,
                 record,
                 |record| {
@@ -591,7 +600,7 @@ impl<E: Engine> Sessions<E> {
                     record.target_timeout_milliseconds = target_timeout_milliseconds;
                 },
                 None,
-            )?;
+            )?);
             return Ok(());
         }
         let standard = self.store.volume(standard)?;
@@ -672,28 +681,30 @@ impl<E: Engine> Sessions<E> {
         };
         let bcv = record.target.clone();
         let reestablish = SessionCommand::MirrorReestablish { bcv: bcv.clone() };
-        self.carry_out_adjusted(
+        // A re-establish never ends its session: it owes no release.
+        drop(self.carry_out_adjusted(
             &reestablish,
             record,
             |record| {
                 record.split_when_synchronized = true;
             },
             None,
-        )?;
+        )?);
         Ok(bcv)
     }
 
     /// Carries out a command on an existing session: its changes and its new record (or
     /// the record's removal) in one batch, with a change of the record the command itself
     /// does not make (an establish's new options, a rotation's split to come). Returns
-    /// the record as stored, `None` when the command ended the session.
+    /// the record as stored, `None` when the command ended the session, and the release
+    /// an ended session owes a target on another node.
     fn carry_out_adjusted(
         &self,
         command: &SessionCommand,
         record: SessionRecord,
         adjust: impl FnOnce(&mut SessionRecord),
         prepared: Option<&Prepared>,
-    ) -> Result<Option<SessionRecord>> {
+    ) -> Result<(Option<SessionRecord>, ReleasesInHand<'_, E>)> {
         let id = record.id;
         let source = self.store.volume(&record.source)?;
         let target = self.target_of(&record)?;
@@ -716,11 +727,17 @@ impl<E: Engine> Sessions<E> {
             adjust(record);
         }
         let outcome = decision.record.clone();
-        self.execute(id, decision, &source, &*target)?;
+        let mut releases = self.execute(id, decision, &source, &*target)?;
+        if !facts.target_answers {
+            // A target that did not answer the command's probe is not asked again while
+            // the command waits: the copier delivers the release when it answers.
+            drop(releases);
+            releases = ReleasesInHand::new(self);
+        }
         if outcome.is_none() {
             tracing::info!(session = id, command = command.name(), "session ended");
         }
-        Ok(outcome)
+        Ok((outcome, releases))
     }
 
     /// The facts every command needs: the source's extent, slots and marks.
@@ -835,16 +852,19 @@ impl<E: Engine> Sessions<E> {
     /// Carries out the session core's decision: the effects in order — a change of the
     /// source into one batch, an operation of the target through the session's
     /// [`Target`] — then the batch with the session's new record (or its removal).
+    /// Returns the releases owed to a target on another node, for the command to deliver
+    /// once its gates are released.
     fn execute(
         &self,
         id: SessionId,
         decision: session_core::Decision,
         source: &Volume,
         target: &dyn Target,
-    ) -> Result<()> {
+    ) -> Result<ReleasesInHand<'_, E>> {
         crate::failpoints::hit("node::session::change")?;
         let mut changes = VolumeChanges::new();
         let mut after_commit = Vec::new();
+        let mut releases = ReleasesInHand::new(self);
         for effect in decision.effects {
             match effect {
                 Effect::TargetAfterCommit(operation) => after_commit.push(operation),
@@ -874,18 +894,13 @@ impl<E: Engine> Sessions<E> {
                     changes.set_marks(source, marks)?;
                 }
                 Effect::TargetTakeOver => target.take_over(&mut changes)?,
+                Effect::Target(operation @ TargetOperation::Release { .. }) => {
+                    if let Some(owed) = target.end(&mut changes, operation)? {
+                        releases.hold(owed, self.target_timeout(id));
+                    }
+                }
                 Effect::Target(operation) => {
                     target.apply(&mut changes, operation)?;
-                }
-                Effect::ReleaseLater(remote) => {
-                    // The release owed to the target's node goes in the batch that ends
-                    // the session; the copier delivers it when that node answers.
-                    changes.put(
-                        Space::Meta,
-                        suspend::unregister_key(id),
-                        protocol::codec::encode(&remote)?,
-                    );
-                    tracing::warn!(session = id, node = %remote.node, volume = %remote.volume, "session ended while its target's node does not answer; that node releases the volume when it answers again");
                 }
             }
         }
@@ -901,7 +916,7 @@ impl<E: Engine> Sessions<E> {
                 tracing::warn!(session = id, %error, ?operation, "a target's operation after the command's commit failed; the command is done");
             }
         }
-        Ok(())
+        Ok(releases)
     }
 
     /// Copies what an async mirror has not shipped yet, with host IO held off: a split
@@ -918,20 +933,35 @@ impl<E: Engine> Sessions<E> {
                 volume: format!("session {id}"),
                 role: "BCV".to_string(),
             })?;
-        for track in self.tracks_with(standard, Bits::Pending(slot))? {
-            self.ship(
-                id,
-                standard,
-                bcv,
-                track,
-                &[BitChange {
-                    volume: standard,
-                    bits: Bits::Pending(slot),
-                    track,
-                    set: false,
-                }],
-                Durability::Synced,
-            )?;
+        // The pending tracks go in groups, each group's on parallel streams to a target
+        // on another node: the standard's hosts wait for the whole drain, so it costs one
+        // round trip a group, not one a track. Each store is synced on the target.
+        let tracks = self.tracks_with(standard, Bits::Pending(slot))?;
+        for group in tracks.chunks(bcv.step_tracks_max()) {
+            let images = group
+                .iter()
+                .map(|track| self.store.read_track_image(standard, *track))
+                .collect::<Result<Vec<_>>>()?;
+            let bits = group
+                .iter()
+                .map(|track| {
+                    vec![BitChange {
+                        volume: standard,
+                        bits: Bits::Pending(slot),
+                        track: *track,
+                        set: false,
+                    }]
+                })
+                .collect();
+            let options = StoreOptions {
+                only_if_invalid: false,
+                durability: Durability::Synced,
+                background: false,
+                timeout: Some(self.target_timeout(id)),
+            };
+            for stored in bcv.store(images, bits, options) {
+                stored?;
+            }
         }
         self.store.flush()
     }

@@ -259,6 +259,8 @@ pub struct Sessions<E: Engine> {
     host_latency: LatencyHistogram,
     /// The default QoS: the rate of copies without their own limit.
     governor: Mutex<Governor>,
+    /// Sessions whose owed release the command that ended them is delivering.
+    in_hand: Mutex<std::collections::BTreeSet<SessionId>>,
 }
 
 fn refused(command: &SessionCommand, session: &str, reason: impl Into<String>) -> Error {
@@ -409,6 +411,7 @@ impl<E: Engine> Sessions<E> {
             registrations: Mutex::new(registrations),
             host_latency: LatencyHistogram::default(),
             governor: Mutex::new(governor),
+            in_hand: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 
@@ -1252,8 +1255,9 @@ impl<E: Engine> Sessions<E> {
 
     /// Reports one session as `list` and `show` print it.
     ///
-    /// It counts bits, so it runs on a [`Glance`] taken under the table's mutex and
-    /// released: host IO needs that mutex, and must not wait for a bitmap scan.
+    /// It reads the store's kept counts of bits (which may read the chunks changed since
+    /// the last reading), so it runs on a [`Glance`] taken under the table's mutex and
+    /// released: host IO needs that mutex, and must not wait for engine reads.
     fn info(&self, glance: Glance) -> Result<SessionInfo> {
         let Glance {
             mut record,

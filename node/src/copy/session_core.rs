@@ -55,15 +55,14 @@ pub enum Effect {
     },
     /// The target's data is replaced by the session's: it stops being a snapshot.
     TargetTakeOver,
-    /// An operation of the target (mark, readiness, tracking, downstream, release).
+    /// An operation of the target (mark, readiness, tracking, downstream, release). A
+    /// `Release` ends the session there; on another node it is delivered once the
+    /// command is committed and its gates are released, or later by the copier.
     Target(TargetOperation),
     /// An operation of the target once the command is committed, that may fail without
     /// undoing it: forgetting what the command took over from the target, which a
     /// retried command must still find when the command's answer was lost.
     TargetAfterCommit(TargetOperation),
-    /// The target does not answer: its release is stored with the command and delivered
-    /// when it answers again.
-    ReleaseLater(RemoteVolume),
 }
 
 impl Facts {
@@ -546,24 +545,16 @@ pub fn decide(
             record.tracks_copied_last = 0;
         }
         SessionCommand::MirrorCancel { .. } => {
-            match (&record.remote, facts.target_answers) {
-                (Some(remote), false) => {
-                    // The session ends here at once; the BCV keeps the image it had and
-                    // stays not-ready (it lacks the writes since the loss), and its node
-                    // releases it when it answers again.
-                    effects.push(Effect::ReleaseLater(remote.clone()));
-                }
-                _ => {
-                    // A synchronized BCV holds the standard's whole image: it goes to its
-                    // hosts. Otherwise it keeps the readiness it has.
-                    let synchronized = record.state == SessionState::Synchronized;
-                    effects.push(Effect::Target(TargetOperation::Release {
-                        session: id,
-                        clear_invalid: Vec::new(),
-                        readiness: synchronized.then_some(Readiness::Ready),
-                    }));
-                }
-            }
+            // A synchronized BCV holds the standard's whole image: it goes to its hosts.
+            // Otherwise it keeps the readiness it has; so does one whose node does not
+            // answer now (it lacks the writes since the loss), which releases it when it
+            // answers again.
+            let synchronized = record.state == SessionState::Synchronized;
+            effects.push(Effect::Target(TargetOperation::Release {
+                session: id,
+                clear_invalid: Vec::new(),
+                readiness: (synchronized && facts.target_answers).then_some(Readiness::Ready),
+            }));
             effects.push(Effect::FreeSlot(record.slot));
             return Ok(Decision {
                 effects,

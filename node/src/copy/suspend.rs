@@ -10,11 +10,16 @@
 //! meanwhile and is synchronized again). A strict sync mirror never suspends: its host
 //! writes fail instead, as before.
 //!
-//! A mirror cancelled while its BCV's node does not answer ends here at once (slot freed,
-//! record gone); the BCV's registration is released when that node answers again: the
-//! intent is stored in the same batch that drops the session record, and the copier
-//! delivers it. A target also lets the same source node replace a registration of a
-//! session that node has ended (see `register_target`).
+//! A session whose target is on another node ends there after it ended here: the
+//! release (tracking off, a cancelled clone's invalid bits, readiness, registration) is
+//! stored as owed in the batch that drops the session's record and frees its slot, and
+//! the command delivers it once its gates are released — no command waits on the network
+//! with its volumes held. A release that was not delivered then (that node does not
+//! answer, or the answer was lost) is delivered by the copier when that node answers
+//! again, without its readiness: the catalog recorded the readiness the target's node
+//! reported when the session ended, and a late release does not change it. A target also
+//! lets the same source node replace a registration of a session it has ended (see
+//! `register_target`).
 
 use super::Sessions;
 use crate::engine::{Batch, Durability, Engine, Space};
@@ -31,19 +36,124 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// The longest one probe waits: a dead target must not hold the copier thread for long.
 pub const PROBE_TIMEOUT_MILLISECONDS_MAX: u64 = 500;
 
-const UNREGISTER_KEY_PREFIX: &[u8] = b"u/";
-const UNREGISTER_KEY_END: &[u8] = b"u0";
+const RELEASE_KEY_PREFIX: &[u8] = b"u/";
+const RELEASE_KEY_END: &[u8] = b"u0";
+/// The first byte of an owed release of the current layout (the remote volume and the
+/// whole release operation). Releases stored before it hold only the remote volume, in
+/// bincode, which never begins with 255.
+const RELEASE_FORMAT_MARKER: u8 = 0xff;
+const RELEASE_FORMAT_VERSION: u8 = 1;
 
-pub(super) fn unregister_key(session: SessionId) -> Vec<u8> {
-    let mut key = UNREGISTER_KEY_PREFIX.to_vec();
+pub(super) fn release_key(session: SessionId) -> Vec<u8> {
+    let mut key = RELEASE_KEY_PREFIX.to_vec();
     key.extend_from_slice(&session.to_be_bytes());
     key
+}
+
+/// A session's release its target's node has not acknowledged yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwedRelease {
+    pub session: SessionId,
+    pub remote: RemoteVolume,
+    /// A [`TargetOperation::Release`].
+    pub release: TargetOperation,
+}
+
+impl OwedRelease {
+    pub(super) fn encode(&self) -> Result<Vec<u8>> {
+        let mut bytes = vec![RELEASE_FORMAT_MARKER, RELEASE_FORMAT_VERSION];
+        bytes.extend(protocol::codec::encode(&(&self.remote, &self.release))?);
+        Ok(bytes)
+    }
+
+    fn decode(session: SessionId, bytes: &[u8]) -> Result<OwedRelease> {
+        let (remote, release) = match bytes {
+            [RELEASE_FORMAT_MARKER, RELEASE_FORMAT_VERSION, rest @ ..] => {
+                protocol::codec::decode::<(RemoteVolume, TargetOperation)>(rest)?
+            }
+            [RELEASE_FORMAT_MARKER, version, ..] => {
+                return Err(Error::Metadata {
+                    what: format!("owed release of session {session}"),
+                    detail: format!("stored in layout version {version}, which this build does not know (it reads {RELEASE_FORMAT_VERSION}): run a newer tandem"),
+                })
+            }
+            _ => (
+                protocol::codec::decode::<RemoteVolume>(bytes)?,
+                TargetOperation::release(session),
+            ),
+        };
+        Ok(OwedRelease {
+            session,
+            remote,
+            release,
+        })
+    }
+
+    /// The release as delivered late: without its readiness (see the module's comment).
+    fn late(&self) -> TargetOperation {
+        match &self.release {
+            TargetOperation::Release {
+                session,
+                clear_invalid,
+                ..
+            } => TargetOperation::Release {
+                session: *session,
+                clear_invalid: clear_invalid.clone(),
+                readiness: None,
+            },
+            _ => TargetOperation::release(self.session),
+        }
+    }
 }
 
 /// Whether an error means the target's node did not answer (or answered that it cannot
 /// serve the session): what suspends a session rather than failing it.
 pub(super) fn target_unanswered(error: &Error) -> bool {
     matches!(error, Error::Remote { .. } | Error::TargetUnanswered { .. })
+}
+
+/// The releases one command stored as owed, which it delivers itself once its gates are
+/// released; until then the copier leaves them alone (it would deliver them without their
+/// readiness). Dropped undelivered, they are the copier's.
+#[must_use = "a command delivers the releases it stored once its gates are released"]
+pub(super) struct ReleasesInHand<'s, E: Engine> {
+    sessions: &'s Sessions<E>,
+    owed: Vec<(OwedRelease, Duration)>,
+}
+
+impl<'s, E: Engine> ReleasesInHand<'s, E> {
+    pub(super) fn new(sessions: &'s Sessions<E>) -> Self {
+        ReleasesInHand {
+            sessions,
+            owed: Vec::new(),
+        }
+    }
+
+    /// Takes a release before the batch that stores it is written, so the copier never
+    /// sees it stored and not in hand.
+    pub(super) fn hold(&mut self, release: OwedRelease, timeout: Duration) {
+        self.sessions.in_hand.lock().insert(release.session);
+        self.owed.push((release, timeout));
+    }
+
+    /// Delivers each release within its session's target timeout; one that fails stays
+    /// stored for the copier.
+    pub(super) fn deliver(mut self) {
+        for (release, timeout) in std::mem::take(&mut self.owed) {
+            self.sessions
+                .deliver(&release, release.release.clone(), timeout);
+            self.sessions.in_hand.lock().remove(&release.session);
+        }
+    }
+}
+
+impl<E: Engine> Drop for ReleasesInHand<'_, E> {
+    fn drop(&mut self) {
+        let mut in_hand = self.sessions.in_hand.lock();
+        for (release, _) in &self.owed {
+            in_hand.remove(&release.session);
+        }
+    }
 }
 
 impl<E: Engine> Sessions<E> {
@@ -175,7 +285,7 @@ impl<E: Engine> Sessions<E> {
     /// that do; delivers the releases of cancelled sessions' targets. Returns the
     /// sessions resumed. The copier calls this every [`PROBE_INTERVAL`].
     pub fn probe_targets(&self) -> Result<Vec<SessionId>> {
-        self.deliver_unregisters();
+        self.deliver_late();
         let mut resumed = Vec::new();
         for (id, remote, timeout) in self.suspended() {
             let link = self.link()?;
@@ -231,32 +341,31 @@ impl<E: Engine> Sessions<E> {
         Ok(true)
     }
 
-    /// The releases of cancelled sessions' targets not delivered yet.
-    pub fn pending_unregisters(&self) -> Result<Vec<(SessionId, RemoteVolume)>> {
-        let mut pending = Vec::new();
+    /// The releases of ended sessions' targets not delivered yet.
+    pub fn owed_releases(&self) -> Result<Vec<OwedRelease>> {
+        let mut owed = Vec::new();
         let mut failure = None;
         self.store.engine().scan(
             Space::Meta,
-            UNREGISTER_KEY_PREFIX,
-            UNREGISTER_KEY_END,
+            RELEASE_KEY_PREFIX,
+            RELEASE_KEY_END,
             &mut |key, value| {
-                let session = key
-                    .get(UNREGISTER_KEY_PREFIX.len()..)
+                let decoded = key
+                    .get(RELEASE_KEY_PREFIX.len()..)
                     .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
-                    .map(SessionId::from_be_bytes);
-                match (session, protocol::codec::decode::<RemoteVolume>(value)) {
-                    (Some(session), Ok(remote)) => {
-                        pending.push((session, remote));
+                    .map(SessionId::from_be_bytes)
+                    .ok_or_else(|| Error::Metadata {
+                        what: format!("owed release key {key:02x?}"),
+                        detail: "the key names no session".to_string(),
+                    })
+                    .and_then(|session| OwedRelease::decode(session, value));
+                match decoded {
+                    Ok(release) => {
+                        owed.push(release);
                         true
                     }
-                    (_, decoded) => {
-                        failure = Some(Error::Metadata {
-                            what: format!("target release key {key:02x?}"),
-                            detail: decoded.err().map_or_else(
-                                || "the key names no session".to_string(),
-                                |error| error.to_string(),
-                            ),
-                        });
+                    Err(error) => {
+                        failure = Some(error);
                         false
                     }
                 }
@@ -264,41 +373,53 @@ impl<E: Engine> Sessions<E> {
         )?;
         match failure {
             Some(error) => Err(error),
-            None => Ok(pending),
+            None => Ok(owed),
         }
     }
 
-    /// Tells the targets of sessions cancelled while they did not answer to release
-    /// their volumes; each release is forgotten once its target acknowledged it.
-    fn deliver_unregisters(&self) {
-        let pending = match self.pending_unregisters() {
-            Ok(pending) => pending,
+    /// Tells the targets of ended sessions that have not heard of it to release their
+    /// volumes (the copier, every [`PROBE_INTERVAL`]). Releases a command is delivering
+    /// itself are left to it.
+    fn deliver_late(&self) {
+        let owed = match self.owed_releases() {
+            Ok(owed) => owed,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the target releases to deliver");
                 return;
             }
         };
+        for release in owed {
+            if self.in_hand.lock().contains(&release.session) {
+                continue;
+            }
+            let timeout = Duration::from_millis(PROBE_TIMEOUT_MILLISECONDS_MAX);
+            self.deliver(&release, release.late(), timeout);
+        }
+    }
+
+    fn deliver(&self, release: &OwedRelease, operation: TargetOperation, timeout: Duration) {
+        let OwedRelease {
+            session, remote, ..
+        } = release;
+        let session = *session;
         let Ok(link) = self.link() else {
             return;
         };
-        for (session, remote) in pending {
-            let timeout = Duration::from_millis(PROBE_TIMEOUT_MILLISECONDS_MAX);
-            match link.call_within(&remote, TargetOperation::release(session), timeout) {
-                Ok(_) => {
-                    let mut batch = Batch::default();
-                    batch.delete(Space::Meta, unregister_key(session));
-                    match self.store.engine().write(batch, Durability::Synced) {
-                        Ok(()) => {
-                            tracing::info!(session, node = %remote.node, volume = %remote.volume, "the target of a cancelled session released its volume")
-                        }
-                        Err(error) => {
-                            tracing::warn!(session, %error, "could not forget a delivered target release")
-                        }
+        match link.call_within(remote, operation, timeout) {
+            Ok(_) => {
+                let mut batch = Batch::default();
+                batch.delete(Space::Meta, release_key(session));
+                match self.store.engine().write(batch, Durability::Synced) {
+                    Ok(()) => {
+                        tracing::info!(session, node = %remote.node, volume = %remote.volume, "the target of an ended session released its volume")
+                    }
+                    Err(error) => {
+                        tracing::warn!(session, %error, "could not forget a delivered target release")
                     }
                 }
-                Err(error) => {
-                    tracing::debug!(session, %error, "target of a cancelled session still does not answer")
-                }
+            }
+            Err(error) => {
+                tracing::debug!(session, %error, "the target of an ended session does not answer yet")
             }
         }
     }

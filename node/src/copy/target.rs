@@ -11,8 +11,9 @@
 //! asked for it.
 
 use super::remote::{unexpected, TargetLink};
+use super::suspend::{release_key, OwedRelease};
 use super::Sessions;
-use crate::engine::{Durability, Engine};
+use crate::engine::{Durability, Engine, Space};
 use crate::store::{BitChange, Bits, Volume, VolumeChanges, VolumeStore};
 use crate::{Error, Result};
 use protocol::session::{RemoteVolume, SessionId, TargetAnswer, TargetOperation, TrackImage};
@@ -52,6 +53,16 @@ pub trait Target {
         changes: &mut VolumeChanges<'a>,
         operation: TargetOperation,
     ) -> Result<TargetAnswer>;
+
+    /// Ends the session on the target with `release` (a [`TargetOperation::Release`]):
+    /// into `changes` when the target is here; a target on another node is owed it —
+    /// stored in `changes` and returned, for the command to deliver once it is committed
+    /// and its gates are released (the copier delivers it later if that fails).
+    fn end<'a>(
+        &'a self,
+        changes: &mut VolumeChanges<'a>,
+        release: TargetOperation,
+    ) -> Result<Option<OwedRelease>>;
 
     /// The session replaces the target's data: it is no longer a snapshot of anything
     /// (a remote target did that when it registered the session).
@@ -123,6 +134,14 @@ impl<E: Engine> Target for LocalTarget<'_, E> {
 
     fn step_tracks_max(&self) -> usize {
         super::COPY_STEP_TRACKS_MAX
+    }
+
+    fn end<'a>(
+        &'a self,
+        changes: &mut VolumeChanges<'a>,
+        release: TargetOperation,
+    ) -> Result<Option<OwedRelease>> {
+        self.apply(changes, release).map(|_| None)
     }
 
     fn apply<'a>(
@@ -277,6 +296,20 @@ impl<E: Engine> Target for RemoteTarget<'_, E> {
         crate::failpoints::hit("node::session::target-operation")?;
         self.link()?
             .call_within(&self.remote, operation, self.timeout)
+    }
+
+    fn end<'a>(
+        &'a self,
+        changes: &mut VolumeChanges<'a>,
+        release: TargetOperation,
+    ) -> Result<Option<OwedRelease>> {
+        let owed = OwedRelease {
+            session: self.session,
+            remote: self.remote.clone(),
+            release,
+        };
+        changes.put(Space::Meta, release_key(self.session), owed.encode()?);
+        Ok(Some(owed))
     }
 
     fn take_over<'a>(&'a self, _changes: &mut VolumeChanges<'a>) -> Result<()> {

@@ -289,7 +289,7 @@ impl<E: Engine> VolumeStore<E> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.engine.write(batch, durability)?;
+        self.write_batch(batch, durability)?;
         for (edit, state) in edits.iter().zip(states.iter_mut()) {
             state.session_slots = edit.slots;
             state.marks = edit.marks;

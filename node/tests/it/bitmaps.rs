@@ -156,6 +156,15 @@ fn bits_of_acknowledged_writes_survive_a_restart() {
         set_tracks(fixture.store(), "standard", Bits::TargetChanged),
         vec![1, 4095, 4096, 9999]
     );
+    let reopened = fixture.store().volume("standard").unwrap();
+    assert_eq!(
+        fixture
+            .store()
+            .count_set(&reopened, Bits::Session(slot))
+            .unwrap(),
+        4,
+        "the counts start from what is stored"
+    );
     assert_eq!(
         fixture
             .store()
@@ -229,6 +238,12 @@ proptest! {
                             if set_bits { set.insert(track); } else { set.remove(&track); }
                         }
                     }
+                }
+            }
+            // The kept counts follow every step, across chunk boundaries.
+            for (slot, expected) in model.iter().enumerate() {
+                if let Some(expected) = expected {
+                    prop_assert_eq!(store.count_set(&volume, Bits::Session(slot as u8)).unwrap(), expected.len() as u64, "count of slot {}", slot);
                 }
             }
         }

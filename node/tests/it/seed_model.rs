@@ -612,6 +612,29 @@ pub fn check_volume(
             );
         }
     }
+    // The counts `list` and `show` read are kept as bits change; they must equal a scan.
+    let slots = store.session_slots(&handle);
+    let counted = [node::store::Bits::TargetChanged, node::store::Bits::Invalid]
+        .into_iter()
+        .chain(
+            (0..16u8)
+                .filter(|slot| slots & (1 << slot) != 0)
+                .flat_map(|slot| {
+                    [
+                        node::store::Bits::Session(slot),
+                        node::store::Bits::Pending(slot),
+                    ]
+                }),
+        );
+    for bits in counted {
+        prop_assert_eq!(
+            store.count_set(&handle, bits).unwrap(),
+            store.count_set_by_scan(&handle, bits).unwrap(),
+            "kept count of {:?} of {}",
+            bits,
+            name(volume)
+        );
+    }
     for &track in tracks {
         prop_assert_eq!(
             store

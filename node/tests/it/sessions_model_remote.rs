@@ -658,9 +658,9 @@ fn deliver_owed_releases(cluster: &Cluster, model: &mut Model) {
         return;
     }
     cluster.probe_healed();
-    let pending = cluster.alpha.pending_unregisters().unwrap();
+    let pending = cluster.alpha.owed_releases().unwrap();
     owed.retain(|(volume, id)| {
-        let delivered = !pending.iter().any(|(session, _)| session == id);
+        let delivered = !pending.iter().any(|release| release.session == *id);
         if delivered {
             model.tracking[*volume] = false;
             model.target_changed[*volume].fill(false);
@@ -826,8 +826,8 @@ fn drive(cluster: &Cluster, turns: &[Turn], probe: &[u64]) -> Result<(), TestCas
                     result
                 );
                 if let Some(id) = cancelled.filter(|_| accepted) {
-                    let owed = cluster.alpha.pending_unregisters().unwrap();
-                    if owed.iter().any(|(session, _)| *session == id) {
+                    let owed = cluster.alpha.owed_releases().unwrap();
+                    if owed.iter().any(|release| release.session == id) {
                         let volume = target_volume(operation).expect("a cancel names its BCV");
                         adopt_abandoned_bcv(cluster, &mut model, volume);
                         cluster.owed_releases.lock().unwrap().push((volume, id));

@@ -13,7 +13,7 @@ use protocol::session::{
     MirrorMode, RemoteVolume, SessionCommand, SessionInfo, SessionKind, SessionState, TargetAnswer,
     TargetOperation,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,22 @@ const TIMEOUT_MILLISECONDS: u64 = 300;
 struct Silenceable {
     target: Arc<Sessions<MemoryEngine>>,
     silent: AtomicBool,
+    /// How long a release takes to be answered (a slow but live node), milliseconds.
+    release_delay_milliseconds: AtomicU64,
+    /// Set when a release reached the link.
+    release_started: AtomicBool,
+}
+
+impl Silenceable {
+    fn serve(&self, operation: TargetOperation) -> node::Result<TargetAnswer> {
+        if matches!(operation, TargetOperation::Release { .. }) {
+            self.release_started.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(
+                self.release_delay_milliseconds.load(Ordering::SeqCst),
+            ));
+        }
+        self.target.serve_target(operation)
+    }
 }
 
 impl TargetLink for Silenceable {
@@ -42,7 +58,7 @@ impl TargetLink for Silenceable {
                 detail: "no connection within 2 seconds".to_string(),
             });
         }
-        self.target.serve_target(operation)
+        self.serve(operation)
     }
 
     fn call_within(
@@ -59,7 +75,7 @@ impl TargetLink for Silenceable {
                 timeout_milliseconds: timeout.as_millis() as u64,
             });
         }
-        self.target.serve_target(operation)
+        self.serve(operation)
     }
 
     fn this_node(&self) -> (String, String) {
@@ -88,6 +104,8 @@ fn pair() -> Pair {
     let link = Arc::new(Silenceable {
         target: target.clone(),
         silent: AtomicBool::new(false),
+        release_delay_milliseconds: AtomicU64::new(0),
+        release_started: AtomicBool::new(false),
     });
     let source = Arc::new(memory_sessions(Some(link.clone())));
     source
@@ -297,7 +315,7 @@ fn a_mirror_cancelled_while_its_bcv_does_not_answer_ends_at_once_and_the_bcv_is_
     assert_eq!(ended, None);
     assert!(pair.source.show(SessionKind::Mirror, "bcv").is_err());
     assert_eq!(standard.info().session_slots_used, 0, "the slot is free");
-    assert_eq!(pair.source.pending_unregisters().unwrap().len(), 1);
+    assert_eq!(pair.source.owed_releases().unwrap().len(), 1);
     assert!(
         pair.target.involves("bcv"),
         "beta has not heard of the cancel"
@@ -310,7 +328,7 @@ fn a_mirror_cancelled_while_its_bcv_does_not_answer_ends_at_once_and_the_bcv_is_
         !pair.target.involves("bcv"),
         "beta still holds the registration"
     );
-    assert!(pair.source.pending_unregisters().unwrap().is_empty());
+    assert!(pair.source.owed_releases().unwrap().is_empty());
     // The BCV serves a new session.
     establish(&pair, MirrorMode::Sync, false);
     assert_eq!(image(&pair.target, "bcv"), image(&pair.source, "std"));
@@ -448,5 +466,110 @@ fn host_writes_to_the_standard_do_not_wait_for_a_cancel_asking_whether_its_bcv_a
         "a host write waited {waited:?} for a cancel asking the network"
     );
     assert_eq!(standard.info().session_slots_used, 0, "the slot is free");
-    assert_eq!(pair.source.pending_unregisters().unwrap().len(), 1);
+    assert_eq!(pair.source.owed_releases().unwrap().len(), 1);
+}
+
+#[test]
+fn a_cancel_releases_its_bcv_with_the_standards_writes_let_through() {
+    const RELEASE_DELAY_MILLISECONDS: u64 = 1_000;
+    let pair = Arc::new(pair());
+    establish(&pair, MirrorMode::Async, false);
+    assert_eq!(show(&pair).state, SessionState::Synchronized);
+    // The BCV's node answers, slowly: the release is a long round trip.
+    pair.link
+        .release_delay_milliseconds
+        .store(RELEASE_DELAY_MILLISECONDS, Ordering::SeqCst);
+    let cancelling = {
+        let pair = pair.clone();
+        std::thread::spawn(move || {
+            pair.source
+                .command(SessionCommand::MirrorCancel { bcv: "bcv".into() })
+        })
+    };
+    while !pair.link.release_started.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The session has ended here and its release is on the way: a host write on the
+    // standard does not wait for that round trip.
+    let started = Instant::now();
+    write(&pair.source, 6, 0x66).unwrap();
+    let waited = started.elapsed();
+    assert!(
+        !cancelling.is_finished(),
+        "the release was still on its way during the write"
+    );
+    assert!(
+        waited < Duration::from_millis(RELEASE_DELAY_MILLISECONDS / 2),
+        "a host write waited {waited:?} for a cancel's release"
+    );
+    assert_eq!(cancelling.join().unwrap().unwrap(), None);
+    // Delivered by the command itself, with the readiness of a synchronized BCV.
+    assert!(pair.source.owed_releases().unwrap().is_empty());
+    assert!(!pair.target.involves("bcv"));
+    assert_eq!(
+        pair.target.store().volume("bcv").unwrap().readiness(),
+        protocol::messages::Readiness::Ready
+    );
+}
+
+#[test]
+fn a_clone_suspended_before_its_activation_is_cancelled_while_its_destination_does_not_answer() {
+    let pair = pair();
+    pair.target
+        .store()
+        .create("dst", TRACKS * TRACK_BYTES, 4096)
+        .unwrap();
+    pair.source
+        .command_with(
+            SessionCommand::CloneCreate {
+                source: "std".into(),
+                target: "dst".into(),
+                extents: Vec::new(),
+                precopy: true,
+            },
+            Some(beta("dst")),
+        )
+        .unwrap();
+    pair.link.silent.store(true, Ordering::SeqCst);
+    // The copier meets the silent destination and suspends the clone.
+    let _ = pair.source.settle();
+    let clone = pair.source.show(SessionKind::Clone, "dst").unwrap();
+    assert_eq!(clone.state, SessionState::Suspended, "{clone:?}");
+    let ended = pair
+        .source
+        .command(SessionCommand::CloneCancel {
+            target: "dst".into(),
+        })
+        .unwrap();
+    assert_eq!(ended, None);
+    let owed = pair.source.owed_releases().unwrap();
+    assert_eq!(
+        owed.len(),
+        1,
+        "the destination's release waits for its node"
+    );
+    assert_eq!(
+        pair.source
+            .store()
+            .volume("std")
+            .unwrap()
+            .info()
+            .session_slots_used,
+        0,
+        "both slots are free"
+    );
+    // The destination's node answers again: it releases the volume and forgets the
+    // tracks the cancelled clone owed it.
+    pair.link.silent.store(false, Ordering::SeqCst);
+    pair.source.probe_targets().unwrap();
+    assert!(pair.source.owed_releases().unwrap().is_empty());
+    assert!(!pair.target.involves("dst"));
+    let destination = pair.target.store().volume("dst").unwrap();
+    assert_eq!(
+        pair.target
+            .store()
+            .count_set(&destination, node::store::Bits::Invalid)
+            .unwrap(),
+        0
+    );
 }

@@ -527,7 +527,7 @@ fn a_restore_is_refused_from_an_incomplete_bcv_onto_an_unready_standard_or_under
 }
 
 #[test]
-fn a_cancel_gives_a_synchronized_bcv_to_its_hosts_or_leaves_its_release_for_later() {
+fn a_cancel_gives_a_synchronized_bcv_to_its_hosts_unless_its_node_does_not_answer() {
     let cancel = &commands()[10];
     let decision = decide(
         cancel,
@@ -563,11 +563,27 @@ fn a_cancel_gives_a_synchronized_bcv_to_its_hosts_or_leaves_its_release_for_late
         target_answers: false,
         ..facts()
     };
-    let decision = decide(cancel, session(SessionKind::Mirror, S::Suspended), &silent).unwrap();
-    assert_eq!(
-        decision.effects,
-        vec![Effect::ReleaseLater(remote()), Effect::FreeSlot(2)]
-    );
+    // A synchronized BCV whose node does not answer is not promised to its hosts: it
+    // lacks what its standard wrote since, and its release comes late.
+    let mut synchronized_remote = session(SessionKind::Mirror, S::Synchronized);
+    synchronized_remote.remote = Some(remote());
+    for record in [
+        session(SessionKind::Mirror, S::Suspended),
+        synchronized_remote,
+    ] {
+        let decision = decide(cancel, record, &silent).unwrap();
+        assert_eq!(
+            decision.effects,
+            vec![
+                target(TargetOperation::Release {
+                    session: SESSION,
+                    clear_invalid: Vec::new(),
+                    readiness: None,
+                }),
+                Effect::FreeSlot(2)
+            ]
+        );
+    }
 }
 
 #[test]
