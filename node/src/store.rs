@@ -1406,15 +1406,21 @@ impl<E: Engine> VolumeStore<E> {
         )
     }
 
-    /// Counts the tracks whose chosen bit is set.
-    pub fn count_set(&self, volume: &Volume, bits: Bits) -> Result<u64> {
-        let slot = match bits.slot() {
+    /// The slot `bits` names (0 for a bitmap of one bit a track), refused when it is not
+    /// allocated.
+    fn checked_slot(volume: &Volume, bits: Bits) -> Result<u8> {
+        match bits.slot() {
             Some(slot) => {
                 Self::check_slot(volume, &volume.state.read(), slot)?;
-                slot
+                Ok(slot)
             }
-            None => 0,
-        };
+            None => Ok(0),
+        }
+    }
+
+    /// Counts the tracks whose chosen bit is set.
+    pub fn count_set(&self, volume: &Volume, bits: Bits) -> Result<u64> {
+        let slot = Self::checked_slot(volume, bits)?;
         let (kind, _) = bits.kind_and_mask();
         self.counts
             .count(&self.engine, volume.id, volume.track_count(), kind, slot)
@@ -1653,13 +1659,7 @@ impl<E: Engine> VolumeStore<E> {
         visit: &mut dyn FnMut(u64) -> bool,
     ) -> Result<()> {
         volume.check_extent(extent)?;
-        let slot = match bits.slot() {
-            Some(slot) => {
-                Self::check_slot(volume, &volume.state.read(), slot)?;
-                slot
-            }
-            None => 0,
-        };
+        let slot = Self::checked_slot(volume, bits)?;
         let (kind, _) = bits.kind_and_mask();
         for chunk in extent.first / TRACKS_PER_CHUNK..=extent.last / TRACKS_PER_CHUNK {
             let Some(stored) = self

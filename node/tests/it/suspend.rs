@@ -122,6 +122,16 @@ fn pair() -> Pair {
     }
 }
 
+/// [`pair`] with a clone destination `dst` on beta too.
+fn pair_with_destination() -> Pair {
+    let pair = pair();
+    pair.target
+        .store()
+        .create("dst", TRACKS * TRACK_BYTES, 4096)
+        .unwrap();
+    pair
+}
+
 fn beta(volume: &str) -> RemoteVolume {
     RemoteVolume {
         node: "beta".into(),
@@ -355,11 +365,7 @@ fn a_new_session_of_the_same_source_node_replaces_a_registration_whose_release_w
 
 #[test]
 fn async_mirrors_and_clones_whose_target_stops_answering_report_suspended_and_resume() {
-    let pair = pair();
-    pair.target
-        .store()
-        .create("dst", TRACKS * TRACK_BYTES, 4096)
-        .unwrap();
+    let pair = pair_with_destination();
     pair.source
         .command_with(
             SessionCommand::MirrorEstablish {
@@ -514,11 +520,7 @@ fn a_cancel_releases_its_bcv_with_the_standards_writes_let_through() {
 
 #[test]
 fn a_clone_suspended_before_its_activation_is_cancelled_while_its_destination_does_not_answer() {
-    let pair = pair();
-    pair.target
-        .store()
-        .create("dst", TRACKS * TRACK_BYTES, 4096)
-        .unwrap();
+    let pair = pair_with_destination();
     pair.source
         .command_with(
             SessionCommand::CloneCreate {
