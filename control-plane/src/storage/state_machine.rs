@@ -28,6 +28,15 @@ const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
 /// The `state_machine` key of the current snapshot's data: an encoded [`StateMachineData`].
 const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
 
+/// The first bytes of a snapshot's data: a format marker, then the layout's version, then
+/// the encoded [`StateMachineData`]. Snapshots written before the marker hold the data of
+/// version 1 alone; they cannot start with the marker (their first byte is an `Option`'s
+/// tag, 0 or 1). The catalog will grow (intents, jobs): a new layout gets a new version,
+/// and older ones are still read.
+const SNAPSHOT_FORMAT_MARKER: &[u8; 4] = b"TCAT";
+/// The layout this build writes.
+const SNAPSHOT_FORMAT_VERSION: u8 = 1;
+
 /// Everything the state machine holds; a snapshot is exactly this, encoded.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct StateMachineData {
@@ -83,12 +92,35 @@ impl CatalogView {
     }
 }
 
+/// Encodes the state as a snapshot's data, behind the format marker and version.
+fn encode_state(state: &StateMachineData) -> protocol::error::Result<Vec<u8>> {
+    let mut bytes = SNAPSHOT_FORMAT_MARKER.to_vec();
+    bytes.push(SNAPSHOT_FORMAT_VERSION);
+    bytes.extend(codec::encode(state)?);
+    Ok(bytes)
+}
+
+/// Decodes a snapshot's data of any layout this build knows.
+fn decode_state(bytes: &[u8]) -> Result<StateMachineData, AnyError> {
+    match bytes.strip_prefix(SNAPSHOT_FORMAT_MARKER.as_slice()) {
+        Some([SNAPSHOT_FORMAT_VERSION, rest @ ..]) => codec::decode(rest).map_err(any_error),
+        Some([version, ..]) => Err(AnyError::error(format!(
+            "the catalog snapshot is stored in layout version {version}, which this build does not know (it reads up to {SNAPSHOT_FORMAT_VERSION}): run a newer tandem"
+        ))),
+        Some([]) => Err(AnyError::error(
+            "the catalog snapshot ends after its format marker",
+        )),
+        // Written before the marker: the data of version 1.
+        None => codec::decode(bytes).map_err(any_error),
+    }
+}
+
 impl StateMachineStore {
     /// Loads the state machine from `db`: the persisted snapshot's state when there is one,
     /// otherwise the empty state.
     pub(super) fn load(db: Arc<DB>) -> Result<Self, AnyError> {
         let data = match read_persisted_snapshot(&db)? {
-            Some((_, bytes)) => codec::decode(&bytes).map_err(any_error)?,
+            Some((_, bytes)) => decode_state(&bytes)?,
             None => StateMachineData::default(),
         };
         Ok(Self {
@@ -159,7 +191,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotBuilder {
         // describe the same moment; applying waits for the encoding, not for the disk.
         let (meta, data) = {
             let state = shared.data.read();
-            let data = codec::encode(&*state)
+            let data = encode_state(&state)
                 .map_err(|error| StorageIOError::read_state_machine(AnyError::new(&error)))?;
             let build_number = shared.snapshots_built.fetch_add(1, Ordering::Relaxed) + 1;
             let snapshot_id = match state.last_applied {
@@ -252,8 +284,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         // Everything is checked before anything changes, so a bad snapshot leaves the state
         // machine and the persisted snapshot as they were.
-        let state: StateMachineData =
-            codec::decode(&data).map_err(|error| read_error(AnyError::new(&error)))?;
+        let state = decode_state(&data).map_err(read_error)?;
         if state.last_applied != meta.last_log_id || state.last_membership != meta.last_membership {
             return Err(read_error(AnyError::error(format!(
                 "snapshot {} does not hold the state its metadata describes",
@@ -279,5 +310,51 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::cluster::{CatalogRequest, Command, NodeReport};
+
+    /// A state with something in its catalog: one registered node.
+    fn state() -> StateMachineData {
+        let mut state = StateMachineData::default();
+        state
+            .catalog
+            .apply(&CatalogRequest {
+                request_id: 7,
+                command: Command::RegisterNode(NodeReport {
+                    name: "east-1".into(),
+                    site: "east".into(),
+                    address: "east-1:7100".into(),
+                    nbd_address: "east-1:10809".into(),
+                    capacity_bytes: 1 << 30,
+                    control_plane: true,
+                }),
+            })
+            .expect("the node registers");
+        state
+    }
+
+    #[test]
+    fn a_snapshot_carries_its_layout_and_one_written_before_the_marker_is_still_read() {
+        let state = state();
+        let marked = encode_state(&state).unwrap();
+        assert_eq!(&marked[..5], b"TCAT\x01");
+        assert_eq!(decode_state(&marked).unwrap(), state);
+        // Before the marker, the data was the encoded state alone.
+        let unmarked = codec::encode(&state).unwrap();
+        assert_eq!(decode_state(&unmarked).unwrap(), state);
+    }
+
+    #[test]
+    fn a_snapshot_of_an_unknown_layout_is_refused_with_what_to_do() {
+        let mut newer = encode_state(&state()).unwrap();
+        newer[4] = SNAPSHOT_FORMAT_VERSION + 1;
+        let error = decode_state(&newer).unwrap_err().to_string();
+        assert!(error.contains("run a newer tandem"), "{error}");
+        assert!(decode_state(b"TCAT").is_err());
     }
 }
