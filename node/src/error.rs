@@ -93,8 +93,8 @@ pub enum Error {
         volume: String,
         role: String,
     },
-    #[error("request {request_id} was a {first} command and cannot be reused for a {now} command; send a new request id")]
-    SessionRequestReused {
+    #[error("request {request_id} was a {first} and cannot be reused for a {now}; send a new request id")]
+    RequestReused {
         request_id: String,
         first: String,
         now: String,
@@ -144,7 +144,7 @@ impl Error {
             | Error::ExtentOutOfRange { .. }
             | Error::SessionSlotNotAllocated { .. }
             | Error::SnapRefused { .. }
-            | Error::SessionRequestReused { .. }
+            | Error::RequestReused { .. }
             | Error::Config { .. } => ErrorCode::InvalidArgument,
             Error::SessionSlotsExhausted { .. } | Error::TooManyLayers { .. } => {
                 ErrorCode::LimitExceeded

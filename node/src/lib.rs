@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod nbd;
 pub mod nbd_client;
 pub mod nbd_hosts;
+pub mod requests;
 pub mod runtime;
 pub mod service;

@@ -2,7 +2,7 @@
 
 use crate::config::NodeConfig;
 use crate::copy::remote::TargetLink;
-use crate::copy::requests::SessionRequests;
+use crate::requests::NodeRequests;
 use crate::copy::workers::BackgroundWorkers;
 use crate::copy::Sessions;
 use crate::engine::rocks::RocksEngine;
@@ -124,7 +124,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode> {
     let sessions = Arc::new(sessions);
     let requests = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || SessionRequests::open(store))
+        tokio::task::spawn_blocking(move || NodeRequests::open(store))
             .await
             .map_err(|join_error| Error::Engine {
                 detail: join_error.to_string(),

@@ -2,7 +2,7 @@
 //! driver: validation lives in the store); cluster requests go to the control plane, in
 //! this process when it hosts a member, else to a member named in the config.
 
-use crate::copy::requests::SessionRequests;
+use crate::requests::{NodeAnswer, NodeCall, NodeRequests};
 use crate::copy::workers::BackgroundWorkers;
 use crate::copy::Sessions;
 use crate::engine::Engine;
@@ -33,7 +33,7 @@ pub struct Service<E: Engine> {
     pub sessions: Arc<Sessions<E>>,
     /// The answers given to session commands, by request id, so a retry is not carried
     /// out twice.
-    pub requests: Arc<SessionRequests<E>>,
+    pub requests: Arc<NodeRequests<E>>,
     /// Low-priority threads that store the tracks remote copiers send here.
     pub background: BackgroundWorkers,
     pub identity: Identity,
@@ -116,6 +116,7 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
         | Request::VolumeDelete { .. }
         | Request::VolumeSetReadiness { .. }
         | Request::Snap { .. }
+        | Request::SnapOnce { .. }
             if !from_node =>
         {
             // Volumes change through the catalog only, so that it stays the truth.
@@ -181,6 +182,61 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
             .await;
             log_session_command(&logged, named, &response);
             response
+        }
+        Request::SnapOnce {
+            request_id,
+            source,
+            target,
+            extents,
+            overwrite,
+        } => {
+            let sessions = service.sessions.clone();
+            let requests = service.requests.clone();
+            blocking(move || {
+                let call = NodeCall::Snap {
+                    source,
+                    target,
+                    extents,
+                    overwrite,
+                };
+                let answer = requests.carry_out_call(request_id, &call, || {
+                    let NodeCall::Snap {
+                        source,
+                        target,
+                        extents,
+                        overwrite,
+                    } = &call
+                    else {
+                        unreachable!("a snap call");
+                    };
+                    snap(&sessions, source, target, extents, *overwrite)
+                })?;
+                match (call, answer) {
+                    (
+                        NodeCall::Snap {
+                            source,
+                            target,
+                            extents,
+                            ..
+                        },
+                        NodeAnswer::Snapped {
+                            target_info,
+                            elapsed_micros,
+                        },
+                    ) => Ok(Response::Snapped {
+                        source,
+                        target,
+                        extents,
+                        elapsed_micros,
+                        target_info,
+                    }),
+                    (call, answer) => Err(Error::Metadata {
+                        what: format!("the remembered answer to request {request_id:032x}"),
+                        detail: format!("a {} was answered {answer:?}", call.name()),
+                    }),
+                }
+            })
+            .await
         }
         Request::SessionAnswer { .. } if !from_node => refuse(
             ErrorCode::Forbidden,
@@ -525,6 +581,7 @@ fn request_kind(request: &Request) -> &'static str {
         Request::VolumeDelete { .. } => "volume_delete",
         Request::VolumeSetReadiness { .. } => "volume_set_readiness",
         Request::Snap { .. } => "snap",
+        Request::SnapOnce { .. } => "snap_once",
         Request::NodeStatus => "node_status",
         Request::Cluster { .. } => "cluster",
         Request::Heartbeat { .. } => "heartbeat",
@@ -537,6 +594,26 @@ fn request_kind(request: &Request) -> &'static str {
         Request::SessionShow { .. } => "session_show",
         Request::VolumeClients { .. } => "volume_clients",
     }
+}
+
+/// A pointer snapshot of `source` into `target`, refused when the target is in a copy
+/// session.
+fn snap<E: Engine>(
+    sessions: &Sessions<E>,
+    source: &str,
+    target: &str,
+    extents: &[protocol::messages::Extent],
+    overwrite: bool,
+) -> Result<NodeAnswer> {
+    check_not_in_session(sessions, target, "overwritten by a snap")?;
+    let started = Instant::now();
+    let (target_volume, _created) = sessions
+        .store()
+        .snap_guarded(source, target, extents, overwrite)?;
+    Ok(NodeAnswer::Snapped {
+        target_info: target_volume.info(),
+        elapsed_micros: started.elapsed().as_micros() as u64,
+    })
 }
 
 /// Refuses a volume change that would pull a volume out from under a copy session.
@@ -613,19 +690,19 @@ fn answer<E: Engine>(
             target,
             extents,
             overwrite,
-        } => {
-            check_not_in_session(sessions, &target, "overwritten by a snap")?;
-            let started = Instant::now();
-            let (target_volume, _created) =
-                store.snap_guarded(&source, &target, &extents, overwrite)?;
-            Response::Snapped {
+        } => match snap(sessions, &source, &target, &extents, overwrite)? {
+            NodeAnswer::Snapped {
+                target_info,
+                elapsed_micros,
+            } => Response::Snapped {
                 source,
                 target,
                 extents,
-                elapsed_micros: started.elapsed().as_micros() as u64,
-                target_info: target_volume.info(),
-            }
-        }
+                elapsed_micros,
+                target_info,
+            },
+            NodeAnswer::Session(_) => unreachable!("a snap answers Snapped"),
+        },
         Request::NodeStatus => Response::NodeStatus(NodeStatus {
             name: identity.name.clone(),
             site: identity.site.clone(),

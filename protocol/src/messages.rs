@@ -226,6 +226,16 @@ pub enum Request {
     VolumeClients {
         name: String,
     },
+    /// [`Request::Snap`] carried out at most once per request id: a retry under the same
+    /// id is answered with the first answer (the image of the first instant), not snapped
+    /// again.
+    SnapOnce {
+        request_id: crate::cluster::RequestId,
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+        overwrite: bool,
+    },
 }
 
 /// Status of the node that answered.

@@ -31,7 +31,6 @@ pub mod governor;
 mod observe;
 mod record;
 pub mod remote;
-pub mod requests;
 pub mod session_core;
 pub mod suspend;
 pub mod target;

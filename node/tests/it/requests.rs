@@ -2,7 +2,8 @@
 //! request id is carried out once and answered with its first answer, across a restart
 //! too; a new id meets the node's state as before; the memory is bounded.
 
-use node::copy::requests::{SessionRequests, SESSION_REQUESTS_REMEMBERED_MAX};
+use node::engine::Durability;
+use node::requests::{NodeAnswer, NodeCall, NodeRequests, REQUESTS_REMEMBERED_MAX};
 use node::copy::Sessions;
 use node::engine::memory::MemoryEngine;
 use node::engine::rocks::RocksEngine;
@@ -25,7 +26,7 @@ fn split() -> SessionCommand {
 
 /// Carries `command` out under `request_id`, counting how often the node really did it.
 fn carry_out<E: Engine>(
-    requests: &SessionRequests<E>,
+    requests: &NodeRequests<E>,
     sessions: &Sessions<E>,
     carried_out: &AtomicUsize,
     request_id: u128,
@@ -44,7 +45,7 @@ fn a_split_retried_with_its_request_id_is_carried_out_once_and_answers_the_same_
         let store = Arc::new(
             VolumeStore::open(RocksEngine::open(&directory.path().join("db")).unwrap()).unwrap(),
         );
-        let requests = SessionRequests::open(store.clone()).unwrap();
+        let requests = NodeRequests::open(store.clone()).unwrap();
         (Sessions::open(store, 1 << 20, None).unwrap(), requests)
     };
     let carried_out = AtomicUsize::new(0);
@@ -131,7 +132,7 @@ fn a_split_retried_with_its_request_id_is_carried_out_once_and_answers_the_same_
 #[test]
 fn a_retry_arriving_while_the_first_attempt_runs_waits_for_its_answer() {
     let store = Arc::new(VolumeStore::open(MemoryEngine::new()).unwrap());
-    let requests = Arc::new(SessionRequests::open(store).unwrap());
+    let requests = Arc::new(NodeRequests::open(store).unwrap());
     let carried_out = Arc::new(AtomicUsize::new(0));
     let attempt = |delay: Duration| {
         let requests = requests.clone();
@@ -157,16 +158,16 @@ fn a_retry_arriving_while_the_first_attempt_runs_waits_for_its_answer() {
 #[test]
 fn the_remembered_answers_are_bounded_and_the_oldest_goes_first() {
     let store = Arc::new(VolumeStore::open(MemoryEngine::new()).unwrap());
-    let requests = SessionRequests::open(store.clone()).unwrap();
+    let requests = NodeRequests::open(store.clone()).unwrap();
     let command = SessionCommand::MirrorCancel {
         bcv: "bcv".to_string(),
     };
-    for request_id in 0..=SESSION_REQUESTS_REMEMBERED_MAX as u128 {
+    for request_id in 0..=REQUESTS_REMEMBERED_MAX as u128 {
         requests
             .carry_out(request_id, &command, || Ok(None))
             .unwrap();
     }
-    assert_eq!(requests.remembered_count(), SESSION_REQUESTS_REMEMBERED_MAX);
+    assert_eq!(requests.remembered_count(), REQUESTS_REMEMBERED_MAX);
     assert_eq!(requests.answer(0), None, "the oldest answer was kept");
     assert_eq!(requests.answer(1), Some(None));
     let mut stored = 0;
@@ -178,11 +179,66 @@ fn the_remembered_answers_are_bounded_and_the_oldest_goes_first() {
         })
         .unwrap();
     assert_eq!(
-        stored, SESSION_REQUESTS_REMEMBERED_MAX,
+        stored, REQUESTS_REMEMBERED_MAX,
         "evicted answers stay on disk"
     );
     // Reopened, the node knows the same answers.
-    let reopened = SessionRequests::open(store.clone()).unwrap();
-    assert_eq!(reopened.remembered_count(), SESSION_REQUESTS_REMEMBERED_MAX);
+    let reopened = NodeRequests::open(store.clone()).unwrap();
+    assert_eq!(reopened.remembered_count(), REQUESTS_REMEMBERED_MAX);
     assert_eq!(reopened.answer(0), None);
+}
+
+#[test]
+fn a_snap_retried_with_its_request_id_keeps_the_image_of_its_first_instant_across_a_restart() {
+    let directory = tempfile::tempdir().unwrap();
+    let open = || {
+        let store = Arc::new(
+            VolumeStore::open(RocksEngine::open(&directory.path().join("db")).unwrap()).unwrap(),
+        );
+        let requests = NodeRequests::open(store.clone()).unwrap();
+        (store, requests)
+    };
+    let (store, requests) = open();
+    let source = store.create("src", TRACKS * 4096, 4096).unwrap();
+    store
+        .write(&source, 0, &[0xaa; 4096], Durability::Synced)
+        .unwrap();
+    let call = NodeCall::Snap {
+        source: "src".to_string(),
+        target: "snap".to_string(),
+        extents: Vec::new(),
+        overwrite: false,
+    };
+    let carried_out = AtomicUsize::new(0);
+    let snap = |requests: &NodeRequests<RocksEngine>, store: &VolumeStore<RocksEngine>| {
+        requests.carry_out_call(9, &call, || {
+            carried_out.fetch_add(1, Ordering::SeqCst);
+            let (target, _) = store.snap_guarded("src", "snap", &[], false)?;
+            Ok(NodeAnswer::Snapped {
+                target_info: target.info(),
+                elapsed_micros: 0,
+            })
+        })
+    };
+    let first = snap(&requests, &store).unwrap();
+    // The host writes on; a new leader asks again under the same id.
+    store
+        .write(&source, 0, &[0xbb; 4096], Durability::Synced)
+        .unwrap();
+    assert_eq!(snap(&requests, &store).unwrap(), first);
+    drop((store, requests));
+    let (store, requests) = open();
+    assert_eq!(snap(&requests, &store).unwrap(), first);
+    assert_eq!(carried_out.load(Ordering::SeqCst), 1, "snapped again");
+    let target = store.volume("snap").unwrap();
+    assert_eq!(
+        store.read(&target, 0, 4096).unwrap(),
+        vec![0xaa; 4096],
+        "the snap holds the image of its first instant"
+    );
+    // The id cannot be taken for a session command.
+    let error = requests
+        .carry_out(9, &split(), || unreachable!("refused before"))
+        .unwrap_err();
+    assert!(error.to_string().contains("snap"), "{error}");
 }

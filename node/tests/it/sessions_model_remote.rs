@@ -857,6 +857,9 @@ fn drive(cluster: &Cluster, turns: &[Turn], probe: &[u64]) -> Result<(), TestCas
             }
         }
     }
+    // The last turn's owed releases are delivered by the final rest's probe, as at the
+    // start of a turn.
+    deliver_owed_releases(cluster, &mut model);
     cluster.rest(true)?;
     let all: Vec<u64> = (0..TRACKS).collect();
     check(cluster, &model, &all, true)
