@@ -1,7 +1,9 @@
-//! How the leader keeps the catalog's sessions and their nodes on one state: retried
-//! commands answered with their first answer (from the catalog, or from the node that
-//! remembers the request id), and a supervisor that makes the catalog follow the node
-//! for every session, resting ones included.
+//! Session commands on the leader, and how it keeps the catalog's sessions and their nodes
+//! on one state. A command is checked against the catalog, carried out by the source
+//! volume's node and its outcome committed; retried commands are answered with their first
+//! answer (from the catalog, or from the node that remembers the request id); list and
+//! show ask each session's node and fall back on the catalog's checkpoint; and a
+//! supervisor makes the catalog follow the node for every session, resting ones included.
 
 use super::*;
 
@@ -17,6 +19,8 @@ pub const RESTING_SESSION_RECONCILE_INTERVAL_MILLISECONDS: u64 = 2_000;
 pub const SESSION_GONE_GRACE_MILLISECONDS: u64 = 5_000;
 /// How long the leader waits for a node to say what it answered to a request id.
 const SESSION_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How far a running copy moves between two progress checkpoints in the catalog.
+pub const SESSION_CHECKPOINT_TRACKS: u64 = 4096;
 
 /// Whether a node carried out a request before (a retry after its leader died).
 pub(super) enum Replayed {
@@ -104,7 +108,277 @@ pub(super) fn checkpoint_info(entry: &SessionEntry, error: Option<String>) -> Se
     }
 }
 
+/// The catalog's record of a session as its node reported it.
+fn entry_of(node: &str, info: &SessionInfo) -> SessionEntry {
+    SessionEntry {
+        id: info.id,
+        node: node.to_string(),
+        kind: info.kind,
+        source: info.source.clone(),
+        target: info.target.clone(),
+        state: info.state,
+        slots: info.slots.clone(),
+        tracks_copied: info.tracks_copied,
+        tracks_remaining: info.tracks_remaining,
+        error: info.error.clone(),
+    }
+}
+
+/// The transition a command asks of an existing session.
+fn transition_of(command: &SessionCommand) -> Option<Transition> {
+    match command {
+        SessionCommand::ClonePrecopy { .. } => Some(Transition::Precopy),
+        SessionCommand::CloneActivate { .. } => Some(Transition::Activate),
+        SessionCommand::CloneTerminate { .. } => Some(Transition::Terminate),
+        SessionCommand::CloneCancel { .. } => Some(Transition::Cancel),
+        SessionCommand::MirrorEstablish { .. } => Some(Transition::Establish),
+        SessionCommand::MirrorSplit { .. } => Some(Transition::Split),
+        SessionCommand::MirrorReestablish { .. } => Some(Transition::Reestablish),
+        SessionCommand::MirrorRestore { .. } => Some(Transition::Restore),
+        SessionCommand::MirrorCancel { .. } => Some(Transition::Cancel),
+        SessionCommand::CloneCreate { .. }
+        | SessionCommand::MirrorRotate { .. }
+        | SessionCommand::SetRate { .. } => None,
+    }
+}
+
 impl ControlPlane {
+    /// A session command: the catalog refuses an illegal transition of a resting session
+    /// before any node is asked; otherwise the source volume's node carries it out (and
+    /// checks it against its own, newer, state), and the outcome is committed.
+    ///
+    /// Retries are harmless: a request the catalog recorded gets its first answer from the
+    /// catalog, calling no node; the node is called with the request id and answers a
+    /// request it carried out before with its first answer, without carrying it out again.
+    pub(super) async fn session_command(
+        &self,
+        request_id: RequestId,
+        command: SessionCommand,
+    ) -> Outcome<Response> {
+        self.read_barrier().await?;
+        if let Some(applied) = self
+            .catalog
+            .read(|catalog| catalog.applied_response(request_id).cloned())
+        {
+            applied.map_err(Refusal::from)?;
+            return Ok(session_response(self.recorded_session(&command)));
+        }
+        // One command or reconciliation of a session at a time on this leader.
+        let lock = self.session_lock(&session_lock_key(&command));
+        let _one_at_a_time = lock.lock().await;
+        let (node, address, source, target) = match self.session_command_checks(&command).await {
+            Ok(checked) => checked,
+            Err(refusal) if refusal.code == ErrorCode::IllegalState => {
+                // The catalog may trail the node: a command the node carried out whose
+                // recording was lost with its leader, and that the supervisor has recorded
+                // since. The node then still knows this request id and its first answer.
+                return match self.replayed_answer(request_id, &command).await {
+                    Replayed::Answered(node, info) => {
+                        let info = info.map(|info| *info);
+                        self.record_session_outcome(request_id, &node, target_of(&command), info)
+                            .await
+                    }
+                    Replayed::NotCarriedOut => Err(refusal),
+                    // Refusing now could refuse a retry of a command that was carried out:
+                    // the CLI retries an unavailable cluster, and the node may answer then.
+                    Replayed::Unknown(reason) => Err(Refusal::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "{} — unless this is a retry of a command the node already carried out, which could not be asked ({reason})",
+                            refusal.message
+                        ),
+                    )),
+                };
+            }
+            Err(refusal) => return Err(refusal),
+        };
+        let response = self
+            .call(
+                &node,
+                &address,
+                Request::Session {
+                    request_id,
+                    command: command.clone(),
+                },
+            )
+            .await
+            .map_err(|reason| {
+                Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!("node {node} of volume '{source}' did not answer: {reason}"),
+                )
+            })?;
+        let info = match response {
+            Response::Session(info) => info,
+            Response::Error { code, message } => return Err(Refusal::new(code, message)),
+            other => {
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("unexpected answer {other:?}"),
+                ))
+            }
+        };
+        // Tests end the process here to play a leader that dies after the node carried a
+        // command out and before the catalog recorded it.
+        crate::fail_points::exit_point("control-plane::session::after-node-call", command.name());
+        self.record_session_outcome(request_id, &node, target, info)
+            .await
+    }
+
+    /// The checks before a session command reaches its node, and where it goes: the
+    /// source volume's node, its address, the source and the target.
+    async fn session_command_checks(
+        &self,
+        command: &SessionCommand,
+    ) -> Outcome<(String, String, String, Option<String>)> {
+        self.refuse_taken_target(command).await?;
+        let (source, target, entry) = match command {
+            SessionCommand::CloneCreate { source, target, .. } => {
+                (source.clone(), Some(target.clone()), None)
+            }
+            SessionCommand::MirrorEstablish { standard, bcv, .. } => (
+                standard.clone(),
+                Some(bcv.clone()),
+                self.catalog.read(|catalog| catalog.session(bcv).cloned()),
+            ),
+            SessionCommand::MirrorRotate { standard } => (standard.clone(), None, None),
+            SessionCommand::ClonePrecopy { target }
+            | SessionCommand::CloneActivate { target }
+            | SessionCommand::CloneTerminate { target }
+            | SessionCommand::CloneCancel { target } => {
+                let entry = self.known_session(SessionKind::Clone, target)?;
+                (entry.source.clone(), Some(target.clone()), Some(entry))
+            }
+            SessionCommand::MirrorSplit { bcv: target, .. }
+            | SessionCommand::MirrorReestablish { bcv: target }
+            | SessionCommand::MirrorRestore { bcv: target, .. }
+            | SessionCommand::MirrorCancel { bcv: target } => {
+                let entry = self.known_session(SessionKind::Mirror, target)?;
+                (entry.source.clone(), Some(target.clone()), Some(entry))
+            }
+            SessionCommand::SetRate { target, .. } => {
+                let entry = self
+                    .catalog
+                    .read(|catalog| catalog.session(target).cloned())
+                    .ok_or_else(|| {
+                        Refusal::new(
+                            ErrorCode::NotFound,
+                            format!("no session has '{target}' as its target"),
+                        )
+                    })?;
+                (entry.source.clone(), Some(target.clone()), Some(entry))
+            }
+        };
+        if let (Some(entry), Some(transition)) = (&entry, transition_of(command)) {
+            if entry.state.is_resting() {
+                if let Err(reason) = next_state(entry.kind, entry.state, transition) {
+                    return Err(Refusal::new(
+                        ErrorCode::IllegalState,
+                        format!(
+                            "{} refused for {} {} -> {}: {reason}",
+                            command.name(),
+                            entry.kind,
+                            entry.source,
+                            entry.target
+                        ),
+                    ));
+                }
+            }
+        }
+        let volume = self.known_volume(&source)?;
+        if let Some(target) = &target {
+            self.known_volume(target)?;
+        }
+        self.ensure_node_up(&volume.node)?;
+        let address = self.node_address(&volume.node).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::Unavailable,
+                format!("node {} is not registered", volume.node),
+            )
+        })?;
+        Ok((volume.node, address, source, target))
+    }
+
+    /// Commits what a node answered to a session command, under the command's request id,
+    /// and answers with it.
+    async fn record_session_outcome(
+        &self,
+        request_id: RequestId,
+        node: &str,
+        target: Option<String>,
+        info: Option<SessionInfo>,
+    ) -> Outcome<Response> {
+        let record = match &info {
+            Some(info) => Command::SessionRecord(entry_of(node, info)),
+            None => self.session_end_record(target.unwrap_or_default()).await,
+        };
+        self.commit(request_id, record).await?;
+        Ok(session_response(info))
+    }
+
+    fn known_session(&self, kind: SessionKind, target: &str) -> Outcome<SessionEntry> {
+        self.catalog
+            .read(|catalog| catalog.session(target).cloned())
+            .filter(|entry| entry.kind == kind)
+            .ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "no {kind} session has '{target}' as its {} (see `tandem {kind} list`)",
+                        match kind {
+                            SessionKind::Clone => "destination",
+                            SessionKind::Mirror => "BCV",
+                        }
+                    ),
+                )
+            })
+    }
+
+    /// A session as its node reports it now, or the catalog's checkpoint when the node
+    /// does not answer.
+    pub(super) async fn session_live(&self, entry: &SessionEntry) -> SessionInfo {
+        match self.node_session(entry).await {
+            NodeSession::Live(info) => *info,
+            NodeSession::Gone(reason) | NodeSession::Silent(reason) => checkpoint_info(
+                entry,
+                Some(format!(
+                    "node {} did not answer ({reason}); this is the catalog's last checkpoint",
+                    entry.node
+                )),
+            ),
+        }
+    }
+
+    /// Every session of `kind` (or of every kind), as its node reports it now.
+    pub(super) async fn session_list(&self, kind: Option<SessionKind>) -> Outcome<ClusterResponse> {
+        self.read_barrier().await?;
+        let entries: Vec<SessionEntry> = self.catalog.read(|catalog| {
+            catalog
+                .sessions()
+                .filter(|entry| kind.is_none_or(|kind| entry.kind == kind))
+                .cloned()
+                .collect()
+        });
+        let mut infos = Vec::new();
+        for entry in &entries {
+            infos.push(self.session_live(entry).await);
+        }
+        infos.sort_by_key(|info| (info.source.clone(), info.target.clone()));
+        Ok(ClusterResponse::Sessions(infos))
+    }
+
+    /// One session of `kind`, by its target, as its node reports it now.
+    pub(super) async fn session_show(
+        &self,
+        kind: SessionKind,
+        target: String,
+    ) -> Outcome<ClusterResponse> {
+        self.read_barrier().await?;
+        let entry = self.known_session(kind, &target)?;
+        let info = self.session_live(&entry).await;
+        Ok(ClusterResponse::Session(Some(Box::new(info))))
+    }
+
     pub(super) fn session_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.session_locks
             .lock()
