@@ -38,6 +38,8 @@ pub const NBD_SECONDS: &str = "tandem_nbd_seconds";
 // The QUIC service.
 pub const REQUESTS_SECONDS: &str = "tandem_requests_seconds";
 pub const REQUEST_ERRORS_TOTAL: &str = "tandem_request_errors_total";
+pub const NODE_CALLS_CARRIED_OUT_TOTAL: &str = "tandem_node_calls_carried_out_total";
+pub const NODE_CALLS_REPLAYED_TOTAL: &str = "tandem_node_calls_replayed_total";
 pub const ERRORS_TOTAL: &str = "tandem_errors_total";
 pub const QUIC_REFUSED_TOTAL: &str = "tandem_quic_refused_total";
 
@@ -150,6 +152,16 @@ fn describe() {
         NBD_CONNECTIONS,
         Unit::Count,
         "NBD client connections open now."
+    );
+    describe_counter!(
+        NODE_CALLS_CARRIED_OUT_TOTAL,
+        Unit::Count,
+        "Calls of the leader under a request id (session commands, snaps) this node carried out, by call."
+    );
+    describe_counter!(
+        NODE_CALLS_REPLAYED_TOTAL,
+        Unit::Count,
+        "Retries of such calls this node answered with their first answer instead of carrying them out again, by call."
     );
     describe_counter!(
         NBD_OPERATIONS_TOTAL,

@@ -188,10 +188,13 @@ impl<E: Engine> NodeRequests<E> {
     /// and is still remembered: `Some(None)` when that command ended its session.
     pub fn answer(&self, request_id: RequestId) -> Option<Option<SessionInfo>> {
         match self.memory.lock().answers.get(&request_id) {
-            Some((_, Remembered {
-                answer: NodeAnswer::Session(answer),
-                ..
-            })) => Some(answer.clone()),
+            Some((
+                _,
+                Remembered {
+                    answer: NodeAnswer::Session(answer),
+                    ..
+                },
+            )) => Some(answer.clone()),
             _ => None,
         }
     }
@@ -268,9 +271,13 @@ impl<E: Engine> NodeRequests<E> {
                 call = call.name(),
                 "call retried; answering with its first answer"
             );
+            metrics::counter!(crate::metrics::NODE_CALLS_REPLAYED_TOTAL, "call" => call.name())
+                .increment(1);
             return Ok(remembered.answer.clone());
         }
         let answer = work()?;
+        metrics::counter!(crate::metrics::NODE_CALLS_CARRIED_OUT_TOTAL, "call" => call.name())
+            .increment(1);
         self.remember(Remembered {
             request_id,
             call: call.clone(),

@@ -2,11 +2,11 @@
 
 use crate::config::NodeConfig;
 use crate::copy::remote::TargetLink;
-use crate::requests::NodeRequests;
 use crate::copy::workers::BackgroundWorkers;
 use crate::copy::Sessions;
 use crate::engine::rocks::RocksEngine;
 use crate::engine::Engine;
+use crate::requests::NodeRequests;
 use crate::service::{self, Identity, Service};
 use crate::store::VolumeStore;
 use crate::{nbd, Error, Result};

@@ -2,10 +2,10 @@
 //! driver: validation lives in the store); cluster requests go to the control plane, in
 //! this process when it hosts a member, else to a member named in the config.
 
-use crate::requests::{NodeAnswer, NodeCall, NodeRequests};
 use crate::copy::workers::BackgroundWorkers;
 use crate::copy::Sessions;
 use crate::engine::Engine;
+use crate::requests::{NodeAnswer, NodeCall, NodeRequests};
 use crate::store::VolumeStore;
 use crate::{Error, Result};
 use control_plane::advice::NOT_INITIALIZED_MESSAGE;
@@ -116,7 +116,6 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
         | Request::VolumeDelete { .. }
         | Request::VolumeSetReadiness { .. }
         | Request::Snap { .. }
-        | Request::SnapOnce { .. }
             if !from_node =>
         {
             // Volumes change through the catalog only, so that it stays the truth.
@@ -183,7 +182,7 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
             log_session_command(&logged, named, &response);
             response
         }
-        Request::SnapOnce {
+        Request::Snap {
             request_id,
             source,
             target,
@@ -581,7 +580,6 @@ fn request_kind(request: &Request) -> &'static str {
         Request::VolumeDelete { .. } => "volume_delete",
         Request::VolumeSetReadiness { .. } => "volume_set_readiness",
         Request::Snap { .. } => "snap",
-        Request::SnapOnce { .. } => "snap_once",
         Request::NodeStatus => "node_status",
         Request::Cluster { .. } => "cluster",
         Request::Heartbeat { .. } => "heartbeat",
@@ -685,24 +683,6 @@ fn answer<E: Engine>(
             check_not_in_session(sessions, &name, "given another readiness")?;
             Response::Volume(store.set_readiness(&name, readiness)?.info())
         }
-        Request::Snap {
-            source,
-            target,
-            extents,
-            overwrite,
-        } => match snap(sessions, &source, &target, &extents, overwrite)? {
-            NodeAnswer::Snapped {
-                target_info,
-                elapsed_micros,
-            } => Response::Snapped {
-                source,
-                target,
-                extents,
-                elapsed_micros,
-                target_info,
-            },
-            NodeAnswer::Session(_) => unreachable!("a snap answers Snapped"),
-        },
         Request::NodeStatus => Response::NodeStatus(NodeStatus {
             name: identity.name.clone(),
             site: identity.site.clone(),

@@ -196,6 +196,22 @@ pub struct SessionEntry {
     pub error: Option<String>,
 }
 
+/// The request id of one step of the work a request does (the target a snap creates,
+/// the node's snap): the same for every attempt of that request, so each step is carried
+/// out once however often the request is retried, and different for every step and
+/// request. FNV-1a, 128 bits, over the request id and the step's name.
+pub fn derived_request_id(request_id: RequestId, step: &str) -> RequestId {
+    const OFFSET_BASIS: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    request_id
+        .to_be_bytes()
+        .iter()
+        .chain(step.as_bytes())
+        .fold(OFFSET_BASIS, |hash, byte| {
+            (hash ^ u128::from(*byte)).wrapping_mul(PRIME)
+        })
+}
+
 /// A command as it travels through Raft, with the id that makes retries harmless.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogRequest {
@@ -352,7 +368,10 @@ pub enum ClusterRequest {
     VolumeShow {
         name: String,
     },
+    /// A pointer snapshot. A retry under the same `request_id` (the CLI's, while the
+    /// cluster answers unavailable) takes the image of the first instant, not a newer one.
     Snap {
+        request_id: RequestId,
         source: String,
         target: String,
         extents: Vec<Extent>,
@@ -447,5 +466,14 @@ mod tests {
         assert_eq!(member_id(""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(member_id("a"), 0xaf63_dc4c_8601_ec8c);
         assert_ne!(member_id("node-a"), member_id("node-b"));
+    }
+
+    #[test]
+    fn a_step_keeps_its_id_across_attempts_and_steps_and_requests_differ() {
+        let snap = super::derived_request_id(1, "snap");
+        assert_eq!(snap, super::derived_request_id(1, "snap"));
+        assert_ne!(snap, super::derived_request_id(1, "snap target"));
+        assert_ne!(snap, super::derived_request_id(2, "snap"));
+        assert_ne!(snap, 1);
     }
 }

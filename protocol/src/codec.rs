@@ -96,6 +96,7 @@ mod tests {
     #[test]
     fn requests_and_responses_round_trip() {
         let request = Request::Snap {
+            request_id: 7,
             source: "alpha".to_owned(),
             target: "beta".to_owned(),
             extents: vec![

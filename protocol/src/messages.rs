@@ -163,8 +163,11 @@ pub enum Request {
         readiness: Readiness,
     },
     /// A pointer snapshot of `source` into `target` (created when it does not exist),
-    /// limited to `extents` when any are given.
+    /// limited to `extents` when any are given. Carried out at most once per request id:
+    /// a retry under the same id is answered with the first answer (the image of the
+    /// first instant), not snapped again.
     Snap {
+        request_id: crate::cluster::RequestId,
         source: String,
         target: String,
         extents: Vec<Extent>,
@@ -225,16 +228,6 @@ pub enum Request {
     /// The NBD clients that have a volume open now (read-only; asked before a delete).
     VolumeClients {
         name: String,
-    },
-    /// [`Request::Snap`] carried out at most once per request id: a retry under the same
-    /// id is answered with the first answer (the image of the first instant), not snapped
-    /// again.
-    SnapOnce {
-        request_id: crate::cluster::RequestId,
-        source: String,
-        target: String,
-        extents: Vec<Extent>,
-        overwrite: bool,
     },
 }
 

@@ -364,6 +364,7 @@ pub async fn run() -> Result<()> {
     let Response::Snapped { elapsed_micros, .. } = request(
         &connection,
         ClusterRequest::Snap {
+            request_id: rand::random(),
             source: VOLUME.to_string(),
             target: SNAPSHOT.to_string(),
             extents: Vec::new(),

@@ -352,6 +352,7 @@ async fn run(cli: Cli) -> Result<()> {
             let response = cluster_call(
                 &connection,
                 ClusterRequest::Snap {
+                    request_id: rand::random(),
                     source,
                     target,
                     extents,

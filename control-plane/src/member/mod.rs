@@ -44,9 +44,10 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, SnapshotPolicy};
 use parking_lot::Mutex;
 use protocol::cluster::{
-    member_id, CatalogError, CatalogReply, CatalogRequest, CatalogStatus, ClusterRequest,
-    ClusterResponse, ClusterStatus, Command, Health, Member, MemberId, MemberStatus, NodeRecord,
-    NodeReport, RequestId, SessionEntry, VolumeRecord, VolumeState, CLUSTER_REQUEST_HOPS_MAX,
+    derived_request_id, member_id, CatalogError, CatalogReply, CatalogRequest, CatalogStatus,
+    ClusterRequest, ClusterResponse, ClusterStatus, Command, Health, Member, MemberId,
+    MemberStatus, NodeRecord, NodeReport, RequestId, SessionEntry, VolumeRecord, VolumeState,
+    CLUSTER_REQUEST_HOPS_MAX,
 };
 use protocol::messages::{ErrorCode, Extent, Readiness, Request, Response};
 use protocol::session::{

@@ -171,11 +171,15 @@ impl ControlPlane {
             ClusterRequest::VolumeList => cluster(self.volume_list().await?),
             ClusterRequest::VolumeShow { name } => cluster(self.volume_show(name).await?),
             ClusterRequest::Snap {
+                request_id,
                 source,
                 target,
                 extents,
                 overwrite,
-            } => self.snap(&source, &target, extents, overwrite).await,
+            } => {
+                self.snap(request_id, &source, &target, extents, overwrite)
+                    .await
+            }
             ClusterRequest::Session {
                 request_id,
                 command,

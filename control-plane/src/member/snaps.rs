@@ -1,13 +1,20 @@
 //! A snap on the leader: the source and the extents are checked against the catalog, a
 //! target that does not exist is created through the catalog first, the source's node
-//! snaps, and a target made for a snap that did not happen is deleted again, so a refused
+//! snaps, and a target made for a snap the node refused is deleted again, so a refused
 //! snap changes nothing.
+//!
+//! Each step carries an id derived from the CLI's request id, so a retry (the leader died,
+//! or the node's answer was lost) does each step once: the target's creation is answered
+//! from the catalog, and the node answers its first snap instead of taking a newer image.
+//! A snap whose node did not answer may have happened there, so its target stays for the
+//! retry.
 
 use super::*;
 
 impl ControlPlane {
     pub(super) async fn snap(
         &self,
+        request_id: RequestId,
         source: &str,
         target: &str,
         extents: Vec<Extent>,
@@ -33,13 +40,31 @@ impl ControlPlane {
                 ),
             ));
         }
-        let created_target = match self.catalog.read(|catalog| catalog.volume(target).cloned()) {
+        let create_id = derived_request_id(request_id, "snap target");
+        let created_before = self
+            .catalog
+            .read(|catalog| catalog.applied_response(create_id).is_some());
+        let existing = self.catalog.read(|catalog| catalog.volume(target).cloned());
+        let created_target = match existing {
+            // A retry of this snap finds the target its first attempt made (finished here
+            // if that attempt stopped half-way).
+            None | Some(_) if created_before => {
+                self.volume_create(
+                    create_id,
+                    target,
+                    &source_record.node,
+                    source_record.size_bytes,
+                    source_record.track_size_bytes,
+                )
+                .await?;
+                true
+            }
             None => {
                 // The target is created through the catalog first, so that a node dying
                 // during the snap leaves a complete, empty target rather than a volume the
                 // catalog does not know.
                 self.volume_create(
-                    random_request_id(),
+                    create_id,
                     target,
                     &source_record.node,
                     source_record.size_bytes,
@@ -73,6 +98,7 @@ impl ControlPlane {
                 &source_record.node,
                 &address,
                 Request::Snap {
+                    request_id: derived_request_id(request_id, "snap"),
                     source: source.to_string(),
                     target: target.to_string(),
                     extents,
@@ -82,7 +108,17 @@ impl ControlPlane {
             )
             .await;
         match answer {
-            Ok(response @ Response::Snapped { .. }) => Ok(response),
+            Ok(response @ Response::Snapped { .. }) => {
+                crate::fail_points::exit_point("control-plane::snap::after-node-call", "snap");
+                Ok(response)
+            }
+            Err(detail) => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "node '{}' did not answer the snap (it may have happened there; a retry under the same request finishes it): {detail}",
+                    source_record.node
+                ),
+            )),
             refused => {
                 if created_target {
                     // The snap did not happen, so the target made for it goes again: a
@@ -98,16 +134,9 @@ impl ControlPlane {
                 }
                 match refused {
                     Ok(Response::Error { code, message }) => Err(Refusal::new(code, message)),
-                    Ok(other) => Err(Refusal::new(
+                    other => Err(Refusal::new(
                         ErrorCode::Internal,
                         format!("unexpected answer {other:?}"),
-                    )),
-                    Err(detail) => Err(Refusal::new(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "node '{}' did not answer the snap: {detail}",
-                            source_record.node
-                        ),
                     )),
                 }
             }

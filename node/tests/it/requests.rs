@@ -2,12 +2,12 @@
 //! request id is carried out once and answered with its first answer, across a restart
 //! too; a new id meets the node's state as before; the memory is bounded.
 
-use node::engine::Durability;
-use node::requests::{NodeAnswer, NodeCall, NodeRequests, REQUESTS_REMEMBERED_MAX};
 use node::copy::Sessions;
 use node::engine::memory::MemoryEngine;
 use node::engine::rocks::RocksEngine;
+use node::engine::Durability;
 use node::engine::{Engine, Space};
+use node::requests::{NodeAnswer, NodeCall, NodeRequests, REQUESTS_REMEMBERED_MAX};
 use node::store::VolumeStore;
 use protocol::messages::ErrorCode;
 use protocol::session::{MirrorMode, SessionCommand, SessionInfo, SessionKind, SessionState};

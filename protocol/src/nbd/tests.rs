@@ -936,6 +936,7 @@ fn fuzz_seed_corpus_is_committed_and_current() {
         (
             "snap",
             Request::Snap {
+                request_id: 7,
                 source: "disk".to_owned(),
                 target: "disk-copy".to_owned(),
                 extents: vec![Extent { first: 0, last: 7 }, Extent { first: 9, last: 9 }],

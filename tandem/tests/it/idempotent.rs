@@ -5,6 +5,7 @@
 //! works. Also: the binary these tests run really has its fail points.
 
 use crate::common::{free_udp_port, init, tandem, wait_until, NodeProcess};
+use crate::metrics::{scrape, series};
 use crate::sessions::{fill, json, read_all};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,6 +17,8 @@ const LEADER: &str = MEMBERS[0];
 /// CLI talks to (it forwards to whichever member leads).
 const STORAGE: &str = MEMBERS[2];
 const FAIL_POINT: &str = "control-plane::session::after-node-call";
+/// Where the leader dies once the source's node answered a snap.
+const SNAP_FAIL_POINT: &str = "control-plane::snap::after-node-call";
 const EXIT_STATUS: i32 = 137;
 
 #[test]
@@ -45,6 +48,11 @@ struct Trio {
 
 impl Trio {
     fn start(dying_command: &str) -> Trio {
+        Trio::start_at(FAIL_POINT, dying_command)
+    }
+
+    /// [`Trio::start`] with the leader dying at fail point `place`.
+    fn start_at(place: &str, dying_command: &str) -> Trio {
         let directory = tempfile::tempdir().unwrap();
         let certs = init(directory.path(), &MEMBERS.join(","));
         let ports: Vec<u16> = MEMBERS.iter().map(|_| free_udp_port()).collect();
@@ -53,7 +61,7 @@ impl Trio {
             .map(|port| format!("127.0.0.1:{port}"))
             .collect::<Vec<_>>()
             .join(",");
-        let fail_points = format!("{FAIL_POINT}=return({dying_command})");
+        let fail_points = format!("{place}=return({dying_command})");
         let mut nodes = BTreeMap::new();
         for (name, port) in MEMBERS.iter().zip(&ports) {
             let environment: Vec<(&str, &str)> = if *name == LEADER {
@@ -222,4 +230,36 @@ fn an_activate_whose_leader_died_before_recording_it_answers_its_first_answer_on
     );
     let listed = trio.cli_json(&["clone", "list", "--json"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+}
+
+#[test]
+fn a_snap_whose_leader_died_after_the_node_snapped_is_not_taken_again_on_retry() {
+    let mut trio = Trio::start_at(SNAP_FAIL_POINT, "snap");
+    trio.create_volumes(&["src"]);
+    fill(trio.storage(), "src", 11);
+    let snapped = trio.command_killing_the_leader(&["snap", "src", "copy", "--json"]);
+    assert_eq!(snapped["target"], "copy", "{snapped}");
+    // The node snapped once; the retry through the next leader got the first answer (a
+    // second snap would have taken the image of a later instant).
+    let metrics = scrape(trio.storage());
+    assert_eq!(
+        series(
+            &metrics,
+            r#"tandem_node_calls_carried_out_total{call="snap"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        series(&metrics, r#"tandem_node_calls_replayed_total{call="snap"}"#),
+        Some(1.0)
+    );
+    // The target the first attempt created is the one the catalog knows, ready, holding
+    // the source's image.
+    let copy = trio.catalog_volume("copy");
+    assert_eq!(copy["state"], "ready", "{copy}");
+    assert_eq!(
+        read_all(trio.storage(), "copy"),
+        read_all(trio.storage(), "src")
+    );
 }

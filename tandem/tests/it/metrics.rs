@@ -12,7 +12,7 @@ use std::process::Stdio;
 const MEBIBYTE: f64 = 1_048_576.0;
 
 /// The Prometheus text of a node.
-fn scrape(node: &NodeProcess) -> String {
+pub fn scrape(node: &NodeProcess) -> String {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", node.metrics)).unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
@@ -24,7 +24,7 @@ fn scrape(node: &NodeProcess) -> String {
 
 /// The value of the one series whose line starts with `series` (name and labels, as
 /// printed), if the node exports it.
-fn series(body: &str, series: &str) -> Option<f64> {
+pub fn series(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .map(|value| value.trim().parse().unwrap())
