@@ -7,8 +7,9 @@
 //! refused command leaves the catalog exactly as it was.
 
 use protocol::cluster::{
-    CatalogError, CatalogReply, CatalogRequest, CatalogResponse, Command, Health, NodeRecord,
-    NodeReport, RequestId, SessionEntry, VolumeRecord, VolumeState,
+    CatalogError, CatalogReply, CatalogRequest, CatalogResponse, Command, Health, Intent,
+    IntentCall, IntentResult, NodeRecord, NodeReport, RequestId, SessionEntry, VolumeRecord,
+    VolumeState,
 };
 use protocol::messages::{Readiness, VOLUME_NAME_BYTES_MAX};
 use protocol::session::{next_state, SessionKind, SessionState, Transition};
@@ -35,6 +36,33 @@ pub struct Catalog {
     applied: BTreeMap<RequestId, CatalogResponse>,
     /// The same request ids in the order they were applied, oldest first, for eviction.
     applied_order: VecDeque<RequestId>,
+    /// Steps of the leader's work recorded before their node is called and not finished
+    /// yet, by id (the saga: intent, node call, result, reconciliation).
+    intents: BTreeMap<RequestId, Intent>,
+}
+
+/// The catalog as snapshots of layout version 1 hold it, before intents. Read only, to
+/// load such a snapshot.
+#[derive(Debug, Deserialize)]
+pub struct CatalogWithoutIntents {
+    nodes: BTreeMap<String, NodeRecord>,
+    volumes: BTreeMap<String, VolumeRecord>,
+    sessions: BTreeMap<String, SessionEntry>,
+    applied: BTreeMap<RequestId, CatalogResponse>,
+    applied_order: VecDeque<RequestId>,
+}
+
+impl From<CatalogWithoutIntents> for Catalog {
+    fn from(old: CatalogWithoutIntents) -> Catalog {
+        Catalog {
+            nodes: old.nodes,
+            volumes: old.volumes,
+            sessions: old.sessions,
+            applied: old.applied,
+            applied_order: old.applied_order,
+            intents: BTreeMap::new(),
+        }
+    }
 }
 
 impl Catalog {
@@ -127,6 +155,37 @@ impl Catalog {
         Ok(CatalogReply::Done)
     }
 
+    /// The intents not finished yet, oldest id first.
+    pub fn intents(&self) -> impl Iterator<Item = &Intent> {
+        self.intents.values()
+    }
+
+    pub fn intent(&self, id: RequestId) -> Option<&Intent> {
+        self.intents.get(&id)
+    }
+
+    /// The open intent working on `volume`, if any.
+    pub fn intent_of_volume(&self, volume: &str) -> Option<&Intent> {
+        self.intents
+            .values()
+            .find(|intent| intent.call.owner() == volume)
+    }
+
+    /// Refuses a change of a volume an open intent works on or reads (a snap's target or
+    /// source): its node is being asked about it.
+    fn refuse_intent_on(&self, volume: &str) -> Result<(), CatalogError> {
+        let touching = self.intents.values().find(|intent| match &intent.call {
+            IntentCall::Snap { source, target, .. } => source == volume || target == volume,
+        });
+        match touching {
+            Some(intent) => Err(CatalogError::IntentUnderWay {
+                volume: volume.to_string(),
+                call: intent.call.name().to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The answer a request id already got, if it was applied and is still remembered.
     pub fn applied_response(&self, request_id: RequestId) -> Option<&CatalogResponse> {
         self.applied.get(&request_id)
@@ -201,6 +260,7 @@ impl Catalog {
                 }
             }
             Command::VolumeCreateRollback { name, .. } => {
+                self.refuse_intent_on(name)?;
                 let volume = self.volume_mut(name)?;
                 if volume.state != VolumeState::Creating {
                     return Err(illegal(volume, "rolled back"));
@@ -221,6 +281,7 @@ impl Catalog {
                 Ok(CatalogReply::Done)
             }
             Command::VolumeDeleteBegin { name } => {
+                self.refuse_intent_on(name)?;
                 if let Some(entry) = self.session_of_volume(name) {
                     return Err(CatalogError::VolumeInSession {
                         volume: name.clone(),
@@ -262,7 +323,125 @@ impl Catalog {
                 }
                 Ok(CatalogReply::Done)
             }
+            Command::IntentBegin(intent) => self.intent_begin(intent),
+            Command::IntentFinish { id, result } => self.intent_finish(*id, result),
         }
+    }
+
+    /// Records an intent after checking it against the whole catalog: what its node will
+    /// be asked must be legal now, and nothing else may be under way on its volume.
+    fn intent_begin(&mut self, intent: &Intent) -> CatalogResponse {
+        if self.intents.contains_key(&intent.id) {
+            return Ok(CatalogReply::Done);
+        }
+        let owner = intent.call.owner();
+        if let Some(other) = self.intent_of_volume(owner) {
+            return Err(CatalogError::IntentUnderWay {
+                volume: owner.to_string(),
+                call: other.call.name().to_string(),
+            });
+        }
+        match &intent.call {
+            IntentCall::Snap {
+                source,
+                target,
+                create,
+                ..
+            } => {
+                let source_record =
+                    self.volumes
+                        .get(source)
+                        .ok_or_else(|| CatalogError::UnknownVolume {
+                            volume: source.clone(),
+                        })?;
+                if source_record.state != VolumeState::Ready {
+                    return Err(illegal(source_record, "snapped"));
+                }
+                if source_record.node != intent.node {
+                    return Err(CatalogError::Invalid {
+                        what: "snap".into(),
+                        detail: format!(
+                            "'{source}' is on node '{}', not '{}'",
+                            source_record.node, intent.node
+                        ),
+                    });
+                }
+                if let Some(entry) = self.session_of_volume(target) {
+                    return Err(CatalogError::VolumeInSession {
+                        volume: target.clone(),
+                        kind: entry.kind,
+                        source_volume: entry.source.clone(),
+                        target: entry.target.clone(),
+                    });
+                }
+                match create {
+                    // Validated and recorded as a volume create is; the node makes the
+                    // target in the snap's own write.
+                    Some(new) => {
+                        self.volume_create_begin(
+                            target,
+                            &intent.node,
+                            new.size_bytes,
+                            new.track_size_bytes,
+                        )?;
+                    }
+                    None => {
+                        let target_record = self.volumes.get(target).ok_or_else(|| {
+                            CatalogError::UnknownVolume {
+                                volume: target.clone(),
+                            }
+                        })?;
+                        if target_record.state != VolumeState::Ready {
+                            return Err(illegal(target_record, "a snap target"));
+                        }
+                        if target_record.node != intent.node {
+                            return Err(CatalogError::Invalid {
+                                what: "snap".into(),
+                                detail: format!(
+                                    "a snap works within one node: '{source}' is on '{}' but '{target}' is on '{}'",
+                                    intent.node, target_record.node
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        self.intents.insert(intent.id, intent.clone());
+        Ok(CatalogReply::Done)
+    }
+
+    /// Ends an intent with its node's answer: a snap's created target becomes ready, or
+    /// goes again when the node refused (which changed nothing there).
+    fn intent_finish(&mut self, id: RequestId, result: &IntentResult) -> CatalogResponse {
+        let Some(intent) = self.intents.remove(&id) else {
+            return Ok(CatalogReply::Done);
+        };
+        match (&intent.call, result) {
+            (IntentCall::Snap { target, .. }, IntentResult::Snapped { .. }) => {
+                if let Some(volume) = self.volumes.get_mut(target) {
+                    volume.state = VolumeState::Ready;
+                }
+            }
+            (
+                IntentCall::Snap {
+                    target,
+                    create: Some(_),
+                    ..
+                },
+                IntentResult::Refused { .. },
+            ) => {
+                if self
+                    .volumes
+                    .get(target)
+                    .is_some_and(|volume| volume.state == VolumeState::Creating)
+                {
+                    self.volumes.remove(target);
+                }
+            }
+            (IntentCall::Snap { create: None, .. }, IntentResult::Refused { .. }) => {}
+        }
+        Ok(CatalogReply::IntentFinished(result.clone()))
     }
 
     /// Whether a volume's readiness may be set by hand: it must be ready (not being

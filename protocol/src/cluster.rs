@@ -174,6 +174,80 @@ pub enum Command {
         node: String,
         since_unix_seconds: u64,
     },
+    /// The leader is about to ask a node for a step of work: recorded before the call,
+    /// so that whatever fails, the step is finished (by the command or, after a leader
+    /// change or the node's return, by the supervisor) under the same id.
+    IntentBegin(Intent),
+    /// The node answered the intent `id` (or refused it): the intent ends and its result
+    /// is applied. Finishing an intent that is no longer open changes nothing.
+    IntentFinish {
+        id: RequestId,
+        result: IntentResult,
+    },
+}
+
+/// A step of the leader's work on one node, between the commit that records it and the
+/// commit of the node's answer. Its id is the request id the node is called with, so the
+/// node carries it out once however often it is asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub id: RequestId,
+    pub node: String,
+    pub call: IntentCall,
+    /// The leader's clock when the intent was recorded.
+    pub begun_unix_seconds: u64,
+}
+
+/// What an intent asks of its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IntentCall {
+    /// A pointer snapshot of `source` into `target`, on the node of both. With `create`,
+    /// the target does not exist yet: the catalog records it (`creating`) with the
+    /// intent, and the node makes it in the snap's own write.
+    Snap {
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+        overwrite: bool,
+        create: Option<NewVolume>,
+    },
+}
+
+impl IntentCall {
+    /// The volume the intent works on; one intent at a time per volume.
+    pub fn owner(&self) -> &str {
+        match self {
+            IntentCall::Snap { target, .. } => target,
+        }
+    }
+
+    /// The call's name, for logs and fail points.
+    pub fn name(&self) -> &'static str {
+        match self {
+            IntentCall::Snap { .. } => "snap",
+        }
+    }
+}
+
+/// The geometry of a volume an intent creates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewVolume {
+    pub size_bytes: u64,
+    pub track_size_bytes: u32,
+}
+
+/// What the node answered an intent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IntentResult {
+    Snapped {
+        target_info: VolumeInfo,
+        elapsed_micros: u64,
+    },
+    /// The node refused: it changed nothing, and neither does the intent.
+    Refused {
+        code: crate::messages::ErrorCode,
+        message: String,
+    },
 }
 
 /// A copy session as the catalog records it. The source volume's node runs the session
@@ -288,6 +362,8 @@ pub enum CatalogError {
         target: String,
         advice: String,
     },
+    #[error("volume '{volume}' has a {call} under way; wait for it to finish (`tandem volume show {volume}`)")]
+    IntentUnderWay { volume: String, call: String },
 }
 
 /// What an applied command produced.
@@ -296,6 +372,8 @@ pub enum CatalogReply {
     Done,
     Node(NodeRecord),
     Volume(VolumeRecord),
+    /// The result an intent finished with.
+    IntentFinished(IntentResult),
 }
 
 /// The state machine's answer to one log entry: the reply, or the refusal.
@@ -451,7 +529,8 @@ impl CatalogError {
             | CatalogError::ReadinessFollowsSession { .. }
             | CatalogError::SessionTransition { .. }
             | CatalogError::SessionTargetTaken { .. }
-            | CatalogError::SiteChange { .. } => ErrorCode::IllegalState,
+            | CatalogError::SiteChange { .. }
+            | CatalogError::IntentUnderWay { .. } => ErrorCode::IllegalState,
         }
     }
 }

@@ -24,6 +24,7 @@ mod lifecycle;
 mod membership;
 mod raft;
 mod routing;
+mod saga;
 mod sessions;
 mod snaps;
 mod status;
@@ -140,6 +141,11 @@ pub struct ControlPlane {
     volume_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Volumes the supervisor is reconciling now.
     reconciling: Mutex<HashSet<String>>,
+    /// One lock per intent, so the command that began it and the supervisor never call
+    /// its node at once.
+    intent_locks: Mutex<HashMap<RequestId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Intents the supervisor is driving now.
+    driving_intents: Mutex<HashSet<RequestId>>,
     /// One lock per session (by target volume), so a command and the supervisor's
     /// reconciliation never act on one session at once.
     session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -216,6 +222,8 @@ impl ControlPlane {
             last_seen: Mutex::new(HashMap::new()),
             volume_locks: Mutex::new(HashMap::new()),
             reconciling: Mutex::new(HashSet::new()),
+            intent_locks: Mutex::new(HashMap::new()),
+            driving_intents: Mutex::new(HashSet::new()),
             session_locks: Mutex::new(HashMap::new()),
             resting_sessions_reconciled: Mutex::new(None),
             gone_sessions: Mutex::new(HashMap::new()),

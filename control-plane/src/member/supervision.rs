@@ -66,8 +66,8 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// The leader's periodic duty: mark silent nodes down and finish half-way volumes on
-    /// nodes that are up.
+    /// The leader's periodic duty: mark silent nodes down and finish half-way volumes and
+    /// open intents on nodes that are up.
     pub(super) async fn supervise_once(self: &Arc<Self>) {
         if !self.is_leader() {
             self.last_seen.lock().clear();
@@ -76,6 +76,7 @@ impl ControlPlane {
         self.mark_silent_nodes_down().await;
         self.refresh_sessions().await;
         self.reconcile_half_way_volumes();
+        self.reconcile_intents();
     }
 
     /// Marks down every node the catalog has up that has not been heard from for
@@ -115,6 +116,8 @@ impl ControlPlane {
             catalog
                 .volumes()
                 .filter(|volume| volume.state != VolumeState::Ready)
+                // A snap's new target is finished by its intent (`reconcile_intents`).
+                .filter(|volume| catalog.intent_of_volume(&volume.name).is_none())
                 .filter(|volume| {
                     catalog
                         .node(&volume.node)

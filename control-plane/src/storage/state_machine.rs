@@ -34,8 +34,10 @@ const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
 /// tag, 0 or 1). The catalog will grow (intents, jobs): a new layout gets a new version,
 /// and older ones are still read.
 const SNAPSHOT_FORMAT_MARKER: &[u8; 4] = b"TCAT";
-/// The layout this build writes.
-const SNAPSHOT_FORMAT_VERSION: u8 = 1;
+/// The layout this build writes: the catalog with its intents.
+const SNAPSHOT_FORMAT_VERSION: u8 = 2;
+/// The layout before intents (also what unmarked snapshots hold).
+const SNAPSHOT_FORMAT_VERSION_WITHOUT_INTENTS: u8 = 1;
 
 /// Everything the state machine holds; a snapshot is exactly this, encoded.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,24 @@ struct StateMachineData {
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     catalog: Catalog,
+}
+
+/// [`StateMachineData`] in layout version 1, before the catalog had intents.
+#[derive(Deserialize)]
+struct StateMachineDataWithoutIntents {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    catalog: crate::catalog::CatalogWithoutIntents,
+}
+
+impl From<StateMachineDataWithoutIntents> for StateMachineData {
+    fn from(old: StateMachineDataWithoutIntents) -> StateMachineData {
+        StateMachineData {
+            last_applied: old.last_applied,
+            last_membership: old.last_membership,
+            catalog: old.catalog.into(),
+        }
+    }
 }
 
 /// What the state machine and its snapshot builders share.
@@ -104,6 +124,7 @@ fn encode_state(state: &StateMachineData) -> protocol::error::Result<Vec<u8>> {
 fn decode_state(bytes: &[u8]) -> Result<StateMachineData, AnyError> {
     match bytes.strip_prefix(SNAPSHOT_FORMAT_MARKER.as_slice()) {
         Some([SNAPSHOT_FORMAT_VERSION, rest @ ..]) => codec::decode(rest).map_err(any_error),
+        Some([SNAPSHOT_FORMAT_VERSION_WITHOUT_INTENTS, rest @ ..]) => decode_without_intents(rest),
         Some([version, ..]) => Err(AnyError::error(format!(
             "the catalog snapshot is stored in layout version {version}, which this build does not know (it reads up to {SNAPSHOT_FORMAT_VERSION}): run a newer tandem"
         ))),
@@ -111,8 +132,14 @@ fn decode_state(bytes: &[u8]) -> Result<StateMachineData, AnyError> {
             "the catalog snapshot ends after its format marker",
         )),
         // Written before the marker: the data of version 1.
-        None => codec::decode(bytes).map_err(any_error),
+        None => decode_without_intents(bytes),
     }
+}
+
+fn decode_without_intents(bytes: &[u8]) -> Result<StateMachineData, AnyError> {
+    codec::decode::<StateMachineDataWithoutIntents>(bytes)
+        .map(StateMachineData::from)
+        .map_err(any_error)
 }
 
 impl StateMachineStore {
@@ -338,15 +365,26 @@ mod tests {
         state
     }
 
+    /// `state` as layout 1 encoded it, before intents: the catalog's intents are its
+    /// last field, and an empty map encodes as one byte (its length, 0) at the end.
+    fn encoded_without_intents(state: &StateMachineData) -> Vec<u8> {
+        let mut bytes = codec::encode(state).unwrap();
+        assert_eq!(bytes.pop(), Some(0), "no intents at the end");
+        bytes
+    }
+
     #[test]
-    fn a_snapshot_carries_its_layout_and_one_written_before_the_marker_is_still_read() {
+    fn a_snapshot_carries_its_layout_and_older_layouts_are_still_read() {
         let state = state();
         let marked = encode_state(&state).unwrap();
-        assert_eq!(&marked[..5], b"TCAT\x01");
+        assert_eq!(&marked[..5], b"TCAT\x02");
         assert_eq!(decode_state(&marked).unwrap(), state);
-        // Before the marker, the data was the encoded state alone.
-        let unmarked = codec::encode(&state).unwrap();
-        assert_eq!(decode_state(&unmarked).unwrap(), state);
+        // Layout 1, before intents: marked, and before the marker the data alone.
+        let old = encoded_without_intents(&state);
+        let mut marked_old = b"TCAT\x01".to_vec();
+        marked_old.extend(&old);
+        assert_eq!(decode_state(&marked_old).unwrap(), state);
+        assert_eq!(decode_state(&old).unwrap(), state);
     }
 
     #[test]

@@ -3,9 +3,10 @@
 use control_plane::catalog::{Catalog, APPLIED_REQUESTS_REMEMBERED_MAX};
 use proptest::prelude::*;
 use protocol::cluster::{
-    CatalogError, CatalogReply, CatalogRequest, Command, Health, NodeReport, VolumeState,
+    CatalogError, CatalogReply, CatalogRequest, Command, Health, Intent, IntentCall, IntentResult,
+    NewVolume, NodeReport, VolumeState,
 };
-use protocol::messages::Readiness;
+use protocol::messages::{ErrorCode, Readiness, VolumeInfo};
 
 const GIB: u64 = 1 << 30;
 const TRACK: u32 = 64 << 10;
@@ -366,9 +367,197 @@ fn any_command() -> impl Strategy<Value = Command> {
             health: if up { Health::Up } else { Health::Down }
         }),
         // A node re-registering may report another capacity or, wrongly, another site.
-        (nodes, prop::sample::select(vec!["east", "west"]), 1u64..16)
-            .prop_map(|(node, site, gib)| Command::RegisterNode(report(node, site, gib * GIB))),
+        (
+            nodes.clone(),
+            prop::sample::select(vec!["east", "west"]),
+            1u64..16
+        )
+            .prop_map(|(node, site, gib)| Command::RegisterNode(report(
+                node,
+                site,
+                gib * GIB
+            ))),
+        // Snaps on the saga: begun onto new or existing targets, finished either way.
+        (0u128..4, nodes, names.clone(), names.clone(), any::<bool>()).prop_map(
+            |(id, node, source, target, create)| Command::IntentBegin(snap_intent(
+                id, node, source, target, create
+            ))
+        ),
+        (0u128..4, any::<bool>()).prop_map(|(id, snapped)| Command::IntentFinish {
+            id,
+            result: if snapped {
+                snapped_result("x")
+            } else {
+                refused_result()
+            },
+        }),
     ]
+}
+
+fn snap_intent(id: u128, node: &str, source: &str, target: &str, create: bool) -> Intent {
+    Intent {
+        id,
+        node: node.into(),
+        call: IntentCall::Snap {
+            source: source.into(),
+            target: target.into(),
+            extents: Vec::new(),
+            overwrite: false,
+            create: create.then_some(NewVolume {
+                size_bytes: GIB,
+                track_size_bytes: TRACK,
+            }),
+        },
+        begun_unix_seconds: 1,
+    }
+}
+
+fn snapped_result(target: &str) -> IntentResult {
+    IntentResult::Snapped {
+        target_info: VolumeInfo {
+            name: target.into(),
+            id: 9,
+            size_bytes: GIB,
+            track_size_bytes: TRACK,
+            track_count: GIB / u64::from(TRACK),
+            readiness: Readiness::Ready,
+            session_slots_used: 0,
+            layer_depth: 2,
+            created_unix_seconds: 1,
+        },
+        elapsed_micros: 5,
+    }
+}
+
+fn refused_result() -> IntentResult {
+    IntentResult::Refused {
+        code: ErrorCode::IllegalState,
+        message: "refused by the node".into(),
+    }
+}
+
+#[test]
+fn a_snap_intent_records_its_new_target_creating_and_its_result_makes_it_ready_or_removes_it() {
+    let mut catalog = populated();
+    apply(
+        &mut catalog,
+        10,
+        Command::IntentBegin(snap_intent(1, "east-1", "data", "copy", true)),
+    )
+    .unwrap();
+    assert_eq!(catalog.volume("copy").unwrap().state, VolumeState::Creating);
+    assert_eq!(
+        catalog.intent_of_volume("copy").map(|intent| intent.id),
+        Some(1)
+    );
+    // Nothing else may start on the volume meanwhile.
+    assert_eq!(
+        apply(
+            &mut catalog,
+            11,
+            Command::IntentBegin(snap_intent(2, "east-1", "data", "copy", false)),
+        ),
+        Err(CatalogError::IntentUnderWay {
+            volume: "copy".into(),
+            call: "snap".into()
+        })
+    );
+    let finished = apply(
+        &mut catalog,
+        12,
+        Command::IntentFinish {
+            id: 1,
+            result: snapped_result("copy"),
+        },
+    );
+    assert_eq!(
+        finished,
+        Ok(CatalogReply::IntentFinished(snapped_result("copy")))
+    );
+    assert_eq!(catalog.volume("copy").unwrap().state, VolumeState::Ready);
+    assert!(catalog.intents().next().is_none());
+    // Finishing again (the command and the supervisor raced) changes nothing but the
+    // memory of request ids.
+    let before = catalog.clone();
+    assert_eq!(
+        apply(
+            &mut catalog,
+            13,
+            Command::IntentFinish {
+                id: 1,
+                result: refused_result(),
+            },
+        ),
+        Ok(CatalogReply::Done)
+    );
+    assert_eq!(
+        catalog.volumes().collect::<Vec<_>>(),
+        before.volumes().collect::<Vec<_>>()
+    );
+    assert!(catalog.intents().next().is_none());
+
+    // A snap the node refused leaves nothing behind: its new target goes again.
+    apply(
+        &mut catalog,
+        14,
+        Command::IntentBegin(snap_intent(3, "east-1", "data", "other", true)),
+    )
+    .unwrap();
+    apply(
+        &mut catalog,
+        15,
+        Command::IntentFinish {
+            id: 3,
+            result: refused_result(),
+        },
+    )
+    .unwrap();
+    assert!(catalog.volume("other").is_none());
+    // A snap onto an existing target keeps it either way.
+    apply(
+        &mut catalog,
+        16,
+        Command::IntentBegin(snap_intent(4, "east-1", "data", "copy", false)),
+    )
+    .unwrap();
+    apply(
+        &mut catalog,
+        17,
+        Command::IntentFinish {
+            id: 4,
+            result: refused_result(),
+        },
+    )
+    .unwrap();
+    assert_eq!(catalog.volume("copy").unwrap().state, VolumeState::Ready);
+}
+
+#[test]
+fn a_snap_intent_is_refused_with_nothing_recorded_when_its_node_cannot_do_it() {
+    let mut catalog = populated();
+    let before = catalog.clone();
+    let refused = [
+        // The source is on east-1, not west-1.
+        snap_intent(1, "west-1", "data", "copy", true),
+        // No such source.
+        snap_intent(1, "east-1", "ghost", "copy", true),
+        // The target exists, so it cannot be created; and a missing target must be.
+        snap_intent(1, "east-1", "data", "data", true),
+        snap_intent(1, "east-1", "data", "missing", false),
+    ];
+    for (index, intent) in refused.into_iter().enumerate() {
+        let answer = apply(
+            &mut catalog,
+            20 + index as u128,
+            Command::IntentBegin(intent),
+        );
+        assert!(answer.is_err(), "{answer:?}");
+    }
+    assert_eq!(
+        catalog.volumes().collect::<Vec<_>>(),
+        before.volumes().collect::<Vec<_>>()
+    );
+    assert!(catalog.intents().next().is_none());
 }
 
 proptest! {
@@ -389,6 +578,16 @@ proptest! {
             if answer.is_err() {
                 prop_assert_eq!(catalog.volumes().collect::<Vec<_>>(), before.volumes().collect::<Vec<_>>());
                 prop_assert_eq!(catalog.nodes().collect::<Vec<_>>(), before.nodes().collect::<Vec<_>>());
+                prop_assert_eq!(catalog.intents().collect::<Vec<_>>(), before.intents().collect::<Vec<_>>());
+            }
+            // One open intent per volume, and every open intent's volume is known.
+            let owners: Vec<&str> = catalog.intents().map(|intent| intent.call.owner()).collect();
+            let mut distinct = owners.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            prop_assert_eq!(owners.len(), distinct.len());
+            for owner in owners {
+                prop_assert!(catalog.volume(owner).is_some(), "intent on unknown {}", owner);
             }
             // A volume is placed only where it fits. (A node may later report less
             // capacity than it holds; the catalog records the report, it cannot refuse it.)

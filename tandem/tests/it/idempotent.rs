@@ -2,7 +2,9 @@
 //! node carried out a split, a restore or an activate (a fail point ends its process
 //! before the catalog records it), the CLI retries under the same request id through a
 //! new leader, and gets the first answer; catalog and node agree and the next command
-//! works. Also: the binary these tests run really has its fail points.
+//! works. Snaps on the saga (issue 12): a leader dying after the node snapped, or after
+//! recording the snap's intent, leaves neither a second snap nor an empty target. Also:
+//! the binary these tests run really has its fail points.
 
 use crate::common::{free_udp_port, init, tandem, wait_until, NodeProcess};
 use crate::metrics::{scrape, series};
@@ -17,8 +19,11 @@ const LEADER: &str = MEMBERS[0];
 /// CLI talks to (it forwards to whichever member leads).
 const STORAGE: &str = MEMBERS[2];
 const FAIL_POINT: &str = "control-plane::session::after-node-call";
-/// Where the leader dies once the source's node answered a snap.
-const SNAP_FAIL_POINT: &str = "control-plane::snap::after-node-call";
+/// Where the leader dies once a node answered an intent (a snap), before the answer is
+/// committed.
+const RESULT_FAIL_POINT: &str = "control-plane::saga::before-result-commit";
+/// Where the leader dies once an intent is committed, before its node is called.
+const INTENT_FAIL_POINT: &str = "control-plane::saga::after-intent-commit";
 const EXIT_STATUS: i32 = 137;
 
 #[test]
@@ -117,6 +122,12 @@ impl Trio {
     /// fail point; the CLI's retries carry it to the next leader. Returns its answer.
     fn command_killing_the_leader(&mut self, arguments: &[&str]) -> serde_json::Value {
         let answer = self.cli_json(arguments);
+        self.wait_for_the_leader_to_die();
+        answer
+    }
+
+    /// Waits for the leader to end at its fail point.
+    fn wait_for_the_leader_to_die(&mut self) {
         let leader = self.nodes.get_mut(LEADER).unwrap();
         let mut status = None;
         wait_until(10, "the leader to end at the fail point", || {
@@ -128,7 +139,6 @@ impl Trio {
             Some(EXIT_STATUS),
             "the leader ended otherwise than at the fail point"
         );
-        answer
     }
 
     /// The catalog's record of a volume (not the node's view).
@@ -234,7 +244,7 @@ fn an_activate_whose_leader_died_before_recording_it_answers_its_first_answer_on
 
 #[test]
 fn a_snap_whose_leader_died_after_the_node_snapped_is_not_taken_again_on_retry() {
-    let mut trio = Trio::start_at(SNAP_FAIL_POINT, "snap");
+    let mut trio = Trio::start_at(RESULT_FAIL_POINT, "snap");
     trio.create_volumes(&["src"]);
     fill(trio.storage(), "src", 11);
     let snapped = trio.command_killing_the_leader(&["snap", "src", "copy", "--json"]);
@@ -261,5 +271,43 @@ fn a_snap_whose_leader_died_after_the_node_snapped_is_not_taken_again_on_retry()
     assert_eq!(
         read_all(trio.storage(), "copy"),
         read_all(trio.storage(), "src")
+    );
+}
+
+#[test]
+fn a_snap_whose_leader_died_after_recording_it_is_finished_by_the_next_leader_without_a_retry() {
+    let mut trio = Trio::start_at(INTENT_FAIL_POINT, "snap");
+    trio.create_volumes(&["src"]);
+    fill(trio.storage(), "src", 13);
+    // The CLI gives up at once: nobody retries the snap.
+    let output = trio.storage().cli_env(
+        &trio.certs,
+        &["snap", "src", "copy", "--json"],
+        "TANDEM_RETRY_SECONDS",
+        "0",
+    );
+    assert!(!output.status.success(), "the leader died mid-snap");
+    trio.wait_for_the_leader_to_die();
+    // The next leader's supervisor finds the recorded snap and finishes it: the target
+    // the intent recorded is not left empty or half-made.
+    wait_until(30, "the snap's target to be ready", || {
+        let volumes = trio.cli_json(&["volume", "list", "--json"]);
+        volumes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|volume| volume["name"] == "copy" && volume["state"] == "ready")
+    });
+    assert_eq!(
+        read_all(trio.storage(), "copy"),
+        read_all(trio.storage(), "src")
+    );
+    let metrics = scrape(trio.storage());
+    assert_eq!(
+        series(
+            &metrics,
+            r#"tandem_node_calls_carried_out_total{call="snap"}"#
+        ),
+        Some(1.0)
     );
 }

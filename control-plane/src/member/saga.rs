@@ -1,0 +1,184 @@
+//! The one pattern of the leader's multi-step work on nodes (the saga): an intent is
+//! committed before its node is called; the node is called under the intent's id, and
+//! carries a call out once per id (it answers a repeat with its first answer); the node's
+//! answer is committed as the intent's result. An intent left open — the leader died, the
+//! node did not answer — is driven again by the supervisor once its node is up, under the
+//! same id, so nothing is left half done and nothing is done twice. Snaps follow it;
+//! volumes, session commands and gsnap steps are to follow (docs/design/gsnap.md).
+
+use super::*;
+use protocol::cluster::{Intent, IntentCall, IntentResult};
+
+/// Takes an intent out of the driving set when its drive ends, however it ends.
+struct Driving<'a> {
+    set: &'a Mutex<HashSet<RequestId>>,
+    id: RequestId,
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.id);
+    }
+}
+
+impl ControlPlane {
+    /// Records `intent` under its own id: a retry of the request that began it commits
+    /// nothing new.
+    pub(super) async fn begin_intent(&self, intent: Intent) -> Outcome<()> {
+        let name = intent.call.name();
+        self.commit(intent.id, Command::IntentBegin(intent)).await?;
+        crate::fail_points::exit_point("control-plane::saga::after-intent-commit", name);
+        Ok(())
+    }
+
+    /// The result intent `id` finished with, if it finished (and the catalog still
+    /// remembers the answer to its finish).
+    pub(super) fn intent_result(&self, id: RequestId) -> Option<IntentResult> {
+        self.catalog.read(|catalog| {
+            match catalog.applied_response(derived_request_id(id, "finish")) {
+                Some(Ok(CatalogReply::IntentFinished(result))) => Some(result.clone()),
+                _ => None,
+            }
+        })
+    }
+
+    fn intent_lock(&self, id: RequestId) -> Arc<tokio::sync::Mutex<()>> {
+        self.intent_locks.lock().entry(id).or_default().clone()
+    }
+
+    /// Calls the node of intent `id` under the intent's id and commits its answer;
+    /// returns the result, also when an earlier drive finished it. A node that does not
+    /// answer leaves the intent open (unavailable: the supervisor or a retry finishes it).
+    pub(super) async fn drive_intent(&self, id: RequestId) -> Outcome<IntentResult> {
+        let lock = self.intent_lock(id);
+        let outcome = {
+            let _guard = lock.lock().await;
+            self.drive_intent_locked(id).await
+        };
+        let mut locks = self.intent_locks.lock();
+        // The lock goes once nobody else holds or waits for it.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(&id);
+        }
+        outcome
+    }
+
+    async fn drive_intent_locked(&self, id: RequestId) -> Outcome<IntentResult> {
+        if let Some(result) = self.intent_result(id) {
+            return Ok(result);
+        }
+        let Some(intent) = self.catalog.read(|catalog| catalog.intent(id).cloned()) else {
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("intent {id:032x} is neither open nor remembered as finished"),
+            ));
+        };
+        self.ensure_node_up(&intent.node).map_err(|refusal| {
+            Refusal::new(
+                refusal.code,
+                format!(
+                    "{}; the {} is recorded and is carried out when the node returns",
+                    refusal.message,
+                    intent.call.name()
+                ),
+            )
+        })?;
+        // A leader cut off from its majority must not act on a stale catalog.
+        self.read_barrier().await?;
+        let address = self.node_address(&intent.node).unwrap_or_default();
+        let request = match &intent.call {
+            IntentCall::Snap {
+                source,
+                target,
+                extents,
+                overwrite,
+                create,
+            } => Request::Snap {
+                request_id: id,
+                source: source.clone(),
+                target: target.clone(),
+                extents: extents.clone(),
+                // A target made by this snap is empty: nothing to lose.
+                overwrite: *overwrite || create.is_some(),
+            },
+        };
+        let result = match self.call(&intent.node, &address, request).await {
+            Ok(Response::Snapped {
+                target_info,
+                elapsed_micros,
+                ..
+            }) => IntentResult::Snapped {
+                target_info,
+                elapsed_micros,
+            },
+            Ok(Response::Error { code, message }) if code != ErrorCode::Unavailable => {
+                IntentResult::Refused { code, message }
+            }
+            Ok(other) => {
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("node '{}' answered {other:?}", intent.node),
+                ))
+            }
+            Err(detail) => {
+                return Err(Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "node '{}' did not answer the {} (it is finished when the node answers): {detail}",
+                        intent.node,
+                        intent.call.name()
+                    ),
+                ))
+            }
+        };
+        crate::fail_points::exit_point(
+            "control-plane::saga::before-result-commit",
+            intent.call.name(),
+        );
+        self.commit(
+            derived_request_id(id, "finish"),
+            Command::IntentFinish {
+                id,
+                result: result.clone(),
+            },
+        )
+        .await?;
+        Ok(result)
+    }
+
+    /// Starts driving every open intent whose node is up, each in a task of its own and
+    /// one drive per intent at a time.
+    pub(super) fn reconcile_intents(self: &Arc<Self>) {
+        let open: Vec<Intent> = self.catalog.read(|catalog| {
+            catalog
+                .intents()
+                .filter(|intent| {
+                    catalog
+                        .node(&intent.node)
+                        .is_some_and(|node| node.health == Health::Up)
+                })
+                .cloned()
+                .collect()
+        });
+        for intent in open {
+            if !self.driving_intents.lock().insert(intent.id) {
+                continue;
+            }
+            let control_plane = Arc::clone(self);
+            tokio::spawn(async move {
+                let _done = Driving {
+                    set: &control_plane.driving_intents,
+                    id: intent.id,
+                };
+                match control_plane.drive_intent(intent.id).await {
+                    Ok(result) => {
+                        tracing::info!(intent = %format!("{:032x}", intent.id), call = intent.call.name(), node = %intent.node, ?result, "finished an intent left open")
+                    }
+                    Err(refusal) => {
+                        tracing::debug!(intent = %format!("{:032x}", intent.id), reason = %refusal.message, "an open intent will be driven again")
+                    }
+                }
+            });
+        }
+    }
+}
