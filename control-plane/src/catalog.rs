@@ -366,14 +366,6 @@ impl Catalog {
                         ),
                     });
                 }
-                if let Some(entry) = self.session_of_volume(target) {
-                    return Err(CatalogError::VolumeInSession {
-                        volume: target.clone(),
-                        kind: entry.kind,
-                        source_volume: entry.source.clone(),
-                        target: entry.target.clone(),
-                    });
-                }
                 match create {
                     // Validated and recorded as a volume create is; the node makes the
                     // target in the snap's own write.
@@ -401,6 +393,14 @@ impl Catalog {
                                     "a snap works within one node: '{source}' is on '{}' but '{target}' is on '{}'",
                                     intent.node, target_record.node
                                 ),
+                            });
+                        }
+                        if let Some(entry) = self.session_of_volume(target) {
+                            return Err(CatalogError::VolumeInSession {
+                                volume: target.clone(),
+                                kind: entry.kind,
+                                source_volume: entry.source.clone(),
+                                target: entry.target.clone(),
                             });
                         }
                     }
