@@ -171,6 +171,27 @@ impl Catalog {
             .find(|intent| intent.call.owner() == volume)
     }
 
+    /// A volume that exists and is ready, or the refusal to use it for `action`.
+    fn ready_volume(&self, name: &str, action: &str) -> Result<&VolumeRecord, CatalogError> {
+        let volume = self
+            .volumes
+            .get(name)
+            .ok_or_else(|| CatalogError::UnknownVolume {
+                volume: name.to_string(),
+            })?;
+        if volume.state != VolumeState::Ready {
+            return Err(illegal(volume, action));
+        }
+        Ok(volume)
+    }
+
+    /// Whether the catalog has `node` up.
+    pub fn node_is_up(&self, node: &str) -> bool {
+        self.nodes
+            .get(node)
+            .is_some_and(|record| record.health == Health::Up)
+    }
+
     /// Refuses a change of a volume an open intent works on or reads (a snap's target or
     /// source): its node is being asked about it.
     fn refuse_intent_on(&self, volume: &str) -> Result<(), CatalogError> {
@@ -348,15 +369,7 @@ impl Catalog {
                 create,
                 ..
             } => {
-                let source_record =
-                    self.volumes
-                        .get(source)
-                        .ok_or_else(|| CatalogError::UnknownVolume {
-                            volume: source.clone(),
-                        })?;
-                if source_record.state != VolumeState::Ready {
-                    return Err(illegal(source_record, "snapped"));
-                }
+                let source_record = self.ready_volume(source, "snapped")?;
                 if source_record.node != intent.node {
                     return Err(CatalogError::Invalid {
                         what: "snap".into(),
@@ -378,14 +391,7 @@ impl Catalog {
                         )?;
                     }
                     None => {
-                        let target_record = self.volumes.get(target).ok_or_else(|| {
-                            CatalogError::UnknownVolume {
-                                volume: target.clone(),
-                            }
-                        })?;
-                        if target_record.state != VolumeState::Ready {
-                            return Err(illegal(target_record, "a snap target"));
-                        }
+                        let target_record = self.ready_volume(target, "a snap target")?;
                         if target_record.node != intent.node {
                             return Err(CatalogError::Invalid {
                                 what: "snap".into(),

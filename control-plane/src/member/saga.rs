@@ -152,11 +152,7 @@ impl ControlPlane {
         let open: Vec<Intent> = self.catalog.read(|catalog| {
             catalog
                 .intents()
-                .filter(|intent| {
-                    catalog
-                        .node(&intent.node)
-                        .is_some_and(|node| node.health == Health::Up)
-                })
+                .filter(|intent| catalog.node_is_up(&intent.node))
                 .cloned()
                 .collect()
         });

@@ -118,11 +118,7 @@ impl ControlPlane {
                 .filter(|volume| volume.state != VolumeState::Ready)
                 // A snap's new target is finished by its intent (`reconcile_intents`).
                 .filter(|volume| catalog.intent_of_volume(&volume.name).is_none())
-                .filter(|volume| {
-                    catalog
-                        .node(&volume.node)
-                        .is_some_and(|node| node.health == Health::Up)
-                })
+                .filter(|volume| catalog.node_is_up(&volume.node))
                 .cloned()
                 .collect()
         });
