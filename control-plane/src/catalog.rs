@@ -7,9 +7,9 @@
 //! refused command leaves the catalog exactly as it was.
 
 use protocol::cluster::{
-    CatalogError, CatalogReply, CatalogRequest, CatalogResponse, Command, Health, Intent,
-    IntentCall, IntentResult, NodeRecord, NodeReport, RequestId, SessionEntry, VolumeRecord,
-    VolumeState,
+    derived_request_id, CatalogError, CatalogReply, CatalogRequest, CatalogResponse, Command,
+    Health, Intent, IntentCall, IntentResult, NodeRecord, NodeReport, RequestId, SessionEntry,
+    VolumeRecord, VolumeState,
 };
 use protocol::messages::{Readiness, VOLUME_NAME_BYTES_MAX};
 use protocol::session::{next_state, SessionKind, SessionState, Transition};
@@ -162,6 +162,15 @@ impl Catalog {
 
     pub fn intent(&self, id: RequestId) -> Option<&Intent> {
         self.intents.get(&id)
+    }
+
+    /// The result intent `id` finished with, while the catalog remembers the answer to
+    /// its finish (committed under `derived_request_id(id, "finish")`).
+    pub fn intent_result(&self, id: RequestId) -> Option<&IntentResult> {
+        match self.applied_response(derived_request_id(id, "finish")) {
+            Some(Ok(CatalogReply::IntentFinished(result))) => Some(result),
+            _ => None,
+        }
     }
 
     /// The open intent working on `volume`, if any.

@@ -16,6 +16,7 @@ pub mod caller;
 pub mod catalog;
 pub mod error;
 pub mod fail_points;
+pub mod gsnap;
 pub mod member;
 pub mod network;
 pub mod storage;

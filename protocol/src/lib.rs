@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod gsnap;
 pub mod messages;
 pub mod nbd;
 pub mod pki;

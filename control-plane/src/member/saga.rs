@@ -34,12 +34,8 @@ impl ControlPlane {
     /// The result intent `id` finished with, if it finished (and the catalog still
     /// remembers the answer to its finish).
     pub(super) fn intent_result(&self, id: RequestId) -> Option<IntentResult> {
-        self.catalog.read(|catalog| {
-            match catalog.applied_response(derived_request_id(id, "finish")) {
-                Some(Ok(CatalogReply::IntentFinished(result))) => Some(result.clone()),
-                _ => None,
-            }
-        })
+        self.catalog
+            .read(|catalog| catalog.intent_result(id).cloned())
     }
 
     fn intent_lock(&self, id: RequestId) -> Arc<tokio::sync::Mutex<()>> {

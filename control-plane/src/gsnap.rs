@@ -1,0 +1,294 @@
+//! The gsnap planner: pure, `(job, catalog) → the next action`, no IO, no clock, no
+//! randomness (as `openraft`'s engine and quinn-proto decide without doing). The leader's
+//! driver carries an action out, records what came of it, and asks again; a new leader
+//! asks the same question of the same catalog and gets the same answer, so a job resumes
+//! wherever its last leader left it.
+//!
+//! Every node call of a job is made under an id derived from the job's request id and the
+//! step, so a call repeated by a new leader is carried out once: the snaps are intents of
+//! the saga (`member/saga.rs`), the pair's commands are session commands, which the source
+//! node remembers by request id.
+
+use crate::catalog::Catalog;
+use protocol::cluster::{derived_request_id, IntentCall, IntentResult, NewVolume, RequestId};
+use protocol::gsnap::{GsnapJob, GsnapStep, JobError, JobState};
+use protocol::session::{SessionCommand, SessionState};
+
+/// What the driver does next for a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Record that the step starts (the driver adds its clock's time).
+    StartStep(GsnapStep),
+    /// Record that the step is done.
+    FinishStep(GsnapStep),
+    /// Record this intent (with the driver's time), then drive it.
+    BeginIntent {
+        id: RequestId,
+        node: String,
+        call: IntentCall,
+    },
+    /// Call the node of this open intent again and record its answer.
+    DriveIntent(RequestId),
+    /// Carry out this session command on the pair's source node, under `request_id`.
+    Session {
+        request_id: RequestId,
+        command: SessionCommand,
+    },
+    /// Read the pair's progress from its source node and record it in the job.
+    PollPair,
+    /// End the job.
+    Finish {
+        state: JobState,
+        error: Option<JobError>,
+    },
+    /// Nothing can move until this node is up again.
+    Wait(Blocked),
+    /// The job has ended: nothing to do.
+    Idle,
+}
+
+/// Why a job waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Blocked {
+    NodeDown {
+        node: String,
+        since_unix_seconds: Option<u64>,
+    },
+}
+
+/// The id of a step's node call: the same for every attempt of the job.
+pub fn call_id(job: &GsnapJob, call: &str) -> RequestId {
+    derived_request_id(job.request_id, &format!("gsnap {call}"))
+}
+
+/// The next action for `job` given the catalog as it is now.
+pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
+    if job.state.is_final() {
+        return Action::Idle;
+    }
+    // A failed job, or one cancelled before its activation, first ends what it started.
+    let cancelling =
+        job.cancel_requested && job.step(GsnapStep::Activate).started_unix_seconds.is_none();
+    if job.error.is_some() || cancelling {
+        return clean_up(job, catalog);
+    }
+    let Some(step) = job.current_step() else {
+        return Action::Finish {
+            state: JobState::Succeeded,
+            error: None,
+        };
+    };
+    if job.step(step).started_unix_seconds.is_none() {
+        return Action::StartStep(step);
+    }
+    let pair_target = job.pair_target();
+    let pair = catalog
+        .session(pair_target)
+        .filter(|entry| entry.source == job.spec.intermediate);
+    match step {
+        GsnapStep::Snap => snap_step(
+            job,
+            catalog,
+            step,
+            &job.source_node,
+            IntentCall::Snap {
+                source: job.spec.source.clone(),
+                target: job.spec.intermediate.clone(),
+                extents: job.spec.source_extents.clone(),
+                // P' is the job's own intermediate: one that is not P's snapshot is
+                // refused by the node rather than overwritten.
+                overwrite: false,
+                create: catalog
+                    .volume(&job.spec.intermediate)
+                    .is_none()
+                    .then(|| {
+                        catalog.volume(&job.spec.source).map(|source| NewVolume {
+                            size_bytes: source.size_bytes,
+                            track_size_bytes: source.track_size_bytes,
+                        })
+                    })
+                    .flatten(),
+            },
+        ),
+        GsnapStep::Pair => match pair {
+            Some(_) => Action::FinishStep(step),
+            None => on_nodes(
+                catalog,
+                &[&job.source_node, &job.target_node],
+                Action::Session {
+                    request_id: call_id(job, "pair"),
+                    command: SessionCommand::CloneCreate {
+                        source: job.spec.intermediate.clone(),
+                        target: pair_target.to_string(),
+                        precopy: true,
+                        extents: job.spec.target_extents.clone(),
+                    },
+                },
+            ),
+        },
+        GsnapStep::Copy => match job.tracks_remaining {
+            Some(0) => Action::FinishStep(step),
+            _ => on_nodes(catalog, &[&job.source_node], Action::PollPair),
+        },
+        GsnapStep::Activate => match pair.map(|entry| entry.state) {
+            Some(SessionState::Active | SessionState::Copied) => Action::FinishStep(step),
+            _ => on_nodes(
+                catalog,
+                &[&job.source_node, &job.target_node],
+                Action::Session {
+                    request_id: call_id(job, "activate"),
+                    command: SessionCommand::CloneActivate {
+                        target: pair_target.to_string(),
+                    },
+                },
+            ),
+        },
+        GsnapStep::Settle => match pair.map(|entry| entry.state) {
+            Some(SessionState::Copied) | None => Action::FinishStep(step),
+            Some(_) => on_nodes(catalog, &[&job.source_node], Action::PollPair),
+        },
+        GsnapStep::Terminate => match pair {
+            None => Action::FinishStep(step),
+            Some(_) => on_nodes(
+                catalog,
+                &[&job.source_node, &job.target_node],
+                Action::Session {
+                    request_id: call_id(job, "terminate"),
+                    command: SessionCommand::CloneTerminate {
+                        target: pair_target.to_string(),
+                    },
+                },
+            ),
+        },
+        GsnapStep::TargetSnap => snap_step(
+            job,
+            catalog,
+            step,
+            &job.target_node,
+            IntentCall::Snap {
+                source: pair_target.to_string(),
+                target: job.spec.target.clone(),
+                extents: job.spec.target_extents.clone(),
+                // S is the volume the command names as the destination: its extents take
+                // P's image whatever they held.
+                overwrite: true,
+                create: None,
+            },
+        ),
+    }
+}
+
+/// A step made of one snap intent: begun, driven until its node answered, then done —
+/// or the job fails with the node's refusal.
+fn snap_step(
+    job: &GsnapJob,
+    catalog: &Catalog,
+    step: GsnapStep,
+    node: &str,
+    call: IntentCall,
+) -> Action {
+    let id = call_id(job, step.name());
+    match catalog.intent_result(id) {
+        Some(IntentResult::Snapped { .. }) => Action::FinishStep(step),
+        Some(IntentResult::Refused { code, message }) => Action::Finish {
+            state: JobState::Failed,
+            error: Some(JobError {
+                step,
+                code: *code,
+                detail: message.clone(),
+            }),
+        },
+        None if catalog.intent(id).is_some() => on_nodes(catalog, &[node], Action::DriveIntent(id)),
+        None => on_nodes(
+            catalog,
+            &[node],
+            Action::BeginIntent {
+                id,
+                node: node.to_string(),
+                call,
+            },
+        ),
+    }
+}
+
+/// A failed or cancelled job ends what it started before it ends: an open snap intent is
+/// finished (its node may already have acted), a pair not activated is cancelled, one
+/// activated copies to the end and is terminated. Volumes the job made stay, and the
+/// report names them.
+fn clean_up(job: &GsnapJob, catalog: &Catalog) -> Action {
+    for step in [GsnapStep::Snap, GsnapStep::TargetSnap] {
+        let id = call_id(job, step.name());
+        if let Some(intent) = catalog.intent(id) {
+            return on_nodes(catalog, &[&intent.node], Action::DriveIntent(id));
+        }
+    }
+    let pair_target = job.pair_target();
+    let pair = catalog
+        .session(pair_target)
+        .filter(|entry| entry.source == job.spec.intermediate);
+    let nodes = [job.source_node.as_str(), job.target_node.as_str()];
+    match pair.map(|entry| entry.state) {
+        None => Action::Finish {
+            state: if job.error.is_some() {
+                JobState::Failed
+            } else {
+                JobState::Cancelled
+            },
+            error: job.error.clone(),
+        },
+        Some(SessionState::Copied) => on_nodes(
+            catalog,
+            &nodes,
+            Action::Session {
+                request_id: call_id(job, "terminate"),
+                command: SessionCommand::CloneTerminate {
+                    target: pair_target.to_string(),
+                },
+            },
+        ),
+        Some(SessionState::Active) => on_nodes(catalog, &nodes[..1], Action::PollPair),
+        Some(_) => on_nodes(
+            catalog,
+            &nodes,
+            Action::Session {
+                request_id: call_id(job, "cancel"),
+                command: SessionCommand::CloneCancel {
+                    target: pair_target.to_string(),
+                },
+            },
+        ),
+    }
+}
+
+/// `action`, or a wait for the first of `nodes` the catalog has down.
+fn on_nodes(catalog: &Catalog, nodes: &[&str], action: Action) -> Action {
+    for node in nodes {
+        if !catalog.node_is_up(node) {
+            return Action::Wait(Blocked::NodeDown {
+                node: node.to_string(),
+                since_unix_seconds: catalog
+                    .node(node)
+                    .and_then(|record| record.down_since_unix_seconds),
+            });
+        }
+    }
+    action
+}
+
+/// Why a job cannot be cancelled now, if it cannot: once its activation began, S holds
+/// (or is about to hold) P''s image, and the job finishes instead.
+pub fn refuse_cancel(job: &GsnapJob) -> Option<String> {
+    if job.state.is_final() {
+        return Some(format!(
+            "job {} has already ended ({:?})",
+            job.id, job.state
+        ));
+    }
+    job.step(GsnapStep::Activate).started_unix_seconds.map(|_| {
+        format!(
+            "job {} is past its activation: '{}' already holds the image, and the job finishes",
+            job.id,
+            job.pair_target()
+        )
+    })
+}

@@ -1,0 +1,488 @@
+//! The gsnap planner on its own, in openraft's engine-test manner: a job and a catalog in,
+//! the exact next action out, for each step in each situation (begun, under way, done,
+//! refused, a node down, cancelled, failed) — seed 003's FIG. 3 job (no S') and FIG. 4's
+//! (with S').
+
+use control_plane::catalog::Catalog;
+use control_plane::gsnap::{call_id, plan, refuse_cancel, Action, Blocked};
+use protocol::cluster::{
+    derived_request_id, CatalogRequest, Command, Intent, IntentCall, IntentResult, NewVolume,
+    NodeReport, SessionEntry,
+};
+use protocol::gsnap::{GsnapJob, GsnapSpec, GsnapStep, JobError, JobState};
+use protocol::messages::{ErrorCode, Extent, Readiness, VolumeInfo};
+use protocol::session::{SessionCommand, SessionKind, SessionState};
+
+const GIB: u64 = 1 << 30;
+const TRACK: u32 = 64 << 10;
+
+/// Applies commands under fresh request ids.
+struct Cluster {
+    catalog: Catalog,
+    next_request: u128,
+}
+
+impl Cluster {
+    /// Node a1 on site-a with P (`p`), node b1 on site-b with S (`s`) and S' (`s-mid`).
+    fn new() -> Cluster {
+        let mut cluster = Cluster {
+            catalog: Catalog::default(),
+            next_request: 1_000,
+        };
+        for (node, site) in [("a1", "site-a"), ("b1", "site-b")] {
+            cluster.apply(Command::RegisterNode(NodeReport {
+                name: node.into(),
+                site: site.into(),
+                address: format!("{node}:7100"),
+                nbd_address: format!("{node}:10809"),
+                capacity_bytes: 100 * GIB,
+                control_plane: node == "a1",
+            }));
+        }
+        for (volume, node) in [("p", "a1"), ("s", "b1"), ("s-mid", "b1")] {
+            cluster.apply(Command::VolumeCreateBegin {
+                name: volume.into(),
+                node: node.into(),
+                size_bytes: GIB,
+                track_size_bytes: TRACK,
+            });
+            cluster.apply(Command::VolumeCreateFinish {
+                name: volume.into(),
+            });
+        }
+        cluster
+    }
+
+    fn apply(&mut self, command: Command) {
+        self.next_request += 1;
+        self.apply_as(self.next_request, command);
+    }
+
+    fn apply_as(&mut self, request_id: u128, command: Command) {
+        let answer = self.catalog.apply(&CatalogRequest {
+            request_id,
+            command: command.clone(),
+        });
+        assert!(answer.is_ok(), "{command:?}: {answer:?}");
+    }
+
+    fn begin(&mut self, job: &GsnapJob, step: GsnapStep, node: &str, call: IntentCall) {
+        self.apply(Command::IntentBegin(Intent {
+            id: call_id(job, step.name()),
+            node: node.into(),
+            call,
+            begun_unix_seconds: 1,
+        }));
+    }
+
+    /// Finishes intent `id` as the saga does: under its derived finish id.
+    fn finish(&mut self, id: u128, result: IntentResult) {
+        self.apply_as(
+            derived_request_id(id, "finish"),
+            Command::IntentFinish { id, result },
+        );
+    }
+
+    fn pair(&mut self, job: &GsnapJob, state: SessionState) {
+        self.apply(Command::SessionRecord(SessionEntry {
+            id: 3,
+            node: "a1".into(),
+            kind: SessionKind::Clone,
+            source: "p-mid".into(),
+            target: job.pair_target().into(),
+            state,
+            slots: vec![0, 1],
+            tracks_copied: 0,
+            tracks_remaining: 16,
+            error: None,
+        }));
+    }
+
+    fn end_pair(&mut self, job: &GsnapJob) {
+        self.apply(Command::SessionForget {
+            target: job.pair_target().into(),
+        });
+    }
+}
+
+fn extents() -> Vec<Extent> {
+    vec![Extent { first: 0, last: 15 }]
+}
+
+/// FIG. 3's job (`target_intermediate` None) or FIG. 4's (`Some("s-mid")`).
+fn job(target_intermediate: Option<&str>) -> GsnapJob {
+    GsnapJob::new(
+        7,
+        0xfeed,
+        GsnapSpec {
+            source: "p".into(),
+            source_extents: extents(),
+            intermediate: "p-mid".into(),
+            target: "s".into(),
+            target_extents: extents(),
+            target_intermediate: target_intermediate.map(String::from),
+            rate_mebibytes_per_second: None,
+            full: false,
+        },
+        "a1".into(),
+        "b1".into(),
+        1,
+    )
+}
+
+/// Marks every step before `step` done and `step` started.
+fn at(mut job: GsnapJob, step: GsnapStep) -> GsnapJob {
+    for record in job.steps.iter_mut() {
+        if record.step < step {
+            record.started_unix_seconds = Some(2);
+            record.finished_unix_seconds = Some(3);
+        } else if record.step == step {
+            record.started_unix_seconds = Some(2);
+        }
+    }
+    job
+}
+
+fn snap_call(create: bool) -> IntentCall {
+    IntentCall::Snap {
+        source: "p".into(),
+        target: "p-mid".into(),
+        extents: extents(),
+        overwrite: false,
+        create: create.then_some(NewVolume {
+            size_bytes: GIB,
+            track_size_bytes: TRACK,
+        }),
+    }
+}
+
+fn snapped() -> IntentResult {
+    IntentResult::Snapped {
+        target_info: VolumeInfo {
+            name: "p-mid".into(),
+            id: 4,
+            size_bytes: GIB,
+            track_size_bytes: TRACK,
+            track_count: GIB / u64::from(TRACK),
+            readiness: Readiness::Ready,
+            session_slots_used: 0,
+            layer_depth: 2,
+            created_unix_seconds: 1,
+        },
+        elapsed_micros: 9,
+    }
+}
+
+#[test]
+fn the_snap_step_begins_its_intent_drives_it_and_is_done_when_the_node_answered() {
+    let mut cluster = Cluster::new();
+    let job = job(None);
+    assert_eq!(
+        plan(&job, &cluster.catalog),
+        Action::StartStep(GsnapStep::Snap)
+    );
+    let job = at(job, GsnapStep::Snap);
+    let id = call_id(&job, "snap");
+    // P' does not exist yet: the intent creates it with P's geometry.
+    assert_eq!(
+        plan(&job, &cluster.catalog),
+        Action::BeginIntent {
+            id,
+            node: "a1".into(),
+            call: snap_call(true),
+        }
+    );
+    cluster.begin(&job, GsnapStep::Snap, "a1", snap_call(true));
+    assert_eq!(plan(&job, &cluster.catalog), Action::DriveIntent(id));
+    // P's node is down: the job waits for it, saying since when.
+    cluster.apply(Command::NodeDown {
+        node: "a1".into(),
+        since_unix_seconds: 44,
+    });
+    assert_eq!(
+        plan(&job, &cluster.catalog),
+        Action::Wait(Blocked::NodeDown {
+            node: "a1".into(),
+            since_unix_seconds: Some(44),
+        })
+    );
+    cluster.apply(Command::RegisterNode(NodeReport {
+        name: "a1".into(),
+        site: "site-a".into(),
+        address: "a1:7100".into(),
+        nbd_address: "a1:10809".into(),
+        capacity_bytes: 100 * GIB,
+        control_plane: true,
+    }));
+    assert_eq!(plan(&job, &cluster.catalog), Action::DriveIntent(id));
+    cluster.finish(id, snapped());
+    assert_eq!(
+        plan(&job, &cluster.catalog),
+        Action::FinishStep(GsnapStep::Snap)
+    );
+}
+
+#[test]
+fn a_snap_the_node_refused_fails_the_job_with_the_nodes_words() {
+    let mut cluster = Cluster::new();
+    let job = at(job(None), GsnapStep::Snap);
+    let id = call_id(&job, "snap");
+    cluster.begin(&job, GsnapStep::Snap, "a1", snap_call(true));
+    cluster.finish(
+        id,
+        IntentResult::Refused {
+            code: ErrorCode::IllegalState,
+            message: "p-mid is not a snapshot of p".into(),
+        },
+    );
+    assert_eq!(
+        plan(&job, &cluster.catalog),
+        Action::Finish {
+            state: JobState::Failed,
+            error: Some(JobError {
+                step: GsnapStep::Snap,
+                code: ErrorCode::IllegalState,
+                detail: "p-mid is not a snapshot of p".into(),
+            }),
+        }
+    );
+}
+
+#[test]
+fn fig_3_the_pair_is_a_precopied_clone_activated_after_its_copy_and_then_terminated() {
+    let mut cluster = Cluster::new();
+    cluster.begin(&job(None), GsnapStep::Snap, "a1", snap_call(true));
+    cluster.finish(call_id(&job(None), "snap"), snapped());
+
+    let job_at_pair = at(job(None), GsnapStep::Pair);
+    assert_eq!(
+        plan(&job_at_pair, &cluster.catalog),
+        Action::Session {
+            request_id: call_id(&job_at_pair, "pair"),
+            command: SessionCommand::CloneCreate {
+                source: "p-mid".into(),
+                target: "s".into(),
+                precopy: true,
+                extents: extents(),
+            },
+        }
+    );
+    cluster.pair(&job_at_pair, SessionState::Precopying);
+    assert_eq!(
+        plan(&job_at_pair, &cluster.catalog),
+        Action::FinishStep(GsnapStep::Pair)
+    );
+
+    // The copy is done when the pair's node reports nothing left to precopy.
+    let mut copying = at(job(None), GsnapStep::Copy);
+    assert_eq!(plan(&copying, &cluster.catalog), Action::PollPair);
+    copying.tracks_total = 16;
+    copying.tracks_remaining = Some(5);
+    assert_eq!(plan(&copying, &cluster.catalog), Action::PollPair);
+    assert_eq!(copying.tracks_copied(), 11);
+    copying.tracks_remaining = Some(0);
+    assert_eq!(
+        plan(&copying, &cluster.catalog),
+        Action::FinishStep(GsnapStep::Copy)
+    );
+
+    let activating = at(job(None), GsnapStep::Activate);
+    assert_eq!(
+        plan(&activating, &cluster.catalog),
+        Action::Session {
+            request_id: call_id(&activating, "activate"),
+            command: SessionCommand::CloneActivate { target: "s".into() },
+        }
+    );
+    cluster.pair(&activating, SessionState::Active);
+    assert_eq!(
+        plan(&activating, &cluster.catalog),
+        Action::FinishStep(GsnapStep::Activate)
+    );
+
+    let settling = at(job(None), GsnapStep::Settle);
+    assert_eq!(plan(&settling, &cluster.catalog), Action::PollPair);
+    cluster.pair(&settling, SessionState::Copied);
+    assert_eq!(
+        plan(&settling, &cluster.catalog),
+        Action::FinishStep(GsnapStep::Settle)
+    );
+
+    let terminating = at(job(None), GsnapStep::Terminate);
+    assert_eq!(
+        plan(&terminating, &cluster.catalog),
+        Action::Session {
+            request_id: call_id(&terminating, "terminate"),
+            command: SessionCommand::CloneTerminate { target: "s".into() },
+        }
+    );
+    cluster.end_pair(&terminating);
+    assert_eq!(
+        plan(&terminating, &cluster.catalog),
+        Action::FinishStep(GsnapStep::Terminate)
+    );
+
+    // Without S' there is no target snap: the job has succeeded.
+    let mut done = at(job(None), GsnapStep::TargetSnap);
+    done.step_mut(GsnapStep::TargetSnap).started_unix_seconds = None;
+    assert!(done.step(GsnapStep::TargetSnap).skipped);
+    assert_eq!(
+        plan(&done, &cluster.catalog),
+        Action::Finish {
+            state: JobState::Succeeded,
+            error: None,
+        }
+    );
+    done.state = JobState::Succeeded;
+    assert_eq!(plan(&done, &cluster.catalog), Action::Idle);
+}
+
+#[test]
+fn fig_4_the_pair_copies_into_s_prime_and_a_snap_on_s_node_lands_it_in_s_extents() {
+    let mut cluster = Cluster::new();
+    let at_pair = at(job(Some("s-mid")), GsnapStep::Pair);
+    assert_eq!(
+        plan(&at_pair, &cluster.catalog),
+        Action::Session {
+            request_id: call_id(&at_pair, "pair"),
+            command: SessionCommand::CloneCreate {
+                source: "p-mid".into(),
+                target: "s-mid".into(),
+                precopy: true,
+                extents: extents(),
+            },
+        }
+    );
+    let target_snap = at(job(Some("s-mid")), GsnapStep::TargetSnap);
+    let id = call_id(&target_snap, "target-snap");
+    let call = IntentCall::Snap {
+        source: "s-mid".into(),
+        target: "s".into(),
+        extents: extents(),
+        overwrite: true,
+        create: None,
+    };
+    assert_eq!(
+        plan(&target_snap, &cluster.catalog),
+        Action::BeginIntent {
+            id,
+            node: "b1".into(),
+            call: call.clone(),
+        }
+    );
+    cluster.begin(&target_snap, GsnapStep::TargetSnap, "b1", call);
+    assert_eq!(
+        plan(&target_snap, &cluster.catalog),
+        Action::DriveIntent(id)
+    );
+    cluster.finish(id, snapped());
+    assert_eq!(
+        plan(&target_snap, &cluster.catalog),
+        Action::FinishStep(GsnapStep::TargetSnap)
+    );
+}
+
+#[test]
+fn a_cancel_before_the_activation_ends_the_pair_then_the_job_and_is_refused_after_it() {
+    let mut cluster = Cluster::new();
+    let mut copying = at(job(None), GsnapStep::Copy);
+    copying.cancel_requested = true;
+    assert_eq!(refuse_cancel(&copying), None);
+    // No pair yet (the pair step never ran): the job ends cancelled at once.
+    assert_eq!(
+        plan(&copying, &cluster.catalog),
+        Action::Finish {
+            state: JobState::Cancelled,
+            error: None,
+        }
+    );
+    // An open snap intent is finished first: its node may already have snapped.
+    cluster.begin(&copying, GsnapStep::Snap, "a1", snap_call(true));
+    let id = call_id(&copying, "snap");
+    assert_eq!(plan(&copying, &cluster.catalog), Action::DriveIntent(id));
+    cluster.finish(id, snapped());
+    // A pair precopying is cancelled.
+    cluster.pair(&copying, SessionState::Precopying);
+    assert_eq!(
+        plan(&copying, &cluster.catalog),
+        Action::Session {
+            request_id: call_id(&copying, "cancel"),
+            command: SessionCommand::CloneCancel { target: "s".into() },
+        }
+    );
+    cluster.end_pair(&copying);
+    assert_eq!(
+        plan(&copying, &cluster.catalog),
+        Action::Finish {
+            state: JobState::Cancelled,
+            error: None,
+        }
+    );
+    // Once the activation began, S is getting the image: the job finishes instead.
+    let mut activating = at(job(None), GsnapStep::Activate);
+    assert!(refuse_cancel(&activating).is_some());
+    activating.cancel_requested = true;
+    assert!(matches!(
+        plan(&activating, &cluster.catalog),
+        Action::Session {
+            command: SessionCommand::CloneActivate { .. },
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_failed_job_lets_an_activated_pair_copy_to_the_end_and_terminates_it() {
+    let mut cluster = Cluster::new();
+    let mut failed = at(job(None), GsnapStep::Settle);
+    let error = JobError {
+        step: GsnapStep::Settle,
+        code: ErrorCode::Internal,
+        detail: "test".into(),
+    };
+    failed.error = Some(error.clone());
+    cluster.begin(&failed, GsnapStep::Snap, "a1", snap_call(true));
+    cluster.finish(call_id(&failed, "snap"), snapped());
+    cluster.pair(&failed, SessionState::Active);
+    assert_eq!(plan(&failed, &cluster.catalog), Action::PollPair);
+    cluster.pair(&failed, SessionState::Copied);
+    assert_eq!(
+        plan(&failed, &cluster.catalog),
+        Action::Session {
+            request_id: call_id(&failed, "terminate"),
+            command: SessionCommand::CloneTerminate { target: "s".into() },
+        }
+    );
+    cluster.end_pair(&failed);
+    assert_eq!(
+        plan(&failed, &cluster.catalog),
+        Action::Finish {
+            state: JobState::Failed,
+            error: Some(error),
+        }
+    );
+}
+
+#[test]
+fn every_call_of_a_job_has_its_own_id_the_same_for_every_leader() {
+    let job = job(None);
+    let ids: Vec<u128> = [
+        "snap",
+        "pair",
+        "activate",
+        "terminate",
+        "cancel",
+        "target-snap",
+    ]
+    .iter()
+    .map(|call| call_id(&job, call))
+    .collect();
+    let mut distinct = ids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), ids.len());
+    assert_eq!(ids[0], call_id(&job.clone(), "snap"));
+    let mut other = job.clone();
+    other.request_id += 1;
+    assert_ne!(call_id(&other, "snap"), ids[0]);
+}
