@@ -217,3 +217,92 @@ impl GsnapJob {
             .map_or(0, |remaining| self.tracks_total.saturating_sub(remaining))
     }
 }
+
+/// Reads `VOLUME[:FIRST-LAST[,FIRST-LAST...]]`, the form `tandem gsnap` names P and S in
+/// (volume names cannot hold a `:`). No extents: the whole volume.
+pub fn parse_volume_extents(text: &str) -> Result<(String, Vec<Extent>), String> {
+    let (volume, extents) = match text.split_once(':') {
+        Some((volume, extents)) => (volume, Some(extents)),
+        None => (text, None),
+    };
+    if volume.is_empty() {
+        return Err(format!(
+            "'{text}' names no volume: write VOLUME or VOLUME:FIRST-LAST"
+        ));
+    }
+    let extents = match extents {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(str::parse::<Extent>)
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    Ok((volume.to_string(), extents))
+}
+
+/// Checks P's and S's extents as a job pairs them: each list in increasing track order
+/// without overlaps (so "in order" means one thing), and both holding the same number of
+/// tracks; P's tracks land on S's in order. Empty lists mean whole volumes and are
+/// checked against the volumes' sizes by the caller.
+pub fn check_extents(source: &[Extent], target: &[Extent]) -> Result<(), String> {
+    for (what, extents) in [("source", source), ("target", target)] {
+        if let Some(pair) = extents
+            .windows(2)
+            .find(|pair| pair[1].first <= pair[0].last)
+        {
+            return Err(format!(
+                "the {what}'s extents must be in increasing track order without overlaps: {} comes after {}",
+                pair[1], pair[0]
+            ));
+        }
+    }
+    let tracks = |extents: &[Extent]| extents.iter().map(Extent::track_count).sum::<u64>();
+    if !source.is_empty() && !target.is_empty() && tracks(source) != tracks(target) {
+        return Err(format!(
+            "the source's extents hold {} tracks and the target's {}: they must hold the same number",
+            tracks(source),
+            tracks(target)
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extent(first: u64, last: u64) -> Extent {
+        Extent { first, last }
+    }
+
+    #[test]
+    fn a_volume_is_named_with_or_without_its_extents() {
+        assert_eq!(parse_volume_extents("p"), Ok(("p".to_string(), Vec::new())));
+        assert_eq!(
+            parse_volume_extents("p:0-99,200-299"),
+            Ok(("p".to_string(), vec![extent(0, 99), extent(200, 299)]))
+        );
+        assert_eq!(
+            parse_volume_extents("s:7"),
+            Ok(("s".to_string(), vec![extent(7, 7)]))
+        );
+        assert!(parse_volume_extents(":0-9").is_err());
+        assert!(parse_volume_extents("p:").is_err());
+        assert!(parse_volume_extents("p:9-0").is_err());
+        assert!(parse_volume_extents("p:a-b").is_err());
+    }
+
+    #[test]
+    fn extents_pair_in_order_and_hold_the_same_number_of_tracks() {
+        assert_eq!(check_extents(&[], &[]), Ok(()));
+        assert_eq!(
+            check_extents(&[extent(0, 99)], &[extent(500, 549), extent(600, 649)]),
+            Ok(())
+        );
+        let error = check_extents(&[extent(0, 99)], &[extent(0, 98)]).unwrap_err();
+        assert!(error.contains("100 tracks"), "{error}");
+        let error = check_extents(&[extent(10, 19), extent(0, 9)], &[extent(0, 19)]).unwrap_err();
+        assert!(error.contains("increasing"), "{error}");
+        assert!(check_extents(&[extent(0, 9), extent(9, 19)], &[]).is_err());
+    }
+}
