@@ -11,6 +11,7 @@ use protocol::cluster::{
     Health, Intent, IntentCall, IntentResult, NodeRecord, NodeReport, RequestId, SessionEntry,
     VolumeRecord, VolumeState,
 };
+use protocol::gsnap::{GsnapJob, JobId};
 use protocol::messages::{Readiness, VOLUME_NAME_BYTES_MAX};
 use protocol::session::{next_state, SessionKind, SessionState, Transition};
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,10 @@ pub struct Catalog {
     /// Steps of the leader's work recorded before their node is called and not finished
     /// yet, by id (the saga: intent, node call, result, reconciliation).
     intents: BTreeMap<RequestId, Intent>,
+    /// Gsnap jobs by id, running and ended.
+    jobs: BTreeMap<JobId, GsnapJob>,
+    /// The id of the last job recorded.
+    last_job: JobId,
 }
 
 /// The catalog as snapshots of layout version 1 hold it, before intents. Read only, to
@@ -61,6 +66,8 @@ impl From<CatalogWithoutIntents> for Catalog {
             applied: old.applied,
             applied_order: old.applied_order,
             intents: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            last_job: 0,
         }
     }
 }
@@ -162,6 +169,29 @@ impl Catalog {
 
     pub fn intent(&self, id: RequestId) -> Option<&Intent> {
         self.intents.get(&id)
+    }
+
+    /// Gsnap jobs, oldest first.
+    pub fn jobs(&self) -> impl Iterator<Item = &GsnapJob> {
+        self.jobs.values()
+    }
+
+    pub fn job(&self, id: JobId) -> Option<&GsnapJob> {
+        self.jobs.get(&id)
+    }
+
+    /// The running job `volume` takes part in, if any.
+    pub fn job_of_volume(&self, volume: &str) -> Option<&GsnapJob> {
+        self.jobs.values().find(|job| {
+            !job.state.is_final()
+                && [
+                    Some(job.spec.source.as_str()),
+                    Some(job.spec.intermediate.as_str()),
+                    Some(job.spec.target.as_str()),
+                    job.spec.target_intermediate.as_deref(),
+                ]
+                .contains(&Some(volume))
+        })
     }
 
     /// The result intent `id` finished with, while the catalog remembers the answer to
@@ -312,6 +342,12 @@ impl Catalog {
             }
             Command::VolumeDeleteBegin { name } => {
                 self.refuse_intent_on(name)?;
+                if let Some(job) = self.job_of_volume(name) {
+                    return Err(CatalogError::VolumeInJob {
+                        volume: name.clone(),
+                        job: job.id,
+                    });
+                }
                 if let Some(entry) = self.session_of_volume(name) {
                     return Err(CatalogError::VolumeInSession {
                         volume: name.clone(),
@@ -355,6 +391,8 @@ impl Catalog {
             }
             Command::IntentBegin(intent) => self.intent_begin(intent),
             Command::IntentFinish { id, result } => self.intent_finish(*id, result),
+            Command::GsnapCreate(job) => self.gsnap_create(job),
+            Command::GsnapRecord(job) => self.gsnap_record(job),
         }
     }
 
@@ -424,6 +462,128 @@ impl Catalog {
         }
         self.intents.insert(intent.id, intent.clone());
         Ok(CatalogReply::Done)
+    }
+
+    /// Records a new gsnap job after checking it against the whole catalog: its volumes
+    /// exist where the job says, ready, with one track size; its extents fit and pair;
+    /// none of its volumes is in a session or another running job; its nodes are up.
+    fn gsnap_create(&mut self, job: &GsnapJob) -> CatalogResponse {
+        let spec = &job.spec;
+        let invalid = |detail: String| CatalogError::Invalid {
+            what: "gsnap".into(),
+            detail,
+        };
+        let mut names = vec![&spec.source, &spec.intermediate, &spec.target];
+        names.extend(spec.target_intermediate.as_ref());
+        let mut distinct = names.clone();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() != names.len() {
+            return Err(invalid(
+                "P, P', S and S' must be four different volumes".into(),
+            ));
+        }
+        for node in [&job.source_node, &job.target_node] {
+            match self.nodes.get(node) {
+                None => return Err(CatalogError::UnknownNode { node: node.clone() }),
+                Some(record) if record.health == Health::Down => {
+                    return Err(CatalogError::NodeDown { node: node.clone() })
+                }
+                Some(_) => {}
+            }
+        }
+        let mut placed = vec![
+            (&spec.source, &job.source_node, true),
+            (&spec.intermediate, &job.source_node, false),
+            (&spec.target, &job.target_node, true),
+        ];
+        if let Some(target_intermediate) = &spec.target_intermediate {
+            placed.push((target_intermediate, &job.target_node, true));
+        }
+        let source = self.ready_volume(&spec.source, "gsnapped")?.clone();
+        for (volume, node, required) in placed {
+            let record = match self.volumes.get(volume) {
+                None if !required => continue,
+                _ => self.ready_volume(volume, "used by a gsnap")?,
+            };
+            if record.node != *node {
+                return Err(invalid(format!(
+                    "'{volume}' is on node '{}'; the job needs it on '{node}'",
+                    record.node
+                )));
+            }
+            if record.track_size_bytes != source.track_size_bytes {
+                return Err(invalid(format!(
+                    "'{volume}' has tracks of {} bytes and '{}' of {}: a gsnap needs one track size",
+                    record.track_size_bytes, spec.source, source.track_size_bytes
+                )));
+            }
+            if let Some(entry) = self.session_of_volume(volume) {
+                return Err(CatalogError::VolumeInSession {
+                    volume: volume.clone(),
+                    kind: entry.kind,
+                    source_volume: entry.source.clone(),
+                    target: entry.target.clone(),
+                });
+            }
+            if let Some(other) = self.job_of_volume(volume) {
+                return Err(CatalogError::VolumeInJob {
+                    volume: volume.clone(),
+                    job: other.id,
+                });
+            }
+        }
+        protocol::gsnap::check_extents(&spec.source_extents, &spec.target_extents)
+            .map_err(invalid)?;
+        if spec.source_extents != spec.target_extents {
+            return Err(invalid(
+                "P's and S's extents must be the same tracks for now (extents at other offsets are not supported yet)".into(),
+            ));
+        }
+        let target = &self.volumes[&spec.target];
+        for (volume, record) in [(&spec.source, &source), (&spec.target, target)] {
+            let tracks = record.size_bytes / u64::from(record.track_size_bytes);
+            if let Some(extent) = spec
+                .source_extents
+                .iter()
+                .find(|extent| extent.last >= tracks)
+            {
+                return Err(invalid(format!(
+                    "extent {extent} does not fit '{volume}', which has tracks 0-{}",
+                    tracks.saturating_sub(1)
+                )));
+            }
+        }
+        if spec.source_extents.is_empty() && target.size_bytes < source.size_bytes {
+            return Err(invalid(format!(
+                "'{}' is smaller than '{}': name the extents to copy, or a larger target",
+                spec.target, spec.source
+            )));
+        }
+        self.last_job += 1;
+        let mut recorded = job.clone();
+        recorded.id = self.last_job;
+        self.jobs.insert(recorded.id, recorded.clone());
+        Ok(CatalogReply::Job(Box::new(recorded)))
+    }
+
+    /// Replaces the record of a running job with its next state.
+    fn gsnap_record(&mut self, job: &GsnapJob) -> CatalogResponse {
+        let existing = self
+            .jobs
+            .get(&job.id)
+            .ok_or(CatalogError::UnknownJob { job: job.id })?;
+        if existing.state.is_final() {
+            return Err(CatalogError::JobEnded { job: job.id });
+        }
+        if existing.spec != job.spec || existing.request_id != job.request_id {
+            return Err(CatalogError::Invalid {
+                what: "gsnap".into(),
+                detail: format!("job {}'s record names other volumes", job.id),
+            });
+        }
+        self.jobs.insert(job.id, job.clone());
+        Ok(CatalogReply::Job(Box::new(job.clone())))
     }
 
     /// Ends an intent with its node's answer: a snap's created target becomes ready, or

@@ -184,6 +184,12 @@ pub enum Command {
         id: RequestId,
         result: IntentResult,
     },
+    /// Records a new gsnap job (the catalog gives it the next id), after checking its
+    /// volumes, nodes and extents against the whole catalog.
+    GsnapCreate(crate::gsnap::GsnapJob),
+    /// Replaces the record of a running job with its next state (a step started or done,
+    /// progress, a cancel asked for, the end).
+    GsnapRecord(crate::gsnap::GsnapJob),
 }
 
 /// A step of the leader's work on one node, between the commit that records it and the
@@ -364,6 +370,12 @@ pub enum CatalogError {
     },
     #[error("volume '{volume}' has a {call} under way; wait for it to finish (`tandem volume show {volume}`)")]
     IntentUnderWay { volume: String, call: String },
+    #[error("there is no gsnap job {job}: `tandem gsnap list` shows the jobs")]
+    UnknownJob { job: u64 },
+    #[error("gsnap job {job} has ended; it cannot change any more")]
+    JobEnded { job: u64 },
+    #[error("volume '{volume}' takes part in the running gsnap job {job}; wait for it or cancel it (`tandem gsnap cancel {job}`)")]
+    VolumeInJob { volume: String, job: u64 },
 }
 
 /// What an applied command produced.
@@ -374,6 +386,8 @@ pub enum CatalogReply {
     Volume(VolumeRecord),
     /// The result an intent finished with.
     IntentFinished(IntentResult),
+    /// A gsnap job as recorded.
+    Job(Box<crate::gsnap::GsnapJob>),
 }
 
 /// The state machine's answer to one log entry: the reply, or the refusal.
@@ -474,6 +488,19 @@ pub enum ClusterRequest {
     Noop {
         request_id: RequestId,
     },
+    /// Starts a gsnap job; answers with the job as recorded.
+    Gsnap {
+        request_id: RequestId,
+        spec: crate::gsnap::GsnapSpec,
+    },
+    GsnapList,
+    GsnapShow {
+        job: crate::gsnap::JobId,
+    },
+    GsnapCancel {
+        request_id: RequestId,
+        job: crate::gsnap::JobId,
+    },
 }
 
 /// Fault injection in our own network layer, per peer node: the kernel here has no
@@ -508,6 +535,8 @@ pub enum ClusterResponse {
     /// A session after a command (`None`: the command ended it), or as shown.
     Session(Option<Box<crate::session::SessionInfo>>),
     Sessions(Vec<crate::session::SessionInfo>),
+    Job(Box<crate::gsnap::GsnapJob>),
+    Jobs(Vec<crate::gsnap::GsnapJob>),
 }
 
 impl CatalogError {
@@ -530,7 +559,10 @@ impl CatalogError {
             | CatalogError::SessionTransition { .. }
             | CatalogError::SessionTargetTaken { .. }
             | CatalogError::SiteChange { .. }
-            | CatalogError::IntentUnderWay { .. } => ErrorCode::IllegalState,
+            | CatalogError::IntentUnderWay { .. }
+            | CatalogError::JobEnded { .. }
+            | CatalogError::VolumeInJob { .. } => ErrorCode::IllegalState,
+            CatalogError::UnknownJob { .. } => ErrorCode::NotFound,
         }
     }
 }

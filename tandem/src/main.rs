@@ -2,6 +2,7 @@
 //! and the embedded demo. Command names and flags are a contract outside scripts rely on.
 
 mod demo;
+mod gsnap;
 mod sessions;
 mod size;
 
@@ -121,6 +122,10 @@ enum Command {
     /// terminate, cancel).
     #[command(subcommand)]
     Clone(sessions::CloneCommand),
+    /// Copy a point-in-time image of SRC to TARGET on another node, as a job the
+    /// cluster finishes whatever fails (seed 003's global snap); `gsnap list`, `show`,
+    /// `cancel` follow it.
+    Gsnap(gsnap::GsnapArguments),
     /// Mirror sessions: BCVs of a standard volume (establish, split, reestablish,
     /// restore, cancel, rotate).
     #[command(subcommand)]
@@ -408,6 +413,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Cluster(command) => cluster(command).await,
         Command::Clone(command) => sessions::clone(command).await,
+        Command::Gsnap(arguments) => gsnap::run(arguments).await,
         Command::Mirror(command) => sessions::mirror(command).await,
         Command::Debug(DebugCommand::Noop { count, connection }) => {
             // One connection for all commands, so the figures are the cluster's, not the

@@ -20,6 +20,7 @@
 
 use crate::advice;
 mod checks;
+mod gsnap;
 mod lifecycle;
 mod membership;
 mod raft;
@@ -146,6 +147,8 @@ pub struct ControlPlane {
     intent_locks: Mutex<HashMap<RequestId, Arc<tokio::sync::Mutex<()>>>>,
     /// Intents the supervisor is driving now.
     driving_intents: Mutex<HashSet<RequestId>>,
+    /// Gsnap jobs the supervisor is driving now.
+    driving_jobs: Mutex<HashSet<protocol::gsnap::JobId>>,
     /// One lock per session (by target volume), so a command and the supervisor's
     /// reconciliation never act on one session at once.
     session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -224,6 +227,7 @@ impl ControlPlane {
             reconciling: Mutex::new(HashSet::new()),
             intent_locks: Mutex::new(HashMap::new()),
             driving_intents: Mutex::new(HashSet::new()),
+            driving_jobs: Mutex::new(HashSet::new()),
             session_locks: Mutex::new(HashMap::new()),
             resting_sessions_reconciled: Mutex::new(None),
             gone_sessions: Mutex::new(HashMap::new()),

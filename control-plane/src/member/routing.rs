@@ -188,6 +188,14 @@ impl ControlPlane {
             ClusterRequest::SessionShow { kind, target } => {
                 cluster(self.session_show(kind, target).await?)
             }
+            ClusterRequest::Gsnap { request_id, spec } => {
+                cluster(self.gsnap_start(request_id, spec).await?)
+            }
+            ClusterRequest::GsnapList => cluster(self.gsnap_list().await?),
+            ClusterRequest::GsnapShow { job } => cluster(self.gsnap_show(job).await?),
+            ClusterRequest::GsnapCancel { request_id, job } => {
+                cluster(self.gsnap_cancel(request_id, job).await?)
+            }
         }
     }
 }

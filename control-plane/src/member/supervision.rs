@@ -77,6 +77,7 @@ impl ControlPlane {
         self.refresh_sessions().await;
         self.reconcile_half_way_volumes();
         self.reconcile_intents();
+        self.drive_jobs();
     }
 
     /// Marks down every node the catalog has up that has not been heard from for

@@ -34,9 +34,9 @@ const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
 /// tag, 0 or 1). The catalog will grow (intents, jobs): a new layout gets a new version,
 /// and older ones are still read.
 const SNAPSHOT_FORMAT_MARKER: &[u8; 4] = b"TCAT";
-/// The layout this build writes: the catalog with its intents.
+/// The layout this build writes: the catalog with its intents and gsnap jobs.
 const SNAPSHOT_FORMAT_VERSION: u8 = 2;
-/// The layout before intents (also what unmarked snapshots hold).
+/// The layout before intents and jobs (also what unmarked snapshots hold).
 const SNAPSHOT_FORMAT_VERSION_WITHOUT_INTENTS: u8 = 1;
 
 /// Everything the state machine holds; a snapshot is exactly this, encoded.
@@ -365,11 +365,14 @@ mod tests {
         state
     }
 
-    /// `state` as layout 1 encoded it, before intents: the catalog's intents are its
-    /// last field, and an empty map encodes as one byte (its length, 0) at the end.
+    /// `state` as layout 1 encoded it, before intents and jobs: those are the catalog's
+    /// last fields (intents, jobs, the last job id), and empty they encode as one byte
+    /// each (0) at the end.
     fn encoded_without_intents(state: &StateMachineData) -> Vec<u8> {
         let mut bytes = codec::encode(state).unwrap();
-        assert_eq!(bytes.pop(), Some(0), "no intents at the end");
+        for field in ["last job id", "jobs", "intents"] {
+            assert_eq!(bytes.pop(), Some(0), "no {field} at the end");
+        }
         bytes
     }
 

@@ -486,3 +486,60 @@ fn every_call_of_a_job_has_its_own_id_the_same_for_every_leader() {
     other.request_id += 1;
     assert_ne!(call_id(&other, "snap"), ids[0]);
 }
+
+#[test]
+fn the_catalog_records_a_job_only_when_its_volumes_and_nodes_fit_and_holds_its_volumes() {
+    let mut cluster = Cluster::new();
+    let refused = |cluster: &mut Cluster, job: GsnapJob| {
+        cluster.next_request += 1;
+        cluster.catalog.apply(&CatalogRequest {
+            request_id: cluster.next_request,
+            command: Command::GsnapCreate(job),
+        })
+    };
+    let mut same_twice = job(None);
+    same_twice.spec.intermediate = "p".into();
+    assert!(refused(&mut cluster, same_twice).is_err());
+    let mut elsewhere = job(None);
+    elsewhere.target_node = "a1".into();
+    assert!(refused(&mut cluster, elsewhere).is_err(), "S is on b1");
+    let mut shifted = job(None);
+    shifted.spec.target_extents = vec![Extent {
+        first: 16,
+        last: 31,
+    }];
+    let error = refused(&mut cluster, shifted).unwrap_err().to_string();
+    assert!(error.contains("not supported yet"), "{error}");
+    assert!(cluster.catalog.jobs().next().is_none(), "nothing recorded");
+
+    let reply = refused(&mut cluster, job(None)).expect("a job that fits");
+    let protocol::cluster::CatalogReply::Job(recorded) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(recorded.id, 1);
+    // Its volumes are held: not deleted, not in a second job.
+    cluster.next_request += 1;
+    let delete = cluster.catalog.apply(&CatalogRequest {
+        request_id: cluster.next_request,
+        command: Command::VolumeDeleteBegin { name: "s".into() },
+    });
+    assert!(delete.is_err(), "{delete:?}");
+    assert!(refused(&mut cluster, job(None)).is_err(), "S is in job 1");
+    // An ended job changes no more and lets its volumes go.
+    let mut ended = (*recorded).clone();
+    ended.state = JobState::Succeeded;
+    cluster.apply(Command::GsnapRecord(ended.clone()));
+    cluster.next_request += 1;
+    assert!(cluster
+        .catalog
+        .apply(&CatalogRequest {
+            request_id: cluster.next_request,
+            command: Command::GsnapRecord(ended),
+        })
+        .is_err());
+    let second = refused(&mut cluster, job(None)).expect("the volumes are free again");
+    assert!(matches!(
+        second,
+        protocol::cluster::CatalogReply::Job(ref job) if job.id == 2
+    ));
+}

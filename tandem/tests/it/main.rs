@@ -4,6 +4,7 @@ mod cli;
 mod cluster;
 mod common;
 mod crash;
+mod gsnap;
 mod guards;
 mod idempotent;
 mod json;

@@ -20,7 +20,7 @@ fn sh_block_after(markdown: &str, heading: &str) -> String {
 }
 
 /// Commands an admin meets on day one: the block must show each of them.
-const COMMANDS_SHOWN: [&str; 27] = [
+const COMMANDS_SHOWN: [&str; 28] = [
     "tandem init ",
     "tandem node ",
     "tandem cluster init",
@@ -32,6 +32,7 @@ const COMMANDS_SHOWN: [&str; 27] = [
     "tandem volume readiness ",
     "tandem volume delete ",
     "tandem snap ",
+    "tandem gsnap ",
     "tandem status",
     "tandem clone create ",
     "tandem clone rate ",

@@ -1,0 +1,321 @@
+//! `tandem gsnap`: one command copies a point-in-time image of a volume to a volume of
+//! another node (seed 003's global snap), as a job the control plane drives to its end
+//! whatever fails; `gsnap list`, `show` and `cancel` follow it.
+
+use crate::{cluster_call, Connection, Session};
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use protocol::cluster::{ClusterRequest, ClusterResponse};
+use protocol::gsnap::{parse_volume_extents, GsnapJob, GsnapSpec, JobId, JobState};
+use protocol::messages::Response;
+use std::time::Duration;
+
+/// How often `--wait` reads the job.
+const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct GsnapArguments {
+    #[command(subcommand)]
+    command: Option<GsnapCommand>,
+    /// SRC[:EXTENTS]: the volume to copy (P), and its tracks FIRST-LAST[,FIRST-LAST...]
+    /// (default: all of them). A volume named list, show or cancel cannot be SRC.
+    #[arg(required = true, value_name = "SRC[:EXTENTS]")]
+    source: Option<String>,
+    /// The intermediate snapshot of SRC (P'), on SRC's node; created if missing.
+    #[arg(required = true)]
+    intermediate: Option<String>,
+    /// TARGET[:EXTENTS]: the volume that receives the image (S), on any node, and its
+    /// tracks that do (the same tracks as SRC's, for now).
+    #[arg(required = true, value_name = "TARGET[:EXTENTS]")]
+    target: Option<String>,
+    /// An intermediate volume on TARGET's node (S'): TARGET stays with its hosts during the
+    /// copy and only its extents change, at one instant, at the end.
+    #[arg(long)]
+    target_intermediate: Option<String>,
+    /// Copy rate limit, MiB/s (default: the node's QoS).
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Send every track (there are no incremental jobs yet, so every job does).
+    #[arg(long)]
+    full: bool,
+    /// Follow the job to its end, then print its report.
+    #[arg(long)]
+    wait: bool,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Subcommand)]
+enum GsnapCommand {
+    /// Every job, running and ended.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// One job: its steps with their times, progress and the error if any.
+    Show {
+        job: JobId,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Stop a job before its activation; it ends what it started and ends `cancelled`.
+    Cancel {
+        job: JobId,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+pub async fn run(arguments: GsnapArguments) -> Result<()> {
+    match arguments.command {
+        Some(GsnapCommand::List { json, connection }) => {
+            let response = cluster_call(&connection, ClusterRequest::GsnapList).await?;
+            let Response::Cluster(ClusterResponse::Jobs(jobs)) = response else {
+                bail!("unexpected answer from the cluster: {response:?}");
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(jobs.iter().map(job_json).collect())
+                );
+            } else if jobs.is_empty() {
+                println!("no gsnap jobs");
+            } else {
+                for job in &jobs {
+                    println!("{}", summary(job));
+                }
+            }
+            Ok(())
+        }
+        Some(GsnapCommand::Show {
+            job,
+            json,
+            connection,
+        }) => {
+            let job = show(&connection, job).await?;
+            print_job(&job, json);
+            Ok(())
+        }
+        Some(GsnapCommand::Cancel {
+            job,
+            json,
+            connection,
+        }) => {
+            let response = cluster_call(
+                &connection,
+                ClusterRequest::GsnapCancel {
+                    request_id: rand::random(),
+                    job,
+                },
+            )
+            .await?;
+            let Response::Cluster(ClusterResponse::Job(job)) = response else {
+                bail!("unexpected answer from the cluster: {response:?}");
+            };
+            if json {
+                println!("{}", job_json(&job));
+            } else {
+                println!("job {}: cancel asked; it ends what it started", job.id);
+            }
+            Ok(())
+        }
+        None => start(arguments).await,
+    }
+}
+
+async fn start(arguments: GsnapArguments) -> Result<()> {
+    let (Some(source), Some(intermediate), Some(target)) =
+        (arguments.source, arguments.intermediate, arguments.target)
+    else {
+        bail!("name SRC, INTERMEDIATE and TARGET (see `tandem gsnap --help`)");
+    };
+    let (source, source_extents) = parse_volume_extents(&source).map_err(anyhow::Error::msg)?;
+    let (target, target_extents) = parse_volume_extents(&target).map_err(anyhow::Error::msg)?;
+    let spec = GsnapSpec {
+        source,
+        source_extents,
+        intermediate,
+        target,
+        target_extents,
+        target_intermediate: arguments.target_intermediate,
+        rate_mebibytes_per_second: arguments.rate,
+        full: arguments.full,
+    };
+    let response = cluster_call(
+        &arguments.connection,
+        ClusterRequest::Gsnap {
+            request_id: rand::random(),
+            spec,
+        },
+    )
+    .await?;
+    let Response::Cluster(ClusterResponse::Job(job)) = response else {
+        bail!("unexpected answer from the cluster: {response:?}");
+    };
+    if !arguments.wait {
+        if arguments.json {
+            println!("{}", serde_json::json!({ "job": job.id }));
+        } else {
+            println!("job {}", job.id);
+        }
+        return Ok(());
+    }
+    let job = wait(&arguments.connection, job.id, arguments.json).await?;
+    print_job(&job, arguments.json);
+    match job.state {
+        JobState::Succeeded => Ok(()),
+        state => bail!("job {} ended {}", job.id, state_name(state)),
+    }
+}
+
+async fn show(connection: &Connection, job: JobId) -> Result<GsnapJob> {
+    let response = cluster_call(connection, ClusterRequest::GsnapShow { job }).await?;
+    let Response::Cluster(ClusterResponse::Job(job)) = response else {
+        bail!("unexpected answer from the cluster: {response:?}");
+    };
+    Ok(*job)
+}
+
+/// Follows a job to its end, with a line of progress on a terminal.
+async fn wait(connection: &Connection, job: JobId, quiet: bool) -> Result<GsnapJob> {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let session = Session::open(connection).await?;
+    let outcome = loop {
+        let response = match session.cluster(ClusterRequest::GsnapShow { job }).await {
+            Ok(response) => response,
+            Err(error) => break Err(error),
+        };
+        let Response::Cluster(ClusterResponse::Job(job)) = response else {
+            break Err(anyhow::anyhow!(
+                "unexpected answer from the cluster: {response:?}"
+            ));
+        };
+        bar.set_message(summary(&job));
+        if job.state.is_final() {
+            bar.finish_and_clear();
+            break Ok(*job);
+        }
+        tokio::time::sleep(WAIT_POLL_INTERVAL).await;
+    };
+    session.close().await;
+    outcome
+}
+
+fn state_name(state: JobState) -> &'static str {
+    match state {
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// The job's percent: the pair's copy, never 100 before the job succeeded.
+fn percent(job: &GsnapJob) -> f64 {
+    if job.state == JobState::Succeeded {
+        return 100.0;
+    }
+    if job.tracks_total == 0 {
+        return 0.0;
+    }
+    (job.tracks_copied() as f64 * 100.0 / job.tracks_total as f64).min(99.9)
+}
+
+/// One line: id, state, step, volumes, percent.
+fn summary(job: &GsnapJob) -> String {
+    let step = job
+        .current_step()
+        .map_or("done".to_string(), |step| step.to_string());
+    format!(
+        "job {} {} step {} {} -> {} {:.1}% ({} of {} tracks)",
+        job.id,
+        state_name(job.state),
+        if job.state.is_final() {
+            "-".to_string()
+        } else {
+            step
+        },
+        job.spec.source,
+        job.spec.target,
+        percent(job),
+        job.tracks_copied(),
+        job.tracks_total
+    )
+}
+
+fn print_job(job: &GsnapJob, json: bool) {
+    if json {
+        println!("{}", job_json(job));
+        return;
+    }
+    println!("{}", summary(job));
+    for record in &job.steps {
+        let when = match (
+            record.skipped,
+            record.started_unix_seconds,
+            record.finished_unix_seconds,
+        ) {
+            (true, _, _) => "skipped".to_string(),
+            (_, Some(started), Some(finished)) => format!("done in {} s", finished - started),
+            (_, Some(_), None) => "running".to_string(),
+            (_, None, _) => "pending".to_string(),
+        };
+        println!("  {:<12} {when}", record.step.to_string());
+    }
+    if let Some(error) = &job.error {
+        println!(
+            "  error in step {}: {} [{}]",
+            error.step, error.detail, error.code
+        );
+    }
+}
+
+fn job_json(job: &GsnapJob) -> serde_json::Value {
+    serde_json::json!({
+        "job": job.id,
+        "state": state_name(job.state),
+        "source": job.spec.source,
+        "source_extents": job.spec.source_extents.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "intermediate": job.spec.intermediate,
+        "target": job.spec.target,
+        "target_extents": job.spec.target_extents.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "target_intermediate": job.spec.target_intermediate,
+        "source_node": job.source_node,
+        "target_node": job.target_node,
+        "step": job.current_step().map(|step| step.to_string()),
+        "steps": job.steps.iter().map(|record| serde_json::json!({
+            "step": record.step.to_string(),
+            "started_unix_seconds": record.started_unix_seconds,
+            "finished_unix_seconds": record.finished_unix_seconds,
+            "skipped": record.skipped,
+        })).collect::<Vec<_>>(),
+        "tracks_total": job.tracks_total,
+        "tracks_copied": job.tracks_copied(),
+        "percent": percent(job),
+        "cancel_requested": job.cancel_requested,
+        "error": job.error.as_ref().map(|error| serde_json::json!({
+            "step": error.step.to_string(),
+            "code": error.code.to_string(),
+            "detail": error.detail,
+        })),
+        "created_unix_seconds": job.created_unix_seconds,
+        "finished_unix_seconds": job.finished_unix_seconds,
+    })
+}

@@ -1,0 +1,105 @@
+//! gsnap (issue 12, seed 003): one command copies a point-in-time image of a volume to a
+//! volume of another node, as a job the cluster drives to its end.
+
+use crate::common::wait_until;
+use crate::sessions::{fill, json, read_all, refused, TwoNodes};
+
+/// FIG. 3 (no S'): S ends holding P's image of the instant the job snapped it, although
+/// P's host writes during the copy; the job reports each step and succeeds.
+#[test]
+fn fig_3_a_gsnap_copies_the_image_of_its_instant_to_another_node() {
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let alpha = nodes.start_alpha();
+    alpha.cli_ok(&certs, &["cluster", "init"]);
+    alpha.wait_registered(&certs, "alpha");
+    let beta = nodes.start_beta();
+    alpha.wait_registered(&certs, "beta");
+    for (volume, node) in [("p", "alpha"), ("s", "beta")] {
+        alpha.cli_ok(
+            &certs,
+            &["volume", "create", volume, "--node", node, "--size", "8MiB"],
+        );
+    }
+    fill(&alpha, "p", 5);
+    let before = read_all(&alpha, "p");
+
+    // Bad input changes nothing: the same volume twice, an unknown one.
+    refused(
+        &alpha,
+        &certs,
+        &["gsnap", "p", "p", "s"],
+        "different volumes",
+    );
+    refused(&alpha, &certs, &["gsnap", "p", "p-mid", "ghost"], "ghost");
+    assert!(json(&alpha, &certs, &["gsnap", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // At most 1 MiB/s, so the host's write below lands while the copy runs.
+    let started = json(
+        &alpha,
+        &certs,
+        &["gsnap", "p", "p-mid", "s", "--rate", "1", "--json"],
+    );
+    let job = started["job"].as_u64().unwrap().to_string();
+    wait_until(30, "the job's snap", || {
+        let shown = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
+        shown["steps"][0]["finished_unix_seconds"].is_u64()
+    });
+    // The host writes P after the instant: S must not get it.
+    fill(&alpha, "p", 9);
+    // S is not with its hosts while it is being written (the copy takes about 8 s at
+    // 1 MiB/s).
+    wait_until(30, "the pair", || {
+        let shown = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
+        shown["steps"][1]["finished_unix_seconds"].is_u64()
+    });
+    let readiness = |volume: &str| {
+        let volumes = json(&alpha, &certs, &["volume", "list", "--json"]);
+        volumes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|record| record["name"] == volume)
+            .map(|record| record["readiness"].clone())
+            .unwrap()
+    };
+    assert_eq!(readiness("s"), "not-ready");
+    let mut percents = Vec::new();
+    wait_until(120, "the job to end", || {
+        let shown = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
+        percents.push(shown["percent"].as_f64().unwrap());
+        shown["state"] != "running"
+    });
+    let report = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
+    assert_eq!(report["state"], "succeeded", "{report}");
+    assert_eq!(report["percent"], 100.0);
+    assert!(
+        percents.windows(2).all(|pair| pair[0] <= pair[1]),
+        "progress fell: {percents:?}"
+    );
+    assert!(percents.iter().all(|percent| *percent <= 100.0));
+    for step in report["steps"].as_array().unwrap() {
+        assert!(
+            step["finished_unix_seconds"].is_u64() || step["skipped"] == true,
+            "{step}"
+        );
+    }
+    assert_eq!(
+        read_all(&beta, "s"),
+        before,
+        "S holds P's image of the instant"
+    );
+    assert_eq!(read_all(&alpha, "p-mid"), before);
+    assert_ne!(read_all(&alpha, "p"), before, "P's host wrote on");
+    // Nothing is left of the pair, and S is with its hosts.
+    assert!(json(&alpha, &certs, &["clone", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(readiness("s"), "ready");
+    let listed = json(&alpha, &certs, &["gsnap", "list", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+}
