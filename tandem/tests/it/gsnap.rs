@@ -2,7 +2,7 @@
 //! volume of another node, as a job the cluster drives to its end.
 
 use crate::common::wait_until;
-use crate::sessions::{fill, json, read_all, refused, TwoNodes};
+use crate::sessions::{fill, json, read_all, refused, TwoNodes, TRACKS, TRACK_BYTES};
 
 /// FIG. 3 (no S'): S ends holding P's image of the instant the job snapped it, although
 /// P's host writes during the copy; the job reports each step and succeeds.
@@ -102,4 +102,73 @@ fn fig_3_a_gsnap_copies_the_image_of_its_instant_to_another_node() {
     assert_eq!(readiness("s"), "ready");
     let listed = json(&alpha, &certs, &["gsnap", "list", "--json"]);
     assert_eq!(listed.as_array().unwrap().len(), 1);
+}
+
+/// FIG. 4 (with S'): the pair copies into S' on S's node while S stays with its hosts;
+/// at the end only S's named extents hold P's image, and its other tracks keep what its
+/// host wrote.
+#[test]
+fn fig_4_with_s_prime_only_the_named_extents_of_s_change_and_s_stays_online() {
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let alpha = nodes.start_alpha();
+    alpha.cli_ok(&certs, &["cluster", "init"]);
+    alpha.wait_registered(&certs, "alpha");
+    let beta = nodes.start_beta();
+    alpha.wait_registered(&certs, "beta");
+    for (volume, node) in [("p", "alpha"), ("s", "beta"), ("s-mid", "beta")] {
+        alpha.cli_ok(
+            &certs,
+            &["volume", "create", volume, "--node", node, "--size", "8MiB"],
+        );
+    }
+    fill(&alpha, "p", 5);
+    fill(&beta, "s", 77);
+    let source = read_all(&alpha, "p");
+    let target_before = read_all(&beta, "s");
+    let half = (TRACKS / 2 * TRACK_BYTES) as usize;
+    let extents = format!("0-{}", TRACKS / 2 - 1);
+    let started = json(
+        &alpha,
+        &certs,
+        &[
+            "gsnap",
+            &format!("p:{extents}"),
+            "p-mid",
+            &format!("s:{extents}"),
+            "--target-intermediate",
+            "s-mid",
+            "--rate",
+            "1",
+            "--json",
+        ],
+    );
+    let job = started["job"].as_u64().unwrap().to_string();
+    // S serves its hosts during the whole job.
+    wait_until(120, "the job to end", || {
+        let volumes = json(&alpha, &certs, &["volume", "list", "--json"]);
+        let s = volumes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|record| record["name"] == "s")
+            .unwrap()
+            .clone();
+        assert_eq!(s["readiness"], "ready", "S left its hosts: {s}");
+        let shown = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
+        shown["state"] != "running"
+    });
+    let report = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
+    assert_eq!(report["state"], "succeeded", "{report}");
+    let target = read_all(&beta, "s");
+    assert_eq!(
+        &target[..half],
+        &source[..half],
+        "S's extents hold P's image"
+    );
+    assert_eq!(
+        &target[half..],
+        &target_before[half..],
+        "S's other tracks keep what its host wrote"
+    );
 }
