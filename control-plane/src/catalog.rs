@@ -113,15 +113,7 @@ impl Catalog {
 
     fn session_record(&mut self, entry: &SessionEntry) -> CatalogResponse {
         for volume in [&entry.source, &entry.target] {
-            let record = self
-                .volumes
-                .get(volume)
-                .ok_or_else(|| CatalogError::UnknownVolume {
-                    volume: volume.clone(),
-                })?;
-            if record.state != VolumeState::Ready {
-                return Err(illegal(record, "used by a copy session"));
-            }
+            self.ready_volume(volume, "used by a copy session")?;
         }
         if let Some(existing) = self.sessions.get(&entry.target) {
             if existing.source != entry.source || existing.kind != entry.kind {

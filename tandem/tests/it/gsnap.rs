@@ -10,17 +10,7 @@ use crate::sessions::{fill, json, read_all, refused, TwoNodes, TRACKS, TRACK_BYT
 fn fig_3_a_gsnap_copies_the_image_of_its_instant_to_another_node() {
     let nodes = TwoNodes::new();
     let certs = nodes.certs.clone();
-    let alpha = nodes.start_alpha();
-    alpha.cli_ok(&certs, &["cluster", "init"]);
-    alpha.wait_registered(&certs, "alpha");
-    let beta = nodes.start_beta();
-    alpha.wait_registered(&certs, "beta");
-    for (volume, node) in [("p", "alpha"), ("s", "beta")] {
-        alpha.cli_ok(
-            &certs,
-            &["volume", "create", volume, "--node", node, "--size", "8MiB"],
-        );
-    }
+    let (alpha, beta) = nodes.start_cluster(&[("p", "alpha"), ("s", "beta")]);
     fill(&alpha, "p", 5);
     let before = read_all(&alpha, "p");
 
@@ -120,17 +110,7 @@ fn fig_3_a_gsnap_copies_the_image_of_its_instant_to_another_node() {
 fn fig_4_with_s_prime_only_the_named_extents_of_s_change_and_s_stays_online() {
     let nodes = TwoNodes::new();
     let certs = nodes.certs.clone();
-    let alpha = nodes.start_alpha();
-    alpha.cli_ok(&certs, &["cluster", "init"]);
-    alpha.wait_registered(&certs, "alpha");
-    let beta = nodes.start_beta();
-    alpha.wait_registered(&certs, "beta");
-    for (volume, node) in [("p", "alpha"), ("s", "beta"), ("s-mid", "beta")] {
-        alpha.cli_ok(
-            &certs,
-            &["volume", "create", volume, "--node", node, "--size", "8MiB"],
-        );
-    }
+    let (alpha, beta) = nodes.start_cluster(&[("p", "alpha"), ("s", "beta"), ("s-mid", "beta")]);
     fill(&alpha, "p", 5);
     fill(&beta, "s", 77);
     let source = read_all(&alpha, "p");

@@ -253,17 +253,7 @@ fn a_clone_that_was_never_activated_is_cancelled_and_its_destination_stays_not_r
 fn a_clone_into_another_node_is_cancelled_there_too() {
     let nodes = TwoNodes::new();
     let certs = nodes.certs.clone();
-    let alpha = nodes.start_alpha();
-    alpha.cli_ok(&certs, &["cluster", "init"]);
-    alpha.wait_registered(&certs, "alpha");
-    let beta = nodes.start_beta();
-    alpha.wait_registered(&certs, "beta");
-    for (volume, node) in [("src", "alpha"), ("dst", "beta")] {
-        alpha.cli_ok(
-            &certs,
-            &["volume", "create", volume, "--node", node, "--size", "8MiB"],
-        );
-    }
+    let (alpha, beta) = nodes.start_cluster(&[("src", "alpha"), ("dst", "beta")]);
     fill(&alpha, "src", 11);
 
     let created = json(

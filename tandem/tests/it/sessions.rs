@@ -259,6 +259,23 @@ impl TwoNodes {
         )
     }
 
+    /// Both nodes started, alpha the cluster's one member and beta registered, and each
+    /// `(volume, node)` created with 8 MiB.
+    pub(crate) fn start_cluster(&self, volumes: &[(&str, &str)]) -> (NodeProcess, NodeProcess) {
+        let alpha = self.start_alpha();
+        alpha.cli_ok(&self.certs, &["cluster", "init"]);
+        alpha.wait_registered(&self.certs, "alpha");
+        let beta = self.start_beta();
+        alpha.wait_registered(&self.certs, "beta");
+        for (volume, node) in volumes {
+            alpha.cli_ok(
+                &self.certs,
+                &["volume", "create", volume, "--node", node, "--size", "8MiB"],
+            );
+        }
+        (alpha, beta)
+    }
+
     pub(crate) fn start_beta(&self) -> NodeProcess {
         let members = format!("127.0.0.1:{}", self.alpha_port);
         NodeProcess::start_with(
