@@ -616,15 +616,7 @@ impl Catalog {
     /// readiness of their volumes themselves (the node refuses the same; checking here
     /// too means the leader refuses before anything is asked or committed).
     pub fn check_readiness(&self, name: &str) -> Result<(), CatalogError> {
-        let volume = self
-            .volumes
-            .get(name)
-            .ok_or_else(|| CatalogError::UnknownVolume {
-                volume: name.to_string(),
-            })?;
-        if volume.state != VolumeState::Ready {
-            return Err(illegal(volume, "given a readiness"));
-        }
+        self.ready_volume(name, "given a readiness")?;
         if let Some(entry) = self.session_of_volume(name) {
             let advice = match (entry.kind, entry.target == name) {
                 (SessionKind::Clone, true) => {
