@@ -219,7 +219,7 @@ impl<E: Engine> NodeRequests<E> {
         let call = NodeCall::Session(command.clone());
         match self.carry_out_call(request_id, &call, || work().map(NodeAnswer::Session))? {
             NodeAnswer::Session(answer) => Ok(answer),
-            other => Err(reused(request_id, &call, &other)),
+            other => Err(wrong_answer(request_id, &call, &other)),
         }
     }
 
@@ -318,7 +318,7 @@ impl<E: Engine> NodeRequests<E> {
 
 /// A remembered answer of the wrong kind for its call: only a store written by another
 /// build could hold one.
-fn reused(request_id: RequestId, call: &NodeCall, answer: &NodeAnswer) -> Error {
+pub fn wrong_answer(request_id: RequestId, call: &NodeCall, answer: &NodeAnswer) -> Error {
     Error::Metadata {
         what: format!("the remembered answer to request {request_id:032x}"),
         detail: format!("a {} was answered {answer:?}", call.name()),

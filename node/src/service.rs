@@ -5,7 +5,7 @@
 use crate::copy::workers::BackgroundWorkers;
 use crate::copy::Sessions;
 use crate::engine::Engine;
-use crate::requests::{NodeAnswer, NodeCall, NodeRequests};
+use crate::requests::{wrong_answer, NodeAnswer, NodeCall, NodeRequests};
 use crate::store::VolumeStore;
 use crate::{Error, Result};
 use control_plane::advice::NOT_INITIALIZED_MESSAGE;
@@ -193,46 +193,26 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
             let requests = service.requests.clone();
             blocking(move || {
                 let call = NodeCall::Snap {
-                    source,
-                    target,
-                    extents,
+                    source: source.clone(),
+                    target: target.clone(),
+                    extents: extents.clone(),
                     overwrite,
                 };
                 let answer = requests.carry_out_call(request_id, &call, || {
-                    let NodeCall::Snap {
-                        source,
-                        target,
-                        extents,
-                        overwrite,
-                    } = &call
-                    else {
-                        unreachable!("a snap call");
-                    };
-                    snap(&sessions, source, target, extents, *overwrite)
+                    snap(&sessions, &source, &target, &extents, overwrite)
                 })?;
-                match (call, answer) {
-                    (
-                        NodeCall::Snap {
-                            source,
-                            target,
-                            extents,
-                            ..
-                        },
-                        NodeAnswer::Snapped {
-                            target_info,
-                            elapsed_micros,
-                        },
-                    ) => Ok(Response::Snapped {
+                match answer {
+                    NodeAnswer::Snapped {
+                        target_info,
+                        elapsed_micros,
+                    } => Ok(Response::Snapped {
                         source,
                         target,
                         extents,
                         elapsed_micros,
                         target_info,
                     }),
-                    (call, answer) => Err(Error::Metadata {
-                        what: format!("the remembered answer to request {request_id:032x}"),
-                        detail: format!("a {} was answered {answer:?}", call.name()),
-                    }),
+                    answer => Err(wrong_answer(request_id, &call, &answer)),
                 }
             })
             .await

@@ -938,30 +938,7 @@ impl<E: Engine> Sessions<E> {
         // round trip a group, not one a track. Each store is synced on the target.
         let tracks = self.tracks_with(standard, Bits::Pending(slot))?;
         for group in tracks.chunks(bcv.step_tracks_max()) {
-            let images = group
-                .iter()
-                .map(|track| self.store.read_track_image(standard, *track))
-                .collect::<Result<Vec<_>>>()?;
-            let bits = group
-                .iter()
-                .map(|track| {
-                    vec![BitChange {
-                        volume: standard,
-                        bits: Bits::Pending(slot),
-                        track: *track,
-                        set: false,
-                    }]
-                })
-                .collect();
-            let options = StoreOptions {
-                only_if_invalid: false,
-                durability: Durability::Synced,
-                background: false,
-                timeout: Some(self.target_timeout(id)),
-            };
-            for stored in bcv.store(images, bits, options) {
-                stored?;
-            }
+            self.ship(id, standard, bcv, slot, group, Durability::Synced)?;
         }
         self.store.flush()
     }

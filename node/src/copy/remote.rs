@@ -165,7 +165,8 @@ impl<E: Engine> Sessions<E> {
         }
     }
 
-    /// Sends a track to the target and applies `source_bits` with it (in the same write
+    /// Sends a mirror's pending `tracks` to its target at once (on parallel streams to
+    /// another node) and clears their pending bits in `slot` with them (in the same write
     /// when the target is here, once it acknowledged otherwise). Returns the bytes sent.
     /// Something waits on this (a host write, a split's drain): bounded by the session's
     /// target timeout.
@@ -174,22 +175,35 @@ impl<E: Engine> Sessions<E> {
         session: SessionId,
         source: &Volume,
         target: &dyn Target,
-        track: u64,
-        source_bits: &[BitChange<'_>],
+        slot: u8,
+        tracks: &[u64],
         durability: Durability,
     ) -> Result<u64> {
-        let image = self.store.read_track_image(source, track)?;
-        let bytes = image.data.len() as u64;
+        let images = tracks
+            .iter()
+            .map(|track| self.store.read_track_image(source, *track))
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = images.iter().map(|image| image.data.len() as u64).sum();
+        let bits = tracks
+            .iter()
+            .map(|track| {
+                vec![BitChange {
+                    volume: source,
+                    bits: Bits::Pending(slot),
+                    track: *track,
+                    set: false,
+                }]
+            })
+            .collect();
         let options = StoreOptions {
             only_if_invalid: false,
             durability,
             background: false,
             timeout: Some(self.target_timeout(session)),
         };
-        target
-            .store(vec![image], vec![source_bits.to_vec()], options)
-            .pop()
-            .expect("one answer per image")?;
+        for stored in target.store(images, bits, options) {
+            stored?;
+        }
         Ok(bytes)
     }
 

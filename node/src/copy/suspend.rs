@@ -23,7 +23,7 @@
 
 use super::Sessions;
 use crate::engine::{Batch, Durability, Engine, Space};
-use crate::store::{BitChange, Bits, Volume};
+use crate::store::{Bits, Volume};
 use crate::{Error, Result};
 use protocol::session::{
     MirrorMode, RemoteVolume, SessionId, SessionKind, SessionState, TargetAnswer, TargetOperation,
@@ -192,19 +192,7 @@ impl<E: Engine> Sessions<E> {
             let Some((SessionState::Synchronized, MirrorMode::Sync, slot, strict)) = current else {
                 return Ok(());
             };
-            let shipped = self.ship(
-                id,
-                volume,
-                bcv,
-                track,
-                &[BitChange {
-                    volume,
-                    bits: Bits::Pending(slot),
-                    track,
-                    set: false,
-                }],
-                durability,
-            );
+            let shipped = self.ship(id, volume, bcv, slot, &[track], durability);
             match shipped {
                 Ok(_) => {}
                 Err(error)
