@@ -11,7 +11,7 @@ use protocol::cluster::{
     Health, Intent, IntentCall, IntentResult, NodeRecord, NodeReport, RequestId, SessionEntry,
     VolumeRecord, VolumeState,
 };
-use protocol::gsnap::{GsnapJob, JobId};
+use protocol::gsnap::{GsnapJob, JobId, VerifyRound};
 use protocol::messages::{Readiness, VOLUME_NAME_BYTES_MAX};
 use protocol::session::{next_state, SessionKind, SessionState, Transition};
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,38 @@ pub struct Catalog {
     jobs: BTreeMap<JobId, GsnapJob>,
     /// The id of the last job recorded.
     last_job: JobId,
+    /// The verification rounds of each job that has run one (snapshot layout 3).
+    verifications: BTreeMap<JobId, Vec<VerifyRound>>,
+}
+
+/// The catalog as snapshots of layout version 2 hold it, before verification rounds.
+/// Read only, to load such a snapshot.
+#[derive(Debug, Deserialize)]
+pub struct CatalogWithoutVerifications {
+    nodes: BTreeMap<String, NodeRecord>,
+    volumes: BTreeMap<String, VolumeRecord>,
+    sessions: BTreeMap<String, SessionEntry>,
+    applied: BTreeMap<RequestId, CatalogResponse>,
+    applied_order: VecDeque<RequestId>,
+    intents: BTreeMap<RequestId, Intent>,
+    jobs: BTreeMap<JobId, GsnapJob>,
+    last_job: JobId,
+}
+
+impl From<CatalogWithoutVerifications> for Catalog {
+    fn from(old: CatalogWithoutVerifications) -> Catalog {
+        Catalog {
+            nodes: old.nodes,
+            volumes: old.volumes,
+            sessions: old.sessions,
+            applied: old.applied,
+            applied_order: old.applied_order,
+            intents: old.intents,
+            jobs: old.jobs,
+            last_job: old.last_job,
+            verifications: BTreeMap::new(),
+        }
+    }
 }
 
 /// The catalog as snapshots of layout version 1 hold it, before intents. Read only, to
@@ -68,6 +100,7 @@ impl From<CatalogWithoutIntents> for Catalog {
             intents: BTreeMap::new(),
             jobs: BTreeMap::new(),
             last_job: 0,
+            verifications: BTreeMap::new(),
         }
     }
 }
@@ -170,6 +203,11 @@ impl Catalog {
 
     pub fn job(&self, id: JobId) -> Option<&GsnapJob> {
         self.jobs.get(&id)
+    }
+
+    /// The verification rounds of job `id`, first round first (none before it verified).
+    pub fn verification(&self, id: JobId) -> &[VerifyRound] {
+        self.verifications.get(&id).map_or(&[], Vec::as_slice)
     }
 
     /// The running job `volume` takes part in, if any.
@@ -385,6 +423,7 @@ impl Catalog {
             Command::IntentFinish { id, result } => self.intent_finish(*id, result),
             Command::GsnapCreate(job) => self.gsnap_create(job),
             Command::GsnapRecord(job) => self.gsnap_record(job),
+            Command::GsnapVerified { job, round } => self.gsnap_verified(*job, round),
         }
     }
 
@@ -574,8 +613,40 @@ impl Catalog {
                 detail: format!("job {}'s record names other volumes", job.id),
             });
         }
-        self.jobs.insert(job.id, job.clone());
-        Ok(CatalogReply::Job(Box::new(job.clone())))
+        // A cancel, once asked for, stays asked for: the driver records its next state
+        // from a copy it read before the cancel was committed.
+        let mut recorded = job.clone();
+        recorded.cancel_requested |= existing.cancel_requested;
+        self.jobs.insert(job.id, recorded.clone());
+        Ok(CatalogReply::Job(Box::new(recorded)))
+    }
+
+    /// Records a verification round of a running job. A round already recorded (a retry
+    /// of the same round) changes nothing; rounds are recorded in order.
+    fn gsnap_verified(&mut self, id: JobId, round: &VerifyRound) -> CatalogResponse {
+        let job = self
+            .jobs
+            .get(&id)
+            .ok_or(CatalogError::UnknownJob { job: id })?;
+        if job.state.is_final() {
+            return Err(CatalogError::JobEnded { job: id });
+        }
+        let rounds = self.verifications.entry(id).or_default();
+        let next = rounds.len() as u32 + 1;
+        if round.round < next {
+            return Ok(CatalogReply::Done);
+        }
+        if round.round > next {
+            return Err(CatalogError::Invalid {
+                what: "gsnap".into(),
+                detail: format!(
+                    "job {id}'s verification round {} comes before round {next}",
+                    round.round
+                ),
+            });
+        }
+        rounds.push(round.clone());
+        Ok(CatalogReply::Done)
     }
 
     /// Ends an intent with its node's answer: a snap's created target becomes ready, or

@@ -11,7 +11,11 @@
 
 use crate::catalog::Catalog;
 use protocol::cluster::{derived_request_id, IntentCall, IntentResult, NewVolume, RequestId};
-use protocol::gsnap::{GsnapJob, GsnapStep, JobError, JobState};
+use protocol::gsnap::{
+    digest_hex, GsnapJob, GsnapStep, JobError, JobState, Stall, RESEND_TRACKS_MAX,
+    STALL_AFTER_SECONDS, VERIFY_ROUNDS_MAX,
+};
+use protocol::messages::ErrorCode;
 use protocol::session::{SessionCommand, SessionState};
 
 /// What the driver does next for a job.
@@ -36,6 +40,13 @@ pub enum Action {
     },
     /// Read the pair's progress from its source node and record it in the job.
     PollPair,
+    /// Verification round `round`: digests of P''s copied tracks and of the target's,
+    /// each on its own node; differing tracks are sent again (unless this is the last
+    /// round allowed), and the round is recorded.
+    Verify { round: u32 },
+    /// Record that the job failed; it then ends what it started (a pair is cancelled or
+    /// terminated) before it ends.
+    Fail(JobError),
     /// End the job.
     Finish {
         state: JobState,
@@ -130,6 +141,7 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
             Some(0) => Action::FinishStep(step),
             _ => on_nodes(catalog, &[&job.source_node], Action::PollPair),
         },
+        GsnapStep::Verify => verify_step(job, catalog),
         GsnapStep::Activate => match pair.map(|entry| entry.state) {
             Some(SessionState::Active | SessionState::Copied) => Action::FinishStep(step),
             _ => on_nodes(
@@ -178,6 +190,57 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
     }
 }
 
+/// The verification: done when the last round's digests matched; failed when its
+/// tracks were not sent again (too many, or the last round allowed); otherwise the next
+/// round, on both nodes.
+fn verify_step(job: &GsnapJob, catalog: &Catalog) -> Action {
+    let rounds = catalog.verification(job.id);
+    match rounds.last() {
+        Some(last) if last.matched() => Action::FinishStep(GsnapStep::Verify),
+        Some(last) if !last.resent || rounds.len() >= VERIFY_ROUNDS_MAX => {
+            let listed: Vec<String> = last
+                .differing
+                .iter()
+                .take(DIFFERING_TRACKS_SHOWN_MAX)
+                .map(u64::to_string)
+                .collect();
+            let more = if last.differing_count > listed.len() as u64 {
+                ", ..."
+            } else {
+                ""
+            };
+            let why = if last.differing_count > RESEND_TRACKS_MAX {
+                format!("more than {RESEND_TRACKS_MAX}, too many to send again")
+            } else {
+                format!("after {} rounds", rounds.len())
+            };
+            Action::Fail(JobError {
+                step: GsnapStep::Verify,
+                code: ErrorCode::DigestMismatch,
+                detail: format!(
+                        "{} tracks of '{}' differ from '{}' ({why}): tracks {}{more}; digests {} (source) and {} (target)",
+                        last.differing_count,
+                        job.pair_target(),
+                        job.spec.intermediate,
+                        listed.join(", "),
+                    digest_hex(&last.source),
+                    digest_hex(&last.target),
+                ),
+            })
+        }
+        _ => on_nodes(
+            catalog,
+            &[&job.source_node, &job.target_node],
+            Action::Verify {
+                round: rounds.len() as u32 + 1,
+            },
+        ),
+    }
+}
+
+/// Differing tracks a failed job's error names at most.
+const DIFFERING_TRACKS_SHOWN_MAX: usize = 16;
+
 /// A step made of one snap intent: begun, driven until its node answered, then done —
 /// or the job fails with the node's refusal.
 fn snap_step(
@@ -190,14 +253,11 @@ fn snap_step(
     let id = call_id(job, step.name());
     match catalog.intent_result(id) {
         Some(IntentResult::Snapped { .. }) => Action::FinishStep(step),
-        Some(IntentResult::Refused { code, message }) => Action::Finish {
-            state: JobState::Failed,
-            error: Some(JobError {
-                step,
-                code: *code,
-                detail: message.clone(),
-            }),
-        },
+        Some(IntentResult::Refused { code, message }) => Action::Fail(JobError {
+            step,
+            code: *code,
+            detail: message.clone(),
+        }),
         None if catalog.intent(id).is_some() => on_nodes(catalog, &[node], Action::DriveIntent(id)),
         None => on_nodes(
             catalog,
@@ -273,6 +333,50 @@ fn on_nodes(catalog: &Catalog, nodes: &[&str], action: Action) -> Action {
         }
     }
     action
+}
+
+/// What counts as a job's progress: a step started or done, a track copied, a
+/// verification round, an error or a cancel recorded. The leader compares marks to tell
+/// a job that moves from one that is stalled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressMark {
+    steps: Vec<(bool, bool)>,
+    tracks_total: u64,
+    tracks_remaining: Option<u64>,
+    verification_rounds: usize,
+    failed: bool,
+    cancel_requested: bool,
+}
+
+pub fn progress_mark(job: &GsnapJob, catalog: &Catalog) -> ProgressMark {
+    ProgressMark {
+        steps: job
+            .steps
+            .iter()
+            .map(|record| (record.started_unix_seconds.is_some(), record.done()))
+            .collect(),
+        tracks_total: job.tracks_total,
+        tracks_remaining: job.tracks_remaining,
+        verification_rounds: catalog.verification(job.id).len(),
+        failed: job.error.is_some(),
+        cancel_requested: job.cancel_requested,
+    }
+}
+
+/// Whether a job that last moved at `moved_unix_seconds` is stalled at `now`: it is
+/// once [`STALL_AFTER_SECONDS`] have passed, with the reason it waits (or a general one
+/// when the driver has not said).
+pub fn stall_of(
+    moved_unix_seconds: u64,
+    reason: Option<&str>,
+    now_unix_seconds: u64,
+) -> Option<Stall> {
+    (now_unix_seconds.saturating_sub(moved_unix_seconds) >= STALL_AFTER_SECONDS).then(|| Stall {
+        reason: reason
+            .unwrap_or("no step has moved; the leader drives it every supervision round")
+            .to_string(),
+        since_unix_seconds: moved_unix_seconds,
+    })
 }
 
 /// Why a job cannot be cancelled now, if it cannot: once its activation began, S holds

@@ -48,6 +48,13 @@ pub enum Error {
         "volume '{name}' has no free session slot: all {slots_max} are in use; end a session first"
     )]
     SessionSlotsExhausted { name: String, slots_max: usize },
+    #[error("a digest of volume '{volume}' in groups of {group_tracks} tracks would hold {groups} groups, more than {groups_max}: ask for larger groups")]
+    DigestTooLarge {
+        volume: String,
+        group_tracks: u64,
+        groups: u64,
+        groups_max: u64,
+    },
     #[error("volume '{name}' session slot {slot} is not allocated")]
     SessionSlotNotAllocated { name: String, slot: u8 },
     #[error("cannot snap '{source_name}' to '{target}': {reason}")]
@@ -146,9 +153,9 @@ impl Error {
             | Error::SnapRefused { .. }
             | Error::RequestReused { .. }
             | Error::Config { .. } => ErrorCode::InvalidArgument,
-            Error::SessionSlotsExhausted { .. } | Error::TooManyLayers { .. } => {
-                ErrorCode::LimitExceeded
-            }
+            Error::SessionSlotsExhausted { .. }
+            | Error::TooManyLayers { .. }
+            | Error::DigestTooLarge { .. } => ErrorCode::LimitExceeded,
             Error::Remote { .. } | Error::TargetUnanswered { .. } => ErrorCode::Unavailable,
             Error::Corrupt { .. }
             | Error::FailPoint { .. }

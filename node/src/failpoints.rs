@@ -26,6 +26,38 @@ pub fn hit(name: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// Whether a copied `track` is to be stored corrupted: the test hook
+/// `node::store::corrupt-copied-track`, set to `return(TRACK)` (that track, every time it
+/// is stored) or `return(TRACK:once)` (only the first time in this process). The store
+/// flips a byte of it after the copy's checksums were checked, as a disk might, so only
+/// a digest of the stored bytes can tell.
+pub fn corrupt_copied_track(track: u64) -> bool {
+    #[cfg(feature = "failpoints")]
+    if ARMED.with(|armed| armed.get()) || std::env::var_os("FAILPOINTS").is_some() {
+        static CORRUPTED_ONCE: parking_lot::Mutex<Vec<u64>> = parking_lot::Mutex::new(Vec::new());
+        let wanted = fail::eval("node::store::corrupt-copied-track", |value| value).flatten();
+        let Some(wanted) = wanted else { return false };
+        let (number, once) = match wanted.split_once(':') {
+            Some((number, "once")) => (number, true),
+            _ => (wanted.as_str(), false),
+        };
+        if number.parse::<u64>() != Ok(track) {
+            return false;
+        }
+        if once {
+            let mut corrupted = CORRUPTED_ONCE.lock();
+            if corrupted.contains(&track) {
+                return false;
+            }
+            corrupted.push(track);
+        }
+        tracing::warn!(track, "a test hook stores this copied track corrupted");
+        return true;
+    }
+    let _ = track;
+    false
+}
+
 /// Lets fail points fire on the calling thread (or stops them).
 #[cfg(feature = "failpoints")]
 pub fn arm_this_thread(armed: bool) {

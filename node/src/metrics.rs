@@ -95,7 +95,7 @@ pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every error code, so that the error counter starts at 0 for each.
-const ERROR_CODES: [ErrorCode; 10] = [
+const ERROR_CODES: [ErrorCode; 11] = [
     ErrorCode::NotFound,
     ErrorCode::AlreadyExists,
     ErrorCode::InvalidArgument,
@@ -106,6 +106,7 @@ const ERROR_CODES: [ErrorCode; 10] = [
     ErrorCode::Forbidden,
     ErrorCode::NotInitialized,
     ErrorCode::NotMember,
+    ErrorCode::DigestMismatch,
 ];
 
 /// The states a session of each kind can be in, so that the state gauge shows 0 for the

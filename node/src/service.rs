@@ -149,6 +149,35 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                 blocking(move || sessions.serve_target(operation).map(Response::Target)).await
             }
         }
+        Request::Digest { .. } | Request::Resend { .. } if !from_node => refuse(
+            ErrorCode::Forbidden,
+            "digests and re-sends are a gsnap's verification, which the control plane's leader drives: use `tandem gsnap`".into(),
+        ),
+        Request::Digest {
+            volume,
+            extents,
+            group_tracks,
+        } => {
+            // Reading every track of a volume is background work: after host IO.
+            let sessions = service.sessions.clone();
+            service
+                .background
+                .run(move || {
+                    let store = sessions.store();
+                    store.digest(&*store.volume(&volume)?, &extents, group_tracks)
+                })
+                .await
+                .map(Response::Digests)
+                .unwrap_or_else(|error| refuse(error.code(), error.to_string()))
+        }
+        Request::Resend { target, tracks } => {
+            let sessions = service.sessions.clone();
+            blocking(move || {
+                let (tracks, bytes) = sessions.resend(&target, &tracks)?;
+                Ok(Response::Resent { tracks, bytes })
+            })
+            .await
+        }
         Request::Session { .. } if !from_node => refuse(
             ErrorCode::Forbidden,
             "session commands go through the control plane, which records them: use `tandem clone ...` or `tandem mirror ...`".into(),
@@ -571,6 +600,8 @@ fn request_kind(request: &Request) -> &'static str {
         Request::SessionList { .. } => "session_list",
         Request::SessionShow { .. } => "session_show",
         Request::VolumeClients { .. } => "volume_clients",
+        Request::Digest { .. } => "digest",
+        Request::Resend { .. } => "resend",
     }
 }
 

@@ -10,6 +10,7 @@
 mod bits;
 mod changes;
 mod counts;
+mod digest;
 pub use changes::VolumeChanges;
 
 use crate::bitmap::{self, BitmapKind};
@@ -1359,11 +1360,18 @@ impl<E: Engine> VolumeStore<E> {
                 });
             }
         }
+        // A test stores a copied track with one byte flipped, as a disk might, to show
+        // that a gsnap's verification finds it (compiled in only for the tests).
+        let corrupted = crate::failpoints::corrupt_copied_track(image.track).then(|| {
+            let mut data = image.data.clone();
+            data[0] ^= 0xff;
+            data
+        });
         self.write_with_bits(
             volume,
             image.track * track_bytes,
             track_bytes,
-            Some(&image.data),
+            Some(corrupted.as_deref().unwrap_or(&image.data)),
             durability,
             false,
             bit_changes,

@@ -190,6 +190,11 @@ pub enum Command {
     /// Replaces the record of a running job with its next state (a step started or done,
     /// progress, a cancel asked for, the end).
     GsnapRecord(crate::gsnap::GsnapJob),
+    /// Records a round of a running job's verification.
+    GsnapVerified {
+        job: crate::gsnap::JobId,
+        round: crate::gsnap::VerifyRound,
+    },
 }
 
 /// A step of the leader's work on one node, between the commit that records it and the
@@ -537,6 +542,9 @@ pub enum ClusterResponse {
     Sessions(Vec<crate::session::SessionInfo>),
     Job(Box<crate::gsnap::GsnapJob>),
     Jobs(Vec<crate::gsnap::GsnapJob>),
+    /// Jobs as `gsnap show` and `gsnap list` show them.
+    JobView(Box<crate::gsnap::GsnapJobView>),
+    JobViews(Vec<crate::gsnap::GsnapJobView>),
 }
 
 impl CatalogError {

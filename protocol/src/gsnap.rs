@@ -52,13 +52,20 @@ pub enum GsnapStep {
     Terminate,
     /// With S': S' → S over S's extents on S's node, at one instant. Skipped without S'.
     TargetSnap,
+    /// The copy is proven: a digest of P''s copied tracks, computed on P's node, equals
+    /// a digest of the same tracks read back on the target's node, each from its own
+    /// stored bytes. Differing tracks are sent again, a bounded number of rounds. Runs
+    /// after the copy and before the activation (appended last so that jobs recorded
+    /// before it still decode; in [`GsnapStep::ALL`] it has its place in the order).
+    Verify,
 }
 
 impl GsnapStep {
-    pub const ALL: [GsnapStep; 7] = [
+    pub const ALL: [GsnapStep; 8] = [
         GsnapStep::Snap,
         GsnapStep::Pair,
         GsnapStep::Copy,
+        GsnapStep::Verify,
         GsnapStep::Activate,
         GsnapStep::Settle,
         GsnapStep::Terminate,
@@ -74,6 +81,7 @@ impl GsnapStep {
             GsnapStep::Settle => "settle",
             GsnapStep::Terminate => "terminate",
             GsnapStep::TargetSnap => "target-snap",
+            GsnapStep::Verify => "verify",
         }
     }
 }
@@ -189,18 +197,46 @@ impl GsnapJob {
             .unwrap_or(&self.spec.target)
     }
 
+    /// The record of `step`. A job recorded before a step existed (the verification)
+    /// has none: that step counts as skipped for it.
     pub fn step(&self, step: GsnapStep) -> &StepRecord {
+        const SKIPPED: StepRecord = StepRecord {
+            step: GsnapStep::Verify,
+            started_unix_seconds: None,
+            finished_unix_seconds: None,
+            skipped: true,
+        };
         self.steps
             .iter()
             .find(|record| record.step == step)
-            .expect("a job holds a record of every step")
+            .unwrap_or(&SKIPPED)
     }
 
+    /// The record of `step`, added in its place when the job has none yet.
     pub fn step_mut(&mut self, step: GsnapStep) -> &mut StepRecord {
-        self.steps
-            .iter_mut()
-            .find(|record| record.step == step)
-            .expect("a job holds a record of every step")
+        let index = match self.steps.iter().position(|record| record.step == step) {
+            Some(index) => index,
+            None => {
+                let order =
+                    |step: GsnapStep| GsnapStep::ALL.iter().position(|known| *known == step);
+                let index = self
+                    .steps
+                    .iter()
+                    .position(|record| order(record.step) > order(step))
+                    .unwrap_or(self.steps.len());
+                self.steps.insert(
+                    index,
+                    StepRecord {
+                        step,
+                        started_unix_seconds: None,
+                        finished_unix_seconds: None,
+                        skipped: false,
+                    },
+                );
+                index
+            }
+        };
+        &mut self.steps[index]
     }
 
     /// The first step not done yet; `None` when every step is.
@@ -216,6 +252,139 @@ impl GsnapJob {
         self.tracks_remaining
             .map_or(0, |remaining| self.tracks_total.saturating_sub(remaining))
     }
+}
+
+/// A BLAKE3 digest.
+pub type Digest = [u8; 32];
+
+/// Tracks a digest group holds at least: one group's digest per this many tracks keeps
+/// an answer small; a mismatch is narrowed to single tracks in a second call.
+pub const DIGEST_GROUP_TRACKS_MIN: u64 = 64;
+/// Groups one digest answer holds at most (32 bytes each): larger extents get larger
+/// groups.
+pub const DIGEST_GROUPS_MAX: u64 = 4096;
+/// Tracks a verification sends again at most in one round; more differing tracks fail
+/// the job at once (a copy that wrong is not repaired by re-sending).
+pub const RESEND_TRACKS_MAX: u64 = 1024;
+/// Verification rounds of a job at most: the first and two after re-sends.
+pub const VERIFY_ROUNDS_MAX: usize = 3;
+/// A job that makes no progress for this long shows `stalled` with the reason.
+pub const STALL_AFTER_SECONDS: u64 = 30;
+
+/// One node's digests of a volume's tracks, each from its own stored bytes: a digest per
+/// group of `group_tracks` consecutive tracks (taken in the order of the extents asked
+/// for, the last group possibly shorter), and the digest of those digests in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackDigests {
+    pub tracks: u64,
+    pub bytes: u64,
+    pub group_tracks: u64,
+    pub groups: Vec<Digest>,
+    pub whole: Digest,
+}
+
+/// The group size for `tracks` tracks: at least [`DIGEST_GROUP_TRACKS_MIN`], and large
+/// enough that no answer holds more than [`DIGEST_GROUPS_MAX`] groups.
+pub fn digest_group_tracks(tracks: u64) -> u64 {
+    DIGEST_GROUP_TRACKS_MIN.max(tracks.div_ceil(DIGEST_GROUPS_MAX))
+}
+
+/// The tracks of `extents`, in order.
+pub fn extent_tracks(extents: &[Extent]) -> impl Iterator<Item = u64> + '_ {
+    extents.iter().flat_map(|extent| extent.first..=extent.last)
+}
+
+/// The tracks at positions `positions` (increasing) of the tracks of `extents` in order.
+/// Digests compare tracks by position, so that P's and S's tracks pair up in order
+/// whatever track numbers each side has.
+pub fn tracks_at(extents: &[Extent], positions: &[u64]) -> Vec<u64> {
+    let mut wanted = positions.iter().peekable();
+    let mut tracks = Vec::with_capacity(positions.len());
+    for (position, track) in extent_tracks(extents).enumerate() {
+        let Some(next) = wanted.peek() else { break };
+        if **next == position as u64 {
+            tracks.push(track);
+            wanted.next();
+        }
+    }
+    tracks
+}
+
+/// Tracks as extents: each run of consecutive tracks becomes one extent.
+pub fn extents_of_tracks(tracks: &[u64]) -> Vec<Extent> {
+    let mut extents: Vec<Extent> = Vec::new();
+    for track in tracks {
+        match extents.last_mut() {
+            Some(last) if last.last + 1 == *track => last.last = *track,
+            _ => extents.push(Extent {
+                first: *track,
+                last: *track,
+            }),
+        }
+    }
+    extents
+}
+
+/// The positions (in track order) of the groups whose digests differ between two
+/// answers over the same number of tracks, widened to the positions of their tracks.
+pub fn differing_positions(source: &TrackDigests, target: &TrackDigests) -> Vec<u64> {
+    let mut positions = Vec::new();
+    for (group, (left, right)) in source.groups.iter().zip(&target.groups).enumerate() {
+        if left != right {
+            let first = group as u64 * source.group_tracks;
+            let last = (first + source.group_tracks).min(source.tracks);
+            positions.extend(first..last);
+        }
+    }
+    positions
+}
+
+/// One round of a job's verification, as the catalog records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRound {
+    /// 1 for the first round.
+    pub round: u32,
+    pub at_unix_seconds: u64,
+    pub tracks: u64,
+    pub bytes: u64,
+    /// The whole digests: of P''s tracks on P's node, of the target's on its node.
+    pub source: Digest,
+    pub target: Digest,
+    /// The target's tracks (its own numbers) whose bytes differ from P''s, when the
+    /// digests differ and they are at most [`RESEND_TRACKS_MAX`].
+    pub differing: Vec<u64>,
+    /// How many tracks differ (all of them, also when too many to list).
+    pub differing_count: u64,
+    /// Whether the differing tracks were sent again after this round.
+    pub resent: bool,
+}
+
+impl VerifyRound {
+    pub fn matched(&self) -> bool {
+        self.source == self.target
+    }
+}
+
+/// A job that has made no progress for [`STALL_AFTER_SECONDS`]: why, and since when
+/// (the last progress the leader saw; unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stall {
+    pub reason: String,
+    pub since_unix_seconds: u64,
+}
+
+/// A job as `gsnap show` and `gsnap list` show it: its record, its verification rounds,
+/// and whether it is stalled now (a view of the leader's, not recorded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GsnapJobView {
+    pub job: GsnapJob,
+    pub verification: Vec<VerifyRound>,
+    pub stalled: Option<Stall>,
+}
+
+/// Hex text of a digest, as reports print it.
+pub fn digest_hex(digest: &Digest) -> String {
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Reads `VOLUME[:FIRST-LAST[,FIRST-LAST...]]`, the form `tandem gsnap` names P and S in
@@ -304,5 +473,50 @@ mod tests {
         let error = check_extents(&[extent(10, 19), extent(0, 9)], &[extent(0, 19)]).unwrap_err();
         assert!(error.contains("increasing"), "{error}");
         assert!(check_extents(&[extent(0, 9), extent(9, 19)], &[]).is_err());
+    }
+
+    #[test]
+    fn digests_pair_tracks_by_position_and_narrow_to_the_differing_groups() {
+        assert_eq!(digest_group_tracks(10), DIGEST_GROUP_TRACKS_MIN);
+        assert_eq!(digest_group_tracks(1 << 24), (1 << 24) / DIGEST_GROUPS_MAX);
+        let extents = [extent(10, 12), extent(20, 21)];
+        assert_eq!(tracks_at(&extents, &[0, 3, 4]), vec![10, 20, 21]);
+        assert_eq!(tracks_at(&extents, &[]), Vec::<u64>::new());
+        assert_eq!(
+            extents_of_tracks(&[1, 2, 3, 7, 9, 10]),
+            vec![extent(1, 3), extent(7, 7), extent(9, 10)]
+        );
+        let digests = |groups: Vec<Digest>| TrackDigests {
+            tracks: 130,
+            bytes: 0,
+            group_tracks: 64,
+            groups,
+            whole: [0; 32],
+        };
+        let source = digests(vec![[1; 32], [2; 32], [3; 32]]);
+        let target = digests(vec![[1; 32], [2; 32], [4; 32]]);
+        assert_eq!(differing_positions(&source, &target), vec![128, 129]);
+        assert_eq!(differing_positions(&source, &source), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_job_recorded_before_the_verification_counts_it_skipped() {
+        let spec = GsnapSpec {
+            source: "p".into(),
+            source_extents: Vec::new(),
+            intermediate: "p1".into(),
+            target: "s".into(),
+            target_extents: Vec::new(),
+            target_intermediate: None,
+            rate_mebibytes_per_second: None,
+            full: false,
+        };
+        let mut job = GsnapJob::new(1, 7, spec, "a1".into(), "b1".into(), 0);
+        assert_eq!(job.steps.len(), GsnapStep::ALL.len());
+        job.steps.retain(|record| record.step != GsnapStep::Verify);
+        assert!(job.step(GsnapStep::Verify).done());
+        job.step_mut(GsnapStep::Verify).started_unix_seconds = Some(5);
+        let order: Vec<GsnapStep> = job.steps.iter().map(|record| record.step).collect();
+        assert_eq!(order, GsnapStep::ALL.to_vec());
     }
 }

@@ -229,6 +229,22 @@ pub enum Request {
     VolumeClients {
         name: String,
     },
+    /// Digests of `extents` of a volume (all of it when empty) from the node's own stored
+    /// bytes, a digest per `group_tracks` tracks in order (a gsnap's verification; from
+    /// the control plane's leader only). Reads, changes nothing.
+    Digest {
+        volume: String,
+        extents: Vec<Extent>,
+        group_tracks: u64,
+    },
+    /// Sends `tracks` of the clone session whose destination is `target` again, from the
+    /// session's source on this node (a gsnap's verification found them differing; from
+    /// the control plane's leader only). Storing the same image twice changes nothing, so
+    /// a retry needs no request id.
+    Resend {
+        target: String,
+        tracks: Vec<u64>,
+    },
 }
 
 /// Status of the node that answered.
@@ -259,6 +275,8 @@ pub enum ErrorCode {
     NotInitialized,
     /// The node asked was removed from the control plane and no longer serves as a member.
     NotMember,
+    /// A copy's digests differ from its source's after every re-send allowed.
+    DigestMismatch,
 }
 
 impl fmt::Display for ErrorCode {
@@ -274,6 +292,7 @@ impl fmt::Display for ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotInitialized => "not-initialized",
             ErrorCode::NotMember => "not-member",
+            ErrorCode::DigestMismatch => "digest-mismatch",
         })
     }
 }
@@ -308,6 +327,12 @@ pub enum Response {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    Digests(crate::gsnap::TrackDigests),
+    /// Tracks sent again, and their bytes.
+    Resent {
+        tracks: u64,
+        bytes: u64,
     },
 }
 

@@ -1,12 +1,14 @@
-//! `tandem demo`: the embedded default. A node on loopback in a temporary directory, a
-//! volume, writes and reads through NBD, a pointer snapshot, a clone, a mirror, and a
-//! plain report. Every
-//! step checks what it claims and the demo fails loudly if anything does not hold.
+//! `tandem demo`: the embedded default. Two sites on loopback in a temporary directory:
+//! site-a with a node and the control plane, site-b with a node. A volume, writes and
+//! reads through NBD, a pointer snapshot, a clone, a mirror, a verified gsnap from site-a
+//! to site-b while the host writes, and a plain report. Every step checks what it claims
+//! and the demo fails loudly if anything does not hold.
 
 use anyhow::{bail, ensure, Context, Result};
 use node::config::NodeConfig;
 use node::nbd_client::NbdClient;
 use protocol::cluster::{ClusterRequest, ClusterResponse};
+use protocol::gsnap::{digest_hex, GsnapSpec, JobState};
 use protocol::messages::{ErrorCode, Request, Response};
 use protocol::session::{MirrorMode, SessionCommand, SessionInfo, SessionKind};
 use std::net::SocketAddr;
@@ -17,6 +19,12 @@ const SNAPSHOT: &str = "demo-snap";
 const CLONE: &str = "demo-clone";
 const BCV: &str = "demo-bcv";
 const VOLUME_BYTES: u64 = 64 << 20;
+/// The node of the second site, and the gsnap's volumes: P on site-a, P' beside it, S on
+/// site-b.
+const SITE_B_NODE: &str = "demo-b1";
+const GSNAP_SOURCE: &str = "orders";
+const GSNAP_INTERMEDIATE: &str = "orders-gsnap";
+const GSNAP_TARGET: &str = "orders-dr";
 const TRACK_BYTES: u32 = 64 << 10;
 
 /// Writes the demo makes: offsets chosen to be unaligned to tracks and blocks, one
@@ -132,12 +140,16 @@ async fn settled(
 }
 
 async fn create_volume(connection: &quinn::Connection, name: &str) -> Result<()> {
+    create_volume_on(connection, name, "demo-node").await
+}
+
+async fn create_volume_on(connection: &quinn::Connection, name: &str, node: &str) -> Result<()> {
     request(
         connection,
         ClusterRequest::VolumeCreate {
             request_id: rand::random(),
             name: name.to_string(),
-            node: Some("demo-node".to_string()),
+            node: Some(node.to_string()),
             size_bytes: VOLUME_BYTES,
             track_size_bytes: TRACK_BYTES,
         },
@@ -145,6 +157,152 @@ async fn create_volume(connection: &quinn::Connection, name: &str) -> Result<()>
     .await?;
     Ok(())
 }
+
+/// Reads a whole volume through NBD.
+async fn read_volume(nbd_address: SocketAddr, volume: &str) -> Result<Vec<u8>> {
+    let mut client = NbdClient::connect(nbd_address, volume).await?;
+    let mut bytes = Vec::with_capacity(client.size_bytes as usize);
+    let chunk: u32 = 1 << 20;
+    while (bytes.len() as u64) < client.size_bytes {
+        let part = client
+            .read(bytes.len() as u64, chunk)
+            .await?
+            .context("NBD read")?;
+        bytes.extend(part);
+    }
+    client.disconnect().await?;
+    Ok(bytes)
+}
+
+/// A gsnap from site-a to site-b while the source's host keeps writing: the job's steps
+/// as they happen, its verified report, and the target equal to the image of the
+/// command's instant.
+async fn gsnap_demo(
+    connection: &quinn::Connection,
+    site_a_nbd: SocketAddr,
+    site_b_nbd: SocketAddr,
+) -> Result<()> {
+    create_volume(connection, GSNAP_SOURCE).await?;
+    create_volume_on(connection, GSNAP_TARGET, SITE_B_NODE).await?;
+    let mut host = NbdClient::connect(site_a_nbd, GSNAP_SOURCE).await?;
+    // Every fourth track written, so the copy has something in every part of the volume.
+    let tracks = VOLUME_BYTES / u64::from(TRACK_BYTES);
+    for track in (0..tracks).step_by(4) {
+        host.write(
+            track * u64::from(TRACK_BYTES),
+            &pattern(track as u8, TRACK_BYTES as usize),
+            false,
+        )
+        .await?
+        .context("NBD write")?;
+    }
+    host.flush().await?.context("NBD flush")?;
+    let before = read_volume(site_a_nbd, GSNAP_SOURCE).await?;
+    let started = Instant::now();
+    let Response::Cluster(ClusterResponse::Job(job)) = request(
+        connection,
+        ClusterRequest::Gsnap {
+            request_id: rand::random(),
+            spec: GsnapSpec {
+                source: GSNAP_SOURCE.to_string(),
+                source_extents: Vec::new(),
+                intermediate: GSNAP_INTERMEDIATE.to_string(),
+                target: GSNAP_TARGET.to_string(),
+                target_extents: Vec::new(),
+                target_intermediate: None,
+                rate_mebibytes_per_second: None,
+                full: false,
+            },
+        },
+    )
+    .await?
+    else {
+        bail!("unexpected answer to the gsnap request");
+    };
+    println!(
+        "10. gsnap {GSNAP_SOURCE} (site-a) -> {GSNAP_TARGET} ({SITE_B_NODE}, site-b) through {GSNAP_INTERMEDIATE}: job {}, while the host keeps writing {GSNAP_SOURCE}",
+        job.id
+    );
+    let deadline = Instant::now() + std::time::Duration::from_secs(GSNAP_DEMO_SECONDS_MAX);
+    let mut shown_step = None;
+    let mut host_writes = 0u64;
+    let view = loop {
+        let Response::Cluster(ClusterResponse::JobView(view)) =
+            request(connection, ClusterRequest::GsnapShow { job: job.id }).await?
+        else {
+            bail!("unexpected answer to a gsnap query");
+        };
+        let step = view.job.current_step();
+        if step != shown_step && !view.job.state.is_final() {
+            if let Some(step) = step {
+                println!(
+                    "      {:>6.2} s  step {step:<11} {} of {} tracks copied",
+                    started.elapsed().as_secs_f64(),
+                    view.job.tracks_copied(),
+                    view.job.tracks_total
+                );
+            }
+            shown_step = step;
+        }
+        if view.job.state.is_final() {
+            break view;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the gsnap job did not end within {GSNAP_DEMO_SECONDS_MAX} s: {view:?}"
+        );
+        // The host writes on: none of it may reach the target, which gets the image of
+        // the command's instant.
+        let track = host_writes * 7 % tracks;
+        host.write(track * u64::from(TRACK_BYTES), &pattern(200, 4096), false)
+            .await?
+            .context("NBD write")?;
+        host_writes += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    host.disconnect().await?;
+    ensure!(
+        view.job.state == JobState::Succeeded,
+        "the gsnap job ended {:?}: {:?}",
+        view.job.state,
+        view.job.error
+    );
+    let verified = view
+        .verification
+        .last()
+        .filter(|round| round.matched())
+        .context("the gsnap job succeeded without a matching verification")?;
+    let target = read_volume(site_b_nbd, GSNAP_TARGET).await?;
+    ensure!(
+        target == before,
+        "{GSNAP_TARGET} does not hold {GSNAP_SOURCE}'s image of the command's instant"
+    );
+    let after = read_volume(site_a_nbd, GSNAP_SOURCE).await?;
+    ensure!(
+        host_writes == 0 || after != before,
+        "the host's writes during the job did not land on {GSNAP_SOURCE}"
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "    succeeded in {seconds:.2} s: {} tracks, {} MiB ({:.0} MiB/s); the host wrote {host_writes} times meanwhile",
+        verified.tracks,
+        verified.bytes >> 20,
+        verified.bytes as f64 / f64::from(1 << 20) / seconds
+    );
+    println!(
+        "    verified: BLAKE3 of the copied tracks on {} {} = on {SITE_B_NODE} {}",
+        view.job.source_node,
+        &digest_hex(&verified.source)[..16],
+        &digest_hex(&verified.target)[..16]
+    );
+    println!(
+        "    read {GSNAP_TARGET} back on site-b through NBD: byte for byte the image of the command's instant, none of the later writes"
+    );
+    Ok(())
+}
+
+/// How long the demo waits for its gsnap job (64 MiB on loopback takes about a second).
+const GSNAP_DEMO_SECONDS_MAX: u64 = 120;
 
 /// A clone activated under host writes, and a mirror split, written to and resynced.
 async fn sessions_demo(
@@ -274,7 +432,7 @@ pub async fn run() -> Result<()> {
     let started = Instant::now();
     let directory = tempfile::tempdir().context("cannot make a temporary directory")?;
     let certs = directory.path().join("certs");
-    protocol::pki::init_cluster(&certs, &["demo-node".to_string()])?;
+    protocol::pki::init_cluster(&certs, &["demo-node".to_string(), SITE_B_NODE.to_string()])?;
     println!(
         "tandem demo — everything below runs on loopback in {}",
         directory.path().display()
@@ -284,7 +442,7 @@ pub async fn run() -> Result<()> {
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let config = NodeConfig {
         name: "demo-node".to_string(),
-        site: "demo-site".to_string(),
+        site: "site-a".to_string(),
         data_dir: directory.path().join("data"),
         listen: loopback,
         nbd: loopback,
@@ -412,15 +570,31 @@ pub async fn run() -> Result<()> {
 
     sessions_demo(&connection, &mut host, node.nbd_address).await?;
 
+    let second_site = NodeConfig {
+        name: SITE_B_NODE.to_string(),
+        site: "site-b".to_string(),
+        data_dir: directory.path().join("data-b"),
+        control_plane: false,
+        members: vec![node.quic_address.to_string()],
+        ..config.clone()
+    };
+    let mut site_b = node::runtime::start(&second_site).await?;
+    wait_for_registration(&connection, SITE_B_NODE).await?;
+    println!(
+        "9. started node {SITE_B_NODE} on site-b (QUIC on {}); it registered with the control plane on site-a",
+        site_b.quic_address
+    );
+    gsnap_demo(&connection, node.nbd_address, site_b.nbd_address).await?;
+
     let Response::Cluster(ClusterResponse::Volumes(volumes)) =
         request(&connection, ClusterRequest::VolumeList).await?
     else {
         bail!("unexpected answer to the list request");
     };
-    println!("9. volumes in the catalog:");
+    println!("11. volumes in the catalog:");
     for record in &volumes {
         println!(
-            "     {:<10} {:>3} MiB  on {}  {:<6} {}",
+            "     {:<12} {:>3} MiB  on {:<9}  {:<6} {}",
             record.name,
             record.size_bytes >> 20,
             record.node,
@@ -432,6 +606,7 @@ pub async fn run() -> Result<()> {
     snapshot.disconnect().await?;
     connection.close(0u32.into(), b"demo done");
     endpoint.wait_idle().await;
+    site_b.stop().await;
     let mut node = node;
     node.stop().await;
     println!(

@@ -6,7 +6,9 @@ use crate::{cluster_call, Connection, Session};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use protocol::cluster::{ClusterRequest, ClusterResponse};
-use protocol::gsnap::{parse_volume_extents, GsnapJob, GsnapSpec, JobId, JobState};
+use protocol::gsnap::{
+    digest_hex, parse_volume_extents, GsnapJob, GsnapJobView, GsnapSpec, JobId, JobState,
+};
 use protocol::messages::Response;
 use std::time::Duration;
 
@@ -79,13 +81,13 @@ pub async fn run(arguments: GsnapArguments) -> Result<()> {
     match arguments.command {
         Some(GsnapCommand::List { json, connection }) => {
             let response = cluster_call(&connection, ClusterRequest::GsnapList).await?;
-            let Response::Cluster(ClusterResponse::Jobs(jobs)) = response else {
+            let Response::Cluster(ClusterResponse::JobViews(jobs)) = response else {
                 bail!("unexpected answer from the cluster: {response:?}");
             };
             if json {
                 println!(
                     "{}",
-                    serde_json::Value::Array(jobs.iter().map(job_json).collect())
+                    serde_json::Value::Array(jobs.iter().map(view_json).collect())
                 );
             } else if jobs.is_empty() {
                 println!("no gsnap jobs");
@@ -122,7 +124,7 @@ pub async fn run(arguments: GsnapArguments) -> Result<()> {
                 bail!("unexpected answer from the cluster: {response:?}");
             };
             if json {
-                println!("{}", job_json(&job));
+                println!("{}", job_json(&job, None));
             } else {
                 println!("job {}: cancel asked; it ends what it started", job.id);
             }
@@ -169,24 +171,24 @@ async fn start(arguments: GsnapArguments) -> Result<()> {
         }
         return Ok(());
     }
-    let job = wait(&arguments.connection, job.id, arguments.json).await?;
-    print_job(&job, arguments.json);
-    match job.state {
+    let view = wait(&arguments.connection, job.id, arguments.json).await?;
+    print_job(&view, arguments.json);
+    match view.job.state {
         JobState::Succeeded => Ok(()),
-        state => bail!("job {} ended {}", job.id, state_name(state)),
+        state => bail!("job {} ended {}", view.job.id, state_name(state)),
     }
 }
 
-async fn show(connection: &Connection, job: JobId) -> Result<GsnapJob> {
+async fn show(connection: &Connection, job: JobId) -> Result<GsnapJobView> {
     let response = cluster_call(connection, ClusterRequest::GsnapShow { job }).await?;
-    let Response::Cluster(ClusterResponse::Job(job)) = response else {
+    let Response::Cluster(ClusterResponse::JobView(view)) = response else {
         bail!("unexpected answer from the cluster: {response:?}");
     };
-    Ok(*job)
+    Ok(*view)
 }
 
 /// Follows a job to its end, with a line of progress on a terminal.
-async fn wait(connection: &Connection, job: JobId, quiet: bool) -> Result<GsnapJob> {
+async fn wait(connection: &Connection, job: JobId, quiet: bool) -> Result<GsnapJobView> {
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -202,15 +204,15 @@ async fn wait(connection: &Connection, job: JobId, quiet: bool) -> Result<GsnapJ
             Ok(response) => response,
             Err(error) => break Err(error),
         };
-        let Response::Cluster(ClusterResponse::Job(job)) = response else {
+        let Response::Cluster(ClusterResponse::JobView(view)) = response else {
             break Err(anyhow::anyhow!(
                 "unexpected answer from the cluster: {response:?}"
             ));
         };
-        bar.set_message(summary(&job));
-        if job.state.is_final() {
+        bar.set_message(summary(&view));
+        if view.job.state.is_final() {
             bar.finish_and_clear();
-            break Ok(*job);
+            break Ok(*view);
         }
         tokio::time::sleep(WAIT_POLL_INTERVAL).await;
     };
@@ -238,15 +240,30 @@ fn percent(job: &GsnapJob) -> f64 {
     (job.tracks_copied() as f64 * 100.0 / job.tracks_total as f64).min(99.9)
 }
 
-/// One line: id, state, step, volumes, percent.
-fn summary(job: &GsnapJob) -> String {
+/// The state a job shows: its recorded state, or `stalled` while a running job has made
+/// no progress for the leader's threshold.
+fn shown_state(view: &GsnapJobView) -> &'static str {
+    match (&view.stalled, view.job.state) {
+        (Some(_), JobState::Running) => "stalled",
+        (_, state) => state_name(state),
+    }
+}
+
+/// One line: id, state, step, volumes, percent, and why it is stalled.
+fn summary(view: &GsnapJobView) -> String {
+    let job = &view.job;
     let step = job
         .current_step()
         .map_or("done".to_string(), |step| step.to_string());
+    let stalled = view
+        .stalled
+        .as_ref()
+        .map(|stall| format!(" — stalled: {}", stall.reason))
+        .unwrap_or_default();
     format!(
-        "job {} {} step {} {} -> {} {:.1}% ({} of {} tracks)",
+        "job {} {} step {} {} -> {} {:.1}% ({} of {} tracks){stalled}",
         job.id,
-        state_name(job.state),
+        shown_state(view),
         if job.state.is_final() {
             "-".to_string()
         } else {
@@ -260,12 +277,13 @@ fn summary(job: &GsnapJob) -> String {
     )
 }
 
-fn print_job(job: &GsnapJob, json: bool) {
+fn print_job(view: &GsnapJobView, json: bool) {
     if json {
-        println!("{}", job_json(job));
+        println!("{}", view_json(view));
         return;
     }
-    println!("{}", summary(job));
+    let job = &view.job;
+    println!("{}", summary(view));
     for record in &job.steps {
         let when = match (
             record.skipped,
@@ -279,6 +297,54 @@ fn print_job(job: &GsnapJob, json: bool) {
         };
         println!("  {:<12} {when}", record.step.to_string());
     }
+    for round in &view.verification {
+        let verdict = if round.matched() {
+            "digests match".to_string()
+        } else {
+            format!(
+                "{} tracks differ{}{}",
+                round.differing_count,
+                if round.differing.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({})",
+                        round
+                            .differing
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
+                if round.resent { ", sent again" } else { "" }
+            )
+        };
+        println!(
+            "  verify round {}: {} tracks, {verdict}; source {}, target {}",
+            round.round,
+            round.tracks,
+            digest_hex(&round.source),
+            digest_hex(&round.target)
+        );
+    }
+    if let (Some(finished), Some(round)) = (job.finished_unix_seconds, view.verification.first()) {
+        let seconds = finished.saturating_sub(job.created_unix_seconds).max(1);
+        println!(
+            "  {} tracks, {} MiB in {} s ({:.1} MiB/s)",
+            round.tracks,
+            round.bytes >> 20,
+            seconds,
+            round.bytes as f64 / f64::from(1 << 20) / seconds as f64
+        );
+    }
+    if let Some(stall) = &view.stalled {
+        println!(
+            "  stalled since {}: {}",
+            control_plane::advice::format_utc(stall.since_unix_seconds),
+            stall.reason
+        );
+    }
     if let Some(error) = &job.error {
         println!(
             "  error in step {}: {} [{}]",
@@ -287,10 +353,40 @@ fn print_job(job: &GsnapJob, json: bool) {
     }
 }
 
-fn job_json(job: &GsnapJob) -> serde_json::Value {
+/// A job as JSON, with its verification rounds and stall as shown.
+fn view_json(view: &GsnapJobView) -> serde_json::Value {
+    let mut json = job_json(&view.job, view.stalled.as_ref());
+    json["state"] = shown_state(view).into();
+    json["verification"] = view
+        .verification
+        .iter()
+        .map(|round| {
+            serde_json::json!({
+                "round": round.round,
+                "at_unix_seconds": round.at_unix_seconds,
+                "tracks": round.tracks,
+                "bytes": round.bytes,
+                "source_digest": digest_hex(&round.source),
+                "target_digest": digest_hex(&round.target),
+                "matched": round.matched(),
+                "differing_count": round.differing_count,
+                "differing": round.differing,
+                "resent": round.resent,
+            })
+        })
+        .collect::<Vec<_>>()
+        .into();
+    json
+}
+
+fn job_json(job: &GsnapJob, stalled: Option<&protocol::gsnap::Stall>) -> serde_json::Value {
     serde_json::json!({
         "job": job.id,
         "state": state_name(job.state),
+        "stalled": stalled.map(|stall| serde_json::json!({
+            "reason": stall.reason,
+            "since_unix_seconds": stall.since_unix_seconds,
+        })),
         "source": job.spec.source,
         "source_extents": job.spec.source_extents.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "intermediate": job.spec.intermediate,

@@ -7,13 +7,40 @@
 
 use super::sessions::NodeSession;
 use super::*;
-use crate::gsnap::{plan, refuse_cancel, Action, Blocked};
+use crate::gsnap::{plan, progress_mark, refuse_cancel, stall_of, Action, Blocked, ProgressMark};
 use protocol::cluster::{Intent, IntentResult};
-use protocol::gsnap::{GsnapJob, GsnapSpec, JobError, JobId};
+use protocol::gsnap::{
+    differing_positions, digest_group_tracks, extents_of_tracks, tracks_at, GsnapJob, GsnapJobView,
+    GsnapSpec, GsnapStep, JobError, JobId, TrackDigests, VerifyRound, RESEND_TRACKS_MAX,
+    VERIFY_ROUNDS_MAX,
+};
+use protocol::messages::Extent;
 
 /// Actions one drive of a job carries out at most before it lets the next round go on:
 /// a job never holds its task for long.
 const JOB_ACTIONS_PER_ROUND_MAX: usize = 16;
+
+/// How long a digest call may take: a base, plus the time to read its bytes at a rate
+/// any disk manages (each node reads its own copy at low priority, after host IO).
+const DIGEST_TIMEOUT_BASE_SECONDS: u64 = 10;
+const DIGEST_BYTES_PER_SECOND_MIN: u64 = 20 << 20;
+/// How long a re-send may take: a base, plus its bytes at a rate any link manages.
+const RESEND_BYTES_PER_SECOND_MIN: u64 = 5 << 20;
+
+/// What the leader saw of one job's progress: when it last moved, and why it waits now.
+/// Kept in memory only: a new leader starts watching afresh, so it never shows a job
+/// stalled that it has not watched for the whole threshold.
+pub(super) struct JobWatch {
+    mark: ProgressMark,
+    moved_unix_seconds: u64,
+    reason: Option<String>,
+}
+
+/// What came of one action: the job goes on at once, or waits (with why).
+enum Next {
+    Continue,
+    Wait(String),
+}
 
 /// Takes a job out of the driving set when its drive ends, however it ends.
 struct DrivingJob<'a> {
@@ -67,6 +94,11 @@ impl ControlPlane {
         match self.commit(request_id, Command::GsnapCreate(job)).await? {
             CatalogReply::Job(job) => {
                 tracing::info!(job = job.id, source = %job.spec.source, target = %job.spec.target, "gsnap job recorded");
+                self.snap_before_answering(job.id).await;
+                let job = self
+                    .catalog
+                    .read(|catalog| catalog.job(job.id).cloned().map(Box::new))
+                    .unwrap_or(job);
                 Ok(ClusterResponse::Job(job))
             }
             other => Err(unexpected_reply(&other)),
@@ -75,9 +107,11 @@ impl ControlPlane {
 
     pub(super) async fn gsnap_list(&self) -> Outcome<ClusterResponse> {
         self.read_barrier().await?;
-        Ok(ClusterResponse::Jobs(
-            self.catalog
-                .read(|catalog| catalog.jobs().cloned().collect()),
+        let jobs: Vec<GsnapJob> = self
+            .catalog
+            .read(|catalog| catalog.jobs().cloned().collect());
+        Ok(ClusterResponse::JobViews(
+            jobs.into_iter().map(|job| self.job_view(job)).collect(),
         ))
     }
 
@@ -85,8 +119,32 @@ impl ControlPlane {
         self.read_barrier().await?;
         self.catalog
             .read(|catalog| catalog.job(job).cloned())
-            .map(|job| ClusterResponse::Job(Box::new(job)))
+            .map(|job| ClusterResponse::JobView(Box::new(self.job_view(job))))
             .ok_or_else(|| CatalogError::UnknownJob { job }.into())
+    }
+
+    /// A job with its verification rounds and, when it has not moved for the stall
+    /// threshold, why.
+    fn job_view(&self, job: GsnapJob) -> GsnapJobView {
+        let verification = self
+            .catalog
+            .read(|catalog| catalog.verification(job.id).to_vec());
+        let stalled = if job.state.is_final() {
+            None
+        } else {
+            self.job_watch.lock().get(&job.id).and_then(|watch| {
+                stall_of(
+                    watch.moved_unix_seconds,
+                    watch.reason.as_deref(),
+                    now_unix_seconds(),
+                )
+            })
+        };
+        GsnapJobView {
+            job,
+            verification,
+            stalled,
+        }
     }
 
     /// Asks a running job to stop: before its activation it ends what it started and
@@ -143,31 +201,120 @@ impl ControlPlane {
         }
     }
 
+    /// Drives a new job up to its snap before `tandem gsnap` answers, so that S gets P's
+    /// image of the command's instant rather than of a later supervision round. A job the
+    /// supervisor drives already is waited for; a snap that cannot be taken now (P's node
+    /// away) is left to the supervisor, and the command answers with the job as it is.
+    async fn snap_before_answering(&self, id: JobId) {
+        let deadline = std::time::Instant::now()
+            + std::time::Duration::from_secs(crate::caller::CALL_TIMEOUT_SECONDS);
+        let snapped = |job: &GsnapJob| job.state.is_final() || job.step(GsnapStep::Snap).done();
+        while std::time::Instant::now() < deadline {
+            if self
+                .catalog
+                .read(|catalog| catalog.job(id).is_none_or(snapped))
+            {
+                return;
+            }
+            if self.driving_jobs.lock().insert(id) {
+                let _done = DrivingJob {
+                    set: &self.driving_jobs,
+                    job: id,
+                };
+                if let Err(refusal) = self.drive_job_while(id, |job| !snapped(job)).await {
+                    tracing::debug!(job = id, reason = %refusal.message, "a gsnap job's snap is left to the supervisor");
+                }
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Carries out a job's next actions until it must wait.
     async fn drive_job(&self, id: JobId) -> Outcome<()> {
+        self.drive_job_while(id, |_| true).await
+    }
+
+    /// Carries out a job's next actions while `going_on` holds for it and until it must
+    /// wait, and notes in its watch whether it moved, or why it waits.
+    async fn drive_job_while(
+        &self,
+        id: JobId,
+        going_on: impl Fn(&GsnapJob) -> bool,
+    ) -> Outcome<()> {
         for _ in 0..JOB_ACTIONS_PER_ROUND_MAX {
-            let Some((job, action)) = self
-                .catalog
-                .read(|catalog| catalog.job(id).map(|job| (job.clone(), plan(job, catalog))))
-            else {
+            let Some((job, action, mark)) = self.catalog.read(|catalog| {
+                catalog
+                    .job(id)
+                    .map(|job| (job.clone(), plan(job, catalog), progress_mark(job, catalog)))
+            }) else {
                 return Ok(());
             };
-            if !self.carry_out_job_action(job, action).await? {
+            if !going_on(&job) {
+                return Ok(());
+            }
+            self.watch_job(id, mark, None);
+            if job.state.is_final() {
+                self.job_watch.lock().remove(&id);
+                return Ok(());
+            }
+            let next = match self.carry_out_job_action(job, action).await {
+                Ok(next) => next,
+                Err(refusal) => {
+                    self.watch_job_reason(id, refusal.message.clone());
+                    return Err(refusal);
+                }
+            };
+            if let Next::Wait(reason) = next {
+                self.watch_job_reason(id, reason);
                 return Ok(());
             }
         }
         Ok(())
     }
 
-    /// Carries out one action; returns whether the job can go on at once.
-    async fn carry_out_job_action(&self, mut job: GsnapJob, action: Action) -> Outcome<bool> {
+    /// Notes the job's progress as it is now: a change from what was seen before is
+    /// progress, which clears the reason it waited for.
+    fn watch_job(&self, id: JobId, mark: ProgressMark, reason: Option<String>) {
+        let now = now_unix_seconds();
+        let mut watches = self.job_watch.lock();
+        let watch = watches.entry(id).or_insert_with(|| JobWatch {
+            mark: mark.clone(),
+            moved_unix_seconds: now,
+            reason: None,
+        });
+        if watch.mark != mark {
+            watch.mark = mark;
+            watch.moved_unix_seconds = now;
+            watch.reason = None;
+        }
+        if reason.is_some() {
+            watch.reason = reason;
+        }
+    }
+
+    fn watch_job_reason(&self, id: JobId, reason: String) {
+        if let Some(watch) = self.job_watch.lock().get_mut(&id) {
+            watch.reason = Some(reason);
+        }
+    }
+
+    /// Carries out one action; says whether the job can go on at once.
+    async fn carry_out_job_action(&self, mut job: GsnapJob, action: Action) -> Outcome<Next> {
         let now = now_unix_seconds();
         match action {
-            Action::Idle => return Ok(false),
-            Action::Wait(Blocked::NodeDown { node, .. }) => {
+            Action::Idle => return Ok(Next::Wait("the job has ended".into())),
+            Action::Wait(Blocked::NodeDown {
+                node,
+                since_unix_seconds,
+            }) => {
                 tracing::debug!(job = job.id, %node, "gsnap job waits for its node");
-                return Ok(false);
+                let since = since_unix_seconds
+                    .map(|since| format!(" since {}", crate::advice::format_utc(since)))
+                    .unwrap_or_default();
+                return Ok(Next::Wait(format!("node {node} unreachable{since}")));
             }
+            Action::Verify { round } => return self.verify_round(job, round).await,
             Action::StartStep(step) => {
                 job.step_mut(step).started_unix_seconds = Some(now);
                 tracing::info!(job = job.id, %step, "gsnap step started");
@@ -184,9 +331,9 @@ impl ControlPlane {
                     begun_unix_seconds: now,
                 })
                 .await?;
-                return self.drive_job_intent(id).await;
+                return Ok(self.drive_job_intent(id).await);
             }
-            Action::DriveIntent(id) => return self.drive_job_intent(id).await,
+            Action::DriveIntent(id) => return Ok(self.drive_job_intent(id).await),
             Action::Session {
                 request_id,
                 command,
@@ -202,10 +349,12 @@ impl ControlPlane {
                         };
                         self.session_command(crate::gsnap::call_id(&job, "rate"), rate)
                             .await?;
-                        return Ok(true);
+                        return Ok(Next::Continue);
                     }
-                    Ok(_) => return Ok(true),
-                    Err(refusal) if refusal.code == ErrorCode::Unavailable => return Ok(false),
+                    Ok(_) => return Ok(Next::Continue),
+                    Err(refusal) if refusal.code == ErrorCode::Unavailable => {
+                        return Ok(Next::Wait(refusal.message))
+                    }
                     Err(refusal) => {
                         tracing::warn!(job = job.id, reason = %refusal.message, "gsnap step refused");
                         job.error = Some(JobError {
@@ -221,10 +370,20 @@ impl ControlPlane {
                     .catalog
                     .read(|catalog| catalog.session(job.pair_target()).cloned());
                 let Some(entry) = entry else {
-                    return Ok(false);
+                    return Ok(Next::Wait(format!(
+                        "the pair into '{}' is not in the catalog",
+                        job.pair_target()
+                    )));
                 };
-                let NodeSession::Live(info) = self.node_session(&entry).await else {
-                    return Ok(false);
+                let info = match self.node_session(&entry).await {
+                    NodeSession::Live(info) => info,
+                    _ => {
+                        return Ok(Next::Wait(format!(
+                            "node {} does not show the pair into '{}'",
+                            job.source_node,
+                            job.pair_target()
+                        )))
+                    }
                 };
                 // The pair's numbers only grow: a re-read never shows less copied.
                 let remaining = job.tracks_remaining.map_or(info.tracks_remaining, |known| {
@@ -235,8 +394,12 @@ impl ControlPlane {
                 job.tracks_total = job.tracks_total.max(info.tracks_total);
                 job.tracks_remaining = Some(remaining);
                 if !moved {
-                    return Ok(false);
+                    return Ok(Next::Wait(pair_wait_reason(&info)));
                 }
+            }
+            Action::Fail(error) => {
+                tracing::warn!(job = job.id, step = %error.step, code = %error.code, detail = %error.detail, "gsnap job failed; it ends what it started");
+                job.error = Some(error);
             }
             Action::Finish { state, error } => {
                 job.state = state;
@@ -247,17 +410,272 @@ impl ControlPlane {
         }
         self.commit(random_request_id(), Command::GsnapRecord(job))
             .await?;
-        Ok(true)
+        Ok(Next::Continue)
     }
 
-    /// Drives a job's intent; whether the job can go on at once (its node answered).
-    async fn drive_job_intent(&self, id: RequestId) -> Outcome<bool> {
+    /// Drives a job's intent; the job goes on at once when its node answered.
+    async fn drive_job_intent(&self, id: RequestId) -> Next {
         match self.drive_intent(id).await {
-            Ok(IntentResult::Snapped { .. } | IntentResult::Refused { .. }) => Ok(true),
+            Ok(IntentResult::Snapped { .. } | IntentResult::Refused { .. }) => Next::Continue,
             Err(refusal) => {
                 tracing::debug!(intent = %format!("{id:032x}"), reason = %refusal.message, "a gsnap snap waits");
-                Ok(false)
+                Next::Wait(refusal.message)
             }
         }
+    }
+
+    /// One verification round: both nodes digest their own stored bytes of the copied
+    /// tracks at once; when the digests differ, the differing groups are narrowed to
+    /// tracks, those are sent again (not after the last round allowed, nor when there
+    /// are too many), and the round is recorded. A node that does not answer makes the
+    /// job wait; one that refuses fails it.
+    async fn verify_round(&self, job: GsnapJob, round: u32) -> Outcome<Next> {
+        let Some(extents) = self.catalog.read(|catalog| verified_extents(&job, catalog)) else {
+            return Ok(Next::Wait(format!(
+                "'{}' is not in the catalog",
+                job.spec.source
+            )));
+        };
+        let (source_extents, target_extents) = extents;
+        let tracks: u64 = source_extents.iter().map(Extent::track_count).sum();
+        let group_tracks = digest_group_tracks(tracks);
+        let digests = tokio::join!(
+            self.digest(
+                &job.source_node,
+                &job.spec.intermediate,
+                &source_extents,
+                group_tracks
+            ),
+            self.digest(
+                &job.target_node,
+                job.pair_target(),
+                &target_extents,
+                group_tracks
+            ),
+        );
+        let (source, target) = match digests {
+            (Ok(source), Ok(target)) => (source, target),
+            (Err(refusal), _) | (_, Err(refusal)) => {
+                return self.verify_failed(job, refusal).await;
+            }
+        };
+        let mut record = VerifyRound {
+            round,
+            at_unix_seconds: now_unix_seconds(),
+            tracks: source.tracks,
+            bytes: source.bytes,
+            source: source.whole,
+            target: target.whole,
+            differing: Vec::new(),
+            differing_count: 0,
+            resent: false,
+        };
+        if source.whole != target.whole || source.tracks != target.tracks {
+            let positions = differing_positions(&source, &target);
+            record.differing_count = positions.len() as u64;
+            if positions.len() as u64 <= protocol::gsnap::DIGEST_GROUPS_MAX {
+                // One digest a track, over the differing groups only.
+                let source_tracks = extents_of_tracks(&tracks_at(&source_extents, &positions));
+                let target_tracks = extents_of_tracks(&tracks_at(&target_extents, &positions));
+                let narrowed = tokio::join!(
+                    self.digest(&job.source_node, &job.spec.intermediate, &source_tracks, 1),
+                    self.digest(&job.target_node, job.pair_target(), &target_tracks, 1),
+                );
+                let (source_narrow, target_narrow) = match narrowed {
+                    (Ok(source), Ok(target)) => (source, target),
+                    (Err(refusal), _) | (_, Err(refusal)) => {
+                        return self.verify_failed(job, refusal).await;
+                    }
+                };
+                let differing: Vec<u64> = differing_positions(&source_narrow, &target_narrow)
+                    .into_iter()
+                    .map(|index| positions[index as usize])
+                    .collect();
+                record.differing_count = differing.len() as u64;
+                record.differing = tracks_at(&target_extents, &differing);
+                let resend = tracks_at(&source_extents, &differing);
+                if !resend.is_empty()
+                    && resend.len() as u64 <= RESEND_TRACKS_MAX
+                    && (round as usize) < VERIFY_ROUNDS_MAX
+                {
+                    if let Err(refusal) = self.resend(&job, &resend).await {
+                        return self.verify_failed(job, refusal).await;
+                    }
+                    record.resent = true;
+                }
+            }
+            tracing::warn!(
+                job = job.id,
+                round,
+                differing = record.differing_count,
+                resent = record.resent,
+                "gsnap verification found differing tracks"
+            );
+        } else {
+            tracing::info!(
+                job = job.id,
+                round,
+                tracks = record.tracks,
+                "gsnap verification: the digests match"
+            );
+        }
+        self.commit(
+            protocol::cluster::derived_request_id(job.request_id, &format!("gsnap verify {round}")),
+            Command::GsnapVerified {
+                job: job.id,
+                round: record,
+            },
+        )
+        .await?;
+        Ok(Next::Continue)
+    }
+
+    /// A digest or re-send that did not happen: a node that does not answer makes the
+    /// job wait; a refusal fails it at the verification.
+    async fn verify_failed(&self, mut job: GsnapJob, refusal: Refusal) -> Outcome<Next> {
+        if refusal.code == ErrorCode::Unavailable {
+            return Ok(Next::Wait(refusal.message));
+        }
+        tracing::warn!(job = job.id, reason = %refusal.message, "gsnap verification refused");
+        job.error = Some(JobError {
+            step: GsnapStep::Verify,
+            code: refusal.code,
+            detail: refusal.message,
+        });
+        self.commit(random_request_id(), Command::GsnapRecord(job))
+            .await?;
+        Ok(Next::Continue)
+    }
+
+    /// Digests of `extents` of `volume`, computed by `node` from its own stored bytes.
+    async fn digest(
+        &self,
+        node: &str,
+        volume: &str,
+        extents: &[Extent],
+        group_tracks: u64,
+    ) -> Outcome<TrackDigests> {
+        let bytes = self.catalog.read(|catalog| {
+            catalog.volume(volume).map_or(0, |record| {
+                u64::from(record.track_size_bytes)
+                    * extents.iter().map(Extent::track_count).sum::<u64>()
+            })
+        });
+        let timeout = std::time::Duration::from_secs(
+            DIGEST_TIMEOUT_BASE_SECONDS + bytes / DIGEST_BYTES_PER_SECOND_MIN,
+        );
+        let request = Request::Digest {
+            volume: volume.to_string(),
+            extents: extents.to_vec(),
+            group_tracks,
+        };
+        let what = format!("digest '{volume}'");
+        match self.call_node_within(node, request, timeout, &what).await? {
+            Response::Digests(digests) => Ok(digests),
+            other => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("node {node} answered a digest with {other:?}"),
+            )),
+        }
+    }
+
+    /// Calls `node` with `request`, waiting at most `timeout`: its refusal, or a node that
+    /// does not answer (`unavailable`), says what the call was for.
+    async fn call_node_within(
+        &self,
+        node: &str,
+        request: Request,
+        timeout: std::time::Duration,
+        what: &str,
+    ) -> Outcome<Response> {
+        let address = self.node_address(node).unwrap_or_default();
+        match self
+            .caller
+            .call_within(&address, Some(node), &request, timeout)
+            .await
+        {
+            Ok(Response::Error { code, message }) => Err(Refusal::new(
+                code,
+                format!("node {node} did not {what}: {message}"),
+            )),
+            Ok(response) => Ok(response),
+            Err(detail) => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!("node {node} did not answer ({what}): {detail}"),
+            )),
+        }
+    }
+
+    /// Sends `tracks` of the job's pair again, from P' on P's node.
+    async fn resend(&self, job: &GsnapJob, tracks: &[u64]) -> Outcome<()> {
+        let bytes = self.catalog.read(|catalog| {
+            catalog.volume(&job.spec.intermediate).map_or(0, |record| {
+                u64::from(record.track_size_bytes) * tracks.len() as u64
+            })
+        });
+        let timeout = std::time::Duration::from_secs(
+            DIGEST_TIMEOUT_BASE_SECONDS + bytes / RESEND_BYTES_PER_SECOND_MIN,
+        );
+        let request = Request::Resend {
+            target: job.pair_target().to_string(),
+            tracks: tracks.to_vec(),
+        };
+        let node = &job.source_node;
+        match self
+            .call_node_within(node, request, timeout, "send the differing tracks again")
+            .await?
+        {
+            Response::Resent { tracks, bytes } => {
+                tracing::info!(
+                    job = job.id,
+                    tracks,
+                    bytes,
+                    "gsnap sent differing tracks again"
+                );
+                Ok(())
+            }
+            other => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("node {node} answered a re-send with {other:?}"),
+            )),
+        }
+    }
+}
+
+/// The tracks a job copied, on each side: P''s (P's extents, or all of P) and the
+/// target's (S's extents, or the same tracks). `None` when P has left the catalog.
+fn verified_extents(
+    job: &GsnapJob,
+    catalog: &crate::catalog::Catalog,
+) -> Option<(Vec<Extent>, Vec<Extent>)> {
+    let source = catalog.volume(&job.spec.source)?;
+    let source_extents = if job.spec.source_extents.is_empty() {
+        vec![Extent {
+            first: 0,
+            last: (source.size_bytes / u64::from(source.track_size_bytes)).saturating_sub(1),
+        }]
+    } else {
+        job.spec.source_extents.clone()
+    };
+    let target_extents = if job.spec.target_extents.is_empty() {
+        source_extents.clone()
+    } else {
+        job.spec.target_extents.clone()
+    };
+    Some((source_extents, target_extents))
+}
+
+/// Why a pair that did not move waits, from its source node's view of it.
+fn pair_wait_reason(info: &protocol::session::SessionInfo) -> String {
+    match (&info.error, info.state) {
+        (Some(error), _) => format!("the copy cannot go on: {error}"),
+        (None, protocol::session::SessionState::Suspended) => format!(
+            "the pair into '{}' is suspended: its target's node does not answer",
+            info.target
+        ),
+        (None, _) => format!(
+            "the copy into '{}' made no progress ({} tracks remain)",
+            info.target, info.tracks_remaining
+        ),
     }
 }

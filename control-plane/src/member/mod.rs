@@ -149,6 +149,8 @@ pub struct ControlPlane {
     driving_intents: Mutex<HashSet<RequestId>>,
     /// Gsnap jobs the supervisor is driving now.
     driving_jobs: Mutex<HashSet<protocol::gsnap::JobId>>,
+    /// What the leader saw of each running job's progress, for `stalled`.
+    job_watch: Mutex<HashMap<protocol::gsnap::JobId, gsnap::JobWatch>>,
     /// One lock per session (by target volume), so a command and the supervisor's
     /// reconciliation never act on one session at once.
     session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -228,6 +230,7 @@ impl ControlPlane {
             intent_locks: Mutex::new(HashMap::new()),
             driving_intents: Mutex::new(HashSet::new()),
             driving_jobs: Mutex::new(HashSet::new()),
+            job_watch: Mutex::new(HashMap::new()),
             session_locks: Mutex::new(HashMap::new()),
             resting_sessions_reconciled: Mutex::new(None),
             gone_sessions: Mutex::new(HashMap::new()),

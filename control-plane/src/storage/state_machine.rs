@@ -34,8 +34,11 @@ const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
 /// tag, 0 or 1). The catalog will grow (intents, jobs): a new layout gets a new version,
 /// and older ones are still read.
 const SNAPSHOT_FORMAT_MARKER: &[u8; 4] = b"TCAT";
-/// The layout this build writes: the catalog with its intents and gsnap jobs.
-const SNAPSHOT_FORMAT_VERSION: u8 = 2;
+/// The layout this build writes: the catalog with its intents, gsnap jobs and their
+/// verification rounds.
+const SNAPSHOT_FORMAT_VERSION: u8 = 3;
+/// The layout before verification rounds.
+const SNAPSHOT_FORMAT_VERSION_WITHOUT_VERIFICATIONS: u8 = 2;
 /// The layout before intents and jobs (also what unmarked snapshots hold).
 const SNAPSHOT_FORMAT_VERSION_WITHOUT_INTENTS: u8 = 1;
 
@@ -53,6 +56,24 @@ struct StateMachineDataWithoutIntents {
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     catalog: crate::catalog::CatalogWithoutIntents,
+}
+
+/// [`StateMachineData`] in layout version 2, before verification rounds.
+#[derive(Deserialize)]
+struct StateMachineDataWithoutVerifications {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    catalog: crate::catalog::CatalogWithoutVerifications,
+}
+
+impl From<StateMachineDataWithoutVerifications> for StateMachineData {
+    fn from(old: StateMachineDataWithoutVerifications) -> StateMachineData {
+        StateMachineData {
+            last_applied: old.last_applied,
+            last_membership: old.last_membership,
+            catalog: old.catalog.into(),
+        }
+    }
 }
 
 impl From<StateMachineDataWithoutIntents> for StateMachineData {
@@ -124,6 +145,11 @@ fn encode_state(state: &StateMachineData) -> protocol::error::Result<Vec<u8>> {
 fn decode_state(bytes: &[u8]) -> Result<StateMachineData, AnyError> {
     match bytes.strip_prefix(SNAPSHOT_FORMAT_MARKER.as_slice()) {
         Some([SNAPSHOT_FORMAT_VERSION, rest @ ..]) => codec::decode(rest).map_err(any_error),
+        Some([SNAPSHOT_FORMAT_VERSION_WITHOUT_VERIFICATIONS, rest @ ..]) => {
+            codec::decode::<StateMachineDataWithoutVerifications>(rest)
+                .map(StateMachineData::from)
+                .map_err(any_error)
+        }
         Some([SNAPSHOT_FORMAT_VERSION_WITHOUT_INTENTS, rest @ ..]) => decode_without_intents(rest),
         Some([version, ..]) => Err(AnyError::error(format!(
             "the catalog snapshot is stored in layout version {version}, which this build does not know (it reads up to {SNAPSHOT_FORMAT_VERSION}): run a newer tandem"
@@ -365,12 +391,20 @@ mod tests {
         state
     }
 
+    /// `state` as layout 2 encoded it, before verification rounds: they are the
+    /// catalog's last field, and empty it encodes as one byte (0) at the end.
+    fn encoded_without_verifications(state: &StateMachineData) -> Vec<u8> {
+        let mut bytes = codec::encode(state).unwrap();
+        assert_eq!(bytes.pop(), Some(0), "no verification rounds at the end");
+        bytes
+    }
+
     /// `state` as layout 1 encoded it, before intents and jobs: those are the catalog's
-    /// last fields (intents, jobs, the last job id), and empty they encode as one byte
-    /// each (0) at the end.
+    /// last fields (intents, jobs, the last job id, verification rounds), and empty they
+    /// encode as one byte each (0) at the end.
     fn encoded_without_intents(state: &StateMachineData) -> Vec<u8> {
         let mut bytes = codec::encode(state).unwrap();
-        for field in ["last job id", "jobs", "intents"] {
+        for field in ["verification rounds", "last job id", "jobs", "intents"] {
             assert_eq!(bytes.pop(), Some(0), "no {field} at the end");
         }
         bytes
@@ -380,11 +414,15 @@ mod tests {
     fn a_snapshot_carries_its_layout_and_older_layouts_are_still_read() {
         let state = state();
         let marked = encode_state(&state).unwrap();
-        assert_eq!(&marked[..5], b"TCAT\x02");
+        assert_eq!(&marked[..5], b"TCAT\x03");
         assert_eq!(decode_state(&marked).unwrap(), state);
+        // Layout 2, before verification rounds.
+        let mut marked_old = b"TCAT\x02".to_vec();
+        marked_old.extend(encoded_without_verifications(&state));
+        assert_eq!(decode_state(&marked_old).unwrap(), state);
         // Layout 1, before intents: marked, and before the marker the data alone.
         let old = encoded_without_intents(&state);
-        let mut marked_old = b"TCAT\x01".to_vec();
+        marked_old = b"TCAT\x01".to_vec();
         marked_old.extend(&old);
         assert_eq!(decode_state(&marked_old).unwrap(), state);
         assert_eq!(decode_state(&old).unwrap(), state);

@@ -4,12 +4,17 @@
 //! (with S').
 
 use control_plane::catalog::Catalog;
-use control_plane::gsnap::{call_id, plan, refuse_cancel, Action, Blocked};
+use control_plane::gsnap::{
+    call_id, plan, progress_mark, refuse_cancel, stall_of, Action, Blocked,
+};
 use protocol::cluster::{
     derived_request_id, CatalogRequest, Command, Intent, IntentCall, IntentResult, NewVolume,
     NodeReport, SessionEntry,
 };
-use protocol::gsnap::{GsnapJob, GsnapSpec, GsnapStep, JobError, JobState};
+use protocol::gsnap::{
+    GsnapJob, GsnapSpec, GsnapStep, JobError, JobState, VerifyRound, RESEND_TRACKS_MAX,
+    STALL_AFTER_SECONDS, VERIFY_ROUNDS_MAX,
+};
 use protocol::messages::{ErrorCode, Extent, Readiness, VolumeInfo};
 use protocol::session::{SessionCommand, SessionKind, SessionState};
 
@@ -98,6 +103,12 @@ impl Cluster {
         }));
     }
 
+    /// Records `job` as `tandem gsnap` does; the catalog's copy (with its id).
+    fn record(&mut self, job: GsnapJob) -> GsnapJob {
+        self.apply(Command::GsnapCreate(job));
+        self.catalog.jobs().last().unwrap().clone()
+    }
+
     fn end_pair(&mut self, job: &GsnapJob) {
         self.apply(Command::SessionForget {
             target: job.pair_target().into(),
@@ -130,10 +141,11 @@ fn job(target_intermediate: Option<&str>) -> GsnapJob {
     )
 }
 
-/// Marks every step before `step` done and `step` started.
+/// Marks every step before `step` (in the order the steps run) done and `step` started.
 fn at(mut job: GsnapJob, step: GsnapStep) -> GsnapJob {
+    let order = |step: GsnapStep| GsnapStep::ALL.iter().position(|known| *known == step);
     for record in job.steps.iter_mut() {
-        if record.step < step {
+        if order(record.step) < order(step) {
             record.started_unix_seconds = Some(2);
             record.finished_unix_seconds = Some(3);
         } else if record.step == step {
@@ -235,15 +247,20 @@ fn a_snap_the_node_refused_fails_the_job_with_the_nodes_words() {
             message: "p-mid is not a snapshot of p".into(),
         },
     );
+    let error = JobError {
+        step: GsnapStep::Snap,
+        code: ErrorCode::IllegalState,
+        detail: "p-mid is not a snapshot of p".into(),
+    };
+    assert_eq!(plan(&job, &cluster.catalog), Action::Fail(error.clone()));
+    // Recorded, the failure ends the job: nothing was started that needs ending.
+    let mut failed = job.clone();
+    failed.error = Some(error.clone());
     assert_eq!(
-        plan(&job, &cluster.catalog),
+        plan(&failed, &cluster.catalog),
         Action::Finish {
             state: JobState::Failed,
-            error: Some(JobError {
-                step: GsnapStep::Snap,
-                code: ErrorCode::IllegalState,
-                detail: "p-mid is not a snapshot of p".into(),
-            }),
+            error: Some(error),
         }
     );
 }
@@ -542,4 +559,192 @@ fn the_catalog_records_a_job_only_when_its_volumes_and_nodes_fit_and_holds_its_v
         second,
         protocol::cluster::CatalogReply::Job(ref job) if job.id == 2
     ));
+}
+
+/// A verification round with the given outcome.
+fn round(round: u32, matched: bool, differing: &[u64], resent: bool) -> VerifyRound {
+    VerifyRound {
+        round,
+        at_unix_seconds: 10,
+        tracks: 16,
+        bytes: 16 * u64::from(TRACK),
+        source: [1; 32],
+        target: if matched { [1; 32] } else { [2; 32] },
+        differing: differing.to_vec(),
+        differing_count: differing.len() as u64,
+        resent,
+    }
+}
+
+#[test]
+fn the_verification_runs_rounds_until_the_digests_match_and_is_then_done() {
+    let mut cluster = Cluster::new();
+    let recorded = cluster.record(job(None));
+    // The verification follows the copy and comes before the activation.
+    let mut copied = at(recorded.clone(), GsnapStep::Copy);
+    copied.tracks_remaining = Some(0);
+    assert_eq!(
+        plan(&copied, &cluster.catalog),
+        Action::FinishStep(GsnapStep::Copy)
+    );
+    copied.step_mut(GsnapStep::Copy).finished_unix_seconds = Some(3);
+    assert_eq!(
+        plan(&copied, &cluster.catalog),
+        Action::StartStep(GsnapStep::Verify)
+    );
+    let job = at(recorded, GsnapStep::Verify);
+    assert_eq!(plan(&job, &cluster.catalog), Action::Verify { round: 1 });
+    // Track 9 differed and was sent again: a second round.
+    cluster.apply(Command::GsnapVerified {
+        job: job.id,
+        round: round(1, false, &[9], true),
+    });
+    assert_eq!(plan(&job, &cluster.catalog), Action::Verify { round: 2 });
+    // Both nodes must be up for a round.
+    cluster.apply(Command::NodeDown {
+        node: "b1".into(),
+        since_unix_seconds: 50,
+    });
+    assert_eq!(
+        plan(&job, &cluster.catalog),
+        Action::Wait(Blocked::NodeDown {
+            node: "b1".into(),
+            since_unix_seconds: Some(50),
+        })
+    );
+}
+
+#[test]
+fn digests_that_still_differ_after_the_rounds_allowed_fail_the_job_naming_the_tracks() {
+    let mut cluster = Cluster::new();
+    let job = at(cluster.record(job(None)), GsnapStep::Verify);
+    for number in 1..VERIFY_ROUNDS_MAX as u32 {
+        cluster.apply(Command::GsnapVerified {
+            job: job.id,
+            round: round(number, false, &[9], true),
+        });
+        assert_eq!(
+            plan(&job, &cluster.catalog),
+            Action::Verify { round: number + 1 }
+        );
+    }
+    cluster.apply(Command::GsnapVerified {
+        job: job.id,
+        round: round(VERIFY_ROUNDS_MAX as u32, false, &[9], false),
+    });
+    let Action::Fail(error) = plan(&job, &cluster.catalog) else {
+        panic!("the job goes on after its last round");
+    };
+    assert_eq!(error.step, GsnapStep::Verify);
+    assert_eq!(error.code, ErrorCode::DigestMismatch);
+    assert!(error.detail.contains("tracks 9"), "{}", error.detail);
+    assert!(error.detail.contains(&"01".repeat(32)), "{}", error.detail);
+}
+
+#[test]
+fn too_many_differing_tracks_fail_the_job_at_once_and_a_match_ends_the_step() {
+    let mut cluster = Cluster::new();
+    let job = at(cluster.record(job(None)), GsnapStep::Verify);
+    let mut first = round(1, false, &[], false);
+    first.differing_count = RESEND_TRACKS_MAX + 1;
+    cluster.apply(Command::GsnapVerified {
+        job: job.id,
+        round: first,
+    });
+    let Action::Fail(error) = plan(&job, &cluster.catalog) else {
+        panic!("too many differing tracks did not fail the job");
+    };
+    assert!(error.detail.contains("too many"), "{}", error.detail);
+
+    let mut cluster = Cluster::new();
+    let job = at(cluster.record(self::job(None)), GsnapStep::Verify);
+    cluster.apply(Command::GsnapVerified {
+        job: job.id,
+        round: round(1, true, &[], false),
+    });
+    assert_eq!(
+        plan(&job, &cluster.catalog),
+        Action::FinishStep(GsnapStep::Verify)
+    );
+}
+
+#[test]
+fn the_catalog_records_verification_rounds_once_and_in_order_and_keeps_a_cancel() {
+    let mut cluster = Cluster::new();
+    let id = cluster.record(job(None)).id;
+    let answer = |cluster: &mut Cluster, command: Command| {
+        cluster.next_request += 1;
+        cluster.catalog.apply(&CatalogRequest {
+            request_id: cluster.next_request,
+            command,
+        })
+    };
+    let mut first = round(1, false, &[9], true);
+    assert!(answer(
+        &mut cluster,
+        Command::GsnapVerified {
+            job: id,
+            round: first.clone()
+        }
+    )
+    .is_ok());
+    // The same round again (a retry) changes nothing; a round out of order is refused.
+    first.resent = false;
+    assert!(answer(
+        &mut cluster,
+        Command::GsnapVerified {
+            job: id,
+            round: first
+        }
+    )
+    .is_ok());
+    assert!(cluster.catalog.verification(id)[0].resent);
+    assert!(answer(
+        &mut cluster,
+        Command::GsnapVerified {
+            job: id,
+            round: round(3, true, &[], false)
+        }
+    )
+    .is_err());
+    assert_eq!(cluster.catalog.verification(id).len(), 1);
+
+    // A cancel stays asked for when the driver records a copy it read before it.
+    let mut stale = cluster.catalog.job(id).unwrap().clone();
+    let mut cancelled = stale.clone();
+    cancelled.cancel_requested = true;
+    assert!(answer(&mut cluster, Command::GsnapRecord(cancelled)).is_ok());
+    stale.step_mut(GsnapStep::Snap).started_unix_seconds = Some(4);
+    assert!(answer(&mut cluster, Command::GsnapRecord(stale)).is_ok());
+    let job = cluster.catalog.job(id).unwrap();
+    assert!(job.cancel_requested);
+    assert_eq!(job.step(GsnapStep::Snap).started_unix_seconds, Some(4));
+}
+
+#[test]
+fn a_job_is_stalled_only_after_the_threshold_without_progress() {
+    let mut cluster = Cluster::new();
+    let job = at(cluster.record(job(None)), GsnapStep::Verify);
+    let before = progress_mark(&job, &cluster.catalog);
+    assert_eq!(
+        stall_of(
+            100,
+            Some("node b1 unreachable"),
+            100 + STALL_AFTER_SECONDS - 1
+        ),
+        None
+    );
+    let stall = stall_of(100, Some("node b1 unreachable"), 100 + STALL_AFTER_SECONDS).unwrap();
+    assert_eq!(stall.reason, "node b1 unreachable");
+    assert_eq!(stall.since_unix_seconds, 100);
+    assert!(stall_of(100, None, 1_000)
+        .unwrap()
+        .reason
+        .contains("no step"));
+    // A verification round is progress.
+    cluster.apply(Command::GsnapVerified {
+        job: job.id,
+        round: round(1, false, &[9], true),
+    });
+    assert_ne!(progress_mark(&job, &cluster.catalog), before);
 }

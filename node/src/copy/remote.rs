@@ -207,6 +207,66 @@ impl<E: Engine> Sessions<E> {
         Ok(bytes)
     }
 
+    /// Sends `tracks` of the clone whose destination is `target` again, from its source
+    /// here (a gsnap's verification found them differing on the destination). Only the
+    /// tracks are stored, synced, with no bit of the session changed: storing the same
+    /// image again changes nothing, so a retry is harmless. Tracks outside the session's
+    /// extents are refused before anything is sent. Returns the tracks and bytes sent.
+    pub fn resend(&self, target: &str, tracks: &[u64]) -> Result<(u64, u64)> {
+        let record = self
+            .table
+            .lock()
+            .find_by_target(SessionKind::Clone, target)
+            .map(|live| live.record.clone())
+            .ok_or_else(|| Error::SessionNotFound {
+                kind: "clone".to_string(),
+                volume: target.to_string(),
+                role: "destination".to_string(),
+            })?;
+        let source = self.store.volume(&record.source)?;
+        let covered = |track: u64| {
+            record.extents.is_empty()
+                || record
+                    .extents
+                    .iter()
+                    .any(|extent| (extent.first..=extent.last).contains(&track))
+        };
+        if let Some(track) = tracks.iter().find(|track| !covered(**track)) {
+            return Err(Error::ExtentOutOfRange {
+                name: record.target.clone(),
+                extent: protocol::messages::Extent {
+                    first: *track,
+                    last: *track,
+                },
+                last_track: source.track_count().saturating_sub(1),
+            });
+        }
+        let target = self.target_of(&record)?;
+        let options = StoreOptions {
+            only_if_invalid: false,
+            durability: Durability::Synced,
+            background: false,
+            timeout: Some(self.target_timeout(record.id)),
+        };
+        let mut bytes = 0;
+        for group in tracks.chunks(target.step_tracks_max()) {
+            let images = group
+                .iter()
+                .map(|track| self.store.read_track_image(&source, *track))
+                .collect::<Result<Vec<_>>>()?;
+            bytes += images
+                .iter()
+                .map(|image| image.data.len() as u64)
+                .sum::<u64>();
+            let no_bits = images.iter().map(|_| Vec::new()).collect();
+            for stored in target.store(images, no_bits, options) {
+                stored?;
+            }
+        }
+        tracing::info!(session = record.id, target = %record.target, tracks = tracks.len(), bytes, "tracks sent again");
+        Ok((tracks.len() as u64, bytes))
+    }
+
     pub(super) fn registered(&self, volume: &str) -> Option<Registration> {
         self.registrations.lock().get(volume).cloned()
     }

@@ -1,7 +1,7 @@
 //! gsnap (issue 12, seed 003): one command copies a point-in-time image of a volume to a
 //! volume of another node, as a job the cluster drives to its end.
 
-use crate::common::wait_until;
+use crate::common::{wait_until, NodeProcess};
 use crate::sessions::{fill, json, read_all, refused, TwoNodes, TRACKS, TRACK_BYTES};
 
 /// FIG. 3 (no S'): S ends holding P's image of the instant the job snapped it, although
@@ -60,7 +60,13 @@ fn fig_3_a_gsnap_copies_the_image_of_its_instant_to_another_node() {
     // second was not activated when S was read.
     let seen = readiness("s");
     let shown = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
-    if shown["steps"][3]["started_unix_seconds"].is_null() {
+    let activation = shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|step| step["step"] == "activate")
+        .unwrap();
+    if activation["started_unix_seconds"].is_null() {
         assert_eq!(
             seen, "not-ready",
             "S went to its hosts before the activation"
@@ -86,6 +92,13 @@ fn fig_3_a_gsnap_copies_the_image_of_its_instant_to_another_node() {
             "{step}"
         );
     }
+    // The copy is proven: both nodes digested their own stored bytes, and they agree.
+    let rounds = report["verification"].as_array().unwrap();
+    assert_eq!(rounds.len(), 1, "{report}");
+    assert_eq!(rounds[0]["matched"], true);
+    assert_eq!(rounds[0]["source_digest"], rounds[0]["target_digest"]);
+    assert_eq!(rounds[0]["source_digest"].as_str().unwrap().len(), 64);
+    assert_eq!(rounds[0]["tracks"], TRACKS);
     assert_eq!(
         read_all(&beta, "s"),
         before,
@@ -160,4 +173,138 @@ fn fig_4_with_s_prime_only_the_named_extents_of_s_change_and_s_stays_online() {
         &target_before[half..],
         "S's other tracks keep what its host wrote"
     );
+}
+
+/// The state and the verification rounds of a job once it ended.
+fn run_to_end(alpha: &NodeProcess, certs: &std::path::Path, job: &str) -> serde_json::Value {
+    wait_until(120, "the job to end", || {
+        let shown = json(alpha, certs, &["gsnap", "show", job, "--json"]);
+        !matches!(shown["state"].as_str(), Some("running" | "stalled"))
+    });
+    json(alpha, certs, &["gsnap", "show", job, "--json"])
+}
+
+/// Verification: a track the target's disk stores corrupted (a test hook flips one of
+/// its bytes after the copy's checksums were checked) is found by the digests of the
+/// stored bytes, sent again, and the second round matches; S ends equal to P'.
+#[test]
+fn verification_finds_a_track_stored_corrupted_and_sends_it_again() {
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let (alpha, beta) = nodes.start_cluster_with(
+        &[("p", "alpha"), ("s", "beta")],
+        &[],
+        &[(
+            "FAILPOINTS",
+            "node::store::corrupt-copied-track=return(3:once)",
+        )],
+    );
+    fill(&alpha, "p", 5);
+    let before = read_all(&alpha, "p");
+    let started = json(&alpha, &certs, &["gsnap", "p", "p-mid", "s", "--json"]);
+    let job = started["job"].as_u64().unwrap().to_string();
+    let report = run_to_end(&alpha, &certs, &job);
+    assert_eq!(report["state"], "succeeded", "{report}");
+    let rounds = report["verification"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{report}");
+    assert_eq!(rounds[0]["matched"], false);
+    assert_eq!(rounds[0]["differing"], serde_json::json!([3]));
+    assert_eq!(rounds[0]["resent"], true);
+    assert_eq!(rounds[1]["matched"], true);
+    assert_eq!(rounds[0]["source_digest"], rounds[1]["source_digest"]);
+    assert_eq!(read_all(&beta, "s"), before, "S holds P's image");
+    // The text report says what was sent again.
+    let text = alpha.cli_ok(&certs, &["gsnap", "show", &job]);
+    assert!(text.contains("1 tracks differ (3), sent again"), "{text}");
+}
+
+/// A track stored corrupted every time it is sent: after the rounds allowed the job
+/// fails at its verification with `digest-mismatch`, ends its pair, and S (without S')
+/// stays not ready, as a partial copy must.
+#[test]
+fn a_track_corrupted_every_time_fails_the_job_with_digest_mismatch() {
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let (alpha, _beta) = nodes.start_cluster_with(
+        &[("p", "alpha"), ("s", "beta")],
+        &[],
+        &[("FAILPOINTS", "node::store::corrupt-copied-track=return(3)")],
+    );
+    fill(&alpha, "p", 5);
+    let started = json(&alpha, &certs, &["gsnap", "p", "p-mid", "s", "--json"]);
+    let job = started["job"].as_u64().unwrap().to_string();
+    let report = run_to_end(&alpha, &certs, &job);
+    assert_eq!(report["state"], "failed", "{report}");
+    assert_eq!(report["error"]["step"], "verify", "{report}");
+    assert_eq!(report["error"]["code"], "digest-mismatch", "{report}");
+    let detail = report["error"]["detail"].as_str().unwrap();
+    assert!(detail.contains("tracks 3"), "{detail}");
+    let rounds = report["verification"].as_array().unwrap();
+    assert_eq!(rounds.len(), protocol::gsnap::VERIFY_ROUNDS_MAX, "{report}");
+    assert!(rounds.iter().all(|round| round["matched"] == false));
+    assert_eq!(rounds.last().unwrap()["resent"], false);
+    assert!(json(&alpha, &certs, &["clone", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let volumes = json(&alpha, &certs, &["volume", "list", "--json"]);
+    let s = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|record| record["name"] == "s")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        s["readiness"], "not-ready",
+        "a partial S went to its hosts: {s}"
+    );
+}
+
+/// A partition between the nodes mid-copy: the job shows `stalled` with the reason
+/// once it has made no progress for the threshold, and completes when the partition
+/// heals, S holding P's image.
+#[test]
+fn a_gsnap_stalls_while_the_nodes_are_partitioned_and_completes_after() {
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let (alpha, beta) = nodes.start_cluster_with(
+        &[("p", "alpha"), ("s", "beta")],
+        &["--fault-injection"],
+        &[],
+    );
+    fill(&alpha, "p", 5);
+    let before = read_all(&alpha, "p");
+    let started = json(
+        &alpha,
+        &certs,
+        &["gsnap", "p", "p-mid", "s", "--rate", "1", "--json"],
+    );
+    let job = started["job"].as_u64().unwrap().to_string();
+    wait_until(30, "the copy to start", || {
+        let shown = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
+        shown["tracks_copied"].as_u64().unwrap_or(0) > 0
+    });
+    alpha.cli_ok(&certs, &["debug", "fault", "--peer", "beta", "--drop"]);
+    let mut stalled = serde_json::Value::Null;
+    wait_until(
+        protocol::gsnap::STALL_AFTER_SECONDS + 60,
+        "the job to show stalled",
+        || {
+            stalled = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
+            stalled["state"] == "stalled"
+        },
+    );
+    let reason = stalled["stalled"]["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("beta") || reason.contains("suspended"),
+        "{reason}"
+    );
+    let text = alpha.cli_ok(&certs, &["gsnap", "list"]);
+    assert!(text.contains("stalled: "), "{text}");
+    alpha.cli_ok(&certs, &["debug", "fault", "--peer", "beta"]);
+    let report = run_to_end(&alpha, &certs, &job);
+    assert_eq!(report["state"], "succeeded", "{report}");
+    assert!(report["stalled"].is_null());
+    assert_eq!(read_all(&beta, "s"), before, "S holds P's image");
 }

@@ -12,18 +12,18 @@ use crate::sessions::{fill, json, read_all};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-const MEMBERS: [&str; 3] = ["member-a", "member-b", "member-c"];
+pub(crate) const MEMBERS: [&str; 3] = ["member-a", "member-b", "member-c"];
 /// The member that leads first, and dies at the fail point.
-const LEADER: &str = MEMBERS[0];
+pub(crate) const LEADER: &str = MEMBERS[0];
 /// The member that holds the volumes (so their node survives the leader) and that the
 /// CLI talks to (it forwards to whichever member leads).
-const STORAGE: &str = MEMBERS[2];
-const FAIL_POINT: &str = "control-plane::session::after-node-call";
+pub(crate) const STORAGE: &str = MEMBERS[2];
+pub(crate) const FAIL_POINT: &str = "control-plane::session::after-node-call";
 /// Where the leader dies once a node answered an intent (a snap), before the answer is
 /// committed.
-const RESULT_FAIL_POINT: &str = "control-plane::saga::before-result-commit";
+pub(crate) const RESULT_FAIL_POINT: &str = "control-plane::saga::before-result-commit";
 /// Where the leader dies once an intent is committed, before its node is called.
-const INTENT_FAIL_POINT: &str = "control-plane::saga::after-intent-commit";
+pub(crate) const INTENT_FAIL_POINT: &str = "control-plane::saga::after-intent-commit";
 const EXIT_STATUS: i32 = 137;
 
 #[test]
@@ -45,10 +45,10 @@ fn the_binary_the_tests_spawn_has_fail_points() {
 
 /// Three members on fixed ports; the first leads and has the fail point armed for one
 /// command (`return(COMMAND)`).
-struct Trio {
+pub(crate) struct Trio {
     _directory: tempfile::TempDir,
-    certs: PathBuf,
-    nodes: BTreeMap<&'static str, NodeProcess>,
+    pub(crate) certs: PathBuf,
+    pub(crate) nodes: BTreeMap<&'static str, NodeProcess>,
 }
 
 impl Trio {
@@ -57,7 +57,7 @@ impl Trio {
     }
 
     /// [`Trio::start`] with the leader dying at fail point `place`.
-    fn start_at(place: &str, dying_command: &str) -> Trio {
+    pub(crate) fn start_at(place: &str, dying_command: &str) -> Trio {
         let directory = tempfile::tempdir().unwrap();
         let certs = init(directory.path(), &MEMBERS.join(","));
         let ports: Vec<u16> = MEMBERS.iter().map(|_| free_udp_port()).collect();
@@ -99,23 +99,25 @@ impl Trio {
         }
     }
 
-    fn storage(&self) -> &NodeProcess {
+    pub(crate) fn storage(&self) -> &NodeProcess {
         &self.nodes[STORAGE]
     }
 
-    fn cli_json(&self, arguments: &[&str]) -> serde_json::Value {
+    pub(crate) fn cli_json(&self, arguments: &[&str]) -> serde_json::Value {
         json(self.storage(), &self.certs, arguments)
     }
 
     fn create_volumes(&self, names: &[&str]) {
         for name in names {
-            self.storage().cli_ok(
-                &self.certs,
-                &[
-                    "volume", "create", name, "--node", STORAGE, "--size", "8MiB",
-                ],
-            );
+            self.create_volume_on(name, STORAGE);
         }
+    }
+
+    pub(crate) fn create_volume_on(&self, name: &str, node: &str) {
+        self.storage().cli_ok(
+            &self.certs,
+            &["volume", "create", name, "--node", node, "--size", "8MiB"],
+        );
     }
 
     /// Runs a session command through the storage member while the leader dies at the
@@ -127,7 +129,7 @@ impl Trio {
     }
 
     /// Waits for the leader to end at its fail point.
-    fn wait_for_the_leader_to_die(&mut self) {
+    pub(crate) fn wait_for_the_leader_to_die(&mut self) {
         let leader = self.nodes.get_mut(LEADER).unwrap();
         let mut status = None;
         wait_until(10, "the leader to end at the fail point", || {

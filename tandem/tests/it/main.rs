@@ -5,6 +5,7 @@ mod cluster;
 mod common;
 mod crash;
 mod gsnap;
+mod gsnap_crash;
 mod guards;
 mod idempotent;
 mod json;

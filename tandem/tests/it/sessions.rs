@@ -249,23 +249,40 @@ impl TwoNodes {
     }
 
     pub(crate) fn start_alpha(&self) -> NodeProcess {
+        self.start_alpha_with(&[])
+    }
+
+    fn start_alpha_with(&self, extra: &[&str]) -> NodeProcess {
+        let mut arguments = vec!["--control-plane"];
+        arguments.extend(extra);
         NodeProcess::start_with(
             &self.certs,
             "alpha",
             &self.directory.path().join("alpha"),
             None,
             self.alpha_port,
-            &["--control-plane"],
+            &arguments,
         )
     }
 
     /// Both nodes started, alpha the cluster's one member and beta registered, and each
     /// `(volume, node)` created with 8 MiB.
     pub(crate) fn start_cluster(&self, volumes: &[(&str, &str)]) -> (NodeProcess, NodeProcess) {
-        let alpha = self.start_alpha();
+        self.start_cluster_with(volumes, &[], &[])
+    }
+
+    /// [`TwoNodes::start_cluster`] with more arguments for alpha and environment
+    /// variables for beta (fault injection, fail points).
+    pub(crate) fn start_cluster_with(
+        &self,
+        volumes: &[(&str, &str)],
+        alpha_extra: &[&str],
+        beta_environment: &[(&str, &str)],
+    ) -> (NodeProcess, NodeProcess) {
+        let alpha = self.start_alpha_with(alpha_extra);
         alpha.cli_ok(&self.certs, &["cluster", "init"]);
         alpha.wait_registered(&self.certs, "alpha");
-        let beta = self.start_beta();
+        let beta = self.start_beta_with_environment(beta_environment);
         alpha.wait_registered(&self.certs, "beta");
         for (volume, node) in volumes {
             alpha.cli_ok(
@@ -277,14 +294,18 @@ impl TwoNodes {
     }
 
     pub(crate) fn start_beta(&self) -> NodeProcess {
+        self.start_beta_with_environment(&[])
+    }
+
+    fn start_beta_with_environment(&self, environment: &[(&str, &str)]) -> NodeProcess {
         let members = format!("127.0.0.1:{}", self.alpha_port);
-        NodeProcess::start_with(
+        NodeProcess::start_with_environment(
             &self.certs,
             "beta",
             &self.directory.path().join("beta"),
-            None,
             self.beta_port,
             &["--members", &members],
+            environment,
         )
     }
 }
