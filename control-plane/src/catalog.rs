@@ -12,7 +12,7 @@ use protocol::cluster::{
     VolumeRecord, VolumeState,
 };
 use protocol::gsnap::{GsnapJob, JobId, VerifyRound};
-use protocol::messages::{Readiness, VOLUME_NAME_BYTES_MAX};
+use protocol::messages::{Extent, Readiness, VOLUME_NAME_BYTES_MAX};
 use protocol::session::{next_state, SessionKind, SessionState, Transition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -265,7 +265,9 @@ impl Catalog {
     /// source): its node is being asked about it.
     fn refuse_intent_on(&self, volume: &str) -> Result<(), CatalogError> {
         let touching = self.intents.values().find(|intent| match &intent.call {
-            IntentCall::Snap { source, target, .. } => source == volume || target == volume,
+            IntentCall::Snap { source, target, .. } | IntentCall::SnapAt { source, target, .. } => {
+                source == volume || target == volume
+            }
         });
         match touching {
             Some(intent) => Err(CatalogError::IntentUnderWay {
@@ -446,6 +448,12 @@ impl Catalog {
                 target,
                 create,
                 ..
+            }
+            | IntentCall::SnapAt {
+                source,
+                target,
+                create,
+                ..
             } => {
                 let source_record = self.ready_volume(source, "snapped")?;
                 if source_record.node != intent.node {
@@ -529,7 +537,9 @@ impl Catalog {
             (&spec.target, &job.target_node, true),
         ];
         if let Some(target_intermediate) = &spec.target_intermediate {
-            placed.push((target_intermediate, &job.target_node, true));
+            // Made by the job when missing.
+            validate_name("volume name", target_intermediate, VOLUME_NAME_BYTES_MAX)?;
+            placed.push((target_intermediate, &job.target_node, false));
         }
         let source = self.ready_volume(&spec.source, "gsnapped")?.clone();
         for (volume, node, required) in placed {
@@ -566,26 +576,42 @@ impl Catalog {
         }
         protocol::gsnap::check_extents(&spec.source_extents, &spec.target_extents)
             .map_err(invalid)?;
-        if spec.source_extents != spec.target_extents {
-            return Err(invalid(
-                "P's and S's extents must be the same tracks for now (extents at other offsets are not supported yet)".into(),
-            ));
-        }
         let target = &self.volumes[&spec.target];
-        for (volume, record) in [(&spec.source, &source), (&spec.target, target)] {
-            let tracks = record.size_bytes / u64::from(record.track_size_bytes);
-            if let Some(extent) = spec
-                .source_extents
-                .iter()
-                .find(|extent| extent.last >= tracks)
-            {
+        let tracks_of =
+            |record: &VolumeRecord| record.size_bytes / u64::from(record.track_size_bytes);
+        // P's extents within P; S's within S (without them, P's tracks land on the same
+        // track numbers of S).
+        let target_extents = if spec.target_extents.is_empty() {
+            &spec.source_extents
+        } else {
+            &spec.target_extents
+        };
+        for (volume, record, extents) in [
+            (&spec.source, &source, &spec.source_extents),
+            (&spec.target, target, target_extents),
+        ] {
+            let tracks = tracks_of(record);
+            if let Some(extent) = extents.iter().find(|extent| extent.last >= tracks) {
                 return Err(invalid(format!(
                     "extent {extent} does not fit '{volume}', which has tracks 0-{}",
                     tracks.saturating_sub(1)
                 )));
             }
         }
-        if spec.source_extents.is_empty() && target.size_bytes < source.size_bytes {
+        let source_tracks = if spec.source_extents.is_empty() {
+            tracks_of(&source)
+        } else {
+            spec.source_extents.iter().map(Extent::track_count).sum()
+        };
+        if !spec.target_extents.is_empty() {
+            let target_tracks: u64 = spec.target_extents.iter().map(Extent::track_count).sum();
+            if target_tracks != source_tracks {
+                return Err(invalid(format!(
+                    "'{}' has {source_tracks} tracks to copy and the target's extents hold {target_tracks}: they must hold the same number",
+                    spec.source
+                )));
+            }
+        } else if spec.source_extents.is_empty() && target.size_bytes < source.size_bytes {
             return Err(invalid(format!(
                 "'{}' is smaller than '{}': name the extents to copy, or a larger target",
                 spec.target, spec.source
@@ -656,13 +682,21 @@ impl Catalog {
             return Ok(CatalogReply::Done);
         };
         match (&intent.call, result) {
-            (IntentCall::Snap { target, .. }, IntentResult::Snapped { .. }) => {
+            (
+                IntentCall::Snap { target, .. } | IntentCall::SnapAt { target, .. },
+                IntentResult::Snapped { .. },
+            ) => {
                 if let Some(volume) = self.volumes.get_mut(target) {
                     volume.state = VolumeState::Ready;
                 }
             }
             (
                 IntentCall::Snap {
+                    target,
+                    create: Some(_),
+                    ..
+                }
+                | IntentCall::SnapAt {
                     target,
                     create: Some(_),
                     ..
@@ -677,7 +711,10 @@ impl Catalog {
                     self.volumes.remove(target);
                 }
             }
-            (IntentCall::Snap { create: None, .. }, IntentResult::Refused { .. }) => {}
+            (
+                IntentCall::Snap { create: None, .. } | IntentCall::SnapAt { create: None, .. },
+                IntentResult::Refused { .. },
+            ) => {}
         }
         Ok(CatalogReply::IntentFinished(result.clone()))
     }

@@ -10,12 +10,14 @@
 //! node remembers by request id.
 
 use crate::catalog::Catalog;
-use protocol::cluster::{derived_request_id, IntentCall, IntentResult, NewVolume, RequestId};
+use protocol::cluster::{
+    derived_request_id, IntentCall, IntentResult, NewVolume, RequestId, VolumeState,
+};
 use protocol::gsnap::{
     digest_hex, GsnapJob, GsnapStep, JobError, JobState, Stall, RESEND_TRACKS_MAX,
     STALL_AFTER_SECONDS, VERIFY_ROUNDS_MAX,
 };
-use protocol::messages::ErrorCode;
+use protocol::messages::{ErrorCode, Extent};
 use protocol::session::{SessionCommand, SessionState};
 
 /// What the driver does next for a job.
@@ -37,6 +39,14 @@ pub enum Action {
     Session {
         request_id: RequestId,
         command: SessionCommand,
+    },
+    /// Make the volume the pair copies into (a missing S'), under `request_id`.
+    CreateVolume {
+        request_id: RequestId,
+        name: String,
+        node: String,
+        size_bytes: u64,
+        track_size_bytes: u32,
     },
     /// Read the pair's progress from its source node and record it in the job.
     PollPair,
@@ -65,6 +75,8 @@ pub enum Blocked {
         node: String,
         since_unix_seconds: Option<u64>,
     },
+    /// A volume of the job is still being made.
+    VolumeNotReady { volume: String },
 }
 
 /// The id of a step's node call: the same for every attempt of the job.
@@ -97,33 +109,72 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
         .session(pair_target)
         .filter(|entry| entry.source == job.spec.intermediate);
     match step {
-        GsnapStep::Snap => snap_step(
-            job,
-            catalog,
-            step,
-            &job.source_node,
-            IntentCall::Snap {
-                source: job.spec.source.clone(),
-                target: job.spec.intermediate.clone(),
-                extents: job.spec.source_extents.clone(),
-                // P' is the job's own intermediate: one that is not P's snapshot is
-                // refused by the node rather than overwritten.
-                overwrite: false,
-                create: catalog
-                    .volume(&job.spec.intermediate)
-                    .is_none()
-                    .then(|| {
-                        catalog.volume(&job.spec.source).map(|source| NewVolume {
-                            size_bytes: source.size_bytes,
-                            track_size_bytes: source.track_size_bytes,
-                        })
-                    })
-                    .flatten(),
+        GsnapStep::Snap => {
+            let Some((source_extents, target_extents)) = job_extents(job, catalog) else {
+                return Action::Fail(JobError {
+                    step,
+                    code: ErrorCode::NotFound,
+                    detail: format!("'{}' has left the catalog", job.spec.source),
+                });
+            };
+            let missing = catalog.volume(&job.spec.intermediate).is_none();
+            // P' is the job's own intermediate: one that is not P's snapshot is refused
+            // by the node rather than overwritten.
+            let call = if source_extents == target_extents {
+                IntentCall::Snap {
+                    source: job.spec.source.clone(),
+                    target: job.spec.intermediate.clone(),
+                    extents: job.spec.source_extents.clone(),
+                    overwrite: false,
+                    create: missing
+                        .then(|| geometry(catalog, &job.spec.source))
+                        .flatten(),
+                }
+            } else {
+                // P's tracks land on P' at S's track numbers (P' has S's geometry), so
+                // the pair, the verification and the target snap need no offsets.
+                IntentCall::SnapAt {
+                    source: job.spec.source.clone(),
+                    target: job.spec.intermediate.clone(),
+                    extents: source_extents,
+                    target_extents,
+                    overwrite: false,
+                    create: missing
+                        .then(|| geometry(catalog, &job.spec.target))
+                        .flatten(),
+                }
+            };
+            snap_step(job, catalog, step, &job.source_node, call)
+        }
+        GsnapStep::Pair => match (pair, catalog.volume(pair_target)) {
+            (Some(_), _) => Action::FinishStep(step),
+            // S' is made when missing, on S's node with S's geometry, under an id of the
+            // job's (a retry or a new leader asks for the same volume once).
+            (None, None) => match catalog.volume(&job.spec.target) {
+                Some(target) => on_nodes(
+                    catalog,
+                    &[&job.target_node],
+                    Action::CreateVolume {
+                        request_id: call_id(job, "create target intermediate"),
+                        name: pair_target.to_string(),
+                        node: job.target_node.clone(),
+                        size_bytes: target.size_bytes,
+                        track_size_bytes: target.track_size_bytes,
+                    },
+                ),
+                None => Action::Fail(JobError {
+                    step,
+                    code: ErrorCode::NotFound,
+                    detail: format!("'{}' has left the catalog", job.spec.target),
+                }),
             },
-        ),
-        GsnapStep::Pair => match pair {
-            Some(_) => Action::FinishStep(step),
-            None => on_nodes(
+            // Being made (its node was away when the job asked): the reconciler finishes it.
+            (None, Some(volume)) if volume.state != VolumeState::Ready => {
+                Action::Wait(Blocked::VolumeNotReady {
+                    volume: pair_target.to_string(),
+                })
+            }
+            (None, Some(_)) => on_nodes(
                 catalog,
                 &[&job.source_node, &job.target_node],
                 Action::Session {
@@ -132,7 +183,9 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
                         source: job.spec.intermediate.clone(),
                         target: pair_target.to_string(),
                         precopy: true,
-                        extents: job.spec.target_extents.clone(),
+                        extents: job_extents(job, catalog)
+                            .map(|(_, target)| target)
+                            .unwrap_or_default(),
                     },
                 },
             ),
@@ -180,7 +233,9 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
             IntentCall::Snap {
                 source: pair_target.to_string(),
                 target: job.spec.target.clone(),
-                extents: job.spec.target_extents.clone(),
+                extents: job_extents(job, catalog)
+                    .map(|(_, target)| target)
+                    .unwrap_or_default(),
                 // S is the volume the command names as the destination: its extents take
                 // P's image whatever they held.
                 overwrite: true,
@@ -188,6 +243,34 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
             },
         ),
     }
+}
+
+/// The tracks a job copies: P's (its extents, or all of P) and where they land on S (S's
+/// extents, or the same track numbers). `None` when P has left the catalog.
+pub fn job_extents(job: &GsnapJob, catalog: &Catalog) -> Option<(Vec<Extent>, Vec<Extent>)> {
+    let source = catalog.volume(&job.spec.source)?;
+    let source_extents = if job.spec.source_extents.is_empty() {
+        vec![Extent {
+            first: 0,
+            last: (source.size_bytes / u64::from(source.track_size_bytes)).saturating_sub(1),
+        }]
+    } else {
+        job.spec.source_extents.clone()
+    };
+    let target_extents = if job.spec.target_extents.is_empty() {
+        source_extents.clone()
+    } else {
+        job.spec.target_extents.clone()
+    };
+    Some((source_extents, target_extents))
+}
+
+/// The geometry of `volume`, for a volume made like it.
+fn geometry(catalog: &Catalog, volume: &str) -> Option<NewVolume> {
+    catalog.volume(volume).map(|record| NewVolume {
+        size_bytes: record.size_bytes,
+        track_size_bytes: record.track_size_bytes,
+    })
 }
 
 /// The verification: done when the last round's digests matched; failed when its

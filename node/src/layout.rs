@@ -25,6 +25,87 @@ pub enum ReferenceKind {
     Data { layer: u64 },
     /// The covered tracks read as zeros; nothing below shows through.
     Zero,
+    /// Blocks of the layer show through `shift` tracks away: view track `t` reads the
+    /// layer's track `t + shift` (a snap that lands a source's tracks at other track
+    /// numbers, as a gsnap with extents at other offsets does). The shift is the same
+    /// for every covered track, so trimming a reference keeps it. Appended last, so
+    /// volume records stored before it still decode.
+    DataShifted { layer: u64, shift: i64 },
+}
+
+impl ReferenceKind {
+    /// This kind seen from `by` tracks further on: a reference moved from view track `t`
+    /// to `t + by` still reads the same layer tracks.
+    fn moved(self, by: i64) -> ReferenceKind {
+        let (layer, shift) = match self {
+            ReferenceKind::Zero => return ReferenceKind::Zero,
+            ReferenceKind::Data { layer } => (layer, 0),
+            ReferenceKind::DataShifted { layer, shift } => (layer, shift),
+        };
+        match shift - by {
+            0 => ReferenceKind::Data { layer },
+            shift => ReferenceKind::DataShifted { layer, shift },
+        }
+    }
+}
+
+/// Source tracks `source_first..source_first + tracks` land on target tracks
+/// `target_first..target_first + tracks`, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackMap {
+    pub source_first: u64,
+    pub target_first: u64,
+    pub tracks: u64,
+}
+
+/// Each extent onto the same tracks.
+pub fn identity_map(extents: &[Extent]) -> Vec<TrackMap> {
+    extents
+        .iter()
+        .map(|extent| TrackMap {
+            source_first: extent.first,
+            target_first: extent.first,
+            tracks: extent.track_count(),
+        })
+        .collect()
+}
+
+/// The source's tracks in the order of its extents onto the target's in the order of
+/// its extents, split where either list's extents end; `None` when the two lists hold
+/// different numbers of tracks.
+pub fn map_extents(source: &[Extent], target: &[Extent]) -> Option<Vec<TrackMap>> {
+    let total = |extents: &[Extent]| extents.iter().map(Extent::track_count).sum::<u64>();
+    if total(source) != total(target) {
+        return None;
+    }
+    let mut map = Vec::new();
+    let (mut sources, mut targets) = (source.iter(), target.iter());
+    let (mut source_next, mut target_next) = (sources.next().copied(), targets.next().copied());
+    while let (Some(from), Some(to)) = (source_next, target_next) {
+        let tracks = from.track_count().min(to.track_count());
+        map.push(TrackMap {
+            source_first: from.first,
+            target_first: to.first,
+            tracks,
+        });
+        source_next = if tracks == from.track_count() {
+            sources.next().copied()
+        } else {
+            Some(Extent {
+                first: from.first + tracks,
+                last: from.last,
+            })
+        };
+        target_next = if tracks == to.track_count() {
+            targets.next().copied()
+        } else {
+            Some(Extent {
+                first: to.first + tracks,
+                last: to.last,
+            })
+        };
+    }
+    Some(map)
 }
 
 /// One entry of a view: tracks `first_track..=last_track` resolve through `kind`.
@@ -58,7 +139,7 @@ impl LayerReference {
 
     pub fn layer(&self) -> Option<u64> {
         match self.kind {
-            ReferenceKind::Data { layer } => Some(layer),
+            ReferenceKind::Data { layer } | ReferenceKind::DataShifted { layer, .. } => Some(layer),
             ReferenceKind::Zero => None,
         }
     }
@@ -105,6 +186,29 @@ pub fn snap_views(
     source_track_count: u64,
     target_track_count: u64,
 ) -> (Vec<LayerReference>, Vec<LayerReference>) {
+    snap_views_mapped(
+        source,
+        target,
+        &identity_map(extents),
+        new_source_top,
+        new_target_top,
+        source_track_count,
+        target_track_count,
+    )
+}
+
+/// [`snap_views`] with the source's tracks landing where `map` says on the target (every
+/// segment within both volumes, the target's segments not overlapping): the target's
+/// references to the source's layers are moved to the target's track numbers.
+pub fn snap_views_mapped(
+    source: &[LayerReference],
+    target: &[LayerReference],
+    map: &[TrackMap],
+    new_source_top: u64,
+    new_target_top: u64,
+    source_track_count: u64,
+    target_track_count: u64,
+) -> (Vec<LayerReference>, Vec<LayerReference>) {
     let mut new_source = Vec::with_capacity(source.len() + 1);
     new_source.push(LayerReference::data(
         new_source_top,
@@ -121,20 +225,26 @@ pub fn snap_views(
         target_track_count - 1,
     )];
     for reference in source {
-        for extent in extents {
-            let first = reference.first_track.max(extent.first);
-            let last = reference.last_track.min(extent.last);
+        for segment in map {
+            let source_last = segment.source_first + segment.tracks - 1;
+            let first = reference.first_track.max(segment.source_first);
+            let last = reference.last_track.min(source_last);
             if first <= last {
+                // Track numbers fit in i64: volumes hold far fewer than 2^63 tracks.
+                let by = segment.target_first as i64 - segment.source_first as i64;
                 new_target.push(LayerReference {
-                    kind: reference.kind,
-                    first_track: first,
-                    last_track: last,
+                    kind: reference.kind.moved(by),
+                    first_track: first.wrapping_add_signed(by),
+                    last_track: last.wrapping_add_signed(by),
                 });
             }
         }
     }
-    for extent in extents {
-        new_target.push(LayerReference::zero(extent.first, extent.last));
+    for segment in map {
+        new_target.push(LayerReference::zero(
+            segment.target_first,
+            segment.target_first + segment.tracks - 1,
+        ));
     }
     new_target.extend_from_slice(target);
     (new_source, prune(new_target))
@@ -239,7 +349,7 @@ mod tests {
             match reference.kind {
                 ReferenceKind::Zero => return None,
                 ReferenceKind::Data { layer } if holds(layer, track) => return Some(layer),
-                ReferenceKind::Data { .. } => {}
+                ReferenceKind::Data { .. } | ReferenceKind::DataShifted { .. } => {}
             }
         }
         None
@@ -341,6 +451,82 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn extents_pair_in_order_split_where_either_ends() {
+        let extent = |first, last| Extent { first, last };
+        assert_eq!(
+            map_extents(&[extent(0, 9)], &[extent(100, 103), extent(200, 205)]),
+            Some(vec![
+                TrackMap {
+                    source_first: 0,
+                    target_first: 100,
+                    tracks: 4
+                },
+                TrackMap {
+                    source_first: 4,
+                    target_first: 200,
+                    tracks: 6
+                },
+            ])
+        );
+        assert_eq!(map_extents(&[extent(0, 9)], &[extent(0, 8)]), None);
+    }
+
+    /// The layer track a view track reads through its first covering reference.
+    fn layer_track(view: &[LayerReference], track: u64) -> Option<(u64, u64)> {
+        view.iter()
+            .find(|reference| reference.covers(track))
+            .and_then(|reference| match reference.kind {
+                ReferenceKind::Zero => None,
+                ReferenceKind::Data { layer } => Some((layer, track)),
+                ReferenceKind::DataShifted { layer, shift } => {
+                    Some((layer, track.wrapping_add_signed(shift)))
+                }
+            })
+    }
+
+    #[test]
+    fn a_mapped_snap_lands_the_source_tracks_at_the_target_offset_and_composes() {
+        // Source tracks 10-19 land on target tracks 50-59 of a larger target.
+        let source = new_view(1, 100);
+        let target = new_view(2, 200);
+        let map = [TrackMap {
+            source_first: 10,
+            target_first: 50,
+            tracks: 10,
+        }];
+        let (_, target_view) = snap_views_mapped(&source, &target, &map, 3, 4, 100, 200);
+        // Under the target's top (4): track 55 reads the source's old layer 1 at track 15.
+        let below_top = &target_view[1..];
+        assert_eq!(layer_track(below_top, 55), Some((1, 15)));
+        assert_eq!(layer_track(below_top, 50), Some((1, 10)));
+        assert_eq!(
+            layer_track(below_top, 60),
+            Some((2, 60)),
+            "outside, the old target"
+        );
+        // Snapped on again at another offset (50 → 0), the shift composes: track 5 reads
+        // layer 1's track 15.
+        let further = new_view(5, 200);
+        let back = [TrackMap {
+            source_first: 50,
+            target_first: 0,
+            tracks: 10,
+        }];
+        let (_, composed) = snap_views_mapped(&target_view, &further, &back, 6, 7, 200, 200);
+        assert_eq!(
+            layer_track(&composed[1..], 5),
+            Some((4, 55)),
+            "the target's own top first"
+        );
+        let without_top: Vec<LayerReference> = composed[1..]
+            .iter()
+            .filter(|reference| reference.layer() != Some(4))
+            .copied()
+            .collect();
+        assert_eq!(layer_track(&without_top, 5), Some((1, 15)));
     }
 
     #[test]

@@ -53,13 +53,23 @@ pub enum NodeCall {
         extents: Vec<Extent>,
         overwrite: bool,
     },
+    /// A snap landing the source's extents on other tracks of the target (appended, so
+    /// answers remembered before it still decode).
+    SnapAt {
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+        target_extents: Vec<Extent>,
+        overwrite: bool,
+        target_size_bytes: Option<u64>,
+    },
 }
 
 impl NodeCall {
     pub fn name(&self) -> &'static str {
         match self {
             NodeCall::Session(command) => command.name(),
-            NodeCall::Snap { .. } => "snap",
+            NodeCall::Snap { .. } | NodeCall::SnapAt { .. } => "snap",
         }
     }
 }

@@ -116,6 +116,7 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
         | Request::VolumeDelete { .. }
         | Request::VolumeSetReadiness { .. }
         | Request::Snap { .. }
+        | Request::SnapAt { .. }
             if !from_node =>
         {
             // Volumes change through the catalog only, so that it stays the truth.
@@ -218,33 +219,48 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
             extents,
             overwrite,
         } => {
-            let sessions = service.sessions.clone();
-            let requests = service.requests.clone();
-            blocking(move || {
-                let call = NodeCall::Snap {
-                    source: source.clone(),
-                    target: target.clone(),
-                    extents: extents.clone(),
-                    overwrite,
-                };
-                let answer = requests.carry_out_call(request_id, &call, || {
-                    snap(&sessions, &source, &target, &extents, overwrite)
-                })?;
-                match answer {
-                    NodeAnswer::Snapped {
-                        target_info,
-                        elapsed_micros,
-                    } => Ok(Response::Snapped {
-                        source,
-                        target,
-                        extents,
-                        elapsed_micros,
-                        target_info,
-                    }),
-                    answer => Err(wrong_answer(request_id, &call, &answer)),
-                }
-            })
-            .await
+            let call = NodeCall::Snap {
+                source: source.clone(),
+                target: target.clone(),
+                extents: extents.clone(),
+                overwrite,
+            };
+            let order = SnapOrder {
+                source,
+                target,
+                extents,
+                target_extents: Vec::new(),
+                overwrite,
+                target_size_bytes: None,
+            };
+            serve_snap(&service, request_id, call, order).await
+        }
+        Request::SnapAt {
+            request_id,
+            source,
+            target,
+            extents,
+            target_extents,
+            overwrite,
+            target_size_bytes,
+        } => {
+            let call = NodeCall::SnapAt {
+                source: source.clone(),
+                target: target.clone(),
+                extents: extents.clone(),
+                target_extents: target_extents.clone(),
+                overwrite,
+                target_size_bytes,
+            };
+            let order = SnapOrder {
+                source,
+                target,
+                extents,
+                target_extents,
+                overwrite,
+                target_size_bytes,
+            };
+            serve_snap(&service, request_id, call, order).await
         }
         Request::SessionAnswer { .. } if !from_node => refuse(
             ErrorCode::Forbidden,
@@ -588,7 +604,7 @@ fn request_kind(request: &Request) -> &'static str {
         Request::VolumeShow { .. } => "volume_show",
         Request::VolumeDelete { .. } => "volume_delete",
         Request::VolumeSetReadiness { .. } => "volume_set_readiness",
-        Request::Snap { .. } => "snap",
+        Request::Snap { .. } | Request::SnapAt { .. } => "snap",
         Request::NodeStatus => "node_status",
         Request::Cluster { .. } => "cluster",
         Request::Heartbeat { .. } => "heartbeat",
@@ -605,20 +621,58 @@ fn request_kind(request: &Request) -> &'static str {
     }
 }
 
+/// What a snap request asks, whichever request carried it.
+struct SnapOrder {
+    source: String,
+    target: String,
+    extents: Vec<protocol::messages::Extent>,
+    target_extents: Vec<protocol::messages::Extent>,
+    overwrite: bool,
+    target_size_bytes: Option<u64>,
+}
+
+/// Carries out a snap once per request id (a retry gets the first answer, the image of
+/// the first instant) and answers it.
+async fn serve_snap<E: Engine>(
+    service: &Arc<Service<E>>,
+    request_id: protocol::cluster::RequestId,
+    call: NodeCall,
+    order: SnapOrder,
+) -> Response {
+    let sessions = service.sessions.clone();
+    let requests = service.requests.clone();
+    blocking(move || {
+        let answer = requests.carry_out_call(request_id, &call, || snap(&sessions, &order))?;
+        match answer {
+            NodeAnswer::Snapped {
+                target_info,
+                elapsed_micros,
+            } => Ok(Response::Snapped {
+                source: order.source,
+                target: order.target,
+                extents: order.extents,
+                elapsed_micros,
+                target_info,
+            }),
+            answer => Err(wrong_answer(request_id, &call, &answer)),
+        }
+    })
+    .await
+}
+
 /// A pointer snapshot of `source` into `target`, refused when the target is in a copy
 /// session.
-fn snap<E: Engine>(
-    sessions: &Sessions<E>,
-    source: &str,
-    target: &str,
-    extents: &[protocol::messages::Extent],
-    overwrite: bool,
-) -> Result<NodeAnswer> {
-    check_not_in_session(sessions, target, "overwritten by a snap")?;
+fn snap<E: Engine>(sessions: &Sessions<E>, order: &SnapOrder) -> Result<NodeAnswer> {
+    check_not_in_session(sessions, &order.target, "overwritten by a snap")?;
     let started = Instant::now();
-    let (target_volume, _created) = sessions
-        .store()
-        .snap_guarded(source, target, extents, overwrite)?;
+    let (target_volume, _created) = sessions.store().snap_mapped(
+        &order.source,
+        &order.target,
+        &order.extents,
+        &order.target_extents,
+        order.overwrite,
+        order.target_size_bytes,
+    )?;
     Ok(NodeAnswer::Snapped {
         target_info: target_volume.info(),
         elapsed_micros: started.elapsed().as_micros() as u64,

@@ -739,6 +739,22 @@ impl<E: Engine> VolumeStore<E> {
         extents: &[Extent],
         overwrite: bool,
     ) -> Result<(Arc<Volume>, bool)> {
+        self.snap_mapped(source, target, extents, &[], overwrite, None)
+    }
+
+    /// [`VolumeStore::snap_guarded`] with the source's `extents` landing, in order, on the
+    /// target's `target_extents` (empty: the same tracks), and a target made by the snap
+    /// `target_size_bytes` large (default: the source's size). Each list must be in
+    /// increasing track order without overlaps when the two differ.
+    pub fn snap_mapped(
+        &self,
+        source: &str,
+        target: &str,
+        extents: &[Extent],
+        target_extents: &[Extent],
+        overwrite: bool,
+        target_size_bytes: Option<u64>,
+    ) -> Result<(Arc<Volume>, bool)> {
         let refuse = |reason: String| Error::SnapRefused {
             source_name: source.to_string(),
             target: target.to_string(),
@@ -765,10 +781,59 @@ impl<E: Engine> VolumeStore<E> {
                 )));
             }
         }
+        let mapped = !target_extents.is_empty() && target_extents != extents;
+        let target_size_bytes = match &existing_target {
+            Some(volume) => volume.size_bytes,
+            None => target_size_bytes.unwrap_or(source_volume.size_bytes),
+        };
+        if existing_target.is_none()
+            && extents.is_empty()
+            && target_size_bytes != source_volume.size_bytes
+        {
+            return Err(refuse(format!(
+                "sizes differ ({} and {target_size_bytes} bytes); name extents to snap part of it",
+                source_volume.size_bytes
+            )));
+        }
+        if existing_target.is_none() {
+            protocol::messages::check_geometry(target_size_bytes, source_volume.track_size_bytes)
+                .map_err(|detail| Error::VolumeSizeInvalid {
+                name: target.to_string(),
+                reason: detail,
+            })?;
+        }
+        let target_track_count = target_size_bytes / u64::from(source_volume.track_size_bytes);
+        let fits_target = |extent: &Extent| {
+            if extent.first > extent.last || extent.last >= target_track_count {
+                return Err(Error::ExtentOutOfRange {
+                    name: target.to_string(),
+                    extent: *extent,
+                    last_track: target_track_count.saturating_sub(1),
+                });
+            }
+            Ok(())
+        };
         for extent in extents {
             source_volume.check_extent(*extent)?;
-            if let Some(target_volume) = &existing_target {
-                target_volume.check_extent(*extent)?;
+            if !mapped {
+                fits_target(extent)?;
+            }
+        }
+        if mapped {
+            if extents.is_empty() {
+                return Err(refuse(
+                    "name the source's extents to land them on other tracks".to_string(),
+                ));
+            }
+            for extent in target_extents {
+                fits_target(extent)?;
+            }
+            for (what, list) in [("source's", extents), ("target's", target_extents)] {
+                if list.windows(2).any(|pair| pair[1].first <= pair[0].last) {
+                    return Err(refuse(format!(
+                        "the {what} extents must be in increasing track order without overlaps"
+                    )));
+                }
             }
         }
         // Checked once the pair is known to fit: a snap onto an existing volume replaces
@@ -796,10 +861,17 @@ impl<E: Engine> VolumeStore<E> {
                 });
             }
         }
-        let extents = if extents.is_empty() {
-            vec![source_volume.whole()]
+        let map = if mapped {
+            layout::map_extents(extents, target_extents).ok_or_else(|| {
+                refuse(
+                    "the source's and the target's extents hold different numbers of tracks"
+                        .to_string(),
+                )
+            })?
+        } else if extents.is_empty() {
+            layout::identity_map(&[source_volume.whole()])
         } else {
-            layout::normalize_extents(extents)
+            layout::identity_map(&layout::normalize_extents(extents))
         };
 
         let started = Instant::now();
@@ -813,7 +885,7 @@ impl<E: Engine> VolumeStore<E> {
                 let volume = Arc::new(Volume {
                     id: catalog.next_volume,
                     name: target.to_string(),
-                    size_bytes: source_volume.size_bytes,
+                    size_bytes: target_size_bytes,
                     track_size_bytes: source_volume.track_size_bytes,
                     created_unix_seconds: now_unix_seconds(),
                     readiness: AtomicU8::new(readiness_code(Readiness::Ready)),
@@ -837,10 +909,10 @@ impl<E: Engine> VolumeStore<E> {
             let first = target_volume.state.write();
             (source_volume.state.write(), first)
         };
-        let (new_source_view, new_target_view) = layout::snap_views(
+        let (new_source_view, new_target_view) = layout::snap_views_mapped(
             &source_state.view,
             &target_state.view,
-            &extents,
+            &map,
             new_source_top,
             new_target_top,
             source_volume.track_count(),
@@ -922,6 +994,7 @@ impl<E: Engine> VolumeStore<E> {
             target,
             created,
             extents = extents.len(),
+            mapped,
             "snapshot taken"
         );
         Ok((target_volume, created))
@@ -967,17 +1040,21 @@ impl<E: Engine> VolumeStore<E> {
             if covered.is_empty() {
                 continue;
             }
-            let layer = match reference.kind {
+            let (layer, shift) = match reference.kind {
                 // Zeros are already in the buffer; these blocks are settled.
                 ReferenceKind::Zero => {
                     pending = rest;
                     continue;
                 }
-                ReferenceKind::Data { layer } => layer,
+                ReferenceKind::Data { layer } => (layer, 0),
+                ReferenceKind::DataShifted { layer, shift } => (layer, shift),
             };
+            // The block of the layer this view block reads: whole tracks away.
+            let layer_block =
+                |block: u64| block.wrapping_add_signed(shift * blocks_per_track as i64);
             let keys: Vec<Vec<u8>> = covered
                 .iter()
-                .map(|block| block_key(layer, *block))
+                .map(|block| block_key(layer, layer_block(*block)))
                 .collect();
             let mut still_pending = rest;
             self.engine
@@ -989,7 +1066,7 @@ impl<E: Engine> VolumeStore<E> {
                     };
                     let address = BlockAddress {
                         layer,
-                        track: block / blocks_per_track,
+                        track: layer_block(block) / blocks_per_track,
                         block_in_track: (block % blocks_per_track) as u32,
                     };
                     match track::verify(stored, address) {

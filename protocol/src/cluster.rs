@@ -222,20 +222,32 @@ pub enum IntentCall {
         overwrite: bool,
         create: Option<NewVolume>,
     },
+    /// [`IntentCall::Snap`] with `source`'s `extents` landing, in order, on `target`'s
+    /// `target_extents` (a gsnap whose extents start elsewhere on S; appended, so logs
+    /// and snapshots written before it still decode). A created target has `create`'s
+    /// geometry.
+    SnapAt {
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+        target_extents: Vec<Extent>,
+        overwrite: bool,
+        create: Option<NewVolume>,
+    },
 }
 
 impl IntentCall {
     /// The volume the intent works on; one intent at a time per volume.
     pub fn owner(&self) -> &str {
         match self {
-            IntentCall::Snap { target, .. } => target,
+            IntentCall::Snap { target, .. } | IntentCall::SnapAt { target, .. } => target,
         }
     }
 
     /// The call's name, for logs and fail points.
     pub fn name(&self) -> &'static str {
         match self {
-            IntentCall::Snap { .. } => "snap",
+            IntentCall::Snap { .. } | IntentCall::SnapAt { .. } => "snap",
         }
     }
 }

@@ -237,6 +237,18 @@ pub enum Request {
         extents: Vec<Extent>,
         group_tracks: u64,
     },
+    /// [`Request::Snap`] with `source`'s `extents` landing, in order, on `target`'s
+    /// `target_extents`, and a target the snap makes `target_size_bytes` large (default:
+    /// the source's size). Carried out at most once per request id, as a snap.
+    SnapAt {
+        request_id: crate::cluster::RequestId,
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+        target_extents: Vec<Extent>,
+        overwrite: bool,
+        target_size_bytes: Option<u64>,
+    },
     /// Sends `tracks` of the clone session whose destination is `target` again, from the
     /// session's source on this node (a gsnap's verification found them differing; from
     /// the control plane's leader only). Storing the same image twice changes nothing, so

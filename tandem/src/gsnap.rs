@@ -28,11 +28,13 @@ pub struct GsnapArguments {
     #[arg(required = true)]
     intermediate: Option<String>,
     /// TARGET[:EXTENTS]: the volume that receives the image (S), on any node, and its
-    /// tracks that do (the same tracks as SRC's, for now).
+    /// tracks that do: SRC's tracks land on them in order, wherever they start (default:
+    /// the same track numbers as SRC's). Both lists must hold as many tracks.
     #[arg(required = true, value_name = "TARGET[:EXTENTS]")]
     target: Option<String>,
-    /// An intermediate volume on TARGET's node (S'): TARGET stays with its hosts during the
-    /// copy and only its extents change, at one instant, at the end.
+    /// An intermediate volume on TARGET's node (S'), made with TARGET's size when missing:
+    /// TARGET stays with its hosts during the copy and only its extents change, at one
+    /// instant, at the end.
     #[arg(long)]
     target_intermediate: Option<String>,
     /// Copy rate limit, MiB/s (default: the node's QoS).

@@ -314,7 +314,37 @@ impl ControlPlane {
                     .unwrap_or_default();
                 return Ok(Next::Wait(format!("node {node} unreachable{since}")));
             }
+            Action::Wait(Blocked::VolumeNotReady { volume }) => {
+                return Ok(Next::Wait(format!("'{volume}' is being made on its node")));
+            }
             Action::Verify { round } => return self.verify_round(job, round).await,
+            Action::CreateVolume {
+                request_id,
+                name,
+                node,
+                size_bytes,
+                track_size_bytes,
+            } => {
+                match self
+                    .volume_create(request_id, &name, &node, size_bytes, track_size_bytes)
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(job = job.id, volume = %name, %node, "gsnap made its target intermediate");
+                        return Ok(Next::Continue);
+                    }
+                    Err(refusal) if refusal.code == ErrorCode::Unavailable => {
+                        return Ok(Next::Wait(refusal.message))
+                    }
+                    Err(refusal) => {
+                        job.error = Some(JobError {
+                            step: GsnapStep::Pair,
+                            code: refusal.code,
+                            detail: refusal.message,
+                        });
+                    }
+                }
+            }
             Action::StartStep(step) => {
                 job.step_mut(step).started_unix_seconds = Some(now);
                 tracing::info!(job = job.id, %step, "gsnap step started");
@@ -430,13 +460,17 @@ impl ControlPlane {
     /// are too many), and the round is recorded. A node that does not answer makes the
     /// job wait; one that refuses fails it.
     async fn verify_round(&self, job: GsnapJob, round: u32) -> Outcome<Next> {
-        let Some(extents) = self.catalog.read(|catalog| verified_extents(&job, catalog)) else {
+        // P' holds P's tracks at S's track numbers: both sides digest S's.
+        let Some((_, extents)) = self
+            .catalog
+            .read(|catalog| crate::gsnap::job_extents(&job, catalog))
+        else {
             return Ok(Next::Wait(format!(
                 "'{}' is not in the catalog",
                 job.spec.source
             )));
         };
-        let (source_extents, target_extents) = extents;
+        let (source_extents, target_extents) = (extents.clone(), extents);
         let tracks: u64 = source_extents.iter().map(Extent::track_count).sum();
         let group_tracks = digest_group_tracks(tracks);
         let digests = tokio::join!(
@@ -640,29 +674,6 @@ impl ControlPlane {
             )),
         }
     }
-}
-
-/// The tracks a job copied, on each side: P''s (P's extents, or all of P) and the
-/// target's (S's extents, or the same tracks). `None` when P has left the catalog.
-fn verified_extents(
-    job: &GsnapJob,
-    catalog: &crate::catalog::Catalog,
-) -> Option<(Vec<Extent>, Vec<Extent>)> {
-    let source = catalog.volume(&job.spec.source)?;
-    let source_extents = if job.spec.source_extents.is_empty() {
-        vec![Extent {
-            first: 0,
-            last: (source.size_bytes / u64::from(source.track_size_bytes)).saturating_sub(1),
-        }]
-    } else {
-        job.spec.source_extents.clone()
-    };
-    let target_extents = if job.spec.target_extents.is_empty() {
-        source_extents.clone()
-    } else {
-        job.spec.target_extents.clone()
-    };
-    Some((source_extents, target_extents))
 }
 
 /// Why a pair that did not move waits, from its source node's view of it.

@@ -97,6 +97,22 @@ impl ControlPlane {
                 // A target made by this snap is empty: nothing to lose.
                 overwrite: *overwrite || create.is_some(),
             },
+            IntentCall::SnapAt {
+                source,
+                target,
+                extents,
+                target_extents,
+                overwrite,
+                create,
+            } => Request::SnapAt {
+                request_id: id,
+                source: source.clone(),
+                target: target.clone(),
+                extents: extents.clone(),
+                target_extents: target_extents.clone(),
+                overwrite: *overwrite || create.is_some(),
+                target_size_bytes: create.as_ref().map(|new| new.size_bytes),
+            },
         };
         let result = match self.call(&intent.node, &address, request).await {
             Ok(Response::Snapped {

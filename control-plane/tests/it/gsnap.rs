@@ -520,13 +520,21 @@ fn the_catalog_records_a_job_only_when_its_volumes_and_nodes_fit_and_holds_its_v
     let mut elsewhere = job(None);
     elsewhere.target_node = "a1".into();
     assert!(refused(&mut cluster, elsewhere).is_err(), "S is on b1");
-    let mut shifted = job(None);
-    shifted.spec.target_extents = vec![Extent {
+    let mut mismatched = job(None);
+    mismatched.spec.target_extents = vec![Extent {
         first: 16,
-        last: 31,
+        last: 30,
     }];
-    let error = refused(&mut cluster, shifted).unwrap_err().to_string();
-    assert!(error.contains("not supported yet"), "{error}");
+    let error = refused(&mut cluster, mismatched).unwrap_err().to_string();
+    assert!(error.contains("same number"), "{error}");
+    let tracks = GIB / u64::from(TRACK);
+    let mut beyond = job(None);
+    beyond.spec.target_extents = vec![Extent {
+        first: tracks - 8,
+        last: tracks + 7,
+    }];
+    let error = refused(&mut cluster, beyond).unwrap_err().to_string();
+    assert!(error.contains("does not fit"), "{error}");
     assert!(cluster.catalog.jobs().next().is_none(), "nothing recorded");
 
     let reply = refused(&mut cluster, job(None)).expect("a job that fits");
@@ -747,4 +755,90 @@ fn a_job_is_stalled_only_after_the_threshold_without_progress() {
         round: round(1, false, &[9], true),
     });
     assert_ne!(progress_mark(&job, &cluster.catalog), before);
+}
+
+#[test]
+fn a_missing_s_prime_is_made_on_s_node_with_s_geometry_before_the_pair() {
+    let mut cluster = Cluster::new();
+    let job = at(cluster.record(job(Some("s-new"))), GsnapStep::Pair);
+    let request_id = call_id(&job, "create target intermediate");
+    assert_eq!(
+        plan(&job, &cluster.catalog),
+        Action::CreateVolume {
+            request_id,
+            name: "s-new".into(),
+            node: "b1".into(),
+            size_bytes: GIB,
+            track_size_bytes: TRACK,
+        }
+    );
+    // While its node makes it, the job waits; once ready, the pair copies into it.
+    cluster.apply(Command::VolumeCreateBegin {
+        name: "s-new".into(),
+        node: "b1".into(),
+        size_bytes: GIB,
+        track_size_bytes: TRACK,
+    });
+    assert_eq!(
+        plan(&job, &cluster.catalog),
+        Action::Wait(Blocked::VolumeNotReady {
+            volume: "s-new".into()
+        })
+    );
+    cluster.apply(Command::VolumeCreateFinish {
+        name: "s-new".into(),
+    });
+    assert!(matches!(
+        plan(&job, &cluster.catalog),
+        Action::Session {
+            command: SessionCommand::CloneCreate { ref target, .. },
+            ..
+        } if target == "s-new"
+    ));
+}
+
+#[test]
+fn extents_at_another_offset_snap_p_onto_p_prime_at_s_track_numbers() {
+    let mut cluster = Cluster::new();
+    let mut shifted = job(None);
+    shifted.spec.target_extents = vec![
+        Extent {
+            first: 100,
+            last: 103,
+        },
+        Extent {
+            first: 200,
+            last: 211,
+        },
+    ];
+    let job = at(cluster.record(shifted), GsnapStep::Snap);
+    let Action::BeginIntent { call, .. } = plan(&job, &cluster.catalog) else {
+        panic!("the snap step begins no intent");
+    };
+    assert_eq!(
+        call,
+        IntentCall::SnapAt {
+            source: "p".into(),
+            target: "p-mid".into(),
+            extents: extents(),
+            target_extents: job.spec.target_extents.clone(),
+            overwrite: false,
+            // P' takes S's geometry, so the pair copies without offsets.
+            create: Some(NewVolume {
+                size_bytes: GIB,
+                track_size_bytes: TRACK,
+            }),
+        }
+    );
+    // The pair copies S's extents.
+    let at_pair = at(job.clone(), GsnapStep::Pair);
+    cluster.begin(&job, GsnapStep::Snap, "a1", call);
+    cluster.finish(call_id(&job, "snap"), snapped());
+    assert!(matches!(
+        plan(&at_pair, &cluster.catalog),
+        Action::Session {
+            command: SessionCommand::CloneCreate { ref extents, .. },
+            ..
+        } if *extents == at_pair.spec.target_extents
+    ));
 }

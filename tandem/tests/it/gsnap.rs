@@ -116,14 +116,15 @@ fn fig_3_a_gsnap_copies_the_image_of_its_instant_to_another_node() {
     assert_eq!(listed.as_array().unwrap().len(), 1);
 }
 
-/// FIG. 4 (with S'): the pair copies into S' on S's node while S stays with its hosts;
-/// at the end only S's named extents hold P's image, and its other tracks keep what its
-/// host wrote.
+/// FIG. 4 (with S'): the pair copies into S' on S's node (made by the job, as it did not
+/// exist) while S stays with its hosts; at the end only S's named extents hold P's image,
+/// and its other tracks keep what its host wrote.
 #[test]
 fn fig_4_with_s_prime_only_the_named_extents_of_s_change_and_s_stays_online() {
     let nodes = TwoNodes::new();
     let certs = nodes.certs.clone();
-    let (alpha, beta) = nodes.start_cluster(&[("p", "alpha"), ("s", "beta"), ("s-mid", "beta")]);
+    // S' does not exist: the job makes it on S's node.
+    let (alpha, beta) = nodes.start_cluster(&[("p", "alpha"), ("s", "beta")]);
     fill(&alpha, "p", 5);
     fill(&beta, "s", 77);
     let source = read_all(&alpha, "p");
@@ -162,6 +163,8 @@ fn fig_4_with_s_prime_only_the_named_extents_of_s_change_and_s_stays_online() {
     });
     let report = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
     assert_eq!(report["state"], "succeeded", "{report}");
+    let made = json(&alpha, &certs, &["volume", "show", "s-mid", "--json"]);
+    assert_eq!(made["node"], "beta", "{made}");
     let target = read_all(&beta, "s");
     assert_eq!(
         &target[..half],
@@ -307,4 +310,85 @@ fn a_gsnap_stalls_while_the_nodes_are_partitioned_and_completes_after() {
     assert_eq!(report["state"], "succeeded", "{report}");
     assert!(report["stalled"].is_null());
     assert_eq!(read_all(&beta, "s"), before, "S holds P's image");
+}
+
+/// Extents at other offsets: P's tracks land on S's extents in order wherever those
+/// start — FIG. 3 (no S') with P's tracks 0-31 on S's 64-95, then FIG. 4 (S' made by
+/// the job) with P's tracks 32-47 on S's 100-107 and 120-127. S's other tracks keep what
+/// they held; extents of different sizes are refused with nothing made.
+#[test]
+fn extents_at_other_offsets_land_in_order() {
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let (alpha, beta) = nodes.start_cluster(&[("p", "alpha"), ("s", "beta")]);
+    fill(&alpha, "p", 5);
+    fill(&beta, "s", 77);
+    let source = read_all(&alpha, "p");
+    let before = read_all(&beta, "s");
+    let track = TRACK_BYTES as usize;
+
+    refused(
+        &alpha,
+        &certs,
+        &["gsnap", "p:0-31", "p-mid", "s:64-94"],
+        "same number",
+    );
+    refused(
+        &alpha,
+        &certs,
+        &["gsnap", "p:0-31", "p-mid", "s:100-131"],
+        "does not fit",
+    );
+    assert!(json(&alpha, &certs, &["gsnap", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(!alpha
+        .cli(&certs, &["volume", "show", "p-mid"])
+        .status
+        .success());
+
+    let started = json(
+        &alpha,
+        &certs,
+        &["gsnap", "p:0-31", "p-mid", "s:64-95", "--json"],
+    );
+    let job = started["job"].as_u64().unwrap().to_string();
+    let report = run_to_end(&alpha, &certs, &job);
+    assert_eq!(report["state"], "succeeded", "{report}");
+    let target = read_all(&beta, "s");
+    assert_eq!(&target[64 * track..96 * track], &source[..32 * track]);
+    assert_eq!(&target[..64 * track], &before[..64 * track]);
+    assert_eq!(&target[96 * track..], &before[96 * track..]);
+
+    let started = json(
+        &alpha,
+        &certs,
+        &[
+            "gsnap",
+            "p:32-47",
+            "p-mid",
+            "s:100-107,120-127",
+            "--target-intermediate",
+            "s-mid",
+            "--json",
+        ],
+    );
+    let job = started["job"].as_u64().unwrap().to_string();
+    let report = run_to_end(&alpha, &certs, &job);
+    assert_eq!(report["state"], "succeeded", "{report}");
+    let after = read_all(&beta, "s");
+    assert_eq!(
+        &after[100 * track..108 * track],
+        &source[32 * track..40 * track]
+    );
+    assert_eq!(
+        &after[120 * track..128 * track],
+        &source[40 * track..48 * track]
+    );
+    assert_eq!(&after[..100 * track], &target[..100 * track]);
+    assert_eq!(
+        &after[108 * track..120 * track],
+        &target[108 * track..120 * track]
+    );
 }
