@@ -46,16 +46,7 @@ fn fig_3_a_gsnap_copies_the_image_of_its_instant_to_another_node() {
         let shown = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
         shown["steps"][1]["finished_unix_seconds"].is_u64()
     });
-    let readiness = |volume: &str| {
-        let volumes = json(&alpha, &certs, &["volume", "list", "--json"]);
-        volumes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|record| record["name"] == volume)
-            .map(|record| record["readiness"].clone())
-            .unwrap()
-    };
+    let readiness = |volume: &str| catalog_record(&alpha, &certs, volume)["readiness"].clone();
     // Read S's readiness first, the job second: a job not activated yet when read
     // second was not activated when S was read.
     let seen = readiness("s");
@@ -149,14 +140,7 @@ fn fig_4_with_s_prime_only_the_named_extents_of_s_change_and_s_stays_online() {
     let job = started["job"].as_u64().unwrap().to_string();
     // S serves its hosts during the whole job.
     wait_until(120, "the job to end", || {
-        let volumes = json(&alpha, &certs, &["volume", "list", "--json"]);
-        let s = volumes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|record| record["name"] == "s")
-            .unwrap()
-            .clone();
+        let s = catalog_record(&alpha, &certs, "s");
         assert_eq!(s["readiness"], "ready", "S left its hosts: {s}");
         let shown = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
         shown["state"] != "running"
@@ -178,8 +162,20 @@ fn fig_4_with_s_prime_only_the_named_extents_of_s_change_and_s_stays_online() {
     );
 }
 
+/// The catalog's record of `volume`, as `volume list --json` shows it.
+fn catalog_record(node: &NodeProcess, certs: &std::path::Path, volume: &str) -> serde_json::Value {
+    let volumes = json(node, certs, &["volume", "list", "--json"]);
+    volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|record| record["name"] == volume)
+        .unwrap_or_else(|| panic!("{volume} is not in {volumes}"))
+        .clone()
+}
+
 /// The state and the verification rounds of a job once it ended.
-fn run_to_end(alpha: &NodeProcess, certs: &std::path::Path, job: &str) -> serde_json::Value {
+pub(crate) fn run_to_end(alpha: &NodeProcess, certs: &std::path::Path, job: &str) -> serde_json::Value {
     wait_until(120, "the job to end", || {
         let shown = json(alpha, certs, &["gsnap", "show", job, "--json"]);
         !matches!(shown["state"].as_str(), Some("running" | "stalled"))
@@ -250,14 +246,7 @@ fn a_track_corrupted_every_time_fails_the_job_with_digest_mismatch() {
         .as_array()
         .unwrap()
         .is_empty());
-    let volumes = json(&alpha, &certs, &["volume", "list", "--json"]);
-    let s = volumes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|record| record["name"] == "s")
-        .unwrap()
-        .clone();
+    let s = catalog_record(&alpha, &certs, "s");
     assert_eq!(
         s["readiness"], "not-ready",
         "a partial S went to its hosts: {s}"

@@ -7,6 +7,7 @@
 //! And kill -9 of P's node (with the leader) and of S's node in the middle of the copy.
 
 use crate::common::{wait_until, NodeProcess};
+use crate::gsnap::run_to_end;
 use crate::idempotent::{Trio, FAIL_POINT, INTENT_FAIL_POINT, MEMBERS, RESULT_FAIL_POINT, STORAGE};
 use crate::metrics::{scrape, series};
 use crate::sessions::{fill, json, read_all, TwoNodes};
@@ -26,15 +27,7 @@ fn a_job_outlives_its_leader_dying_at(place: &str, call: &str) {
     let started = trio.cli_json(&["gsnap", "p", "p-mid", "s", "--json"]);
     let job = started["job"].as_u64().unwrap().to_string();
     trio.wait_for_the_leader_to_die();
-    let mut report = serde_json::Value::Null;
-    wait_until(
-        120,
-        &format!("the job to end after the leader died at {place} ({call})"),
-        || {
-            report = trio.cli_json(&["gsnap", "show", &job, "--json"]);
-            !matches!(report["state"].as_str(), Some("running" | "stalled"))
-        },
-    );
+    let report = run_to_end(trio.storage(), &trio.certs, &job);
     assert_eq!(report["state"], "succeeded", "{place} ({call}): {report}");
     let source = &trio.nodes[SOURCE_NODE];
     assert_eq!(
@@ -105,16 +98,6 @@ fn a_job_copying(alpha: &NodeProcess, certs: &std::path::Path) -> String {
     job
 }
 
-/// The job's report once it ended.
-fn report_at_end(alpha: &NodeProcess, certs: &std::path::Path, job: &str) -> serde_json::Value {
-    let mut report = serde_json::Value::Null;
-    wait_until(120, "the job to end", || {
-        report = json(alpha, certs, &["gsnap", "show", job, "--json"]);
-        !matches!(report["state"].as_str(), Some("running" | "stalled"))
-    });
-    report
-}
-
 /// kill -9 of S's node mid-copy: the pair is suspended while it is away, and when it is
 /// back the job goes on to a verified success with S equal to P's image.
 #[test]
@@ -128,7 +111,7 @@ fn a_job_outlives_its_target_node_killed_mid_copy() {
     beta.kill();
     std::thread::sleep(std::time::Duration::from_secs(2));
     let beta = nodes.start_beta();
-    let report = report_at_end(&alpha, &certs, &job);
+    let report = run_to_end(&alpha, &certs, &job);
     assert_eq!(report["state"], "succeeded", "{report}");
     assert_eq!(
         report["verification"].as_array().unwrap().last().unwrap()["matched"],
@@ -151,7 +134,7 @@ fn a_job_outlives_its_source_node_and_leader_killed_mid_copy() {
     fill(&alpha, "p", 6);
     alpha.kill();
     let alpha = nodes.start_alpha();
-    let report = report_at_end(&alpha, &certs, &job);
+    let report = run_to_end(&alpha, &certs, &job);
     assert_eq!(report["state"], "succeeded", "{report}");
     assert_eq!(
         read_all(&alpha, "p-mid"),
