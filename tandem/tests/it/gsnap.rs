@@ -175,7 +175,11 @@ fn catalog_record(node: &NodeProcess, certs: &std::path::Path, volume: &str) -> 
 }
 
 /// The state and the verification rounds of a job once it ended.
-pub(crate) fn run_to_end(alpha: &NodeProcess, certs: &std::path::Path, job: &str) -> serde_json::Value {
+pub(crate) fn run_to_end(
+    alpha: &NodeProcess,
+    certs: &std::path::Path,
+    job: &str,
+) -> serde_json::Value {
     wait_until(120, "the job to end", || {
         let shown = json(alpha, certs, &["gsnap", "show", job, "--json"]);
         !matches!(shown["state"].as_str(), Some("running" | "stalled"))
