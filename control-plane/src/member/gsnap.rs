@@ -20,6 +20,9 @@ use protocol::messages::Extent;
 /// a job never holds its task for long.
 const JOB_ACTIONS_PER_ROUND_MAX: usize = 16;
 
+/// How often a drive reads a copying pair again while it waits for it to move.
+const PAIR_POLL_INTERVAL_MILLISECONDS: u64 = 50;
+
 /// How long a digest call may take: a base, plus the time to read its bytes at a rate
 /// any disk manages (each node reads its own copy at low priority, after host IO).
 const DIGEST_TIMEOUT_BASE_SECONDS: u64 = 10;
@@ -396,35 +399,60 @@ impl ControlPlane {
                 }
             }
             Action::PollPair => {
-                let entry = self
-                    .catalog
-                    .read(|catalog| catalog.session(job.pair_target()).cloned());
-                let Some(entry) = entry else {
-                    return Ok(Next::Wait(format!(
-                        "the pair into '{}' is not in the catalog",
-                        job.pair_target()
-                    )));
-                };
-                let info = match self.node_session(&entry).await {
-                    NodeSession::Live(info) => info,
-                    _ => {
+                // A pair that is copying is read again shortly within this drive, so a
+                // job does not wait a whole supervision round at each of its steps.
+                let deadline = std::time::Instant::now()
+                    + std::time::Duration::from_millis(SUPERVISE_INTERVAL_MILLISECONDS);
+                loop {
+                    let entry = self
+                        .catalog
+                        .read(|catalog| catalog.session(job.pair_target()).cloned());
+                    let Some(entry) = entry else {
                         return Ok(Next::Wait(format!(
-                            "node {} does not show the pair into '{}'",
-                            job.source_node,
+                            "the pair into '{}' is not in the catalog",
                             job.pair_target()
-                        )))
+                        )));
+                    };
+                    let info = match self.node_session(&entry).await {
+                        NodeSession::Live(info) => info,
+                        _ => {
+                            return Ok(Next::Wait(format!(
+                                "node {} does not show the pair into '{}'",
+                                job.source_node,
+                                job.pair_target()
+                            )))
+                        }
+                    };
+                    // The catalog follows the node's state of the pair (copied, say) now
+                    // rather than at the supervisor's next reading, unless a command on
+                    // the pair is under way and records it itself.
+                    let lock = self.session_lock(job.pair_target());
+                    let state_changed = match lock.try_lock() {
+                        Ok(_one_at_a_time) => self.follow_live_session(&entry, &info).await,
+                        Err(_) => false,
+                    };
+                    // The pair's numbers only grow: a re-read never shows less copied.
+                    let remaining = job.tracks_remaining.map_or(info.tracks_remaining, |known| {
+                        known.min(info.tracks_remaining)
+                    });
+                    let moved = job.tracks_total != info.tracks_total
+                        || job.tracks_remaining != Some(remaining);
+                    if moved {
+                        job.tracks_total = job.tracks_total.max(info.tracks_total);
+                        job.tracks_remaining = Some(remaining);
+                        break;
                     }
-                };
-                // The pair's numbers only grow: a re-read never shows less copied.
-                let remaining = job.tracks_remaining.map_or(info.tracks_remaining, |known| {
-                    known.min(info.tracks_remaining)
-                });
-                let moved = job.tracks_total != info.tracks_total
-                    || job.tracks_remaining != Some(remaining);
-                job.tracks_total = job.tracks_total.max(info.tracks_total);
-                job.tracks_remaining = Some(remaining);
-                if !moved {
-                    return Ok(Next::Wait(pair_wait_reason(&info)));
+                    if state_changed {
+                        return Ok(Next::Continue);
+                    }
+                    let copying = info.error.is_none() && info.state != SessionState::Suspended;
+                    if !copying || std::time::Instant::now() >= deadline {
+                        return Ok(Next::Wait(pair_wait_reason(&info)));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        PAIR_POLL_INTERVAL_MILLISECONDS,
+                    ))
+                    .await;
                 }
             }
             Action::Fail(error) => {

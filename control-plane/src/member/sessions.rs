@@ -539,29 +539,43 @@ impl ControlPlane {
                 NodeSession::Gone(reason) => self.forget_gone_session(&entry, &reason).await,
                 NodeSession::Live(info) => {
                     self.gone_sessions.lock().remove(&target);
-                    let fresh = entry_of(&entry.node, &info);
-                    let progressed =
-                        fresh.tracks_copied >= entry.tracks_copied + SESSION_CHECKPOINT_TRACKS;
-                    if fresh.state != entry.state && entry.state.is_resting() {
-                        tracing::warn!(
-                            target = %entry.target,
-                            node = %entry.node,
-                            catalog = %entry.state,
-                            node_state = %fresh.state,
-                            "the catalog's session differs from its node's; the catalog follows the node"
-                        );
-                    }
-                    if fresh.state != entry.state || progressed || fresh.error != entry.error {
-                        if let Err(refusal) = self
-                            .commit(random_request_id(), Command::SessionRecord(fresh))
-                            .await
-                        {
-                            tracing::debug!(target = %entry.target, reason = %refusal.message, "session checkpoint not recorded");
-                        }
-                    }
+                    self.follow_live_session(&entry, &info).await;
                 }
             }
         }
+    }
+
+    /// Brings the catalog's record of a session to its node's view when its state, its
+    /// error or its progress (by a checkpoint's worth of tracks) changed. The caller holds
+    /// the session's lock, so no command records the session meanwhile. Says whether the
+    /// state changed.
+    pub(super) async fn follow_live_session(
+        &self,
+        entry: &SessionEntry,
+        info: &SessionInfo,
+    ) -> bool {
+        let fresh = entry_of(&entry.node, info);
+        let progressed = fresh.tracks_copied >= entry.tracks_copied + SESSION_CHECKPOINT_TRACKS;
+        let state_changed = fresh.state != entry.state;
+        if state_changed && entry.state.is_resting() {
+            tracing::warn!(
+                target = %entry.target,
+                node = %entry.node,
+                catalog = %entry.state,
+                node_state = %fresh.state,
+                "the catalog's session differs from its node's; the catalog follows the node"
+            );
+        }
+        if state_changed || progressed || fresh.error != entry.error {
+            if let Err(refusal) = self
+                .commit(random_request_id(), Command::SessionRecord(fresh))
+                .await
+            {
+                tracing::debug!(target = %entry.target, reason = %refusal.message, "session checkpoint not recorded");
+                return false;
+            }
+        }
+        state_changed
     }
 
     /// A session its node says it does not have: once that has lasted
