@@ -380,6 +380,10 @@ pub struct GsnapJobView {
     pub job: GsnapJob,
     pub verification: Vec<VerifyRound>,
     pub stalled: Option<Stall>,
+    /// The pair's copy rate and time left as its node last reported them (0 and `None`
+    /// when no copy runs or the leader has not read it yet).
+    pub rate_bytes_per_second: u64,
+    pub eta_seconds: Option<u64>,
 }
 
 /// Hex text of a digest, as reports print it.

@@ -211,7 +211,7 @@ async fn wait(connection: &Connection, job: JobId, quiet: bool) -> Result<GsnapJ
                 "unexpected answer from the cluster: {response:?}"
             ));
         };
-        bar.set_message(summary(&view));
+        bar.set_message(progress_line(&view));
         if view.job.state.is_final() {
             bar.finish_and_clear();
             break Ok(*view);
@@ -240,6 +240,36 @@ fn percent(job: &GsnapJob) -> f64 {
         return 0.0;
     }
     (job.tracks_copied() as f64 * 100.0 / job.tracks_total as f64).min(99.9)
+}
+
+/// The bar's width in the `--wait` line.
+const BAR_COLUMNS: usize = 20;
+
+/// The line `--wait` draws while a job runs: its id and step, a bar, the percent, and the
+/// pair's rate and time left — or why the job is stalled.
+fn progress_line(view: &GsnapJobView) -> String {
+    use crate::sessions::wait_view::{bar, eta_text, fit, LINE_COLUMNS_MAX};
+    let job = &view.job;
+    let step = job
+        .current_step()
+        .map_or("done".to_string(), |step| step.to_string());
+    let percent = percent(job);
+    let tail = match &view.stalled {
+        Some(stall) => format!("stalled: {}", stall.reason),
+        None => format!(
+            "{}/s eta {}",
+            crate::sessions::human_bytes(view.rate_bytes_per_second),
+            view.eta_seconds.map_or_else(|| "?".to_string(), eta_text)
+        ),
+    };
+    fit(
+        &format!(
+            "job {} {step} [{}] {percent:5.1}% {tail}",
+            job.id,
+            bar(percent, BAR_COLUMNS)
+        ),
+        LINE_COLUMNS_MAX,
+    )
 }
 
 /// The state a job shows: its recorded state, or `stalled` while a running job has made
@@ -359,6 +389,8 @@ fn print_job(view: &GsnapJobView, json: bool) {
 fn view_json(view: &GsnapJobView) -> serde_json::Value {
     let mut json = job_json(&view.job, view.stalled.as_ref());
     json["state"] = shown_state(view).into();
+    json["rate_bytes_per_second"] = view.rate_bytes_per_second.into();
+    json["eta_seconds"] = view.eta_seconds.into();
     json["verification"] = view
         .verification
         .iter()
@@ -416,4 +448,55 @@ fn job_json(job: &GsnapJob, stalled: Option<&protocol::gsnap::Stall>) -> serde_j
         "created_unix_seconds": job.created_unix_seconds,
         "finished_unix_seconds": job.finished_unix_seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::gsnap::{GsnapStep, Stall};
+
+    fn running_view() -> GsnapJobView {
+        let spec = GsnapSpec {
+            source: "p".into(),
+            source_extents: Vec::new(),
+            intermediate: "p-mid".into(),
+            target: "s".into(),
+            target_extents: Vec::new(),
+            target_intermediate: None,
+            rate_mebibytes_per_second: None,
+            full: false,
+        };
+        let mut job = GsnapJob::new(7, 1, spec, "a1".into(), "b1".into(), 0);
+        for step in [GsnapStep::Snap, GsnapStep::Pair] {
+            job.step_mut(step).started_unix_seconds = Some(1);
+            job.step_mut(step).finished_unix_seconds = Some(2);
+        }
+        job.step_mut(GsnapStep::Copy).started_unix_seconds = Some(2);
+        job.tracks_total = 200;
+        job.tracks_remaining = Some(100);
+        GsnapJobView {
+            job,
+            verification: Vec::new(),
+            stalled: None,
+            rate_bytes_per_second: 3 << 20,
+            eta_seconds: Some(95),
+        }
+    }
+
+    #[test]
+    fn the_wait_line_shows_step_bar_percent_rate_and_time_left_or_why_it_is_stalled() {
+        let mut view = running_view();
+        let line = progress_line(&view);
+        assert!(line.starts_with("job 7 copy [=========="), "{line}");
+        assert!(line.contains(" 50.0% "), "{line}");
+        assert!(line.ends_with("/s eta 1m35s"), "{line}");
+        view.stalled = Some(Stall {
+            reason: "node b1 unreachable since 2026-12-07 12:03:04 UTC".into(),
+            since_unix_seconds: 5,
+        });
+        let line = progress_line(&view);
+        assert!(line.contains("stalled: node b1 unreachable"), "{line}");
+        assert!(line.chars().count() <= crate::sessions::wait_view::LINE_COLUMNS_MAX);
+        assert_eq!(shown_state(&view), "stalled");
+    }
 }

@@ -1,7 +1,7 @@
 //! `tandem clone ...` and `tandem mirror ...`: copy-session commands, listings and the
 //! `--wait` progress bar.
 
-mod wait_view;
+pub(crate) mod wait_view;
 
 use crate::{Connection, Session};
 use anyhow::{bail, Result};
@@ -576,7 +576,7 @@ fn describe(info: &SessionInfo) -> String {
     )
 }
 
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
     let mut unit = 0;

@@ -37,6 +37,9 @@ pub(super) struct JobWatch {
     mark: ProgressMark,
     moved_unix_seconds: u64,
     reason: Option<String>,
+    /// The pair's last reported rate and time left, for `--wait`.
+    rate_bytes_per_second: u64,
+    eta_seconds: Option<u64>,
 }
 
 /// What came of one action: the job goes on at once, or waits (with why).
@@ -132,21 +135,29 @@ impl ControlPlane {
         let verification = self
             .catalog
             .read(|catalog| catalog.verification(job.id).to_vec());
-        let stalled = if job.state.is_final() {
-            None
-        } else {
-            self.job_watch.lock().get(&job.id).and_then(|watch| {
+        let (stalled, rate_bytes_per_second, eta_seconds) = match self
+            .job_watch
+            .lock()
+            .get(&job.id)
+            .filter(|_| !job.state.is_final())
+        {
+            Some(watch) => (
                 stall_of(
                     watch.moved_unix_seconds,
                     watch.reason.as_deref(),
                     now_unix_seconds(),
-                )
-            })
+                ),
+                watch.rate_bytes_per_second,
+                watch.eta_seconds,
+            ),
+            None => (None, 0, None),
         };
         GsnapJobView {
             job,
             verification,
             stalled,
+            rate_bytes_per_second,
+            eta_seconds,
         }
     }
 
@@ -285,6 +296,8 @@ impl ControlPlane {
             mark: mark.clone(),
             moved_unix_seconds: now,
             reason: None,
+            rate_bytes_per_second: 0,
+            eta_seconds: None,
         });
         if watch.mark != mark {
             watch.mark = mark;
@@ -423,6 +436,10 @@ impl ControlPlane {
                             )))
                         }
                     };
+                    if let Some(watch) = self.job_watch.lock().get_mut(&job.id) {
+                        watch.rate_bytes_per_second = info.rate_bytes_per_second;
+                        watch.eta_seconds = info.eta_seconds;
+                    }
                     // The catalog follows the node's state of the pair (copied, say) now
                     // rather than at the supervisor's next reading, unless a command on
                     // the pair is under way and records it itself.

@@ -114,12 +114,12 @@ pub fn render_line(info: &SessionInfo, warning: Option<&str>, columns: usize) ->
     fit(&line, columns)
 }
 
-fn width(text: &str) -> usize {
+pub(crate) fn width(text: &str) -> usize {
     text.chars().count()
 }
 
 /// `text` cut to `columns`, with an ellipsis where it was cut.
-fn fit(text: &str, columns: usize) -> String {
+pub(crate) fn fit(text: &str, columns: usize) -> String {
     if width(text) <= columns {
         return text.to_string();
     }
@@ -130,7 +130,7 @@ fn fit(text: &str, columns: usize) -> String {
     cut
 }
 
-fn bar(percent: f64, columns: usize) -> String {
+pub(crate) fn bar(percent: f64, columns: usize) -> String {
     let filled = ((percent.clamp(0.0, 100.0) / 100.0) * columns as f64).floor() as usize;
     let mut bar = "=".repeat(filled.min(columns));
     if filled < columns {
@@ -140,7 +140,7 @@ fn bar(percent: f64, columns: usize) -> String {
     bar
 }
 
-fn eta_text(seconds: u64) -> String {
+pub(crate) fn eta_text(seconds: u64) -> String {
     match seconds {
         0..60 => format!("{seconds}s"),
         60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
