@@ -385,3 +385,68 @@ fn extents_at_other_offsets_land_in_order() {
         &target[108 * track..120 * track]
     );
 }
+
+/// Starts a gsnap at 1 MiB/s and waits until its copy has begun; the job's id.
+fn a_slow_job_copying(alpha: &NodeProcess, certs: &std::path::Path, arguments: &[&str]) -> String {
+    let mut command = vec!["gsnap"];
+    command.extend(arguments);
+    command.extend(["--rate", "1", "--json"]);
+    let started = json(alpha, certs, &command);
+    let job = started["job"].as_u64().unwrap().to_string();
+    wait_until(30, "the copy to start", || {
+        let shown = json(alpha, certs, &["gsnap", "show", &job, "--json"]);
+        shown["tracks_copied"].as_u64().unwrap_or(0) > 0
+    });
+    job
+}
+
+/// `gsnap cancel` mid-copy: the job ends `cancelled`, its pair is gone and P''s slots are
+/// free; without S' the partial S stays not ready; with S', S keeps what it held and stays
+/// with its hosts. The catalog holds nothing half-done: the next job runs.
+#[test]
+fn a_cancel_mid_copy_ends_the_pair_and_leaves_nothing_half_done() {
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let (alpha, beta) = nodes.start_cluster(&[("p", "alpha"), ("s", "beta"), ("s2", "beta")]);
+    fill(&alpha, "p", 5);
+    fill(&beta, "s2", 77);
+    let s2_before = read_all(&beta, "s2");
+    let slots_of = |volume: &str| {
+        let shown = json(&alpha, &certs, &["volume", "show", volume, "--json"]);
+        shown["on_node"]["session_slots_used"].as_u64().unwrap()
+    };
+
+    let job = a_slow_job_copying(&alpha, &certs, &["p", "p-mid", "s"]);
+    alpha.cli_ok(&certs, &["gsnap", "cancel", &job]);
+    let report = run_to_end(&alpha, &certs, &job);
+    assert_eq!(report["state"], "cancelled", "{report}");
+    assert!(json(&alpha, &certs, &["clone", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(slots_of("p-mid"), 0, "P''s slots are free");
+    assert_eq!(
+        catalog_record(&alpha, &certs, "s")["readiness"],
+        "not-ready",
+        "a partial S went to its hosts"
+    );
+
+    let job = a_slow_job_copying(
+        &alpha,
+        &certs,
+        &["p", "p-mid2", "s2", "--target-intermediate", "s2-mid"],
+    );
+    alpha.cli_ok(&certs, &["gsnap", "cancel", &job]);
+    let report = run_to_end(&alpha, &certs, &job);
+    assert_eq!(report["state"], "cancelled", "{report}");
+    assert_eq!(slots_of("p-mid2"), 0);
+    assert_eq!(catalog_record(&alpha, &certs, "s2")["readiness"], "ready");
+    assert_eq!(read_all(&beta, "s2"), s2_before, "S kept what it held");
+
+    // Nothing half-done is left in the way: a job over the same volumes runs to its end.
+    let started = json(&alpha, &certs, &["gsnap", "p", "p-mid", "s", "--json"]);
+    let job = started["job"].as_u64().unwrap().to_string();
+    let report = run_to_end(&alpha, &certs, &job);
+    assert_eq!(report["state"], "succeeded", "{report}");
+    assert_eq!(read_all(&beta, "s"), read_all(&alpha, "p-mid"));
+}

@@ -20,7 +20,7 @@ const fn refused(arguments: &'static [&'static str], message: &'static str) -> R
 /// they meet: `std1` (alpha) mirrored synchronously to `bcv1` (beta); `std2` (alpha) with
 /// a split BCV `bcv2` (alpha); `src` (alpha) cloned to `cdst` (beta), created, not
 /// activated; `busy` (alpha) holding all 16 session slots with clones; `plain` (alpha) and
-/// its snapshot `plain-snap`; `small` (alpha), half the others' size.
+/// its snapshot `plain-snap`; `small` (alpha), half the others' size; `spare` (alpha).
 const REFUSED: &[Refused] = &[
     // Bad sizes, names and placements.
     refused(
@@ -198,6 +198,41 @@ const REFUSED: &[Refused] = &[
     // The control plane.
     refused(&["cluster", "remove-member", "beta"], "beta"),
     refused(&["cluster", "add-member", "nosuch"], "nosuch"),
+    // gsnap: unknown volumes, one volume twice, extents that do not pair or fit, volumes
+    // in sessions or on the wrong node, a job that does not exist.
+    refused(&["gsnap", "ghost", "ghost-mid", "plain"], "ghost"),
+    refused(&["gsnap", "plain", "plain-mid", "ghost"], "ghost"),
+    refused(&["gsnap", "plain", "plain", "spare"], "different volumes"),
+    refused(
+        &[
+            "gsnap",
+            "plain",
+            "plain-mid",
+            "spare",
+            "--target-intermediate",
+            "plain-mid",
+        ],
+        "different volumes",
+    ),
+    refused(
+        &["gsnap", "plain:0-9", "plain-mid", "spare:0-8"],
+        "same number",
+    ),
+    refused(
+        &["gsnap", "plain:0-9", "plain-mid", "small:10-19"],
+        "does not fit",
+    ),
+    refused(&["gsnap", "plain", "plain-mid", "small"], "smaller"),
+    refused(&["gsnap", "plain:9-0", "plain-mid", "spare"], "backwards"),
+    refused(
+        &["gsnap", "plain:0-9,5-12", "plain-mid", "spare:0-17"],
+        "increasing",
+    ),
+    refused(&["gsnap", "plain", "plain-mid", "cdst"], "takes part in"),
+    refused(&["gsnap", "plain", "std2", "spare"], "takes part in"),
+    refused(&["gsnap", "std1", "std1-mid", "spare"], "takes part in"),
+    refused(&["gsnap", "plain", "bcv1", "spare"], "the job needs it on"),
+    refused(&["gsnap", "cancel", "99"], "no gsnap job 99"),
 ];
 
 /// What must not change: the listings an admin and scripts read. The log position is left
@@ -231,6 +266,7 @@ fn observed(node: &NodeProcess, certs: &Path) -> serde_json::Value {
         "volumes": json(&["volume", "list", "--json"]),
         "mirrors": sessions(&["mirror", "list", "--json"]),
         "clones": sessions(&["clone", "list", "--json"]),
+        "gsnaps": json(&["gsnap", "list", "--json"]),
     })
 }
 
