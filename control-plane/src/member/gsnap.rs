@@ -20,6 +20,9 @@ use protocol::messages::Extent;
 /// a job never holds its task for long.
 const JOB_ACTIONS_PER_ROUND_MAX: usize = 16;
 
+/// How long `tandem gsnap` waits for each of its nodes to answer before it records a job.
+const REACHABLE_TIMEOUT_SECONDS: u64 = 3;
+
 /// How often a drive reads a copying pair again while it waits for it to move.
 const PAIR_POLL_INTERVAL_MILLISECONDS: u64 = 50;
 
@@ -88,6 +91,17 @@ impl ControlPlane {
                 volume: spec.target.clone(),
             }
             .into());
+        }
+        // Both nodes must answer before anything is recorded: a job towards a node cut
+        // off from this one would only stall. A retry of a recorded job gets it back
+        // whatever the nodes do now.
+        let recorded = self
+            .catalog
+            .read(|catalog| catalog.applied_response(request_id).is_some());
+        if !recorded {
+            for node in [&source_node, &target_node] {
+                self.check_answers(node).await?;
+            }
         }
         let job = GsnapJob::new(
             0,
@@ -655,6 +669,31 @@ impl ControlPlane {
                 ErrorCode::Internal,
                 format!("node {node} answered a digest with {other:?}"),
             )),
+        }
+    }
+
+    /// Refuses, saying so, when `node` does not answer a status request within
+    /// [`REACHABLE_TIMEOUT_SECONDS`].
+    async fn check_answers(&self, node: &str) -> Outcome<()> {
+        let timeout = std::time::Duration::from_secs(REACHABLE_TIMEOUT_SECONDS);
+        match self
+            .call_node_within(
+                node,
+                Request::NodeStatus,
+                timeout,
+                "answer a status request",
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(refusal) if refusal.code == ErrorCode::Unavailable => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "{}; a gsnap needs both its nodes, and nothing was recorded",
+                    refusal.message
+                ),
+            )),
+            Err(refusal) => Err(refusal),
         }
     }
 

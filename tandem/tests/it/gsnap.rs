@@ -265,7 +265,7 @@ fn a_gsnap_stalls_while_the_nodes_are_partitioned_and_completes_after() {
     let nodes = TwoNodes::new();
     let certs = nodes.certs.clone();
     let (alpha, beta) = nodes.start_cluster_with(
-        &[("p", "alpha"), ("s", "beta")],
+        &[("p", "alpha"), ("s", "beta"), ("q", "alpha"), ("r", "beta")],
         &["--fault-injection"],
         &[],
     );
@@ -298,6 +298,26 @@ fn a_gsnap_stalls_while_the_nodes_are_partitioned_and_completes_after() {
     );
     let text = alpha.cli_ok(&certs, &["gsnap", "list"]);
     assert!(text.contains("stalled: "), "{text}");
+    // A new job towards the cut-off node is refused, and nothing is recorded.
+    let refused = alpha.cli_env(
+        &certs,
+        &["gsnap", "q", "q-mid", "r"],
+        "TANDEM_RETRY_SECONDS",
+        "0",
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "a job towards a cut-off node was recorded"
+    );
+    assert!(stderr.contains("nothing was recorded"), "{stderr}");
+    assert_eq!(
+        json(&alpha, &certs, &["gsnap", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     alpha.cli_ok(&certs, &["debug", "fault", "--peer", "beta"]);
     let report = run_to_end(&alpha, &certs, &job);
     assert_eq!(report["state"], "succeeded", "{report}");
