@@ -57,30 +57,11 @@ trap cleanup EXIT
 wants() { [[ "$sections" == *" $1 "* ]]; }
 
 "$tandem" init --dir "$work/certs" --nodes alpha,beta >/dev/null
-start_node() { # name quic nbd metrics extra...
-  local name=$1 quic=$2 nbd=$3 metrics=$4; shift 4
-  : >"$work/$name.out"
-  "$tandem" node --config "$work/certs/$name.toml" --data-dir "$work/$name" \
-    --listen "127.0.0.1:$quic" --nbd "127.0.0.1:$nbd" --metrics "127.0.0.1:$metrics" "$@" \
-    >>"$work/$name.out" 2>>"$work/$name.err" &
-  pids+=($!)
-  node_pid=$!
-  for _ in $(seq 100); do grep -q serving "$work/$name.out" 2>/dev/null && return; sleep 0.1; done
-  echo "node $name did not start" >&2; exit 1
-}
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 export TANDEM_ENDPOINT=127.0.0.1:18100 TANDEM_CERTS="$work/certs"
-wait_registered() {
-  for _ in $(seq 200); do
-    "$tandem" status --json 2>/dev/null | python3 -c "
-import json, sys
-status = json.load(sys.stdin)
-sys.exit(0 if any(node['name'] == '$1' for nodes in status['sites'].values() for node in nodes) else 1)" && return
-    sleep 0.1
-  done
-  echo "node $1 did not register" >&2; exit 1
-}
-start_beta() { start_node beta 18101 18801 18901 --members 127.0.0.1:18100; beta_pid=$node_pid; }
-start_node alpha 18100 18800 18900 --control-plane
+start_beta() { start_node beta 18101 18801 --metrics 127.0.0.1:18901 --members 127.0.0.1:18100; beta_pid=$node_pid; }
+start_node alpha 18100 18800 --metrics 127.0.0.1:18900 --control-plane
 "$tandem" cluster init >/dev/null
 wait_registered alpha
 start_beta
@@ -92,9 +73,6 @@ wait_registered beta
 std_uri=nbd://127.0.0.1:18800/std
 plain_uri=nbd://127.0.0.1:18800/plain
 
-seconds() { python3 -c "import time; print(time.monotonic())"; }
-elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
-mib_per_second() { python3 -c "print(f'{$1 / 2**20 / $2:.0f}')"; }
 lo_bytes() { awk '/^ *lo:/ {print $10}' /proc/net/dev; }
 median() { python3 -c "import statistics, sys; print(f'{statistics.median(float(v) for v in sys.argv[1:]):.0f}')" "$@"; }
 ratio() { python3 -c "print(f'{$1 / max($2, 1e-9):.2f}')"; }

@@ -44,39 +44,17 @@ trap cleanup EXIT
 wants() { [[ "$sections" == *" $1 "* ]]; }
 
 "$tandem" init --dir "$work/certs" --nodes alpha,beta >/dev/null
-start_node() { # name quic nbd extra...
-  local name=$1 quic=$2 nbd=$3; shift 3
-  : >"$work/$name.out"
-  "$tandem" node --config "$work/certs/$name.toml" --data-dir "$work/$name" \
-    --listen "127.0.0.1:$quic" --nbd "127.0.0.1:$nbd" --fault-injection "$@" \
-    >>"$work/$name.out" 2>>"$work/$name.err" &
-  pids+=($!)
-  node_pid=$!
-  for _ in $(seq 100); do grep -q serving "$work/$name.out" 2>/dev/null && return; sleep 0.1; done
-  echo "node $name did not start" >&2; exit 1
-}
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 export TANDEM_ENDPOINT=127.0.0.1:18200 TANDEM_CERTS="$work/certs"
-wait_registered() {
-  for _ in $(seq 200); do
-    "$tandem" status --json 2>/dev/null | python3 -c "
-import json, sys
-status = json.load(sys.stdin)
-sys.exit(0 if any(node['name'] == '$1' for nodes in status['sites'].values() for node in nodes) else 1)" && return
-    sleep 0.1
-  done
-  echo "node $1 did not register" >&2; exit 1
-}
-start_node alpha 18200 18300 --control-plane
+start_node alpha 18200 18300 --fault-injection --control-plane
 alpha_pid=$node_pid
 "$tandem" cluster init >/dev/null
 wait_registered alpha
-start_node beta 18201 18301 --members 127.0.0.1:18200
+start_node beta 18201 18301 --fault-injection --members 127.0.0.1:18200
 beta_pid=$node_pid
 wait_registered beta
 
-seconds() { python3 -c "import time; print(time.monotonic())"; }
-elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
-mib_per_second() { python3 -c "print(f'{$1 / 2**20 / $2:.0f}')"; }
 cpu_seconds() { # pid: user + system CPU seconds so far (/proc/PID/stat fields 14 and 15)
   python3 -c "
 import os

@@ -180,11 +180,35 @@ pub(crate) fn run_to_end(
     certs: &std::path::Path,
     job: &str,
 ) -> serde_json::Value {
+    run_to_end_from(alpha, certs, job, &mut Vec::new())
+}
+
+/// [`run_to_end`], checking every percent it reads, after those already read: progress
+/// never falls and is 100 only once the job succeeded.
+pub(crate) fn run_to_end_from(
+    alpha: &NodeProcess,
+    certs: &std::path::Path,
+    job: &str,
+    percents: &mut Vec<f64>,
+) -> serde_json::Value {
+    let mut shown = serde_json::Value::Null;
     wait_until(120, "the job to end", || {
-        let shown = json(alpha, certs, &["gsnap", "show", job, "--json"]);
+        shown = json(alpha, certs, &["gsnap", "show", job, "--json"]);
+        percents.push(shown["percent"].as_f64().unwrap());
         !matches!(shown["state"].as_str(), Some("running" | "stalled"))
     });
-    json(alpha, certs, &["gsnap", "show", job, "--json"])
+    assert!(
+        percents.windows(2).all(|pair| pair[0] <= pair[1]),
+        "progress fell: {percents:?}"
+    );
+    let (last, before_last) = percents.split_last().unwrap();
+    assert!(
+        before_last.iter().all(|percent| *percent < 100.0),
+        "{percents:?}"
+    );
+    assert!(*last <= 100.0);
+    assert_eq!(*last == 100.0, shown["state"] == "succeeded", "{shown}");
+    shown
 }
 
 /// Verification: a track the target's disk stores corrupted (a test hook flips one of
@@ -407,7 +431,11 @@ fn extents_at_other_offsets_land_in_order() {
 }
 
 /// Starts a gsnap at 1 MiB/s and waits until its copy has begun; the job's id.
-fn a_slow_job_copying(alpha: &NodeProcess, certs: &std::path::Path, arguments: &[&str]) -> String {
+pub(crate) fn a_slow_job_copying(
+    alpha: &NodeProcess,
+    certs: &std::path::Path,
+    arguments: &[&str],
+) -> String {
     let mut command = vec!["gsnap"];
     command.extend(arguments);
     command.extend(["--rate", "1", "--json"]);

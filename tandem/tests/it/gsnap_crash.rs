@@ -6,8 +6,7 @@
 //! effect (the node's counters of calls carried out and answered from memory say so).
 //! And kill -9 of P's node (with the leader) and of S's node in the middle of the copy.
 
-use crate::common::{wait_until, NodeProcess};
-use crate::gsnap::run_to_end;
+use crate::gsnap::{a_slow_job_copying, run_to_end};
 use crate::idempotent::{Trio, FAIL_POINT, INTENT_FAIL_POINT, MEMBERS, RESULT_FAIL_POINT, STORAGE};
 use crate::metrics::{scrape, series};
 use crate::sessions::{fill, json, read_all, TwoNodes};
@@ -83,21 +82,6 @@ fn a_job_whose_leader_died_after_its_pair_was_terminated_does_not_terminate_it_a
     a_job_outlives_its_leader_dying_at(FAIL_POINT, "clone terminate");
 }
 
-/// Starts a gsnap P (alpha) → S (beta) at 1 MiB/s and waits until its copy has begun.
-fn a_job_copying(alpha: &NodeProcess, certs: &std::path::Path) -> String {
-    let started = json(
-        alpha,
-        certs,
-        &["gsnap", "p", "p-mid", "s", "--rate", "1", "--json"],
-    );
-    let job = started["job"].as_u64().unwrap().to_string();
-    wait_until(30, "the copy to start", || {
-        let shown = json(alpha, certs, &["gsnap", "show", &job, "--json"]);
-        shown["tracks_copied"].as_u64().unwrap_or(0) > 0
-    });
-    job
-}
-
 /// kill -9 of S's node mid-copy: the pair is suspended while it is away, and when it is
 /// back the job goes on to a verified success with S equal to P's image.
 #[test]
@@ -107,7 +91,7 @@ fn a_job_outlives_its_target_node_killed_mid_copy() {
     let (alpha, mut beta) = nodes.start_cluster(&[("p", "alpha"), ("s", "beta")]);
     fill(&alpha, "p", 5);
     let image = read_all(&alpha, "p");
-    let job = a_job_copying(&alpha, &certs);
+    let job = a_slow_job_copying(&alpha, &certs, &["p", "p-mid", "s"]);
     beta.kill();
     std::thread::sleep(std::time::Duration::from_secs(2));
     let beta = nodes.start_beta();
@@ -130,11 +114,14 @@ fn a_job_outlives_its_source_node_and_leader_killed_mid_copy() {
     let (mut alpha, beta) = nodes.start_cluster(&[("p", "alpha"), ("s", "beta")]);
     fill(&alpha, "p", 5);
     let image = read_all(&alpha, "p");
-    let job = a_job_copying(&alpha, &certs);
+    let job = a_slow_job_copying(&alpha, &certs, &["p", "p-mid", "s"]);
     fill(&alpha, "p", 6);
+    let before = json(&alpha, &certs, &["gsnap", "show", &job, "--json"]);
+    let mut percents = vec![before["percent"].as_f64().unwrap()];
     alpha.kill();
     let alpha = nodes.start_alpha();
-    let report = run_to_end(&alpha, &certs, &job);
+    // Progress read after the restart never falls below what was read before it.
+    let report = crate::gsnap::run_to_end_from(&alpha, &certs, &job, &mut percents);
     assert_eq!(report["state"], "succeeded", "{report}");
     assert_eq!(
         read_all(&alpha, "p-mid"),
