@@ -11,7 +11,7 @@ use protocol::cluster::{
     Health, Intent, IntentCall, IntentResult, NodeRecord, NodeReport, RequestId, SessionEntry,
     VolumeRecord, VolumeState,
 };
-use protocol::gsnap::{GsnapJob, JobId, VerifyRound};
+use protocol::gsnap::{GsnapJob, GsnapStep, JobId, VerifyRound};
 use protocol::messages::{Extent, Readiness, VOLUME_NAME_BYTES_MAX};
 use protocol::session::{next_state, SessionKind, SessionState, Transition};
 use serde::{Deserialize, Serialize};
@@ -426,6 +426,7 @@ impl Catalog {
             Command::GsnapCreate(job) => self.gsnap_create(job),
             Command::GsnapRecord(job) => self.gsnap_record(job),
             Command::GsnapVerified { job, round } => self.gsnap_verified(*job, round),
+            Command::GsnapCancel { job } => self.gsnap_cancel(*job),
         }
     }
 
@@ -640,11 +641,38 @@ impl Catalog {
             });
         }
         // A cancel, once asked for, stays asked for: the driver records its next state
-        // from a copy it read before the cancel was committed.
+        // from a copy it read before the cancel was committed. That copy may start the
+        // activation the cancel was judged to come before: refused, the driver plans
+        // again and ends what the job started instead.
+        let activation_started =
+            |job: &GsnapJob| job.step(GsnapStep::Activate).started_unix_seconds.is_some();
+        if existing.cancel_requested && !activation_started(existing) && activation_started(job) {
+            return Err(CatalogError::CancelRefused {
+                job: job.id,
+                reason: format!("job {} was cancelled before its activation", job.id),
+            });
+        }
         let mut recorded = job.clone();
         recorded.cancel_requested |= existing.cancel_requested;
         self.jobs.insert(job.id, recorded.clone());
         Ok(CatalogReply::Job(Box::new(recorded)))
+    }
+
+    /// Asks a running job to stop, judged against its record now: refused once its
+    /// activation began (the target already takes the image). Only the request is
+    /// recorded; asking again answers the job as it is.
+    fn gsnap_cancel(&mut self, id: JobId) -> CatalogResponse {
+        let job = self
+            .jobs
+            .get_mut(&id)
+            .ok_or(CatalogError::UnknownJob { job: id })?;
+        if !job.cancel_requested {
+            if let Some(reason) = crate::gsnap::refuse_cancel(job) {
+                return Err(CatalogError::CancelRefused { job: id, reason });
+            }
+            job.cancel_requested = true;
+        }
+        Ok(CatalogReply::Job(Box::new(job.clone())))
     }
 
     /// Records a verification round of a running job. A round already recorded (a retry

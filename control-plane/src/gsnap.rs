@@ -124,7 +124,9 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
                 IntentCall::Snap {
                     source: job.spec.source.clone(),
                     target: job.spec.intermediate.clone(),
-                    extents: job.spec.source_extents.clone(),
+                    // Named even when they are all of P: a P' an earlier job made with
+                    // another size then still takes P's tracks.
+                    extents: source_extents,
                     overwrite: false,
                     create: missing
                         .then(|| geometry(catalog, &job.spec.source))
@@ -168,6 +170,15 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
                     detail: format!("'{}' has left the catalog", job.spec.target),
                 }),
             },
+            // Made by someone else meanwhile, on another node: the pair would copy there.
+            (None, Some(volume)) if volume.node != job.target_node => Action::Fail(JobError {
+                step,
+                code: ErrorCode::InvalidArgument,
+                detail: format!(
+                    "'{pair_target}' is on node '{}'; the job needs it on '{}'",
+                    volume.node, job.target_node
+                ),
+            }),
             // Being made (its node was away when the job asked): the reconciler finishes it.
             (None, Some(volume)) if volume.state != VolumeState::Ready => {
                 Action::Wait(Blocked::VolumeNotReady {

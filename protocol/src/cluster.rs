@@ -190,6 +190,12 @@ pub enum Command {
     /// Replaces the record of a running job with its next state (a step started or done,
     /// progress, a cancel asked for, the end).
     GsnapRecord(crate::gsnap::GsnapJob),
+    /// Asks a running job to stop: judged against the job as recorded now (refused once
+    /// its activation began), and only the request is recorded, so neither the driver nor
+    /// the cancel can write over what the other recorded.
+    GsnapCancel {
+        job: crate::gsnap::JobId,
+    },
     /// Records a round of a running job's verification.
     GsnapVerified {
         job: crate::gsnap::JobId,
@@ -393,6 +399,8 @@ pub enum CatalogError {
     JobEnded { job: u64 },
     #[error("volume '{volume}' takes part in the running gsnap job {job}; wait for it or cancel it (`tandem gsnap cancel {job}`)")]
     VolumeInJob { volume: String, job: u64 },
+    #[error("{reason}")]
+    CancelRefused { job: u64, reason: String },
 }
 
 /// What an applied command produced.
@@ -581,7 +589,8 @@ impl CatalogError {
             | CatalogError::SiteChange { .. }
             | CatalogError::IntentUnderWay { .. }
             | CatalogError::JobEnded { .. }
-            | CatalogError::VolumeInJob { .. } => ErrorCode::IllegalState,
+            | CatalogError::VolumeInJob { .. }
+            | CatalogError::CancelRefused { .. } => ErrorCode::IllegalState,
             CatalogError::UnknownJob { .. } => ErrorCode::NotFound,
         }
     }

@@ -353,9 +353,11 @@ pub struct VerifyRound {
     /// The target's tracks (its own numbers) whose bytes differ from P''s, when the
     /// digests differ and they are at most [`RESEND_TRACKS_MAX`].
     pub differing: Vec<u64>,
-    /// How many tracks differ (all of them, also when too many to list).
+    /// How many tracks differ (when more than [`RESEND_TRACKS_MAX`], counting stopped
+    /// there: at least that many).
     pub differing_count: u64,
-    /// Whether the differing tracks were sent again after this round.
+    /// Whether another round follows: the differing tracks were sent again, or the round
+    /// was inconclusive (no single track differed when read again).
     pub resent: bool,
 }
 

@@ -7,7 +7,7 @@
 
 use super::sessions::NodeSession;
 use super::*;
-use crate::gsnap::{plan, progress_mark, refuse_cancel, stall_of, Action, Blocked, ProgressMark};
+use crate::gsnap::{plan, progress_mark, stall_of, Action, Blocked, ProgressMark};
 use protocol::cluster::{Intent, IntentResult};
 use protocol::gsnap::{
     differing_positions, digest_group_tracks, extents_of_tracks, tracks_at, GsnapJob, GsnapJobView,
@@ -43,7 +43,15 @@ pub(super) struct JobWatch {
     /// The pair's last reported rate and time left, for `--wait`.
     rate_bytes_per_second: u64,
     eta_seconds: Option<u64>,
+    /// A long call of the job may answer until then: it is working, not stalled.
+    busy_until_unix_seconds: u64,
+    /// When this member last drove the job.
+    seen_unix_seconds: u64,
 }
+
+/// A watch not updated for this long was kept in another term of this member's
+/// leadership, or its drives stopped: it starts afresh.
+const WATCH_LAPSED_AFTER_SECONDS: u64 = 60;
 
 /// What came of one action: the job goes on at once, or waits (with why).
 enum Next {
@@ -160,7 +168,8 @@ impl ControlPlane {
                     watch.moved_unix_seconds,
                     watch.reason.as_deref(),
                     now_unix_seconds(),
-                ),
+                )
+                .filter(|_| now_unix_seconds() >= watch.busy_until_unix_seconds),
                 watch.rate_bytes_per_second,
                 watch.eta_seconds,
             ),
@@ -182,20 +191,8 @@ impl ControlPlane {
         request_id: RequestId,
         job: JobId,
     ) -> Outcome<ClusterResponse> {
-        self.read_barrier().await?;
-        let mut record = self
-            .catalog
-            .read(|catalog| catalog.job(job).cloned())
-            .ok_or(CatalogError::UnknownJob { job })?;
-        if record.cancel_requested {
-            return Ok(ClusterResponse::Job(Box::new(record)));
-        }
-        if let Some(reason) = refuse_cancel(&record) {
-            return Err(Refusal::new(ErrorCode::IllegalState, reason));
-        }
-        record.cancel_requested = true;
         match self
-            .commit(request_id, Command::GsnapRecord(record))
+            .commit(request_id, Command::GsnapCancel { job })
             .await?
         {
             CatalogReply::Job(job) => Ok(ClusterResponse::Job(job)),
@@ -312,14 +309,28 @@ impl ControlPlane {
             reason: None,
             rate_bytes_per_second: 0,
             eta_seconds: None,
+            busy_until_unix_seconds: 0,
+            seen_unix_seconds: now,
         });
-        if watch.mark != mark {
+        // A watch this member stopped keeping (it led, then did not, then leads again) is
+        // started afresh rather than judged by what it saw in another term.
+        let lapsed = now.saturating_sub(watch.seen_unix_seconds) > WATCH_LAPSED_AFTER_SECONDS;
+        if watch.mark != mark || lapsed {
             watch.mark = mark;
             watch.moved_unix_seconds = now;
             watch.reason = None;
         }
+        watch.seen_unix_seconds = now;
         if reason.is_some() {
             watch.reason = reason;
+        }
+    }
+
+    /// Notes that the job is working until `until_unix_seconds` (a long call under way):
+    /// it is not shown stalled before then.
+    fn watch_job_busy(&self, id: JobId, until_unix_seconds: u64) {
+        if let Some(watch) = self.job_watch.lock().get_mut(&id) {
+            watch.busy_until_unix_seconds = until_unix_seconds;
         }
     }
 
@@ -431,6 +442,12 @@ impl ControlPlane {
                 let deadline = std::time::Instant::now()
                     + std::time::Duration::from_millis(SUPERVISE_INTERVAL_MILLISECONDS);
                 loop {
+                    // The pair's lock is taken before the catalog and the node are read, so
+                    // the record the catalog follows below is not older than one a command
+                    // or the supervisor recorded meanwhile. A command under way on the pair
+                    // records its own outcome: then the pair is only read.
+                    let lock = self.session_lock(job.pair_target());
+                    let one_at_a_time = lock.try_lock().ok();
                     let entry = self
                         .catalog
                         .read(|catalog| catalog.session(job.pair_target()).cloned());
@@ -455,13 +472,12 @@ impl ControlPlane {
                         watch.eta_seconds = info.eta_seconds;
                     }
                     // The catalog follows the node's state of the pair (copied, say) now
-                    // rather than at the supervisor's next reading, unless a command on
-                    // the pair is under way and records it itself.
-                    let lock = self.session_lock(job.pair_target());
-                    let state_changed = match lock.try_lock() {
-                        Ok(_one_at_a_time) => self.follow_live_session(&entry, &info).await,
-                        Err(_) => false,
+                    // rather than at the supervisor's next reading.
+                    let state_changed = match &one_at_a_time {
+                        Some(_) => self.follow_live_session(&entry, &info).await,
+                        None => false,
                     };
+                    drop(one_at_a_time);
                     // The pair's numbers only grow: a re-read never shows less copied.
                     let remaining = job.tracks_remaining.map_or(info.tracks_remaining, |known| {
                         known.min(info.tracks_remaining)
@@ -532,6 +548,18 @@ impl ControlPlane {
         let (source_extents, target_extents) = (extents.clone(), extents);
         let tracks: u64 = source_extents.iter().map(Extent::track_count).sum();
         let group_tracks = digest_group_tracks(tracks);
+        // A round reads every copied track on both nodes: while its calls may still
+        // answer in time, the job is working, not stalled.
+        let bytes = self.catalog.read(|catalog| {
+            catalog
+                .volume(&job.spec.source)
+                .map_or(0, |record| u64::from(record.track_size_bytes) * tracks)
+        });
+        self.watch_job_busy(
+            job.id,
+            now_unix_seconds()
+                + 2 * (DIGEST_TIMEOUT_BASE_SECONDS + bytes / DIGEST_BYTES_PER_SECOND_MIN),
+        );
         let digests = tokio::join!(
             self.digest(
                 &job.source_node,
@@ -565,11 +593,15 @@ impl ControlPlane {
         };
         if source.whole != target.whole || source.tracks != target.tracks {
             let positions = differing_positions(&source, &target);
-            record.differing_count = positions.len() as u64;
-            if positions.len() as u64 <= protocol::gsnap::DIGEST_GROUPS_MAX {
-                // One digest a track, over the differing groups only.
-                let source_tracks = extents_of_tracks(&tracks_at(&source_extents, &positions));
-                let target_tracks = extents_of_tracks(&tracks_at(&target_extents, &positions));
+            // One digest a track over the differing groups only, in batches an answer
+            // holds, until more tracks differ than a round may send again.
+            let mut differing: Vec<u64> = Vec::new();
+            for batch in positions.chunks(protocol::gsnap::DIGEST_GROUPS_MAX as usize) {
+                if differing.len() as u64 > RESEND_TRACKS_MAX {
+                    break;
+                }
+                let source_tracks = extents_of_tracks(&tracks_at(&source_extents, batch));
+                let target_tracks = extents_of_tracks(&tracks_at(&target_extents, batch));
                 let narrowed = tokio::join!(
                     self.digest(&job.source_node, &job.spec.intermediate, &source_tracks, 1),
                     self.digest(&job.target_node, job.pair_target(), &target_tracks, 1),
@@ -580,22 +612,29 @@ impl ControlPlane {
                         return self.verify_failed(job, refusal).await;
                     }
                 };
-                let differing: Vec<u64> = differing_positions(&source_narrow, &target_narrow)
-                    .into_iter()
-                    .map(|index| positions[index as usize])
-                    .collect();
-                record.differing_count = differing.len() as u64;
+                differing.extend(
+                    differing_positions(&source_narrow, &target_narrow)
+                        .into_iter()
+                        .map(|index| batch[index as usize]),
+                );
+            }
+            record.differing_count = differing.len() as u64;
+            let too_many = differing.len() as u64 > RESEND_TRACKS_MAX;
+            if !too_many {
                 record.differing = tracks_at(&target_extents, &differing);
-                let resend = tracks_at(&source_extents, &differing);
-                if !resend.is_empty()
-                    && resend.len() as u64 <= RESEND_TRACKS_MAX
-                    && (round as usize) < VERIFY_ROUNDS_MAX
-                {
-                    if let Err(refusal) = self.resend(&job, &resend).await {
-                        return self.verify_failed(job, refusal).await;
-                    }
-                    record.resent = true;
+            }
+            let resend = tracks_at(&source_extents, &differing);
+            if !too_many && !resend.is_empty() && (round as usize) < VERIFY_ROUNDS_MAX {
+                if let Err(refusal) = self.resend(&job, &resend).await {
+                    return self.verify_failed(job, refusal).await;
                 }
+                record.resent = true;
+            }
+            // Groups differed but no single track did when read again (bytes changed in
+            // between): inconclusive, so the next round decides, within the rounds
+            // allowed.
+            if differing.is_empty() && (round as usize) < VERIFY_ROUNDS_MAX {
+                record.resent = true;
             }
             tracing::warn!(
                 job = job.id,

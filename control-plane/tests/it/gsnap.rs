@@ -717,16 +717,41 @@ fn the_catalog_records_verification_rounds_once_and_in_order_and_keeps_a_cancel(
     .is_err());
     assert_eq!(cluster.catalog.verification(id).len(), 1);
 
-    // A cancel stays asked for when the driver records a copy it read before it.
-    let mut stale = cluster.catalog.job(id).unwrap().clone();
-    let mut cancelled = stale.clone();
-    cancelled.cancel_requested = true;
-    assert!(answer(&mut cluster, Command::GsnapRecord(cancelled)).is_ok());
-    stale.step_mut(GsnapStep::Snap).started_unix_seconds = Some(4);
-    assert!(answer(&mut cluster, Command::GsnapRecord(stale)).is_ok());
+    // A cancel stays asked for when the driver records a copy it read before it, and
+    // that copy may not start the activation the cancel came before.
+    let stale = cluster.catalog.job(id).unwrap().clone();
+    assert!(answer(&mut cluster, Command::GsnapCancel { job: id }).is_ok());
+    let mut snapping = stale.clone();
+    snapping.step_mut(GsnapStep::Snap).started_unix_seconds = Some(4);
+    assert!(answer(&mut cluster, Command::GsnapRecord(snapping)).is_ok());
     let job = cluster.catalog.job(id).unwrap();
     assert!(job.cancel_requested);
     assert_eq!(job.step(GsnapStep::Snap).started_unix_seconds, Some(4));
+    let mut activating = at(stale, GsnapStep::Activate);
+    activating.cancel_requested = false;
+    assert!(answer(&mut cluster, Command::GsnapRecord(activating)).is_err());
+    assert!(cluster
+        .catalog
+        .job(id)
+        .unwrap()
+        .step(GsnapStep::Activate)
+        .started_unix_seconds
+        .is_none());
+
+    // Once the activation began, a cancel is refused and records nothing.
+    let mut cluster = Cluster::new();
+    let id = cluster.record(self::job(None)).id;
+    let activating = at(
+        cluster.catalog.job(id).unwrap().clone(),
+        GsnapStep::Activate,
+    );
+    cluster.apply(Command::GsnapRecord(activating));
+    let refused = answer(&mut cluster, Command::GsnapCancel { job: id }).unwrap_err();
+    assert!(
+        refused.to_string().contains("past its activation"),
+        "{refused}"
+    );
+    assert!(!cluster.catalog.job(id).unwrap().cancel_requested);
 }
 
 #[test]
