@@ -530,6 +530,46 @@ mod tests {
     }
 
     #[test]
+    fn a_shifted_reference_partly_hidden_by_a_later_snap_keeps_its_shift() {
+        // Source tracks 10-19 land on target tracks 50-59 (shift -40)...
+        let source = new_view(1, 100);
+        let target = new_view(2, 200);
+        let map = [TrackMap {
+            source_first: 10,
+            target_first: 50,
+            tracks: 10,
+        }];
+        let (_, target_view) = snap_views_mapped(&source, &target, &map, 3, 4, 100, 200);
+        // ...then another volume's tracks 55-57 land on the same target tracks, hiding the
+        // middle of that reference: prune trims it into 50-54 and 58-59.
+        let other = new_view(5, 200);
+        let (_, again) = snap_views(
+            &other,
+            &target_view,
+            &[Extent {
+                first: 55,
+                last: 57,
+            }],
+            6,
+            7,
+            200,
+            200,
+        );
+        let without_tops: Vec<LayerReference> = again
+            .iter()
+            .filter(|reference| !matches!(reference.layer(), Some(4 | 7)))
+            .copied()
+            .collect();
+        assert_eq!(layer_track(&without_tops, 54), Some((1, 14)));
+        assert_eq!(layer_track(&without_tops, 56), Some((5, 56)));
+        assert_eq!(layer_track(&without_tops, 58), Some((1, 18)));
+        assert!(again
+            .iter()
+            .filter(|reference| reference.layer() == Some(1))
+            .all(|reference| !reference.covers(56)));
+    }
+
+    #[test]
     fn reference_counts_count_every_view() {
         let source = new_view(1, 10);
         let target = new_view(2, 10);
