@@ -26,7 +26,7 @@ const REACHABLE_TIMEOUT_SECONDS: u64 = 3;
 /// How often a drive reads a copying pair again while it waits for it to move.
 const PAIR_POLL_INTERVAL_MILLISECONDS: u64 = 50;
 
-/// How long a digest call may take: a base, plus the time to read its bytes at a rate
+/// How long a digest or re-send call may take: a base, plus the time to read its bytes at a rate
 /// any disk manages (each node reads its own copy at low priority, after host IO).
 const DIGEST_TIMEOUT_BASE_SECONDS: u64 = 10;
 const DIGEST_BYTES_PER_SECOND_MIN: u64 = 20 << 20;
@@ -550,35 +550,14 @@ impl ControlPlane {
         let group_tracks = digest_group_tracks(tracks);
         // A round reads every copied track on both nodes: while its calls may still
         // answer in time, the job is working, not stalled.
-        let bytes = self.catalog.read(|catalog| {
-            catalog
-                .volume(&job.spec.source)
-                .map_or(0, |record| u64::from(record.track_size_bytes) * tracks)
-        });
-        self.watch_job_busy(
-            job.id,
-            now_unix_seconds()
-                + 2 * (DIGEST_TIMEOUT_BASE_SECONDS + bytes / DIGEST_BYTES_PER_SECOND_MIN),
-        );
-        let digests = tokio::join!(
-            self.digest(
-                &job.source_node,
-                &job.spec.intermediate,
-                &source_extents,
-                group_tracks
-            ),
-            self.digest(
-                &job.target_node,
-                job.pair_target(),
-                &target_extents,
-                group_tracks
-            ),
-        );
-        let (source, target) = match digests {
-            (Ok(source), Ok(target)) => (source, target),
-            (Err(refusal), _) | (_, Err(refusal)) => {
-                return self.verify_failed(job, refusal).await;
-            }
+        let timeout = self.call_timeout(&job.spec.source, tracks, DIGEST_BYTES_PER_SECOND_MIN);
+        self.watch_job_busy(job.id, now_unix_seconds() + 2 * timeout.as_secs());
+        let (source, target) = match self
+            .digest_both(&job, &source_extents, &target_extents, group_tracks)
+            .await
+        {
+            Ok(digests) => digests,
+            Err(refusal) => return self.verify_failed(job, refusal).await,
         };
         let mut record = VerifyRound {
             round,
@@ -602,15 +581,12 @@ impl ControlPlane {
                 }
                 let source_tracks = extents_of_tracks(&tracks_at(&source_extents, batch));
                 let target_tracks = extents_of_tracks(&tracks_at(&target_extents, batch));
-                let narrowed = tokio::join!(
-                    self.digest(&job.source_node, &job.spec.intermediate, &source_tracks, 1),
-                    self.digest(&job.target_node, job.pair_target(), &target_tracks, 1),
-                );
-                let (source_narrow, target_narrow) = match narrowed {
-                    (Ok(source), Ok(target)) => (source, target),
-                    (Err(refusal), _) | (_, Err(refusal)) => {
-                        return self.verify_failed(job, refusal).await;
-                    }
+                let (source_narrow, target_narrow) = match self
+                    .digest_both(&job, &source_tracks, &target_tracks, 1)
+                    .await
+                {
+                    Ok(digests) => digests,
+                    Err(refusal) => return self.verify_failed(job, refusal).await,
                 };
                 differing.extend(
                     differing_positions(&source_narrow, &target_narrow)
@@ -679,6 +655,32 @@ impl ControlPlane {
         Ok(Next::Continue)
     }
 
+    /// Digests of P''s tracks on P's node and of the pair target's on its node, both at
+    /// once.
+    async fn digest_both(
+        &self,
+        job: &GsnapJob,
+        source_extents: &[Extent],
+        target_extents: &[Extent],
+        group_tracks: u64,
+    ) -> Outcome<(TrackDigests, TrackDigests)> {
+        let (source, target) = tokio::join!(
+            self.digest(
+                &job.source_node,
+                &job.spec.intermediate,
+                source_extents,
+                group_tracks
+            ),
+            self.digest(
+                &job.target_node,
+                job.pair_target(),
+                target_extents,
+                group_tracks
+            ),
+        );
+        Ok((source?, target?))
+    }
+
     /// Digests of `extents` of `volume`, computed by `node` from its own stored bytes.
     async fn digest(
         &self,
@@ -687,15 +689,8 @@ impl ControlPlane {
         extents: &[Extent],
         group_tracks: u64,
     ) -> Outcome<TrackDigests> {
-        let bytes = self.catalog.read(|catalog| {
-            catalog.volume(volume).map_or(0, |record| {
-                u64::from(record.track_size_bytes)
-                    * extents.iter().map(Extent::track_count).sum::<u64>()
-            })
-        });
-        let timeout = std::time::Duration::from_secs(
-            DIGEST_TIMEOUT_BASE_SECONDS + bytes / DIGEST_BYTES_PER_SECOND_MIN,
-        );
+        let tracks = extents.iter().map(Extent::track_count).sum();
+        let timeout = self.call_timeout(volume, tracks, DIGEST_BYTES_PER_SECOND_MIN);
         let request = Request::Digest {
             volume: volume.to_string(),
             extents: extents.to_vec(),
@@ -763,15 +758,28 @@ impl ControlPlane {
         }
     }
 
+    /// How long a call that moves or reads `tracks` tracks of `volume` may take: a base,
+    /// plus their bytes at `bytes_per_second`.
+    fn call_timeout(
+        &self,
+        volume: &str,
+        tracks: u64,
+        bytes_per_second: u64,
+    ) -> std::time::Duration {
+        let bytes = self.catalog.read(|catalog| {
+            catalog
+                .volume(volume)
+                .map_or(0, |record| u64::from(record.track_size_bytes) * tracks)
+        });
+        std::time::Duration::from_secs(DIGEST_TIMEOUT_BASE_SECONDS + bytes / bytes_per_second)
+    }
+
     /// Sends `tracks` of the job's pair again, from P' on P's node.
     async fn resend(&self, job: &GsnapJob, tracks: &[u64]) -> Outcome<()> {
-        let bytes = self.catalog.read(|catalog| {
-            catalog.volume(&job.spec.intermediate).map_or(0, |record| {
-                u64::from(record.track_size_bytes) * tracks.len() as u64
-            })
-        });
-        let timeout = std::time::Duration::from_secs(
-            DIGEST_TIMEOUT_BASE_SECONDS + bytes / RESEND_BYTES_PER_SECOND_MIN,
+        let timeout = self.call_timeout(
+            &job.spec.intermediate,
+            tracks.len() as u64,
+            RESEND_BYTES_PER_SECOND_MIN,
         );
         let request = Request::Resend {
             target: job.pair_target().to_string(),
