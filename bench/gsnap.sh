@@ -11,7 +11,12 @@
 #         own fault injection: a call waits 20 ms before it is sent, so each round trip
 #         takes 20 ms longer), against the raw TCP stream of the row above;
 #  fixed  a 4 MiB gsnap's total time, command to verified report (the job's fixed cost),
-#         the median of ROUNDS.
+#         the median of ROUNDS;
+#  incremental  after a gsnap P -> S, 1 % of P's tracks (random ones) change; the next
+#         gsnap of P and S (only the changed tracks), command to verified report, against
+#         `rsync --inplace --no-whole-file` of the same change between two files; wire
+#         bytes are the loopback interface's bytes during the job (every call between the
+#         nodes, the CLI's and the heartbeats included) and rsync's own count.
 #
 # Usage: bash bench/gsnap.sh [SIZE_GIB]   (default 4)
 # Environment: SECTIONS (default "full delay fixed"), ROUNDS (default 5), TANDEM_BINARY
@@ -21,10 +26,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 size_gib="${1:-4}"
 size_bytes=$((size_gib << 30))
-sections=" ${SECTIONS:-full delay fixed} "
+sections=" ${SECTIONS:-full delay fixed incremental} "
 rounds="${ROUNDS:-5}"
-for tool in qemu-nbd nbdcopy socat python3; do
-  command -v "$tool" >/dev/null || { echo "bench/gsnap.sh needs $tool (apt-get install -y qemu-utils libnbd-bin socat)" >&2; exit 1; }
+for tool in qemu-nbd qemu-io nbdcopy socat rsync python3; do
+  command -v "$tool" >/dev/null || { echo "bench/gsnap.sh needs $tool (apt-get install -y qemu-utils libnbd-bin socat rsync)" >&2; exit 1; }
 done
 if [ -n "${TANDEM_BINARY:-}" ]; then
   tandem=$TANDEM_BINARY
@@ -175,5 +180,62 @@ if wants fixed; then
   echo "| median | $(median "${times[@]}") |"
   echo
   echo "The last job's steps: $(step_times)."
+  echo
+fi
+
+if wants incremental; then
+  echo "## Incremental gsnap after 1 % of the tracks changed"
+  echo
+  if ! wants full; then
+    "$tandem" volume create s --node beta --size "$size_bytes" >/dev/null
+    gsnap p p-mid s
+  fi
+  tracks=$((size_bytes / 65536))
+  changed=$((tracks / 100))
+  # The same random tracks change on P (through its NBD export, as a host writes) and
+  # in rsync's source file; rsync's destination is the image before the change.
+  cp "$work/source.raw" "$work/rsync-target.raw"
+  python3 - "$work/source.raw" "$tracks" "$changed" >"$work/changed-tracks" <<'PY'
+import os, random, sys
+path, tracks, changed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+chosen = sorted(random.Random(12).sample(range(tracks), changed))
+with open(path, "r+b") as image:
+    for track in chosen:
+        image.seek(track * 65536)
+        image.write(bytes([track % 251 + 1]) * 65536)
+for track in chosen:
+    print(track)
+PY
+  commands=()
+  while read -r track; do
+    commands+=(-c "write -P $((track % 251 + 1)) $((track * 65536)) 64k")
+  done <"$work/changed-tracks"
+  qemu-io -f raw "${commands[@]}" -c flush nbd://127.0.0.1:18300/p >/dev/null
+  sync
+  lo_bytes() { awk '$1 == "lo:" { print $10 }' /proc/net/dev; }
+  lo_before=$(lo_bytes)
+  gsnap p p-mid s
+  lo_after=$(lo_bytes)
+  tandem_seconds=$gsnap_seconds
+  sent=$(python3 -c "import json; print(json.load(open('$work/report.json'))['send']['tracks'])")
+  mode=$(python3 -c "import json; print(json.load(open('$work/report.json'))['send']['mode'])")
+  [ "$mode" = incremental ] || { echo "the second gsnap was not incremental" >&2; exit 1; }
+  [ "$sent" = "$changed" ] || { echo "the second gsnap sent $sent tracks, not $changed" >&2; exit 1; }
+  changed_bytes=$((changed * 65536))
+  start=$(seconds)
+  rsync --inplace --no-whole-file --stats "$work/source.raw" "$work/rsync-target.raw" >"$work/rsync.out"
+  sync
+  rsync_seconds=$(elapsed "$start" "$(seconds)")
+  cmp "$work/source.raw" "$work/rsync-target.raw"
+  rsync_bytes=$(awk -F': ' '/Total bytes sent/ { gsub(",", "", $2); print $2 }' "$work/rsync.out")
+  rm -f "$work/rsync-target.raw"
+  echo "$changed of $tracks tracks changed ($((changed_bytes >> 20)) MiB)."
+  echo
+  echo "| copy | seconds | wire bytes | wire ÷ changed bytes | rsync ÷ tandem (time) |"
+  echo "|---|---|---|---|---|"
+  echo "| tandem incremental gsnap ($sent tracks sent) | $tandem_seconds | $((lo_after - lo_before)) (loopback) | $(python3 -c "print(f'{($lo_after - $lo_before) / $changed_bytes:.2f}')") | $(python3 -c "print(f'{$rsync_seconds / $tandem_seconds:.1f}')") |"
+  echo "| rsync --inplace --no-whole-file | $rsync_seconds | $rsync_bytes (rsync's count) | $(python3 -c "print(f'{$rsync_bytes / $changed_bytes:.2f}')") | 1.0 |"
+  echo
+  echo "The job's steps: $(step_times)."
   echo
 fi

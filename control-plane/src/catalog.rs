@@ -11,7 +11,7 @@ use protocol::cluster::{
     Health, Intent, IntentCall, IntentResult, NodeRecord, NodeReport, RequestId, SessionEntry,
     VolumeRecord, VolumeState,
 };
-use protocol::gsnap::{GsnapJob, GsnapStep, JobId, VerifyRound};
+use protocol::gsnap::{GsnapJob, GsnapStep, JobId, JobSend, JobState, Lineage, VerifyRound};
 use protocol::messages::{Extent, Readiness, VOLUME_NAME_BYTES_MAX};
 use protocol::session::{next_state, SessionKind, SessionState, Transition};
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,43 @@ pub struct Catalog {
     last_job: JobId,
     /// The verification rounds of each job that has run one (snapshot layout 3).
     verifications: BTreeMap<JobId, Vec<VerifyRound>>,
+    /// What each job sends, once its nodes rotated their lineages (snapshot layout 4).
+    sends: BTreeMap<JobId, JobSend>,
+    /// The lineage of each P and S whose last job succeeded, by (P, S) (layout 4).
+    lineages: BTreeMap<(String, String), Lineage>,
+}
+
+/// The catalog as snapshots of layout version 3 hold it, before sends and lineages.
+/// Read only, to load such a snapshot.
+#[derive(Debug, Deserialize)]
+pub struct CatalogWithoutLineages {
+    nodes: BTreeMap<String, NodeRecord>,
+    volumes: BTreeMap<String, VolumeRecord>,
+    sessions: BTreeMap<String, SessionEntry>,
+    applied: BTreeMap<RequestId, CatalogResponse>,
+    applied_order: VecDeque<RequestId>,
+    intents: BTreeMap<RequestId, Intent>,
+    jobs: BTreeMap<JobId, GsnapJob>,
+    last_job: JobId,
+    verifications: BTreeMap<JobId, Vec<VerifyRound>>,
+}
+
+impl From<CatalogWithoutLineages> for Catalog {
+    fn from(old: CatalogWithoutLineages) -> Catalog {
+        Catalog {
+            nodes: old.nodes,
+            volumes: old.volumes,
+            sessions: old.sessions,
+            applied: old.applied,
+            applied_order: old.applied_order,
+            intents: old.intents,
+            jobs: old.jobs,
+            last_job: old.last_job,
+            verifications: old.verifications,
+            sends: BTreeMap::new(),
+            lineages: BTreeMap::new(),
+        }
+    }
 }
 
 /// The catalog as snapshots of layout version 2 hold it, before verification rounds.
@@ -74,6 +111,8 @@ impl From<CatalogWithoutVerifications> for Catalog {
             jobs: old.jobs,
             last_job: old.last_job,
             verifications: BTreeMap::new(),
+            sends: BTreeMap::new(),
+            lineages: BTreeMap::new(),
         }
     }
 }
@@ -101,6 +140,8 @@ impl From<CatalogWithoutIntents> for Catalog {
             jobs: BTreeMap::new(),
             last_job: 0,
             verifications: BTreeMap::new(),
+            sends: BTreeMap::new(),
+            lineages: BTreeMap::new(),
         }
     }
 }
@@ -210,6 +251,41 @@ impl Catalog {
         self.verifications.get(&id).map_or(&[], Vec::as_slice)
     }
 
+    /// What job `id` sends, once recorded.
+    pub fn send(&self, id: JobId) -> Option<&JobSend> {
+        self.sends.get(&id)
+    }
+
+    /// The lineage of P and S, if their last job succeeded and it was not forgotten.
+    pub fn lineage(&self, source: &str, target: &str) -> Option<&Lineage> {
+        self.lineages.get(&(source.to_string(), target.to_string()))
+    }
+
+    pub fn lineages(&self) -> impl Iterator<Item = &Lineage> {
+        self.lineages.values()
+    }
+
+    /// The lineage whose changes `volume`'s hosts' writes are tracked for (as its P, or
+    /// as the volume the pair copies into), if any.
+    pub fn lineage_of_volume(&self, volume: &str) -> Option<&Lineage> {
+        self.lineages
+            .values()
+            .find(|lineage| lineage.source == volume || lineage.tracked() == volume)
+    }
+
+    /// Refuses a change of `volume`'s data other than its hosts' writes while a lineage
+    /// tracks it: the next incremental job would miss it.
+    pub fn refuse_lineage_change(&self, volume: &str) -> Result<(), CatalogError> {
+        match self.lineage_of_volume(volume) {
+            Some(lineage) => Err(CatalogError::VolumeInLineage {
+                volume: volume.to_string(),
+                source_volume: lineage.source.clone(),
+                target: lineage.target.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The running job `volume` takes part in, if any.
     pub fn job_of_volume(&self, volume: &str) -> Option<&GsnapJob> {
         self.jobs.values().find(|job| {
@@ -265,7 +341,9 @@ impl Catalog {
     /// source): its node is being asked about it.
     fn refuse_intent_on(&self, volume: &str) -> Result<(), CatalogError> {
         let touching = self.intents.values().find(|intent| match &intent.call {
-            IntentCall::Snap { source, target, .. } | IntentCall::SnapAt { source, target, .. } => {
+            IntentCall::Snap { source, target, .. }
+            | IntentCall::SnapAt { source, target, .. }
+            | IntentCall::SnapLineage { source, target, .. } => {
                 source == volume || target == volume
             }
         });
@@ -374,6 +452,7 @@ impl Catalog {
             }
             Command::VolumeDeleteBegin { name } => {
                 self.refuse_intent_on(name)?;
+                self.refuse_lineage_change(name)?;
                 if let Some(job) = self.job_of_volume(name) {
                     return Err(CatalogError::VolumeInJob {
                         volume: name.clone(),
@@ -427,6 +506,24 @@ impl Catalog {
             Command::GsnapRecord(job) => self.gsnap_record(job),
             Command::GsnapVerified { job, round } => self.gsnap_verified(*job, round),
             Command::GsnapCancel { job } => self.gsnap_cancel(*job),
+            Command::GsnapSend { job, send } => self.gsnap_send(*job, send),
+            Command::GsnapForget { source, target } => {
+                let key = (source.clone(), target.clone());
+                if !self.lineages.contains_key(&key) {
+                    return Err(CatalogError::UnknownLineage {
+                        source_volume: source.clone(),
+                        target: target.clone(),
+                    });
+                }
+                if let Some(job) = self.job_of_volume(source) {
+                    return Err(CatalogError::VolumeInJob {
+                        volume: source.clone(),
+                        job: job.id,
+                    });
+                }
+                self.lineages.remove(&key);
+                Ok(CatalogReply::Done)
+            }
         }
     }
 
@@ -455,6 +552,12 @@ impl Catalog {
                 target,
                 create,
                 ..
+            }
+            | IntentCall::SnapLineage {
+                source,
+                target,
+                create,
+                ..
             } => {
                 let source_record = self.ready_volume(source, "snapped")?;
                 if source_record.node != intent.node {
@@ -478,6 +581,15 @@ impl Catalog {
                         )?;
                     }
                     None => {
+                        // A running job of the lineage's own P and S snaps its S' onto S.
+                        let own_job = self.job_of_volume(target).is_some_and(|job| {
+                            job.spec.target == *target
+                                && job.spec.target_intermediate.as_deref() == Some(source.as_str())
+                                && self.lineage(&job.spec.source, target).is_some()
+                        });
+                        if !own_job {
+                            self.refuse_lineage_change(target)?;
+                        }
                         let target_record = self.ready_volume(target, "a snap target")?;
                         if target_record.node != intent.node {
                             return Err(CatalogError::Invalid {
@@ -575,6 +687,16 @@ impl Catalog {
                 });
             }
         }
+        // The volumes the job writes (the pair's target, and S when S' takes the pair)
+        // may be tracked by no other lineage than this job's own.
+        let pair_target = job.pair_target();
+        for written in [pair_target, spec.target.as_str()] {
+            if let Some(lineage) = self.lineage_of_volume(written) {
+                if lineage.source != spec.source || lineage.target != spec.target {
+                    self.refuse_lineage_change(written)?;
+                }
+            }
+        }
         protocol::gsnap::check_extents(&spec.source_extents, &spec.target_extents)
             .map_err(invalid)?;
         let target = &self.volumes[&spec.target];
@@ -654,8 +776,50 @@ impl Catalog {
         }
         let mut recorded = job.clone();
         recorded.cancel_requested |= existing.cancel_requested;
+        // A job that rotated the lineages (its send is recorded) leaves the lineage of
+        // its P and S behind when it succeeds, and none otherwise: its nodes dropped
+        // theirs before the end was recorded, so the next job sends everything.
+        let key = (job.spec.source.clone(), job.spec.target.clone());
+        if recorded.state.is_final() && !existing.state.is_final() {
+            if recorded.state == JobState::Succeeded && self.sends.contains_key(&job.id) {
+                self.lineages.insert(
+                    key,
+                    Lineage {
+                        source: job.spec.source.clone(),
+                        target: job.spec.target.clone(),
+                        intermediate: job.spec.intermediate.clone(),
+                        target_intermediate: job.spec.target_intermediate.clone(),
+                        source_extents: job.spec.source_extents.clone(),
+                        target_extents: job.spec.target_extents.clone(),
+                        source_node: job.source_node.clone(),
+                        target_node: job.target_node.clone(),
+                        last_job: job.id,
+                        since_unix_seconds: recorded
+                            .finished_unix_seconds
+                            .unwrap_or(recorded.created_unix_seconds),
+                    },
+                );
+            } else if recorded.state != JobState::Succeeded
+                && crate::gsnap::touches_lineage(&recorded)
+            {
+                self.lineages.remove(&key);
+            }
+        }
         self.jobs.insert(job.id, recorded.clone());
         Ok(CatalogReply::Job(Box::new(recorded)))
+    }
+
+    /// Records what a running job sends. Recorded once: a retry changes nothing.
+    fn gsnap_send(&mut self, id: JobId, send: &JobSend) -> CatalogResponse {
+        let job = self
+            .jobs
+            .get(&id)
+            .ok_or(CatalogError::UnknownJob { job: id })?;
+        if job.state.is_final() {
+            return Err(CatalogError::JobEnded { job: id });
+        }
+        self.sends.entry(id).or_insert_with(|| send.clone());
+        Ok(CatalogReply::Done)
     }
 
     /// Asks a running job to stop, judged against its record now: refused once its
@@ -711,7 +875,9 @@ impl Catalog {
         };
         match (&intent.call, result) {
             (
-                IntentCall::Snap { target, .. } | IntentCall::SnapAt { target, .. },
+                IntentCall::Snap { target, .. }
+                | IntentCall::SnapAt { target, .. }
+                | IntentCall::SnapLineage { target, .. },
                 IntentResult::Snapped { .. },
             ) => {
                 if let Some(volume) = self.volumes.get_mut(target) {
@@ -728,6 +894,11 @@ impl Catalog {
                     target,
                     create: Some(_),
                     ..
+                }
+                | IntentCall::SnapLineage {
+                    target,
+                    create: Some(_),
+                    ..
                 },
                 IntentResult::Refused { .. },
             ) => {
@@ -740,7 +911,9 @@ impl Catalog {
                 }
             }
             (
-                IntentCall::Snap { create: None, .. } | IntentCall::SnapAt { create: None, .. },
+                IntentCall::Snap { create: None, .. }
+                | IntentCall::SnapAt { create: None, .. }
+                | IntentCall::SnapLineage { create: None, .. },
                 IntentResult::Refused { .. },
             ) => {}
         }

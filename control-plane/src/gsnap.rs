@@ -14,8 +14,9 @@ use protocol::cluster::{
     derived_request_id, IntentCall, IntentResult, NewVolume, RequestId, VolumeState,
 };
 use protocol::gsnap::{
-    digest_hex, GsnapJob, GsnapStep, JobError, JobState, Stall, RESEND_TRACKS_MAX,
-    STALL_AFTER_SECONDS, VERIFY_ROUNDS_MAX,
+    coarsen_extents, digest_hex, intersect_extents, lineage_name, map_to_target, union_extents,
+    GsnapJob, GsnapStep, JobError, JobSend, JobState, SendMode, Stall, RESEND_TRACKS_MAX,
+    SEND_EXTENTS_MAX, STALL_AFTER_SECONDS, VERIFY_ROUNDS_MAX,
 };
 use protocol::messages::{ErrorCode, Extent};
 use protocol::session::{SessionCommand, SessionState};
@@ -48,6 +49,10 @@ pub enum Action {
         size_bytes: u64,
         track_size_bytes: u32,
     },
+    /// Rotate the lineage of the volume the pair copies into (taking it from its hosts),
+    /// read the tracks both lineages froze, and record what the job sends
+    /// ([`send_of`]).
+    PlanSend,
     /// Read the pair's progress from its source node and record it in the job.
     PollPair,
     /// Verification round `round`: digests of P''s copied tracks and of the target's,
@@ -57,7 +62,8 @@ pub enum Action {
     /// Record that the job failed; it then ends what it started (a pair is cancelled or
     /// terminated) before it ends.
     Fail(JobError),
-    /// End the job.
+    /// End the job. A job whose snap may have rotated P's lineage first settles the
+    /// lineages on both nodes (success: the frozen slots are freed) or drops them.
     Finish {
         state: JobState,
         error: Option<JobError>,
@@ -118,33 +124,26 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
                 });
             };
             let missing = catalog.volume(&job.spec.intermediate).is_none();
-            // P' is the job's own intermediate: one that is not P's snapshot is refused
-            // by the node rather than overwritten.
-            let call = if source_extents == target_extents {
-                IntentCall::Snap {
-                    source: job.spec.source.clone(),
-                    target: job.spec.intermediate.clone(),
-                    // Named even when they are all of P: a P' an earlier job made with
-                    // another size then still takes P's tracks.
-                    extents: source_extents,
-                    overwrite: false,
-                    create: missing
-                        .then(|| geometry(catalog, &job.spec.source))
-                        .flatten(),
-                }
+            // P's tracks land on P' at S's track numbers (P' has S's geometry when the
+            // extents differ), so the pair, the verification and the target snap need no
+            // offsets. The extents are named even when they are all of P: a P' an
+            // earlier job made with another size then still takes P's tracks. P' is the
+            // job's own intermediate: one that is not P's snapshot is refused by the
+            // node rather than overwritten. The snap rotates P's lineage in its own
+            // write, so the next job knows which tracks P's hosts wrote after it.
+            let geometry_of = if source_extents == target_extents {
+                &job.spec.source
             } else {
-                // P's tracks land on P' at S's track numbers (P' has S's geometry), so
-                // the pair, the verification and the target snap need no offsets.
-                IntentCall::SnapAt {
-                    source: job.spec.source.clone(),
-                    target: job.spec.intermediate.clone(),
-                    extents: source_extents,
-                    target_extents,
-                    overwrite: false,
-                    create: missing
-                        .then(|| geometry(catalog, &job.spec.target))
-                        .flatten(),
-                }
+                &job.spec.target
+            };
+            let call = IntentCall::SnapLineage {
+                source: job.spec.source.clone(),
+                target: job.spec.intermediate.clone(),
+                extents: source_extents,
+                target_extents,
+                overwrite: false,
+                create: missing.then(|| geometry(catalog, geometry_of)).flatten(),
+                lineage: lineage_name(&job.spec.source, &job.spec.target),
             };
             snap_step(job, catalog, step, &job.source_node, call)
         }
@@ -185,22 +184,32 @@ pub fn plan(job: &GsnapJob, catalog: &Catalog) -> Action {
                     volume: pair_target.to_string(),
                 })
             }
-            (None, Some(_)) => on_nodes(
-                catalog,
-                &[&job.source_node, &job.target_node],
-                Action::Session {
-                    request_id: call_id(job, "pair"),
-                    command: SessionCommand::CloneCreate {
-                        source: job.spec.intermediate.clone(),
-                        target: pair_target.to_string(),
-                        precopy: true,
-                        extents: job_extents(job, catalog)
-                            .map(|(_, target)| target)
-                            .unwrap_or_default(),
+            (None, Some(_)) => match catalog.send(job.id) {
+                None => on_nodes(
+                    catalog,
+                    &[&job.source_node, &job.target_node],
+                    Action::PlanSend,
+                ),
+                // Nothing changed on either side since the last job: no pair.
+                Some(send) if send.tracks == 0 => Action::FinishStep(step),
+                Some(send) => on_nodes(
+                    catalog,
+                    &[&job.source_node, &job.target_node],
+                    Action::Session {
+                        request_id: call_id(job, "pair"),
+                        command: SessionCommand::CloneCreate {
+                            source: job.spec.intermediate.clone(),
+                            target: pair_target.to_string(),
+                            precopy: true,
+                            extents: send.extents.clone(),
+                        },
                     },
-                },
-            ),
+                ),
+            },
         },
+        _ if nothing_to_send(job, catalog) && step != GsnapStep::TargetSnap => {
+            Action::FinishStep(step)
+        }
         GsnapStep::Copy => match job.tracks_remaining {
             Some(0) => Action::FinishStep(step),
             _ => on_nodes(catalog, &[&job.source_node], Action::PollPair),
@@ -274,6 +283,92 @@ pub fn job_extents(job: &GsnapJob, catalog: &Catalog) -> Option<(Vec<Extent>, Ve
         job.spec.target_extents.clone()
     };
     Some((source_extents, target_extents))
+}
+
+/// The target's tracks (its own numbers) the job's pair copies: what the job's send
+/// names, or, before it is recorded (and for jobs recorded before sends existed), the
+/// target's extents.
+pub fn pair_extents(job: &GsnapJob, catalog: &Catalog) -> Option<Vec<Extent>> {
+    match catalog.send(job.id) {
+        Some(send) => Some(send.extents.clone()),
+        None => job_extents(job, catalog).map(|(_, target)| target),
+    }
+}
+
+/// Whether the job's send is recorded and holds no track (nothing changed since the
+/// last job): it has no pair, copy or verification.
+fn nothing_to_send(job: &GsnapJob, catalog: &Catalog) -> bool {
+    catalog.send(job.id).is_some_and(|send| send.tracks == 0)
+}
+
+fn track_total(extents: &[Extent]) -> u64 {
+    extents.iter().map(Extent::track_count).sum()
+}
+
+/// What a job sends, from the catalog and the tracks each node's lineage froze when
+/// the job rotated it (`None`: the node kept no live slot for it). Only the changes
+/// since the last job are sent when the lineage of P and S is in the catalog, the job
+/// matches it, `--full` is absent, and both nodes kept their slots; otherwise every
+/// track, and the report says why.
+pub fn send_of(
+    job: &GsnapJob,
+    catalog: &Catalog,
+    source_frozen: Option<&[Extent]>,
+    target_frozen: Option<&[Extent]>,
+) -> JobSend {
+    let (source_extents, target_extents) = job_extents(job, catalog).unwrap_or_default();
+    let full = |reason: String| JobSend {
+        mode: SendMode::Full { reason },
+        tracks: track_total(&target_extents),
+        extents: target_extents.clone(),
+    };
+    let (source, target) = (&job.spec.source, &job.spec.target);
+    if job.spec.full {
+        return full("--full asks for every track".to_string());
+    }
+    let Some(lineage) = catalog.lineage(source, target) else {
+        return full(format!(
+            "no earlier job from '{source}' to '{target}' succeeded since its lineage began"
+        ));
+    };
+    if let Some(mismatch) = lineage.mismatch(&job.spec) {
+        return full(mismatch);
+    }
+    let Some(source_frozen) = source_frozen else {
+        return full(format!(
+            "node {} kept no record of the tracks written to '{source}' since job {}",
+            job.source_node, lineage.last_job
+        ));
+    };
+    let Some(target_frozen) = target_frozen else {
+        return full(format!(
+            "node {} kept no record of the tracks written to '{}' since job {}",
+            job.target_node,
+            job.pair_target(),
+            lineage.last_job
+        ));
+    };
+    let source_changed = map_to_target(source_frozen, &source_extents, &target_extents);
+    let target_changed = intersect_extents(target_frozen, &target_extents);
+    let extents = coarsen_extents(
+        &union_extents(&source_changed, &target_changed),
+        SEND_EXTENTS_MAX,
+    );
+    JobSend {
+        mode: SendMode::Incremental {
+            since_job: lineage.last_job,
+            source_changed: track_total(&source_changed),
+            target_changed: track_total(&target_changed),
+        },
+        tracks: track_total(&extents),
+        extents,
+    }
+}
+
+/// Whether a job's end must settle or drop the lineages on its nodes: once its snap
+/// began, P's lineage may have been rotated.
+pub fn touches_lineage(job: &GsnapJob) -> bool {
+    job.step(GsnapStep::Snap).started_unix_seconds.is_some()
 }
 
 /// The geometry of `volume`, for a volume made like it.

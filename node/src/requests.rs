@@ -63,13 +63,32 @@ pub enum NodeCall {
         overwrite: bool,
         target_size_bytes: Option<u64>,
     },
+    /// A gsnap's snap of P, which rotates P's lineage in its own write (appended).
+    SnapLineage {
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+        target_extents: Vec<Extent>,
+        overwrite: bool,
+        target_size_bytes: Option<u64>,
+        lineage: String,
+    },
+    /// A step of a volume's lineage (appended).
+    Lineage {
+        volume: String,
+        lineage: String,
+        step: protocol::gsnap::LineageStep,
+    },
 }
 
 impl NodeCall {
     pub fn name(&self) -> &'static str {
         match self {
             NodeCall::Session(command) => command.name(),
-            NodeCall::Snap { .. } | NodeCall::SnapAt { .. } => "snap",
+            NodeCall::Snap { .. } | NodeCall::SnapAt { .. } | NodeCall::SnapLineage { .. } => {
+                "snap"
+            }
+            NodeCall::Lineage { .. } => "lineage",
         }
     }
 }
@@ -83,6 +102,8 @@ pub enum NodeAnswer {
         target_info: VolumeInfo,
         elapsed_micros: u64,
     },
+    /// The volume after a lineage step (appended).
+    Lineage(VolumeInfo),
 }
 
 /// One carried-out call and the answer it got.

@@ -117,6 +117,8 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
         | Request::VolumeSetReadiness { .. }
         | Request::Snap { .. }
         | Request::SnapAt { .. }
+        | Request::SnapLineage { .. }
+        | Request::Lineage { .. }
             if !from_node =>
         {
             // Volumes change through the catalog only, so that it stays the truth.
@@ -150,10 +152,53 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                 blocking(move || sessions.serve_target(operation).map(Response::Target)).await
             }
         }
-        Request::Digest { .. } | Request::Resend { .. } if !from_node => refuse(
+        Request::Digest { .. } | Request::Resend { .. } | Request::LineageTracks { .. }
+            if !from_node =>
+        {
+            refuse(
             ErrorCode::Forbidden,
-            "digests and re-sends are a gsnap's verification, which the control plane's leader drives: use `tandem gsnap`".into(),
-        ),
+            "digests, re-sends and lineages are a gsnap's, which the control plane's leader drives: use `tandem gsnap`".into(),
+            )
+        }
+        Request::LineageTracks { volume, lineage } => {
+            let sessions = service.sessions.clone();
+            blocking(move || {
+                let store = sessions.store();
+                let frozen = store.lineage_frozen_tracks(&*store.volume(&volume)?, &lineage)?;
+                Ok(Response::LineageTracks(protocol::gsnap::LineageTracks {
+                    volume,
+                    lineage,
+                    frozen,
+                }))
+            })
+            .await
+        }
+        Request::Lineage {
+            request_id,
+            volume,
+            lineage,
+            step,
+        } => {
+            let sessions = service.sessions.clone();
+            let requests = service.requests.clone();
+            let call = NodeCall::Lineage {
+                volume: volume.clone(),
+                lineage: lineage.clone(),
+                step,
+            };
+            blocking(move || {
+                let answer = requests.carry_out_call(request_id, &call, || {
+                    sessions
+                        .lineage_step(&volume, &lineage, step)
+                        .map(NodeAnswer::Lineage)
+                })?;
+                match answer {
+                    NodeAnswer::Lineage(info) => Ok(Response::Lineage(info)),
+                    answer => Err(wrong_answer(request_id, &call, &answer)),
+                }
+            })
+            .await
+        }
         Request::Digest {
             volume,
             extents,
@@ -232,6 +277,7 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                 target_extents: Vec::new(),
                 overwrite,
                 target_size_bytes: None,
+                lineage: None,
             };
             serve_snap(&service, request_id, call, order).await
         }
@@ -259,6 +305,37 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                 target_extents,
                 overwrite,
                 target_size_bytes,
+                lineage: None,
+            };
+            serve_snap(&service, request_id, call, order).await
+        }
+        Request::SnapLineage {
+            request_id,
+            source,
+            target,
+            extents,
+            target_extents,
+            overwrite,
+            target_size_bytes,
+            lineage,
+        } => {
+            let call = NodeCall::SnapLineage {
+                source: source.clone(),
+                target: target.clone(),
+                extents: extents.clone(),
+                target_extents: target_extents.clone(),
+                overwrite,
+                target_size_bytes,
+                lineage: lineage.clone(),
+            };
+            let order = SnapOrder {
+                source,
+                target,
+                extents,
+                target_extents,
+                overwrite,
+                target_size_bytes,
+                lineage: Some(lineage),
             };
             serve_snap(&service, request_id, call, order).await
         }
@@ -604,7 +681,9 @@ fn request_kind(request: &Request) -> &'static str {
         Request::VolumeShow { .. } => "volume_show",
         Request::VolumeDelete { .. } => "volume_delete",
         Request::VolumeSetReadiness { .. } => "volume_set_readiness",
-        Request::Snap { .. } | Request::SnapAt { .. } => "snap",
+        Request::Snap { .. } | Request::SnapAt { .. } | Request::SnapLineage { .. } => "snap",
+        Request::Lineage { .. } => "lineage",
+        Request::LineageTracks { .. } => "lineage tracks",
         Request::NodeStatus => "node_status",
         Request::Cluster { .. } => "cluster",
         Request::Heartbeat { .. } => "heartbeat",
@@ -629,6 +708,7 @@ struct SnapOrder {
     target_extents: Vec<protocol::messages::Extent>,
     overwrite: bool,
     target_size_bytes: Option<u64>,
+    lineage: Option<String>,
 }
 
 /// Carries out a snap once per request id (a retry gets the first answer, the image of
@@ -665,13 +745,14 @@ async fn serve_snap<E: Engine>(
 fn snap<E: Engine>(sessions: &Sessions<E>, order: &SnapOrder) -> Result<NodeAnswer> {
     check_not_in_session(sessions, &order.target, "overwritten by a snap")?;
     let started = Instant::now();
-    let (target_volume, _created) = sessions.store().snap_mapped(
+    let (target_volume, _created) = sessions.store().snap_with_lineage(
         &order.source,
         &order.target,
         &order.extents,
         &order.target_extents,
         order.overwrite,
         order.target_size_bytes,
+        order.lineage.as_deref(),
     )?;
     Ok(NodeAnswer::Snapped {
         target_info: target_volume.info(),

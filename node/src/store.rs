@@ -11,6 +11,7 @@ mod bits;
 mod changes;
 mod counts;
 mod digest;
+pub mod lineage;
 pub use changes::VolumeChanges;
 
 use crate::bitmap::{self, BitmapKind};
@@ -755,6 +756,31 @@ impl<E: Engine> VolumeStore<E> {
         overwrite: bool,
         target_size_bytes: Option<u64>,
     ) -> Result<(Arc<Volume>, bool)> {
+        self.snap_with_lineage(
+            source,
+            target,
+            extents,
+            target_extents,
+            overwrite,
+            target_size_bytes,
+            None,
+        )
+    }
+
+    /// [`VolumeStore::snap_mapped`] that also rotates the source's lineage `lineage` in
+    /// the snap's own write, under the source's write lock (see [`lineage`]): the tracks
+    /// written before the snap are in the frozen slot, those after it in the new live one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn snap_with_lineage(
+        &self,
+        source: &str,
+        target: &str,
+        extents: &[Extent],
+        target_extents: &[Extent],
+        overwrite: bool,
+        target_size_bytes: Option<u64>,
+        lineage: Option<&str>,
+    ) -> Result<(Arc<Volume>, bool)> {
         let refuse = |reason: String| Error::SnapRefused {
             source_name: source.to_string(),
             target: target.to_string(),
@@ -939,10 +965,21 @@ impl<E: Engine> VolumeStore<E> {
         );
         let old_source_view = std::mem::replace(&mut source_state.view, new_source_view);
         let old_target_view = std::mem::replace(&mut target_state.view, new_target_view);
+        let (old_source_slots, old_source_marks) = (source_state.session_slots, source_state.marks);
         let restore = |source_state: &mut VolumeState, target_state: &mut VolumeState| {
             source_state.view = old_source_view.clone();
             target_state.view = old_target_view.clone();
+            source_state.session_slots = old_source_slots;
+            source_state.marks = old_source_marks;
         };
+        if let Some(name) = lineage {
+            if let Err(error) =
+                self.rotate_lineage_in(&mut batch, &source_volume, &mut source_state, name)
+            {
+                restore(&mut source_state, &mut target_state);
+                return Err(error);
+            }
+        }
         let encoded = self
             .put_record(&mut batch, &source_volume, &source_state)
             .and_then(|()| self.put_record(&mut batch, &target_volume, &target_state));

@@ -201,6 +201,17 @@ pub enum Command {
         job: crate::gsnap::JobId,
         round: crate::gsnap::VerifyRound,
     },
+    /// Records what a running job sends, once both nodes rotated their lineages: every
+    /// track, or only those changed since the last job of the same P and S.
+    GsnapSend {
+        job: crate::gsnap::JobId,
+        send: crate::gsnap::JobSend,
+    },
+    /// Drops the lineage of P and S (`tandem gsnap forget`): the next job sends everything.
+    GsnapForget {
+        source: String,
+        target: String,
+    },
 }
 
 /// A step of the leader's work on one node, between the commit that records it and the
@@ -240,20 +251,35 @@ pub enum IntentCall {
         overwrite: bool,
         create: Option<NewVolume>,
     },
+    /// [`IntentCall::SnapAt`] that also rotates the source's lineage `lineage` in the
+    /// snap's own write (a gsnap's snap of P; appended).
+    SnapLineage {
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+        target_extents: Vec<Extent>,
+        overwrite: bool,
+        create: Option<NewVolume>,
+        lineage: String,
+    },
 }
 
 impl IntentCall {
     /// The volume the intent works on; one intent at a time per volume.
     pub fn owner(&self) -> &str {
         match self {
-            IntentCall::Snap { target, .. } | IntentCall::SnapAt { target, .. } => target,
+            IntentCall::Snap { target, .. }
+            | IntentCall::SnapAt { target, .. }
+            | IntentCall::SnapLineage { target, .. } => target,
         }
     }
 
     /// The call's name, for logs and fail points.
     pub fn name(&self) -> &'static str {
         match self {
-            IntentCall::Snap { .. } | IntentCall::SnapAt { .. } => "snap",
+            IntentCall::Snap { .. }
+            | IntentCall::SnapAt { .. }
+            | IntentCall::SnapLineage { .. } => "snap",
         }
     }
 }
@@ -401,6 +427,17 @@ pub enum CatalogError {
     VolumeInJob { volume: String, job: u64 },
     #[error("{reason}")]
     CancelRefused { job: u64, reason: String },
+    #[error("volume '{volume}' keeps the lineage of gsnap jobs from '{source_volume}' to '{target}', which only its hosts' writes may change; run `tandem gsnap forget {source_volume} {target}` first (the next gsnap then sends every track)")]
+    VolumeInLineage {
+        volume: String,
+        source_volume: String,
+        target: String,
+    },
+    #[error("there is no lineage of gsnap jobs from '{source_volume}' to '{target}': `tandem gsnap list` shows the jobs")]
+    UnknownLineage {
+        source_volume: String,
+        target: String,
+    },
 }
 
 /// What an applied command produced.
@@ -526,6 +563,13 @@ pub enum ClusterRequest {
         request_id: RequestId,
         job: crate::gsnap::JobId,
     },
+    /// Drops the lineage of `source` and `target`: both nodes free its slots, and the
+    /// next job of the two sends every track.
+    GsnapForget {
+        request_id: RequestId,
+        source: String,
+        target: String,
+    },
 }
 
 /// Fault injection in our own network layer, per peer node: the kernel here has no
@@ -590,8 +634,11 @@ impl CatalogError {
             | CatalogError::IntentUnderWay { .. }
             | CatalogError::JobEnded { .. }
             | CatalogError::VolumeInJob { .. }
-            | CatalogError::CancelRefused { .. } => ErrorCode::IllegalState,
-            CatalogError::UnknownJob { .. } => ErrorCode::NotFound,
+            | CatalogError::CancelRefused { .. }
+            | CatalogError::VolumeInLineage { .. } => ErrorCode::IllegalState,
+            CatalogError::UnknownJob { .. } | CatalogError::UnknownLineage { .. } => {
+                ErrorCode::NotFound
+            }
         }
     }
 }

@@ -386,6 +386,234 @@ pub struct GsnapJobView {
     /// when no copy runs or the leader has not read it yet).
     pub rate_bytes_per_second: u64,
     pub eta_seconds: Option<u64>,
+    /// What the job sends, once recorded.
+    pub send: Option<JobSend>,
+}
+
+/// What a job does to a lineage on one node: the session slot that marks a volume's
+/// tracks written by hosts since the last job of the same P and S (on P, and on the
+/// volume the pair copies into, S' or S).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LineageStep {
+    /// The live slot is frozen (its tracks become the job's changed tracks; a frozen slot
+    /// left by an earlier job is freed first) and a new live slot takes the writes from
+    /// now on. On the pair's target the volume also goes not ready, in the same write,
+    /// so no host write falls between the two slots; the job's copy makes it ready again.
+    Rotate,
+    /// The job succeeded: its frozen slot is freed; the live one goes on. The volume is
+    /// made ready (a job that had nothing to send has no pair to do it).
+    Settle,
+    /// The job failed, was cancelled, or the lineage is forgotten: both slots are freed
+    /// and the lineage is gone (the next job sends everything).
+    Drop,
+}
+
+impl LineageStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            LineageStep::Rotate => "rotate",
+            LineageStep::Settle => "settle",
+            LineageStep::Drop => "drop",
+        }
+    }
+}
+
+/// The name both nodes keep a lineage of P and S under.
+pub fn lineage_name(source: &str, target: &str) -> String {
+    format!("{source}>{target}")
+}
+
+/// A node's lineage after a rotation: the tracks its frozen slot holds (written since the
+/// last job), or `None` when the node kept no live slot for it (a first job, one after a
+/// failure or a `gsnap forget`, or a volume made again): then the job sends everything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageTracks {
+    pub volume: String,
+    pub lineage: String,
+    pub frozen: Option<Vec<Extent>>,
+}
+
+/// Distinct runs of tracks a job's pair may name: more changed runs are merged across
+/// the smallest gaps (a few unchanged tracks are sent too).
+pub const SEND_EXTENTS_MAX: usize = crate::session::CLONE_EXTENTS_MAX;
+
+/// What a job sends: everything, or only the tracks changed since the last job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SendMode {
+    /// Every track of the extents, and why.
+    Full { reason: String },
+    /// P's tracks written since job `since_job`'s snap, with the tracks the target's
+    /// hosts wrote since that job ended.
+    Incremental {
+        since_job: JobId,
+        source_changed: u64,
+        target_changed: u64,
+    },
+}
+
+/// A job's send, recorded once both nodes rotated their lineages and before the pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSend {
+    pub mode: SendMode,
+    /// The target's tracks (its own numbers) the pair copies, in increasing order; for a
+    /// full job, the target's extents.
+    pub extents: Vec<Extent>,
+    pub tracks: u64,
+}
+
+impl JobSend {
+    pub fn is_incremental(&self) -> bool {
+        matches!(self.mode, SendMode::Incremental { .. })
+    }
+}
+
+/// A lineage as the catalog keeps it, by P and S: the job that last succeeded, and what
+/// the next job must match to send only what changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub source: String,
+    pub target: String,
+    pub intermediate: String,
+    pub target_intermediate: Option<String>,
+    pub source_extents: Vec<Extent>,
+    pub target_extents: Vec<Extent>,
+    pub source_node: String,
+    pub target_node: String,
+    pub last_job: JobId,
+    pub since_unix_seconds: u64,
+}
+
+impl Lineage {
+    /// The volume whose host writes the target side tracks: S' when the job has one.
+    pub fn tracked(&self) -> &str {
+        self.target_intermediate.as_deref().unwrap_or(&self.target)
+    }
+
+    /// Why a job of `spec` cannot send only the changes of this lineage (`None`: it can).
+    pub fn mismatch(&self, spec: &GsnapSpec) -> Option<String> {
+        if self.intermediate != spec.intermediate {
+            return Some(format!(
+                "the intermediate is '{}', not job {}'s '{}'",
+                spec.intermediate, self.last_job, self.intermediate
+            ));
+        }
+        if self.target_intermediate != spec.target_intermediate {
+            return Some(format!(
+                "the target intermediate differs from job {}'s",
+                self.last_job
+            ));
+        }
+        if self.source_extents != spec.source_extents || self.target_extents != spec.target_extents
+        {
+            return Some(format!("the extents differ from job {}'s", self.last_job));
+        }
+        None
+    }
+}
+
+/// Runs of tracks merged across the smallest gaps until at most `extents_max` remain.
+/// `extents` are in increasing order without overlaps.
+pub fn coarsen_extents(extents: &[Extent], extents_max: usize) -> Vec<Extent> {
+    if extents.len() <= extents_max || extents_max == 0 {
+        return extents.to_vec();
+    }
+    // The gaps to fill: the widest are kept, so the fewest unchanged tracks are sent.
+    let mut gaps: Vec<(u64, usize)> = extents
+        .windows(2)
+        .enumerate()
+        .map(|(index, pair)| (pair[1].first - pair[0].last - 1, index))
+        .collect();
+    gaps.sort_unstable();
+    let mut fill = vec![false; extents.len()];
+    for (_, index) in gaps.iter().take(extents.len() - extents_max) {
+        fill[*index] = true;
+    }
+    let mut merged: Vec<Extent> = Vec::with_capacity(extents_max);
+    let mut joining = false;
+    for (index, extent) in extents.iter().enumerate() {
+        match merged.last_mut() {
+            Some(last) if joining => last.last = extent.last,
+            _ => merged.push(*extent),
+        }
+        joining = fill[index];
+    }
+    merged
+}
+
+/// The union of two lists of extents, each in increasing order without overlaps, as one
+/// such list with touching runs joined.
+pub fn union_extents(left: &[Extent], right: &[Extent]) -> Vec<Extent> {
+    let mut all: Vec<Extent> = left.iter().chain(right).copied().collect();
+    all.sort_unstable_by_key(|extent| extent.first);
+    let mut merged: Vec<Extent> = Vec::with_capacity(all.len());
+    for extent in all {
+        match merged.last_mut() {
+            Some(last) if extent.first <= last.last.saturating_add(1) => {
+                last.last = last.last.max(extent.last)
+            }
+            _ => merged.push(extent),
+        }
+    }
+    merged
+}
+
+/// The part of `extents` inside `within` (both in increasing order without overlaps).
+pub fn intersect_extents(extents: &[Extent], within: &[Extent]) -> Vec<Extent> {
+    let mut result = Vec::new();
+    for extent in extents {
+        for bound in within {
+            let first = extent.first.max(bound.first);
+            let last = extent.last.min(bound.last);
+            if first <= last {
+                result.push(Extent { first, last });
+            }
+        }
+    }
+    result.sort_unstable_by_key(|extent| extent.first);
+    result
+}
+
+/// `extents` of P moved onto S's numbering: P's extents `source` land in order on S's
+/// `target` (equal track totals). Tracks outside `source` are dropped.
+pub fn map_to_target(extents: &[Extent], source: &[Extent], target: &[Extent]) -> Vec<Extent> {
+    // Segments where a source run and a target run line up: (source first, target first, tracks).
+    let mut segments = Vec::new();
+    let (mut source_index, mut target_index) = (0, 0);
+    let (mut source_offset, mut target_offset) = (0u64, 0u64);
+    while source_index < source.len() && target_index < target.len() {
+        let source_left = source[source_index].track_count() - source_offset;
+        let target_left = target[target_index].track_count() - target_offset;
+        let tracks = source_left.min(target_left);
+        segments.push((
+            source[source_index].first + source_offset,
+            target[target_index].first + target_offset,
+            tracks,
+        ));
+        source_offset += tracks;
+        target_offset += tracks;
+        if source_offset == source[source_index].track_count() {
+            source_index += 1;
+            source_offset = 0;
+        }
+        if target_offset == target[target_index].track_count() {
+            target_index += 1;
+            target_offset = 0;
+        }
+    }
+    let mut mapped = Vec::new();
+    for extent in extents {
+        for (source_first, target_first, tracks) in &segments {
+            let first = extent.first.max(*source_first);
+            let last = extent.last.min(source_first + tracks - 1);
+            if first <= last {
+                mapped.push(Extent {
+                    first: target_first + (first - source_first),
+                    last: target_first + (last - source_first),
+                });
+            }
+        }
+    }
+    union_extents(&mapped, &[])
 }
 
 /// Hex text of a digest, as reports print it.
@@ -503,6 +731,39 @@ mod tests {
         let target = digests(vec![[1; 32], [2; 32], [4; 32]]);
         assert_eq!(differing_positions(&source, &target), vec![128, 129]);
         assert_eq!(differing_positions(&source, &source), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn changed_tracks_map_onto_the_target_and_merge_across_the_smallest_gaps() {
+        // P's tracks 0-9 and 20-29 land on S's 100-119.
+        let source = [extent(0, 9), extent(20, 29)];
+        let target = [extent(100, 119)];
+        assert_eq!(
+            map_to_target(&[extent(8, 21), extent(40, 41)], &source, &target),
+            vec![extent(108, 111)]
+        );
+        assert_eq!(
+            union_extents(
+                &[extent(1, 3), extent(10, 10)],
+                &[extent(4, 5), extent(8, 9)]
+            ),
+            vec![extent(1, 5), extent(8, 10)]
+        );
+        assert_eq!(
+            intersect_extents(&[extent(0, 10), extent(20, 30)], &[extent(5, 25)]),
+            vec![extent(5, 10), extent(20, 25)]
+        );
+        let runs = [extent(0, 0), extent(2, 2), extent(10, 10), extent(13, 13)];
+        assert_eq!(coarsen_extents(&runs, 4), runs.to_vec());
+        assert_eq!(
+            coarsen_extents(&runs, 3),
+            vec![extent(0, 2), extent(10, 10), extent(13, 13)]
+        );
+        assert_eq!(
+            coarsen_extents(&runs, 2),
+            vec![extent(0, 2), extent(10, 13)]
+        );
+        assert_eq!(coarsen_extents(&runs, 1), vec![extent(0, 13)]);
     }
 
     #[test]

@@ -257,6 +257,33 @@ pub enum Request {
         target: String,
         tracks: Vec<u64>,
     },
+    /// [`Request::SnapAt`] that also rotates the source's lineage `lineage` in the snap's
+    /// own write, under the source's write lock: the tracks written before the snap are
+    /// in the frozen slot, those after it in the new live one (a gsnap's snap of P).
+    /// Carried out at most once per request id.
+    SnapLineage {
+        request_id: crate::cluster::RequestId,
+        source: String,
+        target: String,
+        extents: Vec<Extent>,
+        target_extents: Vec<Extent>,
+        overwrite: bool,
+        target_size_bytes: Option<u64>,
+        lineage: String,
+    },
+    /// A lineage step on `volume` (see [`crate::gsnap::LineageStep`]); carried out at
+    /// most once per request id. From the control plane's leader only.
+    Lineage {
+        request_id: crate::cluster::RequestId,
+        volume: String,
+        lineage: String,
+        step: crate::gsnap::LineageStep,
+    },
+    /// The tracks of `volume`'s lineage frozen by its last rotation. Reads, changes nothing.
+    LineageTracks {
+        volume: String,
+        lineage: String,
+    },
 }
 
 /// Status of the node that answered.
@@ -346,6 +373,9 @@ pub enum Response {
         tracks: u64,
         bytes: u64,
     },
+    /// A lineage step was carried out (or had been): the volume as it is now.
+    Lineage(VolumeInfo),
+    LineageTracks(crate::gsnap::LineageTracks),
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::fmt;
 /// Sessions per source volume: one per session slot (seed 002: 16 PB columns).
 pub const SESSIONS_PER_VOLUME_MAX: usize = 16;
 /// Extents one clone may name; each is checked before anything is set up.
-pub const CLONE_EXTENTS_MAX: usize = 256;
+pub const CLONE_EXTENTS_MAX: usize = 4096;
 /// Extents one operation of a target carries (1 MiB of them); a longer list, such as the
 /// tracks a precopied clone still owes, goes in several operations.
 pub const OPERATION_EXTENTS_MAX: usize = 65_536;

@@ -8,7 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use node::config::NodeConfig;
 use node::nbd_client::NbdClient;
 use protocol::cluster::{ClusterRequest, ClusterResponse};
-use protocol::gsnap::{digest_hex, GsnapSpec, JobState};
+use protocol::gsnap::{digest_hex, GsnapJobView, GsnapSpec, JobState, SendMode};
 use protocol::messages::{ErrorCode, Request, Response};
 use protocol::session::{MirrorMode, SessionCommand, SessionInfo, SessionKind};
 use std::net::SocketAddr;
@@ -176,7 +176,7 @@ async fn read_volume(nbd_address: SocketAddr, volume: &str) -> Result<Vec<u8>> {
 
 /// A gsnap from site-a to site-b while the source's host keeps writing: the job's steps
 /// as they happen, its verified report, and the target equal to the image of the
-/// command's instant.
+/// command's instant. Then a few tracks change and a second job sends only those.
 async fn gsnap_demo(
     connection: &quinn::Connection,
     site_a_nbd: SocketAddr,
@@ -199,6 +199,110 @@ async fn gsnap_demo(
     host.flush().await?.context("NBD flush")?;
     let before = read_volume(site_a_nbd, GSNAP_SOURCE).await?;
     let started = Instant::now();
+    let (view, written) = run_gsnap(connection, &mut host, "10.", tracks).await?;
+    let verified = view
+        .verification
+        .last()
+        .filter(|round| round.matched())
+        .context("the gsnap job succeeded without a matching verification")?;
+    let target = read_volume(site_b_nbd, GSNAP_TARGET).await?;
+    ensure!(
+        target == before,
+        "{GSNAP_TARGET} does not hold {GSNAP_SOURCE}'s image of the command's instant"
+    );
+    let after = read_volume(site_a_nbd, GSNAP_SOURCE).await?;
+    ensure!(
+        written.is_empty() || after != before,
+        "the host's writes during the job did not land on {GSNAP_SOURCE}"
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "    succeeded in {seconds:.2} s: {} tracks, {} MiB ({:.0} MiB/s); the host wrote {} tracks meanwhile",
+        verified.tracks,
+        verified.bytes >> 20,
+        verified.bytes as f64 / f64::from(1 << 20) / seconds,
+        written.len()
+    );
+    println!(
+        "    verified: BLAKE3 of the copied tracks on {} {} = on {SITE_B_NODE} {}",
+        view.job.source_node,
+        &digest_hex(&verified.source)[..16],
+        &digest_hex(&verified.target)[..16]
+    );
+    println!(
+        "    read {GSNAP_TARGET} back on site-b through NBD: byte for byte the image of the command's instant, none of the later writes"
+    );
+
+    // A few more tracks change; the next job of the same two volumes sends only what P's
+    // host wrote since the first job's snap: these, and the writes made during that job.
+    let during_first_job = written.len();
+    let mut changed: std::collections::BTreeSet<u64> = written;
+    for track in [3, tracks / 2, tracks - 5] {
+        host.write(
+            track * u64::from(TRACK_BYTES),
+            &pattern(77, TRACK_BYTES as usize),
+            true,
+        )
+        .await?
+        .context("NBD write")?;
+        changed.insert(track);
+    }
+    host.flush().await?.context("NBD flush")?;
+    let source_now = read_volume(site_a_nbd, GSNAP_SOURCE).await?;
+    let (view, _) = run_gsnap(connection, &mut host, "11.", 0).await?;
+    let send = view
+        .send
+        .as_ref()
+        .context("the second gsnap job has no send recorded")?;
+    let SendMode::Incremental { source_changed, .. } = &send.mode else {
+        bail!(
+            "the second gsnap job sent every track: {}",
+            crate::gsnap::send_line(send)
+        );
+    };
+    // Every track sent is one the host wrote after the first job's snap (the writes made
+    // during that job all came after it, as `tandem gsnap` answers once it snapped).
+    ensure!(
+        *source_changed == send.tracks && send.tracks >= 3 && send.tracks <= changed.len() as u64,
+        "the second gsnap job sent {} tracks; the host changed {} since the first job's snap",
+        send.tracks,
+        changed.len()
+    );
+    let moved = view
+        .verification
+        .last()
+        .filter(|round| round.matched())
+        .context("the second gsnap job succeeded without a matching verification")?;
+    ensure!(
+        read_volume(site_b_nbd, GSNAP_TARGET).await? == source_now,
+        "{GSNAP_TARGET} does not hold {GSNAP_SOURCE}'s image after the incremental job"
+    );
+    println!(
+        "    {} (the host wrote {} tracks during job {} and {} after it)",
+        crate::gsnap::send_line(send),
+        during_first_job,
+        view.job.id - 1,
+        changed.len() - during_first_job
+    );
+    println!(
+        "    moved and verified {} of {tracks} tracks ({} KiB); {GSNAP_TARGET} equals {GSNAP_SOURCE} again",
+        moved.tracks,
+        moved.bytes >> 10
+    );
+    host.disconnect().await?;
+    Ok(())
+}
+
+/// Runs one gsnap of the demo's volumes to its end, printing its steps as they happen;
+/// while it runs, `host` writes one 4 KiB block at a time to P (none of which may reach
+/// S) when `tracks` is not 0. Returns the job and the tracks the host wrote meanwhile.
+async fn run_gsnap(
+    connection: &quinn::Connection,
+    host: &mut NbdClient,
+    number: &str,
+    tracks: u64,
+) -> Result<(GsnapJobView, std::collections::BTreeSet<u64>)> {
+    let started = Instant::now();
     let Response::Cluster(ClusterResponse::Job(job)) = request(
         connection,
         ClusterRequest::Gsnap {
@@ -220,11 +324,17 @@ async fn gsnap_demo(
         bail!("unexpected answer to the gsnap request");
     };
     println!(
-        "10. gsnap {GSNAP_SOURCE} (site-a) -> {GSNAP_TARGET} ({SITE_B_NODE}, site-b) through {GSNAP_INTERMEDIATE}: job {}, while the host keeps writing {GSNAP_SOURCE}",
-        job.id
+        "{number} gsnap {GSNAP_SOURCE} (site-a) -> {GSNAP_TARGET} ({SITE_B_NODE}, site-b) through {GSNAP_INTERMEDIATE}: job {}{}",
+        job.id,
+        if tracks > 0 {
+            format!(", while the host keeps writing {GSNAP_SOURCE}")
+        } else {
+            String::new()
+        }
     );
     let deadline = Instant::now() + std::time::Duration::from_secs(GSNAP_DEMO_SECONDS_MAX);
     let mut shown_step = None;
+    let mut written = std::collections::BTreeSet::new();
     let mut host_writes = 0u64;
     let view = loop {
         let Response::Cluster(ClusterResponse::JobView(view)) =
@@ -251,54 +361,26 @@ async fn gsnap_demo(
             Instant::now() < deadline,
             "the gsnap job did not end within {GSNAP_DEMO_SECONDS_MAX} s: {view:?}"
         );
-        // The host writes on: none of it may reach the target, which gets the image of
-        // the command's instant.
-        let track = host_writes * 7 % tracks;
-        host.write(track * u64::from(TRACK_BYTES), &pattern(200, 4096), false)
-            .await?
-            .context("NBD write")?;
-        host_writes += 1;
+        if tracks > 0 {
+            // The host writes on: none of it may reach the target, which gets the image
+            // of the command's instant.
+            let track = host_writes * 7 % tracks;
+            host.write(track * u64::from(TRACK_BYTES), &pattern(200, 4096), false)
+                .await?
+                .context("NBD write")?;
+            written.insert(track);
+            host_writes += 1;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
-    host.disconnect().await?;
+    host.flush().await?.context("NBD flush")?;
     ensure!(
         view.job.state == JobState::Succeeded,
         "the gsnap job ended {:?}: {:?}",
         view.job.state,
         view.job.error
     );
-    let verified = view
-        .verification
-        .last()
-        .filter(|round| round.matched())
-        .context("the gsnap job succeeded without a matching verification")?;
-    let target = read_volume(site_b_nbd, GSNAP_TARGET).await?;
-    ensure!(
-        target == before,
-        "{GSNAP_TARGET} does not hold {GSNAP_SOURCE}'s image of the command's instant"
-    );
-    let after = read_volume(site_a_nbd, GSNAP_SOURCE).await?;
-    ensure!(
-        host_writes == 0 || after != before,
-        "the host's writes during the job did not land on {GSNAP_SOURCE}"
-    );
-    let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "    succeeded in {seconds:.2} s: {} tracks, {} MiB ({:.0} MiB/s); the host wrote {host_writes} times meanwhile",
-        verified.tracks,
-        verified.bytes >> 20,
-        verified.bytes as f64 / f64::from(1 << 20) / seconds
-    );
-    println!(
-        "    verified: BLAKE3 of the copied tracks on {} {} = on {SITE_B_NODE} {}",
-        view.job.source_node,
-        &digest_hex(&verified.source)[..16],
-        &digest_hex(&verified.target)[..16]
-    );
-    println!(
-        "    read {GSNAP_TARGET} back on site-b through NBD: byte for byte the image of the command's instant, none of the later writes"
-    );
-    Ok(())
+    Ok((*view, written))
 }
 
 /// How long the demo waits for its gsnap job (64 MiB on loopback takes about a second).
@@ -591,7 +673,7 @@ pub async fn run() -> Result<()> {
     else {
         bail!("unexpected answer to the list request");
     };
-    println!("11. volumes in the catalog:");
+    println!("12. volumes in the catalog:");
     for record in &volumes {
         println!(
             "     {:<12} {:>3} MiB  on {:<9}  {:<6} {}",

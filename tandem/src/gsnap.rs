@@ -7,7 +7,8 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use protocol::cluster::{ClusterRequest, ClusterResponse};
 use protocol::gsnap::{
-    digest_hex, parse_volume_extents, GsnapJob, GsnapJobView, GsnapSpec, JobId, JobState,
+    digest_hex, parse_volume_extents, GsnapJob, GsnapJobView, GsnapSpec, JobId, JobSend, JobState,
+    SendMode,
 };
 use protocol::messages::Response;
 use std::time::Duration;
@@ -77,6 +78,14 @@ enum GsnapCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Drop the lineage of SRC and TARGET: both nodes free its session slots, and the
+    /// next gsnap of the two sends every track.
+    Forget {
+        source: String,
+        target: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 pub async fn run(arguments: GsnapArguments) -> Result<()> {
@@ -132,7 +141,44 @@ pub async fn run(arguments: GsnapArguments) -> Result<()> {
             }
             Ok(())
         }
+        Some(GsnapCommand::Forget {
+            source,
+            target,
+            connection,
+        }) => {
+            let response = cluster_call(
+                &connection,
+                ClusterRequest::GsnapForget {
+                    request_id: rand::random(),
+                    source: source.clone(),
+                    target: target.clone(),
+                },
+            )
+            .await?;
+            let Response::Cluster(ClusterResponse::Done) = response else {
+                bail!("unexpected answer from the cluster: {response:?}");
+            };
+            println!(
+                "lineage {source} -> {target} forgotten: the next gsnap of the two sends every track"
+            );
+            Ok(())
+        }
         None => start(arguments).await,
+    }
+}
+
+/// What a job sends, in a line: every track and why, or only the changed tracks.
+pub(crate) fn send_line(send: &JobSend) -> String {
+    match &send.mode {
+        SendMode::Full { reason } => format!("full: {} tracks ({reason})", send.tracks),
+        SendMode::Incremental {
+            since_job,
+            source_changed,
+            target_changed,
+        } => format!(
+            "incremental since job {since_job}: {source_changed} tracks changed on the source, {target_changed} on the target; {} tracks sent",
+            send.tracks
+        ),
     }
 }
 
@@ -329,6 +375,9 @@ fn print_job(view: &GsnapJobView, json: bool) {
         };
         println!("  {:<12} {when}", record.step.to_string());
     }
+    if let Some(send) = &view.send {
+        println!("  send         {}", send_line(send));
+    }
     for round in &view.verification {
         let verdict = if round.matched() {
             "digests match".to_string()
@@ -391,6 +440,33 @@ fn view_json(view: &GsnapJobView) -> serde_json::Value {
     json["state"] = shown_state(view).into();
     json["rate_bytes_per_second"] = view.rate_bytes_per_second.into();
     json["eta_seconds"] = view.eta_seconds.into();
+    json["send"] = match &view.send {
+        None => serde_json::Value::Null,
+        Some(send) => {
+            let (mode, reason, since_job, source_changed, target_changed) = match &send.mode {
+                SendMode::Full { reason } => ("full", Some(reason.clone()), None, None, None),
+                SendMode::Incremental {
+                    since_job,
+                    source_changed,
+                    target_changed,
+                } => (
+                    "incremental",
+                    None,
+                    Some(*since_job),
+                    Some(*source_changed),
+                    Some(*target_changed),
+                ),
+            };
+            serde_json::json!({
+                "mode": mode,
+                "reason": reason,
+                "since_job": since_job,
+                "source_changed_tracks": source_changed,
+                "target_changed_tracks": target_changed,
+                "tracks": send.tracks,
+            })
+        }
+    };
     json["verification"] = view
         .verification
         .iter()
@@ -480,6 +556,7 @@ mod tests {
             stalled: None,
             rate_bytes_per_second: 3 << 20,
             eta_seconds: Some(95),
+            send: None,
         }
     }
 

@@ -10,9 +10,9 @@ use super::*;
 use crate::gsnap::{plan, progress_mark, stall_of, Action, Blocked, ProgressMark};
 use protocol::cluster::{Intent, IntentResult};
 use protocol::gsnap::{
-    differing_positions, digest_group_tracks, extents_of_tracks, tracks_at, GsnapJob, GsnapJobView,
-    GsnapSpec, GsnapStep, JobError, JobId, TrackDigests, VerifyRound, RESEND_TRACKS_MAX,
-    VERIFY_ROUNDS_MAX,
+    differing_positions, digest_group_tracks, extents_of_tracks, lineage_name, tracks_at, GsnapJob,
+    GsnapJobView, GsnapSpec, GsnapStep, JobError, JobId, JobState, LineageStep, TrackDigests,
+    VerifyRound, RESEND_TRACKS_MAX, VERIFY_ROUNDS_MAX,
 };
 use protocol::messages::Extent;
 
@@ -175,12 +175,14 @@ impl ControlPlane {
             ),
             None => (None, 0, None),
         };
+        let send = self.catalog.read(|catalog| catalog.send(job.id).cloned());
         GsnapJobView {
             job,
             verification,
             stalled,
             rate_bytes_per_second,
             eta_seconds,
+            send,
         }
     }
 
@@ -198,6 +200,72 @@ impl ControlPlane {
             CatalogReply::Job(job) => Ok(ClusterResponse::Job(job)),
             other => Err(unexpected_reply(&other)),
         }
+    }
+
+    /// Drops the lineage of `source` and `target`: both nodes free its slots, then the
+    /// catalog forgets it, so the next job of the two sends every track. Refused while a
+    /// job of theirs runs. A node that does not answer leaves the lineage in the catalog
+    /// (a retry finishes it); a lineage one node dropped already is never used for an
+    /// incremental job, since that node then reports no changes kept.
+    pub(super) async fn gsnap_forget(
+        &self,
+        request_id: RequestId,
+        source: String,
+        target: String,
+    ) -> Outcome<ClusterResponse> {
+        self.read_barrier().await?;
+        if self
+            .catalog
+            .read(|catalog| catalog.applied_response(request_id).is_some())
+        {
+            self.commit(request_id, Command::GsnapForget { source, target })
+                .await?;
+            return Ok(ClusterResponse::Done);
+        }
+        let lineage = self.catalog.read(|catalog| {
+            if let Some(job) = catalog
+                .job_of_volume(&source)
+                .filter(|job| job.spec.target == target)
+            {
+                return Err(CatalogError::VolumeInJob {
+                    volume: source.clone(),
+                    job: job.id,
+                });
+            }
+            catalog
+                .lineage(&source, &target)
+                .cloned()
+                .ok_or_else(|| CatalogError::UnknownLineage {
+                    source_volume: source.clone(),
+                    target: target.clone(),
+                })
+        })?;
+        let name = lineage_name(&source, &target);
+        for (node, volume) in [
+            (&lineage.source_node, lineage.source.clone()),
+            (&lineage.target_node, lineage.tracked().to_string()),
+        ] {
+            let request = Request::Lineage {
+                request_id: derived_request_id(request_id, &format!("forget {volume}")),
+                volume: volume.clone(),
+                lineage: name.clone(),
+                step: LineageStep::Drop,
+            };
+            match self.call_job_node(node, request).await? {
+                Response::Lineage(_) => {}
+                Response::Error {
+                    code: ErrorCode::NotFound,
+                    ..
+                } => {}
+                other => {
+                    let (code, message) = node_refusal(other);
+                    return Err(Refusal::new(code, message));
+                }
+            }
+        }
+        self.commit(request_id, Command::GsnapForget { source, target })
+            .await?;
+        Ok(ClusterResponse::Done)
     }
 
     /// Starts driving every running job not being driven, each in a task of its own.
@@ -502,11 +570,17 @@ impl ControlPlane {
                     .await;
                 }
             }
+            Action::PlanSend => return self.plan_send(job).await,
             Action::Fail(error) => {
                 tracing::warn!(job = job.id, step = %error.step, code = %error.code, detail = %error.detail, "gsnap job failed; it ends what it started");
                 job.error = Some(error);
             }
             Action::Finish { state, error } => {
+                if crate::gsnap::touches_lineage(&job) {
+                    if let Err(refusal) = self.end_lineages(&job, state).await {
+                        return Ok(Next::Wait(refusal.message));
+                    }
+                }
                 job.state = state;
                 job.error = error;
                 job.finished_unix_seconds = Some(now);
@@ -516,6 +590,127 @@ impl ControlPlane {
         self.commit(random_request_id(), Command::GsnapRecord(job))
             .await?;
         Ok(Next::Continue)
+    }
+
+    /// Before the pair: the volume the pair copies into rotates its lineage (and leaves
+    /// its hosts until the job gives it back), both nodes say which tracks their
+    /// lineages froze, and the job's send is recorded. Every call is a retry-safe: the
+    /// rotation is carried out once under the job's id, and the reads change nothing.
+    async fn plan_send(&self, mut job: GsnapJob) -> Outcome<Next> {
+        let lineage = lineage_name(&job.spec.source, &job.spec.target);
+        let tracked = job.pair_target().to_string();
+        let rotate = Request::Lineage {
+            request_id: crate::gsnap::call_id(&job, "lineage rotate"),
+            volume: tracked.clone(),
+            lineage: lineage.clone(),
+            step: LineageStep::Rotate,
+        };
+        let mut failure = None;
+        match self.call_job_node(&job.target_node, rotate).await {
+            Ok(Response::Lineage(_)) => {}
+            Ok(other) => failure = Some(node_refusal(other)),
+            Err(refusal) => return Ok(Next::Wait(refusal.message)),
+        }
+        let mut frozen = Vec::new();
+        if failure.is_none() {
+            for (node, volume) in [
+                (&job.source_node, &job.spec.source),
+                (&job.target_node, &tracked),
+            ] {
+                let read = Request::LineageTracks {
+                    volume: volume.clone(),
+                    lineage: lineage.clone(),
+                };
+                match self.call_job_node(node, read).await {
+                    Ok(Response::LineageTracks(tracks)) => frozen.push(tracks.frozen),
+                    Ok(other) => {
+                        failure = Some(node_refusal(other));
+                        break;
+                    }
+                    Err(refusal) => return Ok(Next::Wait(refusal.message)),
+                }
+            }
+        }
+        if let Some((code, detail)) = failure {
+            tracing::warn!(job = job.id, %detail, "gsnap lineage refused");
+            job.error = Some(JobError {
+                step: GsnapStep::Pair,
+                code,
+                detail,
+            });
+            self.commit(random_request_id(), Command::GsnapRecord(job))
+                .await?;
+            return Ok(Next::Continue);
+        }
+        let send = self.catalog.read(|catalog| {
+            crate::gsnap::send_of(&job, catalog, frozen[0].as_deref(), frozen[1].as_deref())
+        });
+        tracing::info!(job = job.id, mode = ?send.mode, tracks = send.tracks, "gsnap job's send planned");
+        self.commit(
+            random_request_id(),
+            Command::GsnapSend { job: job.id, send },
+        )
+        .await?;
+        Ok(Next::Continue)
+    }
+
+    /// A job that rotated P's lineage ends it on both nodes before its end is recorded:
+    /// success frees the frozen slots (and gives the target back to its hosts when no
+    /// pair did), anything else drops both lineages, so the next job sends everything.
+    /// A failed job's target node that is down is left: its lineage is dropped when it
+    /// next rotates (the catalog then holds none, so that job sends everything).
+    async fn end_lineages(&self, job: &GsnapJob, state: JobState) -> Outcome<()> {
+        let lineage = lineage_name(&job.spec.source, &job.spec.target);
+        let step = if state == JobState::Succeeded {
+            LineageStep::Settle
+        } else {
+            LineageStep::Drop
+        };
+        for (node, volume, required) in [
+            (&job.source_node, job.spec.source.clone(), true),
+            (
+                &job.target_node,
+                job.pair_target().to_string(),
+                state == JobState::Succeeded,
+            ),
+        ] {
+            if !required && !self.catalog.read(|catalog| catalog.node_is_up(node)) {
+                continue;
+            }
+            let request = Request::Lineage {
+                request_id: crate::gsnap::call_id(
+                    job,
+                    &format!("lineage {} {volume}", step.name()),
+                ),
+                volume: volume.clone(),
+                lineage: lineage.clone(),
+                step,
+            };
+            match self.call_job_node(node, request).await {
+                Ok(Response::Lineage(_)) => {}
+                // A volume gone since (deleted with its slots) has no lineage to end.
+                Ok(Response::Error {
+                    code: ErrorCode::NotFound,
+                    ..
+                }) => {}
+                Ok(other) => {
+                    let (code, message) = node_refusal(other);
+                    return Err(Refusal { code, message });
+                }
+                Err(refusal) if required => return Err(refusal),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls a node of a job with the usual timeout; an unreachable node is a refusal
+    /// with code `unavailable`.
+    async fn call_job_node(&self, node: &str, request: Request) -> Outcome<Response> {
+        let address = self.node_address(node).unwrap_or_default();
+        self.call(node, &address, request)
+            .await
+            .map_err(|error| Refusal::new(ErrorCode::Unavailable, error))
     }
 
     /// Drives a job's intent; the job goes on at once when its node answered.
@@ -536,9 +731,9 @@ impl ControlPlane {
     /// job wait; one that refuses fails it.
     async fn verify_round(&self, job: GsnapJob, round: u32) -> Outcome<Next> {
         // P' holds P's tracks at S's track numbers: both sides digest S's.
-        let Some((_, extents)) = self
+        let Some(extents) = self
             .catalog
-            .read(|catalog| crate::gsnap::job_extents(&job, catalog))
+            .read(|catalog| crate::gsnap::pair_extents(&job, catalog))
         else {
             return Ok(Next::Wait(format!(
                 "'{}' is not in the catalog",
@@ -818,6 +1013,17 @@ fn pair_wait_reason(info: &protocol::session::SessionInfo) -> String {
         (None, _) => format!(
             "the copy into '{}' made no progress ({} tracks remain)",
             info.target, info.tracks_remaining
+        ),
+    }
+}
+
+/// A node's answer that is not the one asked for, as a refusal's code and message.
+fn node_refusal(response: Response) -> (ErrorCode, String) {
+    match response {
+        Response::Error { code, message } => (code, message),
+        other => (
+            ErrorCode::Internal,
+            format!("the node answered with something else: {other:?}"),
         ),
     }
 }

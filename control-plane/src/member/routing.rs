@@ -196,6 +196,11 @@ impl ControlPlane {
             ClusterRequest::GsnapCancel { request_id, job } => {
                 cluster(self.gsnap_cancel(request_id, job).await?)
             }
+            ClusterRequest::GsnapForget {
+                request_id,
+                source,
+                target,
+            } => cluster(self.gsnap_forget(request_id, source, target).await?),
         }
     }
 }

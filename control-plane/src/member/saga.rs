@@ -113,6 +113,24 @@ impl ControlPlane {
                 overwrite: *overwrite || create.is_some(),
                 target_size_bytes: create.as_ref().map(|new| new.size_bytes),
             },
+            IntentCall::SnapLineage {
+                source,
+                target,
+                extents,
+                target_extents,
+                overwrite,
+                create,
+                lineage,
+            } => Request::SnapLineage {
+                request_id: id,
+                source: source.clone(),
+                target: target.clone(),
+                extents: extents.clone(),
+                target_extents: target_extents.clone(),
+                overwrite: *overwrite || create.is_some(),
+                target_size_bytes: create.as_ref().map(|new| new.size_bytes),
+                lineage: lineage.clone(),
+            },
         };
         let result = match self.call(&intent.node, &address, request).await {
             Ok(Response::Snapped {

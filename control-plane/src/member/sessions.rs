@@ -225,6 +225,39 @@ impl ControlPlane {
             .await
     }
 
+    /// Refuses a session command that would change the data of a volume a gsnap lineage
+    /// tracks other than through its hosts (the next incremental job would miss it): a
+    /// session into it, or a restore of it from its BCV. The pair of the lineage's own
+    /// jobs (from its intermediate into the volume it tracks) is theirs.
+    fn refuse_lineage_change(
+        &self,
+        command: &SessionCommand,
+        source: &str,
+        target: Option<&str>,
+    ) -> Outcome<()> {
+        let written = match command {
+            SessionCommand::CloneCreate { .. }
+            | SessionCommand::MirrorEstablish { .. }
+            | SessionCommand::MirrorReestablish { .. } => target,
+            SessionCommand::MirrorRestore { .. } => Some(source),
+            _ => None,
+        };
+        let Some(written) = written else {
+            return Ok(());
+        };
+        self.catalog.read(|catalog| {
+            let pair_of_lineage = catalog.lineage_of_volume(written).is_some_and(|lineage| {
+                lineage.tracked() == written && lineage.intermediate == source
+            });
+            if pair_of_lineage {
+                return Ok(());
+            }
+            catalog
+                .refuse_lineage_change(written)
+                .map_err(Refusal::from)
+        })
+    }
+
     /// The checks before a session command reaches its node, and where it goes: the
     /// source volume's node, its address, the source and the target.
     async fn session_command_checks(
@@ -285,6 +318,7 @@ impl ControlPlane {
                 }
             }
         }
+        self.refuse_lineage_change(command, &source, target.as_deref())?;
         let volume = self.known_volume(&source)?;
         if let Some(target) = &target {
             self.known_volume(target)?;

@@ -34,9 +34,11 @@ const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
 /// tag, 0 or 1). The catalog will grow (intents, jobs): a new layout gets a new version,
 /// and older ones are still read.
 const SNAPSHOT_FORMAT_MARKER: &[u8; 4] = b"TCAT";
-/// The layout this build writes: the catalog with its intents, gsnap jobs and their
-/// verification rounds.
-const SNAPSHOT_FORMAT_VERSION: u8 = 3;
+/// The layout this build writes: the catalog with its intents, gsnap jobs, their
+/// verification rounds, sends and lineages.
+const SNAPSHOT_FORMAT_VERSION: u8 = 4;
+/// The layout before sends and lineages.
+const SNAPSHOT_FORMAT_VERSION_WITHOUT_LINEAGES: u8 = 3;
 /// The layout before verification rounds.
 const SNAPSHOT_FORMAT_VERSION_WITHOUT_VERIFICATIONS: u8 = 2;
 /// The layout before intents and jobs (also what unmarked snapshots hold).
@@ -56,6 +58,24 @@ struct StateMachineDataWithoutIntents {
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     catalog: crate::catalog::CatalogWithoutIntents,
+}
+
+/// [`StateMachineData`] in layout version 3, before sends and lineages.
+#[derive(Deserialize)]
+struct StateMachineDataWithoutLineages {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    catalog: crate::catalog::CatalogWithoutLineages,
+}
+
+impl From<StateMachineDataWithoutLineages> for StateMachineData {
+    fn from(old: StateMachineDataWithoutLineages) -> StateMachineData {
+        StateMachineData {
+            last_applied: old.last_applied,
+            last_membership: old.last_membership,
+            catalog: old.catalog.into(),
+        }
+    }
 }
 
 /// [`StateMachineData`] in layout version 2, before verification rounds.
@@ -145,6 +165,11 @@ fn encode_state(state: &StateMachineData) -> protocol::error::Result<Vec<u8>> {
 fn decode_state(bytes: &[u8]) -> Result<StateMachineData, AnyError> {
     match bytes.strip_prefix(SNAPSHOT_FORMAT_MARKER.as_slice()) {
         Some([SNAPSHOT_FORMAT_VERSION, rest @ ..]) => codec::decode(rest).map_err(any_error),
+        Some([SNAPSHOT_FORMAT_VERSION_WITHOUT_LINEAGES, rest @ ..]) => {
+            codec::decode::<StateMachineDataWithoutLineages>(rest)
+                .map(StateMachineData::from)
+                .map_err(any_error)
+        }
         Some([SNAPSHOT_FORMAT_VERSION_WITHOUT_VERIFICATIONS, rest @ ..]) => {
             codec::decode::<StateMachineDataWithoutVerifications>(rest)
                 .map(StateMachineData::from)
@@ -391,10 +416,19 @@ mod tests {
         state
     }
 
-    /// `state` as layout 2 encoded it, before verification rounds: they are the
-    /// catalog's last field, and empty it encodes as one byte (0) at the end.
-    fn encoded_without_verifications(state: &StateMachineData) -> Vec<u8> {
+    /// `state` as layout 3 encoded it, before sends and lineages: they are the
+    /// catalog's last fields, and empty they encode as one byte (0) each at the end.
+    fn encoded_without_lineages(state: &StateMachineData) -> Vec<u8> {
         let mut bytes = codec::encode(state).unwrap();
+        for field in ["lineages", "sends"] {
+            assert_eq!(bytes.pop(), Some(0), "no {field} at the end");
+        }
+        bytes
+    }
+
+    /// `state` as layout 2 encoded it, before verification rounds (and what came after).
+    fn encoded_without_verifications(state: &StateMachineData) -> Vec<u8> {
+        let mut bytes = encoded_without_lineages(state);
         assert_eq!(bytes.pop(), Some(0), "no verification rounds at the end");
         bytes
     }
@@ -403,8 +437,8 @@ mod tests {
     /// last fields (intents, jobs, the last job id, verification rounds), and empty they
     /// encode as one byte each (0) at the end.
     fn encoded_without_intents(state: &StateMachineData) -> Vec<u8> {
-        let mut bytes = codec::encode(state).unwrap();
-        for field in ["verification rounds", "last job id", "jobs", "intents"] {
+        let mut bytes = encoded_without_verifications(state);
+        for field in ["last job id", "jobs", "intents"] {
             assert_eq!(bytes.pop(), Some(0), "no {field} at the end");
         }
         bytes
@@ -414,10 +448,14 @@ mod tests {
     fn a_snapshot_carries_its_layout_and_older_layouts_are_still_read() {
         let state = state();
         let marked = encode_state(&state).unwrap();
-        assert_eq!(&marked[..5], b"TCAT\x03");
+        assert_eq!(&marked[..5], b"TCAT\x04");
         assert_eq!(decode_state(&marked).unwrap(), state);
+        // Layout 3, before sends and lineages.
+        let mut marked_old = b"TCAT\x03".to_vec();
+        marked_old.extend(encoded_without_lineages(&state));
+        assert_eq!(decode_state(&marked_old).unwrap(), state);
         // Layout 2, before verification rounds.
-        let mut marked_old = b"TCAT\x02".to_vec();
+        marked_old = b"TCAT\x02".to_vec();
         marked_old.extend(encoded_without_verifications(&state));
         assert_eq!(decode_state(&marked_old).unwrap(), state);
         // Layout 1, before intents: marked, and before the marker the data alone.

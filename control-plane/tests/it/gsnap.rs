@@ -12,8 +12,8 @@ use protocol::cluster::{
     NodeReport, SessionEntry,
 };
 use protocol::gsnap::{
-    GsnapJob, GsnapSpec, GsnapStep, JobError, JobState, VerifyRound, RESEND_TRACKS_MAX,
-    STALL_AFTER_SECONDS, VERIFY_ROUNDS_MAX,
+    GsnapJob, GsnapSpec, GsnapStep, JobError, JobSend, JobState, SendMode, VerifyRound,
+    RESEND_TRACKS_MAX, STALL_AFTER_SECONDS, VERIFY_ROUNDS_MAX,
 };
 use protocol::messages::{ErrorCode, Extent, Readiness, VolumeInfo};
 use protocol::session::{SessionCommand, SessionKind, SessionState};
@@ -109,6 +109,10 @@ impl Cluster {
         self.catalog.jobs().last().unwrap().clone()
     }
 
+    fn send(&mut self, job: &GsnapJob, send: JobSend) {
+        self.apply(Command::GsnapSend { job: job.id, send });
+    }
+
     fn end_pair(&mut self, job: &GsnapJob) {
         self.apply(Command::SessionForget {
             target: job.pair_target().into(),
@@ -156,15 +160,28 @@ fn at(mut job: GsnapJob, step: GsnapStep) -> GsnapJob {
 }
 
 fn snap_call(create: bool) -> IntentCall {
-    IntentCall::Snap {
+    IntentCall::SnapLineage {
         source: "p".into(),
         target: "p-mid".into(),
         extents: extents(),
+        target_extents: extents(),
         overwrite: false,
         create: create.then_some(NewVolume {
             size_bytes: GIB,
             track_size_bytes: TRACK,
         }),
+        lineage: "p>s".into(),
+    }
+}
+
+/// The send of a job that copies every track of its extents.
+fn full_send() -> JobSend {
+    JobSend {
+        mode: SendMode::Full {
+            reason: "first job".into(),
+        },
+        extents: extents(),
+        tracks: 16,
     }
 }
 
@@ -271,7 +288,10 @@ fn fig_3_the_pair_is_a_precopied_clone_activated_after_its_copy_and_then_termina
     cluster.begin(&job(None), GsnapStep::Snap, "a1", snap_call(true));
     cluster.finish(call_id(&job(None), "snap"), snapped());
 
-    let job_at_pair = at(job(None), GsnapStep::Pair);
+    // Before the pair, the job rotates the target's lineage and records what it sends.
+    let job_at_pair = at(cluster.record(job(None)), GsnapStep::Pair);
+    assert_eq!(plan(&job_at_pair, &cluster.catalog), Action::PlanSend);
+    cluster.send(&job_at_pair, full_send());
     assert_eq!(
         plan(&job_at_pair, &cluster.catalog),
         Action::Session {
@@ -357,7 +377,8 @@ fn fig_3_the_pair_is_a_precopied_clone_activated_after_its_copy_and_then_termina
 #[test]
 fn fig_4_the_pair_copies_into_s_prime_and_a_snap_on_s_node_lands_it_in_s_extents() {
     let mut cluster = Cluster::new();
-    let at_pair = at(job(Some("s-mid")), GsnapStep::Pair);
+    let at_pair = at(cluster.record(job(Some("s-mid"))), GsnapStep::Pair);
+    cluster.send(&at_pair, full_send());
     assert_eq!(
         plan(&at_pair, &cluster.catalog),
         Action::Session {
@@ -813,6 +834,8 @@ fn a_missing_s_prime_is_made_on_s_node_with_s_geometry_before_the_pair() {
     cluster.apply(Command::VolumeCreateFinish {
         name: "s-new".into(),
     });
+    assert_eq!(plan(&job, &cluster.catalog), Action::PlanSend);
+    cluster.send(&job, full_send());
     assert!(matches!(
         plan(&job, &cluster.catalog),
         Action::Session {
@@ -842,7 +865,7 @@ fn extents_at_another_offset_snap_p_onto_p_prime_at_s_track_numbers() {
     };
     assert_eq!(
         call,
-        IntentCall::SnapAt {
+        IntentCall::SnapLineage {
             source: "p".into(),
             target: "p-mid".into(),
             extents: extents(),
@@ -853,12 +876,16 @@ fn extents_at_another_offset_snap_p_onto_p_prime_at_s_track_numbers() {
                 size_bytes: GIB,
                 track_size_bytes: TRACK,
             }),
+            lineage: "p>s".into(),
         }
     );
     // The pair copies S's extents.
     let at_pair = at(job.clone(), GsnapStep::Pair);
     cluster.begin(&job, GsnapStep::Snap, "a1", call);
     cluster.finish(call_id(&job, "snap"), snapped());
+    let send = control_plane::gsnap::send_of(&at_pair, &cluster.catalog, None, None);
+    assert_eq!(send.extents, at_pair.spec.target_extents);
+    cluster.send(&at_pair, send);
     assert!(matches!(
         plan(&at_pair, &cluster.catalog),
         Action::Session {
@@ -866,4 +893,206 @@ fn extents_at_another_offset_snap_p_onto_p_prime_at_s_track_numbers() {
             ..
         } if *extents == at_pair.spec.target_extents
     ));
+}
+
+/// Ends a recorded job as its driver does, with `state`.
+fn end_job(cluster: &mut Cluster, job: &GsnapJob, state: JobState) {
+    let mut ended = job.clone();
+    ended.state = state;
+    ended.finished_unix_seconds = Some(9);
+    cluster.apply(Command::GsnapRecord(ended));
+}
+
+/// A job of P's tracks 0-15 landing on S's 100-115, with or without S'.
+fn shifted_job(request_id: u128, target_intermediate: Option<&str>) -> GsnapJob {
+    let mut shifted = job(target_intermediate);
+    shifted.request_id = request_id;
+    shifted.spec.target_extents = vec![Extent {
+        first: 100,
+        last: 115,
+    }];
+    shifted
+}
+
+fn run(first: u64, last: u64) -> Extent {
+    Extent { first, last }
+}
+
+#[test]
+fn after_a_job_succeeded_the_next_sends_the_changes_of_both_sides_on_the_targets_numbers() {
+    let mut cluster = Cluster::new();
+    let first = at(cluster.record(shifted_job(1, None)), GsnapStep::Snap);
+    // The first job of P and S has no lineage to follow: it sends every track.
+    let send = control_plane::gsnap::send_of(&first, &cluster.catalog, None, None);
+    assert_eq!(send.extents, vec![run(100, 115)]);
+    assert_eq!(send.tracks, 16);
+    let SendMode::Full { reason } = &send.mode else {
+        panic!("{send:?}");
+    };
+    assert!(reason.contains("no earlier job"), "{reason}");
+    cluster.send(&first, send);
+    end_job(&mut cluster, &first, JobState::Succeeded);
+    let lineage = cluster.catalog.lineage("p", "s").unwrap().clone();
+    assert_eq!(lineage.last_job, first.id);
+    assert_eq!(lineage.tracked(), "s");
+
+    // P's tracks 3-4 and 40 (not the job's) changed, and S's 102 and 5000 (not the job's):
+    // the job sends P's 3-4 at S's 103-104, and S's 102.
+    let second = at(cluster.record(shifted_job(2, None)), GsnapStep::Pair);
+    let source_frozen = [run(3, 4), run(40, 40)];
+    let target_frozen = [run(102, 102), run(5000, 5000)];
+    let send = control_plane::gsnap::send_of(
+        &second,
+        &cluster.catalog,
+        Some(&source_frozen),
+        Some(&target_frozen),
+    );
+    assert_eq!(
+        send.mode,
+        SendMode::Incremental {
+            since_job: first.id,
+            source_changed: 2,
+            target_changed: 1,
+        }
+    );
+    assert_eq!(send.extents, vec![run(102, 104)]);
+    assert_eq!(send.tracks, 3);
+
+    // Each reason to send everything, said.
+    let full_reason = |job: &GsnapJob, source: Option<&[Extent]>, target: Option<&[Extent]>| {
+        match control_plane::gsnap::send_of(job, &cluster.catalog, source, target).mode {
+            SendMode::Full { reason } => reason,
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut full = second.clone();
+    full.spec.full = true;
+    assert_eq!(
+        full_reason(&full, Some(&source_frozen), Some(&target_frozen)),
+        "--full asks for every track"
+    );
+    assert!(full_reason(&second, None, Some(&target_frozen)).contains("node a1 kept no record"));
+    assert!(full_reason(&second, Some(&source_frozen), None).contains("node b1 kept no record"));
+    let mut other = second.clone();
+    other.spec.intermediate = "p-other".into();
+    assert!(
+        full_reason(&other, Some(&source_frozen), Some(&target_frozen)).contains("intermediate")
+    );
+    let mut moved = second.clone();
+    moved.spec.target_extents = vec![run(200, 215)];
+    assert!(full_reason(&moved, Some(&source_frozen), Some(&target_frozen)).contains("extents"));
+}
+
+#[test]
+fn a_job_with_nothing_to_send_skips_its_pair_and_with_s_prime_still_snaps_s() {
+    let mut cluster = Cluster::new();
+    let job = cluster.record(job(Some("s-mid")));
+    cluster.send(
+        &job,
+        JobSend {
+            mode: SendMode::Incremental {
+                since_job: 1,
+                source_changed: 0,
+                target_changed: 0,
+            },
+            extents: Vec::new(),
+            tracks: 0,
+        },
+    );
+    for step in [
+        GsnapStep::Pair,
+        GsnapStep::Copy,
+        GsnapStep::Verify,
+        GsnapStep::Activate,
+        GsnapStep::Settle,
+        GsnapStep::Terminate,
+    ] {
+        assert_eq!(
+            plan(&at(job.clone(), step), &cluster.catalog),
+            Action::FinishStep(step)
+        );
+    }
+    assert!(matches!(
+        plan(&at(job.clone(), GsnapStep::TargetSnap), &cluster.catalog),
+        Action::BeginIntent { .. }
+    ));
+}
+
+#[test]
+fn a_lineage_keeps_other_changes_off_its_volumes_until_forgotten_and_a_failure_drops_it() {
+    let mut cluster = Cluster::new();
+    let first = at(cluster.record(job(Some("s-mid"))), GsnapStep::Snap);
+    cluster.send(&first, full_send());
+    end_job(&mut cluster, &first, JobState::Succeeded);
+    let refused = |cluster: &mut Cluster, command: Command| {
+        cluster.next_request += 1;
+        let answer = cluster.catalog.apply(&CatalogRequest {
+            request_id: cluster.next_request,
+            command,
+        });
+        match answer {
+            Err(error) => error,
+            Ok(reply) => panic!("accepted: {reply:?}"),
+        }
+    };
+    // S' (the tracked volume) and P may not be snapped onto nor deleted; S may (S' is
+    // snapped onto S's extents at each job's end anyway).
+    for volume in ["s-mid", "p"] {
+        let error = refused(
+            &mut cluster,
+            Command::VolumeDeleteBegin {
+                name: volume.into(),
+            },
+        );
+        assert!(
+            error.to_string().contains("tandem gsnap forget p s"),
+            "{error}"
+        );
+    }
+    let error = refused(
+        &mut cluster,
+        Command::IntentBegin(Intent {
+            id: 77,
+            node: "b1".into(),
+            call: IntentCall::Snap {
+                source: "s".into(),
+                target: "s-mid".into(),
+                extents: Vec::new(),
+                overwrite: true,
+                create: None,
+            },
+            begun_unix_seconds: 1,
+        }),
+    );
+    assert!(error.to_string().contains("lineage"), "{error}");
+    assert!(cluster.catalog.refuse_lineage_change("s").is_ok());
+
+    // A forget of a pair with no lineage is refused; of this one, it removes it.
+    let error = refused(
+        &mut cluster,
+        Command::GsnapForget {
+            source: "p".into(),
+            target: "s-mid".into(),
+        },
+    );
+    assert!(error.to_string().contains("no lineage"), "{error}");
+    cluster.apply(Command::GsnapForget {
+        source: "p".into(),
+        target: "s".into(),
+    });
+    assert!(cluster.catalog.lineage("p", "s").is_none());
+    cluster.apply(Command::VolumeDeleteBegin {
+        name: "s-mid".into(),
+    });
+
+    // A job that fails after its snap leaves no lineage: the next sends everything.
+    let mut cluster = Cluster::new();
+    let first = at(cluster.record(job(None)), GsnapStep::Snap);
+    cluster.send(&first, full_send());
+    end_job(&mut cluster, &first, JobState::Succeeded);
+    let mut second = job(None);
+    second.request_id = 2;
+    let second = at(cluster.record(second), GsnapStep::Copy);
+    end_job(&mut cluster, &second, JobState::Failed);
+    assert!(cluster.catalog.lineage("p", "s").is_none());
 }

@@ -134,7 +134,12 @@ impl SessionRecord {
     }
 
     fn in_extents(&self, track: u64) -> bool {
-        self.extents.iter().any(|extent| extent.contains(track))
+        // The extents are normalized (increasing, apart): the first that does not end
+        // before the track is the only one that may hold it.
+        let index = self.extents.partition_point(|extent| extent.last < track);
+        self.extents
+            .get(index)
+            .is_some_and(|extent| extent.contains(track))
     }
 
     /// The state whose rules a host write follows: a suspended session keeps those of
@@ -1363,6 +1368,26 @@ impl<E: Engine> Sessions<E> {
 
     /// Whether a volume takes part in any session (a volume in a session cannot be
     /// deleted), also as the target of a session another node runs.
+    /// A gsnap lineage step on `volume` (see [`crate::store::lineage`]). A rotation here
+    /// is the pair's target's: it takes the volume from its hosts in the same write, under
+    /// the volume's command gate, so no host write is under way while it happens.
+    pub fn lineage_step(
+        &self,
+        volume: &str,
+        lineage: &str,
+        step: protocol::gsnap::LineageStep,
+    ) -> Result<protocol::messages::VolumeInfo> {
+        let volume = self.store.volume(volume)?;
+        let _gate = self.gates.exclusive([volume.id]);
+        match step {
+            protocol::gsnap::LineageStep::Rotate => self.store.rotate_and_hold(&volume, lineage),
+            protocol::gsnap::LineageStep::Settle => {
+                self.store.settle_lineage(&volume, lineage, false)
+            }
+            protocol::gsnap::LineageStep::Drop => self.store.settle_lineage(&volume, lineage, true),
+        }
+    }
+
     pub fn involves(&self, name: &str) -> bool {
         self.registered(name).is_some()
             || self
@@ -1388,6 +1413,7 @@ impl<E: Engine> Sessions<E> {
 /// stopped in the middle of a command; such a slot would otherwise be lost for good (a
 /// volume has 16).
 fn reconcile_slots<E: Engine>(store: &VolumeStore<E>, records: &[SessionRecord]) -> Result<()> {
+    store.forget_orphan_lineages()?;
     for info in store.list() {
         let volume = store.volume(&info.name)?;
         let held = records
@@ -1395,6 +1421,7 @@ fn reconcile_slots<E: Engine>(store: &VolumeStore<E>, records: &[SessionRecord])
             .filter(|record| record.source == volume.name)
             .flat_map(|record| std::iter::once(record.slot).chain(record.precopy_slot))
             .fold(0u16, |slots, slot| slots | (1 << slot));
+        let held = held | store.lineage_slots(&volume)?;
         let orphans = store.session_slots(&volume) & !held;
         if orphans == 0 {
             continue;

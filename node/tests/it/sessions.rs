@@ -872,3 +872,97 @@ fn rotate_refreshes_the_oldest_split_bcv_so_n_bcvs_hold_the_last_n_points_in_tim
         other => panic!("rotate without BCVs: {other:?}"),
     }
 }
+
+/// A gsnap lineage: the snap of P freezes the tracks its hosts wrote since the last snap
+/// and starts a new live slot in the same write; the target's rotation takes its volume
+/// from its hosts; settling frees the frozen slot and gives the target back; the slots
+/// survive a restart (start-up frees only slots nobody holds); dropping frees them all.
+#[test]
+fn a_lineage_freezes_the_tracks_written_between_two_snaps_and_survives_a_restart() {
+    use protocol::gsnap::LineageStep;
+    use protocol::messages::Extent;
+    const TRACKS: u64 = 32;
+    let directory = tempfile::tempdir().unwrap();
+    let open = || {
+        let store = Arc::new(
+            VolumeStore::open(RocksEngine::open(&directory.path().join("db")).unwrap()).unwrap(),
+        );
+        Sessions::open(store, 1 << 20, None).unwrap()
+    };
+    let sessions = open();
+    let store = sessions.store().clone();
+    store.create("p", TRACKS * 4096, 4096).unwrap();
+    store.create("s", TRACKS * 4096, 4096).unwrap();
+    let snap = |store: &VolumeStore<RocksEngine>| {
+        store
+            .snap_with_lineage("p", "p-mid", &[], &[], true, None, Some("p>s"))
+            .unwrap();
+    };
+    let frozen = |store: &VolumeStore<RocksEngine>, volume: &str| {
+        store
+            .lineage_frozen_tracks(&store.volume(volume).unwrap(), "p>s")
+            .unwrap()
+    };
+    write_track(&sessions, "p", 1, 1);
+    snap(&store);
+    assert_eq!(
+        frozen(&store, "p"),
+        None,
+        "a first rotation freezes nothing"
+    );
+    write_track(&sessions, "p", 3, 3);
+    write_track(&sessions, "p", 4, 4);
+    snap(&store);
+    let run = |first, last| Extent { first, last };
+    assert_eq!(frozen(&store, "p"), Some(vec![run(3, 4)]));
+    write_track(&sessions, "p", 9, 9);
+
+    // The target side: its first rotation freezes nothing and takes it from its hosts.
+    sessions
+        .lineage_step("s", "p>s", LineageStep::Rotate)
+        .unwrap();
+    let target = store.volume("s").unwrap();
+    assert_eq!(target.readiness(), Readiness::NotReady);
+    assert_eq!(frozen(&store, "s"), None);
+    let info = sessions
+        .lineage_step("s", "p>s", LineageStep::Settle)
+        .unwrap();
+    assert_eq!(info.readiness, Readiness::Ready);
+    write_track(&sessions, "s", 7, 7);
+    assert_eq!(store.volume("p").unwrap().info().session_slots_used, 2);
+    drop(sessions);
+    drop(store);
+
+    // A restart keeps every slot and record.
+    let sessions = open();
+    let store = sessions.store().clone();
+    assert_eq!(store.volume("p").unwrap().info().session_slots_used, 2);
+    assert_eq!(frozen(&store, "p"), Some(vec![run(3, 4)]));
+    sessions
+        .lineage_step("p", "p>s", LineageStep::Settle)
+        .unwrap();
+    assert_eq!(store.volume("p").unwrap().info().session_slots_used, 1);
+    // The live slot kept marking writes across the restart and the settle.
+    write_track(&sessions, "p", 10, 10);
+    snap(&store);
+    assert_eq!(frozen(&store, "p"), Some(vec![run(9, 10)]));
+    sessions
+        .lineage_step("s", "p>s", LineageStep::Rotate)
+        .unwrap();
+    assert_eq!(frozen(&store, "s"), Some(vec![run(7, 7)]));
+
+    // Dropping frees every slot; the next rotation starts afresh.
+    for volume in ["p", "s"] {
+        sessions
+            .lineage_step(volume, "p>s", LineageStep::Drop)
+            .unwrap();
+        assert_eq!(store.volume(volume).unwrap().info().session_slots_used, 0);
+    }
+    assert_eq!(
+        store.volume("s").unwrap().readiness(),
+        Readiness::NotReady,
+        "a dropped target keeps the readiness its job left"
+    );
+    snap(&store);
+    assert_eq!(frozen(&store, "p"), None);
+}

@@ -6,6 +6,7 @@ mod common;
 mod crash;
 mod gsnap;
 mod gsnap_crash;
+mod gsnap_incremental;
 mod guards;
 mod idempotent;
 mod json;

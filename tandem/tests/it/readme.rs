@@ -20,7 +20,7 @@ fn sh_block_after(markdown: &str, heading: &str) -> String {
 }
 
 /// Commands an admin meets on day one: the block must show each of them.
-const COMMANDS_SHOWN: [&str; 28] = [
+const COMMANDS_SHOWN: [&str; 29] = [
     "tandem init ",
     "tandem node ",
     "tandem cluster init",
@@ -33,6 +33,7 @@ const COMMANDS_SHOWN: [&str; 28] = [
     "tandem volume delete ",
     "tandem snap ",
     "tandem gsnap ",
+    "tandem gsnap forget ",
     "tandem status",
     "tandem clone create ",
     "tandem clone rate ",

@@ -233,6 +233,7 @@ const REFUSED: &[Refused] = &[
     refused(&["gsnap", "std1", "std1-mid", "spare"], "takes part in"),
     refused(&["gsnap", "plain", "bcv1", "spare"], "the job needs it on"),
     refused(&["gsnap", "cancel", "99"], "no gsnap job 99"),
+    refused(&["gsnap", "forget", "plain", "spare"], "no lineage"),
 ];
 
 /// What must not change: the listings an admin and scripts read. The log position is left

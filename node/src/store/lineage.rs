@@ -1,0 +1,461 @@
+//! Lineages: what lets a gsnap job send only the tracks changed since the last job of the
+//! same P and S.
+//!
+//! A lineage on a volume is a session slot that host writes mark changed (the live slot)
+//! and no session holds. A job rotates it: the live slot is frozen (its bits are the
+//! tracks written since the last rotation) and a new live slot takes the writes from then
+//! on, in one write under the volume's write lock, so no host write falls between the
+//! two. On P the rotation is part of the job's snap (the frozen slot holds exactly the
+//! tracks written between the two jobs' snaps); on the volume the pair copies into, it
+//! takes the volume from its hosts in the same write (the frozen slot holds the tracks its
+//! hosts wrote since the last job gave it back). A succeeded job frees the frozen slot; a
+//! failed one frees both, and the next job sends everything.
+//!
+//! The record of each lineage (`l/<volume id>/<name>`) names its slots, so that start-up's
+//! reconciliation of slots counts them as held.
+
+use super::{add_bit_changes, readiness_code, Volume, VolumeState, VolumeStore, WriteMarks};
+use crate::bitmap::{BitmapKind, SESSION_SLOTS_MAX};
+use crate::engine::{Batch, Durability, Engine, Space};
+use crate::store::Bits;
+use crate::{Error, Result};
+use protocol::messages::{Extent, Readiness, VolumeInfo};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
+
+const LINEAGE_KEY_PREFIX: &[u8] = b"l/";
+const LINEAGE_KEY_END: &[u8] = b"l0";
+/// The longest lineage name: two volume names and a separator.
+pub const LINEAGE_NAME_BYTES_MAX: usize = 2 * protocol::messages::VOLUME_NAME_BYTES_MAX + 1;
+
+/// The slots of one lineage on one volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageRecord {
+    /// The slot host writes mark now.
+    pub live: Option<u8>,
+    /// The slot the last rotation froze: the tracks written before it.
+    pub frozen: Option<u8>,
+    /// The rotation took the volume from its hosts (the pair's target): settling gives it
+    /// back.
+    pub held: bool,
+}
+
+/// What a rotation does to a volume's slots and marks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub slots: u16,
+    pub marks: WriteMarks,
+    pub record: LineageRecord,
+    /// Slots whose bits start clear: the one taken, and an old frozen one freed.
+    pub cleared: Vec<u8>,
+}
+
+/// The rotation of `record` on a volume with `slots` and `marks` (pure): an old frozen
+/// slot is freed, the live one frozen (when the volume still holds it), a new live slot
+/// taken and marked by host writes.
+pub fn rotation(slots: u16, marks: WriteMarks, record: LineageRecord) -> Result<Rotation> {
+    let mut slots = slots;
+    let mut marks = marks;
+    let mut cleared = Vec::new();
+    let held = |slots: u16, slot: u8| slots & (1 << slot) != 0;
+    if let Some(frozen) = record.frozen.filter(|slot| held(slots, *slot)) {
+        slots &= !(1 << frozen);
+        marks.changed &= !(1 << frozen);
+        marks.pending &= !(1 << frozen);
+        cleared.push(frozen);
+    }
+    let continued = record.live.filter(|slot| held(slots, *slot));
+    if let Some(live) = continued {
+        marks.changed &= !(1 << live);
+    }
+    let Some(new) = (0..SESSION_SLOTS_MAX as u8).find(|slot| !held(slots, *slot)) else {
+        return Err(Error::SessionSlotsExhausted {
+            name: String::new(),
+            slots_max: SESSION_SLOTS_MAX,
+        });
+    };
+    slots |= 1 << new;
+    marks.changed |= 1 << new;
+    marks.pending &= !(1 << new);
+    if !cleared.contains(&new) {
+        cleared.push(new);
+    }
+    Ok(Rotation {
+        slots,
+        marks,
+        record: LineageRecord {
+            live: Some(new),
+            frozen: continued,
+            held: record.held,
+        },
+        cleared,
+    })
+}
+
+fn lineage_prefix(volume: u64) -> Vec<u8> {
+    let mut key = LINEAGE_KEY_PREFIX.to_vec();
+    key.extend_from_slice(&volume.to_be_bytes());
+    key.push(b'/');
+    key
+}
+
+fn lineage_key(volume: u64, name: &str) -> Vec<u8> {
+    let mut key = lineage_prefix(volume);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > LINEAGE_NAME_BYTES_MAX {
+        return Err(Error::Metadata {
+            what: format!("lineage '{name}'"),
+            detail: format!("a lineage name has 1 to {LINEAGE_NAME_BYTES_MAX} bytes"),
+        });
+    }
+    Ok(())
+}
+
+fn clear_slot(batch: &mut Batch, volume: &Volume, slot: u8) {
+    for kind in [BitmapKind::Sessions, BitmapKind::Pending] {
+        add_bit_changes(
+            batch,
+            volume.id,
+            kind,
+            1 << slot,
+            0,
+            volume.track_count() - 1,
+            false,
+        );
+    }
+}
+
+impl<E: Engine> VolumeStore<E> {
+    /// The lineage `name` of `volume` (empty when the volume keeps none by that name).
+    pub fn lineage(&self, volume: &Volume, name: &str) -> Result<LineageRecord> {
+        check_name(name)?;
+        match self
+            .engine()
+            .get(Space::Meta, &lineage_key(volume.id, name))?
+        {
+            Some(bytes) => Ok(protocol::codec::decode(&bytes)?),
+            None => Ok(LineageRecord::default()),
+        }
+    }
+
+    /// Every lineage record, by volume id: what start-up's reconciliation of slots counts
+    /// as held.
+    pub fn lineage_records(&self) -> Result<Vec<(u64, String, LineageRecord)>> {
+        let mut records = Vec::new();
+        let mut failure = None;
+        self.engine().scan(
+            Space::Meta,
+            LINEAGE_KEY_PREFIX,
+            LINEAGE_KEY_END,
+            &mut |key, value| {
+                let rest = &key[LINEAGE_KEY_PREFIX.len()..];
+                let parsed = rest
+                    .get(..8)
+                    .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                    .map(u64::from_be_bytes)
+                    .zip(
+                        rest.get(9..)
+                            .map(|name| String::from_utf8_lossy(name).into_owned()),
+                    );
+                match (parsed, protocol::codec::decode::<LineageRecord>(value)) {
+                    (Some((volume, name)), Ok(record)) => records.push((volume, name, record)),
+                    (_, Err(error)) => {
+                        failure = Some(Error::from(error));
+                        return false;
+                    }
+                    (None, _) => {}
+                }
+                true
+            },
+        )?;
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(records),
+        }
+    }
+
+    /// The slots `volume`'s lineages hold, one bit each.
+    pub fn lineage_slots(&self, volume: &Volume) -> Result<u16> {
+        let mut slots = 0u16;
+        self.engine().scan(
+            Space::Meta,
+            &lineage_prefix(volume.id),
+            &lineage_prefix(volume.id + 1),
+            &mut |_, value| {
+                if let Ok(record) = protocol::codec::decode::<LineageRecord>(value) {
+                    for slot in record.live.into_iter().chain(record.frozen) {
+                        slots |= 1 << slot;
+                    }
+                }
+                true
+            },
+        )?;
+        Ok(slots)
+    }
+
+    /// Drops the records of lineages whose volume no longer exists (deleted while a
+    /// record stayed), at start-up.
+    pub fn forget_orphan_lineages(&self) -> Result<()> {
+        let known: std::collections::HashSet<u64> = self
+            .catalog
+            .lock()
+            .by_name
+            .values()
+            .map(|volume| volume.id)
+            .collect();
+        let mut batch = Batch::default();
+        for (volume, name, _) in self.lineage_records()? {
+            if !known.contains(&volume) {
+                tracing::info!(volume, lineage = %name, "forgetting the lineage of a deleted volume");
+                batch.delete(Space::Meta, lineage_key(volume, &name));
+            }
+        }
+        if !batch.is_empty() {
+            self.write_batch(batch, Durability::Synced)?;
+        }
+        Ok(())
+    }
+
+    /// The tracks lineage `name` of `volume` froze at its last rotation, as runs in
+    /// increasing order; `None` when no rotation froze any (no live slot was kept).
+    pub fn lineage_frozen_tracks(
+        &self,
+        volume: &Volume,
+        name: &str,
+    ) -> Result<Option<Vec<Extent>>> {
+        let record = self.lineage(volume, name)?;
+        let Some(frozen) = record.frozen else {
+            return Ok(None);
+        };
+        if volume.state.read().session_slots & (1 << frozen) == 0 {
+            return Ok(None);
+        }
+        let mut extents: Vec<Extent> = Vec::new();
+        self.for_each_set(
+            volume,
+            Bits::Session(frozen),
+            volume.whole(),
+            &mut |track| {
+                match extents.last_mut() {
+                    Some(last) if last.last + 1 == track => last.last = track,
+                    _ => extents.push(Extent {
+                        first: track,
+                        last: track,
+                    }),
+                }
+                true
+            },
+        )?;
+        Ok(Some(extents))
+    }
+
+    /// Adds the rotation of lineage `name` to a batch that rewrites `volume`'s record
+    /// from `state` (a snap's): `state` takes the new slots and marks; the caller puts
+    /// the volume's record after this and restores `state` if the batch fails.
+    pub(super) fn rotate_lineage_in(
+        &self,
+        batch: &mut Batch,
+        volume: &Volume,
+        state: &mut VolumeState,
+        name: &str,
+    ) -> Result<()> {
+        let record = self.lineage(volume, name)?;
+        let rotated = rotation(state.session_slots, state.marks, record).map_err(|_| {
+            Error::SessionSlotsExhausted {
+                name: volume.name.clone(),
+                slots_max: SESSION_SLOTS_MAX,
+            }
+        })?;
+        for slot in &rotated.cleared {
+            clear_slot(batch, volume, *slot);
+        }
+        batch.put(
+            Space::Meta,
+            lineage_key(volume.id, name),
+            protocol::codec::encode(&rotated.record)?,
+        );
+        state.session_slots = rotated.slots;
+        state.marks = rotated.marks;
+        Ok(())
+    }
+
+    /// Rotates lineage `name` of `volume` and takes the volume from its hosts, in one
+    /// write (the pair's target, before the pair). The caller holds the volume's command
+    /// gate, so no host write is under way.
+    pub fn rotate_and_hold(&self, volume: &Volume, name: &str) -> Result<VolumeInfo> {
+        let record = self.lineage(volume, name)?;
+        self.change_lineage(volume, name, |state| {
+            let rotated = rotation(
+                state.session_slots,
+                state.marks,
+                LineageRecord {
+                    held: true,
+                    ..record
+                },
+            )
+            .map_err(|_| Error::SessionSlotsExhausted {
+                name: volume.name.clone(),
+                slots_max: SESSION_SLOTS_MAX,
+            })?;
+            Ok((
+                rotated.slots,
+                rotated.marks,
+                Some(rotated.record),
+                rotated.cleared,
+                Some(Readiness::NotReady),
+            ))
+        })
+    }
+
+    /// Ends a job's use of lineage `name`: the frozen slot is freed (and a volume taken
+    /// from its hosts is given back), or with `drop` both slots and the record go (the
+    /// volume's readiness stays as the job left it: a target it wrote in part stays not
+    /// ready).
+    pub fn settle_lineage(&self, volume: &Volume, name: &str, drop: bool) -> Result<VolumeInfo> {
+        let record = self.lineage(volume, name)?;
+        self.change_lineage(volume, name, |state| {
+            let mut slots = state.session_slots;
+            let mut marks = state.marks;
+            let mut cleared = Vec::new();
+            let freed = if drop {
+                vec![record.frozen, record.live]
+            } else {
+                vec![record.frozen]
+            };
+            for slot in freed.into_iter().flatten() {
+                if slots & (1 << slot) != 0 {
+                    slots &= !(1 << slot);
+                    marks.changed &= !(1 << slot);
+                    marks.pending &= !(1 << slot);
+                    cleared.push(slot);
+                }
+            }
+            let (kept, readiness) = if drop {
+                (None, None)
+            } else {
+                let kept = LineageRecord {
+                    live: record.live.filter(|slot| slots & (1 << slot) != 0),
+                    frozen: None,
+                    held: false,
+                };
+                // A lineage this node never rotated keeps no record.
+                let kept = kept.live.map(|_| kept);
+                (kept, record.held.then_some(Readiness::Ready))
+            };
+            Ok((slots, marks, kept, cleared, readiness))
+        })
+    }
+
+    /// Writes a lineage change of `volume` decided by `decide` from its state: its new
+    /// slots and marks, the lineage's record (`None`: deleted), the slots whose bits are
+    /// cleared, and a readiness, in one synced batch under the volume's write lock.
+    #[allow(clippy::type_complexity)]
+    fn change_lineage(
+        &self,
+        volume: &Volume,
+        name: &str,
+        decide: impl FnOnce(
+            &VolumeState,
+        ) -> Result<(
+            u16,
+            WriteMarks,
+            Option<LineageRecord>,
+            Vec<u8>,
+            Option<Readiness>,
+        )>,
+    ) -> Result<VolumeInfo> {
+        check_name(name)?;
+        let catalog = self.catalog.lock();
+        let mut state = volume.state.write();
+        if volume.is_deleted() {
+            return Err(Error::VolumeDeleted { volume: volume.id });
+        }
+        let (slots, marks, record, cleared, readiness) = decide(&state)?;
+        let mut batch = Batch::default();
+        for slot in &cleared {
+            clear_slot(&mut batch, volume, *slot);
+        }
+        match record {
+            Some(record) => batch.put(
+                Space::Meta,
+                lineage_key(volume.id, name),
+                protocol::codec::encode(&record)?,
+            ),
+            None => batch.delete(Space::Meta, lineage_key(volume.id, name)),
+        }
+        let mut stored = volume.record(&state);
+        stored.session_slots = slots;
+        stored.marks = marks;
+        if let Some(readiness) = readiness {
+            stored.readiness = readiness;
+        }
+        batch.put(
+            Space::Meta,
+            super::volume_key(volume.id),
+            protocol::codec::encode(&stored)?,
+        );
+        self.write_batch(batch, Durability::Synced)?;
+        state.session_slots = slots;
+        state.marks = marks;
+        if let Some(readiness) = readiness {
+            volume
+                .readiness
+                .store(readiness_code(readiness), Ordering::Release);
+        }
+        drop(state);
+        drop(catalog);
+        tracing::info!(volume = %volume.name, lineage = name, ?record, "lineage changed");
+        Ok(volume.info())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rotation_freezes_the_live_slot_and_frees_an_old_frozen_one() {
+        // Slot 0 is a session's; a first rotation takes slot 1 as the live slot.
+        let session = WriteMarks {
+            changed: 1,
+            pending: 1,
+            target_changed: false,
+        };
+        let first = rotation(0b1, session, LineageRecord::default()).unwrap();
+        assert_eq!(first.slots, 0b11);
+        assert_eq!(first.marks.changed, 0b11);
+        assert_eq!(first.record.live, Some(1));
+        assert_eq!(first.record.frozen, None);
+        assert_eq!(first.cleared, vec![1]);
+        // The next one freezes slot 1 (no longer marked) and takes slot 2.
+        let second = rotation(first.slots, first.marks, first.record).unwrap();
+        assert_eq!(second.slots, 0b111);
+        assert_eq!(second.marks.changed, 0b101);
+        assert_eq!(second.record.frozen, Some(1));
+        assert_eq!(second.record.live, Some(2));
+        // A frozen slot nobody settled is freed and taken again as the live one.
+        let third = rotation(second.slots, second.marks, second.record).unwrap();
+        assert_eq!(third.record.frozen, Some(2));
+        assert_eq!(third.record.live, Some(1));
+        assert_eq!(third.slots, 0b111);
+        assert_eq!(third.marks.changed, 0b011);
+        assert_eq!(third.cleared, vec![1]);
+        // A live slot the volume no longer holds is not frozen: the job sends everything.
+        let lost = rotation(
+            0b1,
+            session,
+            LineageRecord {
+                live: Some(5),
+                frozen: None,
+                held: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(lost.record.frozen, None);
+        assert!(rotation(u16::MAX, WriteMarks::default(), LineageRecord::default()).is_err());
+    }
+}
