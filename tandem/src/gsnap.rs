@@ -83,6 +83,8 @@ enum GsnapCommand {
     Forget {
         source: String,
         target: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -144,6 +146,7 @@ pub async fn run(arguments: GsnapArguments) -> Result<()> {
         Some(GsnapCommand::Forget {
             source,
             target,
+            json,
             connection,
         }) => {
             let response = cluster_call(
@@ -158,9 +161,16 @@ pub async fn run(arguments: GsnapArguments) -> Result<()> {
             let Response::Cluster(ClusterResponse::Done) = response else {
                 bail!("unexpected answer from the cluster: {response:?}");
             };
-            println!(
-                "lineage {source} -> {target} forgotten: the next gsnap of the two sends every track"
-            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"source": source, "target": target, "forgotten": true})
+                );
+            } else {
+                println!(
+                    "lineage {source} -> {target} forgotten: the next gsnap of the two sends every track"
+                );
+            }
             Ok(())
         }
         None => start(arguments).await,
