@@ -223,7 +223,7 @@ PY
   [ "$sent" = "$changed" ] || { echo "the second gsnap sent $sent tracks, not $changed" >&2; exit 1; }
   changed_bytes=$((changed * 65536))
   start=$(seconds)
-  rsync --inplace --no-whole-file --stats "$work/source.raw" "$work/rsync-target.raw" >"$work/rsync.out"
+  rsync --inplace --no-whole-file --ignore-times --stats "$work/source.raw" "$work/rsync-target.raw" >"$work/rsync.out"
   sync
   rsync_seconds=$(elapsed "$start" "$(seconds)")
   cmp "$work/source.raw" "$work/rsync-target.raw"

@@ -14,7 +14,7 @@ use protocol::messages::Response;
 use std::time::Duration;
 
 /// How often `--wait` reads the job.
-const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]

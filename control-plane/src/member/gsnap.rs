@@ -18,7 +18,7 @@ use protocol::messages::Extent;
 
 /// Actions one drive of a job carries out at most before it lets the next round go on:
 /// a job never holds its task for long.
-const JOB_ACTIONS_PER_ROUND_MAX: usize = 16;
+const JOB_ACTIONS_PER_ROUND_MAX: usize = 64;
 
 /// How long `tandem gsnap` waits for each of its nodes to answer before it records a job.
 const REACHABLE_TIMEOUT_SECONDS: u64 = 3;
@@ -123,6 +123,8 @@ impl ControlPlane {
             CatalogReply::Job(job) => {
                 tracing::info!(job = job.id, source = %job.spec.source, target = %job.spec.target, "gsnap job recorded");
                 self.snap_before_answering(job.id).await;
+                // The job goes on at once, not at the supervisor's next round.
+                self.jobs_wakeup.notify_one();
                 let job = self
                     .catalog
                     .read(|catalog| catalog.job(job.id).cloned().map(Box::new))

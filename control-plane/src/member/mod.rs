@@ -149,6 +149,9 @@ pub struct ControlPlane {
     driving_intents: Mutex<HashSet<RequestId>>,
     /// Gsnap jobs the supervisor is driving now.
     driving_jobs: Mutex<HashSet<protocol::gsnap::JobId>>,
+    /// Wakes the supervisor to drive the jobs at once (a new job answered after its
+    /// snap), rather than at its next round.
+    jobs_wakeup: Arc<tokio::sync::Notify>,
     /// What the leader saw of each running job's progress, for `stalled`.
     job_watch: Mutex<HashMap<protocol::gsnap::JobId, gsnap::JobWatch>>,
     /// One lock per session (by target volume), so a command and the supervisor's
@@ -230,6 +233,7 @@ impl ControlPlane {
             intent_locks: Mutex::new(HashMap::new()),
             driving_intents: Mutex::new(HashSet::new()),
             driving_jobs: Mutex::new(HashSet::new()),
+            jobs_wakeup: Arc::new(tokio::sync::Notify::new()),
             job_watch: Mutex::new(HashMap::new()),
             session_locks: Mutex::new(HashMap::new()),
             resting_sessions_reconciled: Mutex::new(None),
@@ -260,11 +264,26 @@ fn unexpected_reply(reply: &CatalogReply) -> Refusal {
 async fn supervise(control_plane: std::sync::Weak<ControlPlane>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(SUPERVISE_INTERVAL_MILLISECONDS));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let Some(jobs_wakeup) = control_plane
+        .upgrade()
+        .map(|control_plane| control_plane.jobs_wakeup.clone())
+    else {
+        return;
+    };
     loop {
-        ticker.tick().await;
+        let woken = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = jobs_wakeup.notified() => true,
+        };
         let Some(control_plane) = control_plane.upgrade() else {
             return;
         };
-        control_plane.supervise_once().await;
+        if woken {
+            if control_plane.is_leader() {
+                control_plane.drive_jobs();
+            }
+        } else {
+            control_plane.supervise_once().await;
+        }
     }
 }
