@@ -609,7 +609,14 @@ impl ControlPlane {
         };
         let mut failure = None;
         match self.call_job_node(&job.target_node, rotate).await {
-            Ok(Response::Lineage(_)) => {}
+            Ok(Response::Lineage(_)) => {
+                // Tests end the process here to play a leader that dies after the
+                // target rotated and before the send was recorded.
+                crate::fail_points::exit_point(
+                    "control-plane::gsnap::after-lineage-rotate",
+                    "lineage",
+                );
+            }
             Ok(other) => failure = Some(node_refusal(other)),
             Err(refusal) => return Ok(Next::Wait(refusal.message)),
         }

@@ -7,6 +7,7 @@
 //! And kill -9 of P's node (with the leader) and of S's node in the middle of the copy.
 
 use crate::gsnap::{a_slow_job_copying, run_to_end};
+use crate::gsnap_incremental::write_track;
 use crate::idempotent::{Trio, FAIL_POINT, INTENT_FAIL_POINT, MEMBERS, RESULT_FAIL_POINT, STORAGE};
 use crate::metrics::{scrape, series};
 use crate::sessions::{fill, json, read_all, TwoNodes};
@@ -134,4 +135,56 @@ fn a_job_outlives_its_source_node_and_leader_killed_mid_copy() {
         "S holds P's image of the job's instant"
     );
     assert_ne!(read_all(&alpha, "p"), image, "P's host wrote on");
+}
+
+/// An incremental job whose leader dies at `place` (armed to let its first evaluation,
+/// the first job's, pass): the next leader finishes it, it sends exactly the tracks
+/// written since the first job on either side, S equals P, and the node call the leader
+/// died after was answered from memory, not carried out again.
+fn an_incremental_job_outlives_its_leader_dying_at(place: &str, call: &str, node_of_call: &str) {
+    let mut trio = Trio::start_armed(&format!("{place}=1*off->return({call})"));
+    trio.create_volume_on("p", SOURCE_NODE);
+    trio.create_volume_on("s", STORAGE);
+    fill(&trio.nodes[SOURCE_NODE], "p", 21);
+    let first = trio.cli_json(&["gsnap", "p", "p-mid", "s", "--json"]);
+    let report = run_to_end(trio.storage(), &trio.certs, &first["job"].to_string());
+    assert_eq!(report["state"], "succeeded", "{report}");
+    write_track(&trio.nodes[SOURCE_NODE], "p", 7, 0x71);
+    write_track(trio.storage(), "s", 90, 0x72);
+
+    let second = trio.cli_json(&["gsnap", "p", "p-mid", "s", "--json"]);
+    trio.wait_for_the_leader_to_die();
+    let report = run_to_end(trio.storage(), &trio.certs, &second["job"].to_string());
+    assert_eq!(report["state"], "succeeded", "{place} ({call}): {report}");
+    let send = &report["send"];
+    assert_eq!(send["mode"], "incremental", "{report}");
+    assert_eq!(send["source_changed_tracks"], 1, "{report}");
+    assert_eq!(send["target_changed_tracks"], 1, "{report}");
+    assert_eq!(send["tracks"], 2, "{report}");
+    assert_eq!(
+        read_all(trio.storage(), "s"),
+        read_all(&trio.nodes[SOURCE_NODE], "p"),
+        "S equals P after the incremental job"
+    );
+    let metrics = scrape(&trio.nodes[node_of_call]);
+    let replayed = format!(r#"tandem_node_calls_replayed_total{{call="{call}"}}"#);
+    assert_eq!(
+        series(&metrics, &replayed),
+        Some(1.0),
+        "{place} ({call}): the next leader did not get the remembered answer"
+    );
+}
+
+#[test]
+fn an_incremental_job_whose_leader_died_after_p_snapped_and_rotated_sends_exactly_the_changes() {
+    an_incremental_job_outlives_its_leader_dying_at(RESULT_FAIL_POINT, "snap", SOURCE_NODE);
+}
+
+#[test]
+fn an_incremental_job_whose_leader_died_after_the_target_rotated_sends_exactly_the_changes() {
+    an_incremental_job_outlives_its_leader_dying_at(
+        "control-plane::gsnap::after-lineage-rotate",
+        "lineage",
+        STORAGE,
+    );
 }

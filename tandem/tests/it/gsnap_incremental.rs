@@ -9,7 +9,7 @@ use crate::sessions::{fill, json, read_all, refused, TwoNodes, TRACKS, TRACK_BYT
 use std::path::Path;
 
 /// Writes one track of `volume` through NBD, every byte `byte`, and flushes.
-fn write_track(node: &NodeProcess, volume: &str, track: u64, byte: u8) {
+pub(crate) fn write_track(node: &NodeProcess, volume: &str, track: u64, byte: u8) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = node::nbd_client::NbdClient::connect(node.nbd, volume)

@@ -58,6 +58,12 @@ impl Trio {
 
     /// [`Trio::start`] with the leader dying at fail point `place`.
     pub(crate) fn start_at(place: &str, dying_command: &str) -> Trio {
+        Trio::start_armed(&format!("{place}=return({dying_command})"))
+    }
+
+    /// [`Trio::start_at`] with the leader's `FAILPOINTS` as given (for example
+    /// `PLACE=1*off->return(CALL)`, which lets the first evaluation pass).
+    pub(crate) fn start_armed(fail_points: &str) -> Trio {
         let directory = tempfile::tempdir().unwrap();
         let certs = init(directory.path(), &MEMBERS.join(","));
         let ports: Vec<u16> = MEMBERS.iter().map(|_| free_udp_port()).collect();
@@ -66,11 +72,10 @@ impl Trio {
             .map(|port| format!("127.0.0.1:{port}"))
             .collect::<Vec<_>>()
             .join(",");
-        let fail_points = format!("{place}=return({dying_command})");
         let mut nodes = BTreeMap::new();
         for (name, port) in MEMBERS.iter().zip(&ports) {
             let environment: Vec<(&str, &str)> = if *name == LEADER {
-                vec![("FAILPOINTS", fail_points.as_str())]
+                vec![("FAILPOINTS", fail_points)]
             } else {
                 Vec::new()
             };
