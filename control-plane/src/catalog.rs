@@ -265,18 +265,31 @@ impl Catalog {
         self.lineages.values()
     }
 
-    /// The lineage whose changes `volume`'s hosts' writes are tracked for (as its P, or
-    /// as the volume the pair copies into), if any.
-    pub fn lineage_of_volume(&self, volume: &str) -> Option<&Lineage> {
+    /// The lineages that track `volume`'s hosts' writes (as their P, or as the volume
+    /// their pair copies into). A volume may be in several: P of one and S of another.
+    pub fn lineages_of_volume<'a>(&'a self, volume: &'a str) -> impl Iterator<Item = &'a Lineage> {
         self.lineages
             .values()
-            .find(|lineage| lineage.source == volume || lineage.tracked() == volume)
+            .filter(move |lineage| lineage.source == volume || lineage.tracked() == volume)
     }
 
     /// Refuses a change of `volume`'s data other than its hosts' writes while a lineage
     /// tracks it: the next incremental job would miss it.
     pub fn refuse_lineage_change(&self, volume: &str) -> Result<(), CatalogError> {
-        match self.lineage_of_volume(volume) {
+        self.refuse_lineage_change_except(volume, None)
+    }
+
+    /// [`Catalog::refuse_lineage_change`], but a job of the lineage `except` (its P and
+    /// S) may change it: its own copy is what that lineage follows.
+    pub fn refuse_lineage_change_except(
+        &self,
+        volume: &str,
+        except: Option<(&str, &str)>,
+    ) -> Result<(), CatalogError> {
+        match self.lineages_of_volume(volume).find(|lineage| {
+            except
+                .is_none_or(|(source, target)| lineage.source != source || lineage.target != target)
+        }) {
             Some(lineage) => Err(CatalogError::VolumeInLineage {
                 volume: volume.to_string(),
                 source_volume: lineage.source.clone(),
@@ -581,15 +594,17 @@ impl Catalog {
                         )?;
                     }
                     None => {
-                        // A running job of the lineage's own P and S snaps its S' onto S.
-                        let own_job = self.job_of_volume(target).is_some_and(|job| {
-                            job.spec.target == *target
-                                && job.spec.target_intermediate.as_deref() == Some(source.as_str())
-                                && self.lineage(&job.spec.source, target).is_some()
-                        });
-                        if !own_job {
-                            self.refuse_lineage_change(target)?;
-                        }
+                        // A running job snaps its S' onto its S: the lineage of its own
+                        // P and S follows that; any other must not see S change.
+                        let own_job = self
+                            .job_of_volume(target)
+                            .filter(|job| {
+                                job.spec.target == *target
+                                    && job.spec.target_intermediate.as_deref()
+                                        == Some(source.as_str())
+                            })
+                            .map(|job| (job.spec.source.as_str(), target.as_str()));
+                        self.refuse_lineage_change_except(target, own_job)?;
                         let target_record = self.ready_volume(target, "a snap target")?;
                         if target_record.node != intent.node {
                             return Err(CatalogError::Invalid {
@@ -689,13 +704,8 @@ impl Catalog {
         }
         // The volumes the job writes (the pair's target, and S when S' takes the pair)
         // may be tracked by no other lineage than this job's own.
-        let pair_target = job.pair_target();
-        for written in [pair_target, spec.target.as_str()] {
-            if let Some(lineage) = self.lineage_of_volume(written) {
-                if lineage.source != spec.source || lineage.target != spec.target {
-                    self.refuse_lineage_change(written)?;
-                }
-            }
+        for written in [job.pair_target(), spec.target.as_str()] {
+            self.refuse_lineage_change_except(written, Some((&spec.source, &spec.target)))?;
         }
         protocol::gsnap::check_extents(&spec.source_extents, &spec.target_extents)
             .map_err(invalid)?;

@@ -745,7 +745,7 @@ async fn serve_snap<E: Engine>(
 fn snap<E: Engine>(sessions: &Sessions<E>, order: &SnapOrder) -> Result<NodeAnswer> {
     check_not_in_session(sessions, &order.target, "overwritten by a snap")?;
     let started = Instant::now();
-    let (target_volume, _created) = sessions.store().snap_with_lineage(
+    let (target_volume, _created) = sessions.snap_with_lineage(
         &order.source,
         &order.target,
         &order.extents,

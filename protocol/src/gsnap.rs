@@ -406,6 +406,9 @@ pub enum LineageStep {
     /// The job failed, was cancelled, or the lineage is forgotten: both slots are freed
     /// and the lineage is gone (the next job sends everything).
     Drop,
+    /// [`LineageStep::Drop`], and a volume the rotation took from its hosts goes back to
+    /// them (the job failed before anything was written to it).
+    Release,
 }
 
 impl LineageStep {
@@ -414,6 +417,7 @@ impl LineageStep {
             LineageStep::Rotate => "rotate",
             LineageStep::Settle => "settle",
             LineageStep::Drop => "drop",
+            LineageStep::Release => "release",
         }
     }
 }

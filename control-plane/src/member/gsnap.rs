@@ -665,25 +665,38 @@ impl ControlPlane {
 
     /// A job that rotated P's lineage ends it on both nodes before its end is recorded:
     /// success frees the frozen slots (and gives the target back to its hosts when no
-    /// pair did), anything else drops both lineages, so the next job sends everything.
-    /// A failed job's target node that is down is left: its lineage is dropped when it
-    /// next rotates (the catalog then holds none, so that job sends everything).
+    /// pair did), anything else drops both lineages, so the next job sends everything; a
+    /// target no pair can have written (no send with tracks recorded) goes back to its
+    /// hosts. A success waits for both nodes. A failure or cancel does not: the catalog
+    /// then holds no lineage, so the next job sends everything whatever a node that was
+    /// away still keeps, and its next rotation takes that in.
     async fn end_lineages(&self, job: &GsnapJob, state: JobState) -> Outcome<()> {
         let lineage = lineage_name(&job.spec.source, &job.spec.target);
-        let step = if state == JobState::Succeeded {
-            LineageStep::Settle
-        } else {
-            LineageStep::Drop
-        };
-        for (node, volume, required) in [
-            (&job.source_node, job.spec.source.clone(), true),
+        let succeeded = state == JobState::Succeeded;
+        let unwritten = self
+            .catalog
+            .read(|catalog| catalog.send(job.id).is_none_or(|send| send.tracks == 0));
+        for (node, volume, step) in [
+            (
+                &job.source_node,
+                job.spec.source.clone(),
+                if succeeded {
+                    LineageStep::Settle
+                } else {
+                    LineageStep::Drop
+                },
+            ),
             (
                 &job.target_node,
                 job.pair_target().to_string(),
-                state == JobState::Succeeded,
+                match (succeeded, unwritten) {
+                    (true, _) => LineageStep::Settle,
+                    (false, true) => LineageStep::Release,
+                    (false, false) => LineageStep::Drop,
+                },
             ),
         ] {
-            if !required && !self.catalog.read(|catalog| catalog.node_is_up(node)) {
+            if !succeeded && !self.catalog.read(|catalog| catalog.node_is_up(node)) {
                 continue;
             }
             let request = Request::Lineage {
@@ -702,12 +715,17 @@ impl ControlPlane {
                     code: ErrorCode::NotFound,
                     ..
                 }) => {}
-                Ok(other) => {
+                Ok(other) if succeeded => {
                     let (code, message) = node_refusal(other);
                     return Err(Refusal { code, message });
                 }
-                Err(refusal) if required => return Err(refusal),
-                Err(_) => {}
+                Err(refusal) if succeeded => return Err(refusal),
+                Ok(other) => {
+                    tracing::warn!(job = job.id, %node, answer = ?other, "a failed job's lineage was not dropped on its node; its next rotation takes it in");
+                }
+                Err(refusal) => {
+                    tracing::warn!(job = job.id, %node, reason = %refusal.message, "a failed job's lineage was not dropped on its node; its next rotation takes it in");
+                }
             }
         }
         Ok(())

@@ -246,14 +246,13 @@ impl ControlPlane {
             return Ok(());
         };
         self.catalog.read(|catalog| {
-            let pair_of_lineage = catalog.lineage_of_volume(written).is_some_and(|lineage| {
-                lineage.tracked() == written && lineage.intermediate == source
-            });
-            if pair_of_lineage {
-                return Ok(());
-            }
+            // The pair of a running job, from its P' into the volume it tracks.
+            let own_job = catalog
+                .job_of_volume(written)
+                .filter(|job| job.spec.intermediate == source && job.pair_target() == written)
+                .map(|job| (job.spec.source.as_str(), job.spec.target.as_str()));
             catalog
-                .refuse_lineage_change(written)
+                .refuse_lineage_change_except(written, own_job)
                 .map_err(Refusal::from)
         })
     }

@@ -1096,3 +1096,41 @@ fn a_lineage_keeps_other_changes_off_its_volumes_until_forgotten_and_a_failure_d
     end_job(&mut cluster, &second, JobState::Failed);
     assert!(cluster.catalog.lineage("p", "s").is_none());
 }
+
+#[test]
+fn a_volume_in_two_lineages_is_kept_for_both_a_job_of_one_may_not_change_it_for_the_other() {
+    let mut cluster = Cluster::new();
+    // P -> S, then S -> S' (S is the first lineage's target and the second's P).
+    let first = at(cluster.record(job(None)), GsnapStep::Snap);
+    cluster.send(&first, full_send());
+    end_job(&mut cluster, &first, JobState::Succeeded);
+    let mut cascade = job(None);
+    cascade.request_id = 2;
+    cascade.spec.source = "s".into();
+    cascade.spec.intermediate = "s-snap".into();
+    cascade.spec.target = "s-mid".into();
+    cascade.source_node = "b1".into();
+    let second = at(cluster.record(cascade), GsnapStep::Snap);
+    cluster.send(&second, full_send());
+    end_job(&mut cluster, &second, JobState::Succeeded);
+    assert_eq!(cluster.catalog.lineages_of_volume("s").count(), 2);
+
+    // A new job P -> S would write S behind the second lineage's back: refused, naming it.
+    let mut again = job(None);
+    again.request_id = 3;
+    cluster.next_request += 1;
+    let answer = cluster.catalog.apply(&CatalogRequest {
+        request_id: cluster.next_request,
+        command: Command::GsnapCreate(again),
+    });
+    let error = answer.unwrap_err().to_string();
+    assert!(error.contains("gsnap forget s s-mid"), "{error}");
+    assert!(cluster
+        .catalog
+        .refuse_lineage_change_except("s", Some(("p", "s")))
+        .is_err());
+    assert!(cluster
+        .catalog
+        .refuse_lineage_change_except("s-mid", Some(("s", "s-mid")))
+        .is_ok());
+}

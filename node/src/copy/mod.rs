@@ -1368,6 +1368,36 @@ impl<E: Engine> Sessions<E> {
 
     /// Whether a volume takes part in any session (a volume in a session cannot be
     /// deleted), also as the target of a session another node runs.
+    /// A snap whose source's gsnap lineage `lineage` rotates in the same write (see
+    /// [`VolumeStore::snap_with_lineage`]), under the source's command gate: a session
+    /// command on the source prepares its slots and marks under that gate and writes them
+    /// back, which must not fall across the rotation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn snap_with_lineage(
+        &self,
+        source: &str,
+        target: &str,
+        extents: &[Extent],
+        target_extents: &[Extent],
+        overwrite: bool,
+        target_size_bytes: Option<u64>,
+        lineage: Option<&str>,
+    ) -> Result<(Arc<Volume>, bool)> {
+        let _gate = match lineage {
+            Some(_) => Some(self.gates.exclusive([self.store.volume(source)?.id])),
+            None => None,
+        };
+        self.store.snap_with_lineage(
+            source,
+            target,
+            extents,
+            target_extents,
+            overwrite,
+            target_size_bytes,
+            lineage,
+        )
+    }
+
     /// A gsnap lineage step on `volume` (see [`crate::store::lineage`]). A rotation here
     /// is the pair's target's: it takes the volume from its hosts in the same write, under
     /// the volume's command gate, so no host write is under way while it happens.
@@ -1385,6 +1415,7 @@ impl<E: Engine> Sessions<E> {
                 self.store.settle_lineage(&volume, lineage, false)
             }
             protocol::gsnap::LineageStep::Drop => self.store.settle_lineage(&volume, lineage, true),
+            protocol::gsnap::LineageStep::Release => self.store.release_lineage(&volume, lineage),
         }
     }
 

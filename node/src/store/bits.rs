@@ -299,6 +299,19 @@ impl<E: Engine> VolumeStore<E> {
     ) -> Result<()> {
         volume.check_extent(extent)?;
         let slot = Self::checked_slot(volume, bits)?;
+        self.scan_set(volume, bits, slot, extent, visit)
+    }
+
+    /// [`VolumeStore::for_each_set`] for a caller that checked the slot and the extent
+    /// itself: it takes no lock of the volume (the caller may hold its write lock).
+    pub(super) fn scan_set(
+        &self,
+        volume: &Volume,
+        bits: Bits,
+        slot: u8,
+        extent: Extent,
+        visit: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<()> {
         let (kind, _) = bits.kind_and_mask();
         for chunk in extent.first / TRACKS_PER_CHUNK..=extent.last / TRACKS_PER_CHUNK {
             let Some(stored) = self

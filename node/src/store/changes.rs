@@ -20,8 +20,9 @@ use std::sync::atomic::Ordering;
 /// What a command does to one volume's descriptor.
 struct Edit<'a> {
     volume: &'a Volume,
-    /// The slots the volume had when the command first named it.
+    /// The slots and marks the volume had when the command first named it.
     slots_before: u16,
+    marks_before: WriteMarks,
     slots: u16,
     marks: WriteMarks,
     readiness: Readiness,
@@ -55,6 +56,7 @@ impl<'a> VolumeChanges<'a> {
                 self.edits.push(Edit {
                     volume,
                     slots_before: state.session_slots,
+                    marks_before: state.marks,
                     slots: state.session_slots,
                     marks: state.marks,
                     readiness: volume.readiness(),
@@ -263,7 +265,9 @@ impl<E: Engine> VolumeStore<E> {
                     volume: edit.volume.id,
                 });
             }
-            if state.session_slots != edit.slots_before {
+            // A command writes the marks it read back: a change made meanwhile (a gsnap
+            // lineage's rotation) would be lost.
+            if state.session_slots != edit.slots_before || state.marks != edit.marks_before {
                 return Err(Error::Metadata {
                     what: format!("volume {}", edit.volume.name),
                     detail: "its session slots changed while a command prepared its changes"

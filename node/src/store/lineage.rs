@@ -46,28 +46,49 @@ pub struct Rotation {
     pub slots: u16,
     pub marks: WriteMarks,
     pub record: LineageRecord,
-    /// Slots whose bits start clear: the one taken, and an old frozen one freed.
+    /// The bits of the first slot are added to the second's before anything is cleared:
+    /// a frozen slot no job settled takes the live slot's tracks too.
+    pub merge: Option<(u8, u8)>,
+    /// Slots whose bits are cleared, after the merge: the live slot merged away, a frozen
+    /// one dropped, and the one taken.
     pub cleared: Vec<u8>,
 }
 
-/// The rotation of `record` on a volume with `slots` and `marks` (pure): an old frozen
-/// slot is freed, the live one frozen (when the volume still holds it), a new live slot
-/// taken and marked by host writes.
+/// The rotation of `record` on a volume with `slots` and `marks` (pure). The live slot
+/// is frozen (when the volume still holds it) and a new live slot is taken and marked by
+/// host writes. A frozen slot still there (its job's end was not settled, or the
+/// rotation is repeated after a crash that lost its remembered answer) keeps its tracks
+/// and takes the live slot's too, so a rotation never loses a track written since the
+/// last settled job; without a live slot nothing since is known, and the frozen slot is
+/// dropped too (the job sends everything).
 pub fn rotation(slots: u16, marks: WriteMarks, record: LineageRecord) -> Result<Rotation> {
     let mut slots = slots;
     let mut marks = marks;
     let mut cleared = Vec::new();
     let held = |slots: u16, slot: u8| slots & (1 << slot) != 0;
-    if let Some(frozen) = record.frozen.filter(|slot| held(slots, *slot)) {
-        slots &= !(1 << frozen);
-        marks.changed &= !(1 << frozen);
-        marks.pending &= !(1 << frozen);
-        cleared.push(frozen);
-    }
-    let continued = record.live.filter(|slot| held(slots, *slot));
-    if let Some(live) = continued {
-        marks.changed &= !(1 << live);
-    }
+    let mut release = |slots: &mut u16, marks: &mut WriteMarks, slot: u8| {
+        *slots &= !(1 << slot);
+        marks.changed &= !(1 << slot);
+        marks.pending &= !(1 << slot);
+        cleared.push(slot);
+    };
+    let live = record.live.filter(|slot| held(slots, *slot));
+    let frozen = record.frozen.filter(|slot| held(slots, *slot));
+    let (frozen, merge) = match (live, frozen) {
+        (Some(live), Some(frozen)) => {
+            release(&mut slots, &mut marks, live);
+            (Some(frozen), Some((live, frozen)))
+        }
+        (Some(live), None) => {
+            marks.changed &= !(1 << live);
+            (Some(live), None)
+        }
+        (None, Some(frozen)) => {
+            release(&mut slots, &mut marks, frozen);
+            (None, None)
+        }
+        (None, None) => (None, None),
+    };
     let Some(new) = (0..SESSION_SLOTS_MAX as u8).find(|slot| !held(slots, *slot)) else {
         return Err(Error::SessionSlotsExhausted {
             name: String::new(),
@@ -85,9 +106,10 @@ pub fn rotation(slots: u16, marks: WriteMarks, record: LineageRecord) -> Result<
         marks,
         record: LineageRecord {
             live: Some(new),
-            frozen: continued,
+            frozen,
             held: record.held,
         },
+        merge,
         cleared,
     })
 }
@@ -270,6 +292,7 @@ impl<E: Engine> VolumeStore<E> {
                 slots_max: SESSION_SLOTS_MAX,
             }
         })?;
+        self.merge_slot(batch, volume, rotated.merge)?;
         for slot in &rotated.cleared {
             clear_slot(batch, volume, *slot);
         }
@@ -305,6 +328,7 @@ impl<E: Engine> VolumeStore<E> {
                 rotated.slots,
                 rotated.marks,
                 Some(rotated.record),
+                rotated.merge,
                 rotated.cleared,
                 Some(Readiness::NotReady),
             ))
@@ -316,6 +340,23 @@ impl<E: Engine> VolumeStore<E> {
     /// volume's readiness stays as the job left it: a target it wrote in part stays not
     /// ready).
     pub fn settle_lineage(&self, volume: &Volume, name: &str, drop: bool) -> Result<VolumeInfo> {
+        self.end_lineage(volume, name, drop, false)
+    }
+
+    /// Drops lineage `name` as [`VolumeStore::settle_lineage`] does and gives a volume its
+    /// rotation took from its hosts back to them (a job that failed before it wrote the
+    /// volume).
+    pub fn release_lineage(&self, volume: &Volume, name: &str) -> Result<VolumeInfo> {
+        self.end_lineage(volume, name, true, true)
+    }
+
+    fn end_lineage(
+        &self,
+        volume: &Volume,
+        name: &str,
+        drop: bool,
+        give_back: bool,
+    ) -> Result<VolumeInfo> {
         let record = self.lineage(volume, name)?;
         self.change_lineage(volume, name, |state| {
             let mut slots = state.session_slots;
@@ -335,7 +376,7 @@ impl<E: Engine> VolumeStore<E> {
                 }
             }
             let (kept, readiness) = if drop {
-                (None, None)
+                (None, (give_back && record.held).then_some(Readiness::Ready))
             } else {
                 let kept = LineageRecord {
                     live: record.live.filter(|slot| slots & (1 << slot) != 0),
@@ -346,8 +387,51 @@ impl<E: Engine> VolumeStore<E> {
                 let kept = kept.live.map(|_| kept);
                 (kept, record.held.then_some(Readiness::Ready))
             };
-            Ok((slots, marks, kept, cleared, readiness))
+            Ok((slots, marks, kept, None, cleared, readiness))
         })
+    }
+
+    /// Adds to `batch` the setting of slot `into`'s bits on every track whose bit slot
+    /// `from` has set (a frozen slot taking a live slot's tracks), read now: the caller
+    /// holds the volume's write lock, so no write marks `from` meanwhile.
+    fn merge_slot(
+        &self,
+        batch: &mut Batch,
+        volume: &Volume,
+        merge: Option<(u8, u8)>,
+    ) -> Result<()> {
+        let Some((from, into)) = merge else {
+            return Ok(());
+        };
+        let mut runs: Vec<Extent> = Vec::new();
+        self.scan_set(
+            volume,
+            Bits::Session(from),
+            from,
+            volume.whole(),
+            &mut |track| {
+                match runs.last_mut() {
+                    Some(last) if last.last + 1 == track => last.last = track,
+                    _ => runs.push(Extent {
+                        first: track,
+                        last: track,
+                    }),
+                }
+                true
+            },
+        )?;
+        for run in runs {
+            add_bit_changes(
+                batch,
+                volume.id,
+                BitmapKind::Sessions,
+                1 << into,
+                run.first,
+                run.last,
+                true,
+            );
+        }
+        Ok(())
     }
 
     /// Writes a lineage change of `volume` decided by `decide` from its state: its new
@@ -364,6 +448,7 @@ impl<E: Engine> VolumeStore<E> {
             u16,
             WriteMarks,
             Option<LineageRecord>,
+            Option<(u8, u8)>,
             Vec<u8>,
             Option<Readiness>,
         )>,
@@ -374,8 +459,9 @@ impl<E: Engine> VolumeStore<E> {
         if volume.is_deleted() {
             return Err(Error::VolumeDeleted { volume: volume.id });
         }
-        let (slots, marks, record, cleared, readiness) = decide(&state)?;
+        let (slots, marks, record, merge, cleared, readiness) = decide(&state)?;
         let mut batch = Batch::default();
+        self.merge_slot(&mut batch, volume, merge)?;
         for slot in &cleared {
             clear_slot(&mut batch, volume, *slot);
         }
@@ -418,7 +504,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_rotation_freezes_the_live_slot_and_frees_an_old_frozen_one() {
+    fn a_rotation_freezes_the_live_slot_and_an_unsettled_frozen_slot_takes_its_tracks() {
         // Slot 0 is a session's; a first rotation takes slot 1 as the live slot.
         let session = WriteMarks {
             changed: 1,
@@ -431,19 +517,36 @@ mod tests {
         assert_eq!(first.record.live, Some(1));
         assert_eq!(first.record.frozen, None);
         assert_eq!(first.cleared, vec![1]);
+        assert_eq!(first.merge, None);
         // The next one freezes slot 1 (no longer marked) and takes slot 2.
         let second = rotation(first.slots, first.marks, first.record).unwrap();
         assert_eq!(second.slots, 0b111);
         assert_eq!(second.marks.changed, 0b101);
         assert_eq!(second.record.frozen, Some(1));
         assert_eq!(second.record.live, Some(2));
-        // A frozen slot nobody settled is freed and taken again as the live one.
+        // Again without a settle (a repeated rotation): frozen slot 1 keeps its tracks and
+        // takes live slot 2's, and slot 2, cleared, is the new live slot.
         let third = rotation(second.slots, second.marks, second.record).unwrap();
-        assert_eq!(third.record.frozen, Some(2));
-        assert_eq!(third.record.live, Some(1));
+        assert_eq!(third.merge, Some((2, 1)));
+        assert_eq!(third.record.frozen, Some(1));
+        assert_eq!(third.record.live, Some(2));
         assert_eq!(third.slots, 0b111);
-        assert_eq!(third.marks.changed, 0b011);
-        assert_eq!(third.cleared, vec![1]);
+        assert_eq!(third.marks.changed, 0b101);
+        assert_eq!(third.cleared, vec![2]);
+        // A frozen slot without its live slot knows nothing since: both go.
+        let orphan = rotation(
+            0b11,
+            session,
+            LineageRecord {
+                live: Some(4),
+                frozen: Some(1),
+                held: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(orphan.record.frozen, None);
+        assert_eq!(orphan.record.live, Some(1));
+        assert_eq!(orphan.slots, 0b11);
         // A live slot the volume no longer holds is not frozen: the job sends everything.
         let lost = rotation(
             0b1,

@@ -965,4 +965,22 @@ fn a_lineage_freezes_the_tracks_written_between_two_snaps_and_survives_a_restart
     );
     snap(&store);
     assert_eq!(frozen(&store, "p"), None);
+
+    // A rotation repeated before any settle (a retry whose remembered answer was lost)
+    // loses nothing: the frozen slot keeps its tracks and takes the live slot's.
+    write_track(&sessions, "p", 20, 20);
+    snap(&store);
+    write_track(&sessions, "p", 21, 21);
+    snap(&store);
+    assert_eq!(frozen(&store, "p"), Some(vec![run(20, 21)]));
+    assert_eq!(store.volume("p").unwrap().info().session_slots_used, 2);
+    // A target released after a failed job goes back to its hosts.
+    sessions
+        .lineage_step("s", "p>s", LineageStep::Rotate)
+        .unwrap();
+    let info = sessions
+        .lineage_step("s", "p>s", LineageStep::Release)
+        .unwrap();
+    assert_eq!(info.readiness, Readiness::Ready);
+    assert_eq!(info.session_slots_used, 0);
 }
