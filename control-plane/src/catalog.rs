@@ -13,7 +13,7 @@ use protocol::cluster::{
 };
 use protocol::gsnap::{GsnapJob, GsnapStep, JobId, JobSend, JobState, Lineage, VerifyRound};
 use protocol::messages::{Extent, Readiness, VOLUME_NAME_BYTES_MAX};
-use protocol::session::{next_state, SessionKind, SessionState, Transition};
+use protocol::session::{next_state, SessionCommand, SessionKind, SessionState, Transition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -228,6 +228,26 @@ impl Catalog {
         Ok(CatalogReply::Done)
     }
 
+    /// The session of `target` ended without its target's node saying what readiness
+    /// it left: a cancelled synchronized mirror gives its BCV, the standard's whole
+    /// image, to its hosts; other ends leave the readiness as it was.
+    fn session_forget(&mut self, target: &str) {
+        let ended = self.sessions.remove(target);
+        if ended.is_some_and(|ended| ended.state == SessionState::Synchronized) {
+            if let Some(volume) = self.volumes.get_mut(target) {
+                volume.readiness = Readiness::Ready;
+            }
+        }
+    }
+
+    /// The session of `target` ended, and its target's node reports this readiness.
+    fn session_ended(&mut self, target: &str, readiness: Readiness) {
+        self.sessions.remove(target);
+        if let Some(volume) = self.volumes.get_mut(target) {
+            volume.readiness = readiness;
+        }
+    }
+
     /// The intents not finished yet, oldest id first.
     pub fn intents(&self) -> impl Iterator<Item = &Intent> {
         self.intents.values()
@@ -359,6 +379,13 @@ impl Catalog {
             | IntentCall::SnapLineage { source, target, .. } => {
                 source == volume || target == volume
             }
+            IntentCall::Session { command } => {
+                command.session_key() == volume
+                    || matches!(command,
+                        SessionCommand::CloneCreate { source, .. }
+                        | SessionCommand::MirrorEstablish { standard: source, .. }
+                        if source == volume)
+            }
         });
         match touching {
             Some(intent) => Err(CatalogError::IntentUnderWay {
@@ -453,14 +480,7 @@ impl Catalog {
             }
             Command::SessionRecord(entry) => self.session_record(entry),
             Command::SessionForget { target } => {
-                // A cancelled synchronized mirror gives its BCV, the standard's whole
-                // image, to its hosts; other ends leave the readiness as it was.
-                let ended = self.sessions.remove(target);
-                if ended.is_some_and(|ended| ended.state == SessionState::Synchronized) {
-                    if let Some(volume) = self.volumes.get_mut(target) {
-                        volume.readiness = Readiness::Ready;
-                    }
-                }
+                self.session_forget(target);
                 Ok(CatalogReply::Done)
             }
             Command::VolumeDeleteBegin { name } => {
@@ -507,10 +527,7 @@ impl Catalog {
                 target,
                 target_readiness,
             } => {
-                self.sessions.remove(target);
-                if let Some(volume) = self.volumes.get_mut(target) {
-                    volume.readiness = *target_readiness;
-                }
+                self.session_ended(target, *target_readiness);
                 Ok(CatalogReply::Done)
             }
             Command::IntentBegin(intent) => self.intent_begin(intent),
@@ -624,6 +641,16 @@ impl Catalog {
                             });
                         }
                     }
+                }
+            }
+            // The leader checked the command against the catalog and its sessions
+            // before it began the intent; the node checks it against its own state.
+            IntentCall::Session { command } => {
+                for volume in [Some(command.session_key()), command.target()]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.ready_volume(volume, "used by a copy session")?;
                 }
             }
         }
@@ -926,6 +953,25 @@ impl Catalog {
                 | IntentCall::SnapLineage { create: None, .. },
                 IntentResult::Refused { .. },
             ) => {}
+            // The catalog follows what the node did. A record the catalog has passed
+            // already (the supervisor read the node first) changes nothing.
+            (
+                IntentCall::Session { command },
+                IntentResult::Session {
+                    entry,
+                    target_readiness,
+                },
+            ) => match (entry, command.target()) {
+                (Some(entry), _) => {
+                    let _ = self.session_record(entry);
+                }
+                (None, Some(target)) => match target_readiness {
+                    Some(readiness) => self.session_ended(target, *readiness),
+                    None => self.session_forget(target),
+                },
+                (None, None) => {}
+            },
+            (IntentCall::Session { .. }, _) | (_, IntentResult::Session { .. }) => {}
         }
         Ok(CatalogReply::IntentFinished(result.clone()))
     }

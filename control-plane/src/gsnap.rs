@@ -447,6 +447,11 @@ fn snap_step(
             code: *code,
             detail: message.clone(),
         }),
+        Some(other) => Action::Fail(JobError {
+            step,
+            code: ErrorCode::Internal,
+            detail: format!("the step's snap finished with {other:?}"),
+        }),
         None if catalog.intent(id).is_some() => on_nodes(catalog, &[node], Action::DriveIntent(id)),
         None => on_nodes(
             catalog,

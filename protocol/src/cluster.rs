@@ -262,6 +262,10 @@ pub enum IntentCall {
         create: Option<NewVolume>,
         lineage: String,
     },
+    /// A copy-session command, carried out by the node of the session's source (appended).
+    Session {
+        command: crate::session::SessionCommand,
+    },
 }
 
 impl IntentCall {
@@ -271,6 +275,7 @@ impl IntentCall {
             IntentCall::Snap { target, .. }
             | IntentCall::SnapAt { target, .. }
             | IntentCall::SnapLineage { target, .. } => target,
+            IntentCall::Session { command } => command.session_key(),
         }
     }
 
@@ -280,6 +285,7 @@ impl IntentCall {
             IntentCall::Snap { .. }
             | IntentCall::SnapAt { .. }
             | IntentCall::SnapLineage { .. } => "snap",
+            IntentCall::Session { command } => command.name(),
         }
     }
 }
@@ -302,6 +308,14 @@ pub enum IntentResult {
     Refused {
         code: crate::messages::ErrorCode,
         message: String,
+    },
+    /// A session command was carried out: the session as it left it, or `None` when it
+    /// ended the session, with the readiness the target's node reports for the target
+    /// then (`None`: the target's node did not say; the catalog forgets the session and
+    /// keeps the readiness it had). Appended.
+    Session {
+        entry: Option<SessionEntry>,
+        target_readiness: Option<Readiness>,
     },
 }
 

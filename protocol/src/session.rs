@@ -212,6 +212,34 @@ impl SessionCommand {
             SessionCommand::SetRate { .. } => "set rate",
         }
     }
+
+    /// The target volume the command names, if it names one (a rotation names its
+    /// standard only).
+    pub fn target(&self) -> Option<&str> {
+        match self {
+            SessionCommand::CloneCreate { target, .. }
+            | SessionCommand::ClonePrecopy { target }
+            | SessionCommand::CloneActivate { target }
+            | SessionCommand::CloneTerminate { target }
+            | SessionCommand::CloneCancel { target }
+            | SessionCommand::SetRate { target, .. } => Some(target),
+            SessionCommand::MirrorEstablish { bcv, .. }
+            | SessionCommand::MirrorSplit { bcv, .. }
+            | SessionCommand::MirrorReestablish { bcv }
+            | SessionCommand::MirrorRestore { bcv, .. }
+            | SessionCommand::MirrorCancel { bcv } => Some(bcv),
+            SessionCommand::MirrorRotate { .. } => None,
+        }
+    }
+
+    /// The volume the command's session is known by: its target, or for a rotation the
+    /// standard (whose split BCV the node picks).
+    pub fn session_key(&self) -> &str {
+        match self {
+            SessionCommand::MirrorRotate { standard } => standard,
+            _ => self.target().unwrap_or_default(),
+        }
+    }
 }
 
 /// Which command a session receives, without its arguments: the input of [`next_state`].

@@ -8,7 +8,7 @@
 use super::sessions::NodeSession;
 use super::*;
 use crate::gsnap::{plan, progress_mark, stall_of, Action, Blocked, ProgressMark};
-use protocol::cluster::{Intent, IntentResult};
+use protocol::cluster::Intent;
 use protocol::gsnap::{
     differing_positions, digest_group_tracks, extents_of_tracks, lineage_name, tracks_at, GsnapJob,
     GsnapJobView, GsnapSpec, GsnapStep, JobError, JobId, JobState, LineageStep, TrackDigests,
@@ -743,7 +743,7 @@ impl ControlPlane {
     /// Drives a job's intent; the job goes on at once when its node answered.
     async fn drive_job_intent(&self, id: RequestId) -> Next {
         match self.drive_intent(id).await {
-            Ok(IntentResult::Snapped { .. } | IntentResult::Refused { .. }) => Next::Continue,
+            Ok(_) => Next::Continue,
             Err(refusal) => {
                 tracing::debug!(intent = %format!("{id:032x}"), reason = %refusal.message, "a gsnap snap waits");
                 Next::Wait(refusal.message)

@@ -46,6 +46,16 @@ impl ControlPlane {
     /// returns the result, also when an earlier drive finished it. A node that does not
     /// answer leaves the intent open (unavailable: the supervisor or a retry finishes it).
     pub(super) async fn drive_intent(&self, id: RequestId) -> Outcome<IntentResult> {
+        self.drive_intent_answer(id).await.map(|(result, _)| result)
+    }
+
+    /// [`ControlPlane::drive_intent`], with the session a session command's node answered
+    /// when this drive called it (`None` when an earlier drive finished the intent): a
+    /// command answers its caller with the live session, not the catalog's record.
+    pub(super) async fn drive_intent_answer(
+        &self,
+        id: RequestId,
+    ) -> Outcome<(IntentResult, Option<Option<SessionInfo>>)> {
         let lock = self.intent_lock(id);
         let outcome = {
             let _guard = lock.lock().await;
@@ -59,9 +69,12 @@ impl ControlPlane {
         outcome
     }
 
-    async fn drive_intent_locked(&self, id: RequestId) -> Outcome<IntentResult> {
+    async fn drive_intent_locked(
+        &self,
+        id: RequestId,
+    ) -> Outcome<(IntentResult, Option<Option<SessionInfo>>)> {
         if let Some(result) = self.intent_result(id) {
-            return Ok(result);
+            return Ok((result, None));
         }
         let Some(intent) = self.catalog.read(|catalog| catalog.intent(id).cloned()) else {
             return Err(Refusal::new(
@@ -131,8 +144,52 @@ impl ControlPlane {
                 target_size_bytes: create.as_ref().map(|new| new.size_bytes),
                 lineage: lineage.clone(),
             },
+            IntentCall::Session { command } => Request::Session {
+                request_id: id,
+                command: command.clone(),
+            },
         };
+        let mut live = None;
         let result = match self.call(&intent.node, &address, request).await {
+            Ok(Response::Session(info)) => {
+                let IntentCall::Session { command } = &intent.call else {
+                    return Err(Refusal::new(
+                        ErrorCode::Internal,
+                        format!("node '{}' answered a snap with a session", intent.node),
+                    ));
+                };
+                // Tests end the process here to play a leader that dies after the node
+                // carried a command out and before the catalog recorded it.
+                crate::fail_points::exit_point(
+                    "control-plane::session::after-node-call",
+                    command.name(),
+                );
+                let result = match &info {
+                    Some(info) => IntentResult::Session {
+                        entry: Some(super::sessions::entry_of(&intent.node, info)),
+                        target_readiness: None,
+                    },
+                    None => {
+                        let target_readiness = match command.target() {
+                            Some(target) => {
+                                match self.session_end_record(target.to_string()).await {
+                                    Command::SessionEnded {
+                                        target_readiness, ..
+                                    } => Some(target_readiness),
+                                    _ => None,
+                                }
+                            }
+                            None => None,
+                        };
+                        IntentResult::Session {
+                            entry: None,
+                            target_readiness,
+                        }
+                    }
+                };
+                live = Some(info);
+                result
+            }
             Ok(Response::Snapped {
                 target_info,
                 elapsed_micros,
@@ -173,7 +230,7 @@ impl ControlPlane {
             },
         )
         .await?;
-        Ok(result)
+        Ok((result, live))
     }
 
     /// Starts driving every open intent whose node is up, each in a task of its own and

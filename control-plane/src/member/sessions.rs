@@ -6,6 +6,7 @@
 //! supervisor makes the catalog follow the node for every session, resting ones included.
 
 use super::*;
+use protocol::cluster::{Intent, IntentCall, IntentResult};
 
 /// How often the supervisor compares resting sessions (created, copied, synchronized,
 /// split) with their nodes. Running copies are compared at every supervision round; a
@@ -109,7 +110,7 @@ pub(super) fn checkpoint_info(entry: &SessionEntry, error: Option<String>) -> Se
 }
 
 /// The catalog's record of a session as its node reported it.
-fn entry_of(node: &str, info: &SessionInfo) -> SessionEntry {
+pub(super) fn entry_of(node: &str, info: &SessionInfo) -> SessionEntry {
     SessionEntry {
         id: info.id,
         node: node.to_string(),
@@ -161,12 +162,21 @@ impl ControlPlane {
             .read(|catalog| catalog.applied_response(request_id).cloned())
         {
             applied.map_err(Refusal::from)?;
+            // Begun before (a retry, or a job's driver again): its intent is finished, or
+            // driven on now. (A request recorded before intents has neither.)
+            let begun = self
+                .catalog
+                .read(|catalog| catalog.intent(request_id).is_some())
+                || self.intent_result(request_id).is_some();
+            if begun {
+                return self.session_intent_answer(request_id, &command).await;
+            }
             return Ok(session_response(self.recorded_session(&command)));
         }
         // One command or reconciliation of a session at a time on this leader.
         let lock = self.session_lock(&session_lock_key(&command));
         let _one_at_a_time = lock.lock().await;
-        let (node, address, source, target) = match self.session_command_checks(&command).await {
+        let (node, _address, _source, _target) = match self.session_command_checks(&command).await {
             Ok(checked) => checked,
             Err(refusal) if refusal.code == ErrorCode::IllegalState => {
                 // The catalog may trail the node: a command the node carried out whose
@@ -192,37 +202,40 @@ impl ControlPlane {
             }
             Err(refusal) => return Err(refusal),
         };
-        let response = self
-            .call(
-                &node,
-                &address,
-                Request::Session {
-                    request_id,
-                    command: command.clone(),
-                },
-            )
-            .await
-            .map_err(|reason| {
-                Refusal::new(
-                    ErrorCode::Unavailable,
-                    format!("node {node} of volume '{source}' did not answer: {reason}"),
-                )
-            })?;
-        let info = match response {
-            Response::Session(info) => info,
-            Response::Error { code, message } => return Err(Refusal::new(code, message)),
-            other => {
-                return Err(Refusal::new(
-                    ErrorCode::Internal,
-                    format!("unexpected answer {other:?}"),
-                ))
+        // The saga: the intent is recorded before the node is asked, so whatever fails
+        // after this point, the command is finished under the same id (by a retry, or by
+        // the supervisor after a leader change or the node's return).
+        self.begin_intent(Intent {
+            id: request_id,
+            node,
+            call: IntentCall::Session {
+                command: command.clone(),
+            },
+            begun_unix_seconds: now_unix_seconds(),
+        })
+        .await?;
+        self.session_intent_answer(request_id, &command).await
+    }
+
+    /// Drives the intent of a session command and answers with what came of it: the
+    /// session as the node left it (live when this drive called the node, else the
+    /// catalog's record), or the node's refusal.
+    async fn session_intent_answer(
+        &self,
+        request_id: RequestId,
+        command: &SessionCommand,
+    ) -> Outcome<Response> {
+        match self.drive_intent_answer(request_id).await? {
+            (IntentResult::Refused { code, message }, _) => Err(Refusal::new(code, message)),
+            (IntentResult::Session { .. }, Some(live)) => Ok(session_response(live)),
+            (IntentResult::Session { .. }, None) => {
+                Ok(session_response(self.recorded_session(command)))
             }
-        };
-        // Tests end the process here to play a leader that dies after the node carried a
-        // command out and before the catalog recorded it.
-        crate::fail_points::exit_point("control-plane::session::after-node-call", command.name());
-        self.record_session_outcome(request_id, &node, target, info)
-            .await
+            (other, _) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("a session command's intent finished with {other:?}"),
+            )),
+        }
     }
 
     /// Refuses a session command that would change the data of a volume a gsnap lineage

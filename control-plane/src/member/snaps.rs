@@ -40,6 +40,10 @@ impl ControlPlane {
                 target_info,
             }),
             IntentResult::Refused { code, message } => Err(Refusal::new(code, message)),
+            other => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("a snap's intent finished with {other:?}"),
+            )),
         }
     }
 

@@ -1134,3 +1134,85 @@ fn a_volume_in_two_lineages_is_kept_for_both_a_job_of_one_may_not_change_it_for_
         .refuse_lineage_change_except("s-mid", Some(("s", "s-mid")))
         .is_ok());
 }
+
+/// Session commands are intents of the saga too: recorded before their node is asked
+/// (one at a time per session, and holding their volumes), and the catalog follows what
+/// the node answered when the intent finishes.
+#[test]
+fn a_session_command_is_an_intent_whose_result_the_catalog_follows() {
+    let mut cluster = Cluster::new();
+    let create = SessionCommand::CloneCreate {
+        source: "p".into(),
+        target: "s".into(),
+        precopy: true,
+        extents: Vec::new(),
+    };
+    let intent = |id: u128, command: SessionCommand| {
+        Command::IntentBegin(Intent {
+            id,
+            node: "a1".into(),
+            call: IntentCall::Session { command },
+            begun_unix_seconds: 1,
+        })
+    };
+    cluster.apply(intent(500, create));
+    // While it is open, another command of the same session and a delete wait for it.
+    for command in [
+        intent(501, SessionCommand::CloneActivate { target: "s".into() }),
+        Command::VolumeDeleteBegin { name: "s".into() },
+        Command::VolumeDeleteBegin { name: "p".into() },
+    ] {
+        cluster.next_request += 1;
+        let answer = cluster.catalog.apply(&CatalogRequest {
+            request_id: cluster.next_request,
+            command,
+        });
+        assert!(
+            answer.unwrap_err().to_string().contains("under way"),
+            "an open session intent holds its volumes"
+        );
+    }
+    let entry = SessionEntry {
+        id: 3,
+        node: "a1".into(),
+        kind: SessionKind::Clone,
+        source: "p".into(),
+        target: "s".into(),
+        state: SessionState::Precopying,
+        slots: vec![0, 1],
+        tracks_copied: 0,
+        tracks_remaining: 16,
+        error: None,
+    };
+    cluster.finish(
+        500,
+        IntentResult::Session {
+            entry: Some(entry.clone()),
+            target_readiness: None,
+        },
+    );
+    assert_eq!(cluster.catalog.session("s"), Some(&entry));
+    assert_eq!(
+        cluster.catalog.volume("s").unwrap().readiness,
+        Readiness::NotReady
+    );
+    // A command that ended the session: the catalog forgets it and takes the readiness
+    // the target's node reported.
+    cluster.apply(intent(
+        502,
+        SessionCommand::CloneCancel { target: "s".into() },
+    ));
+    cluster.finish(
+        502,
+        IntentResult::Session {
+            entry: None,
+            target_readiness: Some(Readiness::Ready),
+        },
+    );
+    assert_eq!(cluster.catalog.session("s"), None);
+    assert_eq!(
+        cluster.catalog.volume("s").unwrap().readiness,
+        Readiness::Ready
+    );
+    assert_eq!(cluster.catalog.intents().count(), 0);
+}
