@@ -10,32 +10,32 @@ const TARGET_READINESS_TIMEOUT_SECONDS: u64 = 2;
 
 impl ControlPlane {
     /// What the catalog records when a session ended on its source's node: the readiness
-    /// the target's node reports now. A target whose node is down or does not answer was
-    /// ended without it (a mirror cancelled while its BCV's node is lost): that volume
-    /// keeps the not-ready it had as a BCV, and its node releases it when it returns.
+    /// the target's node reports now (see [`ControlPlane::ended_target_readiness`]).
     pub(super) async fn session_end_record(&self, target: String) -> Command {
-        if self.ensure_volume_node_up(&target).is_err() {
-            return Command::SessionEnded {
-                target,
-                target_readiness: Readiness::NotReady,
-            };
-        }
-        match tokio::time::timeout(
-            Duration::from_secs(TARGET_READINESS_TIMEOUT_SECONDS),
-            self.node_readiness(&target),
-        )
-        .await
-        {
-            Ok(Some(target_readiness)) => Command::SessionEnded {
+        match self.ended_target_readiness(&target).await {
+            Some(target_readiness) => Command::SessionEnded {
                 target,
                 target_readiness,
             },
-            Ok(None) => Command::SessionForget { target },
-            Err(_) => Command::SessionEnded {
-                target,
-                target_readiness: Readiness::NotReady,
-            },
+            None => Command::SessionForget { target },
         }
+    }
+
+    /// The readiness the node of a session's target reports once the session ended;
+    /// `None` when that node does not know the volume. A target whose node is down or
+    /// does not answer was ended without it (a mirror cancelled while its BCV's node is
+    /// lost): that volume keeps the not-ready it had as a BCV, and its node releases it
+    /// when it returns.
+    pub(super) async fn ended_target_readiness(&self, target: &str) -> Option<Readiness> {
+        if self.ensure_volume_node_up(target).is_err() {
+            return Some(Readiness::NotReady);
+        }
+        tokio::time::timeout(
+            Duration::from_secs(TARGET_READINESS_TIMEOUT_SECONDS),
+            self.node_readiness(target),
+        )
+        .await
+        .unwrap_or(Some(Readiness::NotReady))
     }
 
     /// Refuses to delete a volume that hosts have open over NBD: their next IO would fail.

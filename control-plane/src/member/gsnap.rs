@@ -247,23 +247,9 @@ impl ControlPlane {
             (&lineage.source_node, lineage.source.clone()),
             (&lineage.target_node, lineage.tracked().to_string()),
         ] {
-            let request = Request::Lineage {
-                request_id: derived_request_id(request_id, &format!("forget {volume}")),
-                volume: volume.clone(),
-                lineage: name.clone(),
-                step: LineageStep::Drop,
-            };
-            match self.call_job_node(node, request).await? {
-                Response::Lineage(_) => {}
-                Response::Error {
-                    code: ErrorCode::NotFound,
-                    ..
-                } => {}
-                other => {
-                    let (code, message) = node_refusal(other);
-                    return Err(Refusal::new(code, message));
-                }
-            }
+            let id = derived_request_id(request_id, &format!("forget {volume}"));
+            self.lineage_step(node, id, &volume, &name, LineageStep::Drop)
+                .await?;
         }
         self.commit(request_id, Command::GsnapForget { source, target })
             .await?;
@@ -699,36 +685,45 @@ impl ControlPlane {
             if !succeeded && !self.catalog.read(|catalog| catalog.node_is_up(node)) {
                 continue;
             }
-            let request = Request::Lineage {
-                request_id: crate::gsnap::call_id(
-                    job,
-                    &format!("lineage {} {volume}", step.name()),
-                ),
-                volume: volume.clone(),
-                lineage: lineage.clone(),
-                step,
-            };
-            match self.call_job_node(node, request).await {
-                Ok(Response::Lineage(_)) => {}
-                // A volume gone since (deleted with its slots) has no lineage to end.
-                Ok(Response::Error {
-                    code: ErrorCode::NotFound,
-                    ..
-                }) => {}
-                Ok(other) if succeeded => {
-                    let (code, message) = node_refusal(other);
-                    return Err(Refusal { code, message });
-                }
+            let id = crate::gsnap::call_id(job, &format!("lineage {} {volume}", step.name()));
+            match self.lineage_step(node, id, &volume, &lineage, step).await {
+                Ok(()) => {}
                 Err(refusal) if succeeded => return Err(refusal),
-                Ok(other) => {
-                    tracing::warn!(job = job.id, %node, answer = ?other, "a failed job's lineage was not dropped on its node; its next rotation takes it in");
-                }
                 Err(refusal) => {
                     tracing::warn!(job = job.id, %node, reason = %refusal.message, "a failed job's lineage was not dropped on its node; its next rotation takes it in");
                 }
             }
         }
         Ok(())
+    }
+
+    /// A lineage step on `volume` of `node` under `request_id`. A volume gone since
+    /// (deleted with its slots) has no lineage left to end: that is done too.
+    async fn lineage_step(
+        &self,
+        node: &str,
+        request_id: RequestId,
+        volume: &str,
+        lineage: &str,
+        step: LineageStep,
+    ) -> Outcome<()> {
+        let request = Request::Lineage {
+            request_id,
+            volume: volume.to_string(),
+            lineage: lineage.to_string(),
+            step,
+        };
+        match self.call_job_node(node, request).await? {
+            Response::Lineage(_)
+            | Response::Error {
+                code: ErrorCode::NotFound,
+                ..
+            } => Ok(()),
+            other => {
+                let (code, message) = node_refusal(other);
+                Err(Refusal::new(code, message))
+            }
+        }
     }
 
     /// Calls a node of a job with the usual timeout; an unreachable node is a refusal

@@ -171,14 +171,7 @@ impl ControlPlane {
                     },
                     None => {
                         let target_readiness = match command.target() {
-                            Some(target) => {
-                                match self.session_end_record(target.to_string()).await {
-                                    Command::SessionEnded {
-                                        target_readiness, ..
-                                    } => Some(target_readiness),
-                                    _ => None,
-                                }
-                            }
+                            Some(target) => self.ended_target_readiness(target).await,
                             None => None,
                         };
                         IntentResult::Session {

@@ -1412,10 +1412,14 @@ impl<E: Engine> Sessions<E> {
         match step {
             protocol::gsnap::LineageStep::Rotate => self.store.rotate_and_hold(&volume, lineage),
             protocol::gsnap::LineageStep::Settle => {
-                self.store.settle_lineage(&volume, lineage, false)
+                self.store.end_lineage(&volume, lineage, false, false)
             }
-            protocol::gsnap::LineageStep::Drop => self.store.settle_lineage(&volume, lineage, true),
-            protocol::gsnap::LineageStep::Release => self.store.release_lineage(&volume, lineage),
+            protocol::gsnap::LineageStep::Drop => {
+                self.store.end_lineage(&volume, lineage, true, false)
+            }
+            protocol::gsnap::LineageStep::Release => {
+                self.store.end_lineage(&volume, lineage, true, true)
+            }
         }
     }
 
@@ -1444,7 +1448,7 @@ impl<E: Engine> Sessions<E> {
 /// stopped in the middle of a command; such a slot would otherwise be lost for good (a
 /// volume has 16).
 fn reconcile_slots<E: Engine>(store: &VolumeStore<E>, records: &[SessionRecord]) -> Result<()> {
-    store.forget_orphan_lineages()?;
+    let lineage_slots = store.held_lineage_slots()?;
     for info in store.list() {
         let volume = store.volume(&info.name)?;
         let held = records
@@ -1452,7 +1456,7 @@ fn reconcile_slots<E: Engine>(store: &VolumeStore<E>, records: &[SessionRecord])
             .filter(|record| record.source == volume.name)
             .flat_map(|record| std::iter::once(record.slot).chain(record.precopy_slot))
             .fold(0u16, |slots, slot| slots | (1 << slot));
-        let held = held | store.lineage_slots(&volume)?;
+        let held = held | lineage_slots.get(&volume.id).copied().unwrap_or(0);
         let orphans = store.session_slots(&volume) & !held;
         if orphans == 0 {
             continue;

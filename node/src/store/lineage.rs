@@ -54,14 +54,15 @@ pub struct Rotation {
     pub cleared: Vec<u8>,
 }
 
-/// The rotation of `record` on a volume with `slots` and `marks` (pure). The live slot
+/// The rotation of `record` on a volume with `slots` and `marks` (pure; `None` when
+/// the volume has no free slot). The live slot
 /// is frozen (when the volume still holds it) and a new live slot is taken and marked by
 /// host writes. A frozen slot still there (its job's end was not settled, or the
 /// rotation is repeated after a crash that lost its remembered answer) keeps its tracks
 /// and takes the live slot's too, so a rotation never loses a track written since the
 /// last settled job; without a live slot nothing since is known, and the frozen slot is
 /// dropped too (the job sends everything).
-pub fn rotation(slots: u16, marks: WriteMarks, record: LineageRecord) -> Result<Rotation> {
+pub fn rotation(slots: u16, marks: WriteMarks, record: LineageRecord) -> Option<Rotation> {
     let mut slots = slots;
     let mut marks = marks;
     let mut cleared = Vec::new();
@@ -89,19 +90,14 @@ pub fn rotation(slots: u16, marks: WriteMarks, record: LineageRecord) -> Result<
         }
         (None, None) => (None, None),
     };
-    let Some(new) = (0..SESSION_SLOTS_MAX as u8).find(|slot| !held(slots, *slot)) else {
-        return Err(Error::SessionSlotsExhausted {
-            name: String::new(),
-            slots_max: SESSION_SLOTS_MAX,
-        });
-    };
+    let new = (0..SESSION_SLOTS_MAX as u8).find(|slot| !held(slots, *slot))?;
     slots |= 1 << new;
     marks.changed |= 1 << new;
     marks.pending &= !(1 << new);
     if !cleared.contains(&new) {
         cleared.push(new);
     }
-    Ok(Rotation {
+    Some(Rotation {
         slots,
         marks,
         record: LineageRecord {
@@ -111,6 +107,91 @@ pub fn rotation(slots: u16, marks: WriteMarks, record: LineageRecord) -> Result<
         },
         merge,
         cleared,
+    })
+}
+
+/// A change of one lineage on one volume, written in one batch: the volume's new slots
+/// and marks, the lineage's record (`None`: deleted), a merge and the slots cleared
+/// after it, and a readiness for the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineageChange {
+    pub slots: u16,
+    pub marks: WriteMarks,
+    pub record: Option<LineageRecord>,
+    pub merge: Option<(u8, u8)>,
+    pub cleared: Vec<u8>,
+    pub readiness: Option<Readiness>,
+}
+
+impl From<Rotation> for LineageChange {
+    fn from(rotation: Rotation) -> LineageChange {
+        LineageChange {
+            slots: rotation.slots,
+            marks: rotation.marks,
+            record: Some(rotation.record),
+            merge: rotation.merge,
+            cleared: rotation.cleared,
+            readiness: None,
+        }
+    }
+}
+
+/// The end of a job's use of `record` (pure): the frozen slot is freed and the volume
+/// given back when the rotation took it from its hosts, or with `drop` both slots and
+/// the record go (the volume given back only with `give_back`).
+pub fn ending(
+    slots: u16,
+    marks: WriteMarks,
+    record: LineageRecord,
+    drop: bool,
+    give_back: bool,
+) -> LineageChange {
+    let mut slots = slots;
+    let mut marks = marks;
+    let mut cleared = Vec::new();
+    let freed = if drop {
+        vec![record.frozen, record.live]
+    } else {
+        vec![record.frozen]
+    };
+    for slot in freed.into_iter().flatten() {
+        if slots & (1 << slot) != 0 {
+            slots &= !(1 << slot);
+            marks.changed &= !(1 << slot);
+            marks.pending &= !(1 << slot);
+            cleared.push(slot);
+        }
+    }
+    let (kept, readiness) = if drop {
+        (None, (give_back && record.held).then_some(Readiness::Ready))
+    } else {
+        // A lineage this node never rotated keeps no record.
+        let kept = record
+            .live
+            .filter(|slot| slots & (1 << slot) != 0)
+            .map(|live| LineageRecord {
+                live: Some(live),
+                frozen: None,
+                held: false,
+            });
+        (kept, record.held.then_some(Readiness::Ready))
+    };
+    LineageChange {
+        slots,
+        marks,
+        record: kept,
+        merge: None,
+        cleared,
+        readiness,
+    }
+}
+
+/// [`rotation`] of `record` on `volume` as `state` has it, or the refusal when the
+/// volume has no free slot.
+fn rotated(volume: &Volume, state: &VolumeState, record: LineageRecord) -> Result<Rotation> {
+    rotation(state.session_slots, state.marks, record).ok_or_else(|| Error::SessionSlotsExhausted {
+        name: volume.name.clone(),
+        slots_max: SESSION_SLOTS_MAX,
     })
 }
 
@@ -200,28 +281,9 @@ impl<E: Engine> VolumeStore<E> {
         }
     }
 
-    /// The slots `volume`'s lineages hold, one bit each.
-    pub fn lineage_slots(&self, volume: &Volume) -> Result<u16> {
-        let mut slots = 0u16;
-        self.engine().scan(
-            Space::Meta,
-            &lineage_prefix(volume.id),
-            &lineage_prefix(volume.id + 1),
-            &mut |_, value| {
-                if let Ok(record) = protocol::codec::decode::<LineageRecord>(value) {
-                    for slot in record.live.into_iter().chain(record.frozen) {
-                        slots |= 1 << slot;
-                    }
-                }
-                true
-            },
-        )?;
-        Ok(slots)
-    }
-
-    /// Drops the records of lineages whose volume no longer exists (deleted while a
-    /// record stayed), at start-up.
-    pub fn forget_orphan_lineages(&self) -> Result<()> {
+    /// The slots the lineages hold, by volume id, read once at start-up; the records of
+    /// lineages whose volume no longer exists (deleted while a record stayed) are dropped.
+    pub fn held_lineage_slots(&self) -> Result<std::collections::HashMap<u64, u16>> {
         let known: std::collections::HashSet<u64> = self
             .catalog
             .lock()
@@ -229,17 +291,41 @@ impl<E: Engine> VolumeStore<E> {
             .values()
             .map(|volume| volume.id)
             .collect();
+        let mut held = std::collections::HashMap::new();
         let mut batch = Batch::default();
-        for (volume, name, _) in self.lineage_records()? {
+        for (volume, name, record) in self.lineage_records()? {
             if !known.contains(&volume) {
                 tracing::info!(volume, lineage = %name, "forgetting the lineage of a deleted volume");
                 batch.delete(Space::Meta, lineage_key(volume, &name));
+                continue;
+            }
+            let slots = held.entry(volume).or_insert(0u16);
+            for slot in record.live.into_iter().chain(record.frozen) {
+                *slots |= 1 << slot;
             }
         }
         if !batch.is_empty() {
             self.write_batch(batch, Durability::Synced)?;
         }
-        Ok(())
+        Ok(held)
+    }
+
+    /// The tracks whose bit of session slot `slot` is set, as runs in increasing order,
+    /// without taking the volume's locks (the caller checked the slot, or holds the
+    /// volume's write lock).
+    fn slot_runs(&self, volume: &Volume, slot: u8) -> Result<Vec<Extent>> {
+        let mut tracks = Vec::new();
+        self.scan_set(
+            volume,
+            Bits::Session(slot),
+            slot,
+            volume.whole(),
+            &mut |track| {
+                tracks.push(track);
+                true
+            },
+        )?;
+        Ok(protocol::gsnap::extents_of_tracks(&tracks))
     }
 
     /// The tracks lineage `name` of `volume` froze at its last rotation, as runs in
@@ -256,22 +342,7 @@ impl<E: Engine> VolumeStore<E> {
         if volume.state.read().session_slots & (1 << frozen) == 0 {
             return Ok(None);
         }
-        let mut extents: Vec<Extent> = Vec::new();
-        self.for_each_set(
-            volume,
-            Bits::Session(frozen),
-            volume.whole(),
-            &mut |track| {
-                match extents.last_mut() {
-                    Some(last) if last.last + 1 == track => last.last = track,
-                    _ => extents.push(Extent {
-                        first: track,
-                        last: track,
-                    }),
-                }
-                true
-            },
-        )?;
+        let extents = self.slot_runs(volume, frozen)?;
         Ok(Some(extents))
     }
 
@@ -286,23 +357,10 @@ impl<E: Engine> VolumeStore<E> {
         name: &str,
     ) -> Result<()> {
         let record = self.lineage(volume, name)?;
-        let rotated = rotation(state.session_slots, state.marks, record).map_err(|_| {
-            Error::SessionSlotsExhausted {
-                name: volume.name.clone(),
-                slots_max: SESSION_SLOTS_MAX,
-            }
-        })?;
-        self.merge_slot(batch, volume, rotated.merge)?;
-        for slot in &rotated.cleared {
-            clear_slot(batch, volume, *slot);
-        }
-        batch.put(
-            Space::Meta,
-            lineage_key(volume.id, name),
-            protocol::codec::encode(&rotated.record)?,
-        );
-        state.session_slots = rotated.slots;
-        state.marks = rotated.marks;
+        let change = LineageChange::from(rotated(volume, state, record)?);
+        self.add_lineage_change(batch, volume, name, &change)?;
+        state.session_slots = change.slots;
+        state.marks = change.marks;
         Ok(())
     }
 
@@ -310,47 +368,23 @@ impl<E: Engine> VolumeStore<E> {
     /// write (the pair's target, before the pair). The caller holds the volume's command
     /// gate, so no host write is under way.
     pub fn rotate_and_hold(&self, volume: &Volume, name: &str) -> Result<VolumeInfo> {
-        let record = self.lineage(volume, name)?;
+        let record = LineageRecord {
+            held: true,
+            ..self.lineage(volume, name)?
+        };
         self.change_lineage(volume, name, |state| {
-            let rotated = rotation(
-                state.session_slots,
-                state.marks,
-                LineageRecord {
-                    held: true,
-                    ..record
-                },
-            )
-            .map_err(|_| Error::SessionSlotsExhausted {
-                name: volume.name.clone(),
-                slots_max: SESSION_SLOTS_MAX,
-            })?;
-            Ok((
-                rotated.slots,
-                rotated.marks,
-                Some(rotated.record),
-                rotated.merge,
-                rotated.cleared,
-                Some(Readiness::NotReady),
-            ))
+            Ok(LineageChange {
+                readiness: Some(Readiness::NotReady),
+                ..rotated(volume, state, record)?.into()
+            })
         })
     }
 
-    /// Ends a job's use of lineage `name`: the frozen slot is freed (and a volume taken
-    /// from its hosts is given back), or with `drop` both slots and the record go (the
-    /// volume's readiness stays as the job left it: a target it wrote in part stays not
-    /// ready).
-    pub fn settle_lineage(&self, volume: &Volume, name: &str, drop: bool) -> Result<VolumeInfo> {
-        self.end_lineage(volume, name, drop, false)
-    }
-
-    /// Drops lineage `name` as [`VolumeStore::settle_lineage`] does and gives a volume its
-    /// rotation took from its hosts back to them (a job that failed before it wrote the
-    /// volume).
-    pub fn release_lineage(&self, volume: &Volume, name: &str) -> Result<VolumeInfo> {
-        self.end_lineage(volume, name, true, true)
-    }
-
-    fn end_lineage(
+    /// Ends a job's use of lineage `name` (see [`ending`]): the frozen slot is freed (and
+    /// a volume taken from its hosts is given back), or with `drop` both slots and the
+    /// record go — the volume's readiness staying as the job left it (a target it wrote
+    /// in part stays not ready) unless `give_back` (a job that failed before it wrote it).
+    pub fn end_lineage(
         &self,
         volume: &Volume,
         name: &str,
@@ -359,99 +393,60 @@ impl<E: Engine> VolumeStore<E> {
     ) -> Result<VolumeInfo> {
         let record = self.lineage(volume, name)?;
         self.change_lineage(volume, name, |state| {
-            let mut slots = state.session_slots;
-            let mut marks = state.marks;
-            let mut cleared = Vec::new();
-            let freed = if drop {
-                vec![record.frozen, record.live]
-            } else {
-                vec![record.frozen]
-            };
-            for slot in freed.into_iter().flatten() {
-                if slots & (1 << slot) != 0 {
-                    slots &= !(1 << slot);
-                    marks.changed &= !(1 << slot);
-                    marks.pending &= !(1 << slot);
-                    cleared.push(slot);
-                }
-            }
-            let (kept, readiness) = if drop {
-                (None, (give_back && record.held).then_some(Readiness::Ready))
-            } else {
-                let kept = LineageRecord {
-                    live: record.live.filter(|slot| slots & (1 << slot) != 0),
-                    frozen: None,
-                    held: false,
-                };
-                // A lineage this node never rotated keeps no record.
-                let kept = kept.live.map(|_| kept);
-                (kept, record.held.then_some(Readiness::Ready))
-            };
-            Ok((slots, marks, kept, None, cleared, readiness))
+            Ok(ending(
+                state.session_slots,
+                state.marks,
+                record,
+                drop,
+                give_back,
+            ))
         })
     }
 
-    /// Adds to `batch` the setting of slot `into`'s bits on every track whose bit slot
-    /// `from` has set (a frozen slot taking a live slot's tracks), read now: the caller
-    /// holds the volume's write lock, so no write marks `from` meanwhile.
-    fn merge_slot(
+    /// Adds `change`'s bits and lineage record to `batch`: the merge first (read now: the
+    /// caller holds the volume's write lock, so no write marks the merged slot meanwhile),
+    /// then the slots cleared.
+    fn add_lineage_change(
         &self,
         batch: &mut Batch,
         volume: &Volume,
-        merge: Option<(u8, u8)>,
+        name: &str,
+        change: &LineageChange,
     ) -> Result<()> {
-        let Some((from, into)) = merge else {
-            return Ok(());
-        };
-        let mut runs: Vec<Extent> = Vec::new();
-        self.scan_set(
-            volume,
-            Bits::Session(from),
-            from,
-            volume.whole(),
-            &mut |track| {
-                match runs.last_mut() {
-                    Some(last) if last.last + 1 == track => last.last = track,
-                    _ => runs.push(Extent {
-                        first: track,
-                        last: track,
-                    }),
-                }
-                true
-            },
-        )?;
-        for run in runs {
-            add_bit_changes(
-                batch,
-                volume.id,
-                BitmapKind::Sessions,
-                1 << into,
-                run.first,
-                run.last,
-                true,
-            );
+        if let Some((from, into)) = change.merge {
+            for run in self.slot_runs(volume, from)? {
+                add_bit_changes(
+                    batch,
+                    volume.id,
+                    BitmapKind::Sessions,
+                    1 << into,
+                    run.first,
+                    run.last,
+                    true,
+                );
+            }
+        }
+        for slot in &change.cleared {
+            clear_slot(batch, volume, *slot);
+        }
+        match &change.record {
+            Some(record) => batch.put(
+                Space::Meta,
+                lineage_key(volume.id, name),
+                protocol::codec::encode(record)?,
+            ),
+            None => batch.delete(Space::Meta, lineage_key(volume.id, name)),
         }
         Ok(())
     }
 
-    /// Writes a lineage change of `volume` decided by `decide` from its state: its new
-    /// slots and marks, the lineage's record (`None`: deleted), the slots whose bits are
-    /// cleared, and a readiness, in one synced batch under the volume's write lock.
-    #[allow(clippy::type_complexity)]
+    /// Writes the lineage change of `volume` that `decide` makes from its state, with the
+    /// volume's record, in one synced batch under the volume's write lock.
     fn change_lineage(
         &self,
         volume: &Volume,
         name: &str,
-        decide: impl FnOnce(
-            &VolumeState,
-        ) -> Result<(
-            u16,
-            WriteMarks,
-            Option<LineageRecord>,
-            Option<(u8, u8)>,
-            Vec<u8>,
-            Option<Readiness>,
-        )>,
+        decide: impl FnOnce(&VolumeState) -> Result<LineageChange>,
     ) -> Result<VolumeInfo> {
         check_name(name)?;
         let catalog = self.catalog.lock();
@@ -459,20 +454,15 @@ impl<E: Engine> VolumeStore<E> {
         if volume.is_deleted() {
             return Err(Error::VolumeDeleted { volume: volume.id });
         }
-        let (slots, marks, record, merge, cleared, readiness) = decide(&state)?;
+        let change = decide(&state)?;
+        let LineageChange {
+            slots,
+            marks,
+            readiness,
+            ..
+        } = change;
         let mut batch = Batch::default();
-        self.merge_slot(&mut batch, volume, merge)?;
-        for slot in &cleared {
-            clear_slot(&mut batch, volume, *slot);
-        }
-        match record {
-            Some(record) => batch.put(
-                Space::Meta,
-                lineage_key(volume.id, name),
-                protocol::codec::encode(&record)?,
-            ),
-            None => batch.delete(Space::Meta, lineage_key(volume.id, name)),
-        }
+        self.add_lineage_change(&mut batch, volume, name, &change)?;
         let mut stored = volume.record(&state);
         stored.session_slots = slots;
         stored.marks = marks;
@@ -494,7 +484,7 @@ impl<E: Engine> VolumeStore<E> {
         }
         drop(state);
         drop(catalog);
-        tracing::info!(volume = %volume.name, lineage = name, ?record, "lineage changed");
+        tracing::info!(volume = %volume.name, lineage = name, record = ?change.record, "lineage changed");
         Ok(volume.info())
     }
 }
@@ -559,6 +549,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(lost.record.frozen, None);
-        assert!(rotation(u16::MAX, WriteMarks::default(), LineageRecord::default()).is_err());
+        assert!(rotation(u16::MAX, WriteMarks::default(), LineageRecord::default()).is_none());
     }
 }
