@@ -386,6 +386,9 @@ impl Catalog {
                         | SessionCommand::MirrorEstablish { standard: source, .. }
                         if source == volume)
             }
+            IntentCall::VolumeCreate { name, .. } | IntentCall::VolumeDelete { name } => {
+                name == volume
+            }
         });
         match touching {
             Some(intent) => Err(CatalogError::IntentUnderWay {
@@ -485,29 +488,7 @@ impl Catalog {
             }
             Command::VolumeDeleteBegin { name } => {
                 self.refuse_intent_on(name)?;
-                self.refuse_lineage_change(name)?;
-                if let Some(job) = self.job_of_volume(name) {
-                    return Err(CatalogError::VolumeInJob {
-                        volume: name.clone(),
-                        job: job.id,
-                    });
-                }
-                if let Some(entry) = self.session_of_volume(name) {
-                    return Err(CatalogError::VolumeInSession {
-                        volume: name.clone(),
-                        kind: entry.kind,
-                        source_volume: entry.source.clone(),
-                        target: entry.target.clone(),
-                    });
-                }
-                let volume = self.volume_mut(name)?;
-                match volume.state {
-                    VolumeState::Ready | VolumeState::Deleting => {
-                        volume.state = VolumeState::Deleting;
-                        Ok(CatalogReply::Volume(volume.clone()))
-                    }
-                    VolumeState::Creating => Err(illegal(volume, "deleted")),
-                }
+                self.volume_delete_begin(name)
             }
             Command::VolumeDeleteFinish { name } => {
                 let volume = self.volume_mut(name)?;
@@ -652,6 +633,38 @@ impl Catalog {
                 {
                     self.ready_volume(volume, "used by a copy session")?;
                 }
+            }
+            IntentCall::VolumeCreate {
+                name,
+                size_bytes,
+                track_size_bytes,
+            } => {
+                let adopted = self.volumes.get(name).is_some_and(|volume| {
+                    volume.state == VolumeState::Creating
+                        && volume.node == intent.node
+                        && volume.size_bytes == *size_bytes
+                        && volume.track_size_bytes == *track_size_bytes
+                });
+                // A volume left `creating` by a leader from before volume intents is
+                // taken over by one (the supervisor begins it); any other name in use
+                // is refused.
+                if !adopted {
+                    self.volume_create_begin(name, &intent.node, *size_bytes, *track_size_bytes)?;
+                }
+            }
+            IntentCall::VolumeDelete { name } => {
+                let node = self.volume(name).map(|volume| volume.node.clone());
+                if node.as_deref().is_some_and(|node| node != intent.node) {
+                    return Err(CatalogError::Invalid {
+                        what: "volume delete".into(),
+                        detail: format!(
+                            "'{name}' is on node '{}', not '{}'",
+                            node.unwrap_or_default(),
+                            intent.node
+                        ),
+                    });
+                }
+                self.volume_delete_begin(name)?;
             }
         }
         self.intents.insert(intent.id, intent.clone());
@@ -814,8 +827,10 @@ impl Catalog {
         let mut recorded = job.clone();
         recorded.cancel_requested |= existing.cancel_requested;
         // A job that rotated the lineages (its send is recorded) leaves the lineage of
-        // its P and S behind when it succeeds, and none otherwise: its nodes dropped
-        // theirs before the end was recorded, so the next job sends everything.
+        // its P and S behind when it succeeds. One that did not succeed leaves the
+        // lineage as the last succeeded job left it when it is one the lineage tracks
+        // (its nodes folded their frozen tracks back in), and none otherwise (its nodes
+        // dropped theirs before the end was recorded, so the next job sends everything).
         let key = (job.spec.source.clone(), job.spec.target.clone());
         if recorded.state.is_final() && !existing.state.is_final() {
             if recorded.state == JobState::Succeeded && self.sends.contains_key(&job.id) {
@@ -838,6 +853,7 @@ impl Catalog {
                 );
             } else if recorded.state != JobState::Succeeded
                 && crate::gsnap::touches_lineage(&recorded)
+                && !crate::gsnap::keeps_lineage(&recorded, self)
             {
                 self.lineages.remove(&key);
             }
@@ -971,7 +987,35 @@ impl Catalog {
                 },
                 (None, None) => {}
             },
-            (IntentCall::Session { .. }, _) | (_, IntentResult::Session { .. }) => {}
+            (IntentCall::VolumeCreate { name, .. }, IntentResult::VolumeCreated { .. }) => {
+                if let Some(volume) = self.volumes.get_mut(name) {
+                    volume.state = VolumeState::Ready;
+                }
+            }
+            // The node refused the volume: it is removed as if never asked for.
+            (IntentCall::VolumeCreate { name, .. }, _) => {
+                if self
+                    .volumes
+                    .get(name)
+                    .is_some_and(|volume| volume.state == VolumeState::Creating)
+                {
+                    self.volumes.remove(name);
+                }
+            }
+            (IntentCall::VolumeDelete { name }, IntentResult::VolumeDeleted) => {
+                self.volumes.remove(name);
+            }
+            // The node refused the delete (it found the volume in a session the catalog
+            // does not know of): the volume stays, as it was.
+            (IntentCall::VolumeDelete { name }, _) => {
+                if let Some(volume) = self.volumes.get_mut(name) {
+                    volume.state = VolumeState::Ready;
+                }
+            }
+            (IntentCall::Session { .. }, _)
+            | (_, IntentResult::Session { .. })
+            | (_, IntentResult::VolumeCreated { .. })
+            | (_, IntentResult::VolumeDeleted) => {}
         }
         Ok(CatalogReply::IntentFinished(result.clone()))
     }
@@ -1048,6 +1092,34 @@ impl Catalog {
         };
         self.nodes.insert(report.name.clone(), record.clone());
         Ok(CatalogReply::Node(record))
+    }
+
+    /// Marks a volume `deleting` after checking that nothing uses it: no job, session
+    /// or lineage.
+    fn volume_delete_begin(&mut self, name: &str) -> CatalogResponse {
+        self.refuse_lineage_change(name)?;
+        if let Some(job) = self.job_of_volume(name) {
+            return Err(CatalogError::VolumeInJob {
+                volume: name.to_string(),
+                job: job.id,
+            });
+        }
+        if let Some(entry) = self.session_of_volume(name) {
+            return Err(CatalogError::VolumeInSession {
+                volume: name.to_string(),
+                kind: entry.kind,
+                source_volume: entry.source.clone(),
+                target: entry.target.clone(),
+            });
+        }
+        let volume = self.volume_mut(name)?;
+        match volume.state {
+            VolumeState::Ready | VolumeState::Deleting => {
+                volume.state = VolumeState::Deleting;
+                Ok(CatalogReply::Volume(volume.clone()))
+            }
+            VolumeState::Creating => Err(illegal(volume, "deleted")),
+        }
     }
 
     fn volume_create_begin(

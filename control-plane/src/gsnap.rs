@@ -365,10 +365,25 @@ pub fn send_of(
     }
 }
 
-/// Whether a job's end must settle or drop the lineages on its nodes: once its snap
-/// began, P's lineage may have been rotated.
+/// Whether a job's end must settle, fold or drop the lineages on its nodes: once its
+/// snap began, P's lineage may have been rotated.
 pub fn touches_lineage(job: &GsnapJob) -> bool {
     job.step(GsnapStep::Snap).started_unix_seconds.is_some()
+}
+
+/// Whether a job that did not succeed leaves the lineage of its P and S to go on from
+/// the last job that succeeded (its nodes fold their frozen tracks back in, the next job
+/// sends them again): when the catalog holds that lineage and the job is one it tracks
+/// (the same intermediates, extents and nodes). Otherwise the job's end drops the
+/// lineages it rotated, and the next job sends everything.
+pub fn keeps_lineage(job: &GsnapJob, catalog: &Catalog) -> bool {
+    catalog
+        .lineage(&job.spec.source, &job.spec.target)
+        .is_some_and(|lineage| {
+            lineage.mismatch(&job.spec).is_none()
+                && lineage.source_node == job.source_node
+                && lineage.target_node == job.target_node
+        })
 }
 
 /// The geometry of `volume`, for a volume made like it.

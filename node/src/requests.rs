@@ -1,5 +1,5 @@
-//! Calls the leader makes with a request id — session commands and snaps — carried out at
-//! most once per id.
+//! Calls the leader makes with a request id — volume creates and deletes, session
+//! commands, snaps and lineage steps — carried out at most once per id.
 //!
 //! The leader passes the id of the cluster request with each such call. A leader can die
 //! after this node carried a call out and before the catalog recorded it; the CLI then
@@ -79,6 +79,16 @@ pub enum NodeCall {
         lineage: String,
         step: protocol::gsnap::LineageStep,
     },
+    /// A volume created for the catalog's intent (appended).
+    VolumeCreate {
+        name: String,
+        size_bytes: u64,
+        track_size_bytes: u32,
+    },
+    /// A volume deleted for the catalog's intent (appended).
+    VolumeDelete {
+        name: String,
+    },
 }
 
 impl NodeCall {
@@ -89,6 +99,8 @@ impl NodeCall {
                 "snap"
             }
             NodeCall::Lineage { .. } => "lineage",
+            NodeCall::VolumeCreate { .. } => "volume create",
+            NodeCall::VolumeDelete { .. } => "volume delete",
         }
     }
 }
@@ -104,6 +116,10 @@ pub enum NodeAnswer {
     },
     /// The volume after a lineage step (appended).
     Lineage(VolumeInfo),
+    /// The volume a create made (appended).
+    Volume(VolumeInfo),
+    /// The volume is gone (appended).
+    Deleted,
 }
 
 /// One carried-out call and the answer it got.

@@ -114,6 +114,8 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
         }
         Request::VolumeCreate { .. }
         | Request::VolumeDelete { .. }
+        | Request::VolumeCreateOnce { .. }
+        | Request::VolumeDeleteOnce { .. }
         | Request::VolumeSetReadiness { .. }
         | Request::Snap { .. }
         | Request::SnapAt { .. }
@@ -338,6 +340,50 @@ async fn route<E: Engine>(service: Arc<Service<E>>, peer: &Peer, request: Reques
                 lineage: Some(lineage),
             };
             serve_snap(&service, request_id, call, order).await
+        }
+        Request::VolumeCreateOnce {
+            request_id,
+            name,
+            size_bytes,
+            track_size_bytes,
+        } => {
+            let sessions = service.sessions.clone();
+            let requests = service.requests.clone();
+            let call = NodeCall::VolumeCreate {
+                name: name.clone(),
+                size_bytes,
+                track_size_bytes,
+            };
+            blocking(move || {
+                let answer = requests.carry_out_call(request_id, &call, || {
+                    let store = sessions.store();
+                    Ok(NodeAnswer::Volume(
+                        store.create(&name, size_bytes, track_size_bytes)?.info(),
+                    ))
+                })?;
+                match answer {
+                    NodeAnswer::Volume(info) => Ok(Response::Volume(info)),
+                    answer => Err(wrong_answer(request_id, &call, &answer)),
+                }
+            })
+            .await
+        }
+        Request::VolumeDeleteOnce { request_id, name } => {
+            let sessions = service.sessions.clone();
+            let requests = service.requests.clone();
+            let call = NodeCall::VolumeDelete { name: name.clone() };
+            blocking(move || {
+                let answer = requests.carry_out_call(request_id, &call, || {
+                    check_not_in_session(&sessions, &name, "deleted")?;
+                    delete_closing_hosts(sessions.store(), &name)?;
+                    Ok(NodeAnswer::Deleted)
+                })?;
+                match answer {
+                    NodeAnswer::Deleted => Ok(Response::Deleted { name }),
+                    answer => Err(wrong_answer(request_id, &call, &answer)),
+                }
+            })
+            .await
         }
         Request::SessionAnswer { .. } if !from_node => refuse(
             ErrorCode::Forbidden,
@@ -680,6 +726,8 @@ fn request_kind(request: &Request) -> &'static str {
         Request::VolumeList => "volume_list",
         Request::VolumeShow { .. } => "volume_show",
         Request::VolumeDelete { .. } => "volume_delete",
+        Request::VolumeCreateOnce { .. } => "volume_create_once",
+        Request::VolumeDeleteOnce { .. } => "volume_delete_once",
         Request::VolumeSetReadiness { .. } => "volume_set_readiness",
         Request::Snap { .. } | Request::SnapAt { .. } | Request::SnapLineage { .. } => "snap",
         Request::Lineage { .. } => "lineage",

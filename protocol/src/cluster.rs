@@ -266,6 +266,18 @@ pub enum IntentCall {
     Session {
         command: crate::session::SessionCommand,
     },
+    /// A new volume on `node`: the catalog records it (`creating`) with the intent and
+    /// makes it ready with the node's answer, or removes it when the node refused
+    /// (appended).
+    VolumeCreate {
+        name: String,
+        size_bytes: u64,
+        track_size_bytes: u32,
+    },
+    /// The end of a volume: the catalog marks it `deleting` with the intent and removes
+    /// it with the node's answer, or makes it ready again when the node refused
+    /// (appended).
+    VolumeDelete { name: String },
 }
 
 impl IntentCall {
@@ -276,6 +288,7 @@ impl IntentCall {
             | IntentCall::SnapAt { target, .. }
             | IntentCall::SnapLineage { target, .. } => target,
             IntentCall::Session { command } => command.session_key(),
+            IntentCall::VolumeCreate { name, .. } | IntentCall::VolumeDelete { name } => name,
         }
     }
 
@@ -286,6 +299,8 @@ impl IntentCall {
             | IntentCall::SnapAt { .. }
             | IntentCall::SnapLineage { .. } => "snap",
             IntentCall::Session { command } => command.name(),
+            IntentCall::VolumeCreate { .. } => "volume create",
+            IntentCall::VolumeDelete { .. } => "volume delete",
         }
     }
 }
@@ -317,6 +332,11 @@ pub enum IntentResult {
         entry: Option<SessionEntry>,
         target_readiness: Option<Readiness>,
     },
+    /// The node made the volume (or holds one of the intent's geometry from an attempt
+    /// whose answer was lost). Appended.
+    VolumeCreated { info: VolumeInfo },
+    /// The node no longer holds the volume. Appended.
+    VolumeDeleted,
 }
 
 /// A copy session as the catalog records it. The source volume's node runs the session

@@ -409,6 +409,15 @@ pub enum LineageStep {
     /// [`LineageStep::Drop`], and a volume the rotation took from its hosts goes back to
     /// them (the job failed before anything was written to it).
     Release,
+    /// The job failed or was cancelled, and the lineage goes on from the last job that
+    /// succeeded: the frozen slot's tracks go back into the live slot (the next job sends
+    /// them again, with whatever this one wrote in part) and the frozen slot is freed. A
+    /// volume the rotation took from its hosts stays not ready (the job wrote it in part).
+    /// Appended.
+    Fold,
+    /// [`LineageStep::Fold`], and a volume the rotation took from its hosts goes back to
+    /// them (the job failed before anything was written to it). Appended.
+    FoldRelease,
 }
 
 impl LineageStep {
@@ -418,6 +427,8 @@ impl LineageStep {
             LineageStep::Settle => "settle",
             LineageStep::Drop => "drop",
             LineageStep::Release => "release",
+            LineageStep::Fold => "fold",
+            LineageStep::FoldRelease => "fold-release",
         }
     }
 }

@@ -284,6 +284,20 @@ pub enum Request {
         volume: String,
         lineage: String,
     },
+    /// [`Request::VolumeCreate`] carried out at most once per request id: the control
+    /// plane's leader calls it under the id of the volume's intent, and a repeat is
+    /// answered with the first answer (appended).
+    VolumeCreateOnce {
+        request_id: crate::cluster::RequestId,
+        name: String,
+        size_bytes: u64,
+        track_size_bytes: u32,
+    },
+    /// [`Request::VolumeDelete`] carried out at most once per request id (appended).
+    VolumeDeleteOnce {
+        request_id: crate::cluster::RequestId,
+        name: String,
+    },
 }
 
 /// Status of the node that answered.

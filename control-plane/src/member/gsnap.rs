@@ -651,36 +651,32 @@ impl ControlPlane {
 
     /// A job that rotated P's lineage ends it on both nodes before its end is recorded:
     /// success frees the frozen slots (and gives the target back to its hosts when no
-    /// pair did), anything else drops both lineages, so the next job sends everything; a
-    /// target no pair can have written (no send with tracks recorded) goes back to its
-    /// hosts. A success waits for both nodes. A failure or cancel does not: the catalog
-    /// then holds no lineage, so the next job sends everything whatever a node that was
-    /// away still keeps, and its next rotation takes that in.
+    /// pair did). A failure or cancel folds the frozen tracks back into the live slots
+    /// when the catalog's lineage goes on (`keeps_lineage`: the next job sends them
+    /// again, with whatever this one wrote in part), and drops both lineages otherwise,
+    /// so the next job sends everything; either way a target no pair can have written (no
+    /// send with tracks recorded) goes back to its hosts. A success waits for both
+    /// nodes. A failure or cancel does not: a node that was away still holds both slots,
+    /// and its next rotation merges them, which loses no track either.
     async fn end_lineages(&self, job: &GsnapJob, state: JobState) -> Outcome<()> {
         let lineage = lineage_name(&job.spec.source, &job.spec.target);
         let succeeded = state == JobState::Succeeded;
-        let unwritten = self
-            .catalog
-            .read(|catalog| catalog.send(job.id).is_none_or(|send| send.tracks == 0));
+        let (unwritten, keeps) = self.catalog.read(|catalog| {
+            (
+                catalog.send(job.id).is_none_or(|send| send.tracks == 0),
+                crate::gsnap::keeps_lineage(job, catalog),
+            )
+        });
+        let (source_step, target_step) = match (succeeded, keeps, unwritten) {
+            (true, _, _) => (LineageStep::Settle, LineageStep::Settle),
+            (false, true, true) => (LineageStep::Fold, LineageStep::FoldRelease),
+            (false, true, false) => (LineageStep::Fold, LineageStep::Fold),
+            (false, false, true) => (LineageStep::Drop, LineageStep::Release),
+            (false, false, false) => (LineageStep::Drop, LineageStep::Drop),
+        };
         for (node, volume, step) in [
-            (
-                &job.source_node,
-                job.spec.source.clone(),
-                if succeeded {
-                    LineageStep::Settle
-                } else {
-                    LineageStep::Drop
-                },
-            ),
-            (
-                &job.target_node,
-                job.pair_target().to_string(),
-                match (succeeded, unwritten) {
-                    (true, _) => LineageStep::Settle,
-                    (false, true) => LineageStep::Release,
-                    (false, false) => LineageStep::Drop,
-                },
-            ),
+            (&job.source_node, job.spec.source.clone(), source_step),
+            (&job.target_node, job.pair_target().to_string(), target_step),
         ] {
             if !succeeded && !self.catalog.read(|catalog| catalog.node_is_up(node)) {
                 continue;
@@ -690,7 +686,7 @@ impl ControlPlane {
                 Ok(()) => {}
                 Err(refusal) if succeeded => return Err(refusal),
                 Err(refusal) => {
-                    tracing::warn!(job = job.id, %node, reason = %refusal.message, "a failed job's lineage was not dropped on its node; its next rotation takes it in");
+                    tracing::warn!(job = job.id, %node, reason = %refusal.message, "a failed job's lineage was not ended on its node; its next rotation takes it in");
                 }
             }
         }

@@ -137,11 +137,6 @@ pub struct ControlPlane {
     /// When the leader last heard from each node. Volatile: a new leader starts counting
     /// afresh, which gives every node a full timeout of grace after a leader change.
     last_seen: Mutex<HashMap<String, Instant>>,
-    /// One lock per volume, so the request path and the reconciler never drive the same
-    /// volume at once.
-    volume_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Volumes the supervisor is reconciling now.
-    reconciling: Mutex<HashSet<String>>,
     /// One lock per intent, so the command that began it and the supervisor never call
     /// its node at once.
     intent_locks: Mutex<HashMap<RequestId, Arc<tokio::sync::Mutex<()>>>>,
@@ -228,8 +223,6 @@ impl ControlPlane {
             catalog,
             caller,
             last_seen: Mutex::new(HashMap::new()),
-            volume_locks: Mutex::new(HashMap::new()),
-            reconciling: Mutex::new(HashSet::new()),
             intent_locks: Mutex::new(HashMap::new()),
             driving_intents: Mutex::new(HashSet::new()),
             driving_jobs: Mutex::new(HashSet::new()),

@@ -3,11 +3,12 @@
 //! carries a call out once per id (it answers a repeat with its first answer); the node's
 //! answer is committed as the intent's result. An intent left open — the leader died, the
 //! node did not answer — is driven again by the supervisor once its node is up, under the
-//! same id, so nothing is left half done and nothing is done twice. Snaps follow it;
-//! volumes, session commands and gsnap steps are to follow (docs/design/gsnap.md).
+//! same id, so nothing is left half done and nothing is done twice. Volume creates and
+//! deletes, snaps, session commands and gsnap steps follow it (docs/design/gsnap.md).
 
 use super::*;
 use protocol::cluster::{Intent, IntentCall, IntentResult};
+use protocol::messages::VolumeInfo;
 
 /// Takes an intent out of the driving set when its drive ends, however it ends.
 struct Driving<'a> {
@@ -86,7 +87,7 @@ impl ControlPlane {
             Refusal::new(
                 refusal.code,
                 format!(
-                    "{}; the {} is recorded and is carried out when the node returns",
+                    "{}; the {} is recorded and finished when the node returns",
                     refusal.message,
                     intent.call.name()
                 ),
@@ -148,6 +149,20 @@ impl ControlPlane {
                 request_id: id,
                 command: command.clone(),
             },
+            IntentCall::VolumeCreate {
+                name,
+                size_bytes,
+                track_size_bytes,
+            } => Request::VolumeCreateOnce {
+                request_id: id,
+                name: name.clone(),
+                size_bytes: *size_bytes,
+                track_size_bytes: *track_size_bytes,
+            },
+            IntentCall::VolumeDelete { name } => Request::VolumeDeleteOnce {
+                request_id: id,
+                name: name.clone(),
+            },
         };
         let mut live = None;
         let result = match self.call(&intent.node, &address, request).await {
@@ -191,6 +206,34 @@ impl ControlPlane {
                 target_info,
                 elapsed_micros,
             },
+            Ok(Response::Volume(info)) if matches!(intent.call, IntentCall::VolumeCreate { .. }) => {
+                IntentResult::VolumeCreated { info }
+            }
+            Ok(Response::Deleted { .. }) if matches!(intent.call, IntentCall::VolumeDelete { .. }) => {
+                IntentResult::VolumeDeleted
+            }
+            // The node holds the volume already: made by an attempt of this intent whose
+            // answer was lost before the node remembered it, when its geometry is the
+            // intent's; else a volume the catalog never asked for, which is refused.
+            Ok(Response::Error {
+                code: ErrorCode::AlreadyExists,
+                ..
+            }) if matches!(intent.call, IntentCall::VolumeCreate { .. }) => {
+                match self.existing_volume(&intent, &address).await? {
+                    Ok(info) => IntentResult::VolumeCreated { info },
+                    Err(refusal) => IntentResult::Refused {
+                        code: refusal.code,
+                        message: refusal.message,
+                    },
+                }
+            }
+            // Deleted by an attempt whose answer was lost, or never there.
+            Ok(Response::Error {
+                code: ErrorCode::NotFound,
+                ..
+            }) if matches!(intent.call, IntentCall::VolumeDelete { .. }) => {
+                IntentResult::VolumeDeleted
+            }
             Ok(Response::Error { code, message }) if code != ErrorCode::Unavailable => {
                 IntentResult::Refused { code, message }
             }
@@ -204,7 +247,7 @@ impl ControlPlane {
                 return Err(Refusal::new(
                     ErrorCode::Unavailable,
                     format!(
-                        "node '{}' did not answer the {} (it is finished when the node answers): {detail}",
+                        "node '{}' did not answer the {} ({detail}); it is recorded and finished when the node returns",
                         intent.node,
                         intent.call.name()
                     ),
@@ -224,6 +267,53 @@ impl ControlPlane {
         )
         .await?;
         Ok((result, live))
+    }
+
+    /// What the node holds under the name of a volume intent met with `already exists`:
+    /// `Ok(info)` when its geometry is the intent's, the refusal otherwise; an error (the
+    /// intent stays open) when the node could not say.
+    async fn existing_volume(
+        &self,
+        intent: &Intent,
+        address: &str,
+    ) -> Outcome<Outcome<VolumeInfo>> {
+        let IntentCall::VolumeCreate {
+            name,
+            size_bytes,
+            track_size_bytes,
+        } = &intent.call
+        else {
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("intent {:032x} creates no volume", intent.id),
+            ));
+        };
+        let answer = self
+            .call(
+                &intent.node,
+                address,
+                Request::VolumeShow { name: name.clone() },
+            )
+            .await;
+        match answer {
+            Ok(Response::Volume(info))
+                if info.size_bytes == *size_bytes && info.track_size_bytes == *track_size_bytes =>
+            {
+                Ok(Ok(info))
+            }
+            Ok(Response::Volume(info)) => Ok(Err(Refusal::new(
+                ErrorCode::AlreadyExists,
+                format!(
+                    "node '{}' already holds a volume '{name}' of {} bytes that the catalog does not know; delete it there or choose another name",
+                    intent.node, info.size_bytes
+                ),
+            ))),
+            Ok(other) => Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!("node '{}' answered {other:?}", intent.node),
+            )),
+            Err(detail) => Err(Refusal::new(ErrorCode::Unavailable, detail)),
+        }
     }
 
     /// Starts driving every open intent whose node is up, each in a task of its own and

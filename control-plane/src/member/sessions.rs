@@ -1,9 +1,10 @@
 //! Session commands on the leader, and how it keeps the catalog's sessions and their nodes
 //! on one state. A command is checked against the catalog, carried out by the source
-//! volume's node and its outcome committed; retried commands are answered with their first
-//! answer (from the catalog, or from the node that remembers the request id); list and
-//! show ask each session's node and fall back on the catalog's checkpoint; and a
-//! supervisor makes the catalog follow the node for every session, resting ones included.
+//! volume's node and its outcome committed, as an intent (the saga): retried commands
+//! drive the same intent and get its result, the node answering a repeated call under the
+//! intent's id from memory; list and show ask each session's node and fall back on the
+//! catalog's checkpoint; and a supervisor makes the catalog follow the node for every
+//! session, resting ones included.
 
 use super::*;
 use protocol::cluster::{Intent, IntentCall, IntentResult};
@@ -18,20 +19,8 @@ pub const RESTING_SESSION_RECONCILE_INTERVAL_MILLISECONDS: u64 = 2_000;
 /// CLI within a second or two of the new election; that retry, finding the session still
 /// in the catalog, gets the node's first answer instead of "no such session".
 pub const SESSION_GONE_GRACE_MILLISECONDS: u64 = 5_000;
-/// How long the leader waits for a node to say what it answered to a request id.
-const SESSION_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How far a running copy moves between two progress checkpoints in the catalog.
 pub const SESSION_CHECKPOINT_TRACKS: u64 = 4096;
-
-/// Whether a node carried out a request before (a retry after its leader died).
-pub(super) enum Replayed {
-    /// It did: its node and its first answer.
-    Answered(String, Option<Box<SessionInfo>>),
-    /// It did not (or its node is known to be down, and is not waited for).
-    NotCarriedOut,
-    /// Its node could not be asked; the command can be retried.
-    Unknown(String),
-}
 
 /// What a session's node says of it.
 pub(super) enum NodeSession {
@@ -157,51 +146,28 @@ impl ControlPlane {
         command: SessionCommand,
     ) -> Outcome<Response> {
         self.read_barrier().await?;
+        // Begun before (a retry, or a job's driver again): its intent is finished, or
+        // driven on now.
+        let begun = self
+            .catalog
+            .read(|catalog| catalog.intent(request_id).is_some())
+            || self.intent_result(request_id).is_some();
+        if begun {
+            return self.session_intent_answer(request_id, &command).await;
+        }
         if let Some(applied) = self
             .catalog
             .read(|catalog| catalog.applied_response(request_id).cloned())
         {
+            // A request recorded before session intents (or whose intent's finish the
+            // catalog no longer remembers): its first answer, from the catalog.
             applied.map_err(Refusal::from)?;
-            // Begun before (a retry, or a job's driver again): its intent is finished, or
-            // driven on now. (A request recorded before intents has neither.)
-            let begun = self
-                .catalog
-                .read(|catalog| catalog.intent(request_id).is_some())
-                || self.intent_result(request_id).is_some();
-            if begun {
-                return self.session_intent_answer(request_id, &command).await;
-            }
             return Ok(session_response(self.recorded_session(&command)));
         }
         // One command or reconciliation of a session at a time on this leader.
         let lock = self.session_lock(&session_lock_key(&command));
         let _one_at_a_time = lock.lock().await;
-        let (node, _address, _source, _target) = match self.session_command_checks(&command).await {
-            Ok(checked) => checked,
-            Err(refusal) if refusal.code == ErrorCode::IllegalState => {
-                // The catalog may trail the node: a command the node carried out whose
-                // recording was lost with its leader, and that the supervisor has recorded
-                // since. The node then still knows this request id and its first answer.
-                return match self.replayed_answer(request_id, &command).await {
-                    Replayed::Answered(node, info) => {
-                        let info = info.map(|info| *info);
-                        self.record_session_outcome(request_id, &node, target_of(&command), info)
-                            .await
-                    }
-                    Replayed::NotCarriedOut => Err(refusal),
-                    // Refusing now could refuse a retry of a command that was carried out:
-                    // the CLI retries an unavailable cluster, and the node may answer then.
-                    Replayed::Unknown(reason) => Err(Refusal::new(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "{} — unless this is a retry of a command the node already carried out, which could not be asked ({reason})",
-                            refusal.message
-                        ),
-                    )),
-                };
-            }
-            Err(refusal) => return Err(refusal),
-        };
+        let (node, _address, _source, _target) = self.session_command_checks(&command).await?;
         // The saga: the intent is recorded before the node is asked, so whatever fails
         // after this point, the command is finished under the same id (by a retry, or by
         // the supervisor after a leader change or the node's return).
@@ -345,23 +311,6 @@ impl ControlPlane {
         Ok((volume.node, address, source, target))
     }
 
-    /// Commits what a node answered to a session command, under the command's request id,
-    /// and answers with it.
-    async fn record_session_outcome(
-        &self,
-        request_id: RequestId,
-        node: &str,
-        target: Option<String>,
-        info: Option<SessionInfo>,
-    ) -> Outcome<Response> {
-        let record = match &info {
-            Some(info) => Command::SessionRecord(entry_of(node, info)),
-            None => self.session_end_record(target.unwrap_or_default()).await,
-        };
-        self.commit(request_id, record).await?;
-        Ok(session_response(info))
-    }
-
     fn known_session(&self, kind: SessionKind, target: &str) -> Outcome<SessionEntry> {
         self.catalog
             .read(|catalog| catalog.session(target).cloned())
@@ -445,64 +394,6 @@ impl ControlPlane {
                 _ => target_of(command).and_then(|target| catalog.session(&target).cloned()),
             })
             .map(|entry| checkpoint_info(&entry, entry.error.clone()))
-    }
-
-    /// What the node of a command's source volume answered to `request_id`, when it
-    /// carried such a command out and still remembers it; whether it did not; or that it
-    /// could not be asked.
-    pub(super) async fn replayed_answer(
-        &self,
-        request_id: RequestId,
-        command: &SessionCommand,
-    ) -> Replayed {
-        let source = match command {
-            SessionCommand::CloneCreate { source, .. } => Some(source.clone()),
-            SessionCommand::MirrorEstablish { standard, .. }
-            | SessionCommand::MirrorRotate { standard } => Some(standard.clone()),
-            _ => target_of(command).and_then(|target| {
-                self.catalog
-                    .read(|catalog| catalog.session(&target).map(|entry| entry.source.clone()))
-            }),
-        };
-        let Some(node) = source.and_then(|source| {
-            self.catalog
-                .read(|catalog| catalog.volume(&source).map(|volume| volume.node.clone()))
-        }) else {
-            return Replayed::NotCarriedOut;
-        };
-        // A node known to be down is not waited for: the refusal stands.
-        if self.ensure_node_up(&node).is_err() {
-            return Replayed::NotCarriedOut;
-        }
-        let Some(address) = self.node_address(&node) else {
-            return Replayed::NotCarriedOut;
-        };
-        let answer = self
-            .caller
-            .call_within(
-                &address,
-                Some(&node),
-                &Request::SessionAnswer { request_id },
-                SESSION_ANSWER_TIMEOUT,
-            )
-            .await;
-        match answer {
-            Ok(Response::Session(info)) => {
-                tracing::info!(
-                    request = %format!("{request_id:032x}"),
-                    command = command.name(),
-                    %node,
-                    "the node carried this request out before; recording its first answer"
-                );
-                Replayed::Answered(node, info.map(Box::new))
-            }
-            Ok(Response::Error {
-                code: ErrorCode::NotFound,
-                ..
-            }) => Replayed::NotCarriedOut,
-            Ok(other) => Replayed::Unknown(format!("node {node} answered {other:?}")),
-            Err(reason) => Replayed::Unknown(format!("node {node} did not answer: {reason}")),
-        }
     }
 
     /// Asks a session's node for the session.

@@ -1,21 +1,11 @@
 //! The leader's watch over the nodes: a heartbeat registers a node or brings it back up
 //! (pushing the catalog's readiness to a returning node), and the periodic supervision
-//! marks silent nodes down, compares sessions with their nodes, and finishes half-way
-//! volume commands on nodes that are up, one reconciliation per volume at a time.
+//! marks silent nodes down, compares sessions with their nodes, and drives the open
+//! intents (volume, snap and session commands left half way) on nodes that are up, one
+//! drive per intent at a time.
 
 use super::*;
-
-/// Takes a volume out of the reconciling set when its reconciliation ends, however it ends.
-struct Reconciling<'a> {
-    set: &'a Mutex<HashSet<String>>,
-    name: &'a str,
-}
-
-impl Drop for Reconciling<'_> {
-    fn drop(&mut self) {
-        self.set.lock().remove(self.name);
-    }
-}
+use protocol::cluster::{Intent, IntentCall};
 
 impl ControlPlane {
     /// Records a node's heartbeat; registers it, or marks it up again, when needed.
@@ -75,7 +65,7 @@ impl ControlPlane {
         }
         self.mark_silent_nodes_down().await;
         self.refresh_sessions().await;
-        self.reconcile_half_way_volumes();
+        self.adopt_half_way_volumes().await;
         self.reconcile_intents();
         self.drive_jobs();
     }
@@ -111,39 +101,44 @@ impl ControlPlane {
         }
     }
 
-    /// Starts finishing every half-way volume whose node is up, in a task of its own.
-    fn reconcile_half_way_volumes(self: &Arc<Self>) {
+    /// Begins an intent for every volume left `creating` or `deleting` without one (by a
+    /// leader from before volume intents), so that it is finished like any other: the
+    /// same call under the intent's id, driven by `reconcile_intents`.
+    async fn adopt_half_way_volumes(&self) {
         let half_way: Vec<VolumeRecord> = self.catalog.read(|catalog| {
             catalog
                 .volumes()
                 .filter(|volume| volume.state != VolumeState::Ready)
-                // A snap's new target is finished by its intent (`reconcile_intents`).
                 .filter(|volume| catalog.intent_of_volume(&volume.name).is_none())
-                .filter(|volume| catalog.node_is_up(&volume.node))
                 .cloned()
                 .collect()
         });
         for volume in half_way {
-            // One reconciliation per volume at a time: a slow node must not collect a queue
-            // of them, two a second.
-            if !self.reconciling.lock().insert(volume.name.clone()) {
-                continue;
-            }
-            let control_plane = Arc::clone(self);
-            tokio::spawn(async move {
-                let _done = Reconciling {
-                    set: &control_plane.reconciling,
-                    name: &volume.name,
-                };
-                match control_plane.drive_volume(&volume.name).await {
-                    Ok(()) => {
-                        tracing::info!(volume = %volume.name, node = %volume.node, "reconciled a half-finished volume command")
-                    }
-                    Err(refusal) => {
-                        tracing::debug!(volume = %volume.name, reason = %refusal.message, "reconciliation will retry")
-                    }
+            let call = match volume.state {
+                VolumeState::Creating => IntentCall::VolumeCreate {
+                    name: volume.name.clone(),
+                    size_bytes: volume.size_bytes,
+                    track_size_bytes: volume.track_size_bytes,
+                },
+                VolumeState::Deleting => IntentCall::VolumeDelete {
+                    name: volume.name.clone(),
+                },
+                VolumeState::Ready => continue,
+            };
+            let intent = Intent {
+                id: random_request_id(),
+                node: volume.node.clone(),
+                call,
+                begun_unix_seconds: now_unix_seconds(),
+            };
+            match self.begin_intent(intent).await {
+                Ok(()) => {
+                    tracing::info!(volume = %volume.name, state = %volume.state, "a half-way volume without an intent is now finished by one")
                 }
-            });
+                Err(refusal) => {
+                    tracing::warn!(volume = %volume.name, reason = %refusal.message, "could not begin an intent for a half-way volume")
+                }
+            }
         }
     }
 }

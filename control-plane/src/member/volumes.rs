@@ -1,10 +1,13 @@
-//! Volume commands on the leader. Create and delete go catalog entry (`creating`,
-//! `deleting`) → owning node → catalog entry (`ready`, removed), so a node that dies in
-//! between leaves a half-way volume that `drive_volume` finishes later, any number of times
-//! safely; a readiness is carried out by the node before it is committed. List and show
-//! read the catalog after a read barrier (show also asks the volume's node).
+//! Volume commands on the leader. Create and delete are intents (the saga,
+//! `saga.rs`): the catalog records the intent with the volume `creating` or `deleting`,
+//! the owning node is called under the intent's id, and its answer makes the volume
+//! ready or removes it; a node that dies in between leaves an open intent that the
+//! supervisor finishes when the node returns. A readiness is carried out by the node
+//! before it is committed. List and show read the catalog after a read barrier (show
+//! also asks the volume's node).
 
 use super::*;
+use protocol::cluster::{Intent, IntentCall, IntentResult};
 
 impl ControlPlane {
     pub(super) fn known_volume(&self, name: &str) -> Outcome<VolumeRecord> {
@@ -31,22 +34,21 @@ impl ControlPlane {
         size_bytes: u64,
         track_size_bytes: u32,
     ) -> Outcome<VolumeRecord> {
-        self.commit(
+        self.volume_intent(
             request_id,
-            Command::VolumeCreateBegin {
+            node.to_string(),
+            IntentCall::VolumeCreate {
                 name: name.to_string(),
-                node: node.to_string(),
                 size_bytes,
                 track_size_bytes,
             },
         )
         .await?;
-        self.drive_volume(name).await?;
         self.known_volume(name)
     }
 
     /// Deletes a volume: refused while its node is down or hosts have it open, unless
-    /// `force`, and then carried through like any half-way volume.
+    /// `force`, and then carried through like any intent.
     pub(super) async fn volume_delete(
         &self,
         request_id: RequestId,
@@ -57,7 +59,10 @@ impl ControlPlane {
         // once `deleting` is recorded the node closes any connection first. With
         // --force the delete is recorded even while the node is down, and the node
         // finishes it when it returns.
-        if !force {
+        let begun = self
+            .catalog
+            .read(|catalog| catalog.applied_response(request_id).is_some());
+        if !force && !begun {
             self.ensure_volume_node_up(&name).map_err(|refusal| {
                 Refusal::new(
                     refusal.code,
@@ -69,13 +74,48 @@ impl ControlPlane {
             })?;
             self.refuse_open_volume(&name).await?;
         }
-        self.commit(
+        let node = self.known_volume(&name).map(|record| record.node);
+        let node = match (node, begun) {
+            (Ok(node), _) => node,
+            // A retry of a delete that finished: its volume is gone, its answer stands.
+            (Err(_), true) => String::new(),
+            (Err(refusal), false) => return Err(refusal),
+        };
+        self.volume_intent(
             request_id,
-            Command::VolumeDeleteBegin { name: name.clone() },
+            node,
+            IntentCall::VolumeDelete { name: name.clone() },
         )
         .await?;
-        self.drive_volume(&name).await?;
         Ok(ClusterResponse::Deleted { name })
+    }
+
+    /// The saga of a volume command: the intent is recorded (the catalog checks it and
+    /// marks the volume `creating` or `deleting`), its node is called under the intent's
+    /// id, and the answer is committed. A node that does not answer leaves the intent
+    /// open, finished by the supervisor when the node answers; a retry under the same
+    /// request id drives the same intent.
+    async fn volume_intent(
+        &self,
+        request_id: RequestId,
+        node: String,
+        call: IntentCall,
+    ) -> Outcome<()> {
+        self.begin_intent(Intent {
+            id: request_id,
+            node,
+            call,
+            begun_unix_seconds: now_unix_seconds(),
+        })
+        .await?;
+        match self.drive_intent(request_id).await? {
+            IntentResult::VolumeCreated { .. } | IntentResult::VolumeDeleted => Ok(()),
+            IntentResult::Refused { code, message } => Err(Refusal::new(code, message)),
+            other => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("a volume command's intent finished with {other:?}"),
+            )),
+        }
     }
 
     /// Sets a volume's readiness: on its node first, then in the catalog.
@@ -166,159 +206,6 @@ impl ControlPlane {
             node_info,
             nbd_address,
         })
-    }
-
-    fn volume_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.volume_locks
-            .lock()
-            .entry(name.to_string())
-            .or_default()
-            .clone()
-    }
-
-    /// Carries a volume's half-way state through on its owning node and records the
-    /// result. Safe to call at any time and any number of times: a volume that is not
-    /// half-way is left alone.
-    pub(super) async fn drive_volume(&self, name: &str) -> Outcome<()> {
-        let lock = self.volume_lock(name);
-        let _guard = lock.lock().await;
-        // A leader cut off from its majority does not know it was replaced; acting on its
-        // stale catalog could delete a volume the new leader has since recreated. Confirming
-        // leadership first narrows that window to the length of one node call.
-        self.read_barrier().await?;
-        let Some(record) = self.catalog.read(|catalog| catalog.volume(name).cloned()) else {
-            return Ok(());
-        };
-        let address = self.node_address(&record.node).ok_or_else(|| {
-            Refusal::from(CatalogError::UnknownNode {
-                node: record.node.clone(),
-            })
-        })?;
-        let unreachable = |detail: String| {
-            Refusal::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "node '{}' did not answer ({detail}); volume '{name}' stays {} in the catalog and is finished when the node returns",
-                    record.node, record.state
-                ),
-            )
-        };
-        match record.state {
-            VolumeState::Ready => Ok(()),
-            VolumeState::Creating => {
-                let created = self
-                    .call(
-                        &record.node,
-                        &address,
-                        Request::VolumeCreate {
-                            name: name.to_string(),
-                            size_bytes: record.size_bytes,
-                            track_size_bytes: record.track_size_bytes,
-                        },
-                    )
-                    .await
-                    .map_err(unreachable)?;
-                let outcome = match created {
-                    Response::Volume(_) => Ok(()),
-                    Response::Error {
-                        code: ErrorCode::AlreadyExists,
-                        ..
-                    } => self.confirm_existing(&address, &record).await,
-                    Response::Error { code, message }
-                        if code == ErrorCode::Unavailable || code == ErrorCode::Internal =>
-                    {
-                        return Err(unreachable(format!("{code}: {message}")))
-                    }
-                    Response::Error { code, message } => Err(Refusal::new(code, message)),
-                    other => return Err(unreachable(format!("unexpected answer {other:?}"))),
-                };
-                match outcome {
-                    Ok(()) => {
-                        self.commit(
-                            random_request_id(),
-                            Command::VolumeCreateFinish {
-                                name: name.to_string(),
-                            },
-                        )
-                        .await?;
-                        Ok(())
-                    }
-                    Err(refusal) => {
-                        tracing::warn!(volume = %name, node = %record.node, reason = %refusal.message, "the node refused the volume; rolling back");
-                        self.commit(
-                            random_request_id(),
-                            Command::VolumeCreateRollback {
-                                name: name.to_string(),
-                                reason: refusal.message.clone(),
-                            },
-                        )
-                        .await?;
-                        Err(refusal)
-                    }
-                }
-            }
-            VolumeState::Deleting => {
-                let deleted = self
-                    .call(
-                        &record.node,
-                        &address,
-                        Request::VolumeDelete {
-                            name: name.to_string(),
-                        },
-                    )
-                    .await
-                    .map_err(unreachable)?;
-                match deleted {
-                    Response::Deleted { .. }
-                    | Response::Error {
-                        code: ErrorCode::NotFound,
-                        ..
-                    } => {
-                        self.commit(
-                            random_request_id(),
-                            Command::VolumeDeleteFinish {
-                                name: name.to_string(),
-                            },
-                        )
-                        .await?;
-                        Ok(())
-                    }
-                    Response::Error { code, message } => Err(Refusal::new(
-                        code,
-                        format!(
-                            "node '{}' could not delete volume '{name}': {message}",
-                            record.node
-                        ),
-                    )),
-                    other => Err(unreachable(format!("unexpected answer {other:?}"))),
-                }
-            }
-        }
-    }
-
-    /// The node already has a volume of this name: from an earlier attempt whose answer was
-    /// lost, when its geometry matches; else something the catalog never asked for.
-    async fn confirm_existing(&self, address: &str, record: &VolumeRecord) -> Outcome<()> {
-        match self
-            .call(&record.node, address, Request::VolumeShow { name: record.name.clone() })
-            .await
-        {
-            Ok(Response::Volume(info))
-                if info.size_bytes == record.size_bytes
-                    && info.track_size_bytes == record.track_size_bytes =>
-            {
-                Ok(())
-            }
-            Ok(Response::Volume(info)) => Err(Refusal::new(
-                ErrorCode::AlreadyExists,
-                format!(
-                    "node '{}' already holds a volume '{}' of {} bytes that the catalog does not know; delete it there or choose another name",
-                    record.node, record.name, info.size_bytes
-                ),
-            )),
-            Ok(other) => Err(Refusal::new(ErrorCode::Unavailable, format!("unexpected answer {other:?}"))),
-            Err(detail) => Err(Refusal::new(ErrorCode::Unavailable, detail)),
-        }
     }
 
     /// The readiness a volume's node gives it now, when the node answers.

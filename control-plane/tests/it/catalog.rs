@@ -378,17 +378,32 @@ fn any_command() -> impl Strategy<Value = Command> {
                 gib * GIB
             ))),
         // Snaps on the saga: begun onto new or existing targets, finished either way.
-        (0u128..4, nodes, names.clone(), names.clone(), any::<bool>()).prop_map(
-            |(id, node, source, target, create)| Command::IntentBegin(snap_intent(
-                id, node, source, target, create
-            ))
-        ),
-        (0u128..4, any::<bool>()).prop_map(|(id, snapped)| Command::IntentFinish {
+        (
+            0u128..4,
+            nodes.clone(),
+            names.clone(),
+            names.clone(),
+            any::<bool>()
+        )
+            .prop_map(|(id, node, source, target, create)| Command::IntentBegin(
+                snap_intent(id, node, source, target, create)
+            )),
+        // Volume commands on the saga.
+        (4u128..8, nodes.clone(), names.clone(), 0u64..12).prop_map(|(id, node, name, gib)| {
+            Command::IntentBegin(volume_create_intent(id, node, name, gib * GIB))
+        }),
+        (4u128..8, nodes, names.clone()).prop_map(|(id, node, name)| Command::IntentBegin(
+            volume_delete_intent(id, node, name)
+        )),
+        (0u128..8, 0u8..4).prop_map(|(id, result)| Command::IntentFinish {
             id,
-            result: if snapped {
-                snapped_result("x")
-            } else {
-                refused_result()
+            result: match result {
+                0 => snapped_result("x"),
+                1 => IntentResult::VolumeCreated {
+                    info: volume_info("x")
+                },
+                2 => IntentResult::VolumeDeleted,
+                _ => refused_result(),
             },
         }),
     ]
@@ -412,19 +427,45 @@ fn snap_intent(id: u128, node: &str, source: &str, target: &str, create: bool) -
     }
 }
 
+fn volume_create_intent(id: u128, node: &str, name: &str, size_bytes: u64) -> Intent {
+    Intent {
+        id,
+        node: node.into(),
+        call: IntentCall::VolumeCreate {
+            name: name.into(),
+            size_bytes,
+            track_size_bytes: TRACK,
+        },
+        begun_unix_seconds: 1,
+    }
+}
+
+fn volume_delete_intent(id: u128, node: &str, name: &str) -> Intent {
+    Intent {
+        id,
+        node: node.into(),
+        call: IntentCall::VolumeDelete { name: name.into() },
+        begun_unix_seconds: 1,
+    }
+}
+
+fn volume_info(name: &str) -> VolumeInfo {
+    VolumeInfo {
+        name: name.into(),
+        id: 9,
+        size_bytes: GIB,
+        track_size_bytes: TRACK,
+        track_count: GIB / u64::from(TRACK),
+        readiness: Readiness::Ready,
+        session_slots_used: 0,
+        layer_depth: 2,
+        created_unix_seconds: 1,
+    }
+}
+
 fn snapped_result(target: &str) -> IntentResult {
     IntentResult::Snapped {
-        target_info: VolumeInfo {
-            name: target.into(),
-            id: 9,
-            size_bytes: GIB,
-            track_size_bytes: TRACK,
-            track_count: GIB / u64::from(TRACK),
-            readiness: Readiness::Ready,
-            session_slots_used: 0,
-            layer_depth: 2,
-            created_unix_seconds: 1,
-        },
+        target_info: volume_info(target),
         elapsed_micros: 5,
     }
 }
@@ -530,6 +571,188 @@ fn a_snap_intent_records_its_new_target_creating_and_its_result_makes_it_ready_o
     )
     .unwrap();
     assert_eq!(catalog.volume("copy").unwrap().state, VolumeState::Ready);
+}
+
+#[test]
+fn a_volume_intent_holds_its_volume_creating_or_deleting_until_its_node_answers() {
+    let mut catalog = populated();
+    // A create is recorded `creating` with its intent, and made ready by the node's answer.
+    apply(
+        &mut catalog,
+        10,
+        Command::IntentBegin(volume_create_intent(1, "east-2", "logs", GIB)),
+    )
+    .unwrap();
+    assert_eq!(catalog.volume("logs").unwrap().state, VolumeState::Creating);
+    assert_eq!(catalog.volume("logs").unwrap().node, "east-2");
+    // Neither a second create nor a delete of it may start meanwhile.
+    for (id, intent) in [
+        (11, volume_create_intent(2, "east-1", "logs", GIB)),
+        (12, volume_delete_intent(3, "east-2", "logs")),
+    ] {
+        let refused = apply(&mut catalog, id, Command::IntentBegin(intent));
+        assert!(
+            matches!(refused, Err(CatalogError::IntentUnderWay { .. })),
+            "{refused:?}"
+        );
+    }
+    apply(
+        &mut catalog,
+        13,
+        Command::IntentFinish {
+            id: 1,
+            result: IntentResult::VolumeCreated {
+                info: volume_info("logs"),
+            },
+        },
+    )
+    .unwrap();
+    assert_eq!(catalog.volume("logs").unwrap().state, VolumeState::Ready);
+    // A create the node refused leaves no record.
+    apply(
+        &mut catalog,
+        14,
+        Command::IntentBegin(volume_create_intent(4, "east-2", "junk", GIB)),
+    )
+    .unwrap();
+    apply(
+        &mut catalog,
+        15,
+        Command::IntentFinish {
+            id: 4,
+            result: refused_result(),
+        },
+    )
+    .unwrap();
+    assert!(catalog.volume("junk").is_none());
+    // A delete is recorded `deleting`; a refusal by the node gives the volume back as it
+    // was, and its answer removes it.
+    apply(
+        &mut catalog,
+        16,
+        Command::IntentBegin(volume_delete_intent(5, "east-2", "logs")),
+    )
+    .unwrap();
+    assert_eq!(catalog.volume("logs").unwrap().state, VolumeState::Deleting);
+    apply(
+        &mut catalog,
+        17,
+        Command::IntentFinish {
+            id: 5,
+            result: refused_result(),
+        },
+    )
+    .unwrap();
+    assert_eq!(catalog.volume("logs").unwrap().state, VolumeState::Ready);
+    apply(
+        &mut catalog,
+        18,
+        Command::IntentBegin(volume_delete_intent(6, "east-2", "logs")),
+    )
+    .unwrap();
+    apply(
+        &mut catalog,
+        19,
+        Command::IntentFinish {
+            id: 6,
+            result: IntentResult::VolumeDeleted,
+        },
+    )
+    .unwrap();
+    assert!(catalog.volume("logs").is_none());
+    // A delete names the volume's own node; one in a session is refused.
+    let before = catalog.clone();
+    let elsewhere = apply(
+        &mut catalog,
+        20,
+        Command::IntentBegin(volume_delete_intent(7, "west-1", "data")),
+    );
+    assert!(
+        matches!(elsewhere, Err(CatalogError::Invalid { .. })),
+        "{elsewhere:?}"
+    );
+    ready_volume(&mut catalog, 21, "bcv", "west-1");
+    apply(
+        &mut catalog,
+        23,
+        Command::SessionRecord(mirror(protocol::session::SessionState::Syncing)),
+    )
+    .unwrap();
+    let in_session = apply(
+        &mut catalog,
+        24,
+        Command::IntentBegin(volume_delete_intent(8, "east-1", "data")),
+    );
+    assert!(
+        matches!(in_session, Err(CatalogError::VolumeInSession { .. })),
+        "{in_session:?}"
+    );
+    assert_eq!(catalog.volume("data"), before.volume("data"));
+    assert!(catalog.intents().next().is_none());
+}
+
+#[test]
+fn a_volume_left_half_way_by_an_older_leader_is_taken_over_by_an_intent() {
+    let mut catalog = populated();
+    // Recorded as leaders before volume intents did: `creating`, with no intent.
+    apply(&mut catalog, 10, create("old", "east-2", GIB)).unwrap();
+    // An intent of the same volume on the same node, with its geometry, takes it over...
+    apply(
+        &mut catalog,
+        11,
+        Command::IntentBegin(volume_create_intent(1, "east-2", "old", GIB)),
+    )
+    .unwrap();
+    assert_eq!(
+        catalog.intent_of_volume("old").map(|intent| intent.id),
+        Some(1)
+    );
+    apply(
+        &mut catalog,
+        12,
+        Command::IntentFinish {
+            id: 1,
+            result: IntentResult::VolumeCreated {
+                info: volume_info("old"),
+            },
+        },
+    )
+    .unwrap();
+    assert_eq!(catalog.volume("old").unwrap().state, VolumeState::Ready);
+    // ...and any other create of a name in use is refused.
+    apply(&mut catalog, 13, create("older", "east-2", GIB)).unwrap();
+    let other_size = apply(
+        &mut catalog,
+        14,
+        Command::IntentBegin(volume_create_intent(2, "east-2", "older", 2 * GIB)),
+    );
+    assert!(
+        matches!(other_size, Err(CatalogError::VolumeExists { .. })),
+        "{other_size:?}"
+    );
+    // A legacy `deleting` volume is finished by a delete intent.
+    apply(
+        &mut catalog,
+        15,
+        Command::VolumeDeleteBegin { name: "old".into() },
+    )
+    .unwrap();
+    apply(
+        &mut catalog,
+        16,
+        Command::IntentBegin(volume_delete_intent(3, "east-2", "old")),
+    )
+    .unwrap();
+    apply(
+        &mut catalog,
+        17,
+        Command::IntentFinish {
+            id: 3,
+            result: IntentResult::VolumeDeleted,
+        },
+    )
+    .unwrap();
+    assert!(catalog.volume("old").is_none());
 }
 
 #[test]

@@ -1019,7 +1019,8 @@ fn a_job_with_nothing_to_send_skips_its_pair_and_with_s_prime_still_snaps_s() {
 }
 
 #[test]
-fn a_lineage_keeps_other_changes_off_its_volumes_until_forgotten_and_a_failure_drops_it() {
+fn a_lineage_keeps_other_changes_off_its_volumes_until_forgotten_and_outlives_a_failure_it_tracks()
+{
     let mut cluster = Cluster::new();
     let first = at(cluster.record(job(Some("s-mid"))), GsnapStep::Snap);
     cluster.send(&first, full_send());
@@ -1085,15 +1086,36 @@ fn a_lineage_keeps_other_changes_off_its_volumes_until_forgotten_and_a_failure_d
         name: "s-mid".into(),
     });
 
-    // A job that fails after its snap leaves no lineage: the next sends everything.
+    // A job the lineage tracks that fails after its snap leaves the lineage as the last
+    // succeeded job left it (its nodes fold their frozen tracks back in): the next job
+    // sends the changes since that job, this one's included.
     let mut cluster = Cluster::new();
     let first = at(cluster.record(job(None)), GsnapStep::Snap);
     cluster.send(&first, full_send());
     end_job(&mut cluster, &first, JobState::Succeeded);
+    let kept = cluster.catalog.lineage("p", "s").cloned();
     let mut second = job(None);
     second.request_id = 2;
     let second = at(cluster.record(second), GsnapStep::Copy);
+    assert!(control_plane::gsnap::keeps_lineage(
+        &second,
+        &cluster.catalog
+    ));
     end_job(&mut cluster, &second, JobState::Failed);
+    assert_eq!(cluster.catalog.lineage("p", "s").cloned(), kept);
+    assert_eq!(kept.map(|lineage| lineage.last_job), Some(first.id));
+
+    // One it does not track (another intermediate) drops it: the next sends everything.
+    let mut third = job(None);
+    third.request_id = 3;
+    third.spec.intermediate = "p-other".into();
+    let third = cluster.record(third);
+    let third = at(third, GsnapStep::Copy);
+    assert!(!control_plane::gsnap::keeps_lineage(
+        &third,
+        &cluster.catalog
+    ));
+    end_job(&mut cluster, &third, JobState::Cancelled);
     assert!(cluster.catalog.lineage("p", "s").is_none());
 }
 

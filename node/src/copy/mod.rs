@@ -1407,20 +1407,19 @@ impl<E: Engine> Sessions<E> {
         lineage: &str,
         step: protocol::gsnap::LineageStep,
     ) -> Result<protocol::messages::VolumeInfo> {
+        use crate::store::lineage::Ending;
+        use protocol::gsnap::LineageStep;
         let volume = self.store.volume(volume)?;
         let _gate = self.gates.exclusive([volume.id]);
-        match step {
-            protocol::gsnap::LineageStep::Rotate => self.store.rotate_and_hold(&volume, lineage),
-            protocol::gsnap::LineageStep::Settle => {
-                self.store.end_lineage(&volume, lineage, false, false)
-            }
-            protocol::gsnap::LineageStep::Drop => {
-                self.store.end_lineage(&volume, lineage, true, false)
-            }
-            protocol::gsnap::LineageStep::Release => {
-                self.store.end_lineage(&volume, lineage, true, true)
-            }
-        }
+        let end = match step {
+            LineageStep::Rotate => return self.store.rotate_and_hold(&volume, lineage),
+            LineageStep::Settle => Ending::Settle,
+            LineageStep::Drop => Ending::Drop { give_back: false },
+            LineageStep::Release => Ending::Drop { give_back: true },
+            LineageStep::Fold => Ending::Fold { give_back: false },
+            LineageStep::FoldRelease => Ending::Fold { give_back: true },
+        };
+        self.store.end_lineage(&volume, lineage, end)
     }
 
     pub fn involves(&self, name: &str) -> bool {

@@ -9,7 +9,8 @@
 //! tracks written between the two jobs' snaps); on the volume the pair copies into, it
 //! takes the volume from its hosts in the same write (the frozen slot holds the tracks its
 //! hosts wrote since the last job gave it back). A succeeded job frees the frozen slot; a
-//! failed one frees both, and the next job sends everything.
+//! failed one folds the frozen slot's tracks back into the live slot when its lineage goes
+//! on (the next job sends them again), or frees both, and the next job sends everything.
 //!
 //! The record of each lineage (`l/<volume id>/<name>`) names its slots, so that start-up's
 //! reconciliation of slots counts them as held.
@@ -136,51 +137,71 @@ impl From<Rotation> for LineageChange {
     }
 }
 
-/// The end of a job's use of `record` (pure): the frozen slot is freed and the volume
-/// given back when the rotation took it from its hosts, or with `drop` both slots and
-/// the record go (the volume given back only with `give_back`).
-pub fn ending(
-    slots: u16,
-    marks: WriteMarks,
-    record: LineageRecord,
-    drop: bool,
-    give_back: bool,
-) -> LineageChange {
+/// How a job's use of a lineage ends on one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The job succeeded: the frozen slot is freed and the volume given back when the
+    /// rotation took it from its hosts.
+    Settle,
+    /// Both slots and the record go; the volume is given back only with `give_back`.
+    Drop { give_back: bool },
+    /// The frozen slot's tracks go back into the live slot and the frozen slot is freed,
+    /// so the lineage goes on from the last settled rotation; the volume is given back
+    /// only with `give_back`. Without a live slot nothing since is known: as `Drop`.
+    Fold { give_back: bool },
+}
+
+/// The end of a job's use of `record` (pure), as `end` says.
+pub fn ending(slots: u16, marks: WriteMarks, record: LineageRecord, end: Ending) -> LineageChange {
+    let held = |slot: &u8| slots & (1 << slot) != 0;
+    let live = record.live.filter(held);
+    let frozen = record.frozen.filter(held);
+    let end = match (end, live) {
+        (Ending::Fold { give_back }, None) => Ending::Drop { give_back },
+        (end, _) => end,
+    };
     let mut slots = slots;
     let mut marks = marks;
     let mut cleared = Vec::new();
-    let freed = if drop {
-        vec![record.frozen, record.live]
-    } else {
-        vec![record.frozen]
+    let freed = match end {
+        Ending::Drop { .. } => vec![frozen, live],
+        Ending::Settle | Ending::Fold { .. } => vec![frozen],
     };
     for slot in freed.into_iter().flatten() {
-        if slots & (1 << slot) != 0 {
-            slots &= !(1 << slot);
-            marks.changed &= !(1 << slot);
-            marks.pending &= !(1 << slot);
-            cleared.push(slot);
-        }
+        slots &= !(1 << slot);
+        marks.changed &= !(1 << slot);
+        marks.pending &= !(1 << slot);
+        cleared.push(slot);
     }
-    let (kept, readiness) = if drop {
-        (None, (give_back && record.held).then_some(Readiness::Ready))
-    } else {
-        // A lineage this node never rotated keeps no record.
-        let kept = record
-            .live
-            .filter(|slot| slots & (1 << slot) != 0)
-            .map(|live| LineageRecord {
+    let given_back = |give_back: bool| (give_back && record.held).then_some(Readiness::Ready);
+    // A lineage this node never rotated keeps no record.
+    let (kept, merge, readiness) = match end {
+        Ending::Drop { give_back } => (None, None, given_back(give_back)),
+        Ending::Settle => (
+            live.map(|live| LineageRecord {
                 live: Some(live),
                 frozen: None,
                 held: false,
-            });
-        (kept, record.held.then_some(Readiness::Ready))
+            }),
+            None,
+            record.held.then_some(Readiness::Ready),
+        ),
+        Ending::Fold { give_back } => (
+            live.map(|live| LineageRecord {
+                live: Some(live),
+                frozen: None,
+                // Still held from its hosts: the next job's end gives it back.
+                held: record.held && !give_back,
+            }),
+            frozen.zip(live),
+            given_back(give_back),
+        ),
     };
     LineageChange {
         slots,
         marks,
         record: kept,
-        merge: None,
+        merge,
         cleared,
         readiness,
     }
@@ -384,22 +405,10 @@ impl<E: Engine> VolumeStore<E> {
     /// a volume taken from its hosts is given back), or with `drop` both slots and the
     /// record go — the volume's readiness staying as the job left it (a target it wrote
     /// in part stays not ready) unless `give_back` (a job that failed before it wrote it).
-    pub fn end_lineage(
-        &self,
-        volume: &Volume,
-        name: &str,
-        drop: bool,
-        give_back: bool,
-    ) -> Result<VolumeInfo> {
+    pub fn end_lineage(&self, volume: &Volume, name: &str, end: Ending) -> Result<VolumeInfo> {
         let record = self.lineage(volume, name)?;
         self.change_lineage(volume, name, |state| {
-            Ok(ending(
-                state.session_slots,
-                state.marks,
-                record,
-                drop,
-                give_back,
-            ))
+            Ok(ending(state.session_slots, state.marks, record, end))
         })
     }
 
@@ -550,5 +559,65 @@ mod tests {
         .unwrap();
         assert_eq!(lost.record.frozen, None);
         assert!(rotation(u16::MAX, WriteMarks::default(), LineageRecord::default()).is_none());
+    }
+
+    #[test]
+    fn a_failed_job_folds_its_frozen_tracks_back_a_succeeded_one_frees_them() {
+        // Slot 0 is a session's; the lineage's live slot is 2, its frozen slot 1, on a
+        // target the rotation took from its hosts.
+        let marks = WriteMarks {
+            changed: 0b101,
+            pending: 0b1,
+            target_changed: false,
+        };
+        let record = LineageRecord {
+            live: Some(2),
+            frozen: Some(1),
+            held: true,
+        };
+        // Folded: slot 1's tracks go into slot 2, slot 1 is freed, the volume stays
+        // held (the job wrote it in part) until a job's end gives it back.
+        let folded = ending(0b111, marks, record, Ending::Fold { give_back: false });
+        assert_eq!(folded.merge, Some((1, 2)));
+        assert_eq!(folded.cleared, vec![1]);
+        assert_eq!(folded.slots, 0b101);
+        assert_eq!(folded.marks.changed, 0b101);
+        assert_eq!(
+            folded.record,
+            Some(LineageRecord {
+                live: Some(2),
+                frozen: None,
+                held: true,
+            })
+        );
+        assert_eq!(folded.readiness, None);
+        // Folded before anything was written: the volume goes back to its hosts.
+        let released = ending(0b111, marks, record, Ending::Fold { give_back: true });
+        assert_eq!(released.merge, Some((1, 2)));
+        assert_eq!(released.readiness, Some(Readiness::Ready));
+        assert!(!released.record.unwrap().held);
+        // A job that failed before it rotated has nothing to merge.
+        let unrotated = LineageRecord {
+            live: Some(2),
+            frozen: None,
+            held: false,
+        };
+        let kept = ending(0b101, marks, unrotated, Ending::Fold { give_back: false });
+        assert_eq!((kept.merge, kept.cleared.len()), (None, 0));
+        assert_eq!(kept.record, Some(unrotated));
+        // Without its live slot the lineage cannot go on: it is dropped.
+        let lost = ending(0b011, marks, record, Ending::Fold { give_back: false });
+        assert_eq!(lost.record, None);
+        assert_eq!(lost.cleared, vec![1]);
+        assert_eq!(lost.merge, None);
+        // Settled: the frozen slot is freed without a merge, the volume given back.
+        let settled = ending(0b111, marks, record, Ending::Settle);
+        assert_eq!((settled.merge, settled.cleared), (None, vec![1]));
+        assert_eq!(settled.readiness, Some(Readiness::Ready));
+        // Dropped: both slots and the record go.
+        let dropped = ending(0b111, marks, record, Ending::Drop { give_back: false });
+        assert_eq!(dropped.cleared, vec![1, 2]);
+        assert_eq!(dropped.slots, 0b1);
+        assert_eq!((dropped.record, dropped.readiness), (None, None));
     }
 }

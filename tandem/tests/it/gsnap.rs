@@ -163,7 +163,11 @@ fn fig_4_with_s_prime_only_the_named_extents_of_s_change_and_s_stays_online() {
 }
 
 /// The catalog's record of `volume`, as `volume list --json` shows it.
-fn catalog_record(node: &NodeProcess, certs: &std::path::Path, volume: &str) -> serde_json::Value {
+pub(crate) fn catalog_record(
+    node: &NodeProcess,
+    certs: &std::path::Path,
+    volume: &str,
+) -> serde_json::Value {
     let volumes = json(node, certs, &["volume", "list", "--json"]);
     volumes
         .as_array()

@@ -1,10 +1,10 @@
 //! Incremental gsnap (issue 12): after a job of P and S succeeded, the next job of the
 //! same two sends only the tracks P's hosts wrote since that job's snap and those S's
 //! (or S''s) hosts wrote since it ended; `--full` sends everything; `gsnap forget` drops
-//! the lineage.
+//! the lineage; a job that fails or is cancelled leaves it to the next.
 
 use crate::common::NodeProcess;
-use crate::gsnap::run_to_end;
+use crate::gsnap::{a_slow_job_copying, catalog_record, run_to_end};
 use crate::sessions::{fill, json, read_all, refused, TwoNodes, TRACKS, TRACK_BYTES};
 use std::path::Path;
 
@@ -199,4 +199,42 @@ fn a_write_to_s_prime_between_jobs_is_caught_and_sent_again() {
     let source = read_all(&alpha, "p");
     assert_eq!(read_all(&beta, "s")[..half], source[..half]);
     assert_eq!(read_all(&beta, "s-mid")[..half], source[..half]);
+}
+
+/// A cancelled incremental job leaves the lineage as the last succeeded job left it: its
+/// nodes fold the frozen tracks back in, and the next job sends the tracks changed since
+/// that job (the cancelled job's, which it wrote to S in part, and the newer ones).
+#[test]
+fn a_cancelled_job_leaves_the_lineage_and_the_next_sends_what_it_did_not_finish() {
+    let nodes = TwoNodes::new();
+    let certs = nodes.certs.clone();
+    let (alpha, beta) = nodes.start_cluster(&[("p", "alpha"), ("s", "beta")]);
+    fill(&alpha, "p", 5);
+    let first = gsnap(&alpha, &certs, &["p", "p-mid", "s"]);
+    assert_eq!(send_of(&first).0, "full");
+
+    // 64 tracks change (4 MiB): at 1 MiB/s the next job is still copying when cancelled.
+    for track in 0..64 {
+        write_track(&alpha, "p", track, 0x80 + track as u8);
+    }
+    let job = a_slow_job_copying(&alpha, &certs, &["p", "p-mid", "s"]);
+    alpha.cli_ok(&certs, &["gsnap", "cancel", &job]);
+    let cancelled = run_to_end(&alpha, &certs, &job);
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert_eq!(send_of(&cancelled), ("incremental".into(), 64, 0, 64));
+    assert_eq!(
+        catalog_record(&alpha, &certs, "s")["readiness"],
+        "not-ready",
+        "S holds part of the cancelled job's tracks"
+    );
+    // The frozen slot was folded into the live one and freed.
+    assert_eq!(slots_of(&alpha, &certs, "p"), 1);
+
+    write_track(&alpha, "p", 100, 0xe1);
+    let next = gsnap(&alpha, &certs, &["p", "p-mid", "s"]);
+    assert_eq!(send_of(&next), ("incremental".into(), 65, 0, 65), "{next}");
+    assert_eq!(next["send"]["since_job"], first["job"]);
+    assert_eq!(read_all(&beta, "s"), read_all(&alpha, "p"));
+    assert_eq!(catalog_record(&alpha, &certs, "s")["readiness"], "ready");
+    assert_eq!(slots_of(&alpha, &certs, "p"), 1);
 }

@@ -318,3 +318,76 @@ fn a_snap_whose_leader_died_after_recording_it_is_finished_by_the_next_leader_wi
         Some(1.0)
     );
 }
+
+#[test]
+fn a_volume_create_whose_leader_died_after_the_node_made_it_is_not_made_again_on_retry() {
+    let mut trio = Trio::start_at(RESULT_FAIL_POINT, "volume create");
+    let created = trio.command_killing_the_leader(&[
+        "volume", "create", "vol", "--node", STORAGE, "--size", "8MiB", "--json",
+    ]);
+    assert_eq!(created["name"], "vol", "{created}");
+    // The node made the volume once; the retry through the next leader was answered
+    // from the node's memory of the intent's id, not with "already exists".
+    let metrics = scrape(trio.storage());
+    assert_eq!(
+        series(
+            &metrics,
+            r#"tandem_node_calls_carried_out_total{call="volume create"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        series(
+            &metrics,
+            r#"tandem_node_calls_replayed_total{call="volume create"}"#
+        ),
+        Some(1.0)
+    );
+    let volume = trio.catalog_volume("vol");
+    assert_eq!(volume["state"], "ready", "{volume}");
+    fill(trio.storage(), "vol", 5);
+}
+
+#[test]
+fn a_volume_delete_whose_leader_died_after_recording_it_is_finished_by_the_next_leader_without_a_retry(
+) {
+    let mut trio = Trio::start_at(INTENT_FAIL_POINT, "volume delete");
+    trio.create_volumes(&["gone", "kept"]);
+    // The CLI gives up at once: nobody retries the delete.
+    let output = trio.storage().cli_env(
+        &trio.certs,
+        &["volume", "delete", "gone", "--json"],
+        "TANDEM_RETRY_SECONDS",
+        "0",
+    );
+    assert!(!output.status.success(), "the leader died mid-delete");
+    trio.wait_for_the_leader_to_die();
+    // The next leader's supervisor finds the recorded delete and finishes it on the node.
+    wait_until(30, "the delete to be finished", || {
+        let volumes = trio.cli_json(&["volume", "list", "--json"]);
+        let names: Vec<&str> = volumes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|volume| volume["name"].as_str())
+            .collect();
+        names == ["kept"]
+    });
+    let shown = trio
+        .storage()
+        .cli(&trio.certs, &["volume", "show", "gone", "--json"]);
+    assert!(!shown.status.success(), "the catalog forgot 'gone'");
+    let metrics = scrape(trio.storage());
+    assert_eq!(
+        series(
+            &metrics,
+            r#"tandem_node_calls_carried_out_total{call="volume delete"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    // The node no longer holds it: a new volume of the name is made afresh.
+    trio.create_volumes(&["gone"]);
+    assert_eq!(trio.catalog_volume("gone")["state"], "ready");
+}
