@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Builds the `tandem:local` image FROM scratch: the release binary plus the shared
 # libraries `ldd` names (glibc, libstdc++ for RocksDB), and empty /data, /certs and /tmp.
-# Usage: bash docker/build-image.sh
+# Usage: bash docker/build-image.sh          (TANDEM_BINARY=PATH to use a built binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/tandem-target}"
-cargo build --release -q -p tandem
-binary="$CARGO_TARGET_DIR/release/tandem"
+# TANDEM_BINARY: an already built binary to use instead (CI uses the one its tests
+# built, so the image costs no second build of the workspace).
+if [ -n "${TANDEM_BINARY:-}" ]; then
+  binary="$TANDEM_BINARY"
+else
+  cargo build --release -q -p tandem
+  binary="$CARGO_TARGET_DIR/release/tandem"
+fi
 rootfs=docker/rootfs
 rm -rf "$rootfs"
 mkdir -p "$rootfs/usr/local/bin" "$rootfs/data" "$rootfs/certs" "$rootfs/tmp"

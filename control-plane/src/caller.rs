@@ -51,9 +51,13 @@ impl Faults {
         }
     }
 
-    /// Whether calls from `peer` are to go unanswered.
+    /// Whether this call from `peer` is to go unanswered (every call under a drop rule,
+    /// a share of them under a loss rule).
     pub fn drops(&self, peer: &str) -> bool {
-        self.rules.read().get(peer).is_some_and(|rule| rule.drop)
+        self.rules
+            .read()
+            .get(peer)
+            .is_some_and(|rule| rule.drops_call(rand::random_range(0..100)))
     }
 }
 
@@ -62,7 +66,7 @@ impl Faults {
 /// delayed one waits before it is sent.
 async fn obey_faults(faults: &Faults, peer: &str, timeout: Duration) -> Result<(), String> {
     let rule = faults.rule(peer);
-    if rule.drop {
+    if rule.drops_call(rand::random_range(0..100)) {
         tokio::time::sleep(timeout).await;
         return Err(format!(
             "no answer within {} ms (calls to {peer} are dropped by fault injection)",

@@ -76,3 +76,51 @@ pub fn configure(name: &str, actions: &str) -> std::result::Result<(), String> {
 pub fn remove(name: &str) {
     fail::remove(name);
 }
+
+/// The deliberate bugs the chaos checkers are tested against (`chaos/`, `docs/CHAOS.md`):
+/// each breaks one promise a checker guards. They are compiled in only with the
+/// `failpoints` feature (test builds) and one is turned on for a whole node process by
+/// the environment variable `TANDEM_DELIBERATE_BUG=NAME`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliberateBug {
+    /// Host writes skip the write-ahead log and a FLUSH is acknowledged while they are
+    /// only in memory: a kill -9 loses flushed writes (the writes checker).
+    AckFlushBeforeSync,
+    /// A host write to an active clone's source goes ahead without copying the track's
+    /// point-in-time data first (the copies checker).
+    SkipCopyBeforeWrite,
+    /// Progress counts every copied track twice, as if each had been sent again, so the
+    /// percent passes 100 (the progress checker).
+    ProgressCountsResendTwice,
+}
+
+impl DeliberateBug {
+    pub const ALL: [DeliberateBug; 3] = [
+        DeliberateBug::AckFlushBeforeSync,
+        DeliberateBug::SkipCopyBeforeWrite,
+        DeliberateBug::ProgressCountsResendTwice,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeliberateBug::AckFlushBeforeSync => "ack-flush-before-sync",
+            DeliberateBug::SkipCopyBeforeWrite => "skip-copy-before-write",
+            DeliberateBug::ProgressCountsResendTwice => "progress-counts-resend-twice",
+        }
+    }
+}
+
+/// Whether this process runs with `bug` turned on (never without the `failpoints`
+/// feature).
+pub fn deliberate_bug(bug: DeliberateBug) -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let chosen = CHOSEN.get_or_init(|| std::env::var("TANDEM_DELIBERATE_BUG").ok());
+        if chosen.as_deref() == Some(bug.name()) {
+            return true;
+        }
+    }
+    let _ = bug;
+    false
+}

@@ -616,6 +616,16 @@ pub struct FaultRule {
     pub drop: bool,
     /// Delay every call to this peer by this long.
     pub delay_milliseconds: u64,
+    /// Drop this percent of the calls to and from this peer, each drawn on its own (a
+    /// lossy link rather than a cut one).
+    pub loss_percent: u8,
+}
+
+impl FaultRule {
+    /// Whether one call meets a drop, given a draw in `0..100` for the loss.
+    pub fn drops_call(&self, draw: u8) -> bool {
+        self.drop || draw < self.loss_percent
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

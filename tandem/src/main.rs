@@ -193,6 +193,9 @@ enum DebugCommand {
         /// Delay every call to the peer by this many milliseconds.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Drop this percent of the calls to and from the peer, each on its own.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        loss_percent: u8,
         #[command(flatten)]
         connection: Connection,
     },
@@ -452,11 +455,13 @@ async fn run(cli: Cli) -> Result<()> {
             peer,
             drop,
             delay_ms,
+            loss_percent,
             connection,
         }) => {
             let rule = FaultRule {
                 drop,
                 delay_milliseconds: delay_ms,
+                loss_percent,
             };
             call(
                 &connection,
@@ -469,7 +474,9 @@ async fn run(cli: Cli) -> Result<()> {
             if rule == FaultRule::default() {
                 println!("cleared faults towards {peer}");
             } else {
-                println!("faults towards {peer}: drop {drop}, delay {delay_ms} ms");
+                println!(
+                    "faults towards {peer}: drop {drop}, delay {delay_ms} ms, loss {loss_percent} %"
+                );
             }
             Ok(())
         }

@@ -152,6 +152,11 @@ pub struct ControlPlane {
     /// One lock per session (by target volume), so a command and the supervisor's
     /// reconciliation never act on one session at once.
     session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The highest percent this member showed of each session's copy, with the state it
+    /// was in: a later answer of the same copy never shows less (a catalog checkpoint
+    /// while the node does not answer, or the node's reading after it restarted).
+    shown_percent:
+        Mutex<HashMap<protocol::session::SessionId, (protocol::session::SessionState, f64)>>,
     /// When the supervisor last compared resting sessions with their nodes.
     resting_sessions_reconciled: Mutex<Option<Instant>>,
     /// Sessions whose node said it no longer has them, since when (see
@@ -229,6 +234,7 @@ impl ControlPlane {
             jobs_wakeup: Arc::new(tokio::sync::Notify::new()),
             job_watch: Mutex::new(HashMap::new()),
             session_locks: Mutex::new(HashMap::new()),
+            shown_percent: Mutex::new(HashMap::new()),
             resting_sessions_reconciled: Mutex::new(None),
             gone_sessions: Mutex::new(HashMap::new()),
             data_directory: data_directory.to_path_buf(),

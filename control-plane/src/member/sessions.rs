@@ -63,6 +63,9 @@ pub(super) fn session_response(info: Option<SessionInfo>) -> Response {
     Response::Cluster(ClusterResponse::Session(info.map(Box::new)))
 }
 
+/// Sessions whose highest shown percent a member remembers at most.
+const SHOWN_PERCENT_SESSIONS_MAX: usize = 4096;
+
 /// A session as the catalog last recorded it, with `error` saying why it is shown so.
 pub(super) fn checkpoint_info(entry: &SessionEntry, error: Option<String>) -> SessionInfo {
     let total = entry.tracks_copied + entry.tracks_remaining;
@@ -332,7 +335,7 @@ impl ControlPlane {
     /// A session as its node reports it now, or the catalog's checkpoint when the node
     /// does not answer.
     pub(super) async fn session_live(&self, entry: &SessionEntry) -> SessionInfo {
-        match self.node_session(entry).await {
+        let mut info = match self.node_session(entry).await {
             NodeSession::Live(info) => *info,
             NodeSession::Gone(reason) | NodeSession::Silent(reason) => checkpoint_info(
                 entry,
@@ -341,7 +344,31 @@ impl ControlPlane {
                     entry.node
                 )),
             ),
+        };
+        self.hold_shown_percent(&mut info);
+        info
+    }
+
+    /// Progress never goes back in what this member shows of one copy: a checkpoint is
+    /// older than the node's last reading, and a restarted node may read less than it
+    /// reported. Within one state of a session the percent shown is the highest shown so
+    /// far; it is 100 only when nothing remains. (A new leader starts without this
+    /// memory; it shows what the node or the catalog says.)
+    fn hold_shown_percent(&self, info: &mut SessionInfo) {
+        let mut shown = self.shown_percent.lock();
+        if shown.len() >= SHOWN_PERCENT_SESSIONS_MAX && !shown.contains_key(&info.id) {
+            // Ended sessions are not removed one by one; a full memory starts again.
+            shown.clear();
         }
+        match shown.get(&info.id) {
+            Some((state, percent))
+                if *state == info.state && *percent > info.percent && info.tracks_remaining > 0 =>
+            {
+                info.percent = percent.min(protocol::session::PERCENT_UNFINISHED_MAX);
+            }
+            _ => {}
+        }
+        shown.insert(info.id, (info.state, info.percent));
     }
 
     /// Every session of `kind` (or of every kind), as its node reports it now.

@@ -71,6 +71,19 @@ impl Progress {
     /// Reads the progress given the tracks still to copy now, and remembers the percent
     /// (and a total that host writes made grow) so that it never goes back.
     pub fn read(&mut self, tracks_remaining: u64) -> ProgressReading {
+        if crate::failpoints::deliberate_bug(
+            crate::failpoints::DeliberateBug::ProgressCountsResendTwice,
+        ) {
+            // The deliberate bug: every copied track counts twice, as if each had been
+            // sent again, so the percent passes 100 once half the copy is done.
+            let tracks_copied = self.tracks_total.saturating_sub(tracks_remaining);
+            return ProgressReading {
+                tracks_total: self.tracks_total,
+                tracks_copied,
+                tracks_remaining,
+                percent: (2 * tracks_copied) as f64 * 100.0 / self.tracks_total.max(1) as f64,
+            };
+        }
         self.tracks_total = self.tracks_total.max(tracks_remaining);
         let tracks_copied = self.tracks_total - tracks_remaining;
         let computed = copy_percent(tracks_copied, tracks_remaining);

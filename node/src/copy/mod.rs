@@ -678,6 +678,10 @@ impl<E: Engine> Sessions<E> {
                 match step {
                     SourceWriteStep::Nothing => {}
                     SourceWriteStep::Requeue => self.requeue(record, volume, &**target, track)?,
+                    SourceWriteStep::CopyFirst
+                        if crate::failpoints::deliberate_bug(
+                            crate::failpoints::DeliberateBug::SkipCopyBeforeWrite,
+                        ) => {}
                     SourceWriteStep::CopyFirst => {
                         if self.copy_clone_track(record, volume, &**target, track)? {
                             self.count_copied(record.id, 1);

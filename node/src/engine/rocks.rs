@@ -164,6 +164,13 @@ impl Engine for RocksEngine {
         }
         let mut write_options = WriteOptions::default();
         write_options.set_sync(durability == Durability::Synced);
+        if durability == Durability::Logged
+            && crate::failpoints::deliberate_bug(
+                crate::failpoints::DeliberateBug::AckFlushBeforeSync,
+            )
+        {
+            write_options.disable_wal(true);
+        }
         self.database
             .write_opt(write_batch, &write_options)
             .map_err(engine_error)

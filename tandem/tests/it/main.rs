@@ -1,5 +1,6 @@
 //! Integration tests of the `tandem` binary, one test binary (see DEVELOPERS.md).
 
+mod chaos_harness;
 mod cli;
 mod cluster;
 mod common;

@@ -1,0 +1,573 @@
+//! The cluster as `tandem node` processes on loopback: kill -9 and SIGSTOP/SIGCONT of
+//! real processes, partitions, delays and loss through each node's own fault injection on
+//! every node-to-node call (the kernel here has no netem). Every node keeps its QUIC and
+//! NBD ports across restarts, so members, hosts and the run find it again.
+
+use crate::client::node_call;
+use crate::cluster::{Cluster, NodeSpec};
+use crate::Error;
+use protocol::cluster::FaultRule;
+use protocol::messages::Request;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a started cluster may take until every node is registered and up.
+pub const CLUSTER_READY_SECONDS: u64 = 60;
+
+/// A free loopback port of `kind` (bound, read, released).
+pub fn free_port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|socket| socket.local_addr())
+            .map(|address| address.port())
+            .unwrap_or(0)
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|address| address.port())
+            .unwrap_or(0)
+    }
+}
+
+/// Polls `condition` every 100 ms until it holds or `seconds` pass; whether it held.
+pub fn wait_until(seconds: u64, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One `tandem node` process: killed with SIGKILL when dropped.
+pub struct NodeProcess {
+    pub child: Child,
+    pub quic: SocketAddr,
+    pub nbd: SocketAddr,
+    pub metrics: u16,
+}
+
+/// How to start one node process.
+#[derive(Debug, Clone)]
+pub struct NodeLaunch {
+    pub tandem: PathBuf,
+    pub certs: PathBuf,
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// 0: any port (only for a node that is never restarted).
+    pub quic_port: u16,
+    pub nbd_port: u16,
+    pub metrics_port: Option<u16>,
+    pub extra: Vec<String>,
+    pub environment: Vec<(String, String)>,
+    /// Appends the node's log (its standard error) to this file; none: discarded.
+    pub log: Option<PathBuf>,
+}
+
+impl NodeLaunch {
+    pub fn new(tandem: &Path, certs: &Path, name: &str, data_dir: &Path) -> NodeLaunch {
+        NodeLaunch {
+            tandem: tandem.to_path_buf(),
+            certs: certs.to_path_buf(),
+            name: name.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            quic_port: 0,
+            nbd_port: 0,
+            metrics_port: None,
+            extra: Vec::new(),
+            environment: Vec::new(),
+            log: None,
+        }
+    }
+
+    /// Starts the process and waits for its "serving" line.
+    pub fn start(&self) -> Result<NodeProcess, Error> {
+        let failed = |detail: String| Error::Start {
+            node: self.name.clone(),
+            detail,
+        };
+        let config = self.certs.join(format!("{}.toml", self.name));
+        let metrics = self.metrics_port.unwrap_or_else(|| free_port(false));
+        let mut command = Command::new(&self.tandem);
+        command.args([
+            "node",
+            "--config",
+            &config.to_string_lossy(),
+            "--listen",
+            &format!("127.0.0.1:{}", self.quic_port),
+            "--nbd",
+            &format!("127.0.0.1:{}", self.nbd_port),
+            "--data-dir",
+            &self.data_dir.to_string_lossy(),
+            "--metrics",
+            &format!("127.0.0.1:{metrics}"),
+        ]);
+        command.args(&self.extra);
+        command.envs(self.environment.iter().map(|(key, value)| (key, value)));
+        let stderr = match &self.log {
+            Some(path) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?
+                .into(),
+            None => Stdio::null(),
+        };
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|error| failed(format!("cannot run {}: {error}", self.tandem.display())))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        // "node NAME serving: quic ADDRESS nbd ADDRESS"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.len() != 7 || words[2] != "serving:" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed(format!("unexpected first line {line:?}")));
+        }
+        let parse = |word: &str| {
+            word.parse::<SocketAddr>()
+                .map_err(|error| failed(format!("bad address {word}: {error}")))
+        };
+        Ok(NodeProcess {
+            quic: parse(words[4])?,
+            nbd: parse(words[6])?,
+            metrics,
+            child,
+        })
+    }
+}
+
+impl NodeProcess {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with the pid of a child this process started and has not waited
+        // for, so the pid still names that child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, signal);
+        }
+    }
+
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// A counter of this process from its Prometheus endpoint: the sum over its label
+    /// sets, 0 before it was first incremented.
+    pub fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.metrics)) else {
+            return 0.0;
+        };
+        let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let mut body = String::new();
+        let _ = stream.read_to_string(&mut body);
+        body.lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}
+
+/// Runs `tandem init` into `directory/certs` for `nodes`; the certificates directory.
+pub fn init(tandem: &Path, directory: &Path, nodes: &[&str]) -> Result<PathBuf, Error> {
+    let certs = directory.join("certs");
+    let output = Command::new(tandem)
+        .args([
+            "init",
+            "--dir",
+            &certs.to_string_lossy(),
+            "--nodes",
+            &nodes.join(","),
+        ])
+        .output()?;
+    if !output.status.success() {
+        return Err(Error::Command {
+            command: "tandem init".into(),
+            detail: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Runs one CLI command against `endpoint`, waiting for it (the set-up's commands).
+pub fn cli(
+    tandem: &Path,
+    certs: &Path,
+    endpoint: SocketAddr,
+    arguments: &[&str],
+) -> Result<String, Error> {
+    let output = Command::new(tandem)
+        .args(arguments)
+        .env("TANDEM_ENDPOINT", endpoint.to_string())
+        .env("TANDEM_CERTS", certs)
+        .output()?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(Error::Command {
+            command: format!("tandem {}", arguments.join(" ")),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// The health `tandem status --json` reports for a node, if it lists it.
+pub fn node_health(status: &serde_json::Value, name: &str) -> Option<String> {
+    status["sites"].as_object()?.values().find_map(|nodes| {
+        nodes.as_array()?.iter().find_map(|node| {
+            (node["name"] == name).then(|| node["health"].as_str().unwrap_or_default().to_string())
+        })
+    })
+}
+
+struct Member {
+    spec: NodeSpec,
+    launch: NodeLaunch,
+    process: Option<NodeProcess>,
+    paused: bool,
+}
+
+/// The processes backend: `site-a` with three members that are also nodes, `site-b`
+/// with plain nodes, all on loopback, in a directory removed when the cluster is dropped
+/// (kept with `keep`).
+pub struct ProcessCluster {
+    nodes: Vec<NodeSpec>,
+    members: Vec<Member>,
+    certs: PathBuf,
+    directory: tempfile::TempDir,
+    /// The fault rules set now, by (node, peer): set again on a node that restarts, since
+    /// a node keeps its rules in memory.
+    rules: HashMap<(String, String), FaultRule>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ProcessCluster {
+    /// Starts `site_a_members` members at site-a (a1, a2, …) and `site_b_nodes` nodes at
+    /// site-b (b1, …), makes the members one control plane and waits until every node is
+    /// up. `environment` goes to every node process (`FAILPOINTS`, for one).
+    pub fn start(
+        tandem: &Path,
+        site_a_members: usize,
+        site_b_nodes: usize,
+        environment: &[(String, String)],
+    ) -> Result<ProcessCluster, Error> {
+        let directory = tempfile::Builder::new().prefix("tandem-chaos-").tempdir()?;
+        let mut names: Vec<String> = (1..=site_a_members)
+            .map(|index| format!("a{index}"))
+            .collect();
+        names.extend((1..=site_b_nodes).map(|index| format!("b{index}")));
+        let name_list: Vec<&str> = names.iter().map(String::as_str).collect();
+        let certs = init(tandem, directory.path(), &name_list)?;
+        let quic_ports: Vec<u16> = names.iter().map(|_| free_port(true)).collect();
+        let member_addresses: Vec<String> = quic_ports[..site_a_members]
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let mut members = Vec::new();
+        for (index, name) in names.iter().enumerate() {
+            let member = index < site_a_members;
+            let site = if member { "site-a" } else { "site-b" };
+            let mut launch = NodeLaunch::new(tandem, &certs, name, &directory.path().join(name));
+            launch.quic_port = quic_ports[index];
+            launch.nbd_port = free_port(false);
+            launch.log = Some(directory.path().join(format!("{name}.log")));
+            launch.environment = environment.to_vec();
+            launch.extra = vec!["--site".into(), site.into(), "--fault-injection".into()];
+            if member {
+                launch.extra.push("--control-plane".into());
+            }
+            if index > 0 {
+                launch.extra.push("--members".into());
+                launch.extra.push(member_addresses.join(","));
+            }
+            members.push(Member {
+                spec: NodeSpec {
+                    name: name.clone(),
+                    site: site.into(),
+                    member,
+                },
+                launch,
+                process: None,
+                paused: false,
+            });
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut cluster = ProcessCluster {
+            nodes: members.iter().map(|member| member.spec.clone()).collect(),
+            members,
+            certs,
+            directory,
+            rules: HashMap::new(),
+            runtime,
+        };
+        cluster.members[0].process = Some(cluster.members[0].launch.start()?);
+        let first = cluster.endpoint(&names[0])?;
+        cli(tandem, &cluster.certs, first, &["cluster", "init"])?;
+        for index in 1..cluster.members.len() {
+            cluster.members[index].process = Some(cluster.members[index].launch.start()?);
+        }
+        for name in &names[1..site_a_members] {
+            cli(
+                tandem,
+                &cluster.certs,
+                first,
+                &["cluster", "add-member", name],
+            )?;
+        }
+        cluster.wait_all_up(CLUSTER_READY_SECONDS)?;
+        Ok(cluster)
+    }
+
+    fn member(&self, node: &str) -> Result<&Member, Error> {
+        self.members
+            .iter()
+            .find(|member| member.spec.name == node)
+            .ok_or_else(|| Error::UnknownNode { node: node.into() })
+    }
+
+    fn member_mut(&mut self, node: &str) -> Result<&mut Member, Error> {
+        self.members
+            .iter_mut()
+            .find(|member| member.spec.name == node)
+            .ok_or_else(|| Error::UnknownNode { node: node.into() })
+    }
+
+    /// The node process, while it runs.
+    pub fn process(&self, node: &str) -> Option<&NodeProcess> {
+        self.member(node).ok()?.process.as_ref()
+    }
+
+    pub fn tandem(&self) -> &Path {
+        &self.members[0].launch.tandem
+    }
+
+    pub fn directory(&self) -> &Path {
+        self.directory.path()
+    }
+
+    /// Waits until `tandem status` lists every node up.
+    pub fn wait_all_up(&self, seconds: u64) -> Result<(), Error> {
+        let names: Vec<String> = self.nodes.iter().map(|node| node.name.clone()).collect();
+        let mut last = String::new();
+        let up = wait_until(seconds, || {
+            let Some(endpoint) = self
+                .members
+                .iter()
+                .filter(|member| member.spec.member && member.process.is_some() && !member.paused)
+                .find_map(|member| member.process.as_ref().map(|process| process.quic))
+            else {
+                return false;
+            };
+            match cli(self.tandem(), &self.certs, endpoint, &["status", "--json"]) {
+                Ok(output) => {
+                    let status: serde_json::Value =
+                        serde_json::from_str(&output).unwrap_or_default();
+                    let down: Vec<&String> = names
+                        .iter()
+                        .filter(|name| node_health(&status, name).as_deref() != Some("up"))
+                        .collect();
+                    last = format!("not up: {down:?}");
+                    down.is_empty()
+                }
+                Err(error) => {
+                    last = error.to_string();
+                    false
+                }
+            }
+        });
+        if up {
+            Ok(())
+        } else {
+            Err(Error::NotReady { detail: last })
+        }
+    }
+
+    fn set_rule(&mut self, node: &str, peer: &str, rule: FaultRule) -> Result<(), Error> {
+        let key = (node.to_string(), peer.to_string());
+        if rule == FaultRule::default() {
+            self.rules.remove(&key);
+        } else {
+            self.rules.insert(key, rule.clone());
+        }
+        if !self.answering(node) {
+            // Set when the node restarts or resumes.
+            return Ok(());
+        }
+        let address = self.endpoint(node)?;
+        let request = Request::SetFault {
+            peer: peer.to_string(),
+            rule,
+        };
+        self.runtime
+            .block_on(node_call(&self.certs, node, address, request))
+            .map(|_| ())
+    }
+
+    /// Sets every rule recorded for `node` again (after it restarted).
+    fn reapply_rules(&mut self, node: &str) -> Result<(), Error> {
+        let rules: Vec<(String, FaultRule)> = self
+            .rules
+            .iter()
+            .filter(|((owner, _), _)| owner == node)
+            .map(|((_, peer), rule)| (peer.clone(), rule.clone()))
+            .collect();
+        for (peer, rule) in rules {
+            self.set_rule(node, &peer, rule)?;
+        }
+        Ok(())
+    }
+
+    fn rule_both_ways(
+        &mut self,
+        node: &str,
+        peers: &[String],
+        rule: FaultRule,
+    ) -> Result<(), Error> {
+        for peer in peers {
+            self.set_rule(node, peer, rule.clone())?;
+            self.set_rule(peer, node, rule.clone())?;
+        }
+        Ok(())
+    }
+}
+
+impl Cluster for ProcessCluster {
+    fn nodes(&self) -> &[NodeSpec] {
+        &self.nodes
+    }
+
+    fn certs(&self) -> &Path {
+        &self.certs
+    }
+
+    fn endpoint(&self, node: &str) -> Result<SocketAddr, Error> {
+        let member = self.member(node)?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], member.launch.quic_port)))
+    }
+
+    fn nbd(&self, node: &str) -> Result<SocketAddr, Error> {
+        let member = self.member(node)?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], member.launch.nbd_port)))
+    }
+
+    fn kill(&mut self, node: &str) -> Result<(), Error> {
+        let member = self.member_mut(node)?;
+        if let Some(mut process) = member.process.take() {
+            process.kill();
+        }
+        member.paused = false;
+        Ok(())
+    }
+
+    fn restart(&mut self, node: &str) -> Result<(), Error> {
+        let member = self.member_mut(node)?;
+        if member.process.is_none() {
+            member.process = Some(member.launch.start()?);
+            self.reapply_rules(node)?;
+        }
+        Ok(())
+    }
+
+    fn pause(&mut self, node: &str) -> Result<(), Error> {
+        let member = self.member_mut(node)?;
+        if let Some(process) = &member.process {
+            process.pause();
+            member.paused = true;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self, node: &str) -> Result<(), Error> {
+        let member = self.member_mut(node)?;
+        let was_paused = member.paused;
+        if let Some(process) = &member.process {
+            process.resume();
+        }
+        member.paused = false;
+        if was_paused {
+            self.reapply_rules(node)?;
+        }
+        Ok(())
+    }
+
+    fn partition(&mut self, node: &str, peers: &[String]) -> Result<(), Error> {
+        let rule = FaultRule {
+            drop: true,
+            ..FaultRule::default()
+        };
+        self.rule_both_ways(node, peers, rule)
+    }
+
+    fn reconnect(&mut self, node: &str, peers: &[String]) -> Result<(), Error> {
+        self.rule_both_ways(node, peers, FaultRule::default())
+    }
+
+    fn degrade(
+        &mut self,
+        node: &str,
+        peers: &[String],
+        delay_milliseconds: u64,
+        loss_percent: u8,
+    ) -> Result<(), Error> {
+        let rule = FaultRule {
+            drop: false,
+            delay_milliseconds,
+            loss_percent,
+        };
+        self.rule_both_ways(node, peers, rule)
+    }
+
+    fn heal(&mut self) -> Result<(), Error> {
+        let names: Vec<String> = self.nodes.iter().map(|node| node.name.clone()).collect();
+        for name in &names {
+            self.resume(name)?;
+            self.restart(name)?;
+        }
+        let rules: Vec<(String, String)> = self.rules.keys().cloned().collect();
+        for (node, peer) in rules {
+            self.set_rule(&node, &peer, FaultRule::default())?;
+        }
+        Ok(())
+    }
+
+    fn answering(&self, node: &str) -> bool {
+        self.member(node)
+            .is_ok_and(|member| member.process.is_some() && !member.paused)
+    }
+
+    fn keep_files(&mut self) -> Option<PathBuf> {
+        self.directory.disable_cleanup(true);
+        Some(self.directory.path().to_path_buf())
+    }
+}
