@@ -462,6 +462,8 @@ impl Catalog {
                 track_size_bytes,
             } => self.volume_create_begin(name, node, *size_bytes, *track_size_bytes),
             Command::VolumeCreateFinish { name } => {
+                // An open intent owns its volume: only its finish changes it.
+                self.refuse_intent_on(name)?;
                 let volume = self.volume_mut(name)?;
                 match volume.state {
                     // Finishing twice is harmless: the CLI path and the reconciler may race.
@@ -491,6 +493,7 @@ impl Catalog {
                 self.volume_delete_begin(name)
             }
             Command::VolumeDeleteFinish { name } => {
+                self.refuse_intent_on(name)?;
                 let volume = self.volume_mut(name)?;
                 if volume.state != VolumeState::Deleting {
                     return Err(illegal(volume, "removed without a delete"));
