@@ -170,23 +170,9 @@ impl NodeProcess {
         self.signal(libc::SIGCONT);
     }
 
-    /// A counter of this process from its Prometheus endpoint: the sum over its label
-    /// sets, 0 before it was first incremented.
+    /// A counter of this process from its Prometheus endpoint (see [`counter`]).
     pub fn metric(&self, name: &str) -> f64 {
-        use std::io::{Read, Write};
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.metrics)) else {
-            return 0.0;
-        };
-        let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        let mut body = String::new();
-        let _ = stream.read_to_string(&mut body);
-        body.lines()
-            .filter(|line| {
-                line.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        counter(self.metrics, name)
     }
 }
 
@@ -195,6 +181,25 @@ impl Drop for NodeProcess {
         self.resume();
         self.kill();
     }
+}
+
+/// A counter from the Prometheus endpoint on loopback port `port`: the sum over its
+/// label sets, 0 before it was first incremented or when nothing answers.
+pub fn counter(port: u16, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0.0;
+    };
+    let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Runs `tandem init` into `directory/certs` for `nodes`; the certificates directory.

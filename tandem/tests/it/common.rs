@@ -221,20 +221,7 @@ impl NodeProcess {
     /// A counter of this process from its Prometheus endpoint: the sum over its label
     /// sets, 0 before it was first incremented.
     pub fn metric(&self, name: &str) -> f64 {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).unwrap();
-        body.lines()
-            .filter(|line| {
-                line.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        chaos::processes::counter(self.metrics, name)
     }
 
     pub fn kill(&mut self) {
@@ -280,11 +267,4 @@ impl Drop for NodeProcess {
     }
 }
 
-/// The health `tandem status --json` reports for a node, if it lists it.
-pub fn node_health(status: &serde_json::Value, name: &str) -> Option<String> {
-    status["sites"].as_object()?.values().find_map(|nodes| {
-        nodes.as_array()?.iter().find_map(|node| {
-            (node["name"] == name).then(|| node["health"].as_str().unwrap_or_default().to_string())
-        })
-    })
-}
+pub use chaos::processes::node_health;
