@@ -389,6 +389,9 @@ mod tests {
     use crate::history::{spans, History};
 
     fn write(history: &History, write_id: u64, first_block: u64, outcome: Outcome) {
+        // Writes within one microsecond count as concurrent (the clock cannot order
+        // them), so each scenario write starts strictly after the one before ended.
+        std::thread::sleep(std::time::Duration::from_millis(1));
         let id = history.invoke(
             "writer",
             Operation::Write {
