@@ -6,6 +6,7 @@
 use crate::history::{History, Operation, Outcome};
 use crate::Error;
 use protocol::messages::{Request, Response};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -81,34 +82,92 @@ impl Cli {
     }
 }
 
-/// Sends one request to the node at `address` with the admin certificate.
-pub async fn node_call(
-    certs: &Path,
-    node: &str,
-    address: SocketAddr,
-    request: Request,
-) -> Result<Response, Error> {
-    let failed = |detail: String| Error::Call {
-        node: node.to_string(),
-        detail,
-    };
-    let call = async {
-        let identity = protocol::pki::Identity::load(certs, protocol::pki::ADMIN_NAME)
-            .map_err(|error| failed(error.to_string()))?;
-        let endpoint = protocol::transport::client_endpoint(&identity)
-            .map_err(|error| failed(error.to_string()))?;
-        let connection = protocol::transport::connect(&endpoint, address)
-            .await
-            .map_err(|error| failed(error.to_string()))?;
-        let response: Result<Response, _> = protocol::transport::call(&connection, &request).await;
-        connection.close(0u32.into(), b"done");
-        endpoint.wait_idle().await;
-        match response.map_err(|error| failed(error.to_string()))? {
-            Response::Error { code, message } => Err(failed(format!("{message} [{code}]"))),
-            response => Ok(response),
+/// Direct admin calls to nodes, with the admin certificate, over one client endpoint and
+/// one connection per node kept open between calls: a new endpoint, certificate load and
+/// handshake (and the close's drain) per call took longer than the call, and a round
+/// makes dozens (fault rules both ways, every node's volume list twice).
+///
+/// A connection is bound to the runtime that made it, so each runtime has its own caller.
+pub struct NodeCaller {
+    certs: PathBuf,
+    endpoint: Option<quinn::Endpoint>,
+    connections: HashMap<SocketAddr, quinn::Connection>,
+}
+
+impl NodeCaller {
+    pub fn new(certs: &Path) -> NodeCaller {
+        NodeCaller {
+            certs: certs.to_path_buf(),
+            endpoint: None,
+            connections: HashMap::new(),
         }
-    };
-    tokio::time::timeout(Duration::from_secs(NODE_CALL_TIMEOUT_SECONDS), call)
-        .await
-        .map_err(|_| failed(format!("no answer within {NODE_CALL_TIMEOUT_SECONDS} s")))?
+    }
+
+    /// Sends `request` to the node at `address`. A kept connection that fails (its node
+    /// restarted) is dropped and the call made once more on a new one.
+    pub async fn call(
+        &mut self,
+        node: &str,
+        address: SocketAddr,
+        request: Request,
+    ) -> Result<Response, Error> {
+        let failed = |detail: String| Error::Call {
+            node: node.to_string(),
+            detail,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(NODE_CALL_TIMEOUT_SECONDS);
+        let timed_out = || failed(format!("no answer within {NODE_CALL_TIMEOUT_SECONDS} s"));
+        let kept = self
+            .connections
+            .get(&address)
+            .filter(|connection| connection.close_reason().is_none())
+            .cloned();
+        let mut last = None;
+        for connection in kept.into_iter().map(Some).chain(std::iter::once(None)) {
+            let connection = match connection {
+                Some(connection) => connection,
+                None => {
+                    let connecting = self.connect(address);
+                    match tokio::time::timeout_at(deadline, connecting).await {
+                        Ok(Ok(connection)) => connection,
+                        Ok(Err(detail)) => return Err(failed(detail)),
+                        Err(_) => return Err(timed_out()),
+                    }
+                }
+            };
+            let call = protocol::transport::call::<Request, Response>(&connection, &request);
+            match tokio::time::timeout_at(deadline, call).await {
+                Err(_) => {
+                    self.connections.remove(&address);
+                    return Err(timed_out());
+                }
+                Ok(Err(error)) => {
+                    self.connections.remove(&address);
+                    last = Some(error.to_string());
+                }
+                Ok(Ok(Response::Error { code, message })) => {
+                    return Err(failed(format!("{message} [{code}]")))
+                }
+                Ok(Ok(response)) => return Ok(response),
+            }
+        }
+        Err(failed(last.unwrap_or_default()))
+    }
+
+    async fn connect(&mut self, address: SocketAddr) -> Result<quinn::Connection, String> {
+        if self.endpoint.is_none() {
+            let identity = protocol::pki::Identity::load(&self.certs, protocol::pki::ADMIN_NAME)
+                .map_err(|error| error.to_string())?;
+            self.endpoint = Some(
+                protocol::transport::client_endpoint(&identity)
+                    .map_err(|error| error.to_string())?,
+            );
+        }
+        let endpoint = self.endpoint.as_ref().expect("made above");
+        let connection = protocol::transport::connect(endpoint, address)
+            .await
+            .map_err(|error| error.to_string())?;
+        self.connections.insert(address, connection.clone());
+        Ok(connection)
+    }
 }

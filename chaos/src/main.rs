@@ -33,11 +33,14 @@ struct Arguments {
     #[arg(long, default_value_t = 0)]
     first_round: u64,
     /// How long each round's faults last, in milliseconds.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = ROUND_MILLISECONDS_DEFAULT)]
     round_milliseconds: u64,
     /// Fault kinds to draw from, comma separated (default: every kind the backend has).
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
+    /// Copy kinds to draw from, comma separated (default: every kind).
+    #[arg(long, value_delimiter = ',')]
+    copies: Vec<String>,
     /// Where the history of a failing run is written (JSON lines).
     #[arg(long, default_value = "chaos-history.jsonl")]
     history: PathBuf,
@@ -51,6 +54,8 @@ struct Arguments {
     #[arg(long)]
     verbose: bool,
 }
+
+const ROUND_MILLISECONDS_DEFAULT: u64 = 3000;
 
 fn main() -> Result<()> {
     let arguments = Arguments::parse();
@@ -91,20 +96,45 @@ fn main() -> Result<()> {
         }
         kinds
     };
+    let mut copies = Vec::new();
+    for name in &arguments.copies {
+        let Some(kind) = CopyKind::ALL.into_iter().find(|kind| kind.name() == name) else {
+            let known: Vec<&str> = CopyKind::ALL.iter().map(|kind| kind.name()).collect();
+            bail!("unknown copy kind {name:?}; known: {}", known.join(", "));
+        };
+        copies.push(kind);
+    }
+    if copies.is_empty() {
+        copies = CopyKind::ALL.to_vec();
+    }
+    // A replay draws from the same kinds, or its plans differ.
+    let mut choices = String::new();
+    if !arguments.faults.is_empty() {
+        choices.push_str(&format!(" --faults {}", arguments.faults.join(",")));
+    }
+    if !arguments.copies.is_empty() {
+        choices.push_str(&format!(" --copies {}", arguments.copies.join(",")));
+    }
+    if arguments.round_milliseconds != ROUND_MILLISECONDS_DEFAULT {
+        choices.push_str(&format!(
+            " --round-milliseconds {}",
+            arguments.round_milliseconds
+        ));
+    }
     let config = RunConfig {
         seed,
         rounds: arguments.rounds,
         first_round: arguments.first_round,
         schedule: ScheduleConfig {
             kinds,
-            copies: CopyKind::ALL.to_vec(),
+            copies,
             round_milliseconds: arguments.round_milliseconds,
             ..ScheduleConfig::default()
         },
         ..RunConfig::default()
     };
     println!(
-        "chaos: seed {seed} on {} (replay: tandem-chaos --backend {} --seed {seed} --rounds {} --first-round {})",
+        "chaos: seed {seed} on {} (replay: tandem-chaos --backend {} --seed {seed} --rounds {} --first-round {}{choices})",
         backend_name(arguments.backend),
         backend_name(arguments.backend),
         arguments.rounds,
@@ -122,6 +152,7 @@ fn main() -> Result<()> {
     runner.history_path = Some(arguments.history.clone());
     let summary = runner.run()?.clone();
     println!("{summary}; {} s", started.elapsed().as_secs());
+    println!("chaos: time per round: {}", summary.phases());
     if arguments.keep && summary.failures() == 0 {
         if let Some(kept) = runner.cluster().keep_files() {
             println!("chaos: the cluster's files are kept in {}", kept.display());

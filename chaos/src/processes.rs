@@ -3,7 +3,7 @@
 //! every node-to-node call (the kernel here has no netem). Every node keeps its QUIC and
 //! NBD ports across restarts, so members, hosts and the run find it again.
 
-use crate::client::node_call;
+use crate::client::NodeCaller;
 use crate::cluster::{Cluster, NodeSpec};
 use crate::Error;
 use protocol::cluster::FaultRule;
@@ -67,7 +67,11 @@ pub struct NodeLaunch {
     pub nbd_port: u16,
     pub metrics_port: Option<u16>,
     pub extra: Vec<String>,
+    /// Arguments before the `node` subcommand (global flags such as the log format).
+    pub global: Vec<String>,
     pub environment: Vec<(String, String)>,
+    /// Variables taken out of the node's environment (`RUST_LOG`, for one).
+    pub environment_removed: Vec<String>,
     /// Appends the node's log (its standard error) to this file; none: discarded.
     pub log: Option<PathBuf>,
 }
@@ -83,7 +87,9 @@ impl NodeLaunch {
             nbd_port: 0,
             metrics_port: None,
             extra: Vec::new(),
+            global: Vec::new(),
             environment: Vec::new(),
+            environment_removed: Vec::new(),
             log: None,
         }
     }
@@ -97,6 +103,7 @@ impl NodeLaunch {
         let config = self.certs.join(format!("{}.toml", self.name));
         let metrics = self.metrics_port.unwrap_or_else(|| free_port(false));
         let mut command = Command::new(&self.tandem);
+        command.args(&self.global);
         command.args([
             "node",
             "--config",
@@ -111,6 +118,9 @@ impl NodeLaunch {
             &format!("127.0.0.1:{metrics}"),
         ]);
         command.args(&self.extra);
+        for variable in &self.environment_removed {
+            command.env_remove(variable);
+        }
         command.envs(self.environment.iter().map(|(key, value)| (key, value)));
         let stderr = match &self.log {
             Some(path) => std::fs::OpenOptions::new()
@@ -273,6 +283,7 @@ pub struct ProcessCluster {
     /// a node keeps its rules in memory.
     rules: HashMap<(String, String), FaultRule>,
     runtime: tokio::runtime::Runtime,
+    caller: NodeCaller,
 }
 
 impl ProcessCluster {
@@ -310,10 +321,11 @@ impl ProcessCluster {
             if member {
                 launch.extra.push("--control-plane".into());
             }
-            if index > 0 {
-                launch.extra.push("--members".into());
-                launch.extra.push(member_addresses.join(","));
-            }
+            // Every node, the first member too: without the flag a node takes the
+            // members `tandem init` wrote into its config (the default ports 7100-7102),
+            // and once another member leads it forwards requests and heartbeats there.
+            launch.extra.push("--members".into());
+            launch.extra.push(member_addresses.join(","));
             members.push(Member {
                 spec: NodeSpec {
                     name: name.clone(),
@@ -331,10 +343,11 @@ impl ProcessCluster {
         let mut cluster = ProcessCluster {
             nodes: members.iter().map(|member| member.spec.clone()).collect(),
             members,
-            certs,
+            certs: certs.clone(),
             directory,
             rules: HashMap::new(),
             runtime,
+            caller: NodeCaller::new(&certs),
         };
         cluster.members[0].process = Some(cluster.members[0].launch.start()?);
         let first = cluster.endpoint(&names[0])?;
@@ -435,7 +448,7 @@ impl ProcessCluster {
             rule,
         };
         self.runtime
-            .block_on(node_call(&self.certs, node, address, request))
+            .block_on(self.caller.call(node, address, request))
             .map(|_| ())
     }
 

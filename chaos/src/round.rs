@@ -5,11 +5,11 @@
 //! cluster (which the catalog checker confirms).
 
 use crate::check::{self, CatalogVolume, Checker, Finding, NodeVolume, VolumeWrites};
-use crate::client::{node_call, Cli};
+use crate::client::{Cli, NodeCaller};
 use crate::cluster::Cluster;
 use crate::history::{spans, History, Operation, Outcome};
 use crate::schedule::{self, CopyKind, Fault, FaultKind, RoundPlan, ScheduleConfig};
-use crate::workload::{poll_progress, read_volume, Watched, Writer};
+use crate::workload::{fill_volume, poll_progress, read_volume, Watched, Writer};
 use crate::Error;
 use protocol::messages::{Request, Response};
 use std::collections::{BTreeMap, HashMap};
@@ -68,6 +68,8 @@ pub struct Summary {
     pub progress_readings: u64,
     /// Every finding, with the round it came from.
     pub findings: Vec<(u64, Finding)>,
+    /// Seconds spent in each phase of the rounds, to see where a run's time goes.
+    pub phase_seconds: BTreeMap<&'static str, f64>,
 }
 
 impl Summary {
@@ -81,6 +83,16 @@ impl Summary {
     /// Every finding, of every checker: a run with any fails.
     pub fn failures(&self) -> usize {
         self.findings.len()
+    }
+
+    /// Where the time went, per round: "setup 0.4 s, faults 3.0 s, ...".
+    pub fn phases(&self) -> String {
+        let rounds = self.rounds.max(1) as f64;
+        self.phase_seconds
+            .iter()
+            .map(|(phase, seconds)| format!("{phase} {:.1} s", seconds / rounds))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -141,6 +153,8 @@ pub struct Runner {
     cli: Cli,
     history: History,
     runtime: tokio::runtime::Runtime,
+    /// Direct calls to the nodes, on `runtime`.
+    caller: NodeCaller,
     config: RunConfig,
     pub summary: Summary,
     /// Where a failing run's history is written.
@@ -167,6 +181,7 @@ impl Runner {
             .enable_all()
             .build()?;
         Ok(Runner {
+            caller: NodeCaller::new(cluster.certs()),
             cluster,
             cli,
             history,
@@ -218,6 +233,12 @@ impl Runner {
         Ok(&self.summary)
     }
 
+    /// Adds the time since `since` to `phase` and restarts the clock.
+    fn phase_done(&mut self, phase: &'static str, since: &mut Instant) {
+        *self.summary.phase_seconds.entry(phase).or_default() += since.elapsed().as_secs_f64();
+        *since = Instant::now();
+    }
+
     fn find(&mut self, round: u64, checker: Checker, message: String) {
         self.summary
             .findings
@@ -249,6 +270,31 @@ impl Runner {
     fn command(&self, arguments: &[&str]) -> Result<String, String> {
         let endpoint = self.member_endpoints()[0];
         self.runtime.block_on(self.cli.run(endpoint, arguments))
+    }
+
+    /// Runs independent commands at once (each is its own process and connection, so a
+    /// round's set-up takes one command's time instead of several).
+    fn commands(&self, commands: &[Vec<&str>]) -> Vec<Result<String, String>> {
+        let endpoint = self.member_endpoints()[0];
+        let tasks: Vec<_> = commands
+            .iter()
+            .map(|arguments| {
+                let cli = self.cli.clone();
+                let arguments: Vec<String> = arguments.iter().map(|a| a.to_string()).collect();
+                self.runtime.spawn(async move {
+                    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+                    cli.run(endpoint, &arguments).await
+                })
+            })
+            .collect();
+        tasks
+            .into_iter()
+            .map(|task| {
+                self.runtime
+                    .block_on(task)
+                    .unwrap_or_else(|error| Err(format!("the command's task failed: {error}")))
+            })
+            .collect()
     }
 
     fn json(&self, arguments: &[&str]) -> Result<serde_json::Value, String> {
@@ -325,6 +371,17 @@ impl Runner {
     }
 
     fn start_fault(&mut self, fault: &Fault, source: &str, target: &str) -> Healing {
+        let started = Instant::now();
+        let healing = self.inject(fault, source, target);
+        *self
+            .summary
+            .phase_seconds
+            .entry("(of which injecting)")
+            .or_default() += started.elapsed().as_secs_f64();
+        healing
+    }
+
+    fn inject(&mut self, fault: &Fault, source: &str, target: &str) -> Healing {
         let all = self.names_where(|_| true);
         let pick =
             |candidates: &[String]| candidates[fault.pick as usize % candidates.len()].clone();
@@ -408,7 +465,13 @@ impl Runner {
                 Ok((vec![node.clone()], Healing::Reconnect(vec![(node, peers)])))
             }
             FaultKind::DelayCalls | FaultKind::LoseCalls => {
-                let node = pick(&all);
+                // On the copy's own nodes (every call of the node, Raft's too): a node the
+                // round's copy does not touch would leave its copy path untested.
+                let mut copy_nodes = vec![source.to_string()];
+                if target != source {
+                    copy_nodes.push(target.to_string());
+                }
+                let node = pick(&copy_nodes);
                 let peers = others(&node);
                 let (delay, loss) = if fault.kind == FaultKind::DelayCalls {
                     (u64::from(fault.amount), 0)
@@ -457,6 +520,16 @@ impl Runner {
     }
 
     fn heal_fault(&mut self, healing: Healing) {
+        let started = Instant::now();
+        self.heal(healing);
+        *self
+            .summary
+            .phase_seconds
+            .entry("(of which healing)")
+            .or_default() += started.elapsed().as_secs_f64();
+    }
+
+    fn heal(&mut self, healing: Healing) {
         let result: Result<(), Error> = match healing {
             Healing::Restart(nodes) => nodes.iter().try_for_each(|node| self.cluster.restart(node)),
             Healing::Resume(node) => self.cluster.resume(&node),
@@ -519,6 +592,7 @@ impl Runner {
         };
         let size = format!("{}B", self.config.volume_bytes);
         let size = size.as_str();
+        let mut clock = Instant::now();
 
         // Set-up, on a healthy cluster.
         let mut setup = vec![vec![
@@ -541,8 +615,8 @@ impl Runner {
                 size,
             ]);
         }
-        for arguments in &setup {
-            if let Err(error) = self.command(arguments) {
+        for (arguments, result) in setup.iter().zip(self.commands(&setup)) {
+            if let Err(error) = result {
                 self.find(
                     round,
                     Checker::Liveness,
@@ -551,8 +625,26 @@ impl Runner {
                         arguments.join(" ")
                     ),
                 );
-                return self.cleanup(round, &names);
+                return self.cleanup(round, plan.copy, &names);
             }
+        }
+
+        // The source holds data everywhere before its copy starts.
+        let source_address = self.cluster.nbd(&source_node)?;
+        let filled = self.runtime.block_on(fill_volume(
+            &format!("filler-{round}"),
+            source_address,
+            &names.source,
+            self.config.volume_bytes,
+            &self.history,
+        ));
+        if let Err(error) = filled {
+            self.find(
+                round,
+                Checker::Liveness,
+                format!("set-up: {error} on a healthy cluster"),
+            );
+            return self.cleanup(round, plan.copy, &names);
         }
 
         // The host writes for the whole round.
@@ -568,6 +660,7 @@ impl Runner {
         let writer = self
             .runtime
             .spawn(writer.run(self.history.clone(), stop_writer.clone()));
+        self.phase_done("setup", &mut clock);
 
         // The timeline: the copy's start and each fault's start and end.
         let started = Instant::now();
@@ -621,6 +714,7 @@ impl Runner {
         if let Err(error) = self.cluster.heal() {
             self.find(round, Checker::Liveness, format!("healing failed: {error}"));
         }
+        self.phase_done("faults", &mut clock);
         let up = self.cluster_up();
         self.members_back();
         stop_writer.store(true, Ordering::Relaxed);
@@ -634,9 +728,10 @@ impl Runner {
                 Checker::Liveness,
                 "the cluster did not come back after the faults healed".into(),
             );
-            return self.cleanup(round, &names);
+            return self.cleanup(round, plan.copy, &names);
         }
 
+        self.phase_done("recovery", &mut clock);
         // The source holds every acknowledged write.
         let spans = spans(&self.history.events());
         let writes = VolumeWrites::from_spans(&spans, &names.source);
@@ -652,6 +747,7 @@ impl Runner {
             Err(error) => self.find(round, Checker::Liveness, error),
         }
 
+        self.phase_done("writes check", &mut clock);
         // The copy equals the source's image at its instant.
         self.finish_copy(
             plan.copy,
@@ -662,7 +758,10 @@ impl Runner {
             copy_started,
             &writes,
         );
-        self.cleanup(round, &names)
+        self.phase_done("copy", &mut clock);
+        let cleaned = self.cleanup(round, plan.copy, &names);
+        self.phase_done("cleanup", &mut clock);
+        cleaned
     }
 
     /// Starts the round's copy in the background: its first command, which may fail under
@@ -1036,21 +1135,38 @@ impl Runner {
 
     /// Ends the round's sessions, checks that catalog and nodes agree and no slot is
     /// held, deletes the round's volumes and checks that nothing is left.
-    fn cleanup(&mut self, round: u64, names: &Names) -> Result<(), Error> {
+    /// Only what the round's copy kind can have made is ended and deleted: every CLI
+    /// command costs a process and a connection, and a round makes only its own.
+    fn cleanup(&mut self, round: u64, copy: CopyKind, names: &Names) -> Result<(), Error> {
         let (source, target) = (names.source.as_str(), names.target.as_str());
-        let _ = self.command(&["gsnap", "forget", source, target]);
-        if let Ok(state) = self.session_state("clone", target) {
-            if state == "copied" {
-                let _ = self.command(&["clone", "terminate", target]);
-            } else {
-                let _ = self.command(&["clone", "cancel", target]);
+        match copy {
+            CopyKind::Gsnap => {
+                let _ = self.command(&["gsnap", "forget", source, target]);
             }
-        }
-        if self.session_state("mirror", target).is_ok() {
-            let _ = self.command(&["mirror", "cancel", target]);
+            CopyKind::Clone => {
+                if let Ok(state) = self.session_state("clone", target) {
+                    let end = if state == "copied" {
+                        "terminate"
+                    } else {
+                        "cancel"
+                    };
+                    let _ = self.command(&["clone", end, target]);
+                }
+            }
+            CopyKind::SyncMirror | CopyKind::AsyncMirror => {
+                if self.session_state("mirror", target).is_ok() {
+                    let _ = self.command(&["mirror", "cancel", target]);
+                }
+            }
+            CopyKind::Snap => {}
         }
         self.check_catalog(round);
-        for volume in [target, names.intermediate.as_str(), source] {
+        let mut volumes = vec![target, source];
+        if copy == CopyKind::Gsnap {
+            volumes.insert(1, names.intermediate.as_str());
+        }
+        // One after another: a snapshot goes before the volume it shares data with.
+        for volume in volumes {
             let _ = self.command(&["volume", "delete", volume]);
         }
         self.check_catalog(round);
@@ -1091,7 +1207,7 @@ impl Runner {
             let Ok(address) = self.cluster.endpoint(&node) else {
                 continue;
             };
-            let call = node_call(self.cluster.certs(), &node, address, Request::VolumeList);
+            let call = self.caller.call(&node, address, Request::VolumeList);
             match self.runtime.block_on(call) {
                 Ok(Response::Volumes(volumes)) => {
                     stored.extend(volumes.into_iter().map(|volume| NodeVolume {

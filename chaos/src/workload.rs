@@ -18,6 +18,10 @@ use std::time::Duration;
 pub const NBD_OPERATION_TIMEOUT_MILLISECONDS: u64 = 3_000;
 /// Blocks one write covers at most.
 pub const WRITE_BLOCKS_MAX: u64 = 8;
+/// The hot part of the volume is this fraction of it (its first eighth)...
+pub const HOT_PART_OF_VOLUME: u64 = 8;
+/// ...and one write in this many goes anywhere in the volume instead.
+pub const COLD_WRITE_ONE_IN: u32 = 128;
 /// Write ids are unique over a run: each writer takes its ids from one shared counter.
 static NEXT_WRITE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -78,7 +82,16 @@ impl Writer {
                 )
             } else {
                 let blocks = random.random_range(1..=WRITE_BLOCKS_MAX.min(blocks_total));
-                let first_block = random.random_range(0..=blocks_total - blocks);
+                // Hosts have hot spots: most writes go to the volume's first part, a few
+                // anywhere. A copy's tracks in the cold part are then written once by the
+                // copy and rarely again, so a track the copy lost is not hidden by a
+                // later host write that sends it once more.
+                let span = if random.random_ratio(1, COLD_WRITE_ONE_IN) {
+                    blocks_total
+                } else {
+                    (blocks_total / HOT_PART_OF_VOLUME).max(blocks)
+                };
+                let first_block = random.random_range(0..=span - blocks);
                 let write_id = NEXT_WRITE_ID.fetch_add(1, Ordering::Relaxed);
                 let fua = random.random_ratio(1, 10);
                 (
@@ -138,6 +151,70 @@ impl Writer {
         }
         counts
     }
+}
+
+/// Writes the whole volume once and flushes (the round's set-up, on a healthy cluster):
+/// a volume holds data, so a copy has every track to move, not only the writer's hot
+/// spot. Every write is recorded like the writer's.
+pub async fn fill_volume(
+    client_name: &str,
+    address: SocketAddr,
+    volume: &str,
+    volume_bytes: u64,
+    history: &History,
+) -> Result<(), String> {
+    let timeout = Duration::from_millis(NBD_OPERATION_TIMEOUT_MILLISECONDS);
+    let mut client = tokio::time::timeout(timeout, NbdClient::connect(address, volume))
+        .await
+        .map_err(|_| format!("no NBD connection to {volume} at {address} in time"))?
+        .map_err(|error| format!("cannot open {volume} over NBD at {address}: {error}"))?;
+    let blocks_total = volume_bytes / BLOCK_BYTES;
+    let mut first_block = 0;
+    while first_block < blocks_total {
+        let blocks = WRITE_BLOCKS_MAX.min(blocks_total - first_block);
+        let write_id = NEXT_WRITE_ID.fetch_add(1, Ordering::Relaxed);
+        let id = history.invoke(
+            client_name,
+            Operation::Write {
+                volume: volume.to_string(),
+                first_block,
+                blocks,
+                write_id,
+                fua: false,
+            },
+        );
+        let data = write_content(write_id, first_block, blocks);
+        let result = tokio::time::timeout(
+            timeout,
+            client.write(first_block * BLOCK_BYTES, &data, false),
+        )
+        .await;
+        match result {
+            Ok(Ok(Ok(()))) => history.end(id, Outcome::Ok, None),
+            other => {
+                history.end(id, Outcome::Unknown, Some(format!("{other:?}")));
+                return Err(format!(
+                    "filling {volume}: the write at block {first_block} failed: {other:?}"
+                ));
+            }
+        }
+        first_block += blocks;
+    }
+    let id = history.invoke(
+        client_name,
+        Operation::Flush {
+            volume: volume.to_string(),
+        },
+    );
+    match tokio::time::timeout(timeout, client.flush()).await {
+        Ok(Ok(Ok(()))) => history.end(id, Outcome::Ok, None),
+        other => {
+            history.end(id, Outcome::Unknown, Some(format!("{other:?}")));
+            return Err(format!("filling {volume}: the flush failed: {other:?}"));
+        }
+    }
+    let _ = tokio::time::timeout(timeout, client.disconnect()).await;
+    Ok(())
 }
 
 /// Reads a volume whole over NBD (after the writers stopped), in 1 MiB reads.

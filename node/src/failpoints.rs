@@ -86,6 +86,10 @@ pub enum DeliberateBug {
     /// Host writes skip the write-ahead log and a FLUSH is acknowledged while they are
     /// only in memory: a kill -9 loses flushed writes (the writes checker).
     AckFlushBeforeSync,
+    /// A copy step clears the session bits of tracks whose store on the target failed,
+    /// as if it had cleared them before the target acknowledged: the next pass never
+    /// sends them and a mirror's BCV misses them (the copies checker).
+    ClearBitBeforeAcknowledged,
     /// A host write to an active clone's source goes ahead without copying the track's
     /// point-in-time data first (the copies checker).
     SkipCopyBeforeWrite,
@@ -95,8 +99,9 @@ pub enum DeliberateBug {
 }
 
 impl DeliberateBug {
-    pub const ALL: [DeliberateBug; 3] = [
+    pub const ALL: [DeliberateBug; 4] = [
         DeliberateBug::AckFlushBeforeSync,
+        DeliberateBug::ClearBitBeforeAcknowledged,
         DeliberateBug::SkipCopyBeforeWrite,
         DeliberateBug::ProgressCountsResendTwice,
     ];
@@ -104,6 +109,7 @@ impl DeliberateBug {
     pub fn name(self) -> &'static str {
         match self {
             DeliberateBug::AckFlushBeforeSync => "ack-flush-before-sync",
+            DeliberateBug::ClearBitBeforeAcknowledged => "clear-bit-before-acknowledged",
             DeliberateBug::SkipCopyBeforeWrite => "skip-copy-before-write",
             DeliberateBug::ProgressCountsResendTwice => "progress-counts-resend-twice",
         }

@@ -1073,6 +1073,13 @@ impl<E: Engine> Sessions<E> {
                 Ok(stored) => stored,
                 Err(error) => {
                     failure.get_or_insert(error);
+                    if crate::failpoints::deliberate_bug(
+                        crate::failpoints::DeliberateBug::ClearBitBeforeAcknowledged,
+                    ) {
+                        // The deliberate bug: the track counts as copied though the
+                        // target never acknowledged it, so no later pass sends it.
+                        unheld_changes.extend(bits_of(*track));
+                    }
                     continue;
                 }
             };

@@ -4,7 +4,6 @@ mod chaos_harness;
 mod cli;
 mod cluster;
 mod common;
-mod crash;
 mod gsnap;
 mod gsnap_crash;
 mod gsnap_incremental;

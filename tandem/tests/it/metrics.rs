@@ -3,11 +3,10 @@
 //! gauge set per copy session, the error counter by code, the member's Raft gauges, the
 //! Grafana dashboard's metrics, and logs without colour escapes or as JSON lines.
 
-use crate::common::{init, tandem, wait_until, NodeProcess};
+use crate::common::{init, tandem, tandem_path, wait_until, NodeProcess};
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Stdio;
 
 const MEBIBYTE: f64 = 1_048_576.0;
 
@@ -329,46 +328,16 @@ fn start_logging(
     rust_log: Option<&str>,
     log: &Path,
 ) -> NodeProcess {
-    let metrics = crate::common::free_port();
-    let mut command = tandem();
-    command.args(global).args([
-        "node",
-        "--config",
-        certs.join(format!("{name}.toml")).to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--nbd",
-        "127.0.0.1:0",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--control-plane",
-        "--metrics",
-        &format!("127.0.0.1:{metrics}"),
-    ]);
-    command.env_remove("RUST_LOG").env_remove("NO_COLOR");
+    let _ = std::fs::remove_file(log);
+    let mut launch = chaos::processes::NodeLaunch::new(&tandem_path(), certs, name, data_dir);
+    launch.global = global.iter().map(|argument| argument.to_string()).collect();
+    launch.extra = vec!["--control-plane".to_string()];
+    launch.environment_removed = vec!["RUST_LOG".to_string(), "NO_COLOR".to_string()];
     if let Some(filter) = rust_log {
-        command.env("RUST_LOG", filter);
+        launch.environment = vec![("RUST_LOG".to_string(), filter.to_string())];
     }
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    assert!(
-        words.len() == 7 && words[2] == "serving:",
-        "unexpected node output: {line:?}"
-    );
-    let node = NodeProcess {
-        quic: words[4].parse().unwrap(),
-        nbd: words[6].parse().unwrap(),
-        metrics,
-        child,
-    };
+    launch.log = Some(log.to_path_buf());
+    let node = NodeProcess::adopt(launch.start().expect("the node starts"));
     node.cli_ok(certs, &["cluster", "init"]);
     node.wait_registered(certs, name);
     node

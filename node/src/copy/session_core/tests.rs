@@ -768,3 +768,22 @@ fn a_target_that_stops_answering_suspends_a_session_unless_strict_or_here() {
     let clone = suspend(&session(SessionKind::Clone, S::Active), "no answer", 1).unwrap();
     assert_eq!(resume(&clone, 0).unwrap().state, S::Active);
 }
+
+/// Found by the chaos schedule: a mirror suspended while syncing came back syncing with a
+/// new copy's progress, so `mirror show` went from 40.6 % back to 20.3 %. It goes on with
+/// the copy it had: the percent holds, and the tracks written meanwhile raise the total.
+#[test]
+fn a_mirror_suspended_while_syncing_resumes_the_same_copy_and_its_percent_holds() {
+    let mut syncing = session(SessionKind::Mirror, S::Syncing);
+    syncing.progress = Progress::start(64);
+    let shown = syncing.progress.read(38).percent;
+    assert!(shown > 40.0, "{shown}");
+    let mut suspended = suspend(&syncing, "no answer", 7).unwrap();
+    suspended.state = S::Suspended;
+    let mut resumed = resume(&suspended, 70).unwrap();
+    assert_eq!(resumed.state, S::Syncing);
+    let reading = resumed.progress.read(70);
+    assert_eq!(reading.tracks_total, 70);
+    assert_eq!(reading.percent, shown);
+    assert_eq!(resumed.progress.read(10).tracks_copied, 60);
+}
