@@ -120,9 +120,64 @@ impl ControlPlane {
                 format!("'{node}' is the last member; a cluster cannot remove its last member"),
             ));
         }
+        self.refuse_without_remaining_majority(node, id).await?;
         self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
             .await?;
         tracing::info!(member = %node, "member removed");
         Ok(())
+    }
+
+    /// A removal commits only with a majority of the members that remain. With one of
+    /// them down it would hold the command for the whole change timeout and then stay in
+    /// the log, to commit by itself once that member returns; so the leader asks the
+    /// remaining members first and refuses at once, changing nothing (found by the chaos
+    /// schedule: a remove-member while another member was killed took 30 s). The refusal
+    /// is not "unavailable", which the CLI retries: the operator acts on it.
+    async fn refuse_without_remaining_majority(
+        &self,
+        node: &str,
+        removed: MemberId,
+    ) -> Outcome<()> {
+        let (own, remaining): (MemberId, Vec<(MemberId, Member)>) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            let remaining = membership
+                .voter_ids()
+                .filter(|voter| *voter != removed)
+                .filter_map(|voter| Some((voter, membership.get_node(&voter)?.clone())))
+                .collect();
+            (metrics.id, remaining)
+        };
+        // One after another: a cluster has a handful of members, and each probe is short.
+        let mut silent = Vec::new();
+        for (voter, member) in &remaining {
+            if *voter == own {
+                continue;
+            }
+            let answer = tokio::time::timeout(
+                Duration::from_millis(MEMBER_PROBE_TIMEOUT_MILLISECONDS),
+                self.call(&member.name, &member.address, Request::NodeStatus),
+            )
+            .await;
+            if !matches!(answer, Ok(Ok(_))) {
+                silent.push(member.name.clone());
+            }
+        }
+        let up = remaining.len() - silent.len();
+        if up * 2 > remaining.len() {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            ErrorCode::IllegalState,
+            format!(
+                "removing '{node}' needs a majority of the members that remain ({}) up, and {} do{} not answer: bring {} back first, or remove {} instead",
+                remaining.iter().map(|(_, member)| member.name.as_str()).collect::<Vec<_>>().join(", "),
+                silent.join(", "),
+                if silent.len() == 1 { "es" } else { "" },
+                if silent.len() == 1 { "it" } else { "them" },
+                if silent.len() == 1 { "it" } else { "one of them" },
+            ),
+        ))
     }
 }

@@ -88,6 +88,9 @@ pub const LOG_ENTRIES_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
 /// How long `add-member` waits for a new member to catch up, and any membership change to
 /// commit, before it answers "unavailable" and undoes what it can.
 pub const MEMBERSHIP_CHANGE_TIMEOUT_SECONDS: u64 = 30;
+/// How long a remove-member waits for each remaining member to answer before it counts
+/// that member as down.
+pub const MEMBER_PROBE_TIMEOUT_MILLISECONDS: u64 = 1_000;
 /// How long the leader waits for a command to commit before answering "unavailable".
 pub const COMMIT_TIMEOUT_SECONDS: u64 = 5;
 /// A node not heard from for this long is marked `down` by the leader.

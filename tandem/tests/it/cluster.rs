@@ -554,3 +554,42 @@ fn members_added_after_the_log_was_compacted_catch_up_from_a_snapshot() {
     let volumes = cluster.volumes_once_served(MEMBERS[1]);
     assert_eq!(names(&volumes), ["early-1", "early-2", "early-3"]);
 }
+
+/// Found by the chaos schedule (a follower removed while the other follower was killed
+/// hung for the whole change timeout, 30 s, and would have committed later by itself):
+/// a removal that would leave a majority of the remaining members down is refused at
+/// once, names the member that does not answer, and changes nothing.
+#[test]
+fn removing_a_member_while_another_is_down_is_refused_at_once_and_changes_nothing() {
+    let mut cluster = Cluster::start("");
+    let leader = cluster.leader(MEMBERS[0]);
+    let followers: Vec<&str> = MEMBERS
+        .iter()
+        .copied()
+        .filter(|name| *name != leader)
+        .collect();
+    cluster.kill(followers[0]);
+    let started = std::time::Instant::now();
+    let output = cluster
+        .node(&leader)
+        .cli(cluster.certs(), &["cluster", "remove-member", followers[1]]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the removal was accepted");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains(followers[0]) && stderr.contains("majority"),
+        "{stderr}"
+    );
+    let status = cluster.cluster_status(&leader).unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
+    // Removing the member that is down is what the message suggests, and it works.
+    cluster
+        .node(&leader)
+        .cli_ok(cluster.certs(), &["cluster", "remove-member", followers[0]]);
+    let status = cluster.cluster_status(&leader).unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 2, "{status}");
+}
