@@ -859,6 +859,18 @@ impl Runner {
             .and_then(|span| Some((span.invoked_at, span.ended_at()?)))
     }
 
+    /// When the first command whose arguments start with `prefix` was invoked, whatever
+    /// its outcome.
+    fn first_invoke(&self, prefix: &[&str]) -> Option<u64> {
+        spans(&self.history.events())
+            .iter()
+            .find(|span| {
+                matches!(&span.operation, Operation::Command { arguments }
+                    if arguments.len() >= prefix.len() && arguments.iter().zip(prefix).all(|(argument, wanted)| argument == wanted))
+            })
+            .map(|span| span.invoked_at)
+    }
+
     fn session_state(&self, kind: &str, target: &str) -> Result<String, String> {
         let shown = self.json(&[kind, "show", target, "--json"])?;
         Ok(shown["state"].as_str().unwrap_or_default().to_string())
@@ -941,7 +953,19 @@ impl Runner {
                 if state.is_empty() || state == "created" {
                     let _ = self.command(&["clone", "activate", target]);
                 }
-                let Some(window) = self.command_window(&["clone", "activate", target]) else {
+                // An activate whose answer was lost under the faults may still have taken
+                // effect: then the clone's instant lies between the first attempt and now.
+                let window = self
+                    .command_window(&["clone", "activate", target])
+                    .or_else(|| {
+                        let state = self.session_state("clone", target).ok()?;
+                        if state != "active" && state != "copied" {
+                            return None;
+                        }
+                        let first = self.first_invoke(&["clone", "activate", target])?;
+                        Some((first, self.history.now_microseconds()))
+                    });
+                let Some(window) = window else {
                     self.find(
                         round,
                         Checker::Liveness,

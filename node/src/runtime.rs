@@ -13,7 +13,7 @@ use crate::{nbd, Error, Result};
 use control_plane::caller::Caller;
 use control_plane::member::ControlPlane;
 use protocol::cluster::NodeReport;
-use protocol::messages::{Request, Response};
+use protocol::messages::{ErrorCode, Request, Response};
 use protocol::session::{RemoteVolume, TargetAnswer, TargetOperation};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -279,9 +279,23 @@ async fn heartbeat<E: Engine>(service: Arc<Service<E>>, report: NodeReport) {
         // A member that knows its leader passes the heartbeat on itself; otherwise the
         // node sends it, from its own certificate, to the configured members.
         let response = match &service.control_plane {
-            Some(control_plane) if control_plane.knows_leader() => {
-                control_plane.serve_heartbeat(report.clone(), 0).await
-            }
+            // Bounded like the calls to the configured members: a forward to the leader
+            // whose call was lost would otherwise hold this loop for the call's whole
+            // timeout, and the leader would mark this node down meanwhile (found by the
+            // chaos schedule: one lost heartbeat kept a member down for 10 s after the
+            // loss had healed).
+            Some(control_plane) if control_plane.knows_leader() => tokio::time::timeout(
+                HEARTBEAT_PATIENCE,
+                control_plane.serve_heartbeat(report.clone(), 0),
+            )
+            .await
+            .unwrap_or_else(|_| Response::Error {
+                code: ErrorCode::Unavailable,
+                message: format!(
+                    "the leader did not take the heartbeat within {} ms",
+                    HEARTBEAT_PATIENCE.as_millis()
+                ),
+            }),
             _ => {
                 let request = Request::Heartbeat {
                     report: report.clone(),
