@@ -297,6 +297,20 @@ impl Runner {
             .collect()
     }
 
+    /// A command on the healed cluster, retried once when it was refused because a node
+    /// counted as down: right after a partition heals, a node whose heartbeats were cut
+    /// can be reported down for a moment more, and the refusal itself says to wait for the
+    /// node and retry. A node still down after the settle bound fails the command.
+    fn command_when_up(&self, arguments: &[&str]) -> Result<String, String> {
+        match self.command(arguments) {
+            Err(error) if error.contains("is down") => {
+                self.cluster_up();
+                self.command(arguments)
+            }
+            result => result,
+        }
+    }
+
     fn json(&self, arguments: &[&str]) -> Result<serde_json::Value, String> {
         let endpoint = self.member_endpoints()[0];
         self.runtime.block_on(self.cli.json(endpoint, arguments))
@@ -924,7 +938,8 @@ impl Runner {
         };
         match copy {
             CopyKind::Snap => {
-                if started == CopyStart::Failed && self.command(&["snap", source, target]).is_err()
+                if started == CopyStart::Failed
+                    && self.command_when_up(&["snap", source, target]).is_err()
                 {
                     self.find(
                         round,
@@ -1023,7 +1038,7 @@ impl Runner {
                 if !synchronized {
                     return;
                 }
-                if let Err(error) = self.command(&["mirror", "split", target]) {
+                if let Err(error) = self.command_when_up(&["mirror", "split", target]) {
                     self.find(
                         round,
                         Checker::Liveness,
@@ -1070,7 +1085,13 @@ impl Runner {
                 stop.store(true, Ordering::Relaxed);
                 let _ = self.runtime.block_on(task);
                 let writes = VolumeWrites::from_spans(&spans(&self.history.events()), source);
-                match self.json(&["gsnap", source, &names.intermediate, target, "--json"]) {
+                let incremental = self
+                    .command_when_up(&["gsnap", source, &names.intermediate, target, "--json"])
+                    .and_then(|output| {
+                        serde_json::from_str::<serde_json::Value>(&output)
+                            .map_err(|error| format!("gsnap printed no JSON: {error}"))
+                    });
+                match incremental {
                     Ok(job) => {
                         if let Some(job) = job["job"].as_u64() {
                             self.finish_job(round, job, names, target_node, &writes);
