@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// How long a call waits on a kept connection before it tries a new one.
+pub const KEPT_CONNECTION_PATIENCE_MILLISECONDS: u64 = 2_000;
 /// How long one direct call to a node may take.
 pub const NODE_CALL_TIMEOUT_SECONDS: u64 = 10;
 
@@ -124,6 +126,18 @@ impl NodeCaller {
             .cloned();
         let mut last = None;
         for connection in kept.into_iter().map(Some).chain(std::iter::once(None)) {
+            // A kept connection gets a short while: one to a container that was cut off
+            // and reconnected, or whose node restarted elsewhere, may never answer, and
+            // only a new connection may take the call's whole bound.
+            let fresh = connection.is_none();
+            let until = if fresh {
+                deadline
+            } else {
+                deadline.min(
+                    tokio::time::Instant::now()
+                        + Duration::from_millis(KEPT_CONNECTION_PATIENCE_MILLISECONDS),
+                )
+            };
             let connection = match connection {
                 Some(connection) => connection,
                 None => {
@@ -136,10 +150,14 @@ impl NodeCaller {
                 }
             };
             let call = protocol::transport::call::<Request, Response>(&connection, &request);
-            match tokio::time::timeout_at(deadline, call).await {
-                Err(_) => {
+            match tokio::time::timeout_at(until, call).await {
+                Err(_) if fresh => {
                     self.connections.remove(&address);
                     return Err(timed_out());
+                }
+                Err(_) => {
+                    self.connections.remove(&address);
+                    last = Some("the kept connection did not answer".to_string());
                 }
                 Ok(Err(error)) => {
                     self.connections.remove(&address);
