@@ -14,19 +14,12 @@ use std::process::Command;
 
 /// The faults this backend can inject: no delay or loss (the compose nodes do not enable
 /// the node's own fault injection, and the kernel here has no netem).
-pub const FAULT_KINDS: [FaultKind; 11] = [
-    FaultKind::KillSourceNode,
-    FaultKind::KillTargetNode,
-    FaultKind::KillLeader,
-    FaultKind::KillFollowerMember,
-    FaultKind::PauseNode,
-    FaultKind::PauseLeader,
-    FaultKind::PartitionNode,
-    FaultKind::PartitionSites,
-    FaultKind::PartitionLeader,
-    FaultKind::RestartCluster,
-    FaultKind::ChangeMembership,
-];
+pub fn fault_kinds() -> Vec<FaultKind> {
+    FaultKind::ALL
+        .into_iter()
+        .filter(|kind| !matches!(kind, FaultKind::DelayCalls | FaultKind::LoseCalls))
+        .collect()
+}
 
 /// The compose project the run uses, apart from anyone's own `docker-compose up`.
 pub const PROJECT: &str = "tandem-chaos";

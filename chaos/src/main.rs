@@ -75,7 +75,7 @@ fn main() -> Result<()> {
     let seed = arguments.seed.unwrap_or_else(rand::random);
     let backend_kinds = match arguments.backend {
         Backend::Processes => FaultKind::ALL.to_vec(),
-        Backend::Compose => chaos::compose::FAULT_KINDS.to_vec(),
+        Backend::Compose => chaos::compose::fault_kinds(),
     };
     let kinds = if arguments.faults.is_empty() {
         backend_kinds

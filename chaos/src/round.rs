@@ -7,7 +7,7 @@
 use crate::check::{self, CatalogVolume, Checker, Finding, NodeVolume, VolumeWrites};
 use crate::client::{Cli, NodeCaller};
 use crate::cluster::Cluster;
-use crate::history::{spans, History, Operation, Outcome};
+use crate::history::{spans, History, Operation, Outcome, Span};
 use crate::schedule::{self, CopyKind, Fault, FaultKind, RoundPlan, ScheduleConfig};
 use crate::workload::{fill_volume, poll_progress, read_volume, Watched, Writer};
 use crate::Error;
@@ -865,11 +865,7 @@ impl Runner {
         spans(&self.history.events())
             .iter()
             .rev()
-            .find(|span| {
-                span.outcome() == Outcome::Ok
-                    && matches!(&span.operation, Operation::Command { arguments }
-                        if arguments.len() >= prefix.len() && arguments.iter().zip(prefix).all(|(argument, wanted)| argument == wanted))
-            })
+            .find(|span| span.outcome() == Outcome::Ok && is_command(span, prefix))
             .and_then(|span| Some((span.invoked_at, span.ended_at()?)))
     }
 
@@ -878,11 +874,30 @@ impl Runner {
     fn first_invoke(&self, prefix: &[&str]) -> Option<u64> {
         spans(&self.history.events())
             .iter()
-            .find(|span| {
-                matches!(&span.operation, Operation::Command { arguments }
-                    if arguments.len() >= prefix.len() && arguments.iter().zip(prefix).all(|(argument, wanted)| argument == wanted))
-            })
+            .find(|span| is_command(span, prefix))
             .map(|span| span.invoked_at)
+    }
+
+    /// Polls the progress of session `kind` of `target` while it settles into `state`;
+    /// whether it did within the settle bound.
+    fn settle_session(&self, kind: &'static str, target: &str, state: &str) -> bool {
+        let stop = Arc::new(AtomicBool::new(false));
+        let poller = self.runtime.spawn(poll_progress(
+            self.cli.clone(),
+            self.member_endpoints(),
+            Watched::Session {
+                kind,
+                target: target.to_string(),
+            },
+            Duration::from_millis(POLL_MILLISECONDS),
+            stop.clone(),
+        ));
+        let settled = self.settle(&format!("{kind} {target}"), |runner| {
+            Ok(runner.session_state(kind, target)? == state)
+        });
+        stop.store(true, Ordering::Relaxed);
+        let _ = self.runtime.block_on(poller);
+        settled
     }
 
     fn session_state(&self, kind: &str, target: &str) -> Result<String, String> {
@@ -925,17 +940,6 @@ impl Runner {
         writes: &VolumeWrites,
     ) {
         let (source, target) = (names.source.as_str(), names.target.as_str());
-        let poll = |runner: &Runner, watched: Watched| {
-            let stop = Arc::new(AtomicBool::new(false));
-            let task = runner.runtime.spawn(poll_progress(
-                runner.cli.clone(),
-                runner.member_endpoints(),
-                watched,
-                Duration::from_millis(POLL_MILLISECONDS),
-                stop.clone(),
-            ));
-            (stop, task)
-        };
         match copy {
             CopyKind::Snap => {
                 if started == CopyStart::Failed
@@ -988,18 +992,7 @@ impl Runner {
                     );
                     return;
                 };
-                let (stop, task) = poll(
-                    self,
-                    Watched::Session {
-                        kind: "clone",
-                        target: target.to_string(),
-                    },
-                );
-                let copied = self.settle(&format!("clone {target}"), |runner| {
-                    Ok(runner.session_state("clone", target)? == "copied")
-                });
-                stop.store(true, Ordering::Relaxed);
-                let _ = self.runtime.block_on(task);
+                let copied = self.settle_session("clone", target, "copied");
                 self.check_copy_image(round, target_node, target, writes, window);
                 if copied {
                     let _ = self.command(&["clone", "terminate", target]);
@@ -1023,18 +1016,7 @@ impl Runner {
                         COPY_RATE_MEBIBYTES_PER_SECOND,
                     ]);
                 }
-                let (stop, task) = poll(
-                    self,
-                    Watched::Session {
-                        kind: "mirror",
-                        target: target.to_string(),
-                    },
-                );
-                let synchronized = self.settle(&format!("mirror {target}"), |runner| {
-                    Ok(runner.session_state("mirror", target)? == "synchronized")
-                });
-                stop.store(true, Ordering::Relaxed);
-                let _ = self.runtime.block_on(task);
+                let synchronized = self.settle_session("mirror", target, "synchronized");
                 if !synchronized {
                     return;
                 }
@@ -1291,4 +1273,11 @@ enum CopyStart {
     Started,
     Job(u64),
     Failed,
+}
+
+/// Whether `span` is a CLI command whose arguments start with `prefix`.
+fn is_command(span: &Span, prefix: &[&str]) -> bool {
+    matches!(&span.operation, Operation::Command { arguments }
+        if arguments.len() >= prefix.len()
+            && arguments.iter().zip(prefix).all(|(argument, wanted)| argument == wanted))
 }
