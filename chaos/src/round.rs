@@ -552,7 +552,7 @@ impl Runner {
                 .try_for_each(|(node, peers)| self.cluster.reconnect(node, peers)),
             Healing::AddMember(node) => {
                 // Added back once the cluster can: a failed attempt is retried at the end.
-                let _ = self.command(&["cluster", "add-member", &node]);
+                self.add_member(&node);
                 Ok(())
             }
             Healing::Nothing => Ok(()),
@@ -566,8 +566,35 @@ impl Runner {
         }
     }
 
+    /// Adds `node` back as a control-plane member. A member that found itself removed
+    /// has stopped its Raft, and adding it is refused until its node restarts (the
+    /// refusal says so): it is restarted then, as the refusal tells an operator, and added
+    /// again once every node shows up.
+    fn add_member(&mut self, node: &str) {
+        match self.command(&["cluster", "add-member", node]) {
+            Err(error) if error.contains("restart the node") => {
+                let restarted = self
+                    .cluster
+                    .kill(node)
+                    .and_then(|()| self.cluster.restart(node));
+                if let Err(error) = restarted {
+                    self.find(
+                        u64::MAX,
+                        Checker::Liveness,
+                        format!("removed member {node} could not be restarted: {error}"),
+                    );
+                    return;
+                }
+                if self.cluster_up() {
+                    let _ = self.command(&["cluster", "add-member", node]);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Every member the cluster should have is a member again.
-    fn members_back(&self) {
+    fn members_back(&mut self) {
         let members = self.names_where(|node| node.member);
         let Ok(status) = self.json(&["cluster", "status", "--json"]) else {
             return;
@@ -583,7 +610,7 @@ impl Runner {
             .unwrap_or_default();
         for member in members {
             if !present.contains(&member) {
-                let _ = self.command(&["cluster", "add-member", &member]);
+                self.add_member(&member);
             }
         }
     }
@@ -1193,8 +1220,28 @@ impl Runner {
             volumes.insert(1, names.intermediate.as_str());
         }
         // One after another: a snapshot goes before the volume it shares data with.
-        for volume in volumes {
-            let _ = self.command(&["volume", "delete", volume]);
+        let deleted: Vec<&str> = volumes
+            .into_iter()
+            .filter(|volume| self.command(&["volume", "delete", volume]).is_ok())
+            .collect();
+        // A delete that answered ok is finished: the catalog read right after it no
+        // longer lists the volume in any state. (A failed one may be finished later by
+        // the leader; `check_catalog` waits for that.)
+        let prefix = format!("r{round}-");
+        if let Ok(listed) = self.catalog_volumes(&prefix) {
+            for volume in listed
+                .iter()
+                .filter(|volume| deleted.contains(&volume.name.as_str()))
+            {
+                self.find(
+                    round,
+                    Checker::Catalog,
+                    format!(
+                        "volume {} is listed {} after its delete answered ok",
+                        volume.name, volume.state
+                    ),
+                );
+            }
         }
         self.check_catalog(round);
         Ok(())
@@ -1205,21 +1252,24 @@ impl Runner {
     /// left to their own round's check, so one leak is reported once.
     fn check_catalog(&mut self, round: u64) {
         let prefix = format!("r{round}-");
-        let catalog: Vec<CatalogVolume> = match self.json(&["volume", "list", "--json"]) {
-            Ok(list) => list
-                .as_array()
-                .map(|volumes| {
-                    volumes
-                        .iter()
-                        .map(|volume| CatalogVolume {
-                            name: volume["name"].as_str().unwrap_or_default().to_string(),
-                            node: volume["node"].as_str().unwrap_or_default().to_string(),
-                            size_bytes: volume["size_bytes"].as_u64().unwrap_or_default(),
-                            state: volume["state"].as_str().unwrap_or_default().to_string(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+        // A volume command that failed under the faults (its answer lost, its leader
+        // gone) may have left its intent open with the volume `creating` or `deleting`;
+        // the leader's supervisor finishes such an intent within a few ticks. What the
+        // check holds is that it is finished, so it waits for that before it compares,
+        // and a volume still half-way after the settle bound is reported.
+        let mut catalog = Err(String::from("not read"));
+        self.settle(
+            &format!("the volumes of round {round} (none half-way)"),
+            |runner| {
+                catalog = runner.catalog_volumes(&prefix);
+                catalog
+                    .as_ref()
+                    .map(|volumes| volumes.iter().all(|volume| volume.state == "ready"))
+                    .map_err(Clone::clone)
+            },
+        );
+        let catalog = match catalog {
+            Ok(catalog) => catalog,
             Err(error) => {
                 self.find(
                     round,
@@ -1256,14 +1306,30 @@ impl Runner {
                 ),
             }
         }
-        let catalog: Vec<CatalogVolume> = catalog
-            .into_iter()
-            .filter(|volume| volume.name.starts_with(&prefix))
-            .collect();
         stored.retain(|volume| volume.name.starts_with(&prefix));
         for finding in check::check_catalog(&catalog, &stored, &HashMap::new()) {
             self.summary.findings.push((round, finding));
         }
+    }
+
+    /// The catalog's volumes whose names start with `prefix`.
+    fn catalog_volumes(&self, prefix: &str) -> Result<Vec<CatalogVolume>, String> {
+        let list = self.json(&["volume", "list", "--json"])?;
+        Ok(list
+            .as_array()
+            .map(|volumes| {
+                volumes
+                    .iter()
+                    .map(|volume| CatalogVolume {
+                        name: volume["name"].as_str().unwrap_or_default().to_string(),
+                        node: volume["node"].as_str().unwrap_or_default().to_string(),
+                        size_bytes: volume["size_bytes"].as_u64().unwrap_or_default(),
+                        state: volume["state"].as_str().unwrap_or_default().to_string(),
+                    })
+                    .filter(|volume| volume.name.starts_with(prefix))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }
 

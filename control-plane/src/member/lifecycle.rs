@@ -260,6 +260,13 @@ impl ControlPlane {
 /// Watches for this member's removal from the control plane. A removed member never
 /// receives the membership that leaves it out (the leader stops replicating to it first),
 /// so it would campaign for ever; it asks the others once it has been leaderless a while.
+///
+/// A member that still believes it leads is in the same place when it was removed after
+/// it lost its majority (a paused or cut-off leader, removed by the leader elected
+/// meanwhile): the others refuse its messages as a non-member's, so it never hears of the
+/// newer term and would lead a cluster of one for ever, while every request sent to it
+/// waited for commits that cannot come (found by the chaos schedule). So a leader that
+/// cannot confirm its leadership counts as leaderless here.
 pub(super) async fn watch_removal(control_plane: std::sync::Weak<ControlPlane>) {
     let mut ticker =
         tokio::time::interval(Duration::from_millis(REMOVAL_CHECK_INTERVAL_MILLISECONDS));
@@ -273,7 +280,17 @@ pub(super) async fn watch_removal(control_plane: std::sync::Weak<ControlPlane>) 
         if control_plane.is_removed() {
             return;
         }
-        if control_plane.knows_leader() || control_plane.is_uninitialized() {
+        let leads_or_follows = if control_plane.is_leader() {
+            tokio::time::timeout(
+                Duration::from_millis(REMOVAL_CHECK_INTERVAL_MILLISECONDS),
+                control_plane.read_barrier(),
+            )
+            .await
+            .is_ok_and(|confirmed| confirmed.is_ok())
+        } else {
+            control_plane.knows_leader()
+        };
+        if leads_or_follows || control_plane.is_uninitialized() {
             leaderless_since = None;
             continue;
         }

@@ -390,8 +390,26 @@ impl Members {
             &self.directory.path().join(NAMES[index]),
             None,
             self.ports[index],
-            &["--control-plane", "--members", &members],
+            &[
+                "--control-plane",
+                "--fault-injection",
+                "--members",
+                &members,
+            ],
         )
+    }
+
+    /// Cuts member `index` off from the other members, both ways (`cut = false` heals).
+    fn cut_off(&self, index: usize, cut: bool) {
+        for other in (0..NAMES.len()).filter(|other| *other != index) {
+            for (at, peer) in [(index, other), (other, index)] {
+                let mut arguments = vec!["debug", "fault", "--peer", NAMES[peer]];
+                if cut {
+                    arguments.push("--drop");
+                }
+                self.node(at).cli_ok(&self.certs, &arguments);
+            }
+        }
     }
 
     fn node(&self, index: usize) -> &NodeProcess {
@@ -474,4 +492,51 @@ fn a_removed_member_stops_campaigning_and_can_be_added_again_after_a_restart() {
     assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
     assert_eq!(status["term"].as_u64().unwrap(), term_before, "{status}");
     assert_eq!(status["leader"], "m1", "{status}");
+}
+
+/// A leader cut off from the other members long enough for them to elect a new one, and
+/// removed by that new leader meanwhile, learns that it was removed once the cut heals.
+/// The others refuse its messages as a non-member's, so it never hears of the newer term:
+/// it went on leading a cluster of its own, and every request sent to it waited for
+/// commits that could not come (found by the chaos schedule).
+#[test]
+fn a_leader_removed_while_cut_off_stops_as_removed_when_the_cut_heals() {
+    let members = Members::start();
+    assert_eq!(members.cluster_status(0)["leader"], "m1");
+    members.cut_off(0, true);
+    let mut new_leader = String::new();
+    wait_until(30, "m2 or m3 to lead while m1 is cut off", || {
+        let output = members
+            .node(1)
+            .cli(&members.certs, &["cluster", "status", "--json"]);
+        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
+            return false;
+        };
+        new_leader = status["leader"].as_str().unwrap_or_default().to_string();
+        new_leader == "m2" || new_leader == "m3"
+    });
+    members
+        .node(1)
+        .cli_ok(&members.certs, &["cluster", "remove-member", "m1"]);
+    members.cut_off(0, false);
+
+    let mut refusal = String::new();
+    wait_until(20, "m1 to know it was removed", || {
+        let output = members
+            .node(0)
+            .cli(&members.certs, &["cluster", "status", "--json"]);
+        refusal = stderr_of(&output);
+        !output.status.success() && refusal.contains("is not a control-plane member")
+    });
+    assert!(refusal.contains("[not-member]"), "{refusal}");
+    let status = members.cluster_status(1);
+    assert_eq!(status["leader"], new_leader.as_str(), "{status}");
+    let names: Vec<&str> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|member| member["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{status}");
+    assert!(!names.contains(&"m1"), "{status}");
 }
