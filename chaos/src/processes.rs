@@ -452,15 +452,24 @@ impl ProcessCluster {
             .map(|_| ())
     }
 
-    /// Sets every rule recorded for `node` again (after it restarted).
+    /// Brings `node`'s rules to what the run has recorded, for every peer: after a restart
+    /// (a new process has none) and after a resume. A rule cleared while the node was
+    /// paused is cleared here too: it was only dropped from the record then, and the node
+    /// kept dropping a peer's calls for the rest of the round (found by the schedule: a
+    /// mirror stayed `syncing` after its faults healed, seed 10733251767405921080 round 62).
     fn reapply_rules(&mut self, node: &str) -> Result<(), Error> {
-        let rules: Vec<(String, FaultRule)> = self
-            .rules
+        let peers: Vec<String> = self
+            .nodes
             .iter()
-            .filter(|((owner, _), _)| owner == node)
-            .map(|((_, peer), rule)| (peer.clone(), rule.clone()))
+            .map(|spec| spec.name.clone())
+            .filter(|peer| peer != node)
             .collect();
-        for (peer, rule) in rules {
+        for peer in peers {
+            let rule = self
+                .rules
+                .get(&(node.to_string(), peer.clone()))
+                .cloned()
+                .unwrap_or_default();
             self.set_rule(node, &peer, rule)?;
         }
         Ok(())
