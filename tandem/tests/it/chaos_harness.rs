@@ -143,10 +143,13 @@ fn a_session_bit_cleared_before_the_target_acknowledged_is_reported_as_a_copy_mi
     // Calls to the target's node are lost while a mirror copies: the tracks of the calls
     // it never answered lose their bits, so the split BCV misses them. (A target killed
     // and restarted within a round does not show it: the link's calls wait for the node
-    // to come back and then succeed, so no step fails.)
+    // to come back and then succeed, so no step fails.) Whether a round shows it depends
+    // on the timing of its losses against the copy's steps, and on whether the writer
+    // rewrote the track afterwards: one seed's 4 rounds missed it once in CI's suite, so
+    // the test runs 8.
     let config = RunConfig {
         seed: seed(),
-        rounds: 4,
+        rounds: 8,
         schedule: ScheduleConfig {
             kinds: vec![FaultKind::LoseCalls],
             copies: vec![CopyKind::SyncMirror, CopyKind::AsyncMirror],
