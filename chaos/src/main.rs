@@ -53,6 +53,10 @@ struct Arguments {
     /// Print each round's plan and findings.
     #[arg(long)]
     verbose: bool,
+    /// Print each round's plan and exit without starting a cluster (what a replay of a
+    /// seed's rounds will inject, read before running it).
+    #[arg(long)]
+    plan: bool,
 }
 
 const ROUND_MILLISECONDS_DEFAULT: u64 = 3000;
@@ -140,6 +144,13 @@ fn main() -> Result<()> {
         arguments.rounds,
         arguments.first_round
     );
+    if arguments.plan {
+        let last = config.first_round.saturating_add(config.rounds);
+        for round in config.first_round..last {
+            println!("{}", chaos::schedule::plan(seed, round, &config.schedule));
+        }
+        return Ok(());
+    }
     let started = std::time::Instant::now();
     let cluster: Box<dyn chaos::cluster::Cluster> = match arguments.backend {
         Backend::Processes => {
