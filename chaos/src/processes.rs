@@ -577,15 +577,21 @@ impl Cluster for ProcessCluster {
 
     fn heal(&mut self) -> Result<(), Error> {
         let names: Vec<String> = self.nodes.iter().map(|node| node.name.clone()).collect();
+        // Every node and rule is healed, also after one failed (that failure is the
+        // answer): one node's trouble must not leave the others paused or cut off.
+        let mut first_failure = None;
         for name in &names {
-            self.resume(name)?;
-            self.restart(name)?;
+            if let Err(error) = self.resume(name).and_then(|()| self.restart(name)) {
+                first_failure.get_or_insert(error);
+            }
         }
         let rules: Vec<(String, String)> = self.rules.keys().cloned().collect();
         for (node, peer) in rules {
-            self.set_rule(&node, &peer, FaultRule::default())?;
+            if let Err(error) = self.set_rule(&node, &peer, FaultRule::default()) {
+                first_failure.get_or_insert(error);
+            }
         }
-        Ok(())
+        first_failure.map_or(Ok(()), Err)
     }
 
     fn answering(&self, node: &str) -> bool {
