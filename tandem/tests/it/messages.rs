@@ -416,6 +416,25 @@ impl Members {
         self.nodes[index].as_ref().unwrap()
     }
 
+    /// Waits until member `index` answers that it was removed from the control plane;
+    /// its refusal.
+    fn wait_until_removed(&self, index: usize) -> String {
+        let mut refusal = String::new();
+        wait_until(
+            20,
+            &format!("{} to know it was removed", NAMES[index]),
+            || {
+                let output = self
+                    .node(index)
+                    .cli(&self.certs, &["cluster", "status", "--json"]);
+                refusal = stderr_of(&output);
+                !output.status.success() && refusal.contains("is not a control-plane member")
+            },
+        );
+        assert!(refusal.contains("[not-member]"), "{refusal}");
+        refusal
+    }
+
     fn cluster_status(&self, index: usize) -> serde_json::Value {
         let text = self
             .node(index)
@@ -447,15 +466,7 @@ fn a_removed_member_stops_campaigning_and_can_be_added_again_after_a_restart() {
         .cli_ok(&members.certs, &["cluster", "remove-member", "m3"]);
 
     // m3 learns that it was removed, stops its Raft and says so when asked.
-    let mut refusal = String::new();
-    wait_until(20, "m3 to know it was removed", || {
-        let output = members
-            .node(2)
-            .cli(&members.certs, &["cluster", "status", "--json"]);
-        refusal = stderr_of(&output);
-        !output.status.success() && refusal.contains("is not a control-plane member")
-    });
-    assert!(refusal.contains("[not-member]"), "{refusal}");
+    let refusal = members.wait_until_removed(2);
     let stopped_at = stopped_term(&refusal);
     std::thread::sleep(Duration::from_secs(2));
     let later = stderr_of(
@@ -520,15 +531,7 @@ fn a_leader_removed_while_cut_off_stops_as_removed_when_the_cut_heals() {
         .cli_ok(&members.certs, &["cluster", "remove-member", "m1"]);
     members.cut_off(0, false);
 
-    let mut refusal = String::new();
-    wait_until(20, "m1 to know it was removed", || {
-        let output = members
-            .node(0)
-            .cli(&members.certs, &["cluster", "status", "--json"]);
-        refusal = stderr_of(&output);
-        !output.status.success() && refusal.contains("is not a control-plane member")
-    });
-    assert!(refusal.contains("[not-member]"), "{refusal}");
+    members.wait_until_removed(0);
     let status = members.cluster_status(1);
     assert_eq!(status["leader"], new_leader.as_str(), "{status}");
     let names: Vec<&str> = status["members"]
