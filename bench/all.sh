@@ -13,6 +13,10 @@ cd "$(dirname "$0")/.."
 fio_seconds="${1:-10}"
 size_gib="${2:-2}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/tandem-target}"
+# Checked before anything runs: the copy benchmarks come after minutes of fio.
+for tool in fio qemu-nbd nbdcopy socat rsync python3; do
+  command -v "$tool" >/dev/null || { echo "bench/all.sh needs $tool (apt-get install -y qemu-utils libnbd-bin fio socat rsync)" >&2; exit 1; }
+done
 if [ -n "${BENCH_OUTPUT:-}" ]; then
   output=$BENCH_OUTPUT
   mkdir -p "$output"
