@@ -183,6 +183,9 @@ fn main() -> Result<()> {
             arguments.history.display(),
             kept.map_or("(none)".into(), |kept| kept.display().to_string())
         );
+        // `exit` runs no destructors: the cluster is dropped first, so its node processes
+        // stop (their files are kept) instead of running on after the run.
+        drop(runner);
         std::process::exit(1);
     }
     Ok(())
