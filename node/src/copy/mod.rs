@@ -752,6 +752,8 @@ impl<E: Engine> Sessions<E> {
         let options = StoreOptions {
             only_if_invalid: true,
             durability: Durability::Logged,
+            // The host overwrites the source's track once this returns.
+            target_synced: true,
             background: false,
             timeout: Some(self.target_timeout(record.id)),
         };
@@ -875,6 +877,9 @@ impl<E: Engine> Sessions<E> {
                 self.fetch_step(&record, &source, &*target, &tracks)?
             }
         };
+        // A test stops the copy here, its step's tracks acknowledged by the target and their
+        // bits changed, to kill the target's node (`sleep` holds the copier).
+        crate::failpoints::hit("node::copy::after-step")?;
         let mut outcome = StepOutcome {
             tracks_copied,
             bytes_copied,
@@ -1052,6 +1057,7 @@ impl<E: Engine> Sessions<E> {
         let options = StoreOptions {
             only_if_invalid: send.only_if_invalid,
             durability: Durability::Logged,
+            target_synced: true,
             background: true,
             // Host writes wait on held track locks: the round trip is bounded by the
             // session's target timeout then. A background copy gets the link's own bound.

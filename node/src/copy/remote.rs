@@ -198,6 +198,7 @@ impl<E: Engine> Sessions<E> {
         let options = StoreOptions {
             only_if_invalid: false,
             durability,
+            target_synced: durability == Durability::Synced,
             background: false,
             timeout: Some(self.target_timeout(session)),
         };
@@ -245,6 +246,7 @@ impl<E: Engine> Sessions<E> {
         let options = StoreOptions {
             only_if_invalid: false,
             durability: Durability::Synced,
+            target_synced: true,
             background: false,
             timeout: Some(self.target_timeout(record.id)),
         };
@@ -361,6 +363,7 @@ impl<E: Engine> Sessions<E> {
                     } else {
                         Durability::Logged
                     },
+                    target_synced: synced,
                     background: true,
                     timeout: None,
                 };

@@ -25,7 +25,15 @@ use std::time::Duration;
 pub struct StoreOptions {
     /// Store only while the track is still invalid on the target.
     pub only_if_invalid: bool,
+    /// How durable the source's bit changes (and a target on this node, in the same
+    /// batch) are when the store returns.
     pub durability: Durability,
+    /// Whether a target on another node syncs its log before it answers. The source
+    /// changes a track's bits on that answer, in its own log, which says nothing of the
+    /// target's: a copied track whose bit is cleared must outlast a power loss of the
+    /// target's machine. Only a sync mirror's host write without FUA leaves it unsynced
+    /// (the host asked for no more on its own disk either).
+    pub target_synced: bool,
     /// A background copy (the target stores it at low priority), not a host write or a
     /// command waiting for the answer.
     pub background: bool,
@@ -346,7 +354,7 @@ impl<E: Engine> Target for RemoteTarget<'_, E> {
                 session: self.session,
                 image,
                 only_if_invalid: options.only_if_invalid,
-                synced: options.durability == Durability::Synced,
+                synced: options.target_synced,
                 background: options.background,
             })
             .collect();
