@@ -225,6 +225,7 @@ fn verification_finds_a_track_stored_corrupted_and_sends_it_again() {
     let (alpha, beta) = nodes.start_cluster_with(
         &[("p", "alpha"), ("s", "beta")],
         &[],
+        &[],
         &[(
             "FAILPOINTS",
             "node::store::corrupt-copied-track=return(3:once)",
@@ -258,6 +259,7 @@ fn a_track_corrupted_every_time_fails_the_job_with_digest_mismatch() {
     let certs = nodes.certs.clone();
     let (alpha, _beta) = nodes.start_cluster_with(
         &[("p", "alpha"), ("s", "beta")],
+        &[],
         &[],
         &[("FAILPOINTS", "node::store::corrupt-copied-track=return(3)")],
     );
@@ -295,6 +297,7 @@ fn a_gsnap_stalls_while_the_nodes_are_partitioned_and_completes_after() {
     let (alpha, beta) = nodes.start_cluster_with(
         &[("p", "alpha"), ("s", "beta"), ("q", "alpha"), ("r", "beta")],
         &["--fault-injection"],
+        &[],
         &[],
     );
     fill(&alpha, "p", 5);

@@ -277,18 +277,19 @@ impl TwoNodes {
     /// Both nodes started, alpha the cluster's one member and beta registered, and each
     /// `(volume, node)` created with 8 MiB.
     pub(crate) fn start_cluster(&self, volumes: &[(&str, &str)]) -> (NodeProcess, NodeProcess) {
-        self.start_cluster_with(volumes, &[], &[])
+        self.start_cluster_with(volumes, &[], &[], &[])
     }
 
     /// [`TwoNodes::start_cluster`] with more arguments for alpha and environment
-    /// variables for beta (fault injection, fail points).
+    /// variables for each node (fault injection, fail points).
     pub(crate) fn start_cluster_with(
         &self,
         volumes: &[(&str, &str)],
         alpha_extra: &[&str],
+        alpha_environment: &[(&str, &str)],
         beta_environment: &[(&str, &str)],
     ) -> (NodeProcess, NodeProcess) {
-        let alpha = self.start_alpha_with(alpha_extra);
+        let alpha = self.start_alpha_with_environment(alpha_extra, alpha_environment);
         alpha.cli_ok(&self.certs, &["cluster", "init"]);
         alpha.wait_registered(&self.certs, "alpha");
         let beta = self.start_beta_with_environment(beta_environment);
@@ -443,20 +444,12 @@ fn a_copy_target_killed_right_after_it_acknowledged_a_step_keeps_that_steps_trac
     let certs = nodes.certs.clone();
     // Alpha's first two copy steps (one per copier thread) stop for 5 s once their tracks
     // are acknowledged and their bits cleared; later steps go on at once.
-    let mut alpha = nodes.start_alpha_with_environment(
+    let (mut alpha, mut beta) = nodes.start_cluster_with(
+        &[("std", "alpha"), ("bcv", "beta")],
         &[],
         &[("FAILPOINTS", "node::copy::after-step=2*sleep(5000)->off")],
+        &[],
     );
-    alpha.cli_ok(&certs, &["cluster", "init"]);
-    alpha.wait_registered(&certs, "alpha");
-    let mut beta = nodes.start_beta();
-    alpha.wait_registered(&certs, "beta");
-    for (volume, node) in [("std", "alpha"), ("bcv", "beta")] {
-        alpha.cli_ok(
-            &certs,
-            &["volume", "create", volume, "--node", node, "--size", "8MiB"],
-        );
-    }
     fill(&alpha, "std", 9);
     // At 2 MiB/s a step moves one track: the kill meets a copy with most tracks to go.
     let established = json(
