@@ -467,6 +467,7 @@ impl ControlPlane {
             } => {
                 let step = job.current_step();
                 let pair_created = matches!(command, SessionCommand::CloneCreate { .. });
+                let terminates = matches!(command, SessionCommand::CloneTerminate { .. });
                 match self.session_command(request_id, command).await {
                     Ok(_) if pair_created && job.spec.rate_mebibytes_per_second.is_some() => {
                         // The job's rate limit is the pair's, set under an id of its own.
@@ -481,6 +482,20 @@ impl ControlPlane {
                     Ok(_) => return Ok(Next::Continue),
                     Err(refusal) if refusal.code == ErrorCode::Unavailable => {
                         return Ok(Next::Wait(refusal.message))
+                    }
+                    // The step wants the pair gone, and it is: another drive of the pair's
+                    // terminate (a supervisor finishing an earlier leader's intent) ended it
+                    // between this drive's reading of the catalog and its command (CI's
+                    // compose chaos, seed 18157799571555186707, round 10). The planner reads
+                    // the catalog again and finishes the step.
+                    Err(refusal)
+                        if terminates
+                            && refusal.code == ErrorCode::NotFound
+                            && self
+                                .catalog
+                                .read(|catalog| catalog.session(job.pair_target()).is_none()) =>
+                    {
+                        return Ok(Next::Continue)
                     }
                     Err(refusal) => {
                         tracing::warn!(job = job.id, reason = %refusal.message, "gsnap step refused");
