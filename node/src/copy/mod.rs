@@ -752,7 +752,6 @@ impl<E: Engine> Sessions<E> {
         let options = StoreOptions {
             only_if_invalid: true,
             durability: Durability::Logged,
-            // The host overwrites the source's track once this returns.
             target_synced: true,
             background: false,
             timeout: Some(self.target_timeout(record.id)),
@@ -877,8 +876,7 @@ impl<E: Engine> Sessions<E> {
                 self.fetch_step(&record, &source, &*target, &tracks)?
             }
         };
-        // A test stops the copy here, its step's tracks acknowledged by the target and their
-        // bits changed, to kill the target's node (`sleep` holds the copier).
+        // A test kills the target's node here, this step acknowledged (`sleep` holds it).
         crate::failpoints::hit("node::copy::after-step")?;
         let mut outcome = StepOutcome {
             tracks_copied,
