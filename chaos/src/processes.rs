@@ -18,18 +18,64 @@ use std::time::{Duration, Instant};
 /// How long a started cluster may take until every node is registered and up.
 pub const CLUSTER_READY_SECONDS: u64 = 60;
 
-/// A free loopback port of `kind` (bound, read, released).
-pub fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|socket| socket.local_addr())
-            .map(|address| address.port())
-            .unwrap_or(0)
+/// The lowest port the harness hands out when the kernel's ephemeral range leaves room
+/// below it.
+const HARNESS_PORT_FIRST: u16 = 10_000;
+
+/// How many candidates [`free_port`] tries before it gives up with port 0.
+const FREE_PORT_ATTEMPTS_MAX: u32 = 4_096;
+
+/// A free loopback port, bindable for TCP and for UDP at the moment of the call, that no
+/// earlier call of this process returned.
+///
+/// The port is outside the kernel's ephemeral range (`ip_local_port_range`). A port the
+/// kernel hands out for `bind(0)` is released at once and then belongs to nobody: a node
+/// started earlier could take it for an outgoing connection or its own metrics port
+/// before the node it was chosen for binds it, and that node then exits before its
+/// "serving" line (CI's chaos run on 2026-12-07 lost its cluster to that). Ports outside
+/// the range are never given to outgoing connections, and a counter shared by the
+/// process's threads keeps two tests from receiving the same port.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT_OFFSET: AtomicU32 = AtomicU32::new(u32::MAX);
+    let (first, last) = harness_port_range();
+    let span = u32::from(last - first) + 1;
+    // Processes that run side by side (two test binaries, a test and a chaos run) start
+    // at different places in the range.
+    let _ = NEXT_OFFSET.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..FREE_PORT_ATTEMPTS_MAX {
+        let offset = NEXT_OFFSET.fetch_add(1, Ordering::Relaxed) % span;
+        let port = first + offset as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let udp_free = std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if tcp && udp_free {
+            return port;
+        }
+    }
+    // Port 0 lets the node take any port; a caller that must know it reads it from the
+    // node's "serving" line.
+    0
+}
+
+/// The ports [`free_port`] chooses from: below the ephemeral range when it leaves at
+/// least 1,000 ports there, otherwise above it.
+fn harness_port_range() -> (u16, u16) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut numbers = text.split_whitespace().map(str::parse::<u16>);
+            Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
+        })
+        .unwrap_or((32_768, 60_999));
+    if ephemeral.0 >= HARNESS_PORT_FIRST + 1_000 {
+        (HARNESS_PORT_FIRST, ephemeral.0 - 1)
     } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|address| address.port())
-            .unwrap_or(0)
+        (ephemeral.1.saturating_add(1).min(64_535), 65_535)
     }
 }
 
@@ -101,7 +147,7 @@ impl NodeLaunch {
             detail,
         };
         let config = self.certs.join(format!("{}.toml", self.name));
-        let metrics = self.metrics_port.unwrap_or_else(|| free_port(false));
+        let metrics = self.metrics_port.unwrap_or_else(free_port);
         let mut command = Command::new(&self.tandem);
         command.args(&self.global);
         command.args([
@@ -142,8 +188,20 @@ impl NodeLaunch {
         let words: Vec<&str> = line.split_whitespace().collect();
         if words.len() != 7 || words[2] != "serving:" {
             let _ = child.kill();
-            let _ = child.wait();
-            return Err(failed(format!("unexpected first line {line:?}")));
+            let status = child
+                .wait()
+                .map(|status| status.to_string())
+                .unwrap_or_else(|error| error.to_string());
+            // The node's own words say why it did not serve; the log goes with the
+            // cluster's temporary directory, so they travel in the error.
+            let log_tail = self
+                .log
+                .as_deref()
+                .map(log_tail)
+                .unwrap_or_else(|| "(no log kept)".into());
+            return Err(failed(format!(
+                "unexpected first line {line:?} ({status}); its log ends:\n{log_tail}"
+            )));
         }
         let parse = |word: &str| {
             word.parse::<SocketAddr>()
@@ -157,6 +215,21 @@ impl NodeLaunch {
         })
     }
 }
+
+/// The last lines of the log at `path`, at most [`LOG_TAIL_LINES_MAX`].
+fn log_tail(path: &Path) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let first = lines.len().saturating_sub(LOG_TAIL_LINES_MAX);
+            lines[first..].join("\n")
+        }
+        Err(error) => format!("(cannot read {}: {error})", path.display()),
+    }
+}
+
+/// How many lines of a node's log a start failure quotes.
+const LOG_TAIL_LINES_MAX: usize = 20;
 
 impl NodeProcess {
     pub fn kill(&mut self) {
@@ -303,7 +376,7 @@ impl ProcessCluster {
         names.extend((1..=site_b_nodes).map(|index| format!("b{index}")));
         let name_list: Vec<&str> = names.iter().map(String::as_str).collect();
         let certs = init(tandem, directory.path(), &name_list)?;
-        let quic_ports: Vec<u16> = names.iter().map(|_| free_port(true)).collect();
+        let quic_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let member_addresses: Vec<String> = quic_ports[..site_a_members]
             .iter()
             .map(|port| format!("127.0.0.1:{port}"))
@@ -314,7 +387,7 @@ impl ProcessCluster {
             let site = if member { "site-a" } else { "site-b" };
             let mut launch = NodeLaunch::new(tandem, &certs, name, &directory.path().join(name));
             launch.quic_port = quic_ports[index];
-            launch.nbd_port = free_port(false);
+            launch.nbd_port = free_port();
             launch.log = Some(directory.path().join(format!("{name}.log")));
             launch.environment = environment.to_vec();
             launch.extra = vec!["--site".into(), site.into(), "--fault-injection".into()];

@@ -2,7 +2,7 @@
 //! restarts, a minority cut off by fault injection, reconciliation of a node that died
 //! mid-create, retried requests, and a certificate that names no member.
 
-use crate::common::{free_udp_port, init, node_health, wait_until, NodeProcess};
+use crate::common::{free_port, init, node_health, wait_until, NodeProcess};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -46,7 +46,7 @@ impl Cluster {
                 .collect(),
         };
         for name in MEMBERS {
-            cluster.ports.insert(name.to_string(), free_udp_port());
+            cluster.ports.insert(name.to_string(), free_port());
         }
         cluster.start_node(MEMBERS[0]);
         cluster
@@ -80,10 +80,7 @@ impl Cluster {
 
     /// Starts (or restarts) a node on its fixed port with its own data directory.
     fn start_node(&mut self, name: &str) {
-        let port = *self
-            .ports
-            .entry(name.to_string())
-            .or_insert_with(free_udp_port);
+        let port = *self.ports.entry(name.to_string()).or_insert_with(free_port);
         let members = self.members_argument();
         let mut extra = vec!["--members", &members, "--fault-injection"];
         if MEMBERS.contains(&name) {
@@ -486,7 +483,7 @@ fn a_connection_to_a_restarted_node_fails_fast_instead_of_hanging() {
     use protocol::messages::{Request, Response};
     let directory = tempfile::tempdir().unwrap();
     let certs = init(directory.path(), "alpha");
-    let port = free_udp_port();
+    let port = free_port();
     let data_dir = directory.path().join("data");
     let mut node = NodeProcess::start_with(&certs, "alpha", &data_dir, None, port, &[]);
     let runtime = tokio::runtime::Runtime::new().unwrap();

@@ -22,14 +22,9 @@ pub fn init(directory: &Path, nodes: &str) -> PathBuf {
     chaos::processes::init(&tandem_path(), directory, &nodes).expect("tandem init succeeds")
 }
 
-/// A free loopback TCP port (bound, read, released).
+/// A free loopback port for TCP or UDP (see [`chaos::processes::free_port`]).
 pub fn free_port() -> u16 {
-    chaos::processes::free_port(false)
-}
-
-/// A free loopback UDP port, for a QUIC address that must stay the same across restarts.
-pub fn free_udp_port() -> u16 {
-    chaos::processes::free_port(true)
+    chaos::processes::free_port()
 }
 
 /// Polls `condition` every 100 ms until it holds, failing the test after `seconds`.

@@ -6,7 +6,7 @@
 //! recording the snap's intent, leaves neither a second snap nor an empty target. Also:
 //! the binary these tests run really has its fail points.
 
-use crate::common::{free_udp_port, init, tandem, wait_until, NodeProcess};
+use crate::common::{free_port, init, tandem, wait_until, NodeProcess};
 use crate::metrics::{scrape, series};
 use crate::sessions::{fill, json, read_all};
 use std::collections::BTreeMap;
@@ -66,7 +66,7 @@ impl Trio {
     pub(crate) fn start_armed(fail_points: &str) -> Trio {
         let directory = tempfile::tempdir().unwrap();
         let certs = init(directory.path(), &MEMBERS.join(","));
-        let ports: Vec<u16> = MEMBERS.iter().map(|_| free_udp_port()).collect();
+        let ports: Vec<u16> = MEMBERS.iter().map(|_| free_port()).collect();
         let members = ports
             .iter()
             .map(|port| format!("127.0.0.1:{port}"))

@@ -3,7 +3,7 @@
 //! targets, a node that is down, flags the CLI checks, NBD clients on a volume that is not
 //! ready, members that cannot be reached or refuse a certificate, and a removed member.
 
-use crate::common::{free_udp_port, init, node_health, tandem, wait_until, NodeProcess};
+use crate::common::{free_port, init, node_health, tandem, wait_until, NodeProcess};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ fn members_argument(ports: &[u16]) -> String {
 fn a_cluster_before_init_says_so_at_once_and_init_returns_when_its_node_is_registered() {
     let directory = tempfile::tempdir().unwrap();
     let certs = init(directory.path(), "n1,n2");
-    let ports = [free_udp_port(), free_udp_port()];
+    let ports = [free_port(), free_port()];
     let members = members_argument(&ports);
     let start = |index: usize| {
         let name = format!("n{}", index + 1);
@@ -289,7 +289,7 @@ fn unreachable_members_and_refused_certificates_are_logged_with_their_address() 
     let directory = tempfile::tempdir().unwrap();
     let certs = init(directory.path(), "n1,n2");
     // A member no one runs: the node says so from its first heartbeat.
-    let nobody = format!("127.0.0.1:{}", free_udp_port());
+    let nobody = format!("127.0.0.1:{}", free_port());
     let lonely_log = directory.path().join("lonely.log");
     let _lonely = NodeProcess::start_logging(
         &certs,
@@ -362,7 +362,7 @@ impl Members {
     fn start() -> Members {
         let directory = tempfile::tempdir().unwrap();
         let certs = init(directory.path(), &NAMES.join(","));
-        let ports = NAMES.iter().map(|_| free_udp_port()).collect();
+        let ports = NAMES.iter().map(|_| free_port()).collect();
         let mut members = Members {
             directory,
             certs,

@@ -2,7 +2,7 @@
 //! calls between a mirror's standard node and its BCV's node stops the copy as a
 //! partition would, and the copy resumes once the rule is removed.
 
-use crate::common::{free_udp_port, init, wait_until, NodeProcess};
+use crate::common::{free_port, init, wait_until, NodeProcess};
 use crate::sessions::{fill, json, read_all, TRACKS};
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 fn an_async_mirror_stops_while_a_fault_rule_partitions_its_bcv_node_and_resumes_after() {
     let directory = tempfile::tempdir().unwrap();
     let certs = init(directory.path(), "alpha,beta");
-    let alpha_port = free_udp_port();
+    let alpha_port = free_port();
     let alpha = NodeProcess::start_with(
         &certs,
         "alpha",

@@ -2,7 +2,7 @@
 //! source's node in the middle of a clone neither shrinks the clone's total nor lowers
 //! its percent, and every reading says 100 % only when no track remains.
 
-use crate::common::{free_udp_port, init, wait_until, NodeProcess};
+use crate::common::{free_port, init, wait_until, NodeProcess};
 use std::path::Path;
 
 const TRACK_BYTES: u64 = 64 << 10;
@@ -54,7 +54,7 @@ fn a_clone_keeps_its_total_and_percent_across_kill_9_of_its_node_and_ends_at_100
     let directory = tempfile::tempdir().unwrap();
     let certs = init(directory.path(), "alpha");
     let data = directory.path().join("data");
-    let port = free_udp_port();
+    let port = free_port();
     let start =
         || NodeProcess::start_with(&certs, "alpha", &data, None, port, &["--control-plane"]);
     let mut node = start();

@@ -3,7 +3,7 @@
 //! clones in every resting state, and after each one the cluster's listings are what they
 //! were and every volume's readiness is the same in the catalog and on its node.
 
-use crate::common::{free_udp_port, init, NodeProcess};
+use crate::common::{free_port, init, NodeProcess};
 use std::path::Path;
 
 /// One refused command: its arguments and a fragment its error must contain.
@@ -295,7 +295,7 @@ fn every_refused_command_changes_nothing_in_the_catalog_or_on_the_nodes() {
     assert!(REFUSED.len() >= 40, "the table has {} rows", REFUSED.len());
     let directory = tempfile::tempdir().unwrap();
     let certs = init(directory.path(), "alpha,beta");
-    let alpha_port = free_udp_port();
+    let alpha_port = free_port();
     let alpha = NodeProcess::start_with(
         &certs,
         "alpha",

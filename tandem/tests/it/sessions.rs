@@ -2,7 +2,7 @@
 //! contracted names and flags, `--json` and `--wait`, clear refusals, and a kill -9 in the
 //! middle of a copy that the restarted node finishes.
 
-use crate::common::{free_udp_port, init, wait_until, NodeProcess};
+use crate::common::{free_port, init, wait_until, NodeProcess};
 use std::path::Path;
 
 pub(crate) const TRACK_BYTES: u64 = 64 << 10;
@@ -66,7 +66,7 @@ fn clone_and_mirror_commands_through_a_node_process_survive_a_kill_mid_copy() {
     let directory = tempfile::tempdir().unwrap();
     let certs = init(directory.path(), "alpha");
     let data = directory.path().join("data");
-    let port = free_udp_port();
+    let port = free_port();
     let mut node =
         NodeProcess::start_with(&certs, "alpha", &data, None, port, &["--control-plane"]);
     node.cli_ok(&certs, &["cluster", "init"]);
@@ -243,8 +243,8 @@ impl TwoNodes {
         TwoNodes {
             directory,
             certs,
-            alpha_port: free_udp_port(),
-            beta_port: free_udp_port(),
+            alpha_port: free_port(),
+            beta_port: free_port(),
         }
     }
 
