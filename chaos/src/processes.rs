@@ -37,23 +37,30 @@ const FREE_PORT_ATTEMPTS_MAX: u32 = 4_096;
 /// process's threads keeps two tests from receiving the same port.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT_OFFSET: AtomicU32 = AtomicU32::new(u32::MAX);
-    let (first, last) = harness_port_range();
-    let span = u32::from(last - first) + 1;
-    // Processes that run side by side (two test binaries, a test and a chaos run) start
-    // at different places in the range.
-    let _ = NEXT_OFFSET.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7_919) % span,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
+    /// The range and the next candidate's offset in it, read and chosen once per process.
+    struct PortPool {
+        first: u16,
+        span: u32,
+        next_offset: AtomicU32,
+    }
+    static POOL: std::sync::OnceLock<PortPool> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let (first, last) = harness_port_range();
+        let span = u32::from(last - first) + 1;
+        PortPool {
+            first,
+            span,
+            // Processes that run side by side (two test binaries, a test and a chaos
+            // run) start at different places in the range.
+            next_offset: AtomicU32::new(std::process::id().wrapping_mul(7_919) % span),
+        }
+    });
     for _ in 0..FREE_PORT_ATTEMPTS_MAX {
-        let offset = NEXT_OFFSET.fetch_add(1, Ordering::Relaxed) % span;
-        let port = first + offset as u16;
-        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
-        let udp_free = std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
-        if tcp && udp_free {
+        let offset = pool.next_offset.fetch_add(1, Ordering::Relaxed) % pool.span;
+        let port = pool.first + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
             return port;
         }
     }

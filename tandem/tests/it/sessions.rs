@@ -249,15 +249,11 @@ impl TwoNodes {
     }
 
     pub(crate) fn start_alpha(&self) -> NodeProcess {
-        self.start_alpha_with(&[])
-    }
-
-    fn start_alpha_with(&self, extra: &[&str]) -> NodeProcess {
-        self.start_alpha_with_environment(extra, &[])
+        self.start_alpha_with_environment(&[], &[])
     }
 
     /// Alpha with more arguments and environment variables (fail points).
-    pub(crate) fn start_alpha_with_environment(
+    fn start_alpha_with_environment(
         &self,
         extra: &[&str],
         environment: &[(&str, &str)],
